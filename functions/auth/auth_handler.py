@@ -1,0 +1,55 @@
+"""POST /register and POST /login: username + password -> Bearer token (Cognito underneath)."""
+
+from __future__ import annotations
+
+from functools import cache
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.event_handler import Response, content_types
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.api import build_resolver
+from gpuqueue.models import Credentials, TokenResponse
+from gpuqueue.settings import AuthSettings
+from gpuqueue.user_directory import UserDirectory
+
+logger = Logger()
+tracer = Tracer()
+app = build_resolver()
+
+
+@cache
+def directory() -> UserDirectory:
+    settings = AuthSettings()  # type: ignore[call-arg]
+    return UserDirectory(
+        aws_clients.cognito(),
+        user_pool_id=settings.user_pool_id,
+        client_id=settings.user_pool_client_id,
+    )
+
+
+@app.post("/register")
+def register(credentials: Annotated[Credentials, Body()]) -> Response[str]:
+    token = directory().register(credentials)
+    logger.info("user registered", extra={"username": credentials.username})
+    return Response(
+        status_code=HTTPStatus.CREATED.value,
+        content_type=content_types.APPLICATION_JSON,
+        body=token.model_dump_json(),
+    )
+
+
+@app.post("/login")
+def login(credentials: Annotated[Credentials, Body()]) -> TokenResponse:
+    return directory().login(credentials)
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

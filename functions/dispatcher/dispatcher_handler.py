@@ -1,0 +1,96 @@
+"""SQS-triggered worker: one message, one GPU call, partial batch responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
+from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.errors import RetryLater
+from gpuqueue.gpu_client import OpenAIImageClient
+from gpuqueue.image_store import ImageStore
+from gpuqueue.models import QueueMessage
+from gpuqueue.settings import DispatcherSettings
+from gpuqueue.task_queue import TaskQueue
+from gpuqueue.task_store import TaskStore
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+# A batch where every record failed is still a normal, partial response: those records come
+# back after their delay; raising would count as a function error and skew the alarms.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+
+@dataclass(frozen=True)
+class Deps:
+    dispatcher: TaskDispatcher
+    queue: TaskQueue
+
+
+@cache
+def deps() -> Deps:
+    settings = DispatcherSettings()  # type: ignore[call-arg]
+    dynamodb = aws_clients.dynamodb()
+    policy = DispatchPolicy(
+        task_timeout_seconds=settings.task_timeout_seconds,
+        max_attempts=settings.max_attempts,
+        health_max_age_seconds=settings.health_max_age_seconds,
+        retry_base_delay_seconds=settings.retry_base_delay_seconds,
+        retry_max_delay_seconds=settings.retry_max_delay_seconds,
+        no_endpoint_delay_seconds=settings.no_endpoint_delay_seconds,
+    )
+    return Deps(
+        dispatcher=TaskDispatcher(
+            tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
+            registry=EndpointRegistry(dynamodb.Table(settings.endpoints_table)),
+            images=ImageStore(aws_clients.s3(), settings.images_bucket),
+            generator=OpenAIImageClient(),
+            policy=policy,
+        ),
+        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+    )
+
+
+def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    message = QueueMessage.model_validate_json(record.body)
+    logger.append_keys(task_id=message.task_id)
+    try:
+        outcome = deps().dispatcher.dispatch(
+            message,
+            remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
+        )
+    except RetryLater as retry:
+        deps().queue.retry_after(record.receipt_handle, retry.delay_seconds)
+        metrics.add_metric(name="TaskRetries", unit=MetricUnit.Count, value=1)
+        logger.info(
+            "message returned to the queue",
+            extra={"reason": retry.reason, "delay_seconds": retry.delay_seconds},
+        )
+        raise
+    if outcome is Outcome.DONE:
+        metrics.add_metric(name="TasksSucceeded", unit=MetricUnit.Count, value=1)
+    elif outcome is Outcome.FAILED:
+        metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

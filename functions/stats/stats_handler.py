@@ -1,0 +1,57 @@
+"""GET /api/v1/system/stats: the seed's queue figures, from the queues' attributes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.models import QueueStats
+from gpuqueue.settings import StatsSettings
+from gpuqueue.system_stats import queue_stats
+from gpuqueue.task_queue import TaskQueue
+
+logger = Logger()
+tracer = Tracer()
+app = build_resolver()
+
+
+@dataclass(frozen=True)
+class Deps:
+    queue: TaskQueue
+    dead_letter: TaskQueue
+    settings: StatsSettings
+
+
+@cache
+def deps() -> Deps:
+    settings = StatsSettings()  # type: ignore[call-arg]
+    return Deps(
+        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+        dead_letter=TaskQueue(aws_clients.sqs(), settings.dead_letter_queue_url),
+        settings=settings,
+    )
+
+
+@app.get("/api/v1/system/stats")
+def get_stats() -> QueueStats:
+    current_caller(app)
+    d = deps()
+    return queue_stats(
+        d.queue,
+        d.dead_letter,
+        capacity=d.settings.queue_capacity,
+        workers=d.settings.worker_pool_size,
+    )
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

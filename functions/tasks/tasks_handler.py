@@ -1,0 +1,99 @@
+"""Task reads and owner actions: status, list, cancel, image redirect. Owner-only, else 404."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.event_handler import Response, content_types
+from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.errors import TaskStateConflict
+from gpuqueue.image_store import ImageStore
+from gpuqueue.models import TaskStatus, TaskView
+from gpuqueue.settings import TasksSettings
+from gpuqueue.task_store import TaskStore
+
+logger = Logger()
+tracer = Tracer()
+app = build_resolver()
+
+TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+
+
+@dataclass(frozen=True)
+class Deps:
+    tasks: TaskStore
+    images: ImageStore
+    url_ttl_seconds: int
+
+
+@cache
+def deps() -> Deps:
+    settings = TasksSettings()  # type: ignore[call-arg]
+    return Deps(
+        tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
+        images=ImageStore(aws_clients.s3(), settings.images_bucket),
+        url_ttl_seconds=settings.image_url_ttl_seconds,
+    )
+
+
+def _json(body: str, headers: dict[str, str] | None = None) -> Response[str]:
+    return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body, headers)
+
+
+@app.get("/api/v1/tasks")
+def get_or_list_tasks(
+    task_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+) -> Response[str]:
+    """`?task_id=ID` is the seed's status call; without it, the caller's tasks newest first."""
+    owner = current_caller(app).sub
+    if task_id is not None:
+        return _json(TaskView.of(deps().tasks.get_for_owner(task_id, owner)).model_dump_json())
+    page = deps().tasks.list_for_owner(owner, limit=limit, cursor=cursor)
+    body = "[" + ",".join(TaskView.of(t).model_dump_json() for t in page.tasks) + "]"
+    return _json(body, {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None)
+
+
+@app.get("/api/v1/tasks/<task_id>")
+def get_task(task_id: TaskId) -> Response[str]:
+    owner = current_caller(app).sub
+    return _json(TaskView.of(deps().tasks.get_for_owner(task_id, owner)).model_dump_json())
+
+
+@app.delete("/api/v1/tasks/<task_id>")
+def cancel_task(task_id: TaskId) -> Response[str]:
+    owner = current_caller(app).sub
+    task = deps().tasks.cancel(task_id, owner)
+    logger.info("task canceled", extra={"task_id": task_id})
+    return _json(TaskView.of(task).model_dump_json())
+
+
+@app.get("/api/images/<task_id>")
+def get_image(task_id: TaskId) -> Response[str]:
+    owner = current_caller(app).sub
+    task = deps().tasks.get_for_owner(task_id, owner)
+    if task.status is not TaskStatus.DONE or not task.result_key:
+        raise TaskStateConflict(f"task {task_id} is {task.status.value}; no image yet", field="task_id")
+    url = deps().images.presigned_get(task.result_key, expires_in_seconds=deps().url_ttl_seconds)
+    return Response(
+        status_code=HTTPStatus.FOUND.value,
+        headers={"Location": url, "Cache-Control": "no-store"},
+        content_type=content_types.APPLICATION_JSON,
+        body='{"url": "' + url + '"}',
+    )
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

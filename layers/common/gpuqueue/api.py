@@ -1,0 +1,108 @@
+"""HTTP glue shared by the API functions: the resolver, the caller, one error mapping.
+
+Every error leaves as JSON `{"error": message, "code": CODE, "field"?: name}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+
+from gpuqueue import errors
+from gpuqueue.models import ErrorBody
+
+logger = Logger(child=True)
+
+STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
+    errors.InvalidInput: HTTPStatus.BAD_REQUEST,
+    errors.WeakPassword: HTTPStatus.BAD_REQUEST,
+    errors.InvalidCredentials: HTTPStatus.UNAUTHORIZED,
+    errors.Unauthenticated: HTTPStatus.UNAUTHORIZED,
+    errors.TaskNotFound: HTTPStatus.NOT_FOUND,
+    errors.TaskStateConflict: HTTPStatus.CONFLICT,
+    errors.UserAlreadyExists: HTTPStatus.CONFLICT,
+    errors.QueueFull: HTTPStatus.SERVICE_UNAVAILABLE,
+    errors.ServiceUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+
+def error_response(
+    status: HTTPStatus,
+    message: str,
+    code: str,
+    *,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[str]:
+    body = ErrorBody(error=message, code=code, field=field)
+    return Response(
+        status_code=status.value,
+        content_type=content_types.APPLICATION_JSON,
+        body=body.model_dump_json(exclude_none=True),
+        headers=headers,
+    )
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # ("body", "prompt") -> "prompt"; ("query", "limit") -> "limit"; ("body",) -> "body"
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or str(loc[0] if loc else "body")
+
+
+def build_resolver() -> APIGatewayHttpResolver:
+    app = APIGatewayHttpResolver(enable_validation=True)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(exc: RequestValidationError) -> Response[str]:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        field = _field_name(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return error_response(
+                HTTPStatus.BAD_REQUEST, "request body is not valid JSON", "INVALID_JSON", field="body"
+            )
+        message = f"{field}: {first.get('msg', 'invalid value')}"
+        return error_response(HTTPStatus.BAD_REQUEST, message, "VALIDATION_ERROR", field=field)
+
+    @app.exception_handler(errors.GpuqueueError)
+    def _domain(exc: errors.GpuqueueError) -> Response[str]:
+        status = STATUS_BY_ERROR.get(type(exc), HTTPStatus.BAD_REQUEST)
+        headers = None
+        if isinstance(exc, errors.QueueFull | errors.ServiceUnavailable):
+            headers = {"Retry-After": str(exc.retry_after_seconds)}
+        return error_response(status, exc.message, exc.code, field=exc.field, headers=headers)
+
+    @app.not_found
+    def _no_route(exc: NotFoundError) -> Response[str]:
+        return error_response(HTTPStatus.NOT_FOUND, "no such route", "NOT_FOUND")
+
+    return app
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated user, from the JWT claims API Gateway's authorizer verified."""
+
+    sub: str
+    username: str
+    groups: frozenset[str]
+
+
+def current_caller(app: APIGatewayHttpResolver) -> Caller:
+    claims = app.current_event.request_context.authorizer.jwt_claim or {}
+    sub = claims.get("sub")
+    if not sub:
+        # Only reachable if a route lost its authorizer: fail closed.
+        raise errors.Unauthenticated("missing or invalid token")
+    raw_groups = claims.get("cognito:groups") or ""
+    if isinstance(raw_groups, str):
+        # API Gateway flattens array claims to "[a b]".
+        groups = frozenset(raw_groups.strip("[]").replace(",", " ").split())
+    else:
+        groups = frozenset(str(g) for g in raw_groups)
+    return Caller(sub=str(sub), username=str(claims.get("username", "")), groups=groups)

@@ -1,0 +1,83 @@
+"""Domain errors. The HTTP layer maps these classes to status codes (gpuqueue.api)."""
+
+from __future__ import annotations
+
+
+class GpuqueueError(Exception):
+    """Base of every error the domain raises on purpose."""
+
+    code = "ERROR"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(GpuqueueError):
+    code = "INVALID_INPUT"
+
+
+class TaskNotFound(GpuqueueError):
+    code = "NOT_FOUND"
+
+
+class TaskStateConflict(GpuqueueError):
+    code = "CONFLICT"
+
+
+class UserAlreadyExists(GpuqueueError):
+    code = "USER_EXISTS"
+
+
+class WeakPassword(GpuqueueError):
+    code = "WEAK_PASSWORD"
+
+
+class InvalidCredentials(GpuqueueError):
+    code = "INVALID_CREDENTIALS"
+
+
+class Unauthenticated(GpuqueueError):
+    code = "UNAUTHENTICATED"
+
+
+class QueueFull(GpuqueueError):
+    code = "QUEUE_FULL"
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ServiceUnavailable(GpuqueueError):
+    code = "SERVICE_UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class GpuError(Exception):
+    """A GPU endpoint call that did not produce a usable result."""
+
+    retryable = False
+
+
+class RetryableGpuError(GpuError):
+    """Connect error, timeout, 5xx, 429: another try (maybe elsewhere) may succeed."""
+
+    retryable = True
+
+
+class PermanentGpuError(GpuError):
+    """4xx from the endpoint or an unusable answer: retrying will not help."""
+
+
+class RetryLater(Exception):
+    """Raised by the dispatcher to return a message to the queue after a delay."""
+
+    def __init__(self, reason: str, *, delay_seconds: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_seconds = delay_seconds

@@ -1,0 +1,238 @@
+"""Pydantic models at every boundary: API bodies, the task item, the queue message, endpoints."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED})
+
+
+class TaskKind(StrEnum):
+    IMAGE = "image"
+    SPEECH = "speech"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    """ISO-8601 UTC with microseconds: sorts lexicographically, so it works as a GSI sort key."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- API bodies -----------------------------------------------------------------------------
+
+Username = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=3, max_length=64, pattern=r"^[\w.@+-]+$"),
+]
+
+
+class Credentials(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    username: Username
+    password: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class TokenResponse(BaseModel):
+    token: str
+    token_type: str = "Bearer"
+    expires_in: int
+
+
+class ImageParams(BaseModel):
+    """Generation knobs; bounds keep one request within what a single GPU call can serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(default=30, ge=1, le=150)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+
+class ImageRequest(ImageParams):
+    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    negative_prompt: Annotated[str, StringConstraints(max_length=2000)] | None = None
+
+    def params(self) -> ImageParams:
+        return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
+
+
+class SubmitResponse(BaseModel):
+    task_id: str
+    status: TaskStatus
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+    field: str | None = None
+
+
+# --- The task as stored ---------------------------------------------------------------------
+
+
+class Task(BaseModel):
+    """One row of the tasks table."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str
+    user_id: str
+    kind: TaskKind = TaskKind.IMAGE
+    status: TaskStatus
+    prompt: str
+    negative_prompt: str | None = None
+    params: ImageParams = Field(default_factory=ImageParams)
+    created_at: str
+    updated_at: str
+    attempt: int = 0
+    lease_id: str | None = None
+    lease_until: float | None = None
+    endpoint_id: str | None = None
+    result_key: str | None = None
+    error: str | None = None
+    expires_at: int | None = None
+
+    @field_validator("attempt", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+    @field_validator("lease_until", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _opt_int_from_decimal(cls, value: Any) -> int | None:
+        return None if value is None else int(value)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params_from_item(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: (None if v is None else int(v)) for k, v in value.items()}
+        return value
+
+
+class TaskView(BaseModel):
+    """The task as the seed's clients see it."""
+
+    task_id: str
+    user_id: str
+    kind: TaskKind
+    prompt: str
+    negative_prompt: str | None = None
+    status: TaskStatus
+    created_at: str
+    updated_at: str
+    attempt: int
+    params: ImageParams
+    result_url: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskView:
+        return cls(
+            task_id=task.task_id,
+            user_id=task.user_id,
+            kind=task.kind,
+            prompt=task.prompt,
+            negative_prompt=task.negative_prompt,
+            status=task.status,
+            created_at=task.created_at,
+            updated_at=task.updated_at,
+            attempt=task.attempt,
+            params=task.params,
+            result_url=f"/api/images/{task.task_id}" if task.status is TaskStatus.DONE else None,
+            error=task.error if task.status is TaskStatus.FAILED else None,
+        )
+
+
+class QueueMessage(BaseModel):
+    """What travels on SQS: only the id. The task row is the truth."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    kind: TaskKind = TaskKind.IMAGE
+
+
+# --- Endpoints (the health table) -----------------------------------------------------------
+
+
+class EndpointProtocol(StrEnum):
+    OPENAI = "openai"
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    endpoint_id: str
+    url: str
+    kind: TaskKind
+    protocol: EndpointProtocol = EndpointProtocol.OPENAI
+    capacity: int = 1
+    source: str = "parameter"
+    healthy: bool = False
+    last_checked_at: float | None = None
+    latency_ms: float | None = None
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+    @field_validator("capacity", "consecutive_failures", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+    @field_validator("last_checked_at", "latency_ms", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    def is_routable(self, now: float, max_age_seconds: float) -> bool:
+        """Healthy and checked recently: a stale 'healthy' means the checker stopped."""
+        if not self.healthy or self.last_checked_at is None:
+            return False
+        return now - self.last_checked_at <= max_age_seconds
+
+
+class HealthResult(BaseModel):
+    endpoint_id: str
+    healthy: bool
+    latency_ms: float
+    checked_at: float
+    error: str | None = None
+
+
+class QueueStats(BaseModel):
+    queue_length: int
+    queue_capacity: int
+    queue_usage: float
+    in_flight: int
+    delayed: int
+    dead_letter: int
+    workers: int

@@ -1,0 +1,74 @@
+"""Typed configuration, one model per function, read from the env vars template.yaml sets.
+
+Each handler reads its model once per container through a cached getter, never at import.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+
+class AuthSettings(_Settings):
+    user_pool_id: str
+    user_pool_client_id: str
+
+
+class SubmitSettings(_Settings):
+    tasks_table: str
+    task_queue_url: str
+    queue_capacity: int = Field(default=100, ge=1)
+    task_retention_days: int = Field(default=7, ge=1)
+    queue_full_retry_after_seconds: int = Field(default=10, ge=1)
+
+
+class TasksSettings(_Settings):
+    tasks_table: str
+    images_bucket: str
+    image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
+
+
+class StatsSettings(_Settings):
+    task_queue_url: str
+    dead_letter_queue_url: str
+    queue_capacity: int = Field(default=100, ge=1)
+    worker_pool_size: int = Field(default=2, ge=1)
+
+
+class CheckerSettings(_Settings):
+    endpoints_table: str
+    image_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    probe_timeout_seconds: float = Field(default=2.0, gt=0, le=10)
+
+    @field_validator("image_endpoint_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> list[str]:
+        if isinstance(value, str):
+            return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        if isinstance(value, list):
+            return [str(u).strip().rstrip("/") for u in value if str(u).strip()]
+        raise TypeError("image_endpoint_urls must be a comma-separated string")
+
+
+class DispatcherSettings(_Settings):
+    tasks_table: str
+    endpoints_table: str
+    images_bucket: str
+    task_queue_url: str
+    task_timeout_seconds: int = Field(default=120, ge=1, le=900)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    health_check_period_seconds: int = Field(default=60, ge=1)
+    retry_base_delay_seconds: float = Field(default=2.0, ge=0)
+    retry_max_delay_seconds: float = Field(default=60.0, ge=0)
+    no_endpoint_delay_seconds: int = Field(default=10, ge=0, le=900)
+
+    @property
+    def health_max_age_seconds(self) -> float:
+        """A row not checked for 3 periods counts as unhealthy."""
+        return 3.0 * self.health_check_period_seconds

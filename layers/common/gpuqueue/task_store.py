@@ -1,0 +1,281 @@
+"""TaskStore: the tasks table. Every state change is a conditional write.
+
+State machine (see README):
+  QUEUED  -> RUNNING   claim (dispatcher), attempt + 1, lease
+  QUEUED  -> CANCELED  cancel (owner)
+  QUEUED  -> FAILED    the queue could not take the message, or attempts exhausted
+  RUNNING -> DONE      result written, while holding the lease
+  RUNNING -> QUEUED    retryable failure, while holding the lease
+  RUNNING -> FAILED    permanent failure or last attempt, while holding the lease
+  RUNNING (lease expired) -> RUNNING  re-claimed by a redelivered message
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
+from gpuqueue.models import ImageRequest, Task, TaskKind, TaskStatus, iso, utc_now
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+
+USER_INDEX = "by-user"
+
+
+def _is_conditional_failure(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Proof that this invocation holds a task: writes succeed only with the same lease id."""
+
+    task: Task
+    lease_id: str
+
+
+class TaskStore:
+    def __init__(self, table: Table, *, retention: timedelta = timedelta(days=7)) -> None:
+        self._table = table
+        self._retention = retention
+
+    # --- submit side ------------------------------------------------------------------------
+
+    def create_image_task(self, owner: str, request: ImageRequest, *, now: datetime | None = None) -> Task:
+        now = now or utc_now()
+        task = Task(
+            task_id=str(uuid.uuid4()),
+            user_id=owner,
+            kind=TaskKind.IMAGE,
+            status=TaskStatus.QUEUED,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            params=request.params(),
+            created_at=iso(now),
+            updated_at=iso(now),
+            expires_at=int((now + self._retention).timestamp()),
+        )
+        item = task.model_dump(mode="json", exclude_none=True)
+        item["params"] = task.params.model_dump(exclude_none=True)
+        self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
+        return task
+
+    def fail_unqueued(self, task_id: str, error: str) -> None:
+        """The message never reached the queue: end the task instead of leaving an orphan."""
+        self._transition(
+            task_id,
+            condition="#s = :queued",
+            updates={"status": TaskStatus.FAILED.value, "error": error},
+            values={":queued": TaskStatus.QUEUED.value},
+        )
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        item = self._table.get_item(Key={"task_id": task_id}, ConsistentRead=True).get("Item")
+        return Task.model_validate(item) if item else None
+
+    def get_for_owner(self, task_id: str, owner: str) -> Task:
+        """Another user's task is indistinguishable from a missing one (404, never 403)."""
+        task = self.get(task_id)
+        if task is None or task.user_id != owner:
+            raise TaskNotFound(f"task {task_id} not found", field="task_id")
+        return task
+
+    def list_for_owner(self, owner: str, *, limit: int, cursor: str | None) -> TaskPage:
+        kwargs: dict[str, Any] = {
+            "IndexName": USER_INDEX,
+            "KeyConditionExpression": "user_id = :u",
+            "ExpressionAttributeValues": {":u": owner},
+            "ScanIndexForward": False,
+            "Limit": limit,
+        }
+        if cursor:
+            start = _decode_cursor(cursor)
+            if start.get("user_id") != owner:
+                raise InvalidInput("cursor does not belong to this listing", field="cursor")
+            kwargs["ExclusiveStartKey"] = start
+        page = self._table.query(**kwargs)
+        last = page.get("LastEvaluatedKey")
+        return TaskPage(
+            tasks=[Task.model_validate(item) for item in page.get("Items", [])],
+            next_cursor=_encode_cursor(last) if last else None,
+        )
+
+    # --- owner actions ----------------------------------------------------------------------
+
+    def cancel(self, task_id: str, owner: str) -> Task:
+        task = self.get_for_owner(task_id, owner)
+        try:
+            return self._transition(
+                task_id,
+                condition="#s = :queued AND user_id = :owner",
+                updates={"status": TaskStatus.CANCELED.value},
+                values={":queued": TaskStatus.QUEUED.value, ":owner": owner},
+            )
+        except _ConditionFailed:
+            current = self.get(task_id) or task
+            raise TaskStateConflict(
+                f"task {task_id} is {current.status.value}; only QUEUED tasks can be canceled",
+                field="task_id",
+            ) from None
+
+    # --- dispatcher side --------------------------------------------------------------------
+
+    def claim(self, task: Task, *, lease_seconds: float, now: float) -> Claim | None:
+        """QUEUED (or RUNNING with an expired lease) -> RUNNING; None if someone else has it."""
+        lease_id = str(uuid.uuid4())
+        try:
+            claimed = self._transition(
+                task.task_id,
+                condition=(
+                    "attempt = :seen AND (#s = :queued OR (#s = :running AND lease_until < :now))"
+                ),
+                updates={
+                    "status": TaskStatus.RUNNING.value,
+                    "lease_id": lease_id,
+                    "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+                    "attempt": task.attempt + 1,
+                },
+                values={
+                    ":seen": task.attempt,
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":running": TaskStatus.RUNNING.value,
+                    ":now": Decimal(str(round(now, 3))),
+                },
+            )
+        except _ConditionFailed:
+            return None
+        return Claim(task=claimed, lease_id=lease_id)
+
+    def complete(self, claim: Claim, *, result_key: str, endpoint_id: str) -> bool:
+        return self._while_holding(
+            claim,
+            updates={
+                "status": TaskStatus.DONE.value,
+                "result_key": result_key,
+                "endpoint_id": endpoint_id,
+            },
+            removes=("lease_until", "error"),
+        )
+
+    def release_for_retry(self, claim: Claim, *, error: str, endpoint_id: str | None) -> bool:
+        updates: dict[str, Any] = {"status": TaskStatus.QUEUED.value, "error": error}
+        if endpoint_id:
+            updates["endpoint_id"] = endpoint_id
+        return self._while_holding(claim, updates=updates, removes=("lease_until",))
+
+    def fail(self, claim: Claim, *, error: str, endpoint_id: str | None = None) -> bool:
+        updates: dict[str, Any] = {"status": TaskStatus.FAILED.value, "error": error}
+        if endpoint_id:
+            updates["endpoint_id"] = endpoint_id
+        return self._while_holding(claim, updates=updates, removes=("lease_until",))
+
+    def fail_exhausted(self, task: Task, error: str) -> bool:
+        """A message came back for a task that has used every attempt: end it."""
+        try:
+            self._transition(
+                task.task_id,
+                condition="attempt = :seen AND #s IN (:queued, :running)",
+                updates={"status": TaskStatus.FAILED.value, "error": error},
+                values={
+                    ":seen": task.attempt,
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":running": TaskStatus.RUNNING.value,
+                },
+                removes=("lease_until",),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _while_holding(
+        self, claim: Claim, *, updates: dict[str, Any], removes: tuple[str, ...] = ()
+    ) -> bool:
+        """Write only while our lease is the current one: a stale worker never overwrites."""
+        try:
+            self._transition(
+                claim.task.task_id,
+                condition="#s = :running AND lease_id = :lease",
+                updates=updates,
+                values={":running": TaskStatus.RUNNING.value, ":lease": claim.lease_id},
+                removes=removes,
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    def _transition(
+        self,
+        task_id: str,
+        *,
+        condition: str,
+        updates: dict[str, Any],
+        values: dict[str, Any],
+        removes: tuple[str, ...] = (),
+    ) -> Task:
+        updates = {**updates, "updated_at": iso(utc_now())}
+        names = {"#s": "status"}
+        sets = []
+        expr_values = dict(values)
+        for i, (attr, value) in enumerate(updates.items()):
+            names[f"#u{i}"] = attr
+            expr_values[f":u{i}"] = value
+            sets.append(f"#u{i} = :u{i}")
+        expression = "SET " + ", ".join(sets)
+        if removes:
+            for j, attr in enumerate(removes):
+                names[f"#r{j}"] = attr
+            expression += " REMOVE " + ", ".join(f"#r{j}" for j in range(len(removes)))
+        try:
+            result = self._table.update_item(
+                Key={"task_id": task_id},
+                UpdateExpression=expression,
+                ConditionExpression=f"attribute_exists(task_id) AND ({condition})",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=expr_values,
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                raise _ConditionFailed from error
+            raise
+        return Task.model_validate(result["Attributes"])
+
+
+class _ConditionFailed(Exception):
+    pass
+
+
+def _encode_cursor(key: dict[str, Any]) -> str:
+    raw = json.dumps({k: str(v) for k, v in key.items()}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> dict[str, Any]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        key = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidInput("cursor is not valid", field="cursor") from None
+    if not isinstance(key, dict) or set(key) != {"task_id", "user_id", "created_at"}:
+        raise InvalidInput("cursor is not valid", field="cursor")
+    return {k: str(v) for k, v in key.items()}

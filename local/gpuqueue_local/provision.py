@@ -1,0 +1,254 @@
+"""Create the template's stateful resources (tables, queues, bucket, user pool) with boto3.
+
+Pointed at moto (AWS_ENDPOINT_URL), this is the local stack's "CloudFormation": names are
+derived from the stack name and logical id, as a real stack derives them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+
+from gpuqueue_local.template import (
+    Resolver,
+    UnresolvedReference,
+    function_environment,
+    load_template,
+    parameter_values,
+    resources_of_type,
+)
+
+ACCOUNT_ID = "123456789012"
+
+# Resource types that have no local counterpart: their Ref is a placeholder name.
+NOT_PROVISIONED = frozenset(
+    {
+        "AWS::Logs::LogGroup",
+        "AWS::S3::BucketPolicy",
+        "AWS::Serverless::Function",
+        "AWS::Serverless::LayerVersion",
+        "AWS::Serverless::HttpApi",
+    }
+)
+
+
+@dataclass
+class LocalStack:
+    """The provisioned stack: the template, its resolver, and the physical ids."""
+
+    name: str
+    region: str
+    template: dict[str, Any]
+    resolver: Resolver
+    skipped: list[str] = field(default_factory=list)
+
+    def ref(self, logical_id: str) -> str:
+        return self.resolver.ref(logical_id)
+
+    def function_env(self, logical_id: str) -> dict[str, str]:
+        return function_environment(self.template, logical_id, self.resolver)
+
+    def functions(self) -> list[str]:
+        return sorted(resources_of_type(self.template, "AWS::Serverless::Function"))
+
+    def outputs(self) -> dict[str, str]:
+        return {
+            name: str(self.resolver.resolve(spec["Value"]))
+            for name, spec in self.template.get("Outputs", {}).items()
+        }
+
+
+def _physical_name(stack: str, logical_id: str) -> str:
+    return f"{stack}-{logical_id}"
+
+
+def _create_table(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+    ddb = boto3.client("dynamodb", region_name=region)
+    name = props.get("TableName") or _physical_name(stack, logical_id)
+    kwargs: dict[str, Any] = {
+        "TableName": name,
+        "AttributeDefinitions": props["AttributeDefinitions"],
+        "KeySchema": props["KeySchema"],
+        "BillingMode": props.get("BillingMode", "PAY_PER_REQUEST"),
+    }
+    if props.get("GlobalSecondaryIndexes"):
+        kwargs["GlobalSecondaryIndexes"] = props["GlobalSecondaryIndexes"]
+    if "StreamSpecification" in props:
+        kwargs["StreamSpecification"] = {"StreamEnabled": True, **props["StreamSpecification"]}
+    description = ddb.create_table(**kwargs)["TableDescription"]
+    ttl = props.get("TimeToLiveSpecification")
+    if ttl and ttl.get("Enabled"):
+        ddb.update_time_to_live(TableName=name, TimeToLiveSpecification=ttl)
+    attrs = {"Ref": name, "Arn": description["TableArn"]}
+    if description.get("LatestStreamArn"):
+        attrs["StreamArn"] = description["LatestStreamArn"]
+    return attrs
+
+
+_QUEUE_ATTRIBUTES = (
+    "VisibilityTimeout",
+    "MessageRetentionPeriod",
+    "ReceiveMessageWaitTimeSeconds",
+    "DelaySeconds",
+    "MaximumMessageSize",
+)
+
+
+def _create_queue(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+    sqs = boto3.client("sqs", region_name=region)
+    fifo = bool(props.get("FifoQueue"))
+    name = props.get("QueueName") or _physical_name(stack, logical_id) + (".fifo" if fifo else "")
+    attributes = {k: str(props[k]) for k in _QUEUE_ATTRIBUTES if k in props}
+    if fifo:
+        attributes["FifoQueue"] = "true"
+    if "RedrivePolicy" in props:
+        redrive = props["RedrivePolicy"]
+        attributes["RedrivePolicy"] = json.dumps(
+            {
+                "deadLetterTargetArn": redrive["deadLetterTargetArn"],
+                "maxReceiveCount": int(redrive["maxReceiveCount"]),
+            }
+        )
+    url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    arn = f"arn:aws:sqs:{region}:{ACCOUNT_ID}:{name}"
+    return {"Ref": url, "Arn": arn, "QueueName": name, "QueueUrl": url}
+
+
+def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """CloudFormation's lifecycle rule shape -> the S3 API's."""
+    api: dict[str, Any] = {"ID": rule.get("Id", "rule"), "Status": rule.get("Status", "Enabled")}
+    api["Filter"] = {"Prefix": rule.get("Prefix", "")}
+    if "ExpirationInDays" in rule:
+        api["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
+    if "AbortIncompleteMultipartUpload" in rule:
+        days = int(rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"])
+        api["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": days}
+    return api
+
+
+def _create_bucket(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+    s3 = boto3.client("s3", region_name=region)
+    name = props.get("BucketName") or _physical_name(stack, logical_id).lower()
+    if region == "us-east-1":
+        s3.create_bucket(Bucket=name)
+    else:
+        s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+    if "PublicAccessBlockConfiguration" in props:
+        s3.put_public_access_block(
+            Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
+        )
+    if "BucketEncryption" in props:
+        s3.put_bucket_encryption(
+            Bucket=name,
+            ServerSideEncryptionConfiguration={
+                "Rules": [
+                    {
+                        "ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"],
+                        "BucketKeyEnabled": bool(rule.get("BucketKeyEnabled", False)),
+                    }
+                    for rule in props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+                ]
+            },
+        )
+    rules = props.get("LifecycleConfiguration", {}).get("Rules", [])
+    if rules:
+        s3.put_bucket_lifecycle_configuration(
+            Bucket=name,
+            LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]},  # type: ignore[typeddict-item]
+        )
+    return {"Ref": name, "Arn": f"arn:aws:s3:::{name}"}
+
+
+def _create_user_pool(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
+    cognito = boto3.client("cognito-idp", region_name=region)
+    kwargs: dict[str, Any] = {"PoolName": props.get("UserPoolName", _physical_name(stack, logical_id))}
+    for key in ("Policies", "UsernameConfiguration", "AdminCreateUserConfig"):
+        if key in props:
+            kwargs[key] = props[key]
+    pool = cognito.create_user_pool(**kwargs)["UserPool"]
+    return {"Ref": pool["Id"], "Arn": pool["Arn"], "ProviderName": pool.get("Name", "")}
+
+
+def _create_user_pool_client(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
+    cognito = boto3.client("cognito-idp", region_name=region)
+    kwargs: dict[str, Any] = {
+        "UserPoolId": props["UserPoolId"],
+        "ClientName": props.get("ClientName", _physical_name(stack, logical_id)),
+        "GenerateSecret": bool(props.get("GenerateSecret", False)),
+    }
+    for key in (
+        "ExplicitAuthFlows",
+        "AccessTokenValidity",
+        "IdTokenValidity",
+        "RefreshTokenValidity",
+        "TokenValidityUnits",
+        "PreventUserExistenceErrors",
+    ):
+        if key in props:
+            kwargs[key] = props[key]
+    client = cognito.create_user_pool_client(**kwargs)["UserPoolClient"]
+    return {"Ref": client["ClientId"]}
+
+
+Creator = Callable[[str, str, dict[str, Any], str], dict[str, str]]
+
+CREATORS: dict[str, Creator] = {
+    "AWS::DynamoDB::Table": _create_table,
+    "AWS::SQS::Queue": _create_queue,
+    "AWS::S3::Bucket": _create_bucket,
+    "AWS::Cognito::UserPool": _create_user_pool,
+    "AWS::Cognito::UserPoolClient": _create_user_pool_client,
+}
+
+
+def provision(
+    *,
+    stack_name: str = "gpuqueue-local",
+    region: str = "us-east-1",
+    parameters: Mapping[str, str] | None = None,
+    template: dict[str, Any] | None = None,
+) -> LocalStack:
+    """Create every supported resource of the template, in dependency order."""
+    template = template or load_template()
+    resolver = Resolver(
+        parameters=parameter_values(template, parameters or {}),
+        pseudo={
+            "AWS::StackName": stack_name,
+            "AWS::Region": region,
+            "AWS::AccountId": ACCOUNT_ID,
+            "AWS::Partition": "aws",
+            "AWS::URLSuffix": "amazonaws.com",
+        },
+    )
+    stack = LocalStack(name=stack_name, region=region, template=template, resolver=resolver)
+    pending = dict(template.get("Resources", {}))
+    for logical_id, resource in list(pending.items()):
+        if resource["Type"] not in CREATORS:
+            resolver.refs[logical_id] = _physical_name(stack_name, logical_id)
+            stack.skipped.append(logical_id)
+            del pending[logical_id]
+    # Resolve what we can each round; a resource waits until what it references exists.
+    while pending:
+        progressed = False
+        for logical_id, resource in list(pending.items()):
+            try:
+                props = resolver.resolve(resource.get("Properties", {}))
+            except UnresolvedReference:
+                continue
+            attrs = CREATORS[resource["Type"]](stack_name, logical_id, props, region)
+            resolver.refs[logical_id] = attrs.pop("Ref")
+            for attribute, value in attrs.items():
+                resolver.attributes[(logical_id, attribute)] = value
+            del pending[logical_id]
+            progressed = True
+        if not progressed:
+            raise UnresolvedReference(f"cannot order resources: {sorted(pending)}")
+    return stack

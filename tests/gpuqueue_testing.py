@@ -1,0 +1,65 @@
+"""Test support shared by every suite: a fake LambdaContext, sample events, waiting."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+@dataclass
+class FakeLambdaContext:
+    """Enough of LambdaContext for Powertools; remaining time follows the given timeout."""
+
+    function_name: str = "test-function"
+    timeout_seconds: float = 30.0
+    memory_limit_in_mb: int = 512
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    _started: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:123456789012:function:{self.function_name}"
+
+    @property
+    def function_version(self) -> str:
+        return "$LATEST"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/aws/lambda/{self.function_name}"
+
+    @property
+    def log_stream_name(self) -> str:
+        return "2026/01/27/[$LATEST]0123456789abcdef"
+
+    def get_remaining_time_in_millis(self) -> int:
+        elapsed = time.monotonic() - self._started
+        return max(0, int((self.timeout_seconds - elapsed) * 1000))
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A sample event from events/, the same file `sam local invoke` uses (a fresh copy)."""
+    data: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())
+    return copy.deepcopy(data)
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll a condition until it is truthy or the deadline passes (no bare sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)

@@ -1,0 +1,255 @@
+"""Integration harness: handlers in-process against a moto server built from template.yaml."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import boto3
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from gpuqueue_testing import FakeLambdaContext, load_event
+from gpuqueue import aws_clients
+from gpuqueue_local.event_sources import settle_batch, sqs_event
+from gpuqueue_local.provision import LocalStack, provision
+from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
+
+HANDLER_MODULES = (
+    "auth_handler",
+    "submit_handler",
+    "tasks_handler",
+    "stats_handler",
+    "checker_handler",
+    "dispatcher_handler",
+)
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto call otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def _reset_handler_caches() -> None:
+    aws_clients.reset()
+    for name in HANDLER_MODULES:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class User:
+    sub: str
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class Harness:
+    """One provisioned stack plus ways to call its functions like API Gateway and the ESM do."""
+
+    stack: LocalStack
+    image_servers: list[ImageServer] = field(default_factory=list)
+
+    # --- API Gateway (payload format 2.0, the JWT authorizer's claims) -------------------
+
+    def call(
+        self,
+        module: str,
+        method: str,
+        path: str,
+        *,
+        route: str | None = None,
+        body: Any = None,
+        raw_body: str | None = None,
+        query: dict[str, str] | None = None,
+        path_params: dict[str, str] | None = None,
+        user: User | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        sample = "auth_login" if user is None else "submit_image"
+        event = load_event(sample)
+        event["routeKey"] = event["requestContext"]["routeKey"] = f"{method} {route or path}"
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        event["requestContext"]["http"]["method"] = method
+        event["rawQueryString"] = urlencode(query or {})
+        event.pop("queryStringParameters", None)
+        if query:
+            event["queryStringParameters"] = query
+        event.pop("pathParameters", None)
+        if path_params:
+            event["pathParameters"] = path_params
+        event.pop("body", None)
+        if raw_body is not None:
+            event["body"] = raw_body
+        elif body is not None:
+            event["body"] = json.dumps(body)
+        event["headers"].update(headers or {})
+        if user is not None:
+            claims = event["requestContext"]["authorizer"]["jwt"]["claims"]
+            claims.update({"sub": user.sub, "username": user.username})
+            if user.groups:
+                claims["cognito:groups"] = "[" + " ".join(user.groups) + "]"
+        handler = importlib.import_module(module).lambda_handler
+        result = handler(event, FakeLambdaContext(function_name=module))
+        body_text = result.get("body") or ""
+        if result.get("isBase64Encoded"):
+            body_text = base64.b64decode(body_text).decode()
+        return Response(
+            status=int(result["statusCode"]),
+            headers={k.lower(): v for k, v in (result.get("headers") or {}).items()},
+            body=body_text,
+        )
+
+    def submit(self, user: User, body: dict[str, Any] | None = None) -> Response:
+        return self.call(
+            "submit_handler",
+            "POST",
+            "/api/v1/image/async",
+            body=body if body is not None else {"prompt": "a red fox", "width": 128, "height": 96},
+            user=user,
+        )
+
+    def get_task(self, user: User, task_id: str) -> Response:
+        return self.call(
+            "tasks_handler",
+            "GET",
+            f"/api/v1/tasks/{task_id}",
+            route="/api/v1/tasks/{task_id}",
+            path_params={"task_id": task_id},
+            user=user,
+        )
+
+    def task_row(self, task_id: str) -> dict[str, Any]:
+        table = boto3.resource("dynamodb").Table(self.stack.ref("TasksTable"))
+        item: dict[str, Any] = table.get_item(Key={"task_id": task_id})["Item"]
+        return item
+
+    # --- Scheduler and SQS event source mapping ----------------------------------------
+
+    def run_checker(self) -> dict[str, Any]:
+        handler = importlib.import_module("checker_handler").lambda_handler
+        result: dict[str, Any] = handler(load_event("checker_schedule"), FakeLambdaContext("checker"))
+        return result
+
+    def queue_url(self) -> str:
+        return self.stack.ref("TaskQueue")
+
+    def receive(self, max_messages: int = 1) -> list[Any]:
+        sqs = boto3.client("sqs")
+        return list(
+            sqs.receive_message(
+                QueueUrl=self.queue_url(),
+                MaxNumberOfMessages=max_messages,
+                WaitTimeSeconds=0,
+                AttributeNames=["All"],
+            ).get("Messages", [])
+        )
+
+    def deliver(self, messages: list[Any], *, timeout_seconds: float = 180.0) -> list[str]:
+        """Invoke the dispatcher with these messages and settle them as the ESM would."""
+        event = sqs_event(
+            messages, queue_arn=self.stack.resolver.get_att("TaskQueue", "Arn"), region="us-east-1"
+        )
+        handler = importlib.import_module("dispatcher_handler").lambda_handler
+        response = handler(event, FakeLambdaContext("dispatcher", timeout_seconds=timeout_seconds))
+        return settle_batch(boto3.client("sqs"), self.queue_url(), messages, response)
+
+    def drain(self, *, max_invocations: int = 50, deadline_seconds: float = 30.0) -> int:
+        """Poll and dispatch until the queue has nothing visible or in flight (bounded)."""
+        invocations = 0
+        deadline = time.monotonic() + deadline_seconds
+        while invocations < max_invocations and time.monotonic() < deadline:
+            messages = self.receive()
+            if messages:
+                self.deliver(messages)
+                invocations += 1
+                continue
+            attrs = boto3.client("sqs").get_queue_attributes(
+                QueueUrl=self.queue_url(), AttributeNames=["All"]
+            )["Attributes"]
+            if all(
+                int(attrs[k]) == 0
+                for k in (
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                    "ApproximateNumberOfMessagesDelayed",
+                )
+            ):
+                return invocations
+            time.sleep(0.05)  # a retry delay is running out; poll again
+        raise AssertionError(f"queue not drained after {invocations} invocations")
+
+
+@pytest.fixture
+def make_stack(
+    moto_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Harness]]:
+    servers: list[ImageServer] = []
+
+    def make(
+        *,
+        endpoints: list[ImageServerKnobs] | None = None,
+        parameters: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Harness:
+        requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+        for knobs in endpoints if endpoints is not None else [ImageServerKnobs()]:
+            server = ImageServer(knobs=knobs)
+            server.start()
+            servers.append(server)
+        params = {"ImageEndpointUrls": ",".join(s.url for s in servers), **(parameters or {})}
+        stack = provision(stack_name=f"it-{uuid.uuid4().hex[:6]}", parameters=params)
+        for function in stack.functions():
+            for name, value in stack.function_env(function).items():
+                monkeypatch.setenv(name, value)
+        # Retries come back at once in tests; production backs off (template defaults).
+        monkeypatch.setenv("RETRY_BASE_DELAY_SECONDS", "0")
+        monkeypatch.setenv("NO_ENDPOINT_DELAY_SECONDS", "0")
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        _reset_handler_caches()
+        return Harness(stack=stack, image_servers=list(servers))
+
+    yield make
+    for server in servers:
+        server.stop()
+    _reset_handler_caches()
+
+
+@pytest.fixture
+def alice() -> User:
+    return User(sub=str(uuid.uuid4()), username="alice")
+
+
+@pytest.fixture
+def bob() -> User:
+    return User(sub=str(uuid.uuid4()), username="bob")
