@@ -10,7 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Every function folder on one path, as STYLE.md says (handler module names are unique).
-for path in [REPO / "tests", REPO / "layers/common", REPO / "local", *sorted((REPO / "functions").iterdir())]:
+for path in [
+    REPO / "tests",
+    REPO / "layers/common",
+    REPO / "local",
+    *sorted((REPO / "functions").iterdir()),
+]:
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -25,7 +25,7 @@ app = build_resolver()
 
 @cache
 def directory() -> UserDirectory:
-    settings = AuthSettings()  # type: ignore[call-arg]
+    settings = AuthSettings()
     return UserDirectory(
         aws_clients.cognito(),
         user_pool_id=settings.user_pool_id,

@@ -22,7 +22,7 @@ metrics = Metrics()
 
 @cache
 def settings() -> CheckerSettings:
-    return CheckerSettings()  # type: ignore[call-arg]
+    return CheckerSettings()
 
 
 @cache

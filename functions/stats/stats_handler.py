@@ -31,7 +31,7 @@ class Deps:
 
 @cache
 def deps() -> Deps:
-    settings = StatsSettings()  # type: ignore[call-arg]
+    settings = StatsSettings()
     return Deps(
         queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
         dead_letter=TaskQueue(aws_clients.sqs(), settings.dead_letter_queue_url),

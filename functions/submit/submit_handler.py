@@ -30,7 +30,7 @@ app = build_resolver()
 
 @cache
 def submissions() -> SubmissionService:
-    settings = SubmitSettings()  # type: ignore[call-arg]
+    settings = SubmitSettings()
     return SubmissionService(
         tasks=TaskStore(
             aws_clients.dynamodb().Table(settings.tasks_table),
@@ -49,7 +49,9 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     logger.append_keys(task_id=task.task_id)
     logger.info("task queued")
     metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
-    body = SubmitResponse(task_id=task.task_id, status=task.status, message="task submitted successfully")
+    body = SubmitResponse(
+        task_id=task.task_id, status=task.status, message="task submitted successfully"
+    )
     return Response(
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,

@@ -37,7 +37,7 @@ class Deps:
 
 @cache
 def deps() -> Deps:
-    settings = TasksSettings()  # type: ignore[call-arg]
+    settings = TasksSettings()
     return Deps(
         tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
         images=ImageStore(aws_clients.s3(), settings.images_bucket),
@@ -51,7 +51,9 @@ def _json(body: str, headers: dict[str, str] | None = None) -> Response[str]:
 
 @app.get("/api/v1/tasks")
 def get_or_list_tasks(
-    task_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")] = None,
+    task_id: Annotated[
+        str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,
 ) -> Response[str]:
@@ -83,7 +85,9 @@ def get_image(task_id: TaskId) -> Response[str]:
     owner = current_caller(app).sub
     task = deps().tasks.get_for_owner(task_id, owner)
     if task.status is not TaskStatus.DONE or not task.result_key:
-        raise TaskStateConflict(f"task {task_id} is {task.status.value}; no image yet", field="task_id")
+        raise TaskStateConflict(
+            f"task {task_id} is {task.status.value}; no image yet", field="task_id"
+        )
     url = deps().images.presigned_get(task.result_key, expires_in_seconds=deps().url_ttl_seconds)
     return Response(
         status_code=HTTPStatus.FOUND.value,

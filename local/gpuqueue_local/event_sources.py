@@ -21,7 +21,7 @@ def sqs_event(messages: Iterable[MessageTypeDef], *, queue_arn: str, region: str
                 "messageId": message["MessageId"],
                 "receiptHandle": message["ReceiptHandle"],
                 "body": body,
-                "attributes": dict(message.get("Attributes", {})),
+                "attributes": {str(k): v for k, v in message.get("Attributes", {}).items()},
                 "messageAttributes": dict(message.get("MessageAttributes", {})),
                 "md5OfBody": message.get("MD5OfBody") or hashlib.md5(body.encode()).hexdigest(),  # noqa: S324
                 "eventSource": "aws:sqs",

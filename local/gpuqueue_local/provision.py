@@ -66,7 +66,9 @@ def _physical_name(stack: str, logical_id: str) -> str:
     return f"{stack}-{logical_id}"
 
 
-def _create_table(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+def _create_table(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
     ddb = boto3.client("dynamodb", region_name=region)
     name = props.get("TableName") or _physical_name(stack, logical_id)
     kwargs: dict[str, Any] = {
@@ -98,11 +100,13 @@ _QUEUE_ATTRIBUTES = (
 )
 
 
-def _create_queue(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+def _create_queue(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
     sqs = boto3.client("sqs", region_name=region)
     fifo = bool(props.get("FifoQueue"))
     name = props.get("QueueName") or _physical_name(stack, logical_id) + (".fifo" if fifo else "")
-    attributes = {k: str(props[k]) for k in _QUEUE_ATTRIBUTES if k in props}
+    attributes: dict[str, Any] = {k: str(props[k]) for k in _QUEUE_ATTRIBUTES if k in props}
     if fifo:
         attributes["FifoQueue"] = "true"
     if "RedrivePolicy" in props:
@@ -113,7 +117,8 @@ def _create_queue(stack: str, logical_id: str, props: dict[str, Any], region: st
                 "maxReceiveCount": int(redrive["maxReceiveCount"]),
             }
         )
-    url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    created = sqs.create_queue(QueueName=name, Attributes=attributes)  # type: ignore[arg-type]
+    url = created["QueueUrl"]
     arn = f"arn:aws:sqs:{region}:{ACCOUNT_ID}:{name}"
     return {"Ref": url, "Arn": arn, "QueueName": name, "QueueUrl": url}
 
@@ -130,7 +135,9 @@ def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
     return api
 
 
-def _create_bucket(stack: str, logical_id: str, props: dict[str, Any], region: str) -> dict[str, str]:
+def _create_bucket(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
     s3 = boto3.client("s3", region_name=region)
     name = props.get("BucketName") or _physical_name(stack, logical_id).lower()
     if region == "us-east-1":
@@ -158,7 +165,7 @@ def _create_bucket(stack: str, logical_id: str, props: dict[str, Any], region: s
     if rules:
         s3.put_bucket_lifecycle_configuration(
             Bucket=name,
-            LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]},  # type: ignore[typeddict-item]
+            LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]},  # type: ignore[misc]
         )
     return {"Ref": name, "Arn": f"arn:aws:s3:::{name}"}
 
@@ -167,7 +174,9 @@ def _create_user_pool(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
     cognito = boto3.client("cognito-idp", region_name=region)
-    kwargs: dict[str, Any] = {"PoolName": props.get("UserPoolName", _physical_name(stack, logical_id))}
+    kwargs: dict[str, Any] = {
+        "PoolName": props.get("UserPoolName", _physical_name(stack, logical_id))
+    }
     for key in ("Policies", "UsernameConfiguration", "AdminCreateUserConfig"):
         if key in props:
             kwargs[key] = props[key]

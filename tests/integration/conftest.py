@@ -19,11 +19,11 @@ import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from gpuqueue_testing import FakeLambdaContext, load_event
 from gpuqueue import aws_clients
 from gpuqueue_local.event_sources import settle_batch, sqs_event
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
+from gpuqueue_testing import FakeLambdaContext, load_event
 
 HANDLER_MODULES = (
     "auth_handler",
@@ -156,7 +156,9 @@ class Harness:
 
     def run_checker(self) -> dict[str, Any]:
         handler = importlib.import_module("checker_handler").lambda_handler
-        result: dict[str, Any] = handler(load_event("checker_schedule"), FakeLambdaContext("checker"))
+        result: dict[str, Any] = handler(
+            load_event("checker_schedule"), FakeLambdaContext("checker")
+        )
         return result
 
     def queue_url(self) -> str:
@@ -209,9 +211,7 @@ class Harness:
 
 
 @pytest.fixture
-def make_stack(
-    moto_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Harness]]:
+def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Harness]]:
     servers: list[ImageServer] = []
 
     def make(

@@ -10,7 +10,9 @@ import pytest
 
 def _claims(token: str) -> dict[str, object]:
     payload = token.split(".")[1]
-    decoded: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    decoded: dict[str, object] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
     return decoded
 
 
@@ -63,7 +65,9 @@ def test_weak_password_is_400_with_the_reason(make_stack):
     [("user1", "wrong-pass1"), ("nobody", "pass1234")],
     ids=["wrong-password", "unknown-user"],
 )
-def test_bad_credentials_are_401_without_saying_which_part_was_wrong(make_stack, username, password):
+def test_bad_credentials_are_401_without_saying_which_part_was_wrong(
+    make_stack, username, password
+):
     h = make_stack()
     _post(h, "/register", {"username": "user1", "password": "pass1234"})
     response = _post(h, "/login", {"username": username, "password": password})

@@ -36,9 +36,11 @@ def test_submitted_task_is_generated_stored_and_downloadable(make_stack, alice):
     assert task["created_at"] <= task["updated_at"]
     assert "error" not in task or task["error"] is None
 
-    stored = boto3.client("s3").get_object(
-        Bucket=h.stack.ref("ImagesBucket"), Key=result_key(task_id)
-    )["Body"].read()
+    stored = (
+        boto3.client("s3")
+        .get_object(Bucket=h.stack.ref("ImagesBucket"), Key=result_key(task_id))["Body"]
+        .read()
+    )
     redirect = h.call(
         "tasks_handler",
         "GET",

@@ -58,18 +58,21 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 def build_resolver() -> APIGatewayHttpResolver:
     app = APIGatewayHttpResolver(enable_validation=True)
 
-    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def _invalid(exc: RequestValidationError) -> Response[str]:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         field = _field_name(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
             return error_response(
-                HTTPStatus.BAD_REQUEST, "request body is not valid JSON", "INVALID_JSON", field="body"
+                HTTPStatus.BAD_REQUEST,
+                "request body is not valid JSON",
+                "INVALID_JSON",
+                field="body",
             )
         message = f"{field}: {first.get('msg', 'invalid value')}"
         return error_response(HTTPStatus.BAD_REQUEST, message, "VALIDATION_ERROR", field=field)
 
-    @app.exception_handler(errors.GpuqueueError)
+    @app.exception_handler(errors.GpuqueueError)  # type: ignore[untyped-decorator]
     def _domain(exc: errors.GpuqueueError) -> Response[str]:
         status = STATUS_BY_ERROR.get(type(exc), HTTPStatus.BAD_REQUEST)
         headers = None

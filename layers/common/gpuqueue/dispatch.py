@@ -49,7 +49,9 @@ class DispatchPolicy:
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
         """Capped exponential backoff with full jitter (attempt counts from 1)."""
-        ceiling = min(self.retry_max_delay_seconds, self.retry_base_delay_seconds * 2 ** (attempt - 1))
+        ceiling = min(
+            self.retry_max_delay_seconds, self.retry_base_delay_seconds * 2 ** (attempt - 1)
+        )
         return round(rng.uniform(ceiling / 2, ceiling))
 
 
@@ -73,13 +75,15 @@ class TaskDispatcher:
         self._policy = policy
         self._balancer = balancer or RoundRobinBalancer()
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
 
     def dispatch(self, message: QueueMessage, *, remaining_seconds: Callable[[], float]) -> Outcome:
         """Drive one task; raises RetryLater when the message should come back later."""
         task = self._tasks.get(message.task_id)
         if task is None:
-            logger.warning("message for a task that does not exist", extra={"task_id": message.task_id})
+            logger.warning(
+                "message for a task that does not exist", extra={"task_id": message.task_id}
+            )
             return Outcome.SKIPPED
         if task.status.is_terminal:
             # Canceled before dispatch, or a duplicate delivery of finished work.
@@ -91,8 +95,9 @@ class TaskDispatcher:
                 "task is running elsewhere", delay_seconds=int((task.lease_until or now) - now) + 1
             )
         if task.attempt >= self._policy.max_attempts:
+            last_error = task.error or "the worker's lease expired"
             self._tasks.fail_exhausted(
-                task, f"gave up after {task.attempt} attempts; last error: {task.error or 'lease expired'}"
+                task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
             return Outcome.FAILED
 

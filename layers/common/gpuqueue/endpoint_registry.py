@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.conditions import Key
 
@@ -27,7 +27,7 @@ class EndpointRegistry:
     def __init__(self, table: Table) -> None:
         self._table = table
 
-    def list(self, kind: TaskKind) -> list[Endpoint]:
+    def endpoints(self, kind: TaskKind) -> list[Endpoint]:
         items = []
         kwargs: dict[str, object] = {
             "IndexName": KIND_INDEX,
@@ -41,9 +41,11 @@ class EndpointRegistry:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         return sorted((Endpoint.model_validate(i) for i in items), key=lambda e: e.endpoint_id)
 
-    def routable(self, kind: TaskKind, *, max_age_seconds: float, now: float | None = None) -> list[Endpoint]:
+    def routable(
+        self, kind: TaskKind, *, max_age_seconds: float, now: float | None = None
+    ) -> list[Endpoint]:
         now = time.time() if now is None else now
-        return [e for e in self.list(kind) if e.is_routable(now, max_age_seconds)]
+        return [e for e in self.endpoints(kind) if e.is_routable(now, max_age_seconds)]
 
     def sync_declared(self, kind: TaskKind, urls: list[str]) -> list[Endpoint]:
         """Upsert the endpoints a stack parameter declares; drop declared rows no longer listed.
@@ -61,7 +63,7 @@ class EndpointRegistry:
             }
             always = {"url": url, "kind": kind.value, "source": PARAMETER_SOURCE}
             names = {f"#{k}": k for k in [*always, *keep_if_set]}
-            values = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
+            values: dict[str, Any] = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
             sets = [f"#{k} = :{k}" for k in always]
             sets += [f"#{k} = if_not_exists(#{k}, :{k})" for k in keep_if_set]
             self._table.update_item(
@@ -70,10 +72,10 @@ class EndpointRegistry:
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
-        for endpoint in self.list(kind):
+        for endpoint in self.endpoints(kind):
             if endpoint.source == PARAMETER_SOURCE and endpoint.endpoint_id not in wanted:
                 self._table.delete_item(Key={"endpoint_id": endpoint.endpoint_id})
-        return self.list(kind)
+        return self.endpoints(kind)
 
     def record_health(self, result: HealthResult) -> None:
         failures = "#f = :zero" if result.healthy else "#f = if_not_exists(#f, :zero) + :one"

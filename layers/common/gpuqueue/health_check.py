@@ -65,5 +65,7 @@ class HealthChecker:
         workers = min(MAX_PROBE_THREADS, len(endpoints))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(
-                pool.map(lambda e: probe(self._session, e, timeout_seconds=self._timeout), endpoints)
+                pool.map(
+                    lambda e: probe(self._session, e, timeout_seconds=self._timeout), endpoints
+                )
             )

@@ -55,7 +55,7 @@ class Credentials(BaseModel):
 
 class TokenResponse(BaseModel):
     token: str
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - the scheme name, not a secret
     expires_in: int
 
 

@@ -6,7 +6,9 @@ from gpuqueue.models import QueueStats
 from gpuqueue.task_queue import TaskQueue
 
 
-def queue_stats(queue: TaskQueue, dead_letter: TaskQueue, *, capacity: int, workers: int) -> QueueStats:
+def queue_stats(
+    queue: TaskQueue, dead_letter: TaskQueue, *, capacity: int, workers: int
+) -> QueueStats:
     depth = queue.depth()
     dlq = dead_letter.depth()
     return QueueStats(

@@ -35,14 +35,13 @@ class TaskQueue:
         self._url = queue_url
 
     def send(self, message: QueueMessage) -> str:
-        response = self._sqs.send_message(
-            QueueUrl=self._url, MessageBody=message.model_dump_json()
-        )
+        response = self._sqs.send_message(QueueUrl=self._url, MessageBody=message.model_dump_json())
         return response["MessageId"]
 
     def depth(self) -> QueueDepth:
         attrs = self._sqs.get_queue_attributes(
-            QueueUrl=self._url, AttributeNames=_DEPTH_ATTRIBUTES  # type: ignore[arg-type]
+            QueueUrl=self._url,
+            AttributeNames=_DEPTH_ATTRIBUTES,  # type: ignore[arg-type]
         )["Attributes"]
         return QueueDepth(
             waiting=int(attrs.get("ApproximateNumberOfMessages", 0)),

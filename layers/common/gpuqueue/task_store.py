@@ -57,7 +57,9 @@ class TaskStore:
 
     # --- submit side ------------------------------------------------------------------------
 
-    def create_image_task(self, owner: str, request: ImageRequest, *, now: datetime | None = None) -> Task:
+    def create_image_task(
+        self, owner: str, request: ImageRequest, *, now: datetime | None = None
+    ) -> Task:
         now = now or utc_now()
         task = Task(
             task_id=str(uuid.uuid4()),

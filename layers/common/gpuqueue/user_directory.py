@@ -47,7 +47,9 @@ class UserDirectory:
                     _message(error) or "password does not meet the policy", field="password"
                 ) from None
             if code == "InvalidParameterException":
-                raise InvalidInput(_message(error) or "invalid username", field="username") from None
+                raise InvalidInput(
+                    _message(error) or "invalid username", field="username"
+                ) from None
             raise
         # The API has no e-mail step: the stack confirms the account itself.
         self._cognito.admin_confirm_sign_up(UserPoolId=self._pool, Username=credentials.username)

@@ -295,6 +295,11 @@ class _HTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def _still_hanging(knobs: ImageServerKnobs) -> bool:
+    """Read the knob afresh (a test may clear it while a call hangs)."""
+    return knobs.hang
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "gpuqueue-image-standin/1.0"
@@ -405,7 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         deadline = time.monotonic() + HANG_BOUND_S
         # Re-check the knob each tick so tests can release hung calls by clearing `hang`.
-        while owner.knobs.hang:
+        while _still_hanging(owner.knobs):
             if owner._stop_event.wait(_HANG_TICK_S):
                 return False
             if self._peer_closed() or time.monotonic() >= deadline:

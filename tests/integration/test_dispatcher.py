@@ -1,0 +1,203 @@
+"""The dispatcher: endpoint choice, retries, failures, duplicates, leases."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import boto3
+
+from gpuqueue.models import ImageRequest
+from gpuqueue.task_store import TaskStore
+from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_testing import wait_for
+
+
+def _result_objects(h) -> list[str]:
+    listed = boto3.client("s3").list_objects_v2(
+        Bucket=h.stack.ref("ImagesBucket"), Prefix="results/"
+    )
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def _endpoint_rows(h) -> dict[str, dict]:
+    table = boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable"))
+    return {row["url"]: row for row in table.scan()["Items"]}
+
+
+def test_checker_marks_a_stopped_endpoint_unhealthy_and_dispatch_avoids_it(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(), ImageServerKnobs()])
+    alive, stopped = h.image_servers
+    assert h.run_checker() == {"checked": 2, "healthy": 2}
+
+    stopped.stop()
+    assert h.run_checker() == {"checked": 2, "healthy": 1}
+    rows = _endpoint_rows(h)
+    assert rows[stopped.url]["healthy"] is False
+    assert rows[stopped.url]["last_error"]
+    assert int(rows[stopped.url]["consecutive_failures"]) == 1
+    assert rows[alive.url]["healthy"] is True
+
+    ids = [h.submit(alice).json()["task_id"] for _ in range(4)]
+    h.drain()
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 4
+    assert all(h.task_row(i)["attempt"] == 1 for i in ids)
+    assert alive.stats()["calls"] == 4
+
+
+def test_recovered_endpoint_gets_work_again_after_the_next_check(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(healthy=False)])
+    server = h.image_servers[0]
+    assert h.run_checker()["healthy"] == 0
+    task_id = h.submit(alice).json()["task_id"]
+    h.deliver(h.receive())
+    assert h.task_row(task_id)["status"] == "QUEUED"
+    assert h.task_row(task_id)["attempt"] == 0  # waiting for a GPU costs no attempt
+    assert server.stats()["calls"] == 0
+
+    server.knobs.healthy = True
+    assert h.run_checker()["healthy"] == 1
+    h.drain()
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+def test_retryable_failure_is_retried_on_the_other_endpoint(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()])
+    failing, healthy = h.image_servers
+    h.run_checker()
+    ids = [h.submit(alice, {"prompt": f"task {i}"}).json()["task_id"] for i in range(2)]
+    h.drain()
+
+    tasks = [h.get_task(alice, i).json() for i in ids]
+    assert [t["status"] for t in tasks] == ["DONE", "DONE"]
+    retried = [t for t in tasks if t["attempt"] == 2]
+    # Round-robin sends at least one task to the failing endpoint first...
+    assert failing.stats()["calls"] == len(retried) >= 1
+    # ...and the retry goes to the other one, never back to the endpoint that just failed.
+    assert healthy.stats()["calls"] == 2
+    assert sorted(_result_objects(h)) == sorted(f"results/{i}.png" for i in ids)
+
+
+def test_attempts_exhausted_ends_failed_with_the_error(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0)], parameters={"MaxAttempts": "3"})
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+
+    task = h.get_task(alice, task_id).json()
+    assert task["status"] == "FAILED"
+    assert task["attempt"] == 3
+    assert "attempt 3" in task["error"]
+    assert "HTTP 500" in task["error"]
+    assert task["result_url"] is None
+    assert h.image_servers[0].stats()["calls"] == 3
+    assert _result_objects(h) == []
+
+
+def test_endpoint_rejecting_the_request_fails_the_task_without_retry(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0, fail_status=400)])
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+    task = h.get_task(alice, task_id).json()
+    assert task["status"] == "FAILED"
+    assert "rejected the request: HTTP 400" in task["error"]
+    assert h.image_servers[0].stats()["calls"] == 1
+
+
+def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=5.0)],
+        parameters={"MaxAttempts": "1"},
+        env={"TASK_TIMEOUT_SECONDS": "1"},
+    )
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    started = time.monotonic()
+    h.drain()
+    assert time.monotonic() - started < 4.0  # the call was cut at the task timeout
+    task = h.get_task(alice, task_id).json()
+    assert task["status"] == "FAILED"
+    assert "timed out" in task["error"]
+
+
+def test_same_message_delivered_twice_makes_one_image_and_one_done(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    messages = h.receive()
+    assert h.deliver(messages) == []
+    assert h.deliver(messages) == []  # the duplicate: skipped, reported as success
+
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert h.task_row(task_id)["attempt"] == 1
+    assert h.image_servers[0].stats()["calls"] == 1
+    assert _result_objects(h) == [f"results/{task_id}.png"]
+
+
+def test_duplicate_delivered_while_the_first_is_running_waits_for_it(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=1.0)])
+    server = h.image_servers[0]
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    messages = h.receive()
+    first = threading.Thread(target=h.deliver, args=(messages,))
+    first.start()
+    wait_for(lambda: server.stats()["in_flight"] == 1, what="first GPU call in flight")
+
+    # The duplicate finds a live lease: it is handed back to the queue, no second GPU call.
+    assert h.deliver(messages) == [messages[0]["MessageId"]]
+    first.join(timeout=10)
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert server.stats()["calls"] == 1
+
+
+def test_task_whose_worker_died_is_reclaimed_after_its_lease(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    # A worker claimed it and died: its lease is already over.
+    store = TaskStore(boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")))
+    task = store.get(task_id)
+    assert task is not None
+    assert store.claim(task, lease_seconds=-1, now=time.time()) is not None
+    assert h.task_row(task_id)["status"] == "RUNNING"
+
+    h.drain()
+    task_view = h.get_task(alice, task_id).json()
+    assert task_view["status"] == "DONE"
+    assert task_view["attempt"] == 2
+
+
+def test_message_for_a_missing_task_is_dropped(make_stack):
+    h = make_stack()
+    boto3.client("sqs").send_message(
+        QueueUrl=h.queue_url(), MessageBody='{"task_id": "does-not-exist", "kind": "image"}'
+    )
+    assert h.deliver(h.receive()) == []
+    assert h.image_servers[0].stats()["calls"] == 0
+
+
+def test_one_bad_record_does_not_fail_the_rest_of_the_batch(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    sqs = boto3.client("sqs")
+    sqs.send_message(QueueUrl=h.queue_url(), MessageBody="not json")
+    task_id = h.submit(alice).json()["task_id"]
+    messages = h.receive(max_messages=10)
+    while len(messages) < 2:
+        messages += h.receive(max_messages=10)
+    bad = next(m for m in messages if m["Body"] == "not json")
+    assert h.deliver(messages) == [bad["MessageId"]]
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+def test_image_params_survive_the_round_trip_through_the_table(make_stack):
+    # Guards the item shape the dispatcher reads: params survive a round trip as numbers.
+    h = make_stack()
+    store = TaskStore(boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")))
+    created = store.create_image_task("owner", ImageRequest(prompt="p", width=256, seed=7))
+    loaded = store.get(created.task_id)
+    assert loaded is not None
+    assert loaded.params.width == 256
+    assert loaded.params.seed == 7

@@ -1,0 +1,75 @@
+"""GET /api/v1/system/stats and the scheduled checker's health table."""
+
+from __future__ import annotations
+
+import boto3
+
+from gpuqueue.endpoint_registry import EndpointRegistry, endpoint_id_for
+from gpuqueue.models import TaskKind
+from gpuqueue_local.standins.image_server import ImageServerKnobs
+
+
+def _stats(h, user):
+    return h.call("stats_handler", "GET", "/api/v1/system/stats", user=user)
+
+
+def test_stats_report_the_seed_fields_from_the_queue(make_stack, alice):
+    h = make_stack(parameters={"QueueCapacity": "40", "WorkerPoolSize": "3"})
+    for _ in range(3):
+        h.submit(alice)
+    response = _stats(h, alice)
+    assert response.status == 200
+    assert response.json() == {
+        "queue_length": 3,
+        "queue_capacity": 40,
+        "queue_usage": 7.5,
+        "in_flight": 0,
+        "delayed": 0,
+        "dead_letter": 0,
+        "workers": 3,
+    }
+
+
+def test_stats_count_in_flight_and_dead_lettered_messages(make_stack, alice):
+    h = make_stack()
+    h.submit(alice)
+    h.submit(alice)
+    assert len(h.receive()) == 1  # one taken by a worker, not yet finished
+    boto3.client("sqs").send_message(QueueUrl=h.stack.ref("TaskDeadLetterQueue"), MessageBody="{}")
+    stats = _stats(h, alice).json()
+    assert stats["queue_length"] == 1
+    assert stats["in_flight"] == 1
+    assert stats["dead_letter"] == 1
+
+
+def test_stats_need_an_identity(make_stack):
+    h = make_stack()
+    assert h.call("stats_handler", "GET", "/api/v1/system/stats").status == 401
+
+
+def test_checker_syncs_the_declared_endpoints_and_drops_removed_ones(make_stack, monkeypatch):
+    h = make_stack(endpoints=[ImageServerKnobs(), ImageServerKnobs()])
+    first, second = h.image_servers
+    h.run_checker()
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+    rows = registry.endpoints(TaskKind.IMAGE)
+    assert {e.url for e in rows} == {first.url, second.url}
+    assert all(e.healthy and e.last_checked_at and e.latency_ms is not None for e in rows)
+    assert {e.endpoint_id for e in rows} == {
+        endpoint_id_for(TaskKind.IMAGE, first.url),
+        endpoint_id_for(TaskKind.IMAGE, second.url),
+    }
+
+    # An operator redeploys with one URL fewer: that row goes, the other keeps its health.
+    monkeypatch.setenv("IMAGE_ENDPOINT_URLS", first.url + "/")
+    import checker_handler  # noqa: PLC0415 - reload its cached settings
+
+    checker_handler.settings.cache_clear()
+    checker_handler.checker.cache_clear()
+    assert h.run_checker() == {"checked": 1, "healthy": 1}
+    assert [e.url for e in registry.endpoints(TaskKind.IMAGE)] == [first.url]
+
+
+def test_checker_with_no_declared_endpoints_checks_nothing(make_stack):
+    h = make_stack(endpoints=[])
+    assert h.run_checker() == {"checked": 0, "healthy": 0}

@@ -1,0 +1,169 @@
+"""Status, list, cancel and image redirect: owner-only, seed shapes, 404 never 403."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuqueue_local.standins.image_server import ImageServerKnobs
+
+
+def _status(h, user, task_id):
+    return h.call("tasks_handler", "GET", "/api/v1/tasks", query={"task_id": task_id}, user=user)
+
+
+def _get(h, user, task_id):
+    return h.get_task(user, task_id)
+
+
+def _list(h, user, **query):
+    return h.call("tasks_handler", "GET", "/api/v1/tasks", query=query, user=user)
+
+
+def _cancel(h, user, task_id):
+    return h.call(
+        "tasks_handler",
+        "DELETE",
+        f"/api/v1/tasks/{task_id}",
+        route="/api/v1/tasks/{task_id}",
+        path_params={"task_id": task_id},
+        user=user,
+    )
+
+
+def _image(h, user, task_id):
+    return h.call(
+        "tasks_handler",
+        "GET",
+        f"/api/images/{task_id}",
+        route="/api/images/{task_id}",
+        path_params={"task_id": task_id},
+        user=user,
+    )
+
+
+def test_seed_status_call_returns_the_task_in_the_seed_shape(make_stack, alice):
+    h = make_stack()
+    task_id = h.submit(alice, {"prompt": "A futuristic city"}).json()["task_id"]
+    response = _status(h, alice, task_id)
+    assert response.status == 200
+    task = response.json()
+    assert {"task_id", "user_id", "prompt", "status", "created_at", "updated_at"} <= set(task)
+    assert task["task_id"] == task_id
+    assert task["status"] == "QUEUED"
+    assert task["created_at"].endswith("Z")
+    assert task["result_url"] is None
+    assert h.get_task(alice, task_id).json() == task
+
+
+def test_list_is_newest_first_and_pages_with_a_cursor_header(make_stack, alice, bob):
+    h = make_stack()
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(5)]
+    h.submit(bob, {"prompt": "bob's"})
+
+    first = _list(h, alice, limit="2")
+    assert first.status == 200
+    assert [t["task_id"] for t in first.json()] == ids[::-1][:2]
+    cursor = first.headers["x-next-cursor"]
+    second = _list(h, alice, limit="2", cursor=cursor)
+    assert [t["task_id"] for t in second.json()] == ids[::-1][2:4]
+    third = _list(h, alice, limit="2", cursor=second.headers["x-next-cursor"])
+    assert [t["task_id"] for t in third.json()] == ids[::-1][4:]
+    everything = _list(h, alice)
+    assert [t["task_id"] for t in everything.json()] == ids[::-1]
+    assert all(t["user_id"] == alice.sub for t in everything.json())
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+    ],
+)
+def test_bad_list_parameters_are_400_naming_the_field(make_stack, alice, query, field):
+    h = make_stack()
+    response = _list(h, alice, **query)
+    assert response.status == 400
+    assert response.json()["field"] == field
+
+
+def test_someone_elses_cursor_is_refused(make_stack, alice, bob):
+    h = make_stack()
+    for i in range(3):
+        h.submit(alice, {"prompt": f"p{i}"})
+    cursor = _list(h, alice, limit="1").headers["x-next-cursor"]
+    response = _list(h, bob, limit="1", cursor=cursor)
+    assert response.status == 400
+    assert response.json()["field"] == "cursor"
+
+
+def test_canceled_task_is_never_dispatched(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+
+    canceled = _cancel(h, alice, task_id)
+    assert canceled.status == 200
+    assert canceled.json()["status"] == "CANCELED"
+    h.drain()
+
+    assert h.get_task(alice, task_id).json()["status"] == "CANCELED"
+    assert h.image_servers[0].stats()["calls"] == 0
+
+
+def test_cancel_of_a_finished_task_is_409(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+    response = _cancel(h, alice, task_id)
+    assert response.status == 409
+    assert "DONE" in response.json()["error"]
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+def test_image_of_an_unfinished_task_is_409(make_stack, alice):
+    h = make_stack()
+    task_id = h.submit(alice).json()["task_id"]
+    response = _image(h, alice, task_id)
+    assert response.status == 409
+    assert "QUEUED" in response.json()["error"]
+
+
+def test_another_users_task_is_404_everywhere(make_stack, alice, bob):
+    # Given alice's finished task
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+    assert _image(h, alice, task_id).status == 302
+
+    # Then bob gets the same 404 as for an id that does not exist
+    unknown = "00000000-0000-4000-8000-000000000000"
+    for call in (_status, _get, _image, _cancel):
+        mine = call(h, bob, task_id)
+        missing = call(h, bob, unknown)
+        assert mine.status == 404, call
+        assert mine.json()["code"] == missing.json()["code"] == "NOT_FOUND"
+        assert missing.status == 404
+    assert [t["task_id"] for t in _list(h, bob).json()] == []
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+@pytest.mark.parametrize("bad_id", ["..%2F..%2Fetc%2Fpasswd", "a" * 65, "id with space", "x;drop"])
+def test_malformed_task_ids_are_400_naming_the_field(make_stack, alice, bad_id):
+    h = make_stack(endpoints=[ImageServerKnobs()])
+    response = h.get_task(alice, bad_id)
+    assert response.status == 400
+    assert response.json()["field"] == "task_id"
+
+
+def test_path_traversal_matches_no_route(make_stack, alice):
+    h = make_stack()
+    response = h.call(
+        "tasks_handler", "GET", "/api/v1/tasks/../../etc/passwd", path_params={}, user=alice
+    )
+    assert response.status == 404
+    assert response.json()["code"] == "NOT_FOUND"

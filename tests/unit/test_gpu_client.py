@@ -1,0 +1,185 @@
+"""The OpenAI-compatible image adapter: what it sends and how it classifies what comes back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any, cast
+
+import pytest
+import requests
+from PIL import Image
+
+from gpuqueue.errors import PermanentGpuError, RetryableGpuError
+from gpuqueue.gpu_client import OpenAIImageClient, decode_png
+from gpuqueue.models import Endpoint, ImageParams, Task, TaskKind, TaskStatus
+
+ENDPOINT = Endpoint(endpoint_id="gpu-a", url="http://gpu-a:8000/", kind=TaskKind.IMAGE)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def response(status: int, body: bytes | dict[str, Any]) -> requests.Response:
+    result = requests.Response()
+    result.status_code = status
+    result._content = json.dumps(body).encode() if isinstance(body, dict) else body
+    result.encoding = "utf-8"
+    return result
+
+
+def image_body(data: bytes) -> dict[str, Any]:
+    return {"created": 1, "data": [{"b64_json": base64.b64encode(data).decode()}]}
+
+
+def task(*, seed: int | None = None, negative_prompt: str | None = None) -> Task:
+    return Task(
+        task_id="task-1",
+        user_id="user-1",
+        status=TaskStatus.RUNNING,
+        prompt="a red fox in snow",
+        negative_prompt=negative_prompt,
+        params=ImageParams(width=640, height=480, steps=20, seed=seed),
+        created_at="2026-01-27T10:00:00.000000Z",
+        updated_at="2026-01-27T10:00:00.000000Z",
+    )
+
+
+class FakeSession:
+    """Records each post; answers with a canned response or raises a canned error."""
+
+    def __init__(self, answer: requests.Response | Exception) -> None:
+        self.answer = answer
+        self.calls: list[dict[str, Any]] = []
+
+    def post(self, url: str, *, json: dict[str, Any], timeout: tuple[float, float]) -> Any:
+        self.calls.append({"url": url, "json": json, "timeout": timeout})
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def client(session: FakeSession) -> OpenAIImageClient:
+    return OpenAIImageClient(session=cast(requests.Session, session))
+
+
+# --- decode_png -----------------------------------------------------------------------------
+
+
+def test_a_png_in_the_answer_is_returned_as_bytes() -> None:
+    png = png_bytes()
+
+    assert decode_png(ENDPOINT, response(200, image_body(png))) == png
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])
+def test_busy_or_broken_endpoint_answers_are_worth_retrying(status: int) -> None:
+    with pytest.raises(RetryableGpuError, match=str(status)):
+        decode_png(ENDPOINT, response(status, {"error": "overloaded"}))
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+def test_rejections_of_the_request_are_permanent(status: int) -> None:
+    with pytest.raises(PermanentGpuError, match=str(status)):
+        decode_png(ENDPOINT, response(status, {"error": "bad size"}))
+
+
+def test_a_rejection_includes_what_the_endpoint_said() -> None:
+    with pytest.raises(PermanentGpuError, match="size must be a multiple of 64"):
+        decode_png(ENDPOINT, response(400, b"size must be a multiple of 64"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"<html>Bad Gateway</html>", id="not-json"),
+        pytest.param({}, id="no-data"),
+        pytest.param({"data": []}, id="empty-data"),
+        pytest.param({"data": [{"url": "http://x/y.png"}]}, id="url-instead-of-b64"),
+        pytest.param({"data": [{"b64_json": "not base64 at all!"}]}, id="bad-base64"),
+    ],
+)
+def test_an_unreadable_success_answer_is_permanent(body: bytes | dict[str, Any]) -> None:
+    with pytest.raises(PermanentGpuError, match="unreadable"):
+        decode_png(ENDPOINT, response(200, body))
+
+
+def test_an_image_that_is_not_a_png_is_permanent() -> None:
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32
+
+    with pytest.raises(PermanentGpuError, match="not a PNG"):
+        decode_png(ENDPOINT, response(200, image_body(jpeg)))
+
+
+# --- OpenAIImageClient.generate -------------------------------------------------------------
+
+
+def test_generate_returns_the_png_from_the_endpoint() -> None:
+    png = png_bytes()
+
+    assert (
+        client(FakeSession(response(200, image_body(png)))).generate(
+            ENDPOINT, task(), timeout_seconds=60
+        )
+        == png
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        requests.ConnectTimeout("connect timed out"),
+        requests.ReadTimeout("read timed out"),
+        requests.ConnectionError("connection refused"),
+    ],
+    ids=type,
+)
+def test_an_endpoint_that_cannot_be_reached_in_time_is_worth_retrying(error: Exception) -> None:
+    with pytest.raises(RetryableGpuError, match="gpu-a"):
+        client(FakeSession(error)).generate(ENDPOINT, task(), timeout_seconds=60)
+
+
+def test_generate_posts_to_the_openai_images_path_of_the_endpoint() -> None:
+    session = FakeSession(response(200, image_body(png_bytes())))
+
+    client(session).generate(ENDPOINT, task(), timeout_seconds=60)
+
+    assert session.calls[0]["url"] == "http://gpu-a:8000/v1/images/generations"
+
+
+def test_generate_asks_for_one_base64_image_of_the_requested_size() -> None:
+    session = FakeSession(response(200, image_body(png_bytes())))
+
+    client(session).generate(ENDPOINT, task(), timeout_seconds=60)
+
+    assert session.calls[0]["json"] == {
+        "prompt": "a red fox in snow",
+        "n": 1,
+        "size": "640x480",
+        "response_format": "b64_json",
+        "steps": 20,
+    }
+
+
+def test_generate_sends_seed_and_negative_prompt_when_the_task_has_them() -> None:
+    session = FakeSession(response(200, image_body(png_bytes())))
+
+    client(session).generate(ENDPOINT, task(seed=0, negative_prompt="blurry"), timeout_seconds=60)
+
+    body = session.calls[0]["json"]
+    assert (body["seed"], body["negative_prompt"]) == (0, "blurry")
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(60.0, (3.0, 60.0)), (2.0, (2.0, 2.0))])
+def test_generate_caps_connect_and_read_timeouts_by_the_budget(
+    budget: float, expected: tuple[float, float]
+) -> None:
+    session = FakeSession(response(200, image_body(png_bytes())))
+
+    client(session).generate(ENDPOINT, task(), timeout_seconds=budget)
+
+    assert session.calls[0]["timeout"] == expected
