@@ -10,7 +10,7 @@ SAM := $(SAM_VENV)/bin/sam
 REGION ?= us-east-1
 export AWS_DEFAULT_REGION ?= $(REGION)
 export SAM_CLI_TELEMETRY := 0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: help venv test lint fmt unit integration build deploy validate clean up invoke-%
 
@@ -21,15 +21,15 @@ help: ## list the targets
 # The dev venv is rebuilt only when a requirements file changes.
 $(VENV)/.installed: requirements-dev.txt layers/common/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -r requirements-dev.txt
 	touch $@
 
 # aws-sam-cli pins pydantic to its own range, so it gets a venv of its own.
 $(SAM_VENV)/.installed: requirements-sam.txt
 	$(PYTHON) -m venv $(SAM_VENV)
-	$(SAM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SAM_VENV)/bin/python -m pip install --quiet -r requirements-sam.txt
+	$(SAM_VENV)/bin/python -m pip install -qq --upgrade pip
+	$(SAM_VENV)/bin/python -m pip install -qq -r requirements-sam.txt
 	touch $@
 
 venv: $(VENV)/.installed $(SAM_VENV)/.installed ## create both virtualenvs (dev tools, aws-sam-cli)

@@ -75,12 +75,15 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
         )
     except RetryLater as retry:
+        log = {"reason": retry.reason, "delay_seconds": retry.delay_seconds}
+        if retry.requeue:
+            # A fresh, delayed copy; returning normally deletes this one.
+            deps().queue.send(message, delay_seconds=retry.delay_seconds)
+            logger.info("task requeued", extra=log)
+            return
         deps().queue.retry_after(record.receipt_handle, retry.delay_seconds)
         metrics.add_metric(name="TaskRetries", unit=MetricUnit.Count, value=1)
-        logger.info(
-            "message returned to the queue",
-            extra={"reason": retry.reason, "delay_seconds": retry.delay_seconds},
-        )
+        logger.info("message returned to the queue", extra=log)
         raise
     if outcome is Outcome.DONE:
         metrics.add_metric(name="TasksSucceeded", unit=MetricUnit.Count, value=1)

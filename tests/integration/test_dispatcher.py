@@ -61,6 +61,31 @@ def test_recovered_endpoint_gets_work_again_after_the_next_check(make_stack, ali
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
 
 
+def test_waiting_out_a_gpu_outage_never_dead_letters_the_task(make_stack, alice):
+    # Given no healthy endpoint and a queue that dead-letters after 5 receives
+    h = make_stack(endpoints=[ImageServerKnobs(healthy=False)], parameters={"MaxReceiveCount": "5"})
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+
+    # When the dispatcher sees the task more times than maxReceiveCount
+    for _ in range(8):
+        messages = wait_for(h.receive, what="the requeued message")
+        assert h.deliver(messages) == []
+
+    # Then it is still QUEUED with no attempt spent, nothing is in the DLQ, and it runs
+    # as soon as the endpoint is back.
+    assert h.task_row(task_id)["status"] == "QUEUED"
+    assert h.task_row(task_id)["attempt"] == 0
+    dlq = boto3.client("sqs").get_queue_attributes(
+        QueueUrl=h.stack.ref("TaskDeadLetterQueue"), AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    assert dlq["ApproximateNumberOfMessages"] == "0"
+    h.image_servers[0].knobs.healthy = True
+    h.run_checker()
+    h.drain()
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
 def test_retryable_failure_is_retried_on_the_other_endpoint(make_stack, alice):
     h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()])
     failing, healthy = h.image_servers
@@ -145,11 +170,16 @@ def test_duplicate_delivered_while_the_first_is_running_waits_for_it(make_stack,
     first.start()
     wait_for(lambda: server.stats()["in_flight"] == 1, what="first GPU call in flight")
 
-    # The duplicate finds a live lease: it is handed back to the queue, no second GPU call.
-    assert h.deliver(messages) == [messages[0]["MessageId"]]
+    # The duplicate finds a live lease: a delayed copy comes back after the lease would end
+    # (in case the first worker dies), and no second GPU call is made.
+    assert h.deliver(messages) == []
     first.join(timeout=10)
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
     assert server.stats()["calls"] == 1
+    attrs = boto3.client("sqs").get_queue_attributes(
+        QueueUrl=h.queue_url(), AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]
+    assert attrs["ApproximateNumberOfMessagesDelayed"] == "1"
 
 
 def test_task_whose_worker_died_is_reclaimed_after_its_lease(make_stack, alice):

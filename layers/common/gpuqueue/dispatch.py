@@ -7,6 +7,7 @@ the same object; every write after the claim is conditional on holding the lease
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -48,11 +49,11 @@ class DispatchPolicy:
     no_endpoint_delay_seconds: int = 10
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
-        """Capped exponential backoff with full jitter (attempt counts from 1)."""
+        """Capped exponential backoff with jitter in [ceiling/2, ceiling], whole seconds up."""
         ceiling = min(
             self.retry_max_delay_seconds, self.retry_base_delay_seconds * 2 ** (attempt - 1)
         )
-        return round(rng.uniform(ceiling / 2, ceiling))
+        return math.ceil(rng.uniform(ceiling / 2, ceiling))
 
 
 class TaskDispatcher:
@@ -92,7 +93,9 @@ class TaskDispatcher:
         if task.status is TaskStatus.RUNNING and (task.lease_until or 0) >= now:
             # Someone holds a live lease: come back when it would have expired.
             raise RetryLater(
-                "task is running elsewhere", delay_seconds=int((task.lease_until or now) - now) + 1
+                "task is running elsewhere",
+                delay_seconds=int((task.lease_until or now) - now) + 1,
+                requeue=True,
             )
         if task.attempt >= self._policy.max_attempts:
             last_error = task.error or "the worker's lease expired"
@@ -109,7 +112,9 @@ class TaskDispatcher:
         if endpoint is None:
             # Not the task's fault: wait without spending an attempt.
             raise RetryLater(
-                "no healthy image endpoint", delay_seconds=self._policy.no_endpoint_delay_seconds
+                "no healthy image endpoint",
+                delay_seconds=self._policy.no_endpoint_delay_seconds,
+                requeue=True,
             )
 
         budget = min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)

@@ -75,9 +75,16 @@ class PermanentGpuError(GpuError):
 
 
 class RetryLater(Exception):
-    """Raised by the dispatcher to return a message to the queue after a delay."""
+    """Raised by the dispatcher to have a message come back after a delay.
 
-    def __init__(self, reason: str, *, delay_seconds: int) -> None:
+    `requeue=False`: the same message returns (its SQS receive count grows); used after a
+    failed attempt, which `MaxAttempts` bounds well below the queue's maxReceiveCount.
+    `requeue=True`: a fresh copy is sent with a delay and the original deleted, so waiting
+    out a GPU outage or another worker's lease never walks a valid task into the DLQ.
+    """
+
+    def __init__(self, reason: str, *, delay_seconds: int, requeue: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay_seconds = delay_seconds
+        self.requeue = requeue

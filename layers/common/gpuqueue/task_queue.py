@@ -34,8 +34,13 @@ class TaskQueue:
         self._sqs = sqs
         self._url = queue_url
 
-    def send(self, message: QueueMessage) -> str:
-        response = self._sqs.send_message(QueueUrl=self._url, MessageBody=message.model_dump_json())
+    def send(self, message: QueueMessage, *, delay_seconds: int = 0) -> str:
+        response = self._sqs.send_message(
+            QueueUrl=self._url,
+            MessageBody=message.model_dump_json(),
+            # SQS caps a message delay at 15 minutes.
+            DelaySeconds=max(0, min(delay_seconds, 900)),
+        )
         return response["MessageId"]
 
     def depth(self) -> QueueDepth:

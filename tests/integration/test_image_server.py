@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 import requests
+from PIL import Image
+
 from gpuqueue_local.standins.image_server import (
     ImageServer,
     ImageServerKnobs,
     render_png,
 )
-from PIL import Image
 
 OPENAI = "/v1/images/generations"
 A1111 = "/sdapi/v1/txt2img"
@@ -75,7 +76,7 @@ class InThread:
     def _run(self, fn: Callable[[], requests.Response]) -> None:
         try:
             self.result = fn()
-        except BaseException as exc:  # noqa: BLE001 - surfaced to the test
+        except BaseException as exc:
             self.error = exc
 
     def join(self, timeout: float = TIMEOUT) -> None:
@@ -200,7 +201,8 @@ def test_bad_requests_answer_400(server: ImageServer, path: str, body: bytes) ->
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert err["type"] == "invalid_request_error"
-    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["message"], str)
+    assert err["message"]
 
 
 def test_unknown_route_is_404(server: ImageServer) -> None:
@@ -284,7 +286,8 @@ def test_capacity_rejects_excess_calls(server: ImageServer) -> None:
     server.knobs.hang = False  # release the first call
     first.join()
     assert first.error is None
-    assert first.result is not None and first.result.status_code == 200
+    assert first.result is not None
+    assert first.result.status_code == 200
 
     stats = server.stats()
     assert stats["max_in_flight"] == 1

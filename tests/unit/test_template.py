@@ -1,0 +1,518 @@
+"""Invariants of template.yaml: the reliability and security rules the stack must keep.
+
+Each test reads the real template (plain dicts; intrinsics stay as {"Ref": ..} etc.) and
+resolves parameter references to their defaults where a number is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import samtranslator
+from pydantic_settings import BaseSettings
+
+from gpuqueue import settings
+from gpuqueue_local.template import function_property, load_template, resources_of_type
+
+ROOT = Path(__file__).resolve().parents[2]
+EVENTS_DIR = ROOT / "events"
+TEMPLATE = load_template()
+RESOURCES: dict[str, dict[str, Any]] = TEMPLATE["Resources"]
+PARAMETERS: dict[str, dict[str, Any]] = TEMPLATE["Parameters"]
+FUNCTIONS = resources_of_type(TEMPLATE, "AWS::Serverless::Function")
+SAM_POLICY_TEMPLATES: dict[str, Any] = json.loads(
+    (
+        Path(samtranslator.__file__).parent / "policy_templates_data" / "policy_templates.json"
+    ).read_text()
+)["Templates"]
+
+PUBLIC_ROUTES = {("POST", "/register"), ("POST", "/login")}
+SEED_ROUTES = {
+    ("POST", "/register"),
+    ("POST", "/login"),
+    ("POST", "/api/v1/image/async"),
+    ("GET", "/api/v1/tasks"),
+    ("GET", "/api/v1/tasks/{task_id}"),
+    ("DELETE", "/api/v1/tasks/{task_id}"),
+    ("GET", "/api/images/{task_id}"),
+    ("GET", "/api/v1/system/stats"),
+}
+SETTINGS_BY_FUNCTION: dict[str, type[BaseSettings]] = {
+    "AuthFunction": settings.AuthSettings,
+    "SubmitFunction": settings.SubmitSettings,
+    "TasksFunction": settings.TasksSettings,
+    "StatsFunction": settings.StatsSettings,
+    "CheckerFunction": settings.CheckerSettings,
+    "DispatcherFunction": settings.DispatcherSettings,
+}
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def props(logical_id: str) -> dict[str, Any]:
+    properties: dict[str, Any] = RESOURCES[logical_id]["Properties"]
+    return properties
+
+
+def number(value: Any) -> int:
+    """A literal, or a {"Ref": parameter} resolved to the parameter's Default."""
+    if isinstance(value, dict) and set(value) == {"Ref"}:
+        return int(PARAMETERS[value["Ref"]]["Default"])
+    return int(value)
+
+
+def ref_name(value: Any) -> str | None:
+    """The logical id a Ref / Fn::GetAtt points at, or None for anything else."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, arg),) = value.items()
+        if key == "Ref":
+            return str(arg)
+        if key == "Fn::GetAtt":
+            return str(arg[0] if isinstance(arg, list) else str(arg).split(".", 1)[0])
+    return None
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def dispatcher_sqs_event() -> dict[str, Any]:
+    events = props("DispatcherFunction")["Events"]
+    sqs_events: list[dict[str, Any]] = [
+        e["Properties"] for e in events.values() if e["Type"] == "SQS"
+    ]
+    assert len(sqs_events) == 1, "the dispatcher has exactly one SQS event source"
+    return sqs_events[0]
+
+
+def http_api_events() -> Iterator[tuple[str, dict[str, Any]]]:
+    for logical_id, function in FUNCTIONS.items():
+        for event in function["Properties"].get("Events", {}).values():
+            if event["Type"] == "HttpApi":
+                yield logical_id, event["Properties"]
+
+
+def route(event: dict[str, Any]) -> tuple[str, str]:
+    return str(event["Method"]).upper(), str(event["Path"])
+
+
+def policy_statements() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every IAM statement the template grants: function inline policies and IAM resources."""
+    for logical_id, function in FUNCTIONS.items():
+        for entry in function["Properties"].get("Policies", []):
+            if isinstance(entry, dict) and "Statement" in entry:
+                for statement in as_list(entry["Statement"]):
+                    yield logical_id, statement
+    for logical_id, resource in resources_of_type(
+        TEMPLATE, "AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"
+    ).items():
+        for statement in as_list(resource["Properties"]["PolicyDocument"]["Statement"]):
+            yield logical_id, statement
+    for logical_id, resource in resources_of_type(TEMPLATE, "AWS::IAM::Role").items():
+        for policy in resource["Properties"].get("Policies", []):
+            for statement in as_list(policy["PolicyDocument"]["Statement"]):
+                yield logical_id, statement
+
+
+def environment_keys(logical_id: str) -> set[str]:
+    global_env = (
+        TEMPLATE.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    )
+    own_env = props(logical_id).get("Environment", {}).get("Variables", {})
+    return set(global_env) | set(own_env)
+
+
+# --- the queue and the worker pool ----------------------------------------------------------
+
+
+def test_queue_visibility_timeout_is_at_least_six_dispatcher_timeouts() -> None:
+    dispatcher_timeout = number(function_property(TEMPLATE, "DispatcherFunction", "Timeout"))
+
+    assert number(props("TaskQueue")["VisibilityTimeout"]) >= 6 * dispatcher_timeout
+
+
+def test_dispatcher_timeout_outlasts_the_longest_allowed_gpu_call() -> None:
+    dispatcher_timeout = number(function_property(TEMPLATE, "DispatcherFunction", "Timeout"))
+
+    assert dispatcher_timeout > int(PARAMETERS["TaskTimeoutSeconds"]["MaxValue"])
+
+
+def test_dispatcher_takes_one_message_per_invocation() -> None:
+    assert dispatcher_sqs_event()["BatchSize"] == 1
+
+
+def test_dispatcher_reports_partial_batch_failures() -> None:
+    assert "ReportBatchItemFailures" in dispatcher_sqs_event()["FunctionResponseTypes"]
+
+
+def test_dispatcher_reads_from_the_task_queue() -> None:
+    assert ref_name(dispatcher_sqs_event()["Queue"]) == "TaskQueue"
+
+
+def test_poller_concurrency_never_exceeds_reserved_concurrency() -> None:
+    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
+    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
+
+    assert number(maximum) <= number(reserved)
+
+
+def test_poller_and_reserved_concurrency_both_follow_the_worker_pool_size() -> None:
+    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
+    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
+
+    assert maximum == {"Ref": "WorkerPoolSize"}
+    assert reserved == {"Ref": "WorkerPoolSize"}
+
+
+def test_worker_pool_size_stays_within_what_maximum_concurrency_accepts() -> None:
+    worker_pool = PARAMETERS["WorkerPoolSize"]
+
+    assert int(worker_pool["MinValue"]) >= 2
+    assert int(worker_pool["MaxValue"]) <= 1000
+
+
+def test_redrive_allows_at_least_five_receives_before_dead_lettering() -> None:
+    redrive = props("TaskQueue")["RedrivePolicy"]
+
+    assert number(redrive["maxReceiveCount"]) >= 5
+    assert ref_name(redrive["deadLetterTargetArn"]) == "TaskDeadLetterQueue"
+
+
+def test_max_receive_count_parameter_cannot_be_set_below_five() -> None:
+    redrive = props("TaskQueue")["RedrivePolicy"]
+    parameter = PARAMETERS[ref_name(redrive["maxReceiveCount"]) or ""]
+
+    assert int(parameter["MinValue"]) >= 5
+
+
+def test_both_queues_declare_their_retention_explicitly() -> None:
+    assert "MessageRetentionPeriod" in props("TaskQueue")
+    assert "MessageRetentionPeriod" in props("TaskDeadLetterQueue")
+
+
+def test_dead_letter_queue_keeps_messages_longer_than_the_task_queue() -> None:
+    dlq_retention = number(props("TaskDeadLetterQueue")["MessageRetentionPeriod"])
+
+    assert dlq_retention > number(props("TaskQueue")["MessageRetentionPeriod"])
+
+
+# --- least privilege ------------------------------------------------------------------------
+
+
+def test_no_allow_statement_grants_a_wildcard_action() -> None:
+    wildcard = [
+        (owner, action)
+        for owner, statement in policy_statements()
+        if statement.get("Effect") == "Allow"
+        for action in as_list(statement.get("Action", []))
+        if "*" in str(action)
+    ]
+
+    assert wildcard == []
+
+
+def test_no_function_uses_a_full_access_managed_policy() -> None:
+    names = [
+        (logical_id, entry)
+        for logical_id, function in FUNCTIONS.items()
+        for entry in function["Properties"].get("Policies", [])
+        if isinstance(entry, str)
+    ]
+    names += [
+        (logical_id, arn)
+        for logical_id, role in resources_of_type(TEMPLATE, "AWS::IAM::Role").items()
+        for arn in role["Properties"].get("ManagedPolicyArns", [])
+    ]
+
+    assert [(owner, name) for owner, name in names if "FullAccess" in str(name)] == []
+
+
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_function_policies_are_single_resource_templates_or_scoped_statements(
+    logical_id: str,
+) -> None:
+    for entry in props(logical_id).get("Policies", []):
+        assert isinstance(entry, dict), f"{logical_id}: managed policy {entry!r} is not scoped"
+        if "Statement" in entry:
+            for statement in as_list(entry["Statement"]):
+                resources = as_list(statement.get("Resource", "*"))
+                assert "*" not in resources, f"{logical_id}: statement on every resource"
+            continue
+        assert len(entry) == 1, f"{logical_id}: {entry!r} is neither a template nor a statement"
+        ((name, arguments),) = entry.items()
+        assert name in SAM_POLICY_TEMPLATES, f"{logical_id}: {name} is not a SAM policy template"
+        assert set(arguments) == set(SAM_POLICY_TEMPLATES[name]["Parameters"])
+        assert len(arguments) == 1, f"{logical_id}: {name} is not scoped to one resource"
+        (target,) = arguments.values()
+        assert ref_name(target) in RESOURCES, f"{logical_id}: {name} names no stack resource"
+
+
+# --- logging --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_every_function_logs_to_its_own_log_group_with_retention(logical_id: str) -> None:
+    log_group_id = ref_name(props(logical_id)["LoggingConfig"]["LogGroup"])
+
+    assert log_group_id is not None
+    log_group = RESOURCES[log_group_id]
+    assert log_group["Type"] == "AWS::Logs::LogGroup"
+    assert "RetentionInDays" in log_group["Properties"]
+
+
+def test_no_two_functions_share_a_log_group() -> None:
+    groups = [ref_name(props(f)["LoggingConfig"]["LogGroup"]) for f in FUNCTIONS]
+
+    assert len(set(groups)) == len(groups)
+
+
+# --- sample events --------------------------------------------------------------------------
+
+
+def _function_for_event_file(path: Path) -> str:
+    prefix = path.stem.split("_", 1)[0]
+    return f"{prefix.capitalize()}Function"
+
+
+def test_every_event_file_belongs_to_a_function_in_the_template() -> None:
+    files = sorted(EVENTS_DIR.glob("*.json"))
+    orphans = [f.name for f in files if _function_for_event_file(f) not in FUNCTIONS]
+
+    assert files
+    assert orphans == []
+
+
+def test_every_event_file_is_named_function_underscore_scenario() -> None:
+    names = [f.name for f in EVENTS_DIR.iterdir() if f.is_file()]
+
+    assert [n for n in names if not re.fullmatch(r"[a-z]+_[a-z0-9_]+\.json", n)] == []
+
+
+def test_every_function_has_a_sample_event() -> None:
+    covered = {_function_for_event_file(f) for f in EVENTS_DIR.glob("*.json")}
+
+    assert set(FUNCTIONS) - covered == set()
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+def _jwt_authorizer() -> dict[str, Any]:
+    auth = props("HttpApi")["Auth"]
+    authorizer: dict[str, Any] = auth["Authorizers"][auth["DefaultAuthorizer"]]
+    return authorizer
+
+
+def test_http_api_defaults_to_a_jwt_authorizer() -> None:
+    auth = props("HttpApi")["Auth"]
+
+    assert auth["DefaultAuthorizer"] in auth["Authorizers"]
+    assert "JwtConfiguration" in _jwt_authorizer()
+
+
+def test_jwt_issuer_is_the_stacks_cognito_user_pool() -> None:
+    issuer = _jwt_authorizer()["JwtConfiguration"]["issuer"]
+
+    assert issuer == {"Fn::Sub": "https://cognito-idp.${AWS::Region}.amazonaws.com/${UserPool}"}
+    assert RESOURCES["UserPool"]["Type"] == "AWS::Cognito::UserPool"
+
+
+def test_jwt_audience_is_exactly_the_stacks_app_client() -> None:
+    audience = _jwt_authorizer()["JwtConfiguration"]["audience"]
+
+    assert audience == [{"Ref": "UserPoolClient"}]
+    assert RESOURCES["UserPoolClient"]["Type"] == "AWS::Cognito::UserPoolClient"
+
+
+def test_jwt_authorizer_requires_the_access_token_scope() -> None:
+    assert "aws.cognito.signin.user.admin" in _jwt_authorizer()["AuthorizationScopes"]
+
+
+def test_every_route_is_served_by_the_authorised_http_api() -> None:
+    # A route without ApiId lands on SAM's implicit API, which has no authorizer.
+    stray = [(f, route(e)) for f, e in http_api_events() if e.get("ApiId") != {"Ref": "HttpApi"}]
+
+    assert stray == []
+
+
+def test_only_register_and_login_skip_the_authorizer() -> None:
+    open_routes = {
+        route(event)
+        for _, event in http_api_events()
+        if event.get("Auth", {}).get("Authorizer") == "NONE"
+    }
+
+    assert open_routes == PUBLIC_ROUTES
+
+
+def test_every_other_route_uses_a_declared_authorizer() -> None:
+    declared = set(props("HttpApi")["Auth"]["Authorizers"])
+    for _, event in http_api_events():
+        if route(event) in PUBLIC_ROUTES:
+            continue
+        authorizer = event.get("Auth", {}).get("Authorizer")
+        assert authorizer is None or authorizer in declared, route(event)
+
+
+def test_route_table_contains_every_seed_route() -> None:
+    routes = {route(event) for _, event in http_api_events()}
+
+    assert SEED_ROUTES - routes == set()
+
+
+def test_no_route_is_declared_twice() -> None:
+    routes = [route(event) for _, event in http_api_events()]
+
+    assert len(routes) == len(set(routes))
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+def _key(key_schema: list[dict[str, str]]) -> dict[str, str]:
+    return {k["KeyType"]: k["AttributeName"] for k in key_schema}
+
+
+def test_tasks_table_is_keyed_by_task_id() -> None:
+    assert _key(props("TasksTable")["KeySchema"]) == {"HASH": "task_id"}
+
+
+def test_tasks_table_indexes_tasks_by_user_newest_first() -> None:
+    indexes = {i["IndexName"]: i for i in props("TasksTable")["GlobalSecondaryIndexes"]}
+
+    assert _key(indexes["by-user"]["KeySchema"]) == {"HASH": "user_id", "RANGE": "created_at"}
+
+
+def test_tasks_table_expires_rows_on_expires_at() -> None:
+    ttl = props("TasksTable")["TimeToLiveSpecification"]
+
+    assert ttl == {"AttributeName": "expires_at", "Enabled": True}
+
+
+@pytest.mark.parametrize("table", ["TasksTable", "EndpointsTable"])
+def test_table_has_point_in_time_recovery(table: str) -> None:
+    pitr = props(table)["PointInTimeRecoverySpecification"]
+
+    assert pitr["PointInTimeRecoveryEnabled"] is True
+
+
+@pytest.mark.parametrize("table", ["TasksTable", "EndpointsTable"])
+def test_table_is_encrypted(table: str) -> None:
+    assert props(table)["SSESpecification"]["SSEEnabled"] is True
+
+
+def test_endpoints_table_is_keyed_by_endpoint_id() -> None:
+    assert _key(props("EndpointsTable")["KeySchema"]) == {"HASH": "endpoint_id"}
+
+
+# --- the images bucket ----------------------------------------------------------------------
+
+
+def test_images_bucket_blocks_all_public_access() -> None:
+    block = props("ImagesBucket")["PublicAccessBlockConfiguration"]
+
+    assert block == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+
+
+def test_images_bucket_encrypts_objects_at_rest() -> None:
+    rules = props("ImagesBucket")["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+
+    assert rules
+    assert all(r["ServerSideEncryptionByDefault"]["SSEAlgorithm"] for r in rules)
+
+
+def test_images_expire_after_the_task_retention_period() -> None:
+    rules = props("ImagesBucket")["LifecycleConfiguration"]["Rules"]
+    expiring = [
+        r
+        for r in rules
+        if r.get("Status") == "Enabled"
+        and r.get("ExpirationInDays") == {"Ref": "TaskRetentionDays"}
+    ]
+
+    assert expiring
+
+
+def test_images_bucket_refuses_requests_without_tls() -> None:
+    policies = [
+        p["Properties"]
+        for p in resources_of_type(TEMPLATE, "AWS::S3::BucketPolicy").values()
+        if ref_name(p["Properties"]["Bucket"]) == "ImagesBucket"
+    ]
+    denials = [
+        statement
+        for policy in policies
+        for statement in as_list(policy["PolicyDocument"]["Statement"])
+        if statement["Effect"] == "Deny"
+        and str(statement.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport")).lower()
+        == "false"
+    ]
+
+    assert denials
+    assert {"Fn::Sub": "${ImagesBucket.Arn}/*"} in as_list(denials[0]["Resource"])
+
+
+# --- runtime, parameters, outputs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_function_runs_on_python_3_12_or_newer(logical_id: str) -> None:
+    runtime = str(function_property(TEMPLATE, logical_id, "Runtime"))
+    match = re.fullmatch(r"python(\d+)\.(\d+)", runtime)
+
+    assert match, runtime
+    assert (int(match[1]), int(match[2])) >= (3, 12)
+
+
+def test_a_gpu_call_defaults_to_at_most_120_seconds() -> None:
+    assert int(PARAMETERS["TaskTimeoutSeconds"]["Default"]) == 120
+
+
+def test_a_task_gets_three_gpu_attempts_by_default() -> None:
+    assert int(PARAMETERS["MaxAttempts"]["Default"]) == 3
+
+
+def test_outputs_give_clients_and_e2e_tests_what_they_need() -> None:
+    required = {
+        "ApiUrl",
+        "UserPoolId",
+        "UserPoolClientId",
+        "TasksTableName",
+        "TaskQueueUrl",
+        "ImagesBucketName",
+    }
+
+    assert required - set(TEMPLATE["Outputs"]) == set()
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_every_configured_function_exists_in_the_template() -> None:
+    assert set(SETTINGS_BY_FUNCTION) <= set(FUNCTIONS)
+
+
+@pytest.mark.parametrize(
+    ("logical_id", "settings_model"),
+    [pytest.param(f, model, id=f) for f, model in sorted(SETTINGS_BY_FUNCTION.items())],
+)
+def test_template_sets_every_required_setting_of_the_function(
+    logical_id: str, settings_model: type[BaseSettings]
+) -> None:
+    required = {
+        name.upper() for name, field in settings_model.model_fields.items() if field.is_required()
+    }
+
+    assert required
+    assert required - environment_keys(logical_id) == set()
