@@ -10,7 +10,9 @@ SAM := $(SAM_VENV)/bin/sam
 REGION ?= us-east-1
 export AWS_DEFAULT_REGION ?= $(REGION)
 export SAM_CLI_TELEMETRY := 0
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
+PORT ?= $(or $(GPUQUEUE_PORT),3000)
+UP_ARGS ?=
 
 .PHONY: help venv test lint fmt unit integration build deploy validate clean up invoke-%
 
@@ -69,8 +71,8 @@ invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json (nee
 	echo "sam local invoke $$logical --event $$event"; \
 	$(SAM) local invoke "$$logical" --event "$$event"
 
-up: ## the local stack (arrives with issue 3; not built yet)
-	@echo "The local stack (make up) is not built yet: see README, 'Status'." >&2; exit 2
+up: venv ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
+	PYTHONPATH=local $(PY) -m gpuqueue_local --port $(PORT) $(UP_ARGS)
 
 clean: ## remove venvs and build output
 	rm -rf $(VENV) $(SAM_VENV) .aws-sam .mypy_cache .ruff_cache

@@ -1,0 +1,86 @@
+"""`python -m gpuqueue_local` (what `make up` runs): start the local stack in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from gpuqueue_local.stack import StackOptions, banner, start_stack
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep:
+            raise SystemExit(f"--{what} wants NAME=VALUE, got {value!r}")
+        pairs[name] = setting
+    return pairs
+
+
+def parse_args(argv: list[str] | None = None) -> StackOptions:
+    parser = argparse.ArgumentParser(prog="python -m gpuqueue_local", description=__doc__)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GPUQUEUE_PORT", "3000")),
+        help="API port (default $GPUQUEUE_PORT or 3000; 0 = any free port)",
+    )
+    parser.add_argument("--moto-port", type=int, default=0, help="moto server port (0 = free)")
+    parser.add_argument("--image-servers", type=int, default=2, help="stand-in image endpoints")
+    parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
+    parser.add_argument("--image-capacity", type=int, default=0, help="0 = unlimited")
+    parser.add_argument(
+        "--schedule-speedup", type=float, default=1.0, help="run schedules N times faster"
+    )
+    parser.add_argument(
+        "--param", action="append", default=[], help="template parameter NAME=VALUE"
+    )
+    parser.add_argument("--env", action="append", default=[], help="extra function env NAME=VALUE")
+    parser.add_argument("--state-file", type=Path, help="write URLs and resource names here")
+    parser.add_argument("--no-demo-user", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no function logs")
+    parser.add_argument("--raw-logs", action="store_true", help="function logs as emitted")
+    args = parser.parse_args(argv)
+    return StackOptions(
+        port=args.port,
+        moto_port=args.moto_port,
+        image_servers=args.image_servers,
+        image_latency_s=args.image_latency,
+        image_capacity=args.image_capacity,
+        schedule_speedup=args.schedule_speedup,
+        parameters=_pairs(args.param, "param"),
+        function_env=_pairs(args.env, "env"),
+        state_file=args.state_file,
+        demo_user=not args.no_demo_user,
+        quiet=args.quiet,
+        raw_logs=args.raw_logs,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    running = start_stack(options)
+    print(banner(running), flush=True)
+    try:
+        stopping.wait()
+    finally:
+        print("[local] stopping", flush=True)
+        running.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The local stack: template.yaml run on one machine, no AWS account and no Docker.
+
+moto server (the AWS APIs) -> provisioning from the template -> a worker pool per function
+-> the HTTP API gateway with the JWT authorizer, the SQS event source mappings and the
+schedules the template declares -> stand-in GPU endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from gpuqueue_local.event_source_mapping import SqsEventSource
+from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
+from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
+from gpuqueue_local.provision import LocalStack, provision
+from gpuqueue_local.scheduler import Schedule, rate_seconds
+from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
+from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
+
+HOST = "127.0.0.1"
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo-pass-1"  # noqa: S105 - the documented local demo account
+# Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
+LOCAL_MAX_CONCURRENCY = 8
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class StackOptions:
+    port: int = 3000
+    moto_port: int = 0
+    image_servers: int = 2
+    image_latency_s: float = 1.0
+    image_capacity: int = 0
+    schedule_speedup: float = 1.0
+    parameters: dict[str, str] = field(default_factory=dict)
+    function_env: dict[str, str] = field(default_factory=dict)
+    stack_name: str = "gpuqueue-local"
+    region: str = "us-east-1"
+    demo_user: bool = True
+    state_file: Path | None = None
+    quiet: bool = False
+    raw_logs: bool = False
+
+
+class LogPrinter:
+    """Function logs with the function's name as prefix; Powertools JSON made readable."""
+
+    def __init__(self, *, quiet: bool = False, raw: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._quiet = quiet
+        self._raw = raw
+
+    def system(self, message: str) -> None:
+        self._emit(f"[local] {message}")
+
+    def function(self, name: str, line: str) -> None:
+        if not self._raw and line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "_aws" in record:
+                # An EMF metrics blob: show the figures, not the envelope.
+                names = [
+                    m["Name"]
+                    for d in record["_aws"].get("CloudWatchMetrics", [])
+                    for m in d.get("Metrics", [])
+                ]
+                line = "METRIC  " + " ".join(f"{n}={record.get(n)}" for n in names)
+            elif isinstance(record, dict) and "message" in record:
+                keys = ("task_id", "endpoint_id", "attempt", "error", "reason", "delay_seconds")
+                extra = " ".join(f"{k}={record[k]}" for k in keys if k in record)
+                line = f"{record.get('level', 'INFO'):<7} {record['message']} {extra}".rstrip()
+        self._emit(f"[{name}] {line}")
+
+    def _emit(self, text: str) -> None:
+        if self._quiet:
+            return
+        with self._lock:
+            print(text, flush=True)
+
+
+class MotoServer:
+    def __init__(self, port: int) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self._process.returncode}")
+            if fetch_ok(f"{self.url}/moto-api/", timeout=1.0):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("moto server did not start")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def _int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def function_specs(stack: LocalStack, extra_env: dict[str, str]) -> dict[str, FunctionSpec]:
+    template = stack.template
+    layers = resources_of_type(template, "AWS::Serverless::LayerVersion")
+    specs = {}
+    for logical_id in stack.functions():
+        props = template["Resources"][logical_id]["Properties"]
+        layer_dirs = []
+        for layer in function_property(template, logical_id, "Layers") or []:
+            name = layer.get("Ref") if isinstance(layer, dict) else None
+            if name in layers:
+                layer_dirs.append(REPO_ROOT / layers[name]["Properties"]["ContentUri"])
+        reserved = props.get("ReservedConcurrentExecutions")
+        specs[logical_id] = FunctionSpec(
+            logical_id=logical_id,
+            handler=props["Handler"],
+            code_dir=REPO_ROOT / props["CodeUri"],
+            layer_dirs=tuple(layer_dirs),
+            env={**stack.function_env(logical_id), **extra_env},
+            timeout_seconds=float(function_property(template, logical_id, "Timeout") or 3),
+            memory_mb=int(function_property(template, logical_id, "MemorySize") or 128),
+            reserved_concurrency=_int(stack.resolver.resolve(reserved)) if reserved else None,
+        )
+    return specs
+
+
+def _events(template: dict[str, Any], logical_id: str, kind: str) -> list[dict[str, Any]]:
+    events = template["Resources"][logical_id]["Properties"].get("Events", {})
+    return [e.get("Properties", {}) for e in events.values() if e.get("Type") == kind]
+
+
+def http_routes(stack: LocalStack, moto_url: str) -> list[Route]:
+    template = stack.template
+    apis = resources_of_type(template, "AWS::Serverless::HttpApi")
+    routes = []
+    for logical_id in stack.functions():
+        for props in _events(template, logical_id, "HttpApi"):
+            api_id = (props.get("ApiId") or {}).get("Ref")
+            api = apis.get(api_id, {}).get("Properties", {}) if api_id else {}
+            auth = api.get("Auth", {})
+            event_auth = props.get("Auth", {})
+            name = event_auth.get("Authorizer", auth.get("DefaultAuthorizer"))
+            authorizer = None
+            if name and name != "NONE":
+                spec = auth["Authorizers"][name]
+                jwt_config = stack.resolver.resolve(spec["JwtConfiguration"])
+                pool_id = str(jwt_config["issuer"]).rsplit("/", 1)[-1]
+                authorizer = JwtAuthorizer(
+                    issuer=str(jwt_config["issuer"]),
+                    audience=tuple(str(a) for a in jwt_config.get("audience", [])),
+                    scopes=tuple(spec.get("AuthorizationScopes", [])),
+                    jwks_url=jwks_url(moto_url, pool_id),
+                )
+            method = str(props.get("Method", "ANY")).upper()
+            routes.append(
+                Route(
+                    method="ANY" if method in ("ANY", "X-AMAZON-APIGATEWAY-ANY-METHOD") else method,
+                    path=str(props.get("Path", "$default")),
+                    function=logical_id,
+                    authorizer=authorizer,
+                    scopes=tuple(event_auth.get("AuthorizationScopes", [])),
+                )
+            )
+    return routes
+
+
+def _queue_logical_id(stack: LocalStack, queue_ref: Any) -> str:
+    if isinstance(queue_ref, dict) and "Fn::GetAtt" in queue_ref:
+        target = queue_ref["Fn::GetAtt"]
+        return str(target[0] if isinstance(target, list) else str(target).split(".")[0])
+    raise ValueError(f"unsupported SQS event Queue value: {queue_ref!r}")
+
+
+def sqs_event_sources(
+    stack: LocalStack, functions: dict[str, FunctionRuntime], log: LogPrinter, region: str
+) -> list[SqsEventSource]:
+    sources = []
+    for logical_id in stack.functions():
+        runtime = functions[logical_id]
+        for props in _events(stack.template, logical_id, "SQS"):
+            queue = _queue_logical_id(stack, props["Queue"])
+            scaling = stack.resolver.resolve(props.get("ScalingConfig", {}))
+            maximum = _int(scaling.get("MaximumConcurrency")) or LOCAL_MAX_CONCURRENCY
+            sources.append(
+                SqsEventSource(
+                    function=runtime,
+                    queue_url=stack.ref(queue),
+                    queue_arn=stack.resolver.get_att(queue, "Arn"),
+                    batch_size=int(stack.resolver.resolve(props.get("BatchSize", 10))),
+                    batching_window_seconds=float(
+                        stack.resolver.resolve(props.get("MaximumBatchingWindowInSeconds", 0))
+                    ),
+                    # MaximumConcurrency, bounded by reserved concurrency.
+                    concurrency=min(maximum, runtime.concurrency),
+                    region=region,
+                    log=_prefixed(log, logical_id),
+                )
+            )
+    return sources
+
+
+def _prefixed(log: LogPrinter, name: str) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        log.function(name, f"[esm] {message}")
+
+    return emit
+
+
+def scheduled_rules(
+    stack: LocalStack, functions: dict[str, FunctionRuntime], log: LogPrinter, speedup: float
+) -> list[Schedule]:
+    schedules = []
+    for logical_id in stack.functions():
+        events = stack.template["Resources"][logical_id]["Properties"].get("Events", {})
+        for event_name, event in events.items():
+            if event.get("Type") not in ("Schedule", "ScheduleV2"):
+                continue
+            props = event.get("Properties", {})
+            if props.get("Enabled") is False or props.get("State") == "DISABLED":
+                continue
+            expression = props.get("Schedule") or props.get("ScheduleExpression")
+            schedules.append(
+                Schedule(
+                    function=functions[logical_id],
+                    rule_name=f"{stack.name}-{logical_id}{event_name}",
+                    period_seconds=rate_seconds(str(expression)),
+                    speedup=speedup,
+                    log=log.system,
+                )
+            )
+    return schedules
+
+
+@dataclass
+class RunningStack:
+    options: StackOptions
+    log: LogPrinter
+    moto: MotoServer
+    stack: LocalStack
+    image_servers: list[ImageServer]
+    functions: dict[str, FunctionRuntime]
+    gateway: ApiGateway
+    sources: list[SqsEventSource]
+    schedules: list[Schedule]
+    api_url: str
+    demo_token: str | None = None
+    _servers: list[Any] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "api_url": self.api_url,
+            "moto_url": self.moto.url,
+            "stack_name": self.stack.name,
+            "region": self.stack.region,
+            "outputs": {**self.stack.outputs(), "ApiUrl": self.api_url},
+            "resources": dict(self.stack.resolver.refs),
+            "image_servers": [s.url for s in self.image_servers],
+            "demo_user": {
+                "username": DEMO_USER,
+                "password": DEMO_PASSWORD,
+                "token": self.demo_token,
+            },
+            "functions": sorted(self.functions),
+        }
+
+    def stop(self) -> None:
+        for schedule in self.schedules:
+            schedule.stop()
+        for source in self.sources:
+            source.stop()
+        for server in self._servers:
+            server.shutdown()
+        for runtime in self.functions.values():
+            runtime.stop()
+        for image_server in self.image_servers:
+            image_server.stop()
+        self.moto.stop()
+
+
+def start_stack(options: StackOptions) -> RunningStack:
+    started = time.monotonic()
+    log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
+    moto = MotoServer(options.moto_port)
+    image_servers = []
+    for _ in range(options.image_servers):
+        server = ImageServer(
+            knobs=ImageServerKnobs(
+                latency_s=options.image_latency_s, capacity=options.image_capacity
+            )
+        )
+        server.start()
+        image_servers.append(server)
+    moto.wait_ready()
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": moto.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": options.region,
+        }
+    )
+    parameters = {"ImageEndpointUrls": ",".join(s.url for s in image_servers), **options.parameters}
+    stack = provision(
+        stack_name=options.stack_name,
+        region=options.region,
+        parameters=parameters,
+        template=load_template(),
+    )
+    log.system(f"moto on {moto.url}; provisioned {len(stack.resolver.refs)} resources")
+
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - only a fallback HOME
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO_ROOT / "local"),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": options.region,
+        "AWS_REGION": options.region,
+        "AWS_ENDPOINT_URL": moto.url,
+        "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
+    }
+    specs = function_specs(stack, options.function_env)
+    functions = {
+        name: FunctionRuntime(
+            spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
+        )
+        for name, spec in specs.items()
+    }
+    warmers = [threading.Thread(target=f.warm, daemon=True) for f in functions.values()]
+    for thread in warmers:
+        thread.start()
+
+    gateway = ApiGateway(routes=http_routes(stack, moto.url), functions=functions)
+    http_server = gateway.serve(HOST, options.port)
+    api_url = f"http://{HOST}:{http_server.server_address[1]}"
+
+    sources = sqs_event_sources(stack, functions, log, options.region)
+    schedules = scheduled_rules(stack, functions, log, options.schedule_speedup)
+
+    running = RunningStack(
+        options=options,
+        log=log,
+        moto=moto,
+        stack=stack,
+        image_servers=image_servers,
+        functions=functions,
+        gateway=gateway,
+        sources=sources,
+        schedules=schedules,
+        api_url=api_url,
+        _servers=[http_server],
+    )
+    gateway.ready = running._ready.is_set
+    for thread in warmers:
+        thread.join(timeout=60)
+    for schedule in schedules:
+        schedule.run_once()  # endpoints registered before the first request
+        schedule.start(fire_now=False)
+    for source in sources:
+        source.start()
+    if options.demo_user:
+        running.demo_token = _demo_token(api_url)
+    running._ready.set()
+    if options.state_file:
+        options.state_file.write_text(json.dumps(running.state(), indent=2))
+    log.system(f"ready in {time.monotonic() - started:.1f}s")
+    return running
+
+
+def _demo_token(api_url: str) -> str:
+    credentials = {"username": DEMO_USER, "password": DEMO_PASSWORD}
+    for route in ("/register", "/login"):
+        response = requests.post(f"{api_url}{route}", json=credentials, timeout=30)
+        if response.ok:
+            return str(response.json()["token"])
+    raise RuntimeError(f"could not create the demo user: {response.status_code} {response.text}")
+
+
+def banner(running: RunningStack) -> str:
+    token = running.demo_token or "<run: gpuqueue login>"
+    api = running.api_url
+    return "\n".join(
+        [
+            "",
+            "gpuqueue is running locally (Ctrl-C stops everything)",
+            f"  API            {api}",
+            f"  demo user      {DEMO_USER} / {DEMO_PASSWORD}",
+            f"  token          {token}",
+            f"  GPU stand-ins  {', '.join(s.url for s in running.image_servers) or 'none'}",
+            f"  AWS (moto)     {running.moto.url}",
+            "",
+            "Try it:",
+            f"  export TOKEN={token}",
+            f'  curl -s -X POST {api}/api/v1/image/async -H "Authorization: Bearer $TOKEN" '
+            "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'",
+            f"  gpuqueue --api-url {api} login -u {DEMO_USER} -p {DEMO_PASSWORD} && "
+            'gpuqueue generate "a red fox" --wait -o fox.png',
+            "",
+        ]
+    )
+
+
+def wait_forever(stop: Callable[[], bool]) -> None:
+    while not stop():
+        time.sleep(0.5)

@@ -1,0 +1,145 @@
+"""The local stack, started once per session on free ports, driven over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_SECONDS = 90.0
+
+
+@dataclass
+class LocalStackProcess:
+    process: subprocess.Popen[bytes]
+    state: dict[str, Any]
+    log_path: Path
+
+    @property
+    def api(self) -> str:
+        return str(self.state["api_url"])
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def knobs(self, server: int, **changes: Any) -> None:
+        url = self.state["image_servers"][server]
+        requests.post(f"{url}/knobs", json=changes, timeout=5).raise_for_status()
+
+    def endpoint_stats(self, server: int) -> dict[str, Any]:
+        url = self.state["image_servers"][server]
+        stats: dict[str, Any] = requests.get(f"{url}/stats", timeout=5).json()
+        return stats
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
+    workdir = tmp_path_factory.mktemp("local-stack")
+    state_file = workdir / "state.json"
+    log_path = workdir / "stack.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "local")}
+    env.pop("AWS_ENDPOINT_URL", None)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpuqueue_local",
+                "--port",
+                "0",
+                "--state-file",
+                str(state_file),
+                "--image-servers",
+                "2",
+                "--image-latency",
+                "0.2",
+                "--schedule-speedup",
+                "20",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    stack = None
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError("local stack exited:\n" + log_path.read_text())
+            if state_file.exists():
+                state = json.loads(state_file.read_text())
+                if requests.get(f"{state['api_url']}/health", timeout=2).status_code == 200:
+                    stack = LocalStackProcess(process=process, state=state, log_path=log_path)
+                    break
+            time.sleep(0.2)
+        if stack is None:
+            raise TimeoutError("local stack not ready:\n" + log_path.read_text())
+        yield stack
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@dataclass
+class ApiUser:
+    api: str
+    username: str
+    password: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(f"{self.api}{path}", headers=self.auth, timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.post(f"{self.api}{path}", headers=self.auth, timeout=30, **kwargs)
+
+    def delete(self, path: str) -> requests.Response:
+        return requests.delete(f"{self.api}{path}", headers=self.auth, timeout=30)
+
+    def submit(self, prompt: str, **params: Any) -> str:
+        response = self.post("/api/v1/image/async", json={"prompt": prompt, **params})
+        assert response.status_code == 202, response.text
+        return str(response.json()["task_id"])
+
+    def wait(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            task: dict[str, Any] = self.get(f"/api/v1/tasks?task_id={task_id}").json()
+            if task["status"] in ("DONE", "FAILED", "CANCELED"):
+                return task
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} still {task['status']} after {timeout}s")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def new_user(local_stack: LocalStackProcess) -> ApiUser:
+    username = f"u{uuid.uuid4().hex[:10]}"
+    password = "pass1234word"
+    response = requests.post(
+        f"{local_stack.api}/register",
+        json={"username": username, "password": password},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    return ApiUser(local_stack.api, username, password, response.json()["token"])
