@@ -65,11 +65,11 @@ build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-inst
 deploy: build ## sam deploy the built stack (ENV=dev|prod picks a samconfig environment)
 	$(SAM) deploy --config-env $(or $(ENV),default) --template-file .aws-sam/build/template.yaml
 
-invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json (needs Docker)
+invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json against `make up UP_ARGS=--docker-ports` (needs Docker)
 	@fn=$*; logical="$$(tr '[:lower:]' '[:upper:]' <<< $${fn:0:1})$${fn:1}Function"; \
 	event="$$(ls events/$${fn}_*.json | head -1)"; \
-	echo "sam local invoke $$logical --event $$event"; \
-	$(SAM) local invoke "$$logical" --event "$$event"
+	echo "sam local invoke $$logical --event $$event --env-vars events/env.local.json"; \
+	$(SAM) local invoke "$$logical" --event "$$event" --env-vars events/env.local.json
 
 up: venv ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
 	PYTHONPATH=local $(PY) -m gpuqueue_local --port $(PORT) $(UP_ARGS)

@@ -10,7 +10,13 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from gpuqueue_local.stack import StackOptions, banner, start_stack
+from gpuqueue_local.stack import (
+    DOCKER_MOTO_PORT,
+    IMAGE_PORT_BASE_FOR_DOCKER,
+    StackOptions,
+    banner,
+    start_stack,
+)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -36,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
     parser.add_argument("--image-capacity", type=int, default=0, help="0 = unlimited")
     parser.add_argument(
+        "--docker-ports",
+        action="store_true",
+        help="moto on 5000 and stand-ins on 8001+, as events/env.local.json expects",
+    )
+    parser.add_argument(
         "--schedule-speedup", type=float, default=1.0, help="run schedules N times faster"
     )
     parser.add_argument(
@@ -47,12 +58,15 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     parser.add_argument("--quiet", action="store_true", help="no function logs")
     parser.add_argument("--raw-logs", action="store_true", help="function logs as emitted")
     args = parser.parse_args(argv)
+    if args.docker_ports:
+        args.moto_port = args.moto_port or DOCKER_MOTO_PORT
     return StackOptions(
         port=args.port,
         moto_port=args.moto_port,
         image_servers=args.image_servers,
         image_latency_s=args.image_latency,
         image_capacity=args.image_capacity,
+        image_port_base=IMAGE_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
         schedule_speedup=args.schedule_speedup,
         parameters=_pairs(args.param, "param"),
         function_env=_pairs(args.env, "env"),

@@ -32,6 +32,14 @@ from gpuqueue_local.template import REPO_ROOT, function_property, load_template,
 HOST = "127.0.0.1"
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-pass-1"  # noqa: S105 - the documented local demo account
+# Same template, same Cognito ids on every start (and in events/env.local.json).
+MOTO_DETERMINISTIC_IDS = {
+    "MOTO_COGNITO_IDP_USER_POOL_ID_STRATEGY": "HASH",
+    "MOTO_COGNITO_IDP_USER_POOL_CLIENT_ID_STRATEGY": "HASH",
+}
+# Ports events/env.local.json expects for `sam local invoke` (make up UP_ARGS=--docker-ports).
+DOCKER_MOTO_PORT = 5000
+IMAGE_PORT_BASE_FOR_DOCKER = 8001
 # Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
 LOCAL_MAX_CONCURRENCY = 8
 
@@ -50,6 +58,7 @@ class StackOptions:
     image_servers: int = 2
     image_latency_s: float = 1.0
     image_capacity: int = 0
+    image_port_base: int = 0  # 0 = free ports
     schedule_speedup: float = 1.0
     parameters: dict[str, str] = field(default_factory=dict)
     function_env: dict[str, str] = field(default_factory=dict)
@@ -107,6 +116,7 @@ class MotoServer:
             [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **MOTO_DETERMINISTIC_IDS},
         )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -315,11 +325,12 @@ def start_stack(options: StackOptions) -> RunningStack:
     log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
     moto = MotoServer(options.moto_port)
     image_servers = []
-    for _ in range(options.image_servers):
+    for index in range(options.image_servers):
         server = ImageServer(
+            port=options.image_port_base + index if options.image_port_base else 0,
             knobs=ImageServerKnobs(
                 latency_s=options.image_latency_s, capacity=options.image_capacity
-            )
+            ),
         )
         server.start()
         image_servers.append(server)
