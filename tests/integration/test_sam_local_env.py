@@ -17,7 +17,8 @@ def test_env_file_keys_are_exactly_the_templates_functions():
 
 
 def test_env_file_is_what_the_template_generates(monkeypatch):
-    # Regenerate: PYTHONPATH=local .venv/bin/python -m gpuqueue_local.sam_env > events/env.local.json
+    # Regenerate with: PYTHONPATH=local .venv/bin/python -m gpuqueue_local.sam_env \
+    #   > events/env.local.json
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     assert json.loads(ENV_FILE.read_text()) == generate()
 
