@@ -21,10 +21,11 @@ help: ## list the targets
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 # The dev venv is rebuilt only when a requirements file changes.
-$(VENV)/.installed: requirements-dev.txt layers/common/requirements.txt
+$(VENV)/.installed: requirements-dev.txt layers/common/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -r requirements-dev.txt
+	$(PY) -m pip install -qq --no-deps -e .   # the gpuqueue CLI (client/)
 	touch $@
 
 # aws-sam-cli pins pydantic to its own range, so it gets a venv of its own.
@@ -40,6 +41,7 @@ lint: venv ## ruff, ruff format --check, mypy, cfn-lint, sam validate --lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy layers/common/gpuqueue functions local tools
+	$(VENV)/bin/mypy client
 	$(VENV)/bin/cfn-lint template.yaml
 	$(SAM) validate --lint --region $(REGION) --template template.yaml
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 
@@ -263,3 +266,36 @@ def test_the_printed_curl_line_returns_a_task_id(local_stack):
     body = json.loads(result.stdout)
     assert re.fullmatch(r"[0-9a-f-]{36}", body["task_id"])
     assert body["status"] == "QUEUED"
+
+
+def test_cli_generate_waits_and_writes_a_real_png(local_stack, tmp_path):
+    env = {
+        **os.environ,
+        "GPUQUEUE_API_URL": local_stack.api,
+        "GPUQUEUE_CONFIG_DIR": str(tmp_path / "config"),
+    }
+    cli = [sys.executable, "-m", "gpuqueue_client"]
+    user = f"cli{uuid.uuid4().hex[:8]}"
+    run = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=60)
+    registered = run([*cli, "register", "-u", user, "-p", "pass1234word"])
+    assert registered.returncode == 0, registered.stderr
+    out = tmp_path / "fox.png"
+    generated = run(
+        [
+            *cli,
+            "generate",
+            "a red fox",
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--wait",
+            "-o",
+            str(out),
+        ]
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert Image.open(out).size == (256, 128)
+    listed = run([*cli, "tasks"])
+    assert listed.returncode == 0
+    assert "DONE" in listed.stdout

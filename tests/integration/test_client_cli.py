@@ -1,0 +1,813 @@
+"""The `gpuqueue` client and CLI against a fake API and a fake S3, both stdlib HTTP servers.
+
+The fake API keeps state: users, tokens, and tasks that move QUEUED -> RUNNING -> DONE (or
+FAILED) one step per GET, so `--wait` polls for real. `/api/images/{id}` redirects to the
+fake S3, which refuses any request that carries an Authorization header, as S3 does for a
+presigned URL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from typer.testing import CliRunner, Result
+
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
+if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
+    sys.path.insert(0, str(CLIENT_DIR))
+
+from gpuqueue_client import ApiError, GpuqueueClient  # noqa: E402
+from gpuqueue_client import credentials as creds  # noqa: E402
+from gpuqueue_client.cli import app  # noqa: E402
+
+PASSWORD = "correct horse battery"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST_POLL = ["--poll-interval", "0.01"]
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def png_for(task_id: str) -> bytes:
+    return PNG_MAGIC + b"fake image of task " + task_id.encode()
+
+
+def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Reply:
+    return (
+        status,
+        {"Content-Type": "application/json", **(headers or {})},
+        json.dumps(body).encode(),
+    )
+
+
+def api_error(status: int, message: str, code: str, fld: str | None = None) -> Reply:
+    body = {"error": message, "code": code} | ({"field": fld} if fld else {})
+    return reply(status, body)
+
+
+# -- the fake servers ------------------------------------------------------------------------
+
+
+@dataclass
+class FakeTask:
+    task_id: str
+    owner: str
+    prompt: str
+    params: dict[str, Any]
+    created_at: str
+    script: list[str]
+    error: str | None = None
+    polls: int = 0
+    canceled: bool = False
+
+    @property
+    def status(self) -> str:
+        return "CANCELED" if self.canceled else self.script[min(self.polls, len(self.script) - 1)]
+
+    def view(self) -> dict[str, Any]:
+        status = self.status
+        return {
+            "task_id": self.task_id,
+            "user_id": f"sub-{self.owner}",
+            "kind": "image",
+            "prompt": self.prompt,
+            "status": status,
+            "created_at": self.created_at,
+            "updated_at": self.created_at,
+            "attempt": 1,
+            "params": self.params,
+            "result_url": f"/api/images/{self.task_id}" if status == "DONE" else None,
+            "error": self.error if status == "FAILED" else None,
+        }
+
+
+NORMAL = ["QUEUED", "RUNNING", "DONE"]
+FAILING = ["QUEUED", "RUNNING", "FAILED"]
+ENDLESS = ["QUEUED", "RUNNING"]
+SUBMIT_FIELDS = {"prompt", "negative_prompt", "width", "height", "steps", "seed"}
+STATS = {
+    "queue_length": 3,
+    "queue_capacity": 100,
+    "queue_usage": 0.03,
+    "in_flight": 1,
+    "delayed": 0,
+    "dead_letter": 0,
+    "workers": 2,
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Message
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        loaded = json.loads(self.body or b"{}")
+        assert isinstance(loaded, dict)
+        return loaded
+
+
+@dataclass
+class FakeApi:
+    """The routes of the README's "The API", canned but stateful."""
+
+    s3_url: str
+    url: str = ""
+    users: dict[str, str] = field(default_factory=lambda: {"alice": PASSWORD})
+    tokens: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, FakeTask] = field(default_factory=dict)
+    submitted: list[dict[str, Any]] = field(default_factory=list)
+    seen_auth: list[str | None] = field(default_factory=list)
+    queue_full: bool = False
+    stats_broken: bool = False
+    crashes: list[BaseException] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def issue_token(self, username: str) -> str:
+        token = f"tok-{username}-{uuid.uuid4().hex[:12]}"
+        self.tokens[token] = username
+        return token
+
+    def add_task(self, owner: str, prompt: str, script: list[str] | None = None) -> FakeTask:
+        if script is None:
+            script = FAILING if "fail" in prompt else ENDLESS if "slow" in prompt else NORMAL
+        task = FakeTask(
+            task_id=str(uuid.uuid4()),
+            owner=owner,
+            prompt=prompt,
+            params={"width": 512, "height": 512, "steps": 30},
+            created_at=f"2026-01-01T00:{len(self.tasks):02d}:00+00:00",
+            script=list(script),
+            error="CUDA out of memory" if script == FAILING else None,
+        )
+        self.tasks[task.task_id] = task
+        return task
+
+    def handle(self, request: Request) -> Reply:
+        with self.lock:
+            try:
+                return self._route(request)
+            except Exception as exc:  # a bug in the fake: fail the test at teardown
+                self.crashes.append(exc)
+                return api_error(500, f"fake API crashed: {exc!r}", "INTERNAL")
+
+    def _route(self, request: Request) -> Reply:
+        method, path = request.method, request.path
+        if method == "POST" and path in ("/register", "/login"):
+            return self._auth(path, request.json())
+        authorization = request.headers.get("Authorization")
+        self.seen_auth.append(authorization)
+        user = self.tokens.get((authorization or "").removeprefix("Bearer "))
+        if user is None:
+            return reply(401, {"message": "Unauthorized"})  # API Gateway's JWT authorizer
+        if (method, path) == ("POST", "/api/v1/image/async"):
+            return self._submit(user, request.json())
+        if (method, path) == ("GET", "/api/v1/tasks"):
+            return self._list(user, request.query)
+        if (method, path) == ("GET", "/api/v1/system/stats"):
+            return self._stats()
+        if match := re.fullmatch(r"/api/v1/tasks/([^/]+)", path):
+            return self._task(method, user, match[1])
+        if method == "GET" and (match := re.fullmatch(r"/api/images/([^/]+)", path)):
+            return self._image(user, match[1])
+        return api_error(404, "no such route", "NOT_FOUND")
+
+    def _auth(self, path: str, body: dict[str, Any]) -> Reply:
+        username, password = str(body.get("username", "")), str(body.get("password", ""))
+        if path == "/register":
+            if username in self.users:
+                return api_error(409, "user already exists", "CONFLICT", "username")
+            if len(password) < 8:
+                message = "Password did not conform with policy: too short"
+                return api_error(400, message, "INVALID_PASSWORD", "password")
+            self.users[username] = password
+        elif self.users.get(username) != password:
+            return api_error(401, "wrong username or password", "UNAUTHORIZED")
+        token = self.issue_token(username)
+        status = 201 if path == "/register" else 200
+        return reply(status, {"token": token, "token_type": "Bearer", "expires_in": 3600})
+
+    def _submit(self, user: str, body: dict[str, Any]) -> Reply:
+        if unknown := sorted(set(body) - SUBMIT_FIELDS):
+            message = f"{unknown[0]}: Extra inputs are not permitted"
+            return api_error(400, message, "VALIDATION_ERROR", unknown[0])
+        prompt = str(body.get("prompt", "")).strip()
+        if not prompt:
+            message = "prompt: String should have at least 1 character"
+            return api_error(400, message, "VALIDATION_ERROR", "prompt")
+        width = body.get("width", 512)
+        if not isinstance(width, int) or width % 8 or not 64 <= width <= 2048:
+            message = "width: must be a multiple of 8 in 64-2048"
+            return api_error(400, message, "VALIDATION_ERROR", "width")
+        if self.queue_full:
+            body = {"error": "the queue is full", "code": "QUEUE_FULL"}
+            return reply(503, body, {"Retry-After": "7"})
+        self.submitted.append(body)
+        task = self.add_task(user, prompt)
+        accepted = {"task_id": task.task_id, "status": "QUEUED", "message": "queued"}
+        return reply(202, accepted, {"Location": f"/api/v1/tasks/{task.task_id}"})
+
+    def _list(self, user: str, query: dict[str, list[str]]) -> Reply:
+        limit = int(query.get("limit", ["20"])[0])
+        if not 1 <= limit <= 100:
+            return api_error(400, "limit: must be 1-100", "VALIDATION_ERROR", "limit")
+        offset = int(query.get("cursor", ["0"])[0])
+        mine = [t for t in reversed(self.tasks.values()) if t.owner == user]
+        page = mine[offset : offset + limit]
+        more = offset + limit < len(mine)
+        headers = {"X-Next-Cursor": str(offset + limit)} if more else None
+        return reply(200, [t.view() for t in page], headers)
+
+    def _stats(self) -> Reply:
+        if self.stats_broken:  # a proxy's HTML error page, not our JSON
+            return 502, {"Content-Type": "text/html"}, b"<html>Bad Gateway</html>"
+        return reply(200, STATS)
+
+    def _task(self, method: str, user: str, task_id: str) -> Reply:
+        task = self.tasks.get(task_id)
+        if task is None or task.owner != user:
+            return api_error(404, "task not found", "NOT_FOUND")
+        if method == "GET":
+            view = task.view()
+            task.polls += 1  # the next GET sees the next state
+            return reply(200, view)
+        if method != "DELETE":
+            return api_error(405, "method not allowed", "METHOD_NOT_ALLOWED")
+        if task.status != "QUEUED":
+            return api_error(409, f"task is {task.status}, not QUEUED", "CONFLICT")
+        task.canceled = True
+        return reply(200, task.view())
+
+    def _image(self, user: str, task_id: str) -> Reply:
+        task = self.tasks.get(task_id)
+        if task is None or task.owner != user:
+            return api_error(404, "task not found", "NOT_FOUND")
+        if task.status != "DONE":
+            return api_error(409, f"task is {task.status}, not DONE", "CONFLICT")
+        location = f"{self.s3_url}/images/{task.task_id}.png?X-Amz-Signature=abc123"
+        return 302, {"Location": location}, b""
+
+
+def xml_error(status: int, code: str, message: str = "") -> Reply:
+    body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    return status, {"Content-Type": "application/xml"}, body.encode()
+
+
+@dataclass
+class FakeS3:
+    """The presigned-URL host: PNG bytes, and S3's refusal of a second auth mechanism."""
+
+    url: str = ""
+    hits: list[dict[str, str]] = field(default_factory=list)
+
+    def handle(self, request: Request) -> Reply:
+        self.hits.append(dict(request.headers.items()))
+        match = re.fullmatch(r"/images/([^/]+)\.png", request.path)
+        if request.method != "GET" or match is None:
+            return xml_error(404, "NoSuchKey")
+        if request.headers.get("Authorization"):
+            return xml_error(400, "InvalidArgument", "Only one auth mechanism allowed")
+        if "X-Amz-Signature" not in request.query:
+            return xml_error(403, "AccessDenied")
+        return 200, {"Content-Type": "image/png"}, png_for(match[1])
+
+
+@contextmanager
+def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
+    """A ThreadingHTTPServer on 127.0.0.1:0 answering with `handle`; yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _dispatch(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            url = urlsplit(self.path)
+            request = Request(
+                method=self.command,
+                path=url.path,
+                query=parse_qs(url.query),
+                headers=self.headers,
+                body=self.rfile.read(length) if length else b"",
+            )
+            status, headers, payload = handle(request)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_DELETE = _dispatch
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def s3() -> Iterator[FakeS3]:
+    fake = FakeS3()
+    with serve(fake.handle) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def api(s3: FakeS3) -> Iterator[FakeApi]:
+    fake = FakeApi(s3_url=s3.url)
+    with serve(fake.handle) as url:
+        fake.url = url
+        yield fake
+    assert not fake.crashes, fake.crashes
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    return tmp_path / "config" / "gpuqueue"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, config_dir: Path) -> None:
+    # The client functions (credentials.*) read the environment directly, too.
+    monkeypatch.setenv("GPUQUEUE_CONFIG_DIR", str(config_dir))
+    monkeypatch.delenv("GPUQUEUE_TOKEN", raising=False)
+    monkeypatch.delenv("GPUQUEUE_API_URL", raising=False)
+
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(api: FakeApi, config_dir: Path) -> Invoke:
+    runner = CliRunner()
+
+    def invoke(
+        *args: str, input: str | None = None, token: str | None = None, api_url: str | None = None
+    ) -> Result:
+        env = {
+            "GPUQUEUE_API_URL": api_url or api.url,
+            "GPUQUEUE_CONFIG_DIR": str(config_dir),
+            "GPUQUEUE_TOKEN": token,
+            "COLUMNS": "160",
+            "NO_COLOR": "1",
+        }
+        return runner.invoke(app, list(args), input=input, env=env)
+
+    return invoke
+
+
+@pytest.fixture
+def token(api: FakeApi) -> str:
+    return api.issue_token("alice")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- login, register and the token cache ------------------------------------------------------
+
+
+def test_login_caches_the_token_owner_only_and_later_commands_use_it(
+    cli: Invoke, api: FakeApi, config_dir: Path
+) -> None:
+    result = cli("login", "-u", "alice", "-p", PASSWORD)
+
+    assert result.exit_code == 0, result.output
+    assert "logged in as alice" in result.stdout
+    path = config_dir / "credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config_dir.stat().st_mode) == 0o700
+    entry = json.loads(path.read_text())[api.url]
+    assert entry["username"] == "alice"
+    assert api.tokens[entry["token"]] == "alice"
+    assert entry["expires_at"] == pytest.approx(time.time() + 3600, abs=60)
+
+    stats = cli("stats")
+    assert stats.exit_code == 0, stats.output
+    assert "queue_length" in stats.stdout
+    assert api.seen_auth[-1] == f"Bearer {entry['token']}"
+
+
+def test_login_prompts_for_what_is_missing_and_hides_the_password(cli: Invoke) -> None:
+    result = cli("login", input=f"alice\n{PASSWORD}\n")
+
+    assert result.exit_code == 0, result.output
+    assert "logged in as alice" in result.output
+    assert PASSWORD not in result.output
+
+
+def test_login_tightens_an_existing_cache_file_and_keeps_other_apis(
+    cli: Invoke, api: FakeApi, config_dir: Path
+) -> None:
+    config_dir.mkdir(parents=True)
+    path = config_dir / "credentials.json"
+    path.write_text(json.dumps({"https://other.example": {"token": "t", "username": "bob"}}))
+    path.chmod(0o644)
+
+    result = cli("login", "-u", "alice", "-p", PASSWORD)
+
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert set(json.loads(path.read_text())) == {"https://other.example", api.url}
+    assert not list(config_dir.glob("*.tmp"))
+
+
+def test_login_with_a_wrong_password_shows_the_apis_answer(cli: Invoke, config_dir: Path) -> None:
+    result = cli("login", "-u", "alice", "-p", "nope-nope")
+
+    assert result.exit_code == 1
+    assert "error: wrong username or password" in result.stderr
+    assert not (config_dir / "credentials.json").exists()
+
+
+def test_register_logs_in(cli: Invoke, api: FakeApi) -> None:
+    result = cli("register", "-u", "bob", "-p", "long enough")
+
+    assert result.exit_code == 0, result.output
+    assert "logged in as bob" in result.stdout
+    assert api.users["bob"] == "long enough"
+    assert creds.load(api.url) is not None
+
+
+def test_register_weak_password_names_the_field(cli: Invoke) -> None:
+    result = cli("register", "-u", "bob", "-p", "short")
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: Password did not conform with policy: too short (field: password)"
+    )
+
+
+def test_logout_forgets_the_token(cli: Invoke, api: FakeApi) -> None:
+    assert cli("login", "-u", "alice", "-p", PASSWORD).exit_code == 0
+
+    assert "logged out" in cli("logout").stdout
+    assert creds.load(api.url) is None
+    assert "not logged in" in cli("logout").stdout
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+def test_generate_prints_the_task_id_and_sends_only_the_set_fields(
+    cli: Invoke, api: FakeApi, token: str
+) -> None:
+    result = cli("generate", "a red fox", "--width", "256", "--seed", "7", token=token)
+
+    assert result.exit_code == 0, result.output
+    (task_id,) = api.tasks
+    assert result.stdout.strip() == task_id
+    assert api.submitted == [{"prompt": "a red fox", "width": 256, "seed": 7}]
+
+
+def test_generate_wait_downloads_the_png(
+    cli: Invoke, api: FakeApi, s3: FakeS3, token: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.png"
+    started = time.monotonic()
+
+    result = cli("generate", "a red fox", "--wait", "-o", str(out), *FAST_POLL, token=token)
+
+    assert result.exit_code == 0, result.output
+    (task_id,) = api.tasks
+    assert out.read_bytes() == png_for(task_id)
+    assert result.stdout.split() == [task_id, str(out)]
+    for status in ("QUEUED", "RUNNING", "DONE"):
+        assert f"task {task_id}: {status}" in result.stderr
+    assert api.tasks[task_id].polls == 3  # QUEUED, RUNNING, DONE
+    assert [("Authorization" in h) for h in s3.hits] == [False]
+    assert time.monotonic() - started < 10
+
+
+def test_generate_wait_saves_to_the_task_id_by_default(
+    cli: Invoke, api: FakeApi, token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = cli("generate", "a red fox", "--wait", *FAST_POLL, token=token)
+
+    assert result.exit_code == 0, result.output
+    (task_id,) = api.tasks
+    assert (tmp_path / f"{task_id}.png").read_bytes() == png_for(task_id)
+    assert result.stdout.split()[-1] == f"{task_id}.png"
+
+
+def test_generate_wait_on_a_failed_task_prints_the_error_and_exits_1(
+    cli: Invoke, api: FakeApi, token: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.png"
+
+    result = cli("generate", "please fail", "--wait", "-o", str(out), *FAST_POLL, token=token)
+
+    assert result.exit_code == 1
+    (task_id,) = api.tasks
+    assert f"error: task {task_id} failed: CUDA out of memory" in result.stderr
+    assert not out.exists()
+
+
+def test_generate_wait_gives_up_after_timeout(cli: Invoke, token: str) -> None:
+    result = cli("generate", "slow one", "--wait", "--timeout", "0.1", *FAST_POLL, token=token)
+
+    assert result.exit_code == 1
+    assert "not finished after 0.1 s" in result.stderr
+
+
+def test_a_field_error_names_the_field(cli: Invoke, token: str) -> None:
+    result = cli("generate", "a red fox", "--width", "100", token=token)
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: width: must be a multiple of 8 in 64-2048 (field: width)"
+    )
+
+
+def test_a_full_queue_says_when_to_retry(cli: Invoke, api: FakeApi, token: str) -> None:
+    api.queue_full = True
+
+    result = cli("generate", "a red fox", token=token)
+
+    assert result.exit_code == 1
+    assert "rate limited / queue full, retry in 7 s" in result.stderr
+
+
+# -- auth and connection failures -------------------------------------------------------------
+
+
+def test_a_refused_token_says_log_in(cli: Invoke) -> None:
+    result = cli("tasks", token="expired-or-forged")
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: not logged in or token expired: run `gpuqueue login`"
+
+
+def test_no_token_at_all_says_log_in_without_asking_the_api(cli: Invoke, api: FakeApi) -> None:
+    result = cli("stats")
+
+    assert result.exit_code == 1
+    assert "not logged in or token expired: run `gpuqueue login`" in result.stderr
+    assert api.seen_auth == []
+
+
+def test_an_expired_cached_token_says_log_in(cli: Invoke, api: FakeApi, token: str) -> None:
+    creds.save(api.url, token, "alice", expires_at=time.time() - 1)
+
+    result = cli("stats")
+
+    assert result.exit_code == 1
+    assert "not logged in or token expired" in result.stderr
+
+
+def test_an_unreachable_api_says_start_the_stack(cli: Invoke) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+
+    for args, token in ((["tasks"], "t"), (["login", "-u", "a", "-p", "b"], None)):
+        result = cli(*args, token=token, api_url=url)
+        assert result.exit_code == 1
+        assert one_line(result.stderr) == (
+            f"error: cannot reach {url}: is the stack running (`make up`)?"
+        )
+
+
+def test_a_non_json_error_still_reads_as_one_line(cli: Invoke, api: FakeApi, token: str) -> None:
+    api.stats_broken = True
+
+    result = cli("stats", token=token)
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: <html>Bad Gateway</html>"
+
+
+# -- tasks, task, cancel, stats ---------------------------------------------------------------
+
+
+def test_tasks_shows_a_table_and_the_next_cursor(cli: Invoke, api: FakeApi, token: str) -> None:
+    oldest, middle, newest = (api.add_task("alice", f"prompt {n}") for n in range(3))
+    api.add_task("mallory", "not yours")
+
+    first = cli("tasks", "--limit", "2", token=token)
+
+    assert first.exit_code == 0, first.output
+    lines = first.stdout.splitlines()
+    header = next(line for line in lines if "id" in line.split())
+    assert header.split() == ["id", "status", "created", "(UTC)", "prompt"]
+    assert f"{newest.task_id} QUEUED 2026-01-01 00:02 prompt 2" in one_line(first.stdout)
+    assert middle.task_id in first.stdout
+    assert oldest.task_id not in first.stdout
+    assert "not yours" not in first.stdout
+    assert lines[-1] == "next page: gpuqueue tasks --cursor 2"
+
+    second = cli("tasks", "--limit", "2", "--cursor", "2", token=token)
+
+    assert second.exit_code == 0, second.output
+    assert oldest.task_id in second.stdout
+    assert newest.task_id not in second.stdout
+    assert "next page" not in second.stdout
+
+
+def test_tasks_with_none(cli: Invoke, token: str) -> None:
+    result = cli("tasks", token=token)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "no tasks"
+
+
+def test_task_prints_the_json_and_cancel_cancels(cli: Invoke, api: FakeApi, token: str) -> None:
+    task = api.add_task("alice", "a red fox")
+
+    expected = task.view()
+
+    shown = cli("task", task.task_id, token=token)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout) == expected
+    task.polls = 0  # the GET moved it on; back to QUEUED
+
+    canceled = cli("cancel", task.task_id, token=token)
+    assert canceled.exit_code == 0, canceled.output
+    assert canceled.stdout.strip() == f"task {task.task_id}: CANCELED"
+
+    again = cli("cancel", task.task_id, token=token)
+    assert again.exit_code == 1
+    assert "error: task is CANCELED, not QUEUED" in again.stderr
+
+    missing = cli("task", "no-such-task", token=token)
+    assert missing.exit_code == 1
+    assert "error: task not found" in missing.stderr
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_DIR), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-m", "gpuqueue_client", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout
+
+
+# -- the client class -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(api: FakeApi, token: str) -> GpuqueueClient:
+    return GpuqueueClient(api.url, token, timeout=5)
+
+
+def test_client_wait_reports_every_poll_and_returns_the_final_task(
+    client: GpuqueueClient,
+) -> None:
+    task_id = client.submit_image("a red fox", negative_prompt="blurry", steps=20)["task_id"]
+    seen: list[str] = []
+
+    final = client.wait(
+        task_id, timeout=10, poll_interval=0.01, on_update=lambda t: seen.append(t["status"])
+    )
+
+    assert seen == ["QUEUED", "RUNNING", "DONE"]
+    assert final["status"] == "DONE"
+    assert final["result_url"] == f"/api/images/{task_id}"
+
+
+def test_client_wait_times_out(client: GpuqueueClient) -> None:
+    task_id = client.submit_image("slow one")["task_id"]
+    started = time.monotonic()
+
+    with pytest.raises(TimeoutError, match="still RUNNING"):
+        client.wait(task_id, timeout=0.2, poll_interval=0.02)
+
+    assert time.monotonic() - started < 5
+
+
+def test_client_download_never_sends_the_token_to_s3(api: FakeApi, s3: FakeS3, token: str) -> None:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"  # even a session-wide one
+    client = GpuqueueClient(api.url, token, session=session, timeout=5)
+    task_id = client.submit_image("a red fox")["task_id"]
+
+    with pytest.raises(ApiError) as early:
+        client.download_image(task_id)
+    assert (early.value.status, early.value.code) == (409, "CONFLICT")
+
+    client.wait(task_id, timeout=10, poll_interval=0.01)
+    assert client.download_image(task_id) == png_for(task_id)
+    assert len(s3.hits) == 1
+    assert "Authorization" not in s3.hits[0]
+
+
+def test_client_errors_carry_status_code_field_and_retry_after(
+    api: FakeApi, client: GpuqueueClient
+) -> None:
+    with pytest.raises(ApiError) as field_error:
+        client.submit_image("x", height=64, width=65)
+    assert (field_error.value.status, field_error.value.code) == (400, "VALIDATION_ERROR")
+    assert field_error.value.field == "width"
+
+    api.queue_full = True
+    with pytest.raises(ApiError) as full:
+        client.submit_image("x")
+    assert (full.value.status, full.value.retry_after, full.value.code) == (503, 7, "QUEUE_FULL")
+
+    with pytest.raises(ApiError) as gateway:
+        GpuqueueClient(api.url, "forged").stats()
+    assert (gateway.value.status, gateway.value.code, gateway.value.message) == (
+        401,
+        None,
+        "Unauthorized",
+    )
+
+    api.stats_broken = True
+    with pytest.raises(ApiError) as html:
+        client.stats()
+    assert (html.value.status, html.value.code, html.value.message) == (
+        502,
+        None,
+        "<html>Bad Gateway</html>",
+    )
+
+
+def test_client_pages_through_tasks_and_cancels(api: FakeApi, client: GpuqueueClient) -> None:
+    ids = [client.submit_image(f"prompt {n}")["task_id"] for n in range(3)]
+
+    page, cursor = client.list_tasks(limit=2)
+    assert [t["task_id"] for t in page] == ids[:0:-1]
+    assert cursor == "2"
+    rest, end = client.list_tasks(limit=2, cursor=cursor)
+    assert [t["task_id"] for t in rest] == ids[:1]
+    assert end is None
+
+    assert client.cancel(ids[0])["status"] == "CANCELED"
+    assert client.stats()["queue_capacity"] == 100
+    assert api.submitted[0] == {"prompt": "prompt 0"}
+
+
+def test_client_register_and_login_keep_the_token(api: FakeApi) -> None:
+    client = GpuqueueClient(api.url + "/", timeout=5)
+
+    token = client.register("carol", "long enough")
+    assert client.token == token
+    assert client.expires_at == pytest.approx(time.time() + 3600, abs=60)
+    assert client.login("carol", "long enough") != token
+    with pytest.raises(ApiError) as taken:
+        client.register("carol", "long enough")
+    assert (taken.value.status, taken.value.field) == (409, "username")
+
+
+def test_credentials_dir_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("GPUQUEUE_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert creds.credentials_path() == tmp_path / "xdg" / "gpuqueue" / "credentials.json"
+
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert creds.config_dir() == tmp_path / "home" / ".config" / "gpuqueue"
+
+    monkeypatch.setenv("GPUQUEUE_CONFIG_DIR", str(tmp_path / "explicit"))
+    creds.save("http://x/", "tok", "u", None)
+    assert creds.load("http://x") == creds.Credentials("tok", "u", None)
+    assert stat.S_IMODE((tmp_path / "explicit" / "credentials.json").stat().st_mode) == 0o600
