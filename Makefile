@@ -73,7 +73,7 @@ invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json agai
 	echo "sam local invoke $$logical --event $$event --env-vars events/env.local.json"; \
 	$(SAM) local invoke "$$logical" --event "$$event" --env-vars events/env.local.json
 
-up: venv ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
+up: $(VENV)/.installed ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
 	PYTHONPATH=local $(PY) -m gpuqueue_local --port $(PORT) $(UP_ARGS)
 
 clean: ## remove venvs and build output

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import jwt
 import requests
@@ -68,7 +68,8 @@ class Route:
             else:
                 pattern += re.escape(part)
         found = re.match(pattern + "$", path)
-        return found.groupdict() if found else None
+        # Matching runs on the raw path; API Gateway hands the function decoded values.
+        return {k: unquote(v) for k, v in found.groupdict().items()} if found else None
 
 
 class Unauthorized(Exception):
@@ -147,12 +148,13 @@ class ApiGateway:
     def find_route(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         # API Gateway prefers the most specific route: literal paths, then parameters, then
         # greedy paths, then $default.
-        def rank(route: Route) -> tuple[int, int]:
+        def rank(route: Route) -> tuple[int, int, int]:
+            any_method = 1 if route.method == "ANY" else 0  # GET /x beats ANY /x
             if route.path == "$default":
-                return (3, 0)
+                return (3, 0, any_method)
             if "+}" in route.path:
-                return (2, -len(route.path))
-            return (1 if "{" in route.path else 0, -len(route.path))
+                return (2, -len(route.path), any_method)
+            return (1 if "{" in route.path else 0, -len(route.path), any_method)
 
         for route in sorted(self.routes, key=rank):
             params = route.match(method, path)

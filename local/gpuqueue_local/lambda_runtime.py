@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 LogSink = Callable[[str, str], None]
+# Lambda gives init 10 s; local imports on a loaded 2-core CI box can take longer.
+INIT_TIMEOUT_SECONDS = 30.0
 
 
 def print_log(function_name: str, line: str) -> None:
@@ -123,9 +125,19 @@ class _Worker:
 
     def invoke(self, event: Any, timeout_seconds: float) -> InvocationResult:
         request_id = str(uuid.uuid4())
+        # Init (imports) has its own limit on Lambda and does not count against Timeout.
+        if not self.wait_ready(INIT_TIMEOUT_SECONDS):
+            self.kill()
+            return InvocationResult(
+                ok=False,
+                error_type="Runtime.InitError",
+                error_message="the function failed to initialise (see its log)",
+            )
         started = time.monotonic()
         self._reply_ready.clear()
         self._pending = None
+        if not self.alive:  # died between being picked and now: don't wait out the timeout
+            raise WorkerCrashed("the worker exited before the invocation")
         stdin = self.process.stdin
         assert stdin is not None
         try:
@@ -138,7 +150,6 @@ class _Worker:
             stdin.flush()
         except (BrokenPipeError, OSError) as error:
             raise WorkerCrashed(str(error)) from error
-        # Cold start counts against the timeout too, as it does on Lambda.
         deadline = started + timeout_seconds
         if not self._reply_ready.wait(max(0.0, deadline - time.monotonic())):
             self.kill()
@@ -219,7 +230,10 @@ class FunctionRuntime:
         with self._slots:
             with self._lock:
                 worker = self._idle.pop() if self._idle else None
-            if worker is None or not worker.alive:
+                if worker is not None and not worker.alive:
+                    self._all = [w for w in self._all if w is not worker]
+                    worker = None
+            if worker is None:
                 worker = self._spawn()
             try:
                 result = worker.invoke(event, timeout)

@@ -22,6 +22,8 @@ def rate_seconds(expression: str) -> float:
     if not match:
         raise ValueError(f"unsupported schedule expression (only rate(...)): {expression!r}")
     amount, unit = int(match.group(1)), match.group(2).rstrip("s")
+    if amount < 1:
+        raise ValueError(f"a rate must be positive: {expression!r}")
     return float(amount * _UNIT_SECONDS[unit])
 
 

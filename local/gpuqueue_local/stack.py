@@ -439,8 +439,8 @@ def banner(running: RunningStack) -> str:
             f"  export TOKEN={token}",
             f'  curl -s -X POST {api}/api/v1/image/async -H "Authorization: Bearer $TOKEN" '
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'",
-            f"  gpuqueue --api-url {api} login -u {DEMO_USER} -p {DEMO_PASSWORD} && "
-            'gpuqueue generate "a red fox" --wait -o fox.png',
+            f"  .venv/bin/gpuqueue --api-url {api} login -u {DEMO_USER} -p {DEMO_PASSWORD}",
+            f'  .venv/bin/gpuqueue --api-url {api} generate "a red fox" --wait -o fox.png',
             "",
         ]
     )

@@ -21,6 +21,14 @@ from gpuqueue_local.template import function_property, load_template, resources_
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS_DIR = ROOT / "events"
+# Not an event: the env vars `sam local invoke` gets (tests/integration/test_sam_local_env.py).
+SAM_ENV_FILE = "env.local.json"
+
+
+def _event_files() -> list[Path]:
+    return sorted(f for f in EVENTS_DIR.glob("*.json") if f.name != SAM_ENV_FILE)
+
+
 TEMPLATE = load_template()
 RESOURCES: dict[str, dict[str, Any]] = TEMPLATE["Resources"]
 PARAMETERS: dict[str, dict[str, Any]] = TEMPLATE["Parameters"]
@@ -281,7 +289,7 @@ def _function_for_event_file(path: Path) -> str:
 
 
 def test_every_event_file_belongs_to_a_function_in_the_template() -> None:
-    files = sorted(EVENTS_DIR.glob("*.json"))
+    files = _event_files()
     orphans = [f.name for f in files if _function_for_event_file(f) not in FUNCTIONS]
 
     assert files
@@ -289,13 +297,13 @@ def test_every_event_file_belongs_to_a_function_in_the_template() -> None:
 
 
 def test_every_event_file_is_named_function_underscore_scenario() -> None:
-    names = [f.name for f in EVENTS_DIR.iterdir() if f.is_file()]
+    names = [f.name for f in EVENTS_DIR.iterdir() if f.is_file() and f.name != SAM_ENV_FILE]
 
     assert [n for n in names if not re.fullmatch(r"[a-z]+_[a-z0-9_]+\.json", n)] == []
 
 
 def test_every_function_has_a_sample_event() -> None:
-    covered = {_function_for_event_file(f) for f in EVENTS_DIR.glob("*.json")}
+    covered = {_function_for_event_file(f) for f in _event_files()}
 
     assert set(FUNCTIONS) - covered == set()
 
