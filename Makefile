@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 
-.PHONY: help venv test lint fmt unit integration build deploy validate clean up invoke-%
+.PHONY: help venv test lint fmt unit integration build deploy validate clean up bench invoke-%
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -60,6 +60,9 @@ integration: venv ## integration tests on moto
 
 validate: venv ## sam validate --lint
 	$(SAM) validate --lint --region $(REGION) --template template.yaml
+
+bench: $(VENV)/.installed ## fleet benchmark on the local stack (BENCH_TASKS=100): efficiency per strategy
+	PYTHONPATH=local $(PY) tools/bench_fleet.py --tasks $(or $(BENCH_TASKS),100)
 
 build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-installed wheels)
 	$(PY) tools/build_artifacts.py --template template.yaml --build-dir .aws-sam/build

@@ -1,4 +1,4 @@
-"""`gpuqueue`: register, log in, submit, wait for and download images from the command line."""
+"""`gpuqueue`: register, log in, submit, wait for and download images; operators: endpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit
@@ -366,6 +367,167 @@ def stats(ctx: typer.Context) -> None:
         shown = value if isinstance(value, str) else json.dumps(value)
         table.add_row(str(key), Text(shown))
     state.out.print(table)
+
+
+# -- GPU endpoints (operators) ----------------------------------------------------------------
+
+endpoints_app = typer.Typer(
+    help="Operators: list, add or change, drain and delete GPU endpoints (group admin).",
+    no_args_is_help=True,
+)
+app.add_typer(endpoints_app, name="endpoints")
+
+ENDPOINT_STATE_STYLES = {"ACTIVE": "green", "DRAINING": "yellow", "DISABLED": "dim"}
+CIRCUIT_STYLES = {"CLOSED": "", "HALF_OPEN": "yellow", "OPEN": "red"}
+# What `endpoints put` carries over from the current row when an option is not given.
+ENDPOINT_SPEC_FIELDS = ("url", "kind", "protocol", "capacity", "weight", "state")
+
+
+class Kind(StrEnum):
+    image = "image"
+    speech = "speech"
+
+
+class Protocol(StrEnum):
+    openai = "openai"
+    a1111 = "a1111"
+
+
+class EndpointState(StrEnum):
+    ACTIVE = "ACTIVE"
+    DRAINING = "DRAINING"
+    DISABLED = "DISABLED"
+
+
+EndpointIdArgument = Annotated[str, typer.Argument(metavar="ID", help="The endpoint's id.")]
+
+
+@endpoints_app.command("list")
+def endpoints_list(
+    ctx: typer.Context,
+    kind: Annotated[Kind | None, typer.Option(help="Only this kind.")] = None,
+) -> None:
+    """Show every endpoint: state, health, circuit, load and latency."""
+    state = _state(ctx)
+    client = state.client()
+    with friendly_errors(state):
+        rows = client.list_endpoints(kind.value if kind else None)
+    if not rows:
+        state.out.print("no endpoints")
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("url")  # the one column that folds on a narrow terminal
+    table.add_column("state", no_wrap=True)
+    table.add_column("healthy", no_wrap=True)
+    table.add_column("circuit", no_wrap=True)
+    table.add_column("in-flight/capacity", no_wrap=True, justify="right")
+    table.add_column("latency (EWMA)", no_wrap=True, justify="right")
+    for row in rows:
+        endpoint_state = str(row.get("state", ""))
+        circuit = str(row.get("circuit", ""))
+        table.add_row(
+            str(row.get("endpoint_id", "")),
+            str(row.get("kind", "")),
+            Text(str(row.get("url", "")), overflow="fold"),
+            Text(endpoint_state, style=ENDPOINT_STATE_STYLES.get(endpoint_state, "")),
+            _healthy(row),
+            Text(circuit, style=CIRCUIT_STYLES.get(circuit, "")),
+            f"{row.get('in_flight', 0)}/{row.get('capacity', '?')}",
+            _millis(row.get("latency_ewma_ms")),
+        )
+    state.out.print(table)
+
+
+def _healthy(row: dict[str, Any]) -> Text:
+    if row.get("healthy") is not True:
+        return Text("no", style="red")
+    usable = row.get("state") == "ACTIVE" and row.get("circuit") != "OPEN"
+    if usable and row.get("routable") is not True:
+        return Text("stale", style="yellow")  # healthy at the last check, but it is too old
+    return Text("yes", style="green")
+
+
+def _millis(value: object) -> str:
+    return f"{value:.0f} ms" if isinstance(value, int | float) else "-"
+
+
+def _endpoint_line(row: dict[str, Any]) -> str:
+    return (
+        f"endpoint {row.get('endpoint_id')}: {row.get('state')}, {row.get('kind')} "
+        f"{row.get('url')}, capacity {row.get('capacity')}, weight {row.get('weight')}, "
+        f"in flight {row.get('in_flight', 0)} (source {row.get('source')})"
+    )
+
+
+@endpoints_app.command("put")
+def endpoints_put(
+    ctx: typer.Context,
+    endpoint_id: EndpointIdArgument,
+    *,
+    url: Annotated[str | None, typer.Option(help="Base URL, http(s)://host[:port][/path].")] = None,
+    kind: Annotated[Kind | None, typer.Option(help="What it serves.")] = None,
+    protocol: Annotated[Protocol | None, typer.Option(help="Its API.")] = None,
+    capacity: Annotated[
+        int | None, typer.Option(help="Concurrent calls it takes (1-64).", min=1, max=64)
+    ] = None,
+    weight: Annotated[
+        int | None,
+        typer.Option(help="Share of work under weighted dispatch (1-100).", min=1, max=100),
+    ] = None,
+    endpoint_state: Annotated[
+        EndpointState | None,
+        typer.Option("--state", case_sensitive=False, help="ACTIVE, DRAINING or DISABLED."),
+    ] = None,
+) -> None:
+    """Add an endpoint (--url and --kind needed), or change the options given.
+
+    Options not given keep the endpoint's current values (the API's defaults when new).
+    """
+    state = _state(ctx)
+    client = state.client()
+    given: dict[str, Any] = {
+        "url": url,
+        "kind": kind.value if kind else None,
+        "protocol": protocol.value if protocol else None,
+        "capacity": capacity,
+        "weight": weight,
+        "state": endpoint_state.value if endpoint_state else None,
+    }
+    with friendly_errors(state):
+        current = next(
+            (r for r in client.list_endpoints() if r.get("endpoint_id") == endpoint_id), None
+        )
+        spec = {
+            name: given[name] if given[name] is not None else (current or {}).get(name)
+            for name in ENDPOINT_SPEC_FIELDS
+        }
+        if current is None and (spec["url"] is None or spec["kind"] is None):
+            state.fail(f"error: endpoint {endpoint_id} is new: --url and --kind are needed")
+        row = client.put_endpoint(endpoint_id, **spec)
+    verb = "added" if current is None else "changed"
+    state.out.print(f"{verb} {_endpoint_line(row)}", soft_wrap=True)
+
+
+@endpoints_app.command("drain")
+def endpoints_drain(ctx: typer.Context, endpoint_id: EndpointIdArgument) -> None:
+    """Send the endpoint no new work; calls already running finish."""
+    state = _state(ctx)
+    client = state.client()
+    with friendly_errors(state):
+        row = client.drain_endpoint(endpoint_id)
+    state.out.print(_endpoint_line(row), soft_wrap=True)
+
+
+@endpoints_app.command("delete")
+def endpoints_delete(ctx: typer.Context, endpoint_id: EndpointIdArgument) -> None:
+    """Remove an endpoint added here (declared ones: --state DISABLED, or the stack parameter)."""
+    state = _state(ctx)
+    client = state.client()
+    with friendly_errors(state):
+        client.delete_endpoint(endpoint_id)
+    state.out.print(f"endpoint {endpoint_id} deleted", soft_wrap=True)
 
 
 def main() -> None:

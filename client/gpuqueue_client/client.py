@@ -211,6 +211,35 @@ class GpuqueueClient:
                 )
             time.sleep(min(interval, remaining))
 
+    # -- GPU endpoints (operators: the Cognito group `admin`) -----------------------------
+
+    def list_endpoints(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every GPU endpoint (of `kind`): configuration, health, in-flight calls."""
+        params = {"kind": kind} if kind else None
+        response = self._request("GET", "/api/v1/admin/endpoints", params=params)
+        body = self._json(response)
+        if not isinstance(body, list):
+            raise ApiError(response.status_code, "BAD_RESPONSE", "expected a JSON array")
+        return [item for item in body if isinstance(item, dict)]
+
+    def put_endpoint(self, endpoint_id: str, **spec: Any) -> dict[str, Any]:
+        """Add or replace an endpoint: `url`, `kind`, `protocol`, `capacity`, `weight`, `state`.
+
+        Options left None are not sent, so the API's defaults apply to them.
+        """
+        body = {key: value for key, value in spec.items() if value is not None}
+        path = f"/api/v1/admin/endpoints/{_segment(endpoint_id)}"
+        return self._object(self._request("PUT", path, json=body))
+
+    def drain_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """No new work for the endpoint; calls already running finish."""
+        path = f"/api/v1/admin/endpoints/{_segment(endpoint_id)}/drain"
+        return self._object(self._request("POST", path))
+
+    def delete_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        path = f"/api/v1/admin/endpoints/{_segment(endpoint_id)}"
+        return self._object(self._request("DELETE", path))
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _request(

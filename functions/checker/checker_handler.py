@@ -1,12 +1,13 @@
-"""Scheduled: sync the declared GPU endpoints into the health table and probe each one."""
+"""Scheduled: sync declared GPU endpoints into the health table and probe every endpoint."""
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
@@ -17,7 +18,6 @@ from gpuqueue.settings import CheckerSettings
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics()
 
 
 @cache
@@ -26,21 +26,35 @@ def settings() -> CheckerSettings:
 
 
 @cache
+def registry() -> EndpointRegistry:
+    return EndpointRegistry(aws_clients.dynamodb().Table(settings().endpoints_table))
+
+
+@cache
 def checker() -> HealthChecker:
-    registry = EndpointRegistry(aws_clients.dynamodb().Table(settings().endpoints_table))
-    return HealthChecker(registry, timeout_seconds=settings().probe_timeout_seconds)
+    return HealthChecker(registry(), timeout_seconds=settings().probe_timeout_seconds)
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
-@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    results = checker().run({TaskKind.IMAGE: settings().image_endpoint_urls})
-    healthy = sum(1 for r in results if r.healthy)
+    config = settings()
+    results = checker().run(
+        {TaskKind.IMAGE: config.image_endpoint_urls},
+        rounds=config.rounds_per_run,
+        period_seconds=config.health_check_period_seconds,
+        remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,
+    )
     for result in results:
         if not result.healthy:
             logger.warning("endpoint unhealthy", extra=result.model_dump())
-    metrics.add_dimension(name="Kind", value=TaskKind.IMAGE.value)
-    metrics.add_metric(name="HealthyEndpoints", unit=MetricUnit.Count, value=healthy)
-    logger.info("health check done", extra={"checked": len(results), "healthy": healthy})
-    return {"checked": len(results), "healthy": healthy}
+    for kind in TaskKind:
+        healthy = sum(
+            1 for e in registry().endpoints(kind) if e.is_routable(time.time(), float("inf"))
+        )
+        # One figure per kind (dimension Kind): the "healthy endpoints < 2" alarm reads it.
+        with single_metric(name="HealthyEndpoints", unit=MetricUnit.Count, value=healthy) as metric:
+            metric.add_dimension(name="Kind", value=kind.value)
+    total_healthy = sum(1 for r in results if r.healthy)
+    logger.info("health check done", extra={"checked": len(results), "healthy": total_healthy})
+    return {"checked": len(results), "healthy": total_healthy}

@@ -18,10 +18,11 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.balancer import Balancer
 from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
-from gpuqueue.gpu_client import OpenAIImageClient
+from gpuqueue.gpu_client import image_generators
 from gpuqueue.image_store import ImageStore
 from gpuqueue.models import QueueMessage
 from gpuqueue.settings import DispatcherSettings
@@ -53,14 +54,19 @@ def deps() -> Deps:
         retry_base_delay_seconds=settings.retry_base_delay_seconds,
         retry_max_delay_seconds=settings.retry_max_delay_seconds,
         no_endpoint_delay_seconds=settings.no_endpoint_delay_seconds,
+        circuit_failure_threshold=settings.circuit_failure_threshold,
+        slot_wait_seconds=settings.slot_wait_seconds,
+        slot_poll_seconds=settings.slot_poll_seconds,
+        no_slot_delay_seconds=settings.no_slot_delay_seconds,
     )
     return Deps(
         dispatcher=TaskDispatcher(
             tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
             registry=EndpointRegistry(dynamodb.Table(settings.endpoints_table)),
             images=ImageStore(aws_clients.s3(), settings.images_bucket),
-            generator=OpenAIImageClient(),
+            generators=image_generators(),
             policy=policy,
+            balancer=Balancer(settings.dispatch_strategy),
         ),
         queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
     )

@@ -12,6 +12,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import QueueStats
 from gpuqueue.settings import StatsSettings
 from gpuqueue.system_stats import queue_stats
@@ -26,6 +27,7 @@ app = build_resolver()
 class Deps:
     queue: TaskQueue
     dead_letter: TaskQueue
+    registry: EndpointRegistry
     settings: StatsSettings
 
 
@@ -35,6 +37,7 @@ def deps() -> Deps:
     return Deps(
         queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
         dead_letter=TaskQueue(aws_clients.sqs(), settings.dead_letter_queue_url),
+        registry=EndpointRegistry(aws_clients.dynamodb().Table(settings.endpoints_table)),
         settings=settings,
     )
 
@@ -48,6 +51,8 @@ def get_stats() -> QueueStats:
         d.dead_letter,
         capacity=d.settings.queue_capacity,
         workers=d.settings.worker_pool_size,
+        registry=d.registry,
+        health_max_age_seconds=d.settings.health_max_age_seconds,
     )
 
 

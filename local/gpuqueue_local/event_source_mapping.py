@@ -38,9 +38,11 @@ class SqsEventSource:
     log: Callable[[str], None] | None = None
     batches: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _enabled: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
+        self._enabled.set()
         for index in range(self.concurrency):
             thread = threading.Thread(
                 target=self._poll, daemon=True, name=f"esm-{self.function.spec.logical_id}-{index}"
@@ -48,8 +50,16 @@ class SqsEventSource:
             thread.start()
             self._threads.append(thread)
 
+    def pause(self) -> None:
+        """Like setting the mapping's `Enabled: false`: batches in flight finish, no new polls."""
+        self._enabled.clear()
+
+    def resume(self) -> None:
+        self._enabled.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._enabled.set()
         for thread in self._threads:
             thread.join(timeout=LONG_POLL_SECONDS + 5)
 
@@ -77,6 +87,8 @@ class SqsEventSource:
             config=Config(read_timeout=LONG_POLL_SECONDS + 10, retries={"max_attempts": 2}),
         )
         while not self._stop.is_set():
+            if not self._enabled.wait(timeout=0.5):
+                continue
             try:
                 messages = self._receive(sqs)
             except Exception as error:
@@ -85,6 +97,15 @@ class SqsEventSource:
                 self._stop.wait(1.0)
                 continue
             if not messages:
+                continue
+            if not self._enabled.is_set():
+                # Paused while this poll was under way: hand the messages straight back.
+                for message in messages:
+                    sqs.change_message_visibility(
+                        QueueUrl=self.queue_url,
+                        ReceiptHandle=message["ReceiptHandle"],
+                        VisibilityTimeout=0,
+                    )
                 continue
             event = sqs_event(messages, queue_arn=self.queue_arn, region=self.region)
             result = self.function.invoke(event)

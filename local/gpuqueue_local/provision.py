@@ -1,4 +1,4 @@
-"""Create the template's stateful resources (tables, queues, bucket, user pool) with boto3.
+"""Create the template's stateful resources (tables, queues, bucket, user pool, groups) with boto3.
 
 Pointed at moto (AWS_ENDPOINT_URL), this is the local stack's "CloudFormation": names are
 derived from the stack name and logical id, as a real stack derives them.
@@ -207,6 +207,22 @@ def _create_user_pool_client(
     return {"Ref": client["ClientId"]}
 
 
+def _create_user_pool_group(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
+    cognito = boto3.client("cognito-idp", region_name=region)
+    kwargs: dict[str, Any] = {
+        "UserPoolId": props["UserPoolId"],
+        "GroupName": props.get("GroupName", _physical_name(stack, logical_id)),
+    }
+    for key in ("Description", "Precedence", "RoleArn"):
+        if key in props:
+            kwargs[key] = props[key]
+    group = cognito.create_group(**kwargs)["Group"]
+    # CloudFormation's Ref of a user pool group is its name.
+    return {"Ref": group.get("GroupName", kwargs["GroupName"])}
+
+
 Creator = Callable[[str, str, dict[str, Any], str], dict[str, str]]
 
 CREATORS: dict[str, Creator] = {
@@ -215,6 +231,7 @@ CREATORS: dict[str, Creator] = {
     "AWS::S3::Bucket": _create_bucket,
     "AWS::Cognito::UserPool": _create_user_pool,
     "AWS::Cognito::UserPoolClient": _create_user_pool_client,
+    "AWS::Cognito::UserPoolGroup": _create_user_pool_group,
 }
 
 

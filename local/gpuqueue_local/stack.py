@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import requests
 
 from gpuqueue_local.event_source_mapping import SqsEventSource
@@ -32,6 +33,10 @@ from gpuqueue_local.template import REPO_ROOT, function_property, load_template,
 HOST = "127.0.0.1"
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-pass-1"  # noqa: S105 - the documented local demo account
+# An operator: member of the template's AdminGroup, so it may use /api/v1/admin.
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "admin-pass-1"  # noqa: S105 - the documented local operator account
+ADMIN_GROUP = "admin"
 # Same template, same Cognito ids on every start (and in events/env.local.json).
 MOTO_DETERMINISTIC_IDS = {
     "MOTO_COGNITO_IDP_USER_POOL_ID_STRATEGY": "HASH",
@@ -41,7 +46,7 @@ MOTO_DETERMINISTIC_IDS = {
 DOCKER_MOTO_PORT = 5000
 IMAGE_PORT_BASE_FOR_DOCKER = 8001
 # Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
-LOCAL_MAX_CONCURRENCY = 8
+LOCAL_MAX_CONCURRENCY = 32
 
 
 def free_port() -> int:
@@ -286,6 +291,7 @@ class RunningStack:
     schedules: list[Schedule]
     api_url: str
     demo_token: str | None = None
+    admin_token: str | None = None
     _servers: list[Any] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
 
@@ -302,6 +308,11 @@ class RunningStack:
                 "username": DEMO_USER,
                 "password": DEMO_PASSWORD,
                 "token": self.demo_token,
+            },
+            "admin_user": {
+                "username": ADMIN_USER,
+                "password": ADMIN_PASSWORD,
+                "token": self.admin_token,
             },
             "functions": sorted(self.functions),
         }
@@ -365,14 +376,30 @@ def start_stack(options: StackOptions) -> RunningStack:
         "AWS_ENDPOINT_URL": moto.url,
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
-    specs = function_specs(stack, options.function_env)
+    extra_env = dict(options.function_env)
+    if options.schedule_speedup != 1:
+        # Compress the health-check clock with the schedules, so staleness keeps its meaning.
+        period = float(stack.resolver.parameters.get("HealthCheckPeriodSeconds", 30))
+        extra_env.setdefault("HEALTH_CHECK_PERIOD_SECONDS", str(period / options.schedule_speedup))
+        extra_env.setdefault("SCHEDULE_PERIOD_SECONDS", str(60 / options.schedule_speedup))
+    specs = function_specs(stack, extra_env)
     functions = {
         name: FunctionRuntime(
             spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
         )
         for name, spec in specs.items()
     }
-    warmers = [threading.Thread(target=f.warm, daemon=True) for f in functions.values()]
+    sources = sqs_event_sources(stack, functions, log, options.region)
+    # Queue consumers get a warm worker per concurrent batch (Lambda keeps them warm under
+    # steady load); every other function starts with one.
+    warm_counts = dict.fromkeys(functions, 1)
+    for source in sources:
+        name = source.function.spec.logical_id
+        warm_counts[name] = max(warm_counts[name], source.concurrency)
+    warmers = [
+        threading.Thread(target=functions[name].warm, args=(count,), daemon=True)
+        for name, count in warm_counts.items()
+    ]
     for thread in warmers:
         thread.start()
 
@@ -380,7 +407,6 @@ def start_stack(options: StackOptions) -> RunningStack:
     http_server = gateway.serve(HOST, options.port)
     api_url = f"http://{HOST}:{http_server.server_address[1]}"
 
-    sources = sqs_event_sources(stack, functions, log, options.region)
     schedules = scheduled_rules(stack, functions, log, options.schedule_speedup)
 
     running = RunningStack(
@@ -400,12 +426,13 @@ def start_stack(options: StackOptions) -> RunningStack:
     for thread in warmers:
         thread.join(timeout=60)
     for schedule in schedules:
-        schedule.run_once()  # endpoints registered before the first request
-        schedule.start(fire_now=False)
+        schedule.start(fire_now=True)
+    _wait_for_endpoints(stack, len(image_servers))
     for source in sources:
         source.start()
     if options.demo_user:
         running.demo_token = _demo_token(api_url)
+        running.admin_token = _admin_token(api_url, stack)
     running._ready.set()
     if options.state_file:
         options.state_file.write_text(json.dumps(running.state(), indent=2))
@@ -413,17 +440,52 @@ def start_stack(options: StackOptions) -> RunningStack:
     return running
 
 
-def _demo_token(api_url: str) -> str:
-    credentials = {"username": DEMO_USER, "password": DEMO_PASSWORD}
+def _wait_for_endpoints(stack: LocalStack, expected: int, timeout: float = 20.0) -> None:
+    """Ready means the first health check has registered the stand-ins as routable.
+
+    The checker's run may go on probing (twice a minute); readiness does not wait for that.
+    """
+    table = boto3.resource("dynamodb").Table(stack.ref("EndpointsTable"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = table.scan().get("Items", [])  # a handful of rows; local only
+        if sum(1 for row in rows if row.get("healthy") is True) >= expected:
+            return
+        time.sleep(0.1)
+
+
+def _demo_token(api_url: str, username: str = DEMO_USER, password: str = DEMO_PASSWORD) -> str:
+    credentials = {"username": username, "password": password}
     for route in ("/register", "/login"):
         response = requests.post(f"{api_url}{route}", json=credentials, timeout=30)
         if response.ok:
             return str(response.json()["token"])
-    raise RuntimeError(f"could not create the demo user: {response.status_code} {response.text}")
+    raise RuntimeError(
+        f"could not create the user {username}: {response.status_code} {response.text}"
+    )
+
+
+def _admin_token(api_url: str, stack: LocalStack) -> str:
+    """The operator: registered through the API, put in the admin group, logged in again."""
+    _demo_token(api_url, ADMIN_USER, ADMIN_PASSWORD)
+    cognito = boto3.client("cognito-idp", region_name=stack.region)  # AWS_ENDPOINT_URL: moto
+    cognito.admin_add_user_to_group(
+        UserPoolId=stack.ref("UserPool"), Username=ADMIN_USER, GroupName=ADMIN_GROUP
+    )
+    # A token carries the groups its user had at login: the first one has none.
+    response = requests.post(
+        f"{api_url}/login",
+        json={"username": ADMIN_USER, "password": ADMIN_PASSWORD},
+        timeout=30,
+    )
+    if not response.ok:
+        raise RuntimeError(f"could not log the admin in: {response.status_code} {response.text}")
+    return str(response.json()["token"])
 
 
 def banner(running: RunningStack) -> str:
     token = running.demo_token or "<run: gpuqueue login>"
+    admin_token = running.admin_token or "<run: gpuqueue login -u admin>"
     api = running.api_url
     return "\n".join(
         [
@@ -432,6 +494,7 @@ def banner(running: RunningStack) -> str:
             f"  API            {api}",
             f"  demo user      {DEMO_USER} / {DEMO_PASSWORD}",
             f"  token          {token}",
+            f"  admin user     {ADMIN_USER} / {ADMIN_PASSWORD} (group admin: /api/v1/admin)",
             f"  GPU stand-ins  {', '.join(s.url for s in running.image_servers) or 'none'}",
             f"  AWS (moto)     {running.moto.url}",
             "",
@@ -441,6 +504,8 @@ def banner(running: RunningStack) -> str:
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'",
             f"  .venv/bin/gpuqueue --api-url {api} login -u {DEMO_USER} -p {DEMO_PASSWORD}",
             f'  .venv/bin/gpuqueue --api-url {api} generate "a red fox" --wait -o fox.png',
+            f"  export ADMIN_TOKEN={admin_token}",
+            f"  .venv/bin/gpuqueue --api-url {api} --token $ADMIN_TOKEN endpoints list",
             "",
         ]
     )

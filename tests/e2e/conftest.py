@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,9 +45,9 @@ class LocalStackProcess:
         return stats
 
 
-@pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
-    workdir = tmp_path_factory.mktemp("local-stack")
+@contextlib.contextmanager
+def running_stack(workdir: Path, *extra_args: str) -> Iterator[LocalStackProcess]:
+    """`python -m gpuqueue_local` on free ports, until the block ends (then Ctrl-C)."""
     state_file = workdir / "state.json"
     log_path = workdir / "stack.log"
     env = {**os.environ, "PYTHONPATH": str(REPO / "local")}
@@ -67,6 +68,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
                 "0.2",
                 "--schedule-speedup",
                 "20",
+                *extra_args,
             ],
             cwd=REPO,
             env=env,
@@ -94,6 +96,12 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
+    with running_stack(tmp_path_factory.mktemp("local-stack")) as stack:
+        yield stack
 
 
 @dataclass

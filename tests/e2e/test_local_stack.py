@@ -299,3 +299,41 @@ def test_cli_generate_waits_and_writes_a_real_png(local_stack, tmp_path):
     listed = run([*cli, "tasks"])
     assert listed.returncode == 0
     assert "DONE" in listed.stdout
+
+
+def test_operators_list_the_stand_ins_and_everyone_else_gets_403(local_stack, new_user):
+    admin = local_stack.state["admin_user"]
+    assert admin["username"] == "admin"
+    auth = {"Authorization": f"Bearer {admin['token']}"}
+
+    listed = requests.get(f"{local_stack.api}/api/v1/admin/endpoints", headers=auth, timeout=30)
+
+    assert listed.status_code == 200, listed.text
+    declared = [row for row in listed.json() if row["source"] == "parameter"]
+    assert sorted(row["url"] for row in declared) == sorted(local_stack.state["image_servers"])
+    assert all(row["kind"] == "image" and row["healthy"] for row in declared)
+    refused = new_user.get("/api/v1/admin/endpoints")
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "FORBIDDEN"
+
+
+def test_the_cli_lists_endpoints_with_the_admin_token(local_stack, tmp_path):
+    env = {
+        **os.environ,
+        "GPUQUEUE_API_URL": local_stack.api,
+        "GPUQUEUE_CONFIG_DIR": str(tmp_path / "config"),
+        "GPUQUEUE_TOKEN": local_stack.state["admin_user"]["token"],
+        "COLUMNS": "200",
+    }
+    listed = subprocess.run(
+        [sys.executable, "-m", "gpuqueue_client", "endpoints", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert listed.returncode == 0, listed.stderr
+    for url in local_stack.state["image_servers"]:
+        assert url in listed.stdout

@@ -32,6 +32,7 @@ HANDLER_MODULES = (
     "stats_handler",
     "checker_handler",
     "dispatcher_handler",
+    "admin_handler",
 )
 
 
@@ -234,6 +235,9 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         # Retries come back at once in tests; production backs off (template defaults).
         monkeypatch.setenv("RETRY_BASE_DELAY_SECONDS", "0")
         monkeypatch.setenv("NO_ENDPOINT_DELAY_SECONDS", "0")
+        monkeypatch.setenv("NO_SLOT_DELAY_SECONDS", "0")
+        # One probe round per checker run (production probes twice a minute).
+        monkeypatch.setenv("SCHEDULE_PERIOD_SECONDS", "30")
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
         _reset_handler_caches()
@@ -253,3 +257,9 @@ def alice() -> User:
 @pytest.fixture
 def bob() -> User:
     return User(sub=str(uuid.uuid4()), username="bob")
+
+
+@pytest.fixture
+def operator() -> User:
+    """A member of the Cognito group `admin` (the template's AdminGroup)."""
+    return User(sub=str(uuid.uuid4()), username="ops", groups=("admin",))

@@ -26,7 +26,7 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import requests
@@ -142,6 +142,10 @@ class FakeApi:
     seen_auth: list[str | None] = field(default_factory=list)
     queue_full: bool = False
     stats_broken: bool = False
+    # The admin API: users in the Cognito group `admin`, the endpoints, the PUT bodies.
+    admins: set[str] = field(default_factory=lambda: {"ops"})
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    endpoint_puts: list[dict[str, Any]] = field(default_factory=list)
     crashes: list[BaseException] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -173,7 +177,7 @@ class FakeApi:
                 self.crashes.append(exc)
                 return api_error(500, f"fake API crashed: {exc!r}", "INTERNAL")
 
-    def _route(self, request: Request) -> Reply:
+    def _route(self, request: Request) -> Reply:  # noqa: PLR0911 - one return per route
         method, path = request.method, request.path
         if method == "POST" and path in ("/register", "/login"):
             return self._auth(path, request.json())
@@ -188,6 +192,8 @@ class FakeApi:
             return self._list(user, request.query)
         if (method, path) == ("GET", "/api/v1/system/stats"):
             return self._stats()
+        if path.startswith("/api/v1/admin/"):
+            return self._admin(method, user, path, request)
         if match := re.fullmatch(r"/api/v1/tasks/([^/]+)", path):
             return self._task(method, user, match[1])
         if method == "GET" and (match := re.fullmatch(r"/api/images/([^/]+)", path)):
@@ -269,6 +275,60 @@ class FakeApi:
         location = f"{self.s3_url}/images/{task.task_id}.png?X-Amz-Signature=abc123"
         return 302, {"Location": location}, b""
 
+    def add_endpoint(self, endpoint_id: str, **fields: Any) -> dict[str, Any]:
+        row = {
+            "endpoint_id": endpoint_id,
+            "url": f"http://{endpoint_id}.gpu.internal:8000",
+            "kind": "image",
+            "protocol": "openai",
+            "capacity": 1,
+            "weight": 1,
+            "state": "ACTIVE",
+            "source": "admin",
+            "healthy": False,
+            "circuit": "CLOSED",
+            "latency_ewma_ms": None,
+            "in_flight": 0,
+            "routable": False,
+            **fields,
+        }
+        self.endpoints[endpoint_id] = row
+        return row
+
+    def _admin(self, method: str, user: str, path: str, request: Request) -> Reply:
+        if user not in self.admins:
+            message = "operators only: this route needs the group 'admin'"
+            return api_error(403, message, "FORBIDDEN")
+        if (method, path) == ("GET", "/api/v1/admin/endpoints"):
+            kind = request.query.get("kind", [None])[0]
+            rows = [e for e in self.endpoints.values() if kind in (None, e["kind"])]
+            return reply(200, sorted(rows, key=lambda e: (e["kind"], e["endpoint_id"])))
+        match = re.fullmatch(r"/api/v1/admin/endpoints/([^/]+)(/drain)?", path)
+        if match is None:
+            return api_error(404, "no such route", "NOT_FOUND")
+        action = f"{method} drain" if match[2] else method
+        return self._endpoint(action, unquote(match[1]), request)
+
+    def _endpoint(self, action: str, endpoint_id: str, request: Request) -> Reply:
+        row = self.endpoints.get(endpoint_id)
+        if action == "PUT":
+            body = request.json()
+            self.endpoint_puts.append(body)
+            if not 1 <= body.get("capacity", 1) <= 64:
+                return api_error(400, "capacity: must be 1-64", "VALIDATION_ERROR", "capacity")
+            config = {"protocol": "openai", "capacity": 1, "weight": 1, "state": "ACTIVE", **body}
+            health = {k: v for k, v in (row or {}).items() if k != "endpoint_id"}
+            return reply(200, self.add_endpoint(endpoint_id, **{**health, **config}))
+        if row is None:
+            return api_error(404, f"endpoint {endpoint_id} not found", "NOT_FOUND", "endpoint_id")
+        if action == "POST drain":
+            row["state"] = "DRAINING"
+            return reply(200, row)
+        if action == "DELETE":
+            del self.endpoints[endpoint_id]
+            return reply(200, {"endpoint_id": endpoint_id, "deleted": True})
+        return api_error(405, "method not allowed", "METHOD_NOT_ALLOWED")
+
 
 def xml_error(status: int, code: str, message: str = "") -> Reply:
     body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
@@ -317,7 +377,7 @@ def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(payload)
 
-        do_GET = do_POST = do_DELETE = _dispatch
+        do_GET = do_POST = do_PUT = do_DELETE = _dispatch
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -811,3 +871,125 @@ def test_credentials_dir_follows_the_environment(
     creds.save("http://x/", "tok", "u", None)
     assert creds.load("http://x") == creds.Credentials("tok", "u", None)
     assert stat.S_IMODE((tmp_path / "explicit" / "credentials.json").stat().st_mode) == 0o600
+
+
+# -- endpoints (operators) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def ops_token(api: FakeApi) -> str:
+    return api.issue_token("ops")
+
+
+def test_endpoints_list_shows_a_table(cli: Invoke, api: FakeApi, ops_token: str) -> None:
+    api.add_endpoint(
+        "gpu-a",
+        capacity=4,
+        in_flight=1,
+        healthy=True,
+        routable=True,
+        latency_ewma_ms=123.4,
+    )
+    api.add_endpoint("gpu-b", state="DRAINING", circuit="OPEN", kind="speech")
+
+    result = cli("endpoints", "list", token=ops_token)
+
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "id" in line.split())
+    assert one_line(header) == (
+        "id kind url state healthy circuit in-flight/capacity latency (EWMA)"
+    )
+    text = one_line(result.stdout)
+    assert "gpu-a image http://gpu-a.gpu.internal:8000 ACTIVE yes CLOSED 1/4 123 ms" in text
+    assert "gpu-b speech http://gpu-b.gpu.internal:8000 DRAINING no OPEN 0/1 -" in text
+
+
+def test_endpoints_list_by_kind_and_with_none(cli: Invoke, api: FakeApi, ops_token: str) -> None:
+    api.add_endpoint("gpu-a")
+
+    assert cli("endpoints", "list", "--kind", "speech", token=ops_token).stdout.strip() == (
+        "no endpoints"
+    )
+    assert "gpu-a" in cli("endpoints", "list", "--kind", "image", token=ops_token).stdout
+
+
+def test_endpoints_as_a_non_operator_is_refused(cli: Invoke, api: FakeApi, token: str) -> None:
+    api.add_endpoint("gpu-a")
+
+    result = cli("endpoints", "list", token=token)
+
+    assert result.exit_code == 1
+    assert "error: operators only" in result.stderr
+
+
+def test_endpoints_put_adds_then_changes_only_the_options_given(
+    cli: Invoke, api: FakeApi, ops_token: str
+) -> None:
+    missing = cli("endpoints", "put", "gpu-new", "--capacity", "2", token=ops_token)
+    assert missing.exit_code == 1
+    assert "--url and --kind are needed" in missing.stderr
+    assert api.endpoint_puts == []
+
+    new = ["--url", "http://10.0.0.5:8000", "--kind", "image"]
+    added = cli("endpoints", "put", "gpu-new", *new, token=ops_token)
+    assert added.exit_code == 0, added.output
+    assert added.stdout.startswith("added endpoint gpu-new: ACTIVE, image http://10.0.0.5:8000")
+    assert api.endpoint_puts[-1] == {"url": "http://10.0.0.5:8000", "kind": "image"}
+
+    api.endpoints["gpu-new"]["state"] = "DRAINING"
+    changed = cli("endpoints", "put", "gpu-new", "--capacity", "4", token=ops_token)
+    assert changed.exit_code == 0, changed.output
+    # A PUT replaces the configuration: what was not given is sent as it is now.
+    assert api.endpoint_puts[-1] == {
+        "url": "http://10.0.0.5:8000",
+        "kind": "image",
+        "protocol": "openai",
+        "capacity": 4,
+        "weight": 1,
+        "state": "DRAINING",
+    }
+    assert "changed endpoint gpu-new: DRAINING" in changed.stdout
+
+    active = cli("endpoints", "put", "gpu-new", "--state", "active", token=ops_token)
+    assert active.exit_code == 0, active.output
+    assert api.endpoint_puts[-1]["state"] == "ACTIVE"
+
+
+def test_endpoints_put_refuses_what_the_cli_can_check(cli: Invoke, ops_token: str) -> None:
+    result = cli("endpoints", "put", "gpu-1", "--capacity", "0", token=ops_token)
+
+    assert result.exit_code == 2
+    assert "capacity" in result.output
+
+
+def test_endpoints_drain_and_delete(cli: Invoke, api: FakeApi, ops_token: str) -> None:
+    api.add_endpoint("gpu-a")
+
+    drained = cli("endpoints", "drain", "gpu-a", token=ops_token)
+    assert drained.exit_code == 0, drained.output
+    assert drained.stdout.startswith("endpoint gpu-a: DRAINING")
+
+    deleted = cli("endpoints", "delete", "gpu-a", token=ops_token)
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.stdout.strip() == "endpoint gpu-a deleted"
+    assert api.endpoints == {}
+
+    again = cli("endpoints", "delete", "gpu-a", token=ops_token)
+    assert again.exit_code == 1
+    assert "error: endpoint gpu-a not found (field: endpoint_id)" in again.stderr
+
+
+def test_client_endpoint_calls(api: FakeApi, ops_token: str) -> None:
+    client = GpuqueueClient(api.url, ops_token, timeout=5)
+    api.add_endpoint("tts-1", kind="speech")
+
+    row = client.put_endpoint("gpu a/1", url="http://h", kind="image", capacity=None)
+
+    assert row["endpoint_id"] == "gpu a/1"  # the id travels as one path segment
+    assert api.endpoint_puts == [{"url": "http://h", "kind": "image"}]
+    assert [e["endpoint_id"] for e in client.list_endpoints("speech")] == ["tts-1"]
+    assert client.drain_endpoint("tts-1")["state"] == "DRAINING"
+    assert client.delete_endpoint("tts-1") == {"endpoint_id": "tts-1", "deleted": True}
+    with pytest.raises(ApiError) as refused:
+        client.put_endpoint("gpu-2", url="http://h", kind="image", capacity=65)
+    assert (refused.value.status, refused.value.field) == (400, "capacity")

@@ -87,7 +87,11 @@ def test_waiting_out_a_gpu_outage_never_dead_letters_the_task(make_stack, alice)
 
 
 def test_retryable_failure_is_retried_on_the_other_endpoint(make_stack, alice):
-    h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()])
+    # Round-robin: whichever way the endpoint ids sort, one task tries the failing one first.
+    h = make_stack(
+        endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()],
+        parameters={"DispatchStrategy": "round-robin"},
+    )
     failing, healthy = h.image_servers
     h.run_checker()
     ids = [h.submit(alice, {"prompt": f"task {i}"}).json()["task_id"] for i in range(2)]

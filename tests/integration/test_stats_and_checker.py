@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import boto3
 
 from gpuqueue.endpoint_registry import EndpointRegistry, endpoint_id_for
@@ -27,7 +29,24 @@ def test_stats_report_the_seed_fields_from_the_queue(make_stack, alice):
         "delayed": 0,
         "dead_letter": 0,
         "workers": 3,
+        # The checker has not run yet: the declared endpoint is not in the table.
+        "endpoints": {
+            "image": {"healthy": 0, "total": 0, "slots_total": 0, "slots_free": 0},
+            "speech": {"healthy": 0, "total": 0, "slots_total": 0, "slots_free": 0},
+        },
     }
+
+
+def test_stats_report_endpoints_and_free_slots_per_kind(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(), ImageServerKnobs(healthy=False)])
+    h.run_checker()
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+    first = next(e for e in registry.endpoints(TaskKind.IMAGE) if e.healthy)
+    registry.put(first.model_copy(update={"capacity": 3}))
+    lease = registry.take_slot(first, 0, task_id="t", lease_seconds=60, now=time.time())
+    assert lease is not None
+    image = _stats(h, alice).json()["endpoints"]["image"]
+    assert image == {"healthy": 1, "total": 2, "slots_total": 3, "slots_free": 2}
 
 
 def test_stats_count_in_flight_and_dead_lettered_messages(make_stack, alice):

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible image adapter: what it sends and how it classifies what comes back."""
+"""The GPU protocol adapters: what each one sends and how it classifies what comes back."""
 
 from __future__ import annotations
 
@@ -12,10 +12,21 @@ import requests
 from PIL import Image
 
 from gpuqueue.errors import PermanentGpuError, RetryableGpuError
-from gpuqueue.gpu_client import OpenAIImageClient, decode_png
-from gpuqueue.models import Endpoint, ImageParams, Task, TaskKind, TaskStatus
+from gpuqueue.gpu_client import (
+    A1111ImageClient,
+    OpenAIImageClient,
+    decode_png,
+    image_generators,
+)
+from gpuqueue.models import Endpoint, EndpointProtocol, ImageParams, Task, TaskKind, TaskStatus
 
 ENDPOINT = Endpoint(endpoint_id="gpu-a", url="http://gpu-a:8000/", kind=TaskKind.IMAGE)
+A1111_ENDPOINT = Endpoint(
+    endpoint_id="sd-a",
+    url="http://sd-a:7860/",
+    kind=TaskKind.IMAGE,
+    protocol=EndpointProtocol.A1111,
+)
 
 
 def png_bytes() -> bytes:
@@ -65,6 +76,14 @@ class FakeSession:
 
 def client(session: FakeSession) -> OpenAIImageClient:
     return OpenAIImageClient(session=cast(requests.Session, session))
+
+
+def a1111(session: FakeSession) -> A1111ImageClient:
+    return A1111ImageClient(session=cast(requests.Session, session))
+
+
+def a1111_body(data: bytes) -> dict[str, Any]:
+    return {"images": [base64.b64encode(data).decode()], "parameters": {}, "info": "{}"}
 
 
 # --- decode_png -----------------------------------------------------------------------------
@@ -183,3 +202,165 @@ def test_generate_caps_connect_and_read_timeouts_by_the_budget(
     client(session).generate(ENDPOINT, task(), timeout_seconds=budget)
 
     assert session.calls[0]["timeout"] == expected
+
+
+# --- A1111ImageClient.generate --------------------------------------------------------------
+
+
+def test_a1111_posts_to_the_txt2img_path_of_the_endpoint() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+    assert session.calls[0]["url"] == "http://sd-a:7860/sdapi/v1/txt2img"
+
+
+def test_a1111_asks_for_one_image_with_the_task_parameters() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(
+        A1111_ENDPOINT, task(seed=42, negative_prompt="blurry"), timeout_seconds=60
+    )
+
+    assert session.calls[0]["json"] == {
+        "prompt": "a red fox in snow",
+        "negative_prompt": "blurry",
+        "width": 640,
+        "height": 480,
+        "steps": 20,
+        "seed": 42,
+        "batch_size": 1,
+        "n_iter": 1,
+    }
+
+
+def test_a1111_sends_an_empty_negative_prompt_when_the_task_has_none() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+    assert session.calls[0]["json"]["negative_prompt"] == ""
+
+
+def test_a1111_asks_for_a_random_seed_when_the_task_has_none() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+    assert session.calls[0]["json"]["seed"] == -1
+
+
+def test_a1111_sends_seed_zero_as_zero() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(A1111_ENDPOINT, task(seed=0), timeout_seconds=60)
+
+    assert session.calls[0]["json"]["seed"] == 0
+
+
+def test_a1111_caps_connect_and_read_timeouts_by_the_budget() -> None:
+    session = FakeSession(response(200, a1111_body(png_bytes())))
+
+    a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=2.0)
+
+    assert session.calls[0]["timeout"] == (2.0, 2.0)
+
+
+def test_a1111_returns_the_png_from_the_endpoint() -> None:
+    png = png_bytes()
+    session = FakeSession(response(200, a1111_body(png)))
+
+    assert a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60) == png
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408])
+def test_a1111_busy_or_broken_answers_are_worth_retrying(status: int) -> None:
+    session = FakeSession(response(status, {"error": "CUDA out of memory"}))
+
+    with pytest.raises(RetryableGpuError, match=str(status)):
+        a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_a1111_rejections_of_the_request_are_permanent(status: int) -> None:
+    session = FakeSession(response(status, {"detail": "width must be a multiple of 8"}))
+
+    with pytest.raises(PermanentGpuError, match=str(status)):
+        a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"<html>Internal error page</html>", id="not-json"),
+        pytest.param({}, id="no-images"),
+        pytest.param({"images": []}, id="empty-images"),
+        pytest.param({"images": [123]}, id="image-not-a-string"),
+        pytest.param({"images": ["not base64 at all!"]}, id="bad-base64"),
+        pytest.param(image_body(b"\x89PNG\r\n\x1a\n"), id="openai-shape"),
+    ],
+)
+def test_a1111_unreadable_success_answer_is_permanent(body: bytes | dict[str, Any]) -> None:
+    session = FakeSession(response(200, body))
+
+    with pytest.raises(PermanentGpuError, match="unreadable"):
+        a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+
+def test_a1111_image_that_is_not_a_png_is_permanent() -> None:
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32
+    session = FakeSession(response(200, a1111_body(jpeg)))
+
+    with pytest.raises(PermanentGpuError, match="not a PNG"):
+        a1111(session).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        requests.ConnectTimeout("connect timed out"),
+        requests.ReadTimeout("read timed out"),
+        requests.ConnectionError("connection refused"),
+    ],
+    ids=type,
+)
+def test_a1111_endpoint_that_cannot_be_reached_in_time_is_worth_retrying(
+    error: Exception,
+) -> None:
+    with pytest.raises(RetryableGpuError, match="sd-a"):
+        a1111(FakeSession(error)).generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+
+# --- image_generators -----------------------------------------------------------------------
+
+
+def test_image_generators_has_one_adapter_per_protocol() -> None:
+    generators = image_generators(cast(requests.Session, FakeSession(response(200, {}))))
+
+    assert set(generators) == set(EndpointProtocol)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "adapter"),
+    [(EndpointProtocol.OPENAI, OpenAIImageClient), (EndpointProtocol.A1111, A1111ImageClient)],
+)
+def test_image_generators_maps_each_protocol_to_its_adapter(
+    protocol: EndpointProtocol, adapter: type
+) -> None:
+    generators = image_generators(cast(requests.Session, FakeSession(response(200, {}))))
+
+    assert isinstance(generators[protocol], adapter)
+
+
+def test_image_generators_share_the_given_session() -> None:
+    png = png_bytes()
+    session = FakeSession(response(200, {**image_body(png), **a1111_body(png)}))
+    generators = image_generators(cast(requests.Session, session))
+
+    generators[EndpointProtocol.OPENAI].generate(ENDPOINT, task(), timeout_seconds=60)
+    generators[EndpointProtocol.A1111].generate(A1111_ENDPOINT, task(), timeout_seconds=60)
+
+    assert [c["url"] for c in session.calls] == [
+        "http://gpu-a:8000/v1/images/generations",
+        "http://sd-a:7860/sdapi/v1/txt2img",
+    ]

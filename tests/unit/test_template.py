@@ -17,6 +17,7 @@ import samtranslator
 from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
+from gpuqueue.admin_settings import AdminSettings
 from gpuqueue_local.template import function_property, load_template, resources_of_type
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +58,7 @@ SETTINGS_BY_FUNCTION: dict[str, type[BaseSettings]] = {
     "StatsFunction": settings.StatsSettings,
     "CheckerFunction": settings.CheckerSettings,
     "DispatcherFunction": settings.DispatcherSettings,
+    "AdminFunction": AdminSettings,
 }
 
 

@@ -3,6 +3,12 @@
 Idempotent on task_id: a duplicate delivery finds the task terminal (or held by a live
 lease) and does nothing; the image key is deterministic, so a repeated run overwrites
 the same object; every write after the claim is conditional on holding the lease.
+
+Capacity: a GPU call happens only while holding one of the endpoint's slots (a lease in
+the endpoints table). No free slot: wait briefly, then hand the message back without
+spending an attempt. A failed call counts against the endpoint at once (its circuit opens
+after `circuit_failure_threshold` in a row) and the task moves to another endpoint in the
+same invocation when enough time is left for a full call.
 """
 
 from __future__ import annotations
@@ -10,19 +16,19 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from aws_lambda_powertools import Logger
 
-from gpuqueue.balancer import RoundRobinBalancer
+from gpuqueue.balancer import Balancer, Candidate
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryLater
 from gpuqueue.gpu_client import ImageGenerator
 from gpuqueue.image_store import ImageStore
-from gpuqueue.models import QueueMessage, TaskKind, TaskStatus
-from gpuqueue.task_store import TaskStore
+from gpuqueue.models import Endpoint, EndpointProtocol, QueueMessage, SlotLease, Task, TaskKind
+from gpuqueue.task_store import Claim, TaskStore
 
 logger = Logger(child=True)
 
@@ -47,6 +53,10 @@ class DispatchPolicy:
     retry_base_delay_seconds: float = 2.0
     retry_max_delay_seconds: float = 60.0
     no_endpoint_delay_seconds: int = 10
+    circuit_failure_threshold: int = 3
+    slot_wait_seconds: float = 5.0
+    slot_poll_seconds: float = 0.1
+    no_slot_delay_seconds: int = 2
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
         """Capped exponential backoff with jitter in [ceiling/2, ceiling], whole seconds up."""
@@ -63,19 +73,21 @@ class TaskDispatcher:
         tasks: TaskStore,
         registry: EndpointRegistry,
         images: ImageStore,
-        generator: ImageGenerator,
+        generators: Mapping[EndpointProtocol, ImageGenerator],
         policy: DispatchPolicy,
-        balancer: RoundRobinBalancer | None = None,
+        balancer: Balancer | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self._tasks = tasks
         self._registry = registry
         self._images = images
-        self._generator = generator
+        self._generators = generators
         self._policy = policy
-        self._balancer = balancer or RoundRobinBalancer()
+        self._balancer = balancer or Balancer()
         self._clock = clock
+        self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
 
     def dispatch(self, message: QueueMessage, *, remaining_seconds: Callable[[], float]) -> Outcome:
@@ -90,11 +102,15 @@ class TaskDispatcher:
             # Canceled before dispatch, or a duplicate delivery of finished work.
             return Outcome.SKIPPED
         now = self._clock()
-        if task.status is TaskStatus.RUNNING and (task.lease_until or 0) >= now:
+        if (
+            task.lease_until is not None
+            and task.status.value == "RUNNING"
+            and task.lease_until >= now
+        ):
             # Someone holds a live lease: come back when it would have expired.
             raise RetryLater(
                 "task is running elsewhere",
-                delay_seconds=int((task.lease_until or now) - now) + 1,
+                delay_seconds=int(task.lease_until - now) + 1,
                 requeue=True,
             )
         if task.attempt >= self._policy.max_attempts:
@@ -103,38 +119,134 @@ class TaskDispatcher:
                 task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
             return Outcome.FAILED
+        tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
+        return self._run(task, tried, remaining_seconds)
 
-        endpoints = self._registry.routable(
-            TaskKind.IMAGE, max_age_seconds=self._policy.health_max_age_seconds, now=now
-        )
-        avoid = {task.endpoint_id} if task.endpoint_id and task.error else set()
-        endpoint = self._balancer.pick_endpoint(endpoints, avoid=avoid)
-        if endpoint is None:
-            # Not the task's fault: wait without spending an attempt.
-            raise RetryLater(
-                "no healthy image endpoint",
-                delay_seconds=self._policy.no_endpoint_delay_seconds,
-                requeue=True,
+    def _budget(self, remaining_seconds: Callable[[], float]) -> float:
+        return min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)
+
+    def _run(self, task: Task, tried: set[str], remaining_seconds: Callable[[], float]) -> Outcome:
+        claim: Claim | None = None
+        while True:
+            budget = self._budget(remaining_seconds)
+            if budget < MIN_CALL_SECONDS:
+                if claim is not None:
+                    self._tasks.release_for_retry(
+                        claim, error=claim.task.error or "ran out of time", endpoint_id=None
+                    )
+                raise RetryLater("not enough time left in this invocation", delay_seconds=0)
+            lease_seconds = budget + SAFETY_MARGIN_SECONDS
+            try:
+                slot, endpoint = self._acquire_slot(task, tried, lease_seconds)
+            except RetryLater:
+                if claim is not None:  # a retry found no slot: give the task back, QUEUED
+                    self._tasks.release_for_retry(
+                        claim, error=claim.task.error or "no free slot", endpoint_id=None
+                    )
+                raise
+            try:
+                now = self._clock()
+                if claim is None:
+                    claim = self._tasks.claim(
+                        task, lease_seconds=lease_seconds, now=now, endpoint_id=endpoint.endpoint_id
+                    )
+                else:
+                    claim = self._tasks.next_attempt(
+                        claim,
+                        lease_seconds=lease_seconds,
+                        now=now,
+                        endpoint_id=endpoint.endpoint_id,
+                    )
+                if claim is None:
+                    return Outcome.SKIPPED  # another delivery won the race; it owns the task
+                outcome = self._call(claim, endpoint, budget, tried, remaining_seconds)
+            finally:
+                self._registry.release_slot(slot)
+            if outcome is not Outcome.RETRY:
+                return outcome
+
+    def _acquire_slot(
+        self, task: Task, tried: set[str], lease_seconds: float
+    ) -> tuple[SlotLease, Endpoint]:
+        """Lease a slot on the best endpoint; wait briefly for one; else hand the task back."""
+        give_up_at = self._clock() + self._policy.slot_wait_seconds
+        while True:
+            now = self._clock()
+            fleet = self._registry.fleet(TaskKind.IMAGE)
+            routable = fleet.routable(now, self._policy.health_max_age_seconds)
+            if not routable:
+                # Not the task's fault: wait without spending an attempt.
+                raise RetryLater(
+                    "no healthy image endpoint",
+                    delay_seconds=self._policy.no_endpoint_delay_seconds,
+                    requeue=True,
+                )
+            # An endpoint that just failed this task is used again only if it is the last one
+            # standing: otherwise wait for a slot elsewhere.
+            untried = [e for e in routable if e.endpoint_id not in tried]
+            eligible = untried or routable
+            candidates = [
+                Candidate(endpoint=e, in_flight=fleet.in_flight(e.endpoint_id, now), free_slots=n)
+                for e in eligible
+                if (n := len(fleet.free_slots(e, now)))
+            ]
+            ordered = self._balancer.order(
+                candidates, routable=routable, user_id=task.user_id, avoid=tried
             )
+            for candidate in ordered:
+                for slot in fleet.free_slots(candidate.endpoint, now):
+                    lease = self._registry.take_slot(
+                        candidate.endpoint,
+                        slot,
+                        task_id=task.task_id,
+                        lease_seconds=lease_seconds,
+                        now=now,
+                    )
+                    if lease is not None:
+                        return lease, candidate.endpoint
+            if self._clock() >= give_up_at:
+                raise RetryLater(
+                    "every GPU slot is busy",
+                    delay_seconds=self._policy.no_slot_delay_seconds,
+                    requeue=True,
+                )
+            self._sleep(self._policy.slot_poll_seconds)
 
-        budget = min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)
-        if budget < MIN_CALL_SECONDS:
-            raise RetryLater("not enough time left in this invocation", delay_seconds=0)
-        claim = self._tasks.claim(task, lease_seconds=budget + SAFETY_MARGIN_SECONDS, now=now)
-        if claim is None:
-            return Outcome.SKIPPED  # another delivery won the race; it owns the task now
-        attempt = claim.task.attempt
+    def _call(
+        self,
+        claim: Claim,
+        endpoint: Endpoint,
+        budget: float,
+        tried: set[str],
+        remaining_seconds: Callable[[], float],
+    ) -> Outcome:
+        task = claim.task
+        attempt = task.attempt
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
         logger.info("dispatching", extra=log)
-
+        generator = self._generators[endpoint.protocol]
         try:
-            png = self._generator.generate(endpoint, claim.task, timeout_seconds=budget)
+            png = generator.generate(endpoint, task, timeout_seconds=budget)
         except GpuError as error:
             reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
+            tried.add(endpoint.endpoint_id)
+            opened = self._registry.record_dispatch_failure(
+                endpoint.endpoint_id,
+                threshold=self._policy.circuit_failure_threshold,
+                now=self._clock(),
+            )
+            if opened:
+                logger.warning("circuit opened", extra=log)
             if not error.retryable or attempt >= self._policy.max_attempts:
                 self._tasks.fail(claim, error=reason, endpoint_id=endpoint.endpoint_id)
                 logger.warning("task failed", extra={**log, "error": reason})
                 return Outcome.FAILED
+            # Another full call must fit in what is left of this invocation.
+            if remaining_seconds() - SAFETY_MARGIN_SECONDS >= self._policy.task_timeout_seconds:
+                # Straight to another endpoint, in this invocation.
+                self._tasks.note_error(claim, error=reason)
+                logger.warning("retrying on another endpoint", extra={**log, "error": reason})
+                return Outcome.RETRY
             self._tasks.release_for_retry(claim, error=reason, endpoint_id=endpoint.endpoint_id)
             logger.warning("task will be retried", extra={**log, "error": reason})
             raise RetryLater(
@@ -142,6 +254,7 @@ class TaskDispatcher:
             ) from error
 
         key = self._images.put_png(task.task_id, png)
+        self._registry.record_dispatch_success(endpoint)
         if not self._tasks.complete(claim, result_key=key, endpoint_id=endpoint.endpoint_id):
             # Our lease was taken over; the new holder writes the same key, so nothing is lost.
             logger.warning("lease lost before completion", extra=log)

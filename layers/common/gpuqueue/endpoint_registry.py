@@ -1,21 +1,47 @@
-"""EndpointRegistry: the endpoints ("health") table the checker keeps and the dispatcher reads."""
+"""EndpointRegistry: the endpoints ("health") table.
+
+One table holds two kinds of rows, both carrying `kind` so a single Query on the `by-kind`
+index returns a kind's whole fleet state:
+  - endpoint rows (`row_type` "endpoint"): configuration + health, keyed by endpoint id;
+  - slot rows (`row_type` "slot", key "<endpoint id>#slot#<n>"): a lease on one of the
+    endpoint's concurrent-call slots. A lease expires by itself, so a crashed dispatcher
+    never leaks capacity; taking one is a conditional write, so two dispatchers never
+    hold the same slot.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.conditions import Key
+from botocore.exceptions import ClientError
 
-from gpuqueue.models import Endpoint, EndpointProtocol, HealthResult, TaskKind
+from gpuqueue.models import (
+    CircuitState,
+    Endpoint,
+    EndpointProtocol,
+    EndpointState,
+    HealthResult,
+    SlotLease,
+    TaskKind,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 KIND_INDEX = "by-kind"
 PARAMETER_SOURCE = "parameter"
+ADMIN_SOURCE = "admin"
+ENDPOINT_ROW = "endpoint"
+SLOT_ROW = "slot"
+# Latency EWMA weight of the newest sample.
+EWMA_ALPHA = 0.3
 
 
 def endpoint_id_for(kind: TaskKind, url: str) -> str:
@@ -23,45 +49,118 @@ def endpoint_id_for(kind: TaskKind, url: str) -> str:
     return f"{kind.value}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
+def _slot_key(endpoint_id: str, slot: int) -> str:
+    return f"{endpoint_id}#slot#{slot}"
+
+
+def _num(value: float) -> Decimal:
+    return Decimal(str(round(value, 3)))
+
+
+def _is_conditional_failure(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+@dataclass
+class Fleet:
+    """A kind's endpoints and their live slot leases, read in one query."""
+
+    endpoints: list[Endpoint]
+    leases: dict[str, list[SlotLease]] = field(default_factory=dict)
+
+    def live_leases(self, endpoint_id: str, now: float) -> list[SlotLease]:
+        return [lease for lease in self.leases.get(endpoint_id, []) if lease.is_live(now)]
+
+    def in_flight(self, endpoint_id: str, now: float) -> int:
+        return len(self.live_leases(endpoint_id, now))
+
+    def free_slots(self, endpoint: Endpoint, now: float) -> list[int]:
+        taken = {lease.slot for lease in self.live_leases(endpoint.endpoint_id, now)}
+        free = [s for s in range(endpoint.capacity) if s not in taken]
+        # Half-open: one trial call at a time.
+        allowed = endpoint.usable_capacity - len(taken)
+        return free[: max(0, allowed)]
+
+    def routable(self, now: float, max_age_seconds: float) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.is_routable(now, max_age_seconds)]
+
+
 class EndpointRegistry:
     def __init__(self, table: Table) -> None:
         self._table = table
 
-    def endpoints(self, kind: TaskKind) -> list[Endpoint]:
-        items = []
-        kwargs: dict[str, object] = {
+    # --- reads ------------------------------------------------------------------------------
+
+    def _items(self, kind: TaskKind) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
             "IndexName": KIND_INDEX,
             "KeyConditionExpression": Key("kind").eq(kind.value),
         }
         while True:
-            page = self._table.query(**kwargs)  # type: ignore[arg-type]
+            page = self._table.query(**kwargs)
             items.extend(page.get("Items", []))
             if "LastEvaluatedKey" not in page:
-                break
+                return items
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return sorted((Endpoint.model_validate(i) for i in items), key=lambda e: e.endpoint_id)
+
+    def fleet(self, kind: TaskKind) -> Fleet:
+        endpoints = []
+        leases: dict[str, list[SlotLease]] = defaultdict(list)
+        for item in self._items(kind):
+            if item.get("row_type") == SLOT_ROW:
+                if "lease_until" in item:
+                    lease = SlotLease.model_validate(item | {"endpoint_id": item["slot_of"]})
+                    leases[lease.endpoint_id].append(lease)
+            else:
+                endpoints.append(Endpoint.model_validate(item))
+        endpoints.sort(key=lambda e: e.endpoint_id)
+        return Fleet(endpoints=endpoints, leases=dict(leases))
+
+    def endpoints(self, kind: TaskKind) -> list[Endpoint]:
+        return self.fleet(kind).endpoints
 
     def routable(
         self, kind: TaskKind, *, max_age_seconds: float, now: float | None = None
     ) -> list[Endpoint]:
         now = time.time() if now is None else now
-        return [e for e in self.endpoints(kind) if e.is_routable(now, max_age_seconds)]
+        return self.fleet(kind).routable(now, max_age_seconds)
+
+    def get(self, endpoint_id: str) -> Endpoint | None:
+        item = self._table.get_item(Key={"endpoint_id": endpoint_id}, ConsistentRead=True).get(
+            "Item"
+        )
+        if not item or item.get("row_type") == SLOT_ROW:
+            return None
+        return Endpoint.model_validate(item)
+
+    # --- configuration ----------------------------------------------------------------------
 
     def sync_declared(self, kind: TaskKind, urls: list[str]) -> list[Endpoint]:
         """Upsert the endpoints a stack parameter declares; drop declared rows no longer listed.
 
-        Health fields survive the upsert, so a redeploy does not mark a good endpoint unknown.
+        Health fields and operator changes (state, capacity) survive the upsert, so a
+        redeploy neither marks a good endpoint unknown nor undoes a drain. Rows added
+        through the admin API are left alone.
         """
         wanted = {endpoint_id_for(kind, url): url for url in urls}
         for endpoint_id, url in wanted.items():
-            # Every attribute through a placeholder: several (url, capacity) are reserved words.
+            # Every attribute through a placeholder: several (url, capacity) are reserved.
             keep_if_set = {
                 "protocol": EndpointProtocol.OPENAI.value,
                 "capacity": 1,
+                "weight": 1,
+                "state": EndpointState.ACTIVE.value,
                 "healthy": False,
                 "consecutive_failures": 0,
+                "circuit": CircuitState.CLOSED.value,
             }
-            always = {"url": url, "kind": kind.value, "source": PARAMETER_SOURCE}
+            always = {
+                "url": url,
+                "kind": kind.value,
+                "source": PARAMETER_SOURCE,
+                "row_type": ENDPOINT_ROW,
+            }
             names = {f"#{k}": k for k in [*always, *keep_if_set]}
             values: dict[str, Any] = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
             sets = [f"#{k} = :{k}" for k in always]
@@ -74,36 +173,206 @@ class EndpointRegistry:
             )
         for endpoint in self.endpoints(kind):
             if endpoint.source == PARAMETER_SOURCE and endpoint.endpoint_id not in wanted:
-                self._table.delete_item(Key={"endpoint_id": endpoint.endpoint_id})
+                self.delete(endpoint.endpoint_id)
         return self.endpoints(kind)
 
-    def record_health(self, result: HealthResult) -> None:
-        failures = "#f = :zero" if result.healthy else "#f = if_not_exists(#f, :zero) + :one"
-        expression = "SET #h = :h, #t = :t, #l = :l, #e = :e, " + failures
-        names = {
-            "#h": "healthy",
-            "#t": "last_checked_at",
-            "#l": "latency_ms",
-            "#e": "last_error",
-            "#f": "consecutive_failures",
+    def put(self, endpoint: Endpoint) -> Endpoint:
+        """Add or replace an endpoint's configuration; its health survives a change."""
+        config = {
+            "url": endpoint.url,
+            "kind": endpoint.kind.value,
+            "protocol": endpoint.protocol.value,
+            "capacity": endpoint.capacity,
+            "weight": endpoint.weight,
+            "state": endpoint.state.value,
+            "source": endpoint.source,
+            "row_type": ENDPOINT_ROW,
         }
-        values: dict[str, object] = {
-            ":h": result.healthy,
-            ":t": Decimal(str(round(result.checked_at, 3))),
-            ":l": Decimal(str(round(result.latency_ms, 1))),
-            ":e": result.error,
-            ":zero": 0,
+        defaults = {
+            "healthy": False,
+            "consecutive_failures": 0,
+            "circuit": CircuitState.CLOSED.value,
         }
-        if not result.healthy:
-            values[":one"] = 1
-        # The row may have been removed while we probed: never resurrect it.
+        names = {f"#{k}": k for k in [*config, *defaults]}
+        values: dict[str, Any] = {f":{k}": v for k, v in {**config, **defaults}.items()}
+        sets = [f"#{k} = :{k}" for k in config]
+        sets += [f"#{k} = if_not_exists(#{k}, :{k})" for k in defaults]
+        result = self._table.update_item(
+            Key={"endpoint_id": endpoint.endpoint_id},
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        return Endpoint.model_validate(result["Attributes"])
+
+    def set_state(self, endpoint_id: str, state: EndpointState) -> Endpoint | None:
         try:
+            result = self._table.update_item(
+                Key={"endpoint_id": endpoint_id},
+                UpdateExpression="SET #s = :s",
+                ConditionExpression="attribute_exists(endpoint_id) AND #r <> :slot",
+                ExpressionAttributeNames={"#s": "state", "#r": "row_type"},
+                ExpressionAttributeValues={":s": state.value, ":slot": SLOT_ROW},
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return None
+            raise
+        return Endpoint.model_validate(result["Attributes"])
+
+    def delete(self, endpoint_id: str) -> bool:
+        """Remove an endpoint. Its slot rows stay until their leases end (in-flight calls)."""
+        try:
+            self._table.delete_item(
+                Key={"endpoint_id": endpoint_id},
+                ConditionExpression="attribute_exists(endpoint_id)",
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return False
+            raise
+        return True
+
+    # --- health (the checker) ---------------------------------------------------------------
+
+    def record_health(self, result: HealthResult, previous: Endpoint) -> None:
+        """Write a probe result: EWMA latency, failure count, circuit transitions."""
+        now = result.checked_at
+        sets = {
+            "healthy": result.healthy,
+            "last_checked_at": _num(now),
+            "latency_ms": _num(result.latency_ms),
+            "last_error": result.error,
+        }
+        if result.healthy:
+            previous_ewma = previous.latency_ewma_ms
+            sets["latency_ewma_ms"] = _num(
+                result.latency_ms
+                if previous_ewma is None
+                else EWMA_ALPHA * result.latency_ms + (1 - EWMA_ALPHA) * previous_ewma
+            )
+            sets["consecutive_failures"] = 0
+            if previous.circuit is CircuitState.OPEN:
+                # It answers again: let one trial call decide whether to close.
+                sets["circuit"] = CircuitState.HALF_OPEN.value
+        else:
+            sets["consecutive_failures"] = previous.consecutive_failures + 1
+        names = {f"#{k}": k for k in sets}
+        values: dict[str, Any] = {f":{k}": v for k, v in sets.items()}
+        values[":seen"] = previous.circuit.value
+        names["#circuit"] = "circuit"
+        try:
+            # Only if the circuit did not move since we read it (a dispatcher may open it).
             self._table.update_item(
                 Key={"endpoint_id": result.endpoint_id},
-                UpdateExpression=expression,
-                ConditionExpression="attribute_exists(endpoint_id)",
+                UpdateExpression="SET " + ", ".join(f"#{k} = :{k}" for k in sets),
+                ConditionExpression="attribute_exists(endpoint_id) AND #circuit = :seen",
                 ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,  # type: ignore[arg-type]
+                ExpressionAttributeValues=values,
             )
-        except self._table.meta.client.exceptions.ConditionalCheckFailedException:
-            return
+        except ClientError as error:
+            if not _is_conditional_failure(error):
+                raise
+
+    # --- dispatch outcomes ------------------------------------------------------------------
+
+    def record_dispatch_failure(self, endpoint_id: str, *, threshold: int, now: float) -> bool:
+        """Count a failed GPU call at once; open the circuit at `threshold`. True if opened."""
+        try:
+            result = self._table.update_item(
+                Key={"endpoint_id": endpoint_id},
+                UpdateExpression="ADD consecutive_failures :one",
+                ConditionExpression="attribute_exists(endpoint_id)",
+                ExpressionAttributeValues={":one": 1},
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return False
+            raise
+        endpoint = Endpoint.model_validate(result["Attributes"])
+        failed_trial = endpoint.circuit is CircuitState.HALF_OPEN
+        if endpoint.circuit is CircuitState.OPEN or (
+            endpoint.consecutive_failures < threshold and not failed_trial
+        ):
+            return False
+        try:
+            self._table.update_item(
+                Key={"endpoint_id": endpoint_id},
+                UpdateExpression="SET circuit = :open, opened_at = :now",
+                ConditionExpression="attribute_exists(endpoint_id) AND circuit <> :open",
+                ExpressionAttributeValues={":open": CircuitState.OPEN.value, ":now": _num(now)},
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return False
+            raise
+        return True
+
+    def record_dispatch_success(self, endpoint: Endpoint) -> None:
+        """A call succeeded: reset the failure count and close a half-open circuit."""
+        if endpoint.consecutive_failures == 0 and endpoint.circuit is CircuitState.CLOSED:
+            return  # nothing to change: save the write on the hot path
+        try:
+            self._table.update_item(
+                Key={"endpoint_id": endpoint.endpoint_id},
+                UpdateExpression="SET consecutive_failures = :zero, circuit = :closed",
+                ConditionExpression="attribute_exists(endpoint_id) AND circuit <> :open",
+                ExpressionAttributeValues={
+                    ":zero": 0,
+                    ":closed": CircuitState.CLOSED.value,
+                    ":open": CircuitState.OPEN.value,
+                },
+            )
+        except ClientError as error:
+            if not _is_conditional_failure(error):
+                raise
+
+    # --- slots ------------------------------------------------------------------------------
+
+    def take_slot(
+        self, endpoint: Endpoint, slot: int, *, task_id: str, lease_seconds: float, now: float
+    ) -> SlotLease | None:
+        """Lease one slot if it is free (never taken, or its lease ended). None if not."""
+        lease = SlotLease(
+            endpoint_id=endpoint.endpoint_id,
+            slot=slot,
+            lease_id=str(uuid.uuid4()),
+            task_id=task_id,
+            lease_until=now + lease_seconds,
+        )
+        try:
+            self._table.put_item(
+                Item={
+                    "endpoint_id": _slot_key(endpoint.endpoint_id, slot),
+                    "row_type": SLOT_ROW,
+                    "kind": endpoint.kind.value,
+                    "slot_of": endpoint.endpoint_id,
+                    "slot": slot,
+                    "lease_id": lease.lease_id,
+                    "task_id": task_id,
+                    "lease_until": _num(lease.lease_until),
+                },
+                # <= : a lease ending exactly now is over, as SlotLease.is_live says.
+                ConditionExpression="attribute_not_exists(lease_until) OR lease_until <= :now",
+                ExpressionAttributeValues={":now": _num(now)},
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return None
+            raise
+        return lease
+
+    def release_slot(self, lease: SlotLease) -> None:
+        """Free the slot now, but only if the lease is still ours."""
+        try:
+            self._table.delete_item(
+                Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
+                ConditionExpression="lease_id = :mine",
+                ExpressionAttributeValues={":mine": lease.lease_id},
+            )
+        except ClientError as error:
+            if not _is_conditional_failure(error):
+                raise

@@ -26,6 +26,16 @@ class TaskStateConflict(GpuqueueError):
     code = "CONFLICT"
 
 
+class EndpointNotFound(GpuqueueError):
+    code = "NOT_FOUND"
+
+
+class EndpointConflict(GpuqueueError):
+    """The change contradicts how the endpoint is managed (e.g. a stack-declared row)."""
+
+    code = "CONFLICT"
+
+
 class UserAlreadyExists(GpuqueueError):
     code = "USER_EXISTS"
 
@@ -40,6 +50,12 @@ class InvalidCredentials(GpuqueueError):
 
 class Unauthenticated(GpuqueueError):
     code = "UNAUTHENTICATED"
+
+
+class Forbidden(GpuqueueError):
+    """Authenticated, but not allowed (e.g. not in the Cognito group a route needs)."""
+
+    code = "FORBIDDEN"
 
 
 class QueueFull(GpuqueueError):

@@ -10,7 +10,7 @@ import requests
 from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import PermanentGpuError, RetryableGpuError
-from gpuqueue.models import Endpoint, Task
+from gpuqueue.models import Endpoint, EndpointProtocol, Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONNECT_TIMEOUT_SECONDS = 3.0
@@ -32,6 +32,27 @@ class _OpenAIImagesResponse(BaseModel):
     data: list[_OpenAIImage]
 
 
+def _post(
+    session: requests.Session,
+    endpoint: Endpoint,
+    path: str,
+    body: dict[str, object],
+    timeout: float,
+) -> requests.Response:
+    url = f"{endpoint.url.rstrip('/')}{path}"
+    connect = min(CONNECT_TIMEOUT_SECONDS, timeout)
+    try:
+        return session.post(url, json=body, timeout=(connect, timeout))
+    except requests.Timeout as error:
+        raise RetryableGpuError(
+            f"endpoint {endpoint.endpoint_id} timed out after {timeout:.0f}s"
+        ) from error
+    except requests.RequestException as error:
+        raise RetryableGpuError(
+            f"endpoint {endpoint.endpoint_id} unreachable: {type(error).__name__}"
+        ) from error
+
+
 class OpenAIImageClient:
     """OpenAI-compatible `POST /v1/images/generations` with `response_format=b64_json`."""
 
@@ -51,22 +72,56 @@ class OpenAIImageClient:
             body["negative_prompt"] = task.negative_prompt
         if params.seed is not None:
             body["seed"] = params.seed
-        url = f"{endpoint.url.rstrip('/')}/v1/images/generations"
-        connect = min(CONNECT_TIMEOUT_SECONDS, timeout_seconds)
-        try:
-            response = self._session.post(url, json=body, timeout=(connect, timeout_seconds))
-        except requests.Timeout as error:
-            raise RetryableGpuError(
-                f"endpoint {endpoint.endpoint_id} timed out after {timeout_seconds:.0f}s"
-            ) from error
-        except requests.RequestException as error:
-            raise RetryableGpuError(
-                f"endpoint {endpoint.endpoint_id} unreachable: {type(error).__name__}"
-            ) from error
+        response = _post(self._session, endpoint, "/v1/images/generations", body, timeout_seconds)
         return decode_png(endpoint, response)
 
 
-def decode_png(endpoint: Endpoint, response: requests.Response) -> bytes:
+class _A1111Response(BaseModel):
+    images: list[str]
+
+
+class A1111ImageClient:
+    """AUTOMATIC1111-style `POST /sdapi/v1/txt2img` (also Forge, SD.Next)."""
+
+    def __init__(self, session: requests.Session | None = None) -> None:
+        self._session = session or requests.Session()
+
+    def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
+        params = task.params
+        body: dict[str, object] = {
+            "prompt": task.prompt,
+            "negative_prompt": task.negative_prompt or "",
+            "width": params.width,
+            "height": params.height,
+            "steps": params.steps,
+            "seed": -1 if params.seed is None else params.seed,  # -1: A1111's "random"
+            "batch_size": 1,
+            "n_iter": 1,
+        }
+        response = _post(self._session, endpoint, "/sdapi/v1/txt2img", body, timeout_seconds)
+        _raise_for_status(endpoint, response)
+        try:
+            parsed = _A1111Response.model_validate_json(response.content)
+            png = base64.b64decode(parsed.images[0], validate=True)
+        except (ValidationError, IndexError, binascii.Error, ValueError):
+            raise PermanentGpuError(
+                f"endpoint {endpoint.endpoint_id} returned an unreadable image response"
+            ) from None
+        return _check_png(endpoint, png)
+
+
+def image_generators(
+    session: requests.Session | None = None,
+) -> dict[EndpointProtocol, ImageGenerator]:
+    """One adapter per wire protocol, sharing a connection pool."""
+    session = session or requests.Session()
+    return {
+        EndpointProtocol.OPENAI: OpenAIImageClient(session),
+        EndpointProtocol.A1111: A1111ImageClient(session),
+    }
+
+
+def _raise_for_status(endpoint: Endpoint, response: requests.Response) -> None:
     status = response.status_code
     if status >= 500 or status in RETRYABLE_STATUSES:
         raise RetryableGpuError(f"endpoint {endpoint.endpoint_id} answered HTTP {status}")
@@ -75,6 +130,17 @@ def decode_png(endpoint: Endpoint, response: requests.Response) -> bytes:
             f"endpoint {endpoint.endpoint_id} rejected the request: HTTP {status} "
             f"{response.text[:200]}"
         )
+
+
+def _check_png(endpoint: Endpoint, png: bytes) -> bytes:
+    if not png.startswith(PNG_MAGIC):
+        raise PermanentGpuError(f"endpoint {endpoint.endpoint_id} returned data that is not a PNG")
+    return png
+
+
+def decode_png(endpoint: Endpoint, response: requests.Response) -> bytes:
+    """An OpenAI images response -> PNG bytes, or the error it amounts to."""
+    _raise_for_status(endpoint, response)
     try:
         parsed = _OpenAIImagesResponse.model_validate_json(response.content)
         png = base64.b64decode(parsed.data[0].b64_json, validate=True)
@@ -82,6 +148,4 @@ def decode_png(endpoint: Endpoint, response: requests.Response) -> bytes:
         raise PermanentGpuError(
             f"endpoint {endpoint.endpoint_id} returned an unreadable image response"
         ) from None
-    if not png.startswith(PNG_MAGIC):
-        raise PermanentGpuError(f"endpoint {endpoint.endpoint_id} returned data that is not a PNG")
-    return png
+    return _check_png(endpoint, png)

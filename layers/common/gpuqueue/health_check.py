@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.models import Endpoint, HealthResult, TaskKind
+from gpuqueue.models import Endpoint, EndpointState, HealthResult, TaskKind
 
 MAX_PROBE_THREADS = 16
 
@@ -44,19 +44,47 @@ class HealthChecker:
         session: requests.Session | None = None,
         *,
         timeout_seconds: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._registry = registry
         self._session = session or requests.Session()
         self._timeout = timeout_seconds
+        self._sleep = sleep
 
-    def run(self, declared: dict[TaskKind, list[str]]) -> list[HealthResult]:
-        """Sync the declared endpoints, probe every endpoint of those kinds, record results."""
-        endpoints: list[Endpoint] = []
+    def run(
+        self,
+        declared: dict[TaskKind, list[str]],
+        *,
+        rounds: int = 1,
+        period_seconds: float = 30.0,
+        remaining_seconds: Callable[[], float] = lambda: float("inf"),
+    ) -> list[HealthResult]:
+        """Sync the declared endpoints, then probe every endpoint `rounds` times, a period apart.
+
+        Returns the last round's results. Stops early rather than run past the invocation.
+        """
         for kind, urls in declared.items():
-            endpoints.extend(self._registry.sync_declared(kind, urls))
+            self._registry.sync_declared(kind, urls)
+        results: list[HealthResult] = []
+        for round_number in range(rounds):
+            if round_number:
+                if remaining_seconds() < period_seconds + 2 * self._timeout + 1:
+                    break
+                self._sleep(period_seconds)
+            results = self.check_once(list(declared))
+        return results
+
+    def check_once(self, kinds: Sequence[TaskKind]) -> list[HealthResult]:
+        """Probe every non-disabled endpoint of these kinds (declared or admin-added)."""
+        endpoints = [
+            e
+            for kind in kinds
+            for e in self._registry.endpoints(kind)
+            if e.state is not EndpointState.DISABLED
+        ]
         results = self.probe_all(endpoints)
-        for result in results:
-            self._registry.record_health(result)
+        for endpoint, result in zip(endpoints, results, strict=True):
+            self._registry.record_health(result, endpoint)
         return results
 
     def probe_all(self, endpoints: Sequence[Endpoint]) -> list[HealthResult]:

@@ -107,6 +107,7 @@ class Task(BaseModel):
     params: ImageParams = Field(default_factory=ImageParams)
     created_at: str
     updated_at: str
+    started_at: str | None = None  # the latest claim: queue wait = started_at - created_at
     attempt: int = 0
     lease_id: str | None = None
     lease_until: float | None = None
@@ -185,39 +186,96 @@ class QueueMessage(BaseModel):
 
 
 class EndpointProtocol(StrEnum):
-    OPENAI = "openai"
+    OPENAI = "openai"  # POST /v1/images/generations, b64_json
+    A1111 = "a1111"  # POST /sdapi/v1/txt2img (AUTOMATIC1111 / Forge / SD.Next)
+
+
+class EndpointState(StrEnum):
+    ACTIVE = "ACTIVE"  # receives work
+    DRAINING = "DRAINING"  # in-flight calls finish, nothing new is sent
+    DISABLED = "DISABLED"  # kept in the table, never used
+
+
+class CircuitState(StrEnum):
+    CLOSED = "CLOSED"  # normal
+    OPEN = "OPEN"  # failing: no work until a health check passes
+    HALF_OPEN = "HALF_OPEN"  # a check passed: one trial call at a time until one succeeds
 
 
 class Endpoint(BaseModel):
+    """One GPU endpoint: configuration (declared or admin-managed) plus its health."""
+
     model_config = ConfigDict(extra="ignore")
 
     endpoint_id: str
     url: str
     kind: TaskKind
     protocol: EndpointProtocol = EndpointProtocol.OPENAI
-    capacity: int = 1
+    capacity: int = Field(default=1, ge=1)
+    weight: int = Field(default=1, ge=1)
+    state: EndpointState = EndpointState.ACTIVE
     source: str = "parameter"
     healthy: bool = False
     last_checked_at: float | None = None
     latency_ms: float | None = None
+    latency_ewma_ms: float | None = None
     consecutive_failures: int = 0
+    circuit: CircuitState = CircuitState.CLOSED
+    opened_at: float | None = None
     last_error: str | None = None
 
-    @field_validator("capacity", "consecutive_failures", mode="before")
+    @field_validator("capacity", "weight", "consecutive_failures", mode="before")
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
 
-    @field_validator("last_checked_at", "latency_ms", mode="before")
+    @field_validator("last_checked_at", "latency_ms", "latency_ewma_ms", "opened_at", mode="before")
     @classmethod
     def _float_from_decimal(cls, value: Any) -> float | None:
         return None if value is None else float(value)
 
+    def is_fresh(self, now: float, max_age_seconds: float) -> bool:
+        """Checked recently: a stale 'healthy' means the checker stopped."""
+        return self.last_checked_at is not None and now - self.last_checked_at <= max_age_seconds
+
     def is_routable(self, now: float, max_age_seconds: float) -> bool:
-        """Healthy and checked recently: a stale 'healthy' means the checker stopped."""
-        if not self.healthy or self.last_checked_at is None:
-            return False
-        return now - self.last_checked_at <= max_age_seconds
+        """May receive new work: active, healthy, fresh, circuit not open."""
+        return (
+            self.state is EndpointState.ACTIVE
+            and self.healthy
+            and self.circuit is not CircuitState.OPEN
+            and self.is_fresh(now, max_age_seconds)
+        )
+
+    @property
+    def usable_capacity(self) -> int:
+        """A half-open circuit admits one trial call at a time."""
+        return 1 if self.circuit is CircuitState.HALF_OPEN else self.capacity
+
+
+class SlotLease(BaseModel):
+    """One of an endpoint's concurrent-call slots, leased to one GPU call until it expires."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    endpoint_id: str
+    slot: int
+    lease_id: str
+    task_id: str
+    lease_until: float
+
+    @field_validator("slot", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+    @field_validator("lease_until", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float:
+        return float(value)
+
+    def is_live(self, now: float) -> bool:
+        return self.lease_until > now
 
 
 class HealthResult(BaseModel):
@@ -228,6 +286,15 @@ class HealthResult(BaseModel):
     error: str | None = None
 
 
+class FleetStats(BaseModel):
+    """One kind's endpoints: how many can take work, and the GPU slots they offer."""
+
+    healthy: int
+    total: int
+    slots_total: int
+    slots_free: int
+
+
 class QueueStats(BaseModel):
     queue_length: int
     queue_capacity: int
@@ -236,3 +303,4 @@ class QueueStats(BaseModel):
     delayed: int
     dead_letter: int
     workers: int
+    endpoints: dict[str, FleetStats] = Field(default_factory=dict)

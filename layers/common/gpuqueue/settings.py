@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gpuqueue.balancer import Strategy
+
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
@@ -37,14 +39,27 @@ class TasksSettings(_Settings):
 class StatsSettings(_Settings):
     task_queue_url: str
     dead_letter_queue_url: str
+    endpoints_table: str
     queue_capacity: int = Field(default=100, ge=1)
     worker_pool_size: int = Field(default=2, ge=1)
+    health_check_period_seconds: float = Field(default=30, gt=0)
+
+    @property
+    def health_max_age_seconds(self) -> float:
+        return 3.0 * self.health_check_period_seconds
 
 
 class CheckerSettings(_Settings):
     endpoints_table: str
     image_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     probe_timeout_seconds: float = Field(default=2.0, gt=0, le=10)
+    health_check_period_seconds: float = Field(default=30, gt=0)
+    schedule_period_seconds: float = Field(default=60, gt=0)
+
+    @property
+    def rounds_per_run(self) -> int:
+        """EventBridge fires at most once a minute; probe every period within one run."""
+        return max(1, int(self.schedule_period_seconds // self.health_check_period_seconds))
 
     @field_validator("image_endpoint_urls", mode="before")
     @classmethod
@@ -63,7 +78,12 @@ class DispatcherSettings(_Settings):
     task_queue_url: str
     task_timeout_seconds: int = Field(default=120, ge=1, le=900)
     max_attempts: int = Field(default=3, ge=1, le=10)
-    health_check_period_seconds: int = Field(default=60, ge=1)
+    health_check_period_seconds: float = Field(default=30, gt=0)
+    dispatch_strategy: Strategy = Strategy.LEAST_LOADED
+    circuit_failure_threshold: int = Field(default=3, ge=1)
+    slot_wait_seconds: float = Field(default=5.0, ge=0, le=60)
+    slot_poll_seconds: float = Field(default=0.1, gt=0, le=5)
+    no_slot_delay_seconds: int = Field(default=2, ge=0, le=900)
     retry_base_delay_seconds: float = Field(default=2.0, ge=0)
     retry_max_delay_seconds: float = Field(default=60.0, ge=0)
     no_endpoint_delay_seconds: int = Field(default=10, ge=0, le=900)

@@ -140,21 +140,27 @@ class TaskStore:
 
     # --- dispatcher side --------------------------------------------------------------------
 
-    def claim(self, task: Task, *, lease_seconds: float, now: float) -> Claim | None:
+    def claim(
+        self, task: Task, *, lease_seconds: float, now: float, endpoint_id: str | None = None
+    ) -> Claim | None:
         """QUEUED (or RUNNING with an expired lease) -> RUNNING; None if someone else has it."""
         lease_id = str(uuid.uuid4())
+        updates: dict[str, Any] = {
+            "status": TaskStatus.RUNNING.value,
+            "started_at": iso(utc_now()),
+            "lease_id": lease_id,
+            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "attempt": task.attempt + 1,
+        }
+        if endpoint_id:
+            updates["endpoint_id"] = endpoint_id
         try:
             claimed = self._transition(
                 task.task_id,
                 condition=(
                     "attempt = :seen AND (#s = :queued OR (#s = :running AND lease_until < :now))"
                 ),
-                updates={
-                    "status": TaskStatus.RUNNING.value,
-                    "lease_id": lease_id,
-                    "lease_until": Decimal(str(round(now + lease_seconds, 3))),
-                    "attempt": task.attempt + 1,
-                },
+                updates=updates,
                 values={
                     ":seen": task.attempt,
                     ":queued": TaskStatus.QUEUED.value,
@@ -165,6 +171,31 @@ class TaskStore:
         except _ConditionFailed:
             return None
         return Claim(task=claimed, lease_id=lease_id)
+
+    def next_attempt(
+        self, claim: Claim, *, lease_seconds: float, now: float, endpoint_id: str
+    ) -> Claim | None:
+        """Another attempt in the same invocation, on another endpoint, under a fresh lease."""
+        lease_id = str(uuid.uuid4())
+        try:
+            task = self._transition(
+                claim.task.task_id,
+                condition="#s = :running AND lease_id = :lease",
+                updates={
+                    "lease_id": lease_id,
+                    "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+                    "attempt": claim.task.attempt + 1,
+                    "endpoint_id": endpoint_id,
+                },
+                values={":running": TaskStatus.RUNNING.value, ":lease": claim.lease_id},
+            )
+        except _ConditionFailed:
+            return None
+        return Claim(task=task, lease_id=lease_id)
+
+    def note_error(self, claim: Claim, *, error: str) -> bool:
+        """Record a failed attempt's error on a task that stays RUNNING (retried at once)."""
+        return self._while_holding(claim, updates={"error": error})
 
     def complete(self, claim: Claim, *, result_key: str, endpoint_id: str) -> bool:
         return self._while_holding(

@@ -337,6 +337,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, self.owner.stats())
         elif path == "/knobs":
             self._post_knobs()
+        elif path == "/shutdown":
+            # Fault injection from another process: die like a crashed GPU server (the port
+            # then refuses connections). Answer first, stop from another thread.
+            self._send_json(200, {"status": "stopping"})
+            threading.Thread(target=self.owner.stop, daemon=True).start()
         else:
             self._send_json(404, _error(f"no route for POST {path}", "not_found"))
 

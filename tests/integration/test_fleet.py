@@ -1,0 +1,211 @@
+"""The GPU fleet: slots as capacity, circuits, drain, strategies, protocols."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import boto3
+
+from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.models import CircuitState, EndpointProtocol, EndpointState, TaskKind
+from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_testing import wait_for
+
+
+def _registry(h) -> EndpointRegistry:
+    return EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+
+
+def _endpoint(h, server):
+    return next(e for e in _registry(h).endpoints(TaskKind.IMAGE) if e.url == server.url)
+
+
+def _set(h, server, **changes):
+    registry = _registry(h)
+    return registry.put(_endpoint(h, server).model_copy(update=changes))
+
+
+def _deliver_concurrently(h, count: int) -> None:
+    """`count` dispatcher invocations at once, as an ESM with that much concurrency would."""
+    batches = []
+    while len(batches) < count:
+        batches.extend([m] for m in h.receive(max_messages=10))
+    threads = [threading.Thread(target=h.deliver, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+def test_an_endpoint_never_gets_more_calls_than_its_capacity(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.4)])
+    server = h.image_servers[0]
+    h.run_checker()
+    _set(h, server, capacity=2)
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(5)]
+
+    _deliver_concurrently(h, 5)
+    h.drain()
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 5
+    assert server.stats()["max_in_flight"] == 2
+    assert server.stats()["calls"] == 5
+
+
+def test_a_slot_taken_by_a_crashed_worker_frees_itself_when_its_lease_ends(make_stack, alice):
+    h = make_stack(env={"SLOT_WAIT_SECONDS": "0"})
+    server = h.image_servers[0]
+    h.run_checker()
+    endpoint = _endpoint(h, server)
+    # A dispatcher took the only slot and died without releasing it.
+    assert _registry(h).take_slot(endpoint, 0, task_id="ghost", lease_seconds=1.5, now=time.time())
+    task_id = h.submit(alice).json()["task_id"]
+
+    h.deliver(h.receive())
+    row = h.task_row(task_id)
+    assert (row["status"], row["attempt"]) == ("QUEUED", 0)  # waited, no attempt spent
+    assert server.stats()["calls"] == 0
+
+    wait_for(
+        lambda: (
+            _registry(h).fleet(TaskKind.IMAGE).in_flight(endpoint.endpoint_id, time.time()) == 0
+        ),
+        timeout=5,
+        what="the crashed lease to end",
+    )
+    h.drain()
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert server.stats()["calls"] == 1
+
+
+def test_failing_endpoint_opens_its_circuit_and_gets_no_more_work(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()],
+        parameters={"DispatchStrategy": "round-robin", "CircuitFailureThreshold": "3"},
+    )
+    failing, healthy = h.image_servers
+    h.run_checker()
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(8)]
+    h.drain()
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 8
+    assert failing.stats()["calls"] == 3  # then the circuit opened
+    row = _endpoint(h, failing)
+    assert row.circuit is CircuitState.OPEN
+    assert row.opened_at is not None
+    assert healthy.stats()["calls"] == 8
+
+
+def test_open_circuit_half_opens_on_a_good_check_and_closes_on_a_good_call(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(failure_rate=1.0)],
+        parameters={"CircuitFailureThreshold": "2", "MaxAttempts": "2"},
+    )
+    server = h.image_servers[0]
+    h.run_checker()
+    first = h.submit(alice).json()["task_id"]
+    h.drain()
+    assert h.get_task(alice, first).json()["status"] == "FAILED"
+    assert _endpoint(h, server).circuit is CircuitState.OPEN
+
+    # While open, nothing is sent.
+    waiting = h.submit(alice).json()["task_id"]
+    h.deliver(h.receive())
+    assert server.stats()["calls"] == 2
+    assert h.task_row(waiting)["status"] == "QUEUED"
+
+    # The endpoint recovers: the checker half-opens it, one good call closes it.
+    server.knobs.failure_rate = 0.0
+    h.run_checker()
+    assert _endpoint(h, server).circuit is CircuitState.HALF_OPEN
+    h.drain()
+    assert h.get_task(alice, waiting).json()["status"] == "DONE"
+    assert _endpoint(h, server).circuit is CircuitState.CLOSED
+
+
+def test_killed_endpoint_is_abandoned_at_once_and_every_task_still_finishes(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=0.05), ImageServerKnobs(latency_s=0.05)],
+        parameters={"DispatchStrategy": "round-robin"},
+    )
+    victim, survivor = h.image_servers
+    h.run_checker()
+    victim.stop()  # dies between health checks: the table still says healthy
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(10)]
+    started = time.monotonic()
+    h.drain()
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 10
+    assert time.monotonic() - started < 5.0
+    assert _endpoint(h, victim).circuit is CircuitState.OPEN
+    assert survivor.stats()["calls"] == 10
+
+
+def test_drained_endpoint_finishes_in_flight_work_and_gets_nothing_new(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=1.0), ImageServerKnobs()],
+        parameters={"DispatchStrategy": "round-robin"},
+    )
+    draining, other = h.image_servers
+    h.run_checker()
+    _set(h, other, state=EndpointState.DISABLED)  # so the first task surely lands on `draining`
+    first = h.submit(alice).json()["task_id"]
+    worker = threading.Thread(target=h.deliver, args=(h.receive(),))
+    worker.start()
+    wait_for(lambda: draining.stats()["in_flight"] == 1, what="the call in flight")
+
+    _registry(h).set_state(_endpoint(h, draining).endpoint_id, EndpointState.DRAINING)
+    _set(h, other, state=EndpointState.ACTIVE)
+    worker.join(timeout=10)
+    later = [h.submit(alice, {"prompt": f"later {i}"}).json()["task_id"] for i in range(3)]
+    h.drain()
+
+    assert h.get_task(alice, first).json()["status"] == "DONE"
+    assert [h.get_task(alice, i).json()["status"] for i in later] == ["DONE"] * 3
+    assert draining.stats()["calls"] == 1
+    assert other.stats()["calls"] == 3
+
+
+def test_user_hash_keeps_each_user_on_one_endpoint(make_stack, alice, bob):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(), ImageServerKnobs(), ImageServerKnobs()],
+        parameters={"DispatchStrategy": "user-hash"},
+    )
+    h.run_checker()
+    mine = [h.submit(alice, {"prompt": f"a{i}"}).json()["task_id"] for i in range(4)]
+    theirs = [h.submit(bob, {"prompt": f"b{i}"}).json()["task_id"] for i in range(4)]
+    h.drain()
+
+    assert len({h.task_row(i)["endpoint_id"] for i in mine}) == 1
+    assert len({h.task_row(i)["endpoint_id"] for i in theirs}) == 1
+    assert all(h.task_row(i)["status"] == "DONE" for i in mine + theirs)
+
+
+def test_a1111_endpoint_is_called_with_its_own_protocol(make_stack, alice):
+    h = make_stack()
+    server = h.image_servers[0]
+    h.run_checker()
+    _set(h, server, protocol=EndpointProtocol.A1111)
+    task_id = h.submit(alice, {"prompt": "a1111 fox", "width": 192, "height": 128}).json()[
+        "task_id"
+    ]
+    h.drain()
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert server.stats()["prompts"] == ["a1111 fox"]
+    assert _endpoint(h, server).protocol is EndpointProtocol.A1111
+
+
+def test_checker_keeps_admin_added_rows_next_to_declared_ones(make_stack):
+    h = make_stack(endpoints=[ImageServerKnobs(), ImageServerKnobs()])
+    _declared, extra = h.image_servers
+    h.run_checker()
+    registry = _registry(h)
+    row = _endpoint(h, extra)
+    registry.delete(row.endpoint_id)
+    registry.put(row.model_copy(update={"endpoint_id": "gpu-extra", "source": "admin"}))
+    assert h.run_checker()["checked"] == 3  # the declared two and the admin one
+    admin_row = registry.get("gpu-extra")
+    assert admin_row is not None
+    assert admin_row.healthy
+    assert admin_row.latency_ewma_ms is not None

@@ -1,0 +1,195 @@
+"""A kind's fleet as read in one query: free slots per endpoint, and which endpoints take work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpuqueue.endpoint_registry import Fleet
+from gpuqueue.models import CircuitState, Endpoint, EndpointState, SlotLease, TaskKind
+
+NOW = 1_800_000_000.0
+MAX_AGE = 90.0
+
+
+def endpoint(endpoint_id: str = "gpu-a", **overrides: Any) -> Endpoint:
+    fields: dict[str, Any] = {
+        "endpoint_id": endpoint_id,
+        "url": f"http://{endpoint_id}:8000",
+        "kind": TaskKind.IMAGE,
+        "healthy": True,
+        "last_checked_at": NOW - 10,
+        **overrides,
+    }
+    return Endpoint.model_validate(fields)
+
+
+def lease(slot: int, *, until: float, endpoint_id: str = "gpu-a") -> SlotLease:
+    return SlotLease(
+        endpoint_id=endpoint_id,
+        slot=slot,
+        lease_id=f"lease-{endpoint_id}-{slot}",
+        task_id=f"task-{slot}",
+        lease_until=until,
+    )
+
+
+def live(slot: int, endpoint_id: str = "gpu-a") -> SlotLease:
+    return lease(slot, until=NOW + 60, endpoint_id=endpoint_id)
+
+
+def expired(slot: int, endpoint_id: str = "gpu-a") -> SlotLease:
+    return lease(slot, until=NOW - 1, endpoint_id=endpoint_id)
+
+
+def fleet_of(e: Endpoint, *leases: SlotLease) -> Fleet:
+    return Fleet(endpoints=[e], leases={e.endpoint_id: list(leases)} if leases else {})
+
+
+# --- Fleet.free_slots -------------------------------------------------------------------------
+
+
+def test_an_endpoint_without_leases_offers_every_slot() -> None:
+    e = endpoint(capacity=3)
+
+    assert fleet_of(e).free_slots(e, NOW) == [0, 1, 2]
+
+
+def test_a_live_lease_takes_its_slot() -> None:
+    e = endpoint(capacity=3)
+
+    assert fleet_of(e, live(1)).free_slots(e, NOW) == [0, 2]
+
+
+def test_an_expired_lease_leaves_its_slot_free() -> None:
+    e = endpoint(capacity=3)
+
+    assert fleet_of(e, expired(1)).free_slots(e, NOW) == [0, 1, 2]
+
+
+def test_an_endpoint_with_every_slot_leased_offers_none() -> None:
+    e = endpoint(capacity=2)
+
+    assert fleet_of(e, live(0), live(1)).free_slots(e, NOW) == []
+
+
+def test_free_slots_never_exceed_capacity() -> None:
+    e = endpoint(capacity=2)
+
+    assert fleet_of(e).free_slots(e, NOW) == [0, 1]
+
+
+def test_leases_beyond_a_reduced_capacity_still_count_against_it() -> None:
+    e = endpoint(capacity=2)
+
+    assert fleet_of(e, live(3)).free_slots(e, NOW) == [0]
+
+
+def test_another_endpoints_leases_do_not_take_slots() -> None:
+    e = endpoint("gpu-a", capacity=2)
+    fleet = Fleet(endpoints=[e], leases={"gpu-b": [live(0, "gpu-b"), live(1, "gpu-b")]})
+
+    assert fleet.free_slots(e, NOW) == [0, 1]
+
+
+def test_a_half_open_endpoint_offers_one_slot_whatever_its_capacity() -> None:
+    e = endpoint(capacity=4, circuit=CircuitState.HALF_OPEN)
+
+    assert len(fleet_of(e).free_slots(e, NOW)) == 1
+
+
+def test_a_half_open_endpoint_offers_no_slot_while_its_trial_call_runs() -> None:
+    e = endpoint(capacity=4, circuit=CircuitState.HALF_OPEN)
+
+    assert fleet_of(e, live(0)).free_slots(e, NOW) == []
+
+
+def test_a_half_open_endpoint_offers_a_slot_again_once_the_trial_lease_expires() -> None:
+    e = endpoint(capacity=4, circuit=CircuitState.HALF_OPEN)
+
+    assert len(fleet_of(e, expired(0)).free_slots(e, NOW)) == 1
+
+
+# --- Fleet.live_leases / in_flight --------------------------------------------------------------
+
+
+def test_in_flight_counts_only_live_leases() -> None:
+    e = endpoint(capacity=4)
+
+    assert fleet_of(e, live(0), expired(1), live(2)).in_flight("gpu-a", NOW) == 2
+
+
+def test_an_endpoint_without_lease_rows_has_nothing_in_flight() -> None:
+    assert Fleet(endpoints=[endpoint()]).in_flight("gpu-a", NOW) == 0
+
+
+def test_live_leases_leaves_out_expired_ones() -> None:
+    e = endpoint(capacity=2)
+
+    leases = fleet_of(e, expired(0), live(1)).live_leases("gpu-a", NOW)
+
+    assert [x.slot for x in leases] == [1]
+
+
+# --- Fleet.routable ---------------------------------------------------------------------------
+
+
+def routable_ids(*endpoints: Endpoint) -> list[str]:
+    return [e.endpoint_id for e in Fleet(endpoints=list(endpoints)).routable(NOW, MAX_AGE)]
+
+
+def test_routable_includes_an_active_healthy_fresh_closed_endpoint() -> None:
+    assert routable_ids(endpoint()) == ["gpu-a"]
+
+
+@pytest.mark.parametrize("state", [EndpointState.DRAINING, EndpointState.DISABLED])
+def test_routable_excludes_endpoints_that_are_not_active(state: EndpointState) -> None:
+    assert routable_ids(endpoint(state=state)) == []
+
+
+def test_routable_excludes_an_unhealthy_endpoint() -> None:
+    assert routable_ids(endpoint(healthy=False)) == []
+
+
+def test_routable_excludes_an_endpoint_whose_last_check_is_stale() -> None:
+    assert routable_ids(endpoint(last_checked_at=NOW - MAX_AGE - 1)) == []
+
+
+def test_routable_excludes_an_endpoint_never_checked() -> None:
+    assert routable_ids(endpoint(last_checked_at=None)) == []
+
+
+def test_routable_excludes_an_endpoint_with_an_open_circuit() -> None:
+    assert routable_ids(endpoint(circuit=CircuitState.OPEN, opened_at=NOW - 5)) == []
+
+
+def test_routable_includes_an_endpoint_with_a_half_open_circuit() -> None:
+    assert routable_ids(endpoint(circuit=CircuitState.HALF_OPEN)) == ["gpu-a"]
+
+
+def test_routable_keeps_the_good_endpoints_of_a_mixed_fleet() -> None:
+    fleet = [
+        endpoint("gpu-a"),
+        endpoint("gpu-b", state=EndpointState.DRAINING),
+        endpoint("gpu-c", circuit=CircuitState.HALF_OPEN),
+        endpoint("gpu-d", healthy=False),
+    ]
+
+    assert routable_ids(*fleet) == ["gpu-a", "gpu-c"]
+
+
+# --- Endpoint.usable_capacity -----------------------------------------------------------------
+
+
+def test_usable_capacity_is_the_capacity_when_the_circuit_is_closed() -> None:
+    assert endpoint(capacity=4).usable_capacity == 4
+
+
+def test_usable_capacity_is_one_when_the_circuit_is_half_open() -> None:
+    assert endpoint(capacity=4, circuit=CircuitState.HALF_OPEN).usable_capacity == 1
+
+
+def test_usable_capacity_is_the_capacity_when_the_circuit_is_open() -> None:
+    # Routing already excludes an open endpoint; its slot count is not what stops it.
+    assert endpoint(capacity=4, circuit=CircuitState.OPEN).usable_capacity == 4

@@ -1,0 +1,305 @@
+"""Fleet benchmark (`make bench`): how close dispatch gets to the GPUs' own limit.
+
+On the local stack, with stand-in endpoints of known latency and capacity, push N tasks
+(from several users) and measure, per dispatch strategy: makespan, achieved throughput,
+the ideal throughput sum(capacity / latency), their ratio ("fleet efficiency") and the
+p50/p95 queue wait; then the same with one endpoint killed mid-run (failed tasks must be
+0); and the control plane's own ceiling (zero-latency stand-ins), so the efficiency
+figure is read against what moto and the local runtime can carry at all.
+
+Every run is bounded: N tasks, and a deadline per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "local"))
+sys.path.insert(0, str(REPO / "layers" / "common"))
+
+from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
+from gpuqueue.models import TaskKind  # noqa: E402
+from gpuqueue_local.event_source_mapping import LONG_POLL_SECONDS  # noqa: E402
+from gpuqueue_local.lambda_runtime import FunctionRuntime  # noqa: E402
+from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402
+
+# The default scenario: two fast endpoints and one 3x slower, 4 slots each (2.33 tasks/s,
+# under the local control plane's ~3-4 tasks/s ceiling).
+LATENCIES = (4.0, 4.0, 12.0)
+CAPACITY = 4
+USERS = 30
+# Operators weight endpoints by throughput (capacity / latency): 3:3:1 here.
+WEIGHTS = (3, 3, 1)
+RUN_DEADLINE_SECONDS = 150.0
+SUBMITTERS = 4  # clients pushing the tasks, one warm submit worker each
+# Workers beyond the fleet's slots wait on a slot, so a freed one is taken at once.
+SPARE_WORKERS = 1
+
+
+@dataclass
+class RunResult:
+    label: str
+    tasks: int
+    submit_s: float
+    done: int
+    failed: int
+    makespan_s: float
+    throughput: float
+    ideal: float | None
+    wait_p50_s: float
+    wait_p95_s: float
+    max_in_flight: list[int]
+    capacity: list[int]
+
+    @property
+    def efficiency(self) -> float | None:
+        return None if not self.ideal else self.throughput / self.ideal
+
+    def line(self) -> str:
+        efficiency = f"efficiency {self.efficiency:.2f} " if self.efficiency is not None else ""
+        ideal = f"ideal {self.ideal:.2f}/s " if self.ideal else ""
+        return (
+            f"{self.label}: {efficiency}makespan {self.makespan_s:.1f}s "
+            f"throughput {self.throughput:.2f}/s {ideal}"
+            f"wait p50 {self.wait_p50_s:.1f}s p95 {self.wait_p95_s:.1f}s "
+            f"done {self.done}/{self.tasks} failed {self.failed} submit {self.submit_s:.1f}s "
+            f"peak in-flight {self.max_in_flight} (capacity {self.capacity})"
+        )
+
+
+def _parse(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() if ts else 0.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _users(api: str, count: int) -> list[str]:
+    tokens = []
+    for i in range(count):
+        credentials = {"username": f"bench{i}-{os.getpid()}", "password": "bench-pass-1"}
+        response = requests.post(f"{api}/register", json=credentials, timeout=30)
+        response.raise_for_status()
+        tokens.append(response.json()["token"])
+    return tokens
+
+
+def start_bench_stack(tasks: int, endpoints: int, capacity: int) -> RunningStack:
+    return start_stack(
+        StackOptions(
+            port=0,
+            image_servers=endpoints,
+            image_latency_s=0.0,
+            schedule_speedup=10.0,
+            parameters={
+                "WorkerPoolSize": str(capacity * endpoints + SPARE_WORKERS),
+                "QueueCapacity": str(max(100, tasks)),
+            },
+            demo_user=False,
+            quiet=True,
+        )
+    )
+
+
+def use_strategy(stack: RunningStack, strategy: str) -> None:
+    """Redeploy the dispatcher with another DispatchStrategy: fresh, warm workers."""
+    old = stack.functions["DispatcherFunction"]
+    spec = dataclasses.replace(old.spec, env={**old.spec.env, "DISPATCH_STRATEGY": strategy})
+    new = FunctionRuntime(spec, old.base_env, log=old.log, max_concurrency=old.max_concurrency)
+    new.warm(new.concurrency)
+    for source in stack.sources:
+        if source.function is old:
+            source.function = new
+    stack.functions["DispatcherFunction"] = new
+    old.stop()
+
+
+def run(
+    stack: RunningStack,
+    tokens: list[str],
+    label: str,
+    *,
+    tasks: int,
+    latencies: tuple[float, ...],
+    capacity: int,
+    kill_after: float | None = None,
+    ideal_known: bool = True,
+) -> RunResult:
+    for server in stack.image_servers:
+        server.reset_stats()
+    return _measure(
+        stack,
+        tokens,
+        label,
+        tasks=tasks,
+        latencies=latencies,
+        capacity=capacity,
+        kill_after=kill_after,
+        ideal_known=ideal_known,
+    )
+
+
+def _measure(
+    stack: RunningStack,
+    tokens: list[str],
+    label: str,
+    *,
+    tasks: int,
+    latencies: tuple[float, ...],
+    capacity: int,
+    kill_after: float | None,
+    ideal_known: bool,
+) -> RunResult:
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(stack.stack.ref("EndpointsTable")))
+    for server, latency, weight in zip(stack.image_servers, latencies, WEIGHTS, strict=True):
+        server.knobs.latency_s = latency
+        server.knobs.capacity = capacity  # the stand-in refuses (429) beyond it
+        endpoint = next(e for e in registry.endpoints(TaskKind.IMAGE) if e.url == server.url)
+        registry.put(endpoint.model_copy(update={"capacity": capacity, "weight": weight}))
+    table = boto3.resource("dynamodb").Table(stack.stack.ref("TasksTable"))
+
+    def submit(i: int) -> str:
+        response = requests.post(
+            f"{stack.api_url}/api/v1/image/async",
+            headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"},
+            json={"prompt": f"bench task {i}", "width": 64, "height": 64},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return str(response.json()["task_id"])
+
+    # Queue everything first with the trigger paused, so the figure measures dispatch,
+    # not how fast the local control plane takes submissions.
+    for source in stack.sources:
+        source.pause()
+    time.sleep(LONG_POLL_SECONDS + 0.5)  # polls under way come back empty before we submit
+    submit_started = time.time()
+    with ThreadPoolExecutor(max_workers=SUBMITTERS) as pool:
+        ids = list(pool.map(submit, range(tasks)))
+    submitted = time.time() - submit_started
+    started = time.time()
+    for source in stack.sources:
+        source.resume()
+
+    killed = False
+    deadline = started + RUN_DEADLINE_SECONDS
+    rows: list[dict[str, Any]] = []
+    while time.time() < deadline:
+        rows = [table.get_item(Key={"task_id": i})["Item"] for i in ids]
+        finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED")]
+        if kill_after is not None and not killed and len(finished) >= kill_after * tasks:
+            # Killed mid-run: the process is gone, its port refuses connections.
+            threading.Thread(target=stack.image_servers[0].stop, daemon=True).start()
+            killed = True
+        if len(finished) == tasks:
+            break
+        time.sleep(0.5)
+    done = [r for r in rows if r["status"] == "DONE"]
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    end = max((_parse(str(r["updated_at"])) for r in done + failed), default=time.time())
+    makespan = end - started
+    waits = [
+        _parse(str(r["started_at"])) - _parse(str(r["created_at"]))
+        for r in rows
+        if r.get("started_at")
+    ]
+    ideal = sum(capacity / latency for latency in latencies) if ideal_known else None
+    return RunResult(
+        label=label,
+        tasks=tasks,
+        submit_s=submitted,
+        done=len(done),
+        failed=len(failed),
+        makespan_s=makespan,
+        throughput=len(done) / makespan if makespan > 0 else 0.0,
+        ideal=ideal,
+        wait_p50_s=statistics.median(waits) if waits else 0.0,
+        wait_p95_s=_percentile(waits, 0.95),
+        max_in_flight=[s.stats()["max_in_flight"] for s in stack.image_servers],
+        capacity=[capacity] * len(latencies),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=int(os.environ.get("BENCH_TASKS", "100")))
+    parser.add_argument(
+        "--strategies",
+        default="least-loaded,round-robin,user-hash,weighted",
+        help="comma-separated",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    ideal = sum(CAPACITY / latency for latency in LATENCIES)
+    print(
+        f"scenario: {args.tasks} tasks from {USERS} users; endpoints latency {LATENCIES} s, "
+        f"{CAPACITY} slots and weights {WEIGHTS}; ideal {ideal:.2f} tasks/s",
+        flush=True,
+    )
+    results = []
+    stack = start_bench_stack(args.tasks, len(LATENCIES), CAPACITY)
+    try:
+        stack.functions["SubmitFunction"].warm(SUBMITTERS - 1)
+        tokens = _users(stack.api_url, USERS)
+        common = {"tasks": args.tasks, "capacity": CAPACITY}
+        for strategy in args.strategies.split(","):
+            use_strategy(stack, strategy)
+            results.append(run(stack, tokens, strategy, latencies=LATENCIES, **common))
+            print(results[-1].line(), flush=True)
+        use_strategy(stack, "least-loaded")
+        ceiling = run(
+            stack,
+            tokens,
+            "control-plane ceiling (zero-latency stand-ins)",
+            latencies=(0.0,) * len(LATENCIES),
+            ideal_known=False,
+            **common,
+        )
+        results.append(ceiling)
+        print(ceiling.line(), flush=True)
+        killed = run(
+            stack,
+            tokens,
+            "least-loaded, one endpoint killed at 30%",
+            latencies=LATENCIES,
+            kill_after=0.3,
+            ideal_known=False,
+            **common,
+        )
+        results.append(killed)
+        print(killed.line(), flush=True)
+    finally:
+        stack.stop()
+    if args.json:
+        args.json.write_text(
+            json.dumps([r.__dict__ | {"efficiency": r.efficiency} for r in results], indent=2)
+        )
+    return 1 if killed.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
