@@ -146,8 +146,13 @@ class Balancer:
 
 
 def pick_endpoint(
-    balancer: Balancer, candidates: Sequence[Candidate], **kwargs: object
+    balancer: Balancer,
+    candidates: Sequence[Candidate],
+    *,
+    routable: Sequence[Endpoint] = (),
+    user_id: str = "",
+    avoid: Collection[str] = (),
 ) -> Endpoint | None:
     """The single best endpoint, or None."""
-    ordered = balancer.order(candidates, **kwargs)  # type: ignore[arg-type]
+    ordered = balancer.order(candidates, routable=routable, user_id=user_id, avoid=avoid)
     return ordered[0].endpoint if ordered else None

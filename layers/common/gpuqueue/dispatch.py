@@ -27,7 +27,15 @@ from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryLater
 from gpuqueue.gpu_client import ImageGenerator
 from gpuqueue.image_store import ImageStore
-from gpuqueue.models import Endpoint, EndpointProtocol, QueueMessage, SlotLease, Task, TaskKind
+from gpuqueue.models import (
+    Endpoint,
+    EndpointProtocol,
+    QueueMessage,
+    SlotLease,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
 from gpuqueue.task_store import Claim, TaskStore
 
 logger = Logger(child=True)
@@ -104,7 +112,7 @@ class TaskDispatcher:
         now = self._clock()
         if (
             task.lease_until is not None
-            and task.status.value == "RUNNING"
+            and task.status is TaskStatus.RUNNING
             and task.lease_until >= now
         ):
             # Someone holds a live lease: come back when it would have expired.
@@ -127,12 +135,13 @@ class TaskDispatcher:
 
     def _run(self, task: Task, tried: set[str], remaining_seconds: Callable[[], float]) -> Outcome:
         claim: Claim | None = None
+        last_error: str | None = None  # the failed attempt this invocation moves on from
         while True:
             budget = self._budget(remaining_seconds)
             if budget < MIN_CALL_SECONDS:
                 if claim is not None:
                     self._tasks.release_for_retry(
-                        claim, error=claim.task.error or "ran out of time", endpoint_id=None
+                        claim, error=last_error or "ran out of time", endpoint_id=None
                     )
                 raise RetryLater("not enough time left in this invocation", delay_seconds=0)
             lease_seconds = budget + SAFETY_MARGIN_SECONDS
@@ -141,7 +150,7 @@ class TaskDispatcher:
             except RetryLater:
                 if claim is not None:  # a retry found no slot: give the task back, QUEUED
                     self._tasks.release_for_retry(
-                        claim, error=claim.task.error or "no free slot", endpoint_id=None
+                        claim, error=last_error or "no free slot", endpoint_id=None
                     )
                 raise
             try:
@@ -156,10 +165,11 @@ class TaskDispatcher:
                         lease_seconds=lease_seconds,
                         now=now,
                         endpoint_id=endpoint.endpoint_id,
+                        error=last_error,
                     )
                 if claim is None:
                     return Outcome.SKIPPED  # another delivery won the race; it owns the task
-                outcome = self._call(claim, endpoint, budget, tried, remaining_seconds)
+                outcome, last_error = self._call(claim, endpoint, budget, tried, remaining_seconds)
             finally:
                 self._registry.release_slot(slot)
             if outcome is not Outcome.RETRY:
@@ -219,7 +229,8 @@ class TaskDispatcher:
         budget: float,
         tried: set[str],
         remaining_seconds: Callable[[], float],
-    ) -> Outcome:
+    ) -> tuple[Outcome, str | None]:
+        """One GPU call; RETRY comes with the error the next attempt records."""
         task = claim.task
         attempt = task.attempt
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
@@ -240,13 +251,12 @@ class TaskDispatcher:
             if not error.retryable or attempt >= self._policy.max_attempts:
                 self._tasks.fail(claim, error=reason, endpoint_id=endpoint.endpoint_id)
                 logger.warning("task failed", extra={**log, "error": reason})
-                return Outcome.FAILED
+                return Outcome.FAILED, reason
             # Another full call must fit in what is left of this invocation.
             if remaining_seconds() - SAFETY_MARGIN_SECONDS >= self._policy.task_timeout_seconds:
                 # Straight to another endpoint, in this invocation.
-                self._tasks.note_error(claim, error=reason)
                 logger.warning("retrying on another endpoint", extra={**log, "error": reason})
-                return Outcome.RETRY
+                return Outcome.RETRY, reason
             self._tasks.release_for_retry(claim, error=reason, endpoint_id=endpoint.endpoint_id)
             logger.warning("task will be retried", extra={**log, "error": reason})
             raise RetryLater(
@@ -258,6 +268,6 @@ class TaskDispatcher:
         if not self._tasks.complete(claim, result_key=key, endpoint_id=endpoint.endpoint_id):
             # Our lease was taken over; the new holder writes the same key, so nothing is lost.
             logger.warning("lease lost before completion", extra=log)
-            return Outcome.SKIPPED
+            return Outcome.SKIPPED, None
         logger.info("task done", extra=log)
-        return Outcome.DONE
+        return Outcome.DONE, None

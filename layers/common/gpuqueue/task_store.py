@@ -173,29 +173,37 @@ class TaskStore:
         return Claim(task=claimed, lease_id=lease_id)
 
     def next_attempt(
-        self, claim: Claim, *, lease_seconds: float, now: float, endpoint_id: str
+        self,
+        claim: Claim,
+        *,
+        lease_seconds: float,
+        now: float,
+        endpoint_id: str,
+        error: str | None = None,
     ) -> Claim | None:
-        """Another attempt in the same invocation, on another endpoint, under a fresh lease."""
+        """Another attempt in the same invocation, on another endpoint, under a fresh lease.
+
+        `error` (the failed attempt's) is recorded in the same write.
+        """
         lease_id = str(uuid.uuid4())
+        updates: dict[str, Any] = {
+            "lease_id": lease_id,
+            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "attempt": claim.task.attempt + 1,
+            "endpoint_id": endpoint_id,
+        }
+        if error:
+            updates["error"] = error
         try:
             task = self._transition(
                 claim.task.task_id,
                 condition="#s = :running AND lease_id = :lease",
-                updates={
-                    "lease_id": lease_id,
-                    "lease_until": Decimal(str(round(now + lease_seconds, 3))),
-                    "attempt": claim.task.attempt + 1,
-                    "endpoint_id": endpoint_id,
-                },
+                updates=updates,
                 values={":running": TaskStatus.RUNNING.value, ":lease": claim.lease_id},
             )
         except _ConditionFailed:
             return None
         return Claim(task=task, lease_id=lease_id)
-
-    def note_error(self, claim: Claim, *, error: str) -> bool:
-        """Record a failed attempt's error on a task that stays RUNNING (retried at once)."""
-        return self._while_holding(claim, updates={"error": error})
 
     def complete(self, claim: Claim, *, result_key: str, endpoint_id: str) -> bool:
         return self._while_holding(
