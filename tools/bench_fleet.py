@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -42,13 +43,15 @@ from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa
 # under the local control plane's ~3-4 tasks/s ceiling).
 LATENCIES = (4.0, 4.0, 12.0)
 CAPACITY = 4
-USERS = 12
+# Enough users that consistent hashing (weights 3:3:1) gives every endpoint some homes.
+USERS = 24
 # Operators weight endpoints by throughput (capacity / latency): 3:3:1 here.
 WEIGHTS = (3, 3, 1)
 RUN_DEADLINE_SECONDS = 150.0
 SUBMITTERS = 4  # clients pushing the tasks, one warm submit worker each
-# Workers beyond the fleet's slots wait on a slot, so a freed one is taken at once.
-SPARE_WORKERS = 1
+# Workers beyond the fleet's slots wait on a slot, so a freed one is taken at once; with
+# one spare, slots freed together (a burst's first round) wait for a worker's round trip.
+SPARE_WORKERS = 4
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RunResult:
     wait_p95_s: float
     max_in_flight: list[int]
     capacity: list[int]
+    utilisation: list[float]
 
     @property
     def efficiency(self) -> float | None:
@@ -78,7 +82,8 @@ class RunResult:
             f"throughput {self.throughput:.2f}/s {ideal}"
             f"wait p50 {self.wait_p50_s:.1f}s p95 {self.wait_p95_s:.1f}s "
             f"done {self.done}/{self.tasks} failed {self.failed} submit {self.submit_s:.1f}s "
-            f"peak in-flight {self.max_in_flight} (capacity {self.capacity})"
+            f"peak in-flight {self.max_in_flight} (capacity {self.capacity}) "
+            f"slot utilisation {[round(u, 2) for u in self.utilisation]}"
         )
 
 
@@ -93,6 +98,23 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _read_tasks(table: Any, ids: list[str]) -> list[dict[str, Any]]:
+    """The tasks' rows in BatchGetItem pages: one request per 100, not one per task, so
+    the bench's own polling does not load the control plane it measures."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(ids), 100):
+        keys: list[dict[str, Any]] = [{"task_id": i} for i in ids[start : start + 100]]
+        while keys:
+            # The resource (not table.meta.client) deserialises the items.
+            page = boto3.resource("dynamodb").batch_get_item(
+                RequestItems={table.name: {"Keys": keys, "ConsistentRead": True}}
+            )
+            rows.extend(page["Responses"].get(table.name, []))
+            unprocessed: dict[str, Any] = dict(page.get("UnprocessedKeys", {}))
+            keys = list(unprocessed.get(table.name, {}).get("Keys", []))
+    return rows
+
+
 def _users(api: str, count: int) -> list[str]:
     tokens = []
     for i in range(count):
@@ -103,7 +125,7 @@ def _users(api: str, count: int) -> list[str]:
     return tokens
 
 
-def start_bench_stack(tasks: int, endpoints: int, capacity: int) -> RunningStack:
+def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) -> RunningStack:
     return start_stack(
         StackOptions(
             port=0,
@@ -113,6 +135,7 @@ def start_bench_stack(tasks: int, endpoints: int, capacity: int) -> RunningStack
             parameters={
                 "WorkerPoolSize": str(capacity * endpoints + SPARE_WORKERS),
                 "QueueCapacity": str(max(100, tasks)),
+                "DispatchStrategy": strategy,
             },
             demo_user=False,
             quiet=True,
@@ -204,7 +227,7 @@ def _measure(
     deadline = started + RUN_DEADLINE_SECONDS
     rows: list[dict[str, Any]] = []
     while time.time() < deadline:
-        rows = [table.get_item(Key={"task_id": i})["Item"] for i in ids]
+        rows = _read_tasks(table, ids)
         finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED")]
         if kill_after is not None and not killed and len(finished) >= kill_after * tasks:
             # Killed mid-run: the process is gone, its port refuses connections.
@@ -223,6 +246,7 @@ def _measure(
         if r.get("started_at")
     ]
     ideal = sum(capacity / latency for latency in latencies) if ideal_known else None
+    stats = [server.stats() for server in stack.image_servers]
     return RunResult(
         label=label,
         tasks=tasks,
@@ -234,8 +258,12 @@ def _measure(
         ideal=ideal,
         wait_p50_s=statistics.median(waits) if waits else 0.0,
         wait_p95_s=_percentile(waits, 0.95),
-        max_in_flight=[s.stats()["max_in_flight"] for s in stack.image_servers],
+        max_in_flight=[s["max_in_flight"] for s in stats],
         capacity=[capacity] * len(latencies),
+        # Share of the run each endpoint's slots spent generating.
+        utilisation=[
+            s["busy_slot_seconds"] / (capacity * makespan) if makespan > 0 else 0.0 for s in stats
+        ],
     )
 
 
@@ -244,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=int(os.environ.get("BENCH_TASKS", "100")))
     parser.add_argument(
         "--strategies",
-        default="least-loaded,round-robin,user-hash,weighted",
+        # least-loaded last: the ceiling and the killed-endpoint runs reuse its workers,
+        # so the dispatcher is redeployed (~10 s of worker start-up) only three times.
+        default="round-robin,user-hash,weighted,least-loaded",
         help="comma-separated",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -252,24 +282,32 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    # A SIGTERM (timeout, Ctrl-C from make) still stops the stack's processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     ideal = sum(CAPACITY / latency for latency in LATENCIES)
     print(
         f"scenario: {args.tasks} tasks from {USERS} users; endpoints latency {LATENCIES} s, "
-        f"{CAPACITY} slots and weights {WEIGHTS}; ideal {ideal:.2f} tasks/s",
+        f"{CAPACITY} slots and weights {WEIGHTS}, {CAPACITY * len(LATENCIES) + SPARE_WORKERS} "
+        f"dispatcher workers; ideal {ideal:.2f} tasks/s",
         flush=True,
     )
-    results = []
-    stack = start_bench_stack(args.tasks, len(LATENCIES), CAPACITY)
+    began = time.monotonic()
+    strategies = args.strategies.split(",")
+    results: list[RunResult] = []
+    stack = start_bench_stack(args.tasks, len(LATENCIES), CAPACITY, strategies[0])
     try:
         stack.functions["SubmitFunction"].warm(SUBMITTERS - 1)
         tokens = _users(stack.api_url, USERS)
         common = {"tasks": args.tasks, "capacity": CAPACITY}
-        for strategy in args.strategies.split(","):
-            use_strategy(stack, strategy)
-            results.append(run(stack, tokens, strategy, latencies=LATENCIES, **common))
-            print(results[-1].line(), flush=True)
-        use_strategy(stack, "least-loaded")
+        current = strategies[0]
+        for strategy in [*strategies, "least-loaded"]:
+            if strategy != current:
+                use_strategy(stack, strategy)
+                current = strategy
+            if strategy in strategies and not any(r.label == strategy for r in results):
+                results.append(run(stack, tokens, strategy, latencies=LATENCIES, **common))
+                print(results[-1].line(), flush=True)
         ceiling = run(
             stack,
             tokens,
@@ -293,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(killed.line(), flush=True)
     finally:
         stack.stop()
+    print(f"bench took {time.monotonic() - began:.0f} s", flush=True)
     if args.json:
         args.json.write_text(
             json.dumps([r.__dict__ | {"efficiency": r.efficiency} for r in results], indent=2)

@@ -59,6 +59,7 @@ def deps() -> Deps:
         slot_poll_seconds=settings.slot_poll_seconds,
         no_slot_delay_seconds=settings.no_slot_delay_seconds,
     )
+    queue = TaskQueue(aws_clients.sqs(), settings.task_queue_url)
     return Deps(
         dispatcher=TaskDispatcher(
             tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
@@ -67,8 +68,9 @@ def deps() -> Deps:
             generators=image_generators(),
             policy=policy,
             balancer=Balancer(settings.dispatch_strategy),
+            backlog=lambda: queue.depth().total,
         ),
-        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+        queue=queue,
     )
 
 

@@ -118,10 +118,17 @@ class MotoServer:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+            # moto with atomic DynamoDB conditional writes (see moto_atomic).
+            [sys.executable, "-m", "gpuqueue_local.moto_atomic", "-H", HOST, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, **MOTO_DETERMINISTIC_IDS},
+            env={
+                **os.environ,
+                **MOTO_DETERMINISTIC_IDS,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+                ),
+            },
         )
 
     def wait_ready(self, timeout: float = 20.0) -> None:

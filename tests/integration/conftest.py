@@ -20,6 +20,7 @@ import requests
 from moto.server import ThreadedMotoServer
 
 from gpuqueue import aws_clients
+from gpuqueue_local import moto_atomic
 from gpuqueue_local.event_sources import settle_batch, sqs_event
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
@@ -39,6 +40,7 @@ HANDLER_MODULES = (
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto call otherwise
+    moto_atomic.install()  # conditional writes atomic, as in DynamoDB
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

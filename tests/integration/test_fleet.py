@@ -209,3 +209,74 @@ def test_checker_keeps_admin_added_rows_next_to_declared_ones(make_stack):
     assert admin_row is not None
     assert admin_row.healthy
     assert admin_row.latency_ewma_ms is not None
+
+
+# --- measured call times and the tail of a burst (least-loaded) ------------------------------
+
+
+def _seed_call_time(h, server, seconds: float) -> None:
+    """Record one measured call on the endpoint's slot 0, as a finished dispatch would."""
+    registry = _registry(h)
+    lease = registry.take_slot(
+        _endpoint(h, server), 0, task_id="seed", lease_seconds=5, now=time.time()
+    )
+    assert lease is not None
+    registry.release_slot(lease, call_seconds=seconds)
+
+
+def test_a_finished_call_teaches_the_fleet_the_endpoints_speed(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.3)])
+    server = h.image_servers[0]
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+
+    h.drain()
+
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    measured = _registry(h).fleet(TaskKind.IMAGE).service_seconds(_endpoint(h, server))
+    assert measured is not None
+    assert 0.3 <= measured < 1.5
+
+
+def _fast_and_slow(make_stack):
+    """A fast endpoint (0.2 s calls) and a slow one (3 s), one slot each, speeds measured."""
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.2), ImageServerKnobs(latency_s=3.0)])
+    fast, slow = h.image_servers
+    h.run_checker()
+    for server, seconds in ((fast, 0.2), (slow, 3.0)):
+        _set(h, server, capacity=1)
+        _seed_call_time(h, server, seconds)
+    return h, fast, slow
+
+
+def _hold(h, server, seconds: float) -> None:
+    """Another task's call holds the endpoint's slot for `seconds` more."""
+    assert _registry(h).take_slot(
+        _endpoint(h, server), 0, task_id="other", lease_seconds=seconds, now=time.time()
+    )
+
+
+def test_the_last_task_waits_for_a_faster_endpoint_rather_than_take_a_slow_one(make_stack, alice):
+    h, fast, slow = _fast_and_slow(make_stack)
+    task_id = h.submit(alice).json()["task_id"]
+    message = h.receive()
+    _hold(h, fast, 0.5)
+
+    h.deliver(message)
+
+    # Waiting ~0.5 s for the fast slot beats 3 s on the slow endpoint.
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert (fast.stats()["calls"], slow.stats()["calls"]) == (1, 0)
+
+
+def test_a_deep_queue_uses_the_slow_endpoint_too(make_stack, alice):
+    h, fast, slow = _fast_and_slow(make_stack)
+    # More tasks waiting than the fast endpoint can finish in one slow call (3 s / 0.2 s).
+    for i in range(20):
+        h.submit(alice, {"prompt": f"p{i}"})
+    message = h.receive()
+    _hold(h, fast, 0.5)
+
+    h.deliver(message)
+
+    assert (fast.stats()["calls"], slow.stats()["calls"]) == (0, 1)

@@ -340,17 +340,39 @@ def test_stats_and_reset(server: ImageServer) -> None:
     a1111(server, prompt="two", width=64, height=64)
     openai(server, prompt="", size="64x64")  # bad request still counts as a call
     stats = requests.get(server.url + "/stats", timeout=TIMEOUT).json()
+    busy = stats.pop("busy_slot_seconds")
     assert stats == {"calls": 3, "in_flight": 0, "max_in_flight": 1, "prompts": ["one", "two"]}
-    assert server.stats() == stats
+    assert server.stats() == stats | {"busy_slot_seconds": busy}
 
     health = requests.get(server.url + "/health", timeout=TIMEOUT).json()
     assert health["calls"] == 3
 
     resp = requests.post(server.url + "/reset-stats", timeout=TIMEOUT)
     assert resp.status_code == 200
-    empty = {"calls": 0, "in_flight": 0, "max_in_flight": 0, "prompts": []}
+    empty = {
+        "calls": 0,
+        "in_flight": 0,
+        "max_in_flight": 0,
+        "busy_slot_seconds": 0.0,
+        "prompts": [],
+    }
     assert resp.json() == empty
     assert server.stats() == empty
+
+
+def test_busy_slot_seconds_add_up_the_time_calls_spend_generating(server: ImageServer) -> None:
+    server.set_knobs({"latency_s": 0.3})
+    threads = [
+        threading.Thread(target=openai, args=(server,), kwargs={"prompt": "p", "size": "64x64"})
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+
+    # Two concurrent 0.3 s calls: about 0.6 slot-seconds, however they overlapped.
+    assert 0.6 <= server.stats()["busy_slot_seconds"] < 1.5
 
 
 # --------------------------------------------------------------------------- lifecycle / CLI

@@ -8,7 +8,15 @@ from collections.abc import Collection, Sequence
 
 import pytest
 
-from gpuqueue.balancer import Balancer, Candidate, Strategy, hash_ring_order, pick_endpoint
+from gpuqueue.balancer import (
+    Balancer,
+    Candidate,
+    Strategy,
+    hash_ring_order,
+    pick_endpoint,
+    tasks_done_by,
+    worth_taking,
+)
 from gpuqueue.models import Endpoint, TaskKind
 
 FLEET_IDS = [f"gpu-{i:02d}" for i in range(10)]
@@ -367,3 +375,34 @@ def test_pick_endpoint_returns_the_first_in_order() -> None:
     pool = [candidate("gpu-a", in_flight=1, capacity=2), candidate("gpu-b")]
 
     assert first_choice(Balancer(Strategy.LEAST_LOADED), pool) == "gpu-b"
+
+
+# --- the tail rule (least-loaded) -------------------------------------------------------------
+
+
+def test_tasks_done_by_counts_whole_calls_per_slot() -> None:
+    # A slot free now does 3 calls of 4 s in 12 s; one free in 2 s does 2; too late: none.
+    assert tasks_done_by(12.0, [(0.0, 4.0), (2.0, 4.0), (9.0, 4.0)]) == 5
+
+
+def test_a_slower_slot_is_left_alone_when_faster_slots_clear_the_backlog_first() -> None:
+    # 12 s on the slow slot; two fast slots (4 s) finish 6 tasks by then; 5 wait.
+    fast = [(0.0, 4.0), (0.0, 4.0)]
+
+    assert not worth_taking(12.0, fast, lambda: 5)
+    assert worth_taking(12.0, fast, lambda: 7)
+
+
+def test_the_backlog_is_not_asked_for_when_nothing_faster_exists() -> None:
+    def backlog() -> int:
+        raise AssertionError("the queue depth should not be read")
+
+    assert worth_taking(4.0, [(3.0, 4.0)], backlog)
+    assert worth_taking(4.0, [], backlog)
+
+
+def test_least_loaded_prefers_the_measured_faster_endpoint_on_equal_load() -> None:
+    slow = Candidate(endpoint=endpoint("a-slow"), in_flight=0, free_slots=1, service_seconds=12.0)
+    fast = Candidate(endpoint=endpoint("b-fast"), in_flight=0, free_slots=1, service_seconds=4.0)
+
+    assert [c.endpoint.endpoint_id for c in Balancer().order([slow, fast])] == ["b-fast", "a-slow"]

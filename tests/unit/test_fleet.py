@@ -193,3 +193,42 @@ def test_usable_capacity_is_one_when_the_circuit_is_half_open() -> None:
 def test_usable_capacity_is_the_capacity_when_the_circuit_is_open() -> None:
     # Routing already excludes an open endpoint; its slot count is not what stops it.
     assert endpoint(capacity=4, circuit=CircuitState.OPEN).usable_capacity == 4
+
+
+# --- measured call times --------------------------------------------------------------------
+
+
+def test_service_time_is_the_mean_of_the_slots_measurements() -> None:
+    e = endpoint(capacity=2)
+    fleet = Fleet(endpoints=[e], call_seconds={"gpu-a": {0: 4.0, 1: 5.0}})
+
+    assert fleet.service_seconds(e) == 4.5
+
+
+def test_service_time_is_unknown_before_any_call() -> None:
+    e = endpoint(capacity=2)
+
+    assert fleet_of(e).service_seconds(e) is None
+
+
+def test_slots_beyond_a_reduced_capacity_do_not_count_towards_service_time() -> None:
+    e = endpoint(capacity=1)
+    fleet = Fleet(endpoints=[e], call_seconds={"gpu-a": {0: 4.0, 3: 40.0}})
+
+    assert fleet.service_seconds(e) == 4.0
+
+
+def test_a_busy_slot_is_expected_free_one_service_time_after_its_lease_began() -> None:
+    e = endpoint(capacity=3)
+    busy = lease(0, until=NOW + 100).model_copy(update={"leased_at": NOW - 1.0})
+    fleet = Fleet(endpoints=[e], leases={"gpu-a": [busy]}, call_seconds={"gpu-a": {0: 4.0}})
+
+    assert fleet.slot_free_times(e, NOW) == [NOW, NOW, NOW + 3.0]
+
+
+def test_an_overrunning_call_counts_as_freeing_now() -> None:
+    e = endpoint(capacity=1)
+    busy = lease(0, until=NOW + 100).model_copy(update={"leased_at": NOW - 9.0})
+    fleet = Fleet(endpoints=[e], leases={"gpu-a": [busy]}, call_seconds={"gpu-a": {0: 4.0}})
+
+    assert fleet.slot_free_times(e, NOW) == [NOW]

@@ -1,7 +1,9 @@
 """Endpoint choice: pure logic ordering the endpoints a task may go to, best first.
 
 Strategies (the `DispatchStrategy` stack parameter):
-  least-loaded  lowest in-flight/capacity first, ties by latency EWMA (default)
+  least-loaded  lowest in-flight/capacity first, ties by the faster endpoint (default); at
+                the tail of a burst it leaves a slower endpoint's free slot alone when the
+                faster slots will finish every waiting task sooner (see `worth_taking`)
   round-robin   rotate over the endpoints with a free slot
   user-hash     consistent hashing of the user over the routable endpoints (session
                 affinity), weighted by each endpoint's weight: a user stays on one endpoint
@@ -16,7 +18,7 @@ import bisect
 import hashlib
 import itertools
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -37,10 +39,34 @@ class Candidate:
     endpoint: Endpoint
     in_flight: int
     free_slots: int
+    service_seconds: float | None = None  # measured seconds per call, if known
 
     @property
     def load(self) -> float:
         return self.in_flight / self.endpoint.capacity
+
+
+def tasks_done_by(deadline: float, slots: Iterable[tuple[float, float]]) -> int:
+    """How many tasks these slots, each (free at, seconds per call), finish by `deadline`."""
+    return sum(
+        int((deadline - free_at) // service)
+        for free_at, service in slots
+        if service > 0 and free_at + service <= deadline
+    )
+
+
+def worth_taking(
+    finish_at: float, other_slots: Sequence[tuple[float, float]], backlog: Callable[[], int]
+) -> bool:
+    """Whether a task should take a free slot that finishes it at `finish_at`.
+
+    Yes unless the other slots (free or about to be) would finish every task not yet
+    started, this one included, by then: then a slower endpoint would only stretch the
+    tail. The backlog is asked for only when that question arises (a slower slot is free
+    while faster ones could do better), so a homogeneous fleet never pays for it.
+    """
+    better = tasks_done_by(finish_at, other_slots)
+    return better == 0 or backlog() > better
 
 
 def _point(value: str) -> int:
@@ -119,6 +145,7 @@ class Balancer:
             candidates,
             key=lambda c: (
                 c.load,
+                c.service_seconds if c.service_seconds is not None else 0.0,
                 c.endpoint.latency_ewma_ms if c.endpoint.latency_ewma_ms is not None else 0.0,
                 c.endpoint.endpoint_id,
             ),

@@ -22,8 +22,8 @@ from enum import StrEnum
 
 from aws_lambda_powertools import Logger
 
-from gpuqueue.balancer import Balancer, Candidate
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.balancer import Balancer, Candidate, Strategy, worth_taking
+from gpuqueue.endpoint_registry import EndpointRegistry, Fleet
 from gpuqueue.errors import GpuError, RetryLater
 from gpuqueue.gpu_client import ImageGenerator
 from gpuqueue.image_store import ImageStore
@@ -44,6 +44,50 @@ logger = Logger(child=True)
 SAFETY_MARGIN_SECONDS = 5.0
 # Below this much budget a GPU call is not worth starting.
 MIN_CALL_SECONDS = 1.0
+
+
+# A waiting worker re-reads the fleet at least this often, whatever it expects.
+MAX_POLL_SECONDS = 1.0
+# How long a read of the queues' depth stays good enough for the tail decision.
+BACKLOG_TTL_SECONDS = 1.0
+
+
+class _HeldSlot:
+    """A leased slot, released once: early after a good call (with its duration), or in
+    the dispatcher's `finally` otherwise."""
+
+    def __init__(self, registry: EndpointRegistry, lease: SlotLease) -> None:
+        self._registry = registry
+        self.lease = lease
+        self._released = False
+
+    def release(self, *, call_seconds: float | None = None) -> None:
+        if not self._released:
+            self._released = True
+            self._registry.release_slot(self.lease, call_seconds=call_seconds)
+
+
+class _Backlog:
+    """The number of tasks waiting to start, read lazily and at most once a second."""
+
+    def __init__(self, source: Callable[[], int] | None, clock: Callable[[], float]) -> None:
+        self._source = source
+        self._clock = clock
+        self._value = 0
+        self._read_at: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self._source is not None
+
+    def count(self) -> int:
+        now = self._clock()
+        if self._source is not None and (
+            self._read_at is None or now - self._read_at >= BACKLOG_TTL_SECONDS
+        ):
+            self._value = self._source()
+            self._read_at = now
+        return self._value
 
 
 class Outcome(StrEnum):
@@ -84,6 +128,7 @@ class TaskDispatcher:
         generators: Mapping[EndpointProtocol, ImageGenerator],
         policy: DispatchPolicy,
         balancer: Balancer | None = None,
+        backlog: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
@@ -94,6 +139,9 @@ class TaskDispatcher:
         self._generators = generators
         self._policy = policy
         self._balancer = balancer or Balancer()
+        # Messages in the task queues (visible, delayed and in flight); lets least-loaded hold
+        # a tail task back for a faster endpoint. Without it every free slot is taken.
+        self._backlog = backlog
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
@@ -146,13 +194,14 @@ class TaskDispatcher:
                 raise RetryLater("not enough time left in this invocation", delay_seconds=0)
             lease_seconds = budget + SAFETY_MARGIN_SECONDS
             try:
-                slot, endpoint = self._acquire_slot(task, tried, lease_seconds)
+                lease, endpoint = self._acquire_slot(task, tried, lease_seconds)
             except RetryLater:
                 if claim is not None:  # a retry found no slot: give the task back, QUEUED
                     self._tasks.release_for_retry(
                         claim, error=last_error or "no free slot", endpoint_id=None
                     )
                 raise
+            slot = _HeldSlot(self._registry, lease)
             try:
                 now = self._clock()
                 if claim is None:
@@ -169,9 +218,16 @@ class TaskDispatcher:
                     )
                 if claim is None:
                     return Outcome.SKIPPED  # another delivery won the race; it owns the task
-                outcome, last_error = self._call(claim, endpoint, budget, tried, remaining_seconds)
+                outcome, last_error = self._call(
+                    claim,
+                    endpoint,
+                    slot,
+                    budget=budget,
+                    tried=tried,
+                    remaining_seconds=remaining_seconds,
+                )
             finally:
-                self._registry.release_slot(slot)
+                slot.release()
             if outcome is not Outcome.RETRY:
                 return outcome
 
@@ -180,6 +236,7 @@ class TaskDispatcher:
     ) -> tuple[SlotLease, Endpoint]:
         """Lease a slot on the best endpoint; wait briefly for one; else hand the task back."""
         give_up_at = self._clock() + self._policy.slot_wait_seconds
+        backlog = _Backlog(self._backlog, self._clock)
         while True:
             now = self._clock()
             fleet = self._registry.fleet(TaskKind.IMAGE)
@@ -196,7 +253,12 @@ class TaskDispatcher:
             untried = [e for e in routable if e.endpoint_id not in tried]
             eligible = untried or routable
             candidates = [
-                Candidate(endpoint=e, in_flight=fleet.in_flight(e.endpoint_id, now), free_slots=n)
+                Candidate(
+                    endpoint=e,
+                    in_flight=fleet.in_flight(e.endpoint_id, now),
+                    free_slots=n,
+                    service_seconds=fleet.service_seconds(e),
+                )
                 for e in eligible
                 if (n := len(fleet.free_slots(e, now)))
             ]
@@ -204,6 +266,8 @@ class TaskDispatcher:
                 candidates, routable=routable, user_id=task.user_id, avoid=tried
             )
             for candidate in ordered:
+                if not self._worth_taking(candidate, eligible, fleet, now, backlog):
+                    continue
                 for slot in fleet.free_slots(candidate.endpoint, now):
                     lease = self._registry.take_slot(
                         candidate.endpoint,
@@ -220,12 +284,55 @@ class TaskDispatcher:
                     delay_seconds=self._policy.no_slot_delay_seconds,
                     requeue=True,
                 )
-            self._sleep(self._policy.slot_poll_seconds)
+            self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
+
+    def _worth_taking(
+        self,
+        candidate: Candidate,
+        eligible: list[Endpoint],
+        fleet: Fleet,
+        now: float,
+        backlog: _Backlog,
+    ) -> bool:
+        """Least-loaded only: skip a slower endpoint when faster slots clear the backlog sooner."""
+        if self._balancer.strategy is not Strategy.LEAST_LOADED or not backlog.known:
+            return True
+        service = candidate.service_seconds
+        if service is None:
+            return True
+        others = [
+            (free_at, other_service)
+            for e in eligible
+            if e.endpoint_id != candidate.endpoint.endpoint_id
+            and (other_service := fleet.service_seconds(e)) is not None
+            and other_service < service
+            for free_at in fleet.slot_free_times(e, now)
+        ]
+        running = sum(fleet.in_flight(e.endpoint_id, now) for e in fleet.endpoints)
+
+        def waiting() -> int:
+            # Messages in the queues (visible, delayed or held) less those already running:
+            # the tasks not started yet, this one included.
+            return max(1, backlog.count() - running)
+
+        return worth_taking(now + service, others, waiting)
+
+    def _poll_delay(
+        self, eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float
+    ) -> float:
+        """Sleep until a slot is expected to free (measured call times), within bounds, so
+        a waiting worker does not poll the table ten times a second for nothing."""
+        poll = self._policy.slot_poll_seconds
+        expected = [t for e in eligible for t in fleet.slot_free_times(e, now) if t > now]
+        wait = min(expected) - now if expected else poll
+        return max(poll, min(wait, MAX_POLL_SECONDS, max(0.0, give_up_at - now)))
 
     def _call(
         self,
         claim: Claim,
         endpoint: Endpoint,
+        slot: _HeldSlot,
+        *,
         budget: float,
         tried: set[str],
         remaining_seconds: Callable[[], float],
@@ -236,6 +343,7 @@ class TaskDispatcher:
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
         logger.info("dispatching", extra=log)
         generator = self._generators[endpoint.protocol]
+        started = self._clock()
         try:
             png = generator.generate(endpoint, task, timeout_seconds=budget)
         except GpuError as error:
@@ -263,6 +371,8 @@ class TaskDispatcher:
                 reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)
             ) from error
 
+        # The GPU is free once it has answered: hand the slot on before storing the image.
+        slot.release(call_seconds=self._clock() - started)
         key = self._images.put_png(task.task_id, png)
         self._registry.record_dispatch_success(endpoint)
         if not self._tasks.complete(claim, result_key=key, endpoint_id=endpoint.endpoint_id):

@@ -67,6 +67,29 @@ class Fleet:
 
     endpoints: list[Endpoint]
     leases: dict[str, list[SlotLease]] = field(default_factory=dict)
+    # endpoint id -> slot -> that slot's call-duration EWMA (seconds), kept on the slot rows.
+    call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def service_seconds(self, endpoint: Endpoint) -> float | None:
+        """How long a call on this endpoint takes, as its slots have measured (None: unknown)."""
+        samples = [
+            seconds
+            for slot, seconds in self.call_seconds.get(endpoint.endpoint_id, {}).items()
+            if slot < endpoint.capacity
+        ]
+        return sum(samples) / len(samples) if samples else None
+
+    def slot_free_times(self, endpoint: Endpoint, now: float) -> list[float]:
+        """When each usable slot is expected to be free: now, or its lease start + the
+        endpoint's service time (an overrun call counts as freeing now)."""
+        service = self.service_seconds(endpoint) or 0.0
+        live = self.live_leases(endpoint.endpoint_id, now)
+        busy = [
+            max(now, (lease.leased_at if lease.leased_at is not None else now) + service)
+            for lease in live
+        ]
+        free = max(0, endpoint.usable_capacity - len(live))
+        return sorted([now] * free + busy)
 
     def live_leases(self, endpoint_id: str, now: float) -> list[SlotLease]:
         return [lease for lease in self.leases.get(endpoint_id, []) if lease.is_live(now)]
@@ -107,15 +130,20 @@ class EndpointRegistry:
     def fleet(self, kind: TaskKind) -> Fleet:
         endpoints = []
         leases: dict[str, list[SlotLease]] = defaultdict(list)
+        call_seconds: dict[str, dict[int, float]] = defaultdict(dict)
         for item in self._items(kind):
             if item.get("row_type") == SLOT_ROW:
                 if "lease_until" in item:
                     lease = SlotLease.model_validate(item | {"endpoint_id": item["slot_of"]})
                     leases[lease.endpoint_id].append(lease)
+                if "call_seconds_ewma" in item:
+                    call_seconds[item["slot_of"]][int(item["slot"])] = float(
+                        item["call_seconds_ewma"]
+                    )
             else:
                 endpoints.append(Endpoint.model_validate(item))
         endpoints.sort(key=lambda e: e.endpoint_id)
-        return Fleet(endpoints=endpoints, leases=dict(leases))
+        return Fleet(endpoints=endpoints, leases=dict(leases), call_seconds=dict(call_seconds))
 
     def endpoints(self, kind: TaskKind) -> list[Endpoint]:
         return self.fleet(kind).endpoints
@@ -335,43 +363,68 @@ class EndpointRegistry:
     def take_slot(
         self, endpoint: Endpoint, slot: int, *, task_id: str, lease_seconds: float, now: float
     ) -> SlotLease | None:
-        """Lease one slot if it is free (never taken, or its lease ended). None if not."""
-        lease = SlotLease(
-            endpoint_id=endpoint.endpoint_id,
-            slot=slot,
-            lease_id=str(uuid.uuid4()),
-            task_id=task_id,
-            lease_until=now + lease_seconds,
-        )
+        """Lease one slot if it is free (never taken, or its lease ended). None if not.
+
+        An update, not a put: the slot row keeps its call-duration EWMA between leases, and
+        the old image it returns tells the lease what that EWMA was.
+        """
+        lease_id = str(uuid.uuid4())
         try:
-            self._table.put_item(
-                Item={
-                    "endpoint_id": _slot_key(endpoint.endpoint_id, slot),
-                    "row_type": SLOT_ROW,
-                    "kind": endpoint.kind.value,
-                    "slot_of": endpoint.endpoint_id,
-                    "slot": slot,
-                    "lease_id": lease.lease_id,
-                    "task_id": task_id,
-                    "lease_until": _num(lease.lease_until),
-                },
+            result = self._table.update_item(
+                Key={"endpoint_id": _slot_key(endpoint.endpoint_id, slot)},
+                UpdateExpression=(
+                    "SET row_type = :slot_row, kind = :kind, slot_of = :of, slot = :slot, "
+                    "lease_id = :lease, task_id = :task, lease_until = :until, leased_at = :now"
+                ),
                 # <= : a lease ending exactly now is over, as SlotLease.is_live says.
                 ConditionExpression="attribute_not_exists(lease_until) OR lease_until <= :now",
-                ExpressionAttributeValues={":now": _num(now)},
+                ExpressionAttributeValues={
+                    ":slot_row": SLOT_ROW,
+                    ":kind": endpoint.kind.value,
+                    ":of": endpoint.endpoint_id,
+                    ":slot": slot,
+                    ":lease": lease_id,
+                    ":task": task_id,
+                    ":until": _num(now + lease_seconds),
+                    ":now": _num(now),
+                },
+                ReturnValues="ALL_OLD",
             )
         except ClientError as error:
             if _is_conditional_failure(error):
                 return None
             raise
-        return lease
+        previous = result.get("Attributes", {}).get("call_seconds_ewma")
+        return SlotLease(
+            endpoint_id=endpoint.endpoint_id,
+            slot=slot,
+            lease_id=lease_id,
+            task_id=task_id,
+            lease_until=float(_num(now + lease_seconds)),
+            leased_at=float(_num(now)),
+            call_seconds_ewma=None if previous is None else float(str(previous)),
+        )
 
-    def release_slot(self, lease: SlotLease) -> None:
-        """Free the slot now, but only if the lease is still ours."""
+    def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
+        """Free the slot now, but only if the lease is still ours; fold a successful call's
+        duration into the slot's EWMA (what the balancer reads as the endpoint's speed)."""
+        sets = ""
+        values: dict[str, Any] = {":mine": lease.lease_id}
+        if call_seconds is not None:
+            previous = lease.call_seconds_ewma
+            ewma = (
+                call_seconds
+                if previous is None
+                else EWMA_ALPHA * call_seconds + (1 - EWMA_ALPHA) * previous
+            )
+            sets = " SET call_seconds_ewma = :ewma"
+            values[":ewma"] = _num(ewma)
         try:
-            self._table.delete_item(
+            self._table.update_item(
                 Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
+                UpdateExpression="REMOVE lease_id, task_id, lease_until, leased_at" + sets,
                 ConditionExpression="lease_id = :mine",
-                ExpressionAttributeValues={":mine": lease.lease_id},
+                ExpressionAttributeValues=values,
             )
         except ClientError as error:
             if not _is_conditional_failure(error):

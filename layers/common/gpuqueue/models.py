@@ -263,16 +263,19 @@ class SlotLease(BaseModel):
     lease_id: str
     task_id: str
     lease_until: float
+    leased_at: float | None = None
+    # The slot's call-duration EWMA as it stood when the lease was taken (None: no call yet).
+    call_seconds_ewma: float | None = None
 
     @field_validator("slot", mode="before")
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
 
-    @field_validator("lease_until", mode="before")
+    @field_validator("lease_until", "leased_at", "call_seconds_ewma", mode="before")
     @classmethod
-    def _float_from_decimal(cls, value: Any) -> float:
-        return float(value)
+    def _float_from_decimal(cls, value: Any) -> float | None:
+        return None if value is None else float(value)
 
     def is_live(self, now: float) -> bool:
         return self.lease_until > now

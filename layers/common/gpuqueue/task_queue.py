@@ -28,6 +28,11 @@ class QueueDepth:
         """Messages waiting for a worker: what counts against the queue's capacity."""
         return self.waiting + self.delayed
 
+    @property
+    def total(self) -> int:
+        """Every message in the queue, held by a worker or not."""
+        return self.waiting + self.in_flight + self.delayed
+
 
 class TaskQueue:
     def __init__(self, sqs: SQSClient, queue_url: str) -> None:

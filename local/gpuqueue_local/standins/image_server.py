@@ -528,6 +528,9 @@ class ImageServer:
         self._calls = 0
         self._in_flight = 0
         self._max_in_flight = 0
+        # Integral of in_flight over time: slot-seconds spent generating (utilisation).
+        self._busy_slot_seconds = 0.0
+        self._changed_at = time.monotonic()
         self._prompts: list[str] = []
         self._rng_seed = self.knobs.failure_seed
         self._rng = random.Random(self._rng_seed)
@@ -600,6 +603,7 @@ class ImageServer:
                 "calls": self._calls,
                 "in_flight": self._in_flight,
                 "max_in_flight": self._max_in_flight,
+                "busy_slot_seconds": round(self._busy_time(), 3),
                 "prompts": list(self._prompts),
             }
 
@@ -609,6 +613,8 @@ class ImageServer:
             self._prompts.clear()
             # Calls still running keep their in_flight slot; the peak restarts from there.
             self._max_in_flight = self._in_flight
+            self._busy_time()
+            self._busy_slot_seconds = 0.0
 
     # -- internal bookkeeping used by the handler
 
@@ -626,6 +632,7 @@ class ImageServer:
             knobs = self.knobs
             if knobs.capacity and self._in_flight >= knobs.capacity:
                 return False, False
+            self._busy_time()
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             if knobs.failure_seed != self._rng_seed:
@@ -638,7 +645,15 @@ class ImageServer:
 
     def _exit(self) -> None:
         with self._lock:
+            self._busy_time()
             self._in_flight -= 1
+
+    def _busy_time(self) -> float:
+        """Bring the busy integral up to now (call with the lock held) and return it."""
+        now = time.monotonic()
+        self._busy_slot_seconds += self._in_flight * (now - self._changed_at)
+        self._changed_at = now
+        return self._busy_slot_seconds
 
 
 # --------------------------------------------------------------------------- CLI
