@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 
-.PHONY: help venv test lint fmt unit integration build deploy validate clean up bench invoke-%
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench invoke-%
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -37,6 +37,9 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 
 venv: $(VENV)/.installed $(SAM_VENV)/.installed ## create both virtualenvs (dev tools, aws-sam-cli)
 
+system-packages: ## Debian packages the tests need (espeak-ng makes test speech); a no-op once there
+	bash tools/install_system_packages.sh
+
 lint: venv ## ruff, ruff format --check, mypy, cfn-lint, sam validate --lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -49,13 +52,13 @@ fmt: venv ## format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint ## everything CI runs: lint, then the whole pytest suite
+test: lint system-packages ## everything CI runs: lint, then the whole pytest suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv ## unit tests only (no AWS)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: venv ## integration tests on moto
+integration: venv system-packages ## integration tests on moto
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 validate: venv ## sam validate --lint

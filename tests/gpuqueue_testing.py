@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -63,3 +67,19 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+@functools.cache
+def speak_wav(text: str) -> bytes:
+    """`text` spoken by espeak-ng's American English voice (PocketSphinx's model is en-us),
+    as WAV bytes. Fails, never skips, without espeak-ng: CI installs it."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise AssertionError(
+            "espeak-ng is not installed: run tools/install_system_packages.sh "
+            "(the speech tests need it to make real speech; `make test` installs it)"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "speech.wav"
+        subprocess.run([espeak, "-v", "en-us", "-w", str(path), text], check=True, timeout=60)
+        return path.read_bytes()

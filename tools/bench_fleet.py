@@ -49,9 +49,9 @@ USERS = 24
 WEIGHTS = (3, 3, 1)
 RUN_DEADLINE_SECONDS = 150.0
 SUBMITTERS = 4  # clients pushing the tasks, one warm submit worker each
-# Workers beyond the fleet's slots wait on a slot, so a freed one is taken at once; with
-# one spare, slots freed together (a burst's first round) wait for a worker's round trip.
-SPARE_WORKERS = 4
+# A worker beyond the fleet's slots waits on a slot, so a freed one is taken at once. More
+# spares would poll the endpoints table harder than moto (one core, ~20 ms a Query) carries.
+SPARE_WORKERS = 1
 
 
 @dataclass

@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
-from .client import TERMINAL_STATUSES, ApiError, GpuqueueClient
+from .client import (
+    SYNC_AUDIO_MAX_BYTES,
+    TERMINAL_STATUSES,
+    ApiError,
+    ChainedReader,
+    GpuqueueClient,
+    audio_content_type,
+    fits_sync,
+    transcribe_request_size,
+    wav_header,
+)
 
-__all__ = ["TERMINAL_STATUSES", "ApiError", "GpuqueueClient"]
+__all__ = [
+    "SYNC_AUDIO_MAX_BYTES",
+    "TERMINAL_STATUSES",
+    "ApiError",
+    "ChainedReader",
+    "GpuqueueClient",
+    "audio_content_type",
+    "fits_sync",
+    "transcribe_request_size",
+    "wav_header",
+]

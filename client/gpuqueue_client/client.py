@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+import html
+import io
+import mimetypes
+import os
+import re
+import struct
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin
 
 import requests
+from urllib3.filepost import encode_multipart_formdata
 
 TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELED"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MESSAGE = 500
+
+# The API's cap on a synchronous speech request body, multipart framing included.
+# A copy of SYNC_AUDIO_MAX_BYTES in layers/common/gpuqueue/audio.py (whose docstring derives
+# it from API Gateway's and Lambda's payload limits): the client never imports the server's
+# layer, so keep the two in step. Bigger audio goes the async way (presigned S3 PUT).
+SYNC_AUDIO_MAX_BYTES = 4_000_000
+
+# Content types by extension for the formats the speech routes accept; anything else falls
+# back to `mimetypes`, then to application/octet-stream (and the API answers 415).
+AUDIO_CONTENT_TYPES: Mapping[str, str] = {
+    ".wav": "audio/wav",
+    ".wave": "audio/wav",
+    ".mp3": "audio/mpeg",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".opus": "audio/ogg",
+    ".webm": "audio/webm",
+    ".weba": "audio/webm",
+    ".m4a": "audio/mp4",
+    ".mp4": "audio/mp4",
+}
+PCM_SAMPLE_WIDTH = 2  # the PCM route takes 16-bit little-endian samples
+_UPLOAD_CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    """What an upload reads from: an open binary file, or anything with `read(n)`."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+# Audio to send: a path, the bytes themselves, or an open binary file (read from where it is).
+AudioSource = str | os.PathLike[str] | bytes | Readable
+# progress(bytes sent so far, total bytes)
+ProgressCallback = Callable[[int, int], None]
 
 
 class ApiError(Exception):
@@ -49,7 +94,11 @@ class ApiError(Exception):
             field = _str_or_none(body.get("field"))
         if not message:
             text = response.text.strip()
-            message = text[:_MAX_MESSAGE] if text else (response.reason or "request failed")
+            s3_error = _s3_error(text)
+            if s3_error is not None:  # a presigned URL's host: <Error><Code>..<Message>..
+                code, message = s3_error
+            else:
+                message = text[:_MAX_MESSAGE] if text else (response.reason or "request failed")
         return cls(
             status=response.status_code,
             code=code,
@@ -61,6 +110,19 @@ class ApiError(Exception):
 
 def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def _s3_error(text: str) -> tuple[str, str] | None:
+    """(Code, Message) of S3's XML error document, or None for anything else."""
+    if "<Error>" not in text[:200]:
+        return None
+    code = re.search(r"<Code>(.*?)</Code>", text, re.DOTALL)
+    if code is None:
+        return None
+    found = re.search(r"<Message>(.*?)</Message>", text, re.DOTALL)
+    message = html.unescape(found[1].strip()) if found else ""
+    code_text = html.unescape(code[1].strip())
+    return code_text, (message or code_text)[:_MAX_MESSAGE]
 
 
 def _parse_retry_after(value: str | None) -> int | None:
@@ -78,6 +140,9 @@ class GpuqueueClient:
 
     `register` and `login` store the token they get on the client (`token`, `expires_at`).
     """
+
+    # The largest synchronous speech request this client sends (see SYNC_AUDIO_MAX_BYTES).
+    sync_max_bytes: int = SYNC_AUDIO_MAX_BYTES
 
     def __init__(
         self,
@@ -211,6 +276,208 @@ class GpuqueueClient:
                 )
             time.sleep(min(interval, remaining))
 
+    # -- speech ---------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio: AudioSource,
+        *,
+        filename: str | None = None,
+        content_type: str | None = None,
+        language: str | None = None,
+        prompt: str | None = None,
+    ) -> dict[str, Any]:
+        """Transcribe a clip synchronously: multipart `POST /api/v1/speech/transcribe`.
+
+        `filename` defaults to a path's name (give it for bytes or a stream), `content_type`
+        to what the name's extension implies. Returns `{"code", "language",
+        "language_probability", "duration", "text", "segments": [{"start", "end", "text"}]}`.
+        A request over `sync_max_bytes` (the API's SYNC_AUDIO_MAX_BYTES) raises ApiError 413
+        (code PAYLOAD_TOO_LARGE) before anything is sent: use `submit_speech` for long audio.
+        """
+        name = filename or _source_name(audio)
+        if not name:
+            raise ValueError("a filename is needed when the audio is not a path")
+        ctype = content_type or audio_content_type(name)
+        with _opened(audio) as stream:
+            size = _remaining(stream)
+            if size is not None:
+                self._check_sync_size(
+                    transcribe_request_size(
+                        size, filename=name, content_type=ctype, language=language, prompt=prompt
+                    )
+                )
+            data = stream.read()
+        fields = _form_fields(name, ctype, data, language=language, prompt=prompt)
+        body, form_type = encode_multipart_formdata(fields)
+        self._check_sync_size(len(body))
+        response = self._request(
+            "POST",
+            "/api/v1/speech/transcribe",
+            data=body,
+            headers={"Content-Type": form_type},
+        )
+        return self._object(response)
+
+    def transcribe_pcm(
+        self,
+        data: AudioSource,
+        *,
+        sample_rate: int = 16000,
+        channels: int = 1,
+        language: str | None = None,
+    ) -> dict[str, Any]:
+        """Transcribe raw 16-bit little-endian PCM synchronously: `POST /api/v1/speech/pcm`.
+
+        Same answer as `transcribe`; over `sync_max_bytes`: ApiError 413 before sending.
+        """
+        with _opened(data) as stream:
+            size = _remaining(stream)
+            if size is not None:
+                self._check_sync_size(size)
+            pcm = stream.read()
+        self._check_sync_size(len(pcm))
+        params: dict[str, str | int] = {"sample_rate": sample_rate, "channels": channels}
+        if language:
+            params["language"] = language
+        response = self._request(
+            "POST",
+            "/api/v1/speech/pcm",
+            data=pcm,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return self._object(response)
+
+    def start_async_transcription(
+        self,
+        filename: str,
+        size_bytes: int,
+        content_type: str | None = None,
+        language: str | None = None,
+        prompt: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a speech task awaiting its upload: `POST /api/v1/speech/async`.
+
+        Returns the 202 answer: `{"task_id", "status": "AWAITING_UPLOAD", "upload_url",
+        "upload_method", "upload_headers", "expires_in", "message"}`; PUT the file there with
+        `upload`. `content_type` defaults to what the name's extension implies, when known.
+        """
+        payload: dict[str, Any] = {"filename": filename, "size_bytes": size_bytes}
+        ctype = content_type or AUDIO_CONTENT_TYPES.get(_extension(filename))
+        optional = {"content_type": ctype, "language": language, "prompt": prompt}
+        payload.update({key: value for key, value in optional.items() if value})
+        response = self._request("POST", "/api/v1/speech/async", json=payload)
+        body = self._object(response)
+        headers = body.get("upload_headers", {})
+        if (
+            not isinstance(body.get("task_id"), str)
+            or not isinstance(body.get("upload_url"), str)
+            or not isinstance(headers, dict)
+        ):
+            raise ApiError(
+                response.status_code, "BAD_RESPONSE", "no task_id/upload_url in the answer"
+            )
+        return body
+
+    def upload(
+        self,
+        upload_url: str,
+        headers: Mapping[str, str],
+        source: AudioSource,
+        *,
+        size: int | None = None,
+        method: str = "PUT",
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Send `source` to a presigned URL with exactly `headers`, streamed in chunks.
+
+        The URL is signed for an exact Content-Length: `size` bytes are sent (default: all
+        that is left of the file), never more; a file that turns out shorter raises
+        ValueError. No Authorization header goes to the storage host. `progress(sent, total)`
+        is called as the bytes go out, last with `sent == total`. A refusal (S3's XML
+        error) raises ApiError with S3's code and message.
+        """
+        with _opened(source) as stream:
+            total = size if size is not None else _remaining(stream)
+            if total is None:
+                raise ValueError("size is needed for a stream that cannot seek")
+            send: dict[str, str | None] = {}
+            for name, value in headers.items():
+                if name.lower() == "content-length":
+                    if str(value).strip() != str(total):
+                        raise ValueError(f"the upload is signed for {value} bytes, not {total}")
+                    continue  # requests sets it from the body
+                send[name] = value
+            # The presigned URL carries its own signature: a second auth mechanism is refused
+            # (and a token must not leak to another host), so drop any session-level one.
+            send["Authorization"] = None
+            body = _CountedBody(stream, total, progress)
+            response = self.session.request(
+                method,
+                upload_url,
+                data=body if total else b"",
+                headers=send,
+                timeout=self.timeout,
+            )
+        if not response.ok:
+            raise ApiError.from_response(response)
+        if progress is not None and total == 0:
+            progress(0, 0)
+
+    def submit_speech(
+        self,
+        source: AudioSource,
+        *,
+        filename: str | None = None,
+        content_type: str | None = None,
+        language: str | None = None,
+        prompt: str | None = None,
+        size: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Long audio: start an async transcription, upload the file; the 202 answer.
+
+        Follow the task with `wait(task_id)`, then fetch the result with `transcript`.
+        """
+        name = filename or _source_name(source)
+        if not name:
+            raise ValueError("a filename is needed when the audio is not a path")
+        with _opened(source) as stream:
+            total = size if size is not None else _remaining(stream)
+            if total is None:
+                raise ValueError("size is needed for a stream that cannot seek")
+            started = self.start_async_transcription(
+                name,
+                total,
+                content_type=content_type or audio_content_type(name),
+                language=language,
+                prompt=prompt,
+            )
+            self.upload(
+                str(started["upload_url"]),
+                {str(k): str(v) for k, v in started.get("upload_headers", {}).items()},
+                stream,
+                size=total,
+                method=str(started.get("upload_method") or "PUT"),
+                progress=progress,
+            )
+        return started
+
+    def transcript(self, task_id: str) -> dict[str, Any]:
+        """A DONE speech task's full transcript (409 until then), shaped like `transcribe`'s."""
+        path = f"/api/v1/speech/transcripts/{_segment(task_id)}"
+        return self._object(self._request("GET", path))
+
+    def _check_sync_size(self, size: int) -> None:
+        if size > self.sync_max_bytes:
+            raise ApiError(
+                413,
+                "PAYLOAD_TOO_LARGE",
+                f"the request would be {size} bytes, over the synchronous limit of "
+                f"{self.sync_max_bytes} bytes: send long audio asynchronously (submit_speech)",
+            )
+
     # -- GPU endpoints (operators: the Cognito group `admin`) -----------------------------
 
     def list_endpoints(self, kind: str | None = None) -> list[dict[str, Any]]:
@@ -249,17 +516,20 @@ class GpuqueueClient:
         *,
         auth: bool = True,
         json: Mapping[str, Any] | None = None,
+        data: bytes | None = None,
         params: Mapping[str, str | int] | None = None,
+        headers: Mapping[str, str] | None = None,
         allow_redirects: bool = True,
     ) -> requests.Response:
-        headers = {"Accept": "application/json"}
+        sent = {"Accept": "application/json", **(headers or {})}
         if auth and self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+            sent["Authorization"] = f"Bearer {self.token}"
         response = self.session.request(
             method,
             self.api_url + path,
-            headers=headers,
+            headers=sent,
             json=json,
+            data=data,
             params=params,
             timeout=self.timeout,
             allow_redirects=allow_redirects,
@@ -286,3 +556,182 @@ class GpuqueueClient:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
+
+
+# -- speech helpers ---------------------------------------------------------------------------
+
+
+def audio_content_type(filename: str) -> str:
+    """The content type to send a file as, from its extension."""
+    known = AUDIO_CONTENT_TYPES.get(_extension(filename))
+    if known is not None:
+        return known
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def transcribe_request_size(
+    size: int,
+    *,
+    filename: str,
+    content_type: str,
+    language: str | None = None,
+    prompt: str | None = None,
+) -> int:
+    """The exact body size of `transcribe`'s multipart request for a file of `size` bytes.
+
+    Framing (boundaries, part headers, the text fields) measured by encoding the same form
+    around an empty file: the boundary's length is fixed, so the sum is exact.
+    """
+    empty = _form_fields(filename, content_type, b"", language=language, prompt=prompt)
+    body, _ = encode_multipart_formdata(empty)
+    return len(body) + size
+
+
+def fits_sync(
+    size: int,
+    *,
+    filename: str,
+    content_type: str | None = None,
+    language: str | None = None,
+    prompt: str | None = None,
+    limit: int | None = None,
+) -> bool:
+    """Whether `transcribe` may send a file of `size` bytes (else: `submit_speech`)."""
+    needed = transcribe_request_size(
+        size,
+        filename=filename,
+        content_type=content_type or audio_content_type(filename),
+        language=language,
+        prompt=prompt,
+    )
+    return needed <= (SYNC_AUDIO_MAX_BYTES if limit is None else limit)
+
+
+def wav_header(data_bytes: int, *, sample_rate: int, channels: int) -> bytes:
+    """The 44-byte header that makes `data_bytes` of raw 16-bit PCM a WAV file."""
+    block_align = channels * PCM_SAMPLE_WIDTH
+    return b"".join(
+        (
+            b"RIFF",
+            struct.pack("<I", 36 + data_bytes),
+            b"WAVE",
+            b"fmt ",
+            struct.pack(
+                "<IHHIIHH",
+                16,  # the fmt chunk's size
+                1,  # PCM
+                channels,
+                sample_rate,
+                sample_rate * block_align,  # byte rate
+                block_align,
+                8 * PCM_SAMPLE_WIDTH,
+            ),
+            b"data",
+            struct.pack("<I", data_bytes),
+        )
+    )
+
+
+class ChainedReader:
+    """Several readables read one after the other (e.g. a WAV header, then raw PCM)."""
+
+    def __init__(self, *parts: Readable) -> None:
+        self._parts = list(parts)
+
+    def read(self, size: int = -1, /) -> bytes:
+        out = bytearray()
+        while self._parts and (size < 0 or len(out) < size):
+            chunk = self._parts[0].read(-1 if size < 0 else size - len(out))
+            if chunk:
+                out += chunk
+            else:
+                self._parts.pop(0)
+        return bytes(out)
+
+
+def _form_fields(
+    filename: str,
+    content_type: str,
+    data: bytes,
+    *,
+    language: str | None,
+    prompt: str | None,
+) -> list[tuple[str, str | tuple[str, bytes, str]]]:
+    fields: list[tuple[str, str | tuple[str, bytes, str]]] = []
+    if language:
+        fields.append(("language", language))
+    if prompt:
+        fields.append(("prompt", prompt))
+    fields.append(("file", (filename, data, content_type)))
+    return fields
+
+
+def _extension(filename: str) -> str:
+    return os.path.splitext(filename.strip())[1].lower()
+
+
+def _source_name(source: AudioSource) -> str | None:
+    if isinstance(source, str | os.PathLike):
+        return Path(source).name
+    name = getattr(source, "name", None)  # an open file
+    return Path(name).name if isinstance(name, str) and name else None
+
+
+@contextmanager
+def _opened(source: AudioSource) -> Iterator[Readable]:
+    """A readable over `source`; a path is opened (and closed), a stream used as it is."""
+    if isinstance(source, bytes):
+        yield io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as stream:
+            yield stream
+    else:
+        yield source
+
+
+def _remaining(stream: Readable) -> int | None:
+    """Bytes left from the stream's position to its end, or None when it cannot seek."""
+    tell = getattr(stream, "tell", None)
+    seek = getattr(stream, "seek", None)
+    if tell is None or seek is None:
+        return None
+    try:
+        here = int(tell())
+        end = int(seek(0, os.SEEK_END))
+        seek(here)
+    except (OSError, ValueError):
+        return None
+    return max(end - here, 0)
+
+
+class _CountedBody:
+    """An upload body of exactly `total` bytes, read in chunks, reporting progress.
+
+    requests takes its length from `__len__` (so it sends Content-Length, not chunked
+    encoding) and http.client streams it through `read`: the file is never all in memory.
+    """
+
+    def __init__(self, stream: Readable, total: int, progress: ProgressCallback | None) -> None:
+        self._stream = stream
+        self.total = total
+        self.sent = 0
+        self._progress = progress
+
+    def __len__(self) -> int:
+        return self.total
+
+    def read(self, size: int = -1, /) -> bytes:
+        left = self.total - self.sent
+        if left <= 0:
+            return b""
+        want = left if size is None or size < 0 else min(size, left)
+        chunk = self._stream.read(min(want, _UPLOAD_CHUNK))
+        if not chunk:
+            raise ValueError(
+                f"the file ended after {self.sent} of the {self.total} bytes announced"
+            )
+        self.sent += len(chunk)
+        if self._progress is not None:
+            self._progress(self.sent, self.total)
+        return chunk

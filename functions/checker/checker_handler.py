@@ -40,7 +40,10 @@ def checker() -> HealthChecker:
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     config = settings()
     results = checker().run(
-        {TaskKind.IMAGE: config.image_endpoint_urls},
+        {
+            TaskKind.IMAGE: config.image_endpoint_urls,
+            TaskKind.SPEECH: config.speech_endpoint_urls,
+        },
         rounds=config.rounds_per_run,
         period_seconds=config.health_check_period_seconds,
         remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,

@@ -18,14 +18,17 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.audio_store import AudioStore
 from gpuqueue.balancer import Balancer
 from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
 from gpuqueue.gpu_client import image_generators
 from gpuqueue.image_store import ImageStore
-from gpuqueue.models import QueueMessage
+from gpuqueue.jobs import ImageJob, SpeechJob
+from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
+from gpuqueue.speech_client import OpenAITranscriptionClient
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 
@@ -47,6 +50,7 @@ class Deps:
 def deps() -> Deps:
     settings = DispatcherSettings()
     dynamodb = aws_clients.dynamodb()
+    s3 = aws_clients.s3()
     policy = DispatchPolicy(
         task_timeout_seconds=settings.task_timeout_seconds,
         max_attempts=settings.max_attempts,
@@ -64,8 +68,14 @@ def deps() -> Deps:
         dispatcher=TaskDispatcher(
             tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
             registry=EndpointRegistry(dynamodb.Table(settings.endpoints_table)),
-            images=ImageStore(aws_clients.s3(), settings.images_bucket),
-            generators=image_generators(),
+            jobs={
+                TaskKind.IMAGE: ImageJob(
+                    image_generators(), ImageStore(s3, settings.images_bucket)
+                ),
+                TaskKind.SPEECH: SpeechJob(
+                    OpenAITranscriptionClient(), AudioStore(s3, settings.images_bucket)
+                ),
+            },
             policy=policy,
             balancer=Balancer(settings.dispatch_strategy),
             backlog=lambda: queue.depth().total,

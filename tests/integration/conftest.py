@@ -24,6 +24,7 @@ from gpuqueue_local import moto_atomic
 from gpuqueue_local.event_sources import settle_batch, sqs_event
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
+from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
 from gpuqueue_testing import FakeLambdaContext, load_event
 
 HANDLER_MODULES = (
@@ -34,6 +35,8 @@ HANDLER_MODULES = (
     "checker_handler",
     "dispatcher_handler",
     "admin_handler",
+    "speech_handler",
+    "upload_handler",
 )
 
 
@@ -80,6 +83,7 @@ class Harness:
 
     stack: LocalStack
     image_servers: list[ImageServer] = field(default_factory=list)
+    speech_servers: list[SpeechServer] = field(default_factory=list)
 
     # --- API Gateway (payload format 2.0, the JWT authorizer's claims) -------------------
 
@@ -92,6 +96,7 @@ class Harness:
         route: str | None = None,
         body: Any = None,
         raw_body: str | None = None,
+        binary_body: bytes | None = None,
         query: dict[str, str] | None = None,
         path_params: dict[str, str] | None = None,
         user: User | None = None,
@@ -110,7 +115,12 @@ class Harness:
         if path_params:
             event["pathParameters"] = path_params
         event.pop("body", None)
-        if raw_body is not None:
+        event["isBase64Encoded"] = False
+        if binary_body is not None:
+            # API Gateway hands a binary payload to Lambda base64-encoded.
+            event["body"] = base64.b64encode(binary_body).decode()
+            event["isBase64Encoded"] = True
+        elif raw_body is not None:
             event["body"] = raw_body
         elif body is not None:
             event["body"] = json.dumps(body)
@@ -130,6 +140,17 @@ class Harness:
             headers={k.lower(): v for k, v in (result.get("headers") or {}).items()},
             body=body_text,
         )
+
+    def audio_uploaded(self, key: str, size: int) -> dict[str, Any]:
+        """S3's "Object Created" for `key`, as EventBridge hands it to UploadFunction."""
+        event = load_event("upload_audio_uploaded")
+        bucket = self.stack.ref("ImagesBucket")
+        event["resources"] = [f"arn:aws:s3:::{bucket}"]
+        event["detail"]["bucket"]["name"] = bucket
+        event["detail"]["object"].update({"key": key, "size": size})
+        handler = importlib.import_module("upload_handler").lambda_handler
+        result: dict[str, Any] = handler(event, FakeLambdaContext(function_name="upload"))
+        return result
 
     def submit(self, user: User, body: dict[str, Any] | None = None) -> Response:
         return self.call(
@@ -216,10 +237,12 @@ class Harness:
 @pytest.fixture
 def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Harness]]:
     servers: list[ImageServer] = []
+    speech_servers: list[SpeechServer] = []
 
     def make(
         *,
         endpoints: list[ImageServerKnobs] | None = None,
+        speech: list[SpeechServerKnobs] | None = None,
         parameters: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
     ) -> Harness:
@@ -229,7 +252,17 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
             server = ImageServer(knobs=knobs)
             server.start()
             servers.append(server)
-        params = {"ImageEndpointUrls": ",".join(s.url for s in servers), **(parameters or {})}
+        started_speech = []
+        for speech_knobs in speech or []:
+            speech_server = SpeechServer(knobs=speech_knobs)
+            speech_server.start()
+            speech_servers.append(speech_server)
+            started_speech.append(speech_server)
+        params = {
+            "ImageEndpointUrls": ",".join(s.url for s in servers),
+            "SpeechEndpointUrls": ",".join(s.url for s in started_speech),
+            **(parameters or {}),
+        }
         stack = provision(stack_name=f"it-{uuid.uuid4().hex[:6]}", parameters=params)
         for function in stack.functions():
             for name, value in stack.function_env(function).items():
@@ -243,11 +276,13 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
         _reset_handler_caches()
-        return Harness(stack=stack, image_servers=list(servers))
+        return Harness(stack=stack, image_servers=list(servers), speech_servers=started_speech)
 
     yield make
     for server in servers:
         server.stop()
+    for speech_server in speech_servers:
+        speech_server.stop()
     _reset_handler_caches()
 
 

@@ -32,6 +32,11 @@ STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.UserAlreadyExists: HTTPStatus.CONFLICT,
     errors.QueueFull: HTTPStatus.SERVICE_UNAVAILABLE,
     errors.ServiceUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+    errors.UnsupportedMediaType: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    errors.PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    errors.UnprocessableAudio: HTTPStatus.UNPROCESSABLE_ENTITY,
+    errors.UpstreamFailed: HTTPStatus.BAD_GATEWAY,
+    errors.UpstreamTimeout: HTTPStatus.GATEWAY_TIMEOUT,
 }
 
 

@@ -1,7 +1,11 @@
 """The dispatcher's domain logic: one queue message in, one task driven to its next state.
 
+Generic over task kinds: a `Job` per kind (image generation, transcription) prepares the
+input, makes the one GPU call and stores the output; states, leases, retries and slots are
+the same for all.
+
 Idempotent on task_id: a duplicate delivery finds the task terminal (or held by a live
-lease) and does nothing; the image key is deterministic, so a repeated run overwrites
+lease) and does nothing; result keys are deterministic, so a repeated run overwrites
 the same object; every write after the claim is conditional on holding the lease.
 
 Capacity: a GPU call happens only while holding one of the endpoint's slots (a lease in
@@ -19,23 +23,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from gpuqueue.balancer import Balancer, Candidate, Strategy, worth_taking
-from gpuqueue.endpoint_registry import EndpointRegistry, Fleet
+from gpuqueue.balancer import Balancer
+from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryLater
-from gpuqueue.gpu_client import ImageGenerator
-from gpuqueue.image_store import ImageStore
-from gpuqueue.models import (
-    Endpoint,
-    EndpointProtocol,
-    QueueMessage,
-    SlotLease,
-    Task,
-    TaskKind,
-    TaskStatus,
-)
+from gpuqueue.jobs import InvalidTaskInput, Job
+from gpuqueue.models import QueueMessage, Task, TaskKind, TaskStatus
+from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
 from gpuqueue.task_store import Claim, TaskStore
 
 logger = Logger(child=True)
@@ -46,48 +43,10 @@ SAFETY_MARGIN_SECONDS = 5.0
 MIN_CALL_SECONDS = 1.0
 
 
-# A waiting worker re-reads the fleet at least this often, whatever it expects.
-MAX_POLL_SECONDS = 1.0
-# How long a read of the queues' depth stays good enough for the tail decision.
-BACKLOG_TTL_SECONDS = 1.0
-
-
-class _HeldSlot:
-    """A leased slot, released once: early after a good call (with its duration), or in
-    the dispatcher's `finally` otherwise."""
-
-    def __init__(self, registry: EndpointRegistry, lease: SlotLease) -> None:
-        self._registry = registry
-        self.lease = lease
-        self._released = False
-
-    def release(self, *, call_seconds: float | None = None) -> None:
-        if not self._released:
-            self._released = True
-            self._registry.release_slot(self.lease, call_seconds=call_seconds)
-
-
-class _Backlog:
-    """The number of tasks waiting to start, read lazily and at most once a second."""
-
-    def __init__(self, source: Callable[[], int] | None, clock: Callable[[], float]) -> None:
-        self._source = source
-        self._clock = clock
-        self._value = 0
-        self._read_at: float | None = None
-
-    @property
-    def known(self) -> bool:
-        return self._source is not None
-
-    def count(self) -> int:
-        now = self._clock()
-        if self._source is not None and (
-            self._read_at is None or now - self._read_at >= BACKLOG_TTL_SECONDS
-        ):
-            self._value = self._source()
-            self._read_at = now
-        return self._value
+@dataclass(frozen=True)
+class _Work:
+    job: Job
+    job_input: Any
 
 
 class Outcome(StrEnum):
@@ -124,8 +83,7 @@ class TaskDispatcher:
         *,
         tasks: TaskStore,
         registry: EndpointRegistry,
-        images: ImageStore,
-        generators: Mapping[EndpointProtocol, ImageGenerator],
+        jobs: Mapping[TaskKind, Job],
         policy: DispatchPolicy,
         balancer: Balancer | None = None,
         backlog: Callable[[], int] | None = None,
@@ -135,15 +93,18 @@ class TaskDispatcher:
     ) -> None:
         self._tasks = tasks
         self._registry = registry
-        self._images = images
-        self._generators = generators
+        self._jobs = jobs
         self._policy = policy
-        self._balancer = balancer or Balancer()
-        # Messages in the task queues (visible, delayed and in flight); lets least-loaded hold
-        # a tail task back for a faster endpoint. Without it every free slot is taken.
-        self._backlog = backlog
+        self._slots = SlotBroker(
+            registry,
+            health_max_age_seconds=policy.health_max_age_seconds,
+            balancer=balancer,
+            poll_seconds=policy.slot_poll_seconds,
+            backlog=backlog,
+            clock=clock,
+            sleep=sleep,
+        )
         self._clock = clock
-        self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
 
     def dispatch(self, message: QueueMessage, *, remaining_seconds: Callable[[], float]) -> Outcome:
@@ -171,17 +132,29 @@ class TaskDispatcher:
             )
         if task.attempt >= self._policy.max_attempts:
             last_error = task.error or "the worker's lease expired"
-            self._tasks.fail_exhausted(
+            self._tasks.fail_unclaimed(
                 task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
             return Outcome.FAILED
+        job = self._jobs.get(task.kind)
+        if job is None:
+            self._tasks.fail_unclaimed(task, f"no worker handles {task.kind.value} tasks")
+            return Outcome.FAILED
+        try:
+            job_input = job.prepare(task)
+        except InvalidTaskInput as error:
+            self._tasks.fail_unclaimed(task, str(error))
+            logger.warning("task input unusable", extra={"task_id": task.task_id})
+            return Outcome.FAILED
         tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
-        return self._run(task, tried, remaining_seconds)
+        return self._run(task, _Work(job, job_input), tried, remaining_seconds)
 
     def _budget(self, remaining_seconds: Callable[[], float]) -> float:
         return min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)
 
-    def _run(self, task: Task, tried: set[str], remaining_seconds: Callable[[], float]) -> Outcome:
+    def _run(
+        self, task: Task, work: _Work, tried: set[str], remaining_seconds: Callable[[], float]
+    ) -> Outcome:
         claim: Claim | None = None
         last_error: str | None = None  # the failed attempt this invocation moves on from
         while True:
@@ -194,14 +167,14 @@ class TaskDispatcher:
                 raise RetryLater("not enough time left in this invocation", delay_seconds=0)
             lease_seconds = budget + SAFETY_MARGIN_SECONDS
             try:
-                lease, endpoint = self._acquire_slot(task, tried, lease_seconds)
+                slot = self._acquire_slot(task, tried, lease_seconds)
             except RetryLater:
                 if claim is not None:  # a retry found no slot: give the task back, QUEUED
                     self._tasks.release_for_retry(
                         claim, error=last_error or "no free slot", endpoint_id=None
                     )
                 raise
-            slot = _HeldSlot(self._registry, lease)
+            endpoint = slot.endpoint
             try:
                 now = self._clock()
                 if claim is None:
@@ -220,7 +193,7 @@ class TaskDispatcher:
                     return Outcome.SKIPPED  # another delivery won the race; it owns the task
                 outcome, last_error = self._call(
                     claim,
-                    endpoint,
+                    work,
                     slot,
                     budget=budget,
                     tried=tried,
@@ -231,107 +204,35 @@ class TaskDispatcher:
             if outcome is not Outcome.RETRY:
                 return outcome
 
-    def _acquire_slot(
-        self, task: Task, tried: set[str], lease_seconds: float
-    ) -> tuple[SlotLease, Endpoint]:
-        """Lease a slot on the best endpoint; wait briefly for one; else hand the task back."""
-        give_up_at = self._clock() + self._policy.slot_wait_seconds
-        backlog = _Backlog(self._backlog, self._clock)
-        while True:
-            now = self._clock()
-            fleet = self._registry.fleet(TaskKind.IMAGE)
-            routable = fleet.routable(now, self._policy.health_max_age_seconds)
-            if not routable:
-                # Not the task's fault: wait without spending an attempt.
-                raise RetryLater(
-                    "no healthy image endpoint",
-                    delay_seconds=self._policy.no_endpoint_delay_seconds,
-                    requeue=True,
-                )
-            # An endpoint that just failed this task is used again only if it is the last one
-            # standing: otherwise wait for a slot elsewhere.
-            untried = [e for e in routable if e.endpoint_id not in tried]
-            eligible = untried or routable
-            candidates = [
-                Candidate(
-                    endpoint=e,
-                    in_flight=fleet.in_flight(e.endpoint_id, now),
-                    free_slots=n,
-                    service_seconds=fleet.service_seconds(e),
-                )
-                for e in eligible
-                if (n := len(fleet.free_slots(e, now)))
-            ]
-            ordered = self._balancer.order(
-                candidates, routable=routable, user_id=task.user_id, avoid=tried
-            )
-            for candidate in ordered:
-                if not self._worth_taking(candidate, eligible, fleet, now, backlog):
-                    continue
-                for slot in fleet.free_slots(candidate.endpoint, now):
-                    lease = self._registry.take_slot(
-                        candidate.endpoint,
-                        slot,
-                        task_id=task.task_id,
-                        lease_seconds=lease_seconds,
-                        now=now,
-                    )
-                    if lease is not None:
-                        return lease, candidate.endpoint
-            if self._clock() >= give_up_at:
-                raise RetryLater(
-                    "every GPU slot is busy",
-                    delay_seconds=self._policy.no_slot_delay_seconds,
-                    requeue=True,
-                )
-            self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
+    def _acquire_slot(self, task: Task, tried: set[str], lease_seconds: float) -> HeldSlot:
+        """Lease a slot on the best endpoint; wait briefly for one; else hand the task back.
 
-    def _worth_taking(
-        self,
-        candidate: Candidate,
-        eligible: list[Endpoint],
-        fleet: Fleet,
-        now: float,
-        backlog: _Backlog,
-    ) -> bool:
-        """Least-loaded only: skip a slower endpoint when faster slots clear the backlog sooner."""
-        if self._balancer.strategy is not Strategy.LEAST_LOADED or not backlog.known:
-            return True
-        service = candidate.service_seconds
-        if service is None:
-            return True
-        others = [
-            (free_at, other_service)
-            for e in eligible
-            if e.endpoint_id != candidate.endpoint.endpoint_id
-            and (other_service := fleet.service_seconds(e)) is not None
-            and other_service < service
-            for free_at in fleet.slot_free_times(e, now)
-        ]
-        running = sum(fleet.in_flight(e.endpoint_id, now) for e in fleet.endpoints)
-
-        def waiting() -> int:
-            # Messages in the queues (visible, delayed or held) less those already running:
-            # the tasks not started yet, this one included.
-            return max(1, backlog.count() - running)
-
-        return worth_taking(now + service, others, waiting)
-
-    def _poll_delay(
-        self, eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float
-    ) -> float:
-        """Sleep until a slot is expected to free (measured call times), within bounds, so
-        a waiting worker does not poll the table ten times a second for nothing."""
-        poll = self._policy.slot_poll_seconds
-        expected = [t for e in eligible for t in fleet.slot_free_times(e, now) if t > now]
-        wait = min(expected) - now if expected else poll
-        return max(poll, min(wait, MAX_POLL_SECONDS, max(0.0, give_up_at - now)))
+        Either way the wait is not the task's fault, so it costs no attempt.
+        """
+        request = SlotRequest(
+            kind=task.kind,
+            task_id=task.task_id,
+            user_id=task.user_id,
+            lease_seconds=lease_seconds,
+            wait_seconds=self._policy.slot_wait_seconds,
+            tried=tried,
+        )
+        try:
+            return self._slots.acquire(request)
+        except NoRoutableEndpoint as error:
+            raise RetryLater(
+                str(error), delay_seconds=self._policy.no_endpoint_delay_seconds, requeue=True
+            ) from error
+        except NoFreeSlot as error:
+            raise RetryLater(
+                str(error), delay_seconds=self._policy.no_slot_delay_seconds, requeue=True
+            ) from error
 
     def _call(
         self,
         claim: Claim,
-        endpoint: Endpoint,
-        slot: _HeldSlot,
+        work: _Work,
+        slot: HeldSlot,
         *,
         budget: float,
         tried: set[str],
@@ -339,13 +240,13 @@ class TaskDispatcher:
     ) -> tuple[Outcome, str | None]:
         """One GPU call; RETRY comes with the error the next attempt records."""
         task = claim.task
+        endpoint = slot.endpoint
         attempt = task.attempt
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
         logger.info("dispatching", extra=log)
-        generator = self._generators[endpoint.protocol]
         started = self._clock()
         try:
-            png = generator.generate(endpoint, task, timeout_seconds=budget)
+            output = work.job.run(endpoint, task, work.job_input, timeout_seconds=budget)
         except GpuError as error:
             reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
             tried.add(endpoint.endpoint_id)
@@ -373,9 +274,14 @@ class TaskDispatcher:
 
         # The GPU is free once it has answered: hand the slot on before storing the image.
         slot.release(call_seconds=self._clock() - started)
-        key = self._images.put_png(task.task_id, png)
+        completion = work.job.store(task, output)
         self._registry.record_dispatch_success(endpoint)
-        if not self._tasks.complete(claim, result_key=key, endpoint_id=endpoint.endpoint_id):
+        if not self._tasks.complete(
+            claim,
+            result_key=completion.result_key,
+            endpoint_id=endpoint.endpoint_id,
+            fields=completion.fields,
+        ):
             # Our lease was taken over; the new holder writes the same key, so nothing is lost.
             logger.warning("lease lost before completion", extra=log)
             return Outcome.SKIPPED, None

@@ -104,3 +104,37 @@ class RetryLater(Exception):
         self.reason = reason
         self.delay_seconds = delay_seconds
         self.requeue = requeue
+
+
+class UnsupportedMediaType(GpuqueueError):
+    """The upload is not one of the audio formats we accept (HTTP 415); `field` names it."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class GpuTimeout(RetryableGpuError):
+    """The endpoint accepted the call but did not answer in time (a synchronous route: 504)."""
+
+
+class PayloadTooLarge(GpuqueueError):
+    """The request body is over a documented size limit (HTTP 413)."""
+
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class UpstreamTimeout(GpuqueueError):
+    """A synchronous call's endpoint did not answer in time (HTTP 504)."""
+
+    code = "UPSTREAM_TIMEOUT"
+
+
+class UpstreamFailed(GpuqueueError):
+    """Every endpoint tried for a synchronous call failed (HTTP 502)."""
+
+    code = "UPSTREAM_FAILED"
+
+
+class UnprocessableAudio(GpuqueueError):
+    """The speech endpoint refused the audio itself (HTTP 422)."""
+
+    code = "UNPROCESSABLE_AUDIO"

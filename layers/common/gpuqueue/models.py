@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 
 class TaskStatus(StrEnum):
+    # A long-audio task waits for its upload (presigned PUT) before it is queued.
+    AWAITING_UPLOAD = "AWAITING_UPLOAD"
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     DONE = "DONE"
@@ -78,6 +80,28 @@ class ImageRequest(ImageParams):
         return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
 
 
+class SpeechAsyncRequest(BaseModel):
+    """Long audio: announce the file, get a presigned PUT URL for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+    size_bytes: int = Field(ge=1)
+    content_type: Annotated[str, StringConstraints(max_length=100)] | None = None
+    language: Annotated[str, StringConstraints(pattern=r"^[A-Za-z-]{2,16}$")] | None = None
+    prompt: Annotated[str, StringConstraints(max_length=1000)] | None = None
+
+
+class SpeechUploadResponse(BaseModel):
+    task_id: str
+    status: TaskStatus
+    upload_url: str
+    upload_method: str
+    upload_headers: dict[str, str]
+    expires_in: int
+    message: str
+
+
 class SubmitResponse(BaseModel):
     task_id: str
     status: TaskStatus
@@ -93,6 +117,23 @@ class ErrorBody(BaseModel):
 # --- The task as stored ---------------------------------------------------------------------
 
 
+class SpeechInput(BaseModel):
+    """A speech task's audio (uploaded to S3) and how to transcribe it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    audio_key: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    language: str | None = None
+
+    @field_validator("size_bytes", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+
 class Task(BaseModel):
     """One row of the tasks table."""
 
@@ -102,7 +143,9 @@ class Task(BaseModel):
     user_id: str
     kind: TaskKind = TaskKind.IMAGE
     status: TaskStatus
-    prompt: str
+    prompt: str = ""  # the image prompt, or a speech task's transcription prompt
+    speech: SpeechInput | None = None
+    transcript_text: str | None = None  # a DONE speech task's text (preview; full JSON in S3)
     negative_prompt: str | None = None
     params: ImageParams = Field(default_factory=ImageParams)
     created_at: str
@@ -154,9 +197,15 @@ class TaskView(BaseModel):
     params: ImageParams
     result_url: str | None = None
     error: str | None = None
+    text: str | None = None  # speech tasks: the transcript's text once DONE
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
+        done = task.status is TaskStatus.DONE
+        if task.kind is TaskKind.SPEECH:
+            result_url = f"/api/v1/speech/transcripts/{task.task_id}" if done else None
+        else:
+            result_url = f"/api/images/{task.task_id}" if done else None
         return cls(
             task_id=task.task_id,
             user_id=task.user_id,
@@ -168,8 +217,9 @@ class TaskView(BaseModel):
             updated_at=task.updated_at,
             attempt=task.attempt,
             params=task.params,
-            result_url=f"/api/images/{task.task_id}" if task.status is TaskStatus.DONE else None,
+            result_url=result_url,
             error=task.error if task.status is TaskStatus.FAILED else None,
+            text=task.transcript_text if done else None,
         )
 
 

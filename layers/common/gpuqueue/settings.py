@@ -52,6 +52,7 @@ class StatsSettings(_Settings):
 class CheckerSettings(_Settings):
     endpoints_table: str
     image_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    speech_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     probe_timeout_seconds: float = Field(default=2.0, gt=0, le=10)
     health_check_period_seconds: float = Field(default=30, gt=0)
     schedule_period_seconds: float = Field(default=60, gt=0)
@@ -61,14 +62,14 @@ class CheckerSettings(_Settings):
         """EventBridge fires at most once a minute; probe every period within one run."""
         return max(1, int(self.schedule_period_seconds // self.health_check_period_seconds))
 
-    @field_validator("image_endpoint_urls", mode="before")
+    @field_validator("image_endpoint_urls", "speech_endpoint_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> list[str]:
         if isinstance(value, str):
             return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
         if isinstance(value, list):
             return [str(u).strip().rstrip("/") for u in value if str(u).strip()]
-        raise TypeError("image_endpoint_urls must be a comma-separated string")
+        raise TypeError("endpoint URLs must be a comma-separated string")
 
 
 class DispatcherSettings(_Settings):
@@ -92,3 +93,30 @@ class DispatcherSettings(_Settings):
     def health_max_age_seconds(self) -> float:
         """A row not checked for 3 periods counts as unhealthy."""
         return 3.0 * self.health_check_period_seconds
+
+
+class SpeechSettings(_Settings):
+    tasks_table: str
+    endpoints_table: str
+    images_bucket: str  # the results bucket: audio/ uploads and transcripts/ live there too
+    task_queue_url: str
+    queue_capacity: int = Field(default=100, ge=1)
+    queue_full_retry_after_seconds: int = Field(default=10, ge=1)
+    speech_timeout_seconds: float = Field(default=20, gt=0, le=25)
+    health_check_period_seconds: float = Field(default=30, gt=0)
+    dispatch_strategy: Strategy = Strategy.LEAST_LOADED
+    circuit_failure_threshold: int = Field(default=3, ge=1)
+    slot_wait_seconds: float = Field(default=2.0, ge=0, le=10)
+    task_retention_days: int = Field(default=7, ge=1)
+    upload_url_ttl_seconds: int = Field(default=900, ge=60, le=3600)
+    image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
+
+    @property
+    def health_max_age_seconds(self) -> float:
+        return 3.0 * self.health_check_period_seconds
+
+
+class UploadSettings(_Settings):
+    tasks_table: str
+    images_bucket: str
+    task_queue_url: str

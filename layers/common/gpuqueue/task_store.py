@@ -3,7 +3,10 @@
 State machine (see README):
   QUEUED  -> RUNNING   claim (dispatcher), attempt + 1, lease
   QUEUED  -> CANCELED  cancel (owner)
-  QUEUED  -> FAILED    the queue could not take the message, or attempts exhausted
+  AWAITING_UPLOAD -> QUEUED    the audio upload landed (speech, async)
+  AWAITING_UPLOAD -> CANCELED  cancel (owner)
+  QUEUED  -> FAILED    the queue could not take the message, attempts exhausted, or the
+                       input is unusable (an upload gone)
   RUNNING -> DONE      result written, while holding the lease
   RUNNING -> QUEUED    retryable failure, while holding the lease
   RUNNING -> FAILED    permanent failure or last attempt, while holding the lease
@@ -16,6 +19,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
-from gpuqueue.models import ImageRequest, Task, TaskKind, TaskStatus, iso, utc_now
+from gpuqueue.models import ImageRequest, SpeechInput, Task, TaskKind, TaskStatus, iso, utc_now
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -78,6 +82,45 @@ class TaskStore:
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
+    def create_speech_task(
+        self,
+        owner: str,
+        speech: SpeechInput,
+        *,
+        prompt: str | None,
+        task_id: str,
+        now: datetime | None = None,
+    ) -> Task:
+        """A long-audio task, AWAITING_UPLOAD until its audio lands in S3."""
+        now = now or utc_now()
+        task = Task(
+            task_id=task_id,
+            user_id=owner,
+            kind=TaskKind.SPEECH,
+            status=TaskStatus.AWAITING_UPLOAD,
+            prompt=prompt or "",
+            speech=speech,
+            created_at=iso(now),
+            updated_at=iso(now),
+            expires_at=int((now + self._retention).timestamp()),
+        )
+        item = task.model_dump(mode="json", exclude_none=True)
+        self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
+        return task
+
+    def mark_uploaded(self, task_id: str) -> Task | None:
+        """AWAITING_UPLOAD -> QUEUED once the audio is in S3. None if the task was not waiting
+        (canceled, or a repeated upload event)."""
+        try:
+            return self._transition(
+                task_id,
+                condition="#s = :waiting",
+                updates={"status": TaskStatus.QUEUED.value},
+                values={":waiting": TaskStatus.AWAITING_UPLOAD.value},
+            )
+        except _ConditionFailed:
+            return None
+
     def fail_unqueued(self, task_id: str, error: str) -> None:
         """The message never reached the queue: end the task instead of leaving an orphan."""
         self._transition(
@@ -127,14 +170,19 @@ class TaskStore:
         try:
             return self._transition(
                 task_id,
-                condition="#s = :queued AND user_id = :owner",
+                condition="#s IN (:queued, :waiting) AND user_id = :owner",
                 updates={"status": TaskStatus.CANCELED.value},
-                values={":queued": TaskStatus.QUEUED.value, ":owner": owner},
+                values={
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
+                    ":owner": owner,
+                },
             )
         except _ConditionFailed:
             current = self.get(task_id) or task
             raise TaskStateConflict(
-                f"task {task_id} is {current.status.value}; only QUEUED tasks can be canceled",
+                f"task {task_id} is {current.status.value}; only QUEUED or AWAITING_UPLOAD "
+                "tasks can be canceled",
                 field="task_id",
             ) from None
 
@@ -205,10 +253,18 @@ class TaskStore:
             return None
         return Claim(task=task, lease_id=lease_id)
 
-    def complete(self, claim: Claim, *, result_key: str, endpoint_id: str) -> bool:
+    def complete(
+        self,
+        claim: Claim,
+        *,
+        result_key: str,
+        endpoint_id: str,
+        fields: Mapping[str, Any] | None = None,
+    ) -> bool:
         return self._while_holding(
             claim,
             updates={
+                **(fields or {}),
                 "status": TaskStatus.DONE.value,
                 "result_key": result_key,
                 "endpoint_id": endpoint_id,
@@ -228,17 +284,18 @@ class TaskStore:
             updates["endpoint_id"] = endpoint_id
         return self._while_holding(claim, updates=updates, removes=("lease_until",))
 
-    def fail_exhausted(self, task: Task, error: str) -> bool:
-        """A message came back for a task that has used every attempt: end it."""
+    def fail_unclaimed(self, task: Task, error: str) -> bool:
+        """End a task this invocation does not hold: attempts used up, or input unusable."""
         try:
             self._transition(
                 task.task_id,
-                condition="attempt = :seen AND #s IN (:queued, :running)",
+                condition="attempt = :seen AND #s IN (:queued, :running, :waiting)",
                 updates={"status": TaskStatus.FAILED.value, "error": error},
                 values={
                     ":seen": task.attempt,
                     ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
+                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
                 },
                 removes=("lease_until",),
             )

@@ -1,0 +1,62 @@
+"""S3 "Object Created" (via EventBridge) for audio/<task id>: queue the speech task.
+
+Thin: parse the event, hand the key and size to SubmissionService.queue_uploaded, which
+checks the size against what was announced and moves AWAITING_UPLOAD -> QUEUED + message.
+A repeated event is harmless (the transition is conditional; a re-send is idempotent).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.data_classes import (
+    S3EventBridgeNotificationEvent,
+    event_source,
+)
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
+from gpuqueue.audio_store import task_id_of_audio_key
+from gpuqueue.settings import UploadSettings
+from gpuqueue.submission import SubmissionService
+from gpuqueue.task_queue import TaskQueue
+from gpuqueue.task_store import TaskStore
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+
+@cache
+def submissions() -> SubmissionService:
+    settings = UploadSettings()
+    return SubmissionService(
+        tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
+        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+        # The task was admitted against the queue's capacity when it was announced.
+        capacity=2**31,
+    )
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_source(data_class=S3EventBridgeNotificationEvent)
+def lambda_handler(event: S3EventBridgeNotificationEvent, context: LambdaContext) -> dict[str, Any]:
+    key = event.detail.object.key
+    task_id = task_id_of_audio_key(key)
+    if task_id is None:
+        logger.warning("object outside audio/", extra={"key": key})
+        return {"queued": False}
+    logger.append_keys(task_id=task_id)
+    task = submissions().queue_uploaded(
+        task_id, size_bytes=int(event.detail.object.size or 0), max_bytes=ASYNC_AUDIO_MAX_BYTES
+    )
+    if task is not None:
+        metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
+        logger.info("uploaded audio queued")
+    return {"queued": task is not None}

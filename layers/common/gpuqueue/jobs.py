@@ -1,0 +1,98 @@
+"""What a task kind does with a GPU slot: the dispatcher is generic over these.
+
+A job prepares its input before a slot is taken (so a bad input fails the task without
+blaming an endpoint), runs one call on the endpoint while the slot is held, and stores
+the output after the slot is handed on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gpuqueue.audio_store import AudioStore
+from gpuqueue.gpu_client import ImageGenerator
+from gpuqueue.image_store import ImageStore
+from gpuqueue.models import Endpoint, EndpointProtocol, Task
+from gpuqueue.speech_client import SpeechTranscriber, Transcript
+
+# A DONE speech task carries this much of its text on the row; the whole transcript is in S3.
+TEXT_PREVIEW_CHARS = 4000
+
+
+class InvalidTaskInput(Exception):
+    """The task cannot run whatever the endpoint (its upload is missing, say): fail it."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    result_key: str
+    fields: dict[str, Any] = field(default_factory=dict)  # extra attributes for the task row
+
+
+class Job(Protocol):
+    def prepare(self, task: Task) -> Any:
+        """The call's input; raises InvalidTaskInput."""
+        ...
+
+    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+        """One GPU call; raises GpuError."""
+        ...
+
+    def store(self, task: Task, output: Any) -> Completion: ...
+
+
+class ImageJob:
+    def __init__(
+        self, generators: Mapping[EndpointProtocol, ImageGenerator], images: ImageStore
+    ) -> None:
+        self._generators = generators
+        self._images = images
+
+    def prepare(self, task: Task) -> None:
+        return None
+
+    def run(
+        self, endpoint: Endpoint, task: Task, job_input: None, *, timeout_seconds: float
+    ) -> bytes:
+        return self._generators[endpoint.protocol].generate(
+            endpoint, task, timeout_seconds=timeout_seconds
+        )
+
+    def store(self, task: Task, output: bytes) -> Completion:
+        return Completion(result_key=self._images.put_png(task.task_id, output))
+
+
+class SpeechJob:
+    def __init__(self, transcriber: SpeechTranscriber, audio: AudioStore) -> None:
+        self._transcriber = transcriber
+        self._audio = audio
+
+    def prepare(self, task: Task) -> bytes:
+        if task.speech is None:
+            raise InvalidTaskInput("speech task without audio")
+        audio = self._audio.get(task.speech.audio_key)
+        if audio is None:
+            raise InvalidTaskInput("the uploaded audio is gone")
+        return audio
+
+    def run(
+        self, endpoint: Endpoint, task: Task, job_input: bytes, *, timeout_seconds: float
+    ) -> Transcript:
+        assert task.speech is not None  # prepare() checked
+        return self._transcriber.transcribe(
+            endpoint,
+            job_input,
+            filename=task.speech.filename,
+            content_type=task.speech.content_type,
+            language=task.speech.language,
+            prompt=task.prompt or None,
+            timeout_seconds=timeout_seconds,
+        )
+
+    def store(self, task: Task, output: Transcript) -> Completion:
+        return Completion(
+            result_key=self._audio.put_transcript(task.task_id, output),
+            fields={"transcript_text": output.text[:TEXT_PREVIEW_CHARS]},
+        )

@@ -1,0 +1,203 @@
+"""SlotBroker: lease a free slot on the best routable endpoint of a kind.
+
+Shared by the queue's dispatcher (image and speech tasks) and the synchronous speech
+routes, so every GPU call, whichever path it takes, holds one of its endpoint's slots:
+an endpoint never gets more concurrent calls than its capacity.
+
+Least-loaded also looks at the measured call times (kept on the slot rows): at the tail of
+a burst it leaves a slower endpoint's free slot alone when the faster slots will finish
+every waiting task sooner (`balancer.worth_taking`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from gpuqueue.balancer import Balancer, Candidate, Strategy, worth_taking
+from gpuqueue.endpoint_registry import EndpointRegistry, Fleet
+from gpuqueue.models import Endpoint, SlotLease, TaskKind
+
+# A waiting caller re-reads the fleet at least this often, whatever it expects.
+MAX_POLL_SECONDS = 1.0
+# How long a read of the queues' depth stays good enough for the tail decision (one read
+# per container per period: GetQueueAttributes is not free).
+BACKLOG_TTL_SECONDS = 2.0
+# The tail rule only weighs endpoints clearly faster than the candidate, so measurement noise
+# between equal endpoints never holds a task back.
+FASTER_RATIO = 1.2
+FASTER_MIN_SECONDS = 0.25
+# A waiter that keeps finding no slot polls less and less often, up to MAX_POLL_SECONDS.
+POLL_BACKOFF = 1.5
+
+
+class NoRoutableEndpoint(Exception):
+    """No endpoint of the kind is ACTIVE, healthy and with a closed or half-open circuit."""
+
+
+class NoFreeSlot(Exception):
+    """Every routable endpoint's slots stayed busy for the whole wait."""
+
+
+class HeldSlot:
+    """A leased slot, released once: early after a good call (with its duration), or in a
+    `finally` otherwise."""
+
+    def __init__(self, registry: EndpointRegistry, lease: SlotLease, endpoint: Endpoint) -> None:
+        self._registry = registry
+        self.lease = lease
+        self.endpoint = endpoint
+        self._released = False
+
+    def release(self, *, call_seconds: float | None = None) -> None:
+        if not self._released:
+            self._released = True
+            self._registry.release_slot(self.lease, call_seconds=call_seconds)
+
+
+class _Backlog:
+    """The number of messages in the task queues, read lazily and at most once a second."""
+
+    def __init__(self, source: Callable[[], int] | None, clock: Callable[[], float]) -> None:
+        self._source = source
+        self._clock = clock
+        self._value = 0
+        self._read_at: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self._source is not None
+
+    def count(self) -> int:
+        now = self._clock()
+        if self._source is not None and (
+            self._read_at is None or now - self._read_at >= BACKLOG_TTL_SECONDS
+        ):
+            self._value = self._source()
+            self._read_at = now
+        return self._value
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    kind: TaskKind
+    task_id: str
+    user_id: str
+    lease_seconds: float
+    wait_seconds: float
+    # Endpoints that already failed this task: used again only if nothing else is routable,
+    # or never, with `untried_only` (a synchronous retry goes to another endpoint or nowhere).
+    tried: Collection[str] = ()
+    untried_only: bool = False
+
+
+class SlotBroker:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        *,
+        health_max_age_seconds: float,
+        balancer: Balancer | None = None,
+        poll_seconds: float = 0.1,
+        backlog: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._registry = registry
+        self._max_age = health_max_age_seconds
+        self._balancer = balancer or Balancer()
+        self._poll = poll_seconds
+        # Messages in the task queues (visible, delayed and in flight); lets least-loaded hold
+        # a tail task back for a faster endpoint. Without it every free slot is taken.
+        self._backlog = _Backlog(backlog, clock)
+        self._clock = clock
+        self._sleep = sleep
+
+    def acquire(self, request: SlotRequest) -> HeldSlot:
+        """Lease a slot on the best endpoint, waiting up to `wait_seconds` for one."""
+        give_up_at = self._clock() + request.wait_seconds
+        backlog = self._backlog
+        poll = self._poll
+        while True:
+            now = self._clock()
+            fleet = self._registry.fleet(request.kind)
+            routable = fleet.routable(now, self._max_age)
+            if not routable:
+                raise NoRoutableEndpoint(f"no healthy {request.kind.value} endpoint")
+            untried = [e for e in routable if e.endpoint_id not in request.tried]
+            if request.untried_only and not untried:
+                raise NoRoutableEndpoint(f"no other healthy {request.kind.value} endpoint")
+            eligible = untried or routable
+            candidates = [
+                Candidate(
+                    endpoint=e,
+                    in_flight=fleet.in_flight(e.endpoint_id, now),
+                    free_slots=n,
+                    service_seconds=fleet.service_seconds(e),
+                )
+                for e in eligible
+                if (n := len(fleet.free_slots(e, now)))
+            ]
+            ordered = self._balancer.order(
+                candidates, routable=routable, user_id=request.user_id, avoid=request.tried
+            )
+            for candidate in ordered:
+                if not self._worth_taking(candidate, eligible, fleet, now, backlog):
+                    continue
+                for slot in fleet.free_slots(candidate.endpoint, now):
+                    lease = self._registry.take_slot(
+                        candidate.endpoint,
+                        slot,
+                        task_id=request.task_id,
+                        lease_seconds=request.lease_seconds,
+                        now=now,
+                    )
+                    if lease is not None:
+                        return HeldSlot(self._registry, lease, candidate.endpoint)
+            if self._clock() >= give_up_at:
+                raise NoFreeSlot(f"every {request.kind.value} GPU slot is busy")
+            self._sleep(self._poll_delay(eligible, fleet, now, give_up_at, poll))
+            poll = min(MAX_POLL_SECONDS, poll * POLL_BACKOFF)
+
+    def _worth_taking(
+        self,
+        candidate: Candidate,
+        eligible: list[Endpoint],
+        fleet: Fleet,
+        now: float,
+        backlog: _Backlog,
+    ) -> bool:
+        """Least-loaded only: skip a slower endpoint when faster slots clear the backlog sooner."""
+        if self._balancer.strategy is not Strategy.LEAST_LOADED or not backlog.known:
+            return True
+        service = candidate.service_seconds
+        if service is None:
+            return True
+        others = [
+            (free_at, other_service)
+            for e in eligible
+            if e.endpoint_id != candidate.endpoint.endpoint_id
+            and (other_service := fleet.service_seconds(e)) is not None
+            and other_service * FASTER_RATIO < service
+            and service - other_service > FASTER_MIN_SECONDS
+            for free_at in fleet.slot_free_times(e, now)
+        ]
+        running = sum(fleet.in_flight(e.endpoint_id, now) for e in fleet.endpoints)
+
+        def waiting() -> int:
+            # Messages in the queues (visible, delayed or held) less those already running:
+            # the tasks not started yet, this one included.
+            return max(1, backlog.count() - running)
+
+        return worth_taking(now + service, others, waiting)
+
+    @staticmethod
+    def _poll_delay(
+        eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float, poll: float
+    ) -> float:
+        """Sleep until a slot is expected to free (measured call times), else `poll`, within
+        bounds: a waiting caller should not read the table ten times a second for nothing."""
+        expected = [t for e in eligible for t in fleet.slot_free_times(e, now) if t > now]
+        wait = min(expected) - now if expected else poll
+        return max(poll, min(wait, MAX_POLL_SECONDS, max(0.0, give_up_at - now)))
