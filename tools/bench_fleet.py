@@ -139,6 +139,9 @@ def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) 
             },
             demo_user=False,
             quiet=True,
+            # Nothing else on moto's one core: no speech stand-in, no S3 upload poller.
+            speech_servers=0,
+            s3_events=False,
         )
     )
 

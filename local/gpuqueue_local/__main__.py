@@ -13,6 +13,7 @@ from types import FrameType
 from gpuqueue_local.stack import (
     DOCKER_MOTO_PORT,
     IMAGE_PORT_BASE_FOR_DOCKER,
+    SPEECH_PORT_BASE_FOR_DOCKER,
     StackOptions,
     banner,
     start_stack,
@@ -42,9 +43,24 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
     parser.add_argument("--image-capacity", type=int, default=0, help="0 = unlimited")
     parser.add_argument(
+        "--speech-servers", type=int, default=1, help="stand-in speech endpoints (PocketSphinx)"
+    )
+    parser.add_argument(
         "--docker-ports",
         action="store_true",
-        help="moto on 5000 and stand-ins on 8001+, as events/env.local.json expects",
+        help="moto on 5000 and image stand-ins on 8001+, as events/env.local.json expects; "
+        "speech stand-ins on 8101+",
+    )
+    parser.add_argument(
+        "--no-s3-events",
+        action="store_true",
+        help="do not emulate the template's S3 -> EventBridge rules (no bucket polling)",
+    )
+    parser.add_argument(
+        "--s3-poll-interval",
+        type=float,
+        default=0.2,
+        help="seconds between the S3 -> EventBridge emulation's bucket listings",
     )
     parser.add_argument(
         "--schedule-speedup", type=float, default=1.0, help="run schedules N times faster"
@@ -67,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         image_latency_s=args.image_latency,
         image_capacity=args.image_capacity,
         image_port_base=IMAGE_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
+        speech_servers=args.speech_servers,
+        speech_port_base=SPEECH_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
+        s3_events=not args.no_s3_events,
+        s3_poll_interval_s=args.s3_poll_interval,
         schedule_speedup=args.schedule_speedup,
         parameters=_pairs(args.param, "param"),
         function_env=_pairs(args.env, "env"),

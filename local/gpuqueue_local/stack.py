@@ -1,8 +1,9 @@
 """The local stack: template.yaml run on one machine, no AWS account and no Docker.
 
 moto server (the AWS APIs) -> provisioning from the template -> a worker pool per function
--> the HTTP API gateway with the JWT authorizer, the SQS event source mappings and the
-schedules the template declares -> stand-in GPU endpoints.
+-> the HTTP API gateway with the JWT authorizer, the SQS event source mappings, the
+schedules and the S3 -> EventBridge rules the template declares -> stand-in GPU endpoints
+(images) and speech endpoints (PocketSphinx).
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
 from gpuqueue_local.provision import LocalStack, provision
+from gpuqueue_local.s3_events import (
+    DEFAULT_POLL_INTERVAL_S,
+    S3EventBridge,
+    eventbridge_buckets,
+    template_rules,
+)
 from gpuqueue_local.scheduler import Schedule, rate_seconds
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
+from gpuqueue_local.standins.speech_server import SpeechServer
 from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
 
 HOST = "127.0.0.1"
@@ -45,6 +53,10 @@ MOTO_DETERMINISTIC_IDS = {
 # Ports events/env.local.json expects for `sam local invoke` (make up UP_ARGS=--docker-ports).
 DOCKER_MOTO_PORT = 5000
 IMAGE_PORT_BASE_FOR_DOCKER = 8001
+SPEECH_PORT_BASE_FOR_DOCKER = 8101  # not in env.local.json yet (sam_env passes images only)
+# The template parameters the stand-ins' URLs go into (comma-separated).
+IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
+SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
 # Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
 LOCAL_MAX_CONCURRENCY = 32
 
@@ -64,6 +76,10 @@ class StackOptions:
     image_latency_s: float = 1.0
     image_capacity: int = 0
     image_port_base: int = 0  # 0 = free ports
+    speech_servers: int = 1
+    speech_port_base: int = 0  # 0 = free ports
+    s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
+    s3_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     schedule_speedup: float = 1.0
     parameters: dict[str, str] = field(default_factory=dict)
     function_env: dict[str, str] = field(default_factory=dict)
@@ -297,6 +313,8 @@ class RunningStack:
     sources: list[SqsEventSource]
     schedules: list[Schedule]
     api_url: str
+    speech_servers: list[SpeechServer] = field(default_factory=list)
+    s3_events: S3EventBridge | None = None
     demo_token: str | None = None
     admin_token: str | None = None
     _servers: list[Any] = field(default_factory=list)
@@ -311,6 +329,7 @@ class RunningStack:
             "outputs": {**self.stack.outputs(), "ApiUrl": self.api_url},
             "resources": dict(self.stack.resolver.refs),
             "image_servers": [s.url for s in self.image_servers],
+            "speech_servers": [s.url for s in self.speech_servers],
             "demo_user": {
                 "username": DEMO_USER,
                 "password": DEMO_PASSWORD,
@@ -329,20 +348,21 @@ class RunningStack:
             schedule.stop()
         for source in self.sources:
             source.stop()
+        if self.s3_events is not None:
+            self.s3_events.stop()
         for server in self._servers:
             server.shutdown()
         for runtime in self.functions.values():
             runtime.stop()
         for image_server in self.image_servers:
             image_server.stop()
+        for speech_server in self.speech_servers:
+            speech_server.stop()
         self.moto.stop()
 
 
-def start_stack(options: StackOptions) -> RunningStack:
-    started = time.monotonic()
-    log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
-    moto = MotoServer(options.moto_port)
-    image_servers = []
+def _start_image_servers(options: StackOptions) -> list[ImageServer]:
+    servers = []
     for index in range(options.image_servers):
         server = ImageServer(
             port=options.image_port_base + index if options.image_port_base else 0,
@@ -351,7 +371,65 @@ def start_stack(options: StackOptions) -> RunningStack:
             ),
         )
         server.start()
-        image_servers.append(server)
+        servers.append(server)
+    return servers
+
+
+def _start_speech_servers(options: StackOptions) -> list[SpeechServer]:
+    servers = []
+    for index in range(options.speech_servers):
+        # Serves at once; the recogniser loads its model (~0.5 s) in a background thread.
+        server = SpeechServer(
+            port=options.speech_port_base + index if options.speech_port_base else 0
+        )
+        server.start()
+        servers.append(server)
+    return servers
+
+
+def _endpoint_parameters(
+    template: dict[str, Any], image_servers: list[ImageServer], speech_servers: list[SpeechServer]
+) -> dict[str, str]:
+    """The stand-ins' URLs as the template parameters the checker registers them from.
+
+    SpeechEndpointUrls only when the template declares it: an older template has no speech
+    fleet, and its stand-ins then run unregistered.
+    """
+    parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
+    if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
+        parameters[SPEECH_URLS_PARAMETER] = ",".join(s.url for s in speech_servers)
+    return parameters
+
+
+def s3_event_bridge(
+    stack: LocalStack,
+    functions: dict[str, FunctionRuntime],
+    log: LogPrinter,
+    *,
+    interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    endpoint_url: str | None = None,
+) -> S3EventBridge | None:
+    """The template's S3 "Object Created" EventBridge rules, emulated (None when none)."""
+    rules = template_rules(stack, functions)
+    if not rules:
+        return None
+    return S3EventBridge(
+        rules=rules,
+        region=stack.region,
+        interval_s=interval_s,
+        endpoint_url=endpoint_url,
+        enabled_buckets=eventbridge_buckets(stack),
+        log=log.system,
+        function_log=log.function,
+    )
+
+
+def start_stack(options: StackOptions) -> RunningStack:
+    started = time.monotonic()
+    log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
+    moto = MotoServer(options.moto_port)
+    image_servers = _start_image_servers(options)
+    speech_servers = _start_speech_servers(options)
     moto.wait_ready()
     os.environ.update(
         {
@@ -361,14 +439,18 @@ def start_stack(options: StackOptions) -> RunningStack:
             "AWS_DEFAULT_REGION": options.region,
         }
     )
-    parameters = {"ImageEndpointUrls": ",".join(s.url for s in image_servers), **options.parameters}
+    template = load_template()
+    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
+    speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = provision(
         stack_name=options.stack_name,
         region=options.region,
-        parameters=parameters,
-        template=load_template(),
+        parameters={**endpoint_parameters, **options.parameters},
+        template=template,
     )
     log.system(f"moto on {moto.url}; provisioned {len(stack.resolver.refs)} resources")
+    if speech_servers and not speech_registered:
+        log.system(f"the template has no {SPEECH_URLS_PARAMETER}: speech stand-ins unregistered")
 
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -415,6 +497,13 @@ def start_stack(options: StackOptions) -> RunningStack:
     api_url = f"http://{HOST}:{http_server.server_address[1]}"
 
     schedules = scheduled_rules(stack, functions, log, options.schedule_speedup)
+    s3_events = (
+        s3_event_bridge(
+            stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
+        )
+        if options.s3_events
+        else None
+    )
 
     running = RunningStack(
         options=options,
@@ -427,6 +516,8 @@ def start_stack(options: StackOptions) -> RunningStack:
         sources=sources,
         schedules=schedules,
         api_url=api_url,
+        speech_servers=speech_servers,
+        s3_events=s3_events,
         _servers=[http_server],
     )
     gateway.ready = running._ready.is_set
@@ -434,9 +525,13 @@ def start_stack(options: StackOptions) -> RunningStack:
         thread.join(timeout=60)
     for schedule in schedules:
         schedule.start(fire_now=True)
-    _wait_for_endpoints(stack, len(image_servers))
+    expected = {"image": len(image_servers), "speech": len(speech_servers) * speech_registered}
+    if not _wait_for_endpoints(stack, expected):
+        log.system(f"not all stand-ins are healthy yet (wanted {expected}); going on")
     for source in sources:
         source.start()
+    if s3_events is not None:
+        s3_events.start()
     if options.demo_user:
         running.demo_token = _demo_token(api_url)
         running.admin_token = _admin_token(api_url, stack)
@@ -447,18 +542,25 @@ def start_stack(options: StackOptions) -> RunningStack:
     return running
 
 
-def _wait_for_endpoints(stack: LocalStack, expected: int, timeout: float = 20.0) -> None:
+def _wait_for_endpoints(stack: LocalStack, expected: dict[str, int], timeout: float = 20.0) -> bool:
     """Ready means the first health check has registered the stand-ins as routable.
 
+    `expected` is the number of healthy endpoint rows wanted per kind ("image", "speech").
     The checker's run may go on probing (twice a minute); readiness does not wait for that.
     """
     table = boto3.resource("dynamodb").Table(stack.ref("EndpointsTable"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = table.scan().get("Items", [])  # a handful of rows; local only
-        if sum(1 for row in rows if row.get("healthy") is True) >= expected:
-            return
+        healthy: dict[str, int] = {}
+        for row in rows:
+            if row.get("healthy") is True and row.get("row_type", "endpoint") == "endpoint":
+                kind = str(row.get("kind", "image"))
+                healthy[kind] = healthy.get(kind, 0) + 1
+        if all(healthy.get(kind, 0) >= count for kind, count in expected.items()):
+            return True
         time.sleep(0.1)
+    return False
 
 
 def _demo_token(api_url: str, username: str = DEMO_USER, password: str = DEMO_PASSWORD) -> str:
@@ -494,6 +596,15 @@ def banner(running: RunningStack) -> str:
     token = running.demo_token or "<run: gpuqueue login>"
     admin_token = running.admin_token or "<run: gpuqueue login -u admin>"
     api = running.api_url
+    speech: list[str] = []
+    if running.speech_servers and any(
+        r.path == "/api/v1/speech/transcribe" for r in running.gateway.routes
+    ):
+        speech = [
+            f'  curl -s -X POST {api}/api/v1/speech/transcribe -H "Authorization: Bearer $TOKEN" '
+            "-F file=@hello.wav",
+            f"  .venv/bin/gpuqueue --api-url {api} transcribe hello.wav",
+        ]
     return "\n".join(
         [
             "",
@@ -503,6 +614,7 @@ def banner(running: RunningStack) -> str:
             f"  token          {token}",
             f"  admin user     {ADMIN_USER} / {ADMIN_PASSWORD} (group admin: /api/v1/admin)",
             f"  GPU stand-ins  {', '.join(s.url for s in running.image_servers) or 'none'}",
+            f"  speech         {', '.join(s.url for s in running.speech_servers) or 'none'}",
             f"  AWS (moto)     {running.moto.url}",
             "",
             "Try it:",
@@ -511,6 +623,7 @@ def banner(running: RunningStack) -> str:
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in the snow\"}'",
             f"  .venv/bin/gpuqueue --api-url {api} login -u {DEMO_USER} -p {DEMO_PASSWORD}",
             f'  .venv/bin/gpuqueue --api-url {api} generate "a red fox" --wait -o fox.png',
+            *speech,
             f"  export ADMIN_TOKEN={admin_token}",
             f"  .venv/bin/gpuqueue --api-url {api} --token $ADMIN_TOKEN endpoints list",
             "",

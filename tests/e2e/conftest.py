@@ -44,6 +44,20 @@ class LocalStackProcess:
         stats: dict[str, Any] = requests.get(f"{url}/stats", timeout=5).json()
         return stats
 
+    @property
+    def speech_servers(self) -> list[str]:
+        """The speech stand-ins' URLs (`--speech-servers N` in extra_args; 1 by default)."""
+        return list(self.state.get("speech_servers", []))
+
+    def speech_knobs(self, server: int = 0, **changes: Any) -> None:
+        url = self.speech_servers[server]
+        requests.post(f"{url}/knobs", json=changes, timeout=5).raise_for_status()
+
+    def speech_stats(self, server: int = 0) -> dict[str, Any]:
+        url = self.speech_servers[server]
+        stats: dict[str, Any] = requests.get(f"{url}/stats", timeout=5).json()
+        return stats
+
 
 @contextlib.contextmanager
 def running_stack(workdir: Path, *extra_args: str) -> Iterator[LocalStackProcess]:

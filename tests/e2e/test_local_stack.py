@@ -310,8 +310,12 @@ def test_operators_list_the_stand_ins_and_everyone_else_gets_403(local_stack, ne
 
     assert listed.status_code == 200, listed.text
     declared = [row for row in listed.json() if row["source"] == "parameter"]
-    assert sorted(row["url"] for row in declared) == sorted(local_stack.state["image_servers"])
-    assert all(row["kind"] == "image" and row["healthy"] for row in declared)
+    stand_ins = {
+        **dict.fromkeys(local_stack.state["image_servers"], "image"),
+        **dict.fromkeys(local_stack.state["speech_servers"], "speech"),
+    }
+    assert {row["url"]: row["kind"] for row in declared} == stand_ins
+    assert all(row["healthy"] for row in declared)
     refused = new_user.get("/api/v1/admin/endpoints")
     assert refused.status_code == 403
     assert refused.json()["code"] == "FORBIDDEN"

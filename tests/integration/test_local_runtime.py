@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -19,6 +20,9 @@ import pytest
 
 from gpuqueue_local.event_source_mapping import LONG_POLL_SECONDS, SqsEventSource
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec, InvocationResult
+from gpuqueue_local.provision import LocalStack, provision
+from gpuqueue_local.stack import _endpoint_parameters, _wait_for_endpoints
+from gpuqueue_local.template import load_template
 from gpuqueue_testing import wait_for
 
 LOCAL = Path(__file__).resolve().parents[2] / "local"
@@ -481,3 +485,59 @@ def test_event_source_stops_promptly(
 
     assert elapsed < LONG_POLL_SECONDS + 2.0
     assert not any(thread.is_alive() for thread in source._threads)
+
+
+# --- the stack's wiring: speech stand-ins and readiness ---------------------------------
+
+
+def test_speech_urls_become_a_parameter_only_when_the_template_declares_it() -> None:
+    images = [SimpleNamespace(url="http://127.0.0.1:8001"), SimpleNamespace(url="http://h:2")]
+    speech = [SimpleNamespace(url="http://127.0.0.1:8101")]
+    with_speech = {"Parameters": {"ImageEndpointUrls": {}, "SpeechEndpointUrls": {}}}
+    without_speech = {"Parameters": {"ImageEndpointUrls": {}}}
+
+    assert _endpoint_parameters(with_speech, images, speech) == {
+        "ImageEndpointUrls": "http://127.0.0.1:8001,http://h:2",
+        "SpeechEndpointUrls": "http://127.0.0.1:8101",
+    }
+    assert _endpoint_parameters(without_speech, images, speech) == {
+        "ImageEndpointUrls": "http://127.0.0.1:8001,http://h:2"
+    }
+    assert "SpeechEndpointUrls" not in _endpoint_parameters(with_speech, images, [])
+
+
+@pytest.fixture
+def endpoints_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> LocalStack:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    table = load_template()["Resources"]["EndpointsTable"]
+    return provision(
+        stack_name=f"ready-{uuid.uuid4().hex[:6]}",
+        template={"Resources": {"EndpointsTable": table}},
+    )
+
+
+def test_readiness_waits_for_healthy_endpoints_of_each_kind(endpoints_stack: LocalStack) -> None:
+    table = boto3.resource("dynamodb").Table(endpoints_stack.ref("EndpointsTable"))
+
+    def row(endpoint_id: str, kind: str, healthy: bool, row_type: str = "endpoint") -> None:
+        table.put_item(
+            Item={
+                "endpoint_id": endpoint_id,
+                "kind": kind,
+                "healthy": healthy,
+                "row_type": row_type,
+            }
+        )
+
+    row("image-1", "image", True)
+    row("image-2", "image", True)
+    row("speech-1", "speech", False)
+    row("speech-1#slot#0", "speech", True, row_type="slot")  # a lease is not an endpoint
+
+    assert _wait_for_endpoints(endpoints_stack, {"image": 2, "speech": 0}, timeout=5.0)
+    assert not _wait_for_endpoints(endpoints_stack, {"image": 2, "speech": 1}, timeout=0.3)
+    assert not _wait_for_endpoints(endpoints_stack, {"image": 3, "speech": 0}, timeout=0.3)
+
+    row("speech-1", "speech", True)
+
+    assert _wait_for_endpoints(endpoints_stack, {"image": 2, "speech": 1}, timeout=5.0)
