@@ -22,6 +22,7 @@ from gpuqueue_local.stack import (
     DOCKER_MOTO_PORT,
     IMAGE_PORT_BASE_FOR_DOCKER,
     MOTO_DETERMINISTIC_IDS,
+    SPEECH_PORT_BASE_FOR_DOCKER,
 )
 
 DOCKER_HOST = "host.docker.internal"
@@ -52,7 +53,10 @@ def generate() -> dict[str, dict[str, str]]:
         image_urls = ",".join(
             f"http://{DOCKER_HOST}:{IMAGE_PORT_BASE_FOR_DOCKER + i}" for i in range(2)
         )
-        stack = provision(parameters={"ImageEndpointUrls": image_urls})
+        speech_urls = f"http://{DOCKER_HOST}:{SPEECH_PORT_BASE_FOR_DOCKER}"
+        stack = provision(
+            parameters={"ImageEndpointUrls": image_urls, "SpeechEndpointUrls": speech_urls}
+        )
         return sam_env_vars(stack, moto_url)
     finally:
         if saved is None:

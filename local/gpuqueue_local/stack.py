@@ -53,7 +53,7 @@ MOTO_DETERMINISTIC_IDS = {
 # Ports events/env.local.json expects for `sam local invoke` (make up UP_ARGS=--docker-ports).
 DOCKER_MOTO_PORT = 5000
 IMAGE_PORT_BASE_FOR_DOCKER = 8001
-SPEECH_PORT_BASE_FOR_DOCKER = 8101  # not in env.local.json yet (sam_env passes images only)
+SPEECH_PORT_BASE_FOR_DOCKER = 8101
 # The template parameters the stand-ins' URLs go into (comma-separated).
 IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"

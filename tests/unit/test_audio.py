@@ -11,7 +11,6 @@ import wave
 import pytest
 
 from gpuqueue.audio import (
-    ASYNC_AUDIO_MAX_BYTES,
     HEAD_BYTES,
     SUPPORTED_AUDIO,
     SYNC_AUDIO_MAX_BYTES,
@@ -306,4 +305,3 @@ def test_sync_limit_fits_a_synchronous_lambda_event_after_base64():
     # Headroom for headers, JWT claims and request context in the same 6 MB event.
     assert LAMBDA_SYNC_PAYLOAD_BYTES - encoded > 900_000
     assert SYNC_AUDIO_MAX_BYTES < 10_000_000  # API Gateway HTTP API payload cap
-    assert ASYNC_AUDIO_MAX_BYTES == 200_000_000

@@ -257,7 +257,7 @@ class FakeSpeechApi:
         return reply(200, TRANSCRIPT | {"duration": len(request.body) / 32000})
 
     def _start(self, body: dict[str, Any]) -> Reply:
-        if body.get("size_bytes", 0) > 200_000_000:
+        if body.get("size_bytes", 0) > 100_000_000:
             return api_error(
                 413, "size_bytes: at most 200000000", "PAYLOAD_TOO_LARGE", "size_bytes"
             )

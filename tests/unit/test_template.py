@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
 from gpuqueue.admin_settings import AdminSettings
+from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue_local.template import function_property, load_template, resources_of_type
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -526,3 +527,11 @@ def test_template_sets_every_required_setting_of_the_function(
 
     assert required
     assert required - environment_keys(logical_id) == set()
+
+
+def test_the_dispatcher_has_memory_for_the_longest_audio_it_may_send() -> None:
+    memory_mb = number(
+        props("DispatcherFunction").get("MemorySize", TEMPLATE["Globals"]["Function"]["MemorySize"])
+    )
+    # The audio, the multipart body built from it, and the runtime itself.
+    assert memory_mb * 1024 * 1024 >= 2 * ASYNC_AUDIO_MAX_BYTES + 150_000_000

@@ -22,8 +22,9 @@ multipart body's boundaries and text fields included). That is ~125 s of 16 kHz 
 
 Longer audio goes the asynchronous way: the client PUTs it straight to S3 with a presigned
 URL, which skips API Gateway and Lambda payloads altogether. ``ASYNC_AUDIO_MAX_BYTES``
-(200 MB: ~100 min of 16 kHz PCM, hours of compressed audio) caps that upload; the URL
-signs the Content-Length so S3 refuses anything larger.
+(100 MB: ~50 min of 16 kHz PCM, ~1.7 h of 128 kbit/s MP3) caps that upload; the URL
+signs the Content-Length so S3 refuses anything larger. The cap also keeps the dispatcher
+(512 MB) safe: it holds the audio and the multipart body it sends, ~2x the file.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 SYNC_AUDIO_MAX_BYTES: Final = 4_000_000  # derivation in the module docstring
-ASYNC_AUDIO_MAX_BYTES: Final = 200_000_000
+ASYNC_AUDIO_MAX_BYTES: Final = 100_000_000
 
 # Raw PCM as an ESP32 sends it: 16-bit signed little-endian samples, channels interleaved.
 PCM_SAMPLE_WIDTH: Final = 2

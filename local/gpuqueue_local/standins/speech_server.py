@@ -76,7 +76,7 @@ MODEL_ID: Final = "whisper-1"  # what clients ask for; any model name is accepte
 SAMPLE_RATE: Final = 16_000  # the PocketSphinx en-us model's rate
 HANG_BOUND_S: Final = 600.0  # a forgotten hang never wedges a process forever
 _HANG_TICK_S: Final = 0.05
-# Above the API's 200 MB async upload cap plus multipart framing; a real server has one too.
+# Above the API's 100 MB async upload cap plus multipart framing; a real server has one too.
 _MAX_BODY_BYTES: Final = 256 * 1024 * 1024
 _TRANSCRIPTIONS_PATH: Final = "/v1/audio/transcriptions"
 _RESPONSE_FORMATS: Final = ("json", "text", "verbose_json")
