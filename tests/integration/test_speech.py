@@ -330,3 +330,14 @@ def test_the_sample_pcm_event_is_answered_with_the_seeds_shape(speech_stack, ali
 
     assert result["statusCode"] == 200, result["body"]
     assert json.loads(result["body"])["code"] == 0
+
+
+def test_audio_the_endpoint_cannot_decode_is_a_422(speech_stack, alice):
+    # A WebM header (EBML magic): a format we accept, that this stand-in cannot decode.
+    webm = bytes.fromhex("1a45dfa3") + bytes(200)
+
+    response = transcribe(speech_stack, alice, {"file": ("talk.webm", webm, "audio/webm")})
+
+    assert response.status == 422, response.body
+    assert response.json()["code"] == "UNPROCESSABLE_AUDIO"
+    assert response.json()["field"] == "file"
