@@ -79,16 +79,20 @@ class Fleet:
         ]
         return sum(samples) / len(samples) if samples else None
 
-    def slot_free_times(self, endpoint: Endpoint, now: float) -> list[float]:
-        """When each usable slot is expected to be free: now, or its lease start + the
-        endpoint's service time (an overrun call counts as freeing now)."""
+    def busy_until(self, endpoint: Endpoint, now: float) -> list[float]:
+        """When each busy slot's call is expected to end: its lease start + the endpoint's
+        service time (in the past for a call that overruns; `now` when nothing is known)."""
         service = self.service_seconds(endpoint) or 0.0
-        live = self.live_leases(endpoint.endpoint_id, now)
-        busy = [
-            max(now, (lease.leased_at if lease.leased_at is not None else now) + service)
-            for lease in live
-        ]
-        free = max(0, endpoint.usable_capacity - len(live))
+        return sorted(
+            (lease.leased_at if lease.leased_at is not None else now) + service
+            for lease in self.live_leases(endpoint.endpoint_id, now)
+        )
+
+    def slot_free_times(self, endpoint: Endpoint, now: float) -> list[float]:
+        """When each usable slot is expected to be free: now if free or overrunning, else
+        when its call is expected to end."""
+        busy = [max(now, t) for t in self.busy_until(endpoint, now)]
+        free = max(0, endpoint.usable_capacity - len(busy))
         return sorted([now] * free + busy)
 
     def live_leases(self, endpoint_id: str, now: float) -> list[SlotLease]:

@@ -28,8 +28,6 @@ BACKLOG_TTL_SECONDS = 2.0
 # between equal endpoints never holds a task back.
 FASTER_RATIO = 1.2
 FASTER_MIN_SECONDS = 0.25
-# A waiter that keeps finding no slot polls less and less often, up to MAX_POLL_SECONDS.
-POLL_BACKOFF = 1.5
 
 
 class NoRoutableEndpoint(Exception):
@@ -118,7 +116,6 @@ class SlotBroker:
         """Lease a slot on the best endpoint, waiting up to `wait_seconds` for one."""
         give_up_at = self._clock() + request.wait_seconds
         backlog = self._backlog
-        poll = self._poll
         while True:
             now = self._clock()
             fleet = self._registry.fleet(request.kind)
@@ -157,8 +154,7 @@ class SlotBroker:
                         return HeldSlot(self._registry, lease, candidate.endpoint)
             if self._clock() >= give_up_at:
                 raise NoFreeSlot(f"every {request.kind.value} GPU slot is busy")
-            self._sleep(self._poll_delay(eligible, fleet, now, give_up_at, poll))
-            poll = min(MAX_POLL_SECONDS, poll * POLL_BACKOFF)
+            self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
 
     def _worth_taking(
         self,
@@ -192,12 +188,15 @@ class SlotBroker:
 
         return worth_taking(now + service, others, waiting)
 
-    @staticmethod
     def _poll_delay(
-        eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float, poll: float
+        self, eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float
     ) -> float:
-        """Sleep until a slot is expected to free (measured call times), else `poll`, within
-        bounds: a waiting caller should not read the table ten times a second for nothing."""
-        expected = [t for e in eligible for t in fleet.slot_free_times(e, now) if t > now]
-        wait = min(expected) - now if expected else poll
-        return max(poll, min(wait, MAX_POLL_SECONDS, max(0.0, give_up_at - now)))
+        """How long to wait before reading the fleet again.
+
+        Until the first busy call is expected to end (measured call times), so a waiting
+        caller does not read the table ten times a second for nothing; but every `poll`
+        seconds once a call is due or overdue, so a freed slot is taken at once.
+        """
+        ends = [t for e in eligible for t in fleet.busy_until(e, now)]
+        wait = min(ends) - now if ends else self._poll
+        return max(self._poll, min(wait, MAX_POLL_SECONDS, max(0.0, give_up_at - now)))
