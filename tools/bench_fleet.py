@@ -231,7 +231,7 @@ def _measure(
     rows: list[dict[str, Any]] = []
     while time.time() < deadline:
         rows = _read_tasks(table, ids)
-        finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED")]
+        finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED", "EXPIRED")]
         if kill_after is not None and not killed and len(finished) >= kill_after * tasks:
             # Killed mid-run: the process is gone, its port refuses connections.
             threading.Thread(target=stack.image_servers[0].stop, daemon=True).start()

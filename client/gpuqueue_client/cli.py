@@ -54,6 +54,7 @@ STATUS_STYLES = {
     "DONE": "green",
     "FAILED": "red",
     "CANCELED": "magenta",
+    "EXPIRED": "magenta",
 }
 
 app = typer.Typer(
@@ -286,8 +287,9 @@ def _wait_until_done(
     except KeyboardInterrupt:
         state.fail(f"stopped waiting; task {task_id} goes on: {check}", code=130)
     status = task.get("status")
-    if status == "FAILED":
-        state.fail(f"error: task {task_id} failed: {task.get('error') or 'unknown error'}")
+    if status in ("FAILED", "EXPIRED"):
+        verb = "failed" if status == "FAILED" else "expired in the queue"
+        state.fail(f"error: task {task_id} {verb}: {task.get('error') or 'unknown error'}")
     if status != "DONE":
         state.fail(f"error: task {task_id} was {str(status).lower()}")
     return task

@@ -18,7 +18,7 @@ from urllib.parse import quote, urljoin
 import requests
 from urllib3.filepost import encode_multipart_formdata
 
-TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELED"})
+TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELED", "EXPIRED"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MESSAGE = 500
 
@@ -260,7 +260,7 @@ class GpuqueueClient:
         poll_interval: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll the task until DONE, FAILED or CANCELED; TimeoutError after `timeout` s."""
+        """Poll the task until DONE, FAILED, CANCELED or EXPIRED; TimeoutError after `timeout` s."""
         deadline = time.monotonic() + timeout
         interval = max(poll_interval, 0.0)
         while True:

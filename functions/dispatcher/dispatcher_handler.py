@@ -107,6 +107,8 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
         metrics.add_metric(name="TasksSucceeded", unit=MetricUnit.Count, value=1)
     elif outcome is Outcome.FAILED:
         metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
+    elif outcome is Outcome.EXPIRED:
+        metrics.add_metric(name="TasksExpired", unit=MetricUnit.Count, value=1)
 
 
 @logger.inject_lambda_context

@@ -100,6 +100,7 @@ def deps() -> Deps:
             queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
             capacity=settings.queue_capacity,
             retry_after_seconds=settings.queue_full_retry_after_seconds,
+            default_queue_ttl_seconds=settings.queue_ttl_seconds,
         ),
         tasks=tasks,
         audio=AudioStore(aws_clients.s3(), settings.images_bucket),
@@ -193,7 +194,11 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
         language=request.language,
     )
     task = deps().submissions.submit_speech_upload(
-        caller.sub, speech, prompt=request.prompt, task_id=task_id
+        caller.sub,
+        speech,
+        prompt=request.prompt,
+        task_id=task_id,
+        queue_ttl_seconds=request.queue_ttl_seconds,
     )
     logger.append_keys(task_id=task.task_id)
     ttl = deps().upload_url_ttl_seconds

@@ -39,6 +39,7 @@ def submissions() -> SubmissionService:
         queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
         capacity=settings.queue_capacity,
         retry_after_seconds=settings.queue_full_retry_after_seconds,
+        default_queue_ttl_seconds=settings.queue_ttl_seconds,
     )
 
 

@@ -147,7 +147,7 @@ class ApiUser:
         deadline = time.monotonic() + timeout
         while True:
             task: dict[str, Any] = self.get(f"/api/v1/tasks?task_id={task_id}").json()
-            if task["status"] in ("DONE", "FAILED", "CANCELED"):
+            if task["status"] in ("DONE", "FAILED", "CANCELED", "EXPIRED"):
                 return task
             if time.monotonic() > deadline:
                 raise AssertionError(f"task {task_id} still {task['status']} after {timeout}s")

@@ -230,7 +230,9 @@ def test_image_params_survive_the_round_trip_through_the_table(make_stack):
     # Guards the item shape the dispatcher reads: params survive a round trip as numbers.
     h = make_stack()
     store = TaskStore(boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")))
-    created = store.create_image_task("owner", ImageRequest(prompt="p", width=256, seed=7))
+    created = store.create_image_task(
+        "owner", ImageRequest(prompt="p", width=256, seed=7), queue_ttl_seconds=3600
+    )
     loaded = store.get(created.task_id)
     assert loaded is not None
     assert loaded.params.width == 256

@@ -54,6 +54,7 @@ class Outcome(StrEnum):
     FAILED = "FAILED"
     RETRY = "RETRY"
     SKIPPED = "SKIPPED"
+    EXPIRED = "EXPIRED"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,18 @@ class TaskDispatcher:
             # Canceled before dispatch, or a duplicate delivery of finished work.
             return Outcome.SKIPPED
         now = self._clock()
+        if (
+            task.status is TaskStatus.QUEUED
+            and task.attempt == 0
+            and task.queue_deadline is not None
+            and now > task.queue_deadline
+        ):
+            # Never started in time: end it without touching a GPU.
+            self._tasks.expire(
+                task, f"not started within its queue deadline ({task.queue_ttl_seconds} s)"
+            )
+            logger.info("task expired in the queue", extra={"task_id": task.task_id})
+            return Outcome.EXPIRED
         if (
             task.lease_until is not None
             and task.status is TaskStatus.RUNNING

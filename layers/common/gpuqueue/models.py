@@ -17,13 +17,20 @@ class TaskStatus(StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELED = "CANCELED"
+    # Not started before its queue deadline: it never reached a GPU (a run that took too long
+    # is FAILED with a timeout error instead).
+    EXPIRED = "EXPIRED"
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED})
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.EXPIRED}
+)
+# The longest a task may wait to start: the task queue's retention (4 days).
+MAX_QUEUE_TTL_SECONDS = 345_600
 
 
 class TaskKind(StrEnum):
@@ -75,6 +82,8 @@ class ImageParams(BaseModel):
 class ImageRequest(ImageParams):
     prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
     negative_prompt: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    # Not started within this many seconds: EXPIRED (default: the QueueTtlSeconds parameter).
+    queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
 
     def params(self) -> ImageParams:
         return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
@@ -90,6 +99,8 @@ class SpeechAsyncRequest(BaseModel):
     content_type: Annotated[str, StringConstraints(max_length=100)] | None = None
     language: Annotated[str, StringConstraints(pattern=r"^[A-Za-z-]{2,16}$")] | None = None
     prompt: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    # Counted from when the upload lands and the task is queued.
+    queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
 
 
 class SpeechUploadResponse(BaseModel):
@@ -158,18 +169,20 @@ class Task(BaseModel):
     result_key: str | None = None
     error: str | None = None
     expires_at: int | None = None
+    queue_ttl_seconds: int | None = None
+    queue_deadline: float | None = None  # epoch seconds; set when the task is queued
 
     @field_validator("attempt", mode="before")
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
 
-    @field_validator("lease_until", mode="before")
+    @field_validator("lease_until", "queue_deadline", mode="before")
     @classmethod
     def _float_from_decimal(cls, value: Any) -> float | None:
         return None if value is None else float(value)
 
-    @field_validator("expires_at", mode="before")
+    @field_validator("expires_at", "queue_ttl_seconds", mode="before")
     @classmethod
     def _opt_int_from_decimal(cls, value: Any) -> int | None:
         return None if value is None else int(value)
@@ -218,7 +231,7 @@ class TaskView(BaseModel):
             attempt=task.attempt,
             params=task.params,
             result_url=result_url,
-            error=task.error if task.status is TaskStatus.FAILED else None,
+            error=task.error if task.status in (TaskStatus.FAILED, TaskStatus.EXPIRED) else None,
             text=task.transcript_text if done else None,
         )
 

@@ -28,6 +28,7 @@ class SubmitSettings(_Settings):
     queue_capacity: int = Field(default=100, ge=1)
     task_retention_days: int = Field(default=7, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
+    queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
 
 
 class TasksSettings(_Settings):
@@ -102,6 +103,7 @@ class SpeechSettings(_Settings):
     task_queue_url: str
     queue_capacity: int = Field(default=100, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
+    queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
     speech_timeout_seconds: float = Field(default=20, gt=0, le=25)
     health_check_period_seconds: float = Field(default=30, gt=0)
     dispatch_strategy: Strategy = Strategy.LEAST_LOADED

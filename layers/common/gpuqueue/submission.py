@@ -21,11 +21,13 @@ class SubmissionService:
         queue: TaskQueue,
         capacity: int,
         retry_after_seconds: int = 10,
+        default_queue_ttl_seconds: int = 3600,
     ) -> None:
         self._tasks = tasks
         self._queue = queue
         self._capacity = capacity
         self._retry_after = retry_after_seconds
+        self._queue_ttl = default_queue_ttl_seconds
 
     def _check_capacity(self) -> None:
         queued = self._queue.depth().queued
@@ -37,16 +39,28 @@ class SubmissionService:
 
     def submit_image(self, owner: str, request: ImageRequest) -> Task:
         self._check_capacity()
-        task = self._tasks.create_image_task(owner, request)
+        task = self._tasks.create_image_task(owner, request, queue_ttl_seconds=self._queue_ttl)
         self._enqueue(task)
         return task
 
     def submit_speech_upload(
-        self, owner: str, speech: SpeechInput, *, prompt: str | None, task_id: str
+        self,
+        owner: str,
+        speech: SpeechInput,
+        *,
+        prompt: str | None,
+        task_id: str,
+        queue_ttl_seconds: int | None = None,
     ) -> Task:
         """A long-audio task: AWAITING_UPLOAD now, queued when the upload lands."""
         self._check_capacity()
-        return self._tasks.create_speech_task(owner, speech, prompt=prompt, task_id=task_id)
+        return self._tasks.create_speech_task(
+            owner,
+            speech,
+            prompt=prompt,
+            task_id=task_id,
+            queue_ttl_seconds=queue_ttl_seconds or self._queue_ttl,
+        )
 
     def queue_uploaded(self, task_id: str, *, size_bytes: int, max_bytes: int) -> Task | None:
         """The audio landed: check it, then queue the task. None when nothing is to be done."""
@@ -68,7 +82,7 @@ class SubmissionService:
                 f"(at most {max_bytes})",
             )
             return None
-        queued = self._tasks.mark_uploaded(task_id)
+        queued = self._tasks.mark_uploaded(task)
         if queued is None:
             return None  # canceled meanwhile, or another event got there first
         self._enqueue(queued)

@@ -3,6 +3,7 @@
 State machine (see README):
   QUEUED  -> RUNNING   claim (dispatcher), attempt + 1, lease
   QUEUED  -> CANCELED  cancel (owner)
+  QUEUED  -> EXPIRED   not started (attempt 0) before its queue deadline; no GPU call
   AWAITING_UPLOAD -> QUEUED    the audio upload landed (speech, async)
   AWAITING_UPLOAD -> CANCELED  cancel (owner)
   QUEUED  -> FAILED    the queue could not take the message, attempts exhausted, or the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,9 +64,15 @@ class TaskStore:
     # --- submit side ------------------------------------------------------------------------
 
     def create_image_task(
-        self, owner: str, request: ImageRequest, *, now: datetime | None = None
+        self,
+        owner: str,
+        request: ImageRequest,
+        *,
+        queue_ttl_seconds: int,
+        now: datetime | None = None,
     ) -> Task:
         now = now or utc_now()
+        ttl = request.queue_ttl_seconds or queue_ttl_seconds
         task = Task(
             task_id=str(uuid.uuid4()),
             user_id=owner,
@@ -76,9 +84,12 @@ class TaskStore:
             created_at=iso(now),
             updated_at=iso(now),
             expires_at=int((now + self._retention).timestamp()),
+            queue_ttl_seconds=ttl,
+            queue_deadline=round(now.timestamp() + ttl, 3),
         )
         item = task.model_dump(mode="json", exclude_none=True)
         item["params"] = task.params.model_dump(exclude_none=True)
+        item["queue_deadline"] = Decimal(str(task.queue_deadline))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -89,6 +100,7 @@ class TaskStore:
         *,
         prompt: str | None,
         task_id: str,
+        queue_ttl_seconds: int,
         now: datetime | None = None,
     ) -> Task:
         """A long-audio task, AWAITING_UPLOAD until its audio lands in S3."""
@@ -103,19 +115,24 @@ class TaskStore:
             created_at=iso(now),
             updated_at=iso(now),
             expires_at=int((now + self._retention).timestamp()),
+            queue_ttl_seconds=queue_ttl_seconds,
         )
         item = task.model_dump(mode="json", exclude_none=True)
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
-    def mark_uploaded(self, task_id: str) -> Task | None:
-        """AWAITING_UPLOAD -> QUEUED once the audio is in S3. None if the task was not waiting
-        (canceled, or a repeated upload event)."""
+    def mark_uploaded(self, task: Task, *, now: float | None = None) -> Task | None:
+        """AWAITING_UPLOAD -> QUEUED once the audio is in S3; its queue deadline starts now.
+        None if the task was not waiting (canceled, or a repeated upload event)."""
+        now = time.time() if now is None else now
+        updates: dict[str, Any] = {"status": TaskStatus.QUEUED.value}
+        if task.queue_ttl_seconds:
+            updates["queue_deadline"] = Decimal(str(round(now + task.queue_ttl_seconds, 3)))
         try:
             return self._transition(
-                task_id,
+                task.task_id,
                 condition="#s = :waiting",
-                updates={"status": TaskStatus.QUEUED.value},
+                updates=updates,
                 values={":waiting": TaskStatus.AWAITING_UPLOAD.value},
             )
         except _ConditionFailed:
@@ -283,6 +300,19 @@ class TaskStore:
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
         return self._while_holding(claim, updates=updates, removes=("lease_until",))
+
+    def expire(self, task: Task, error: str) -> bool:
+        """QUEUED -> EXPIRED: never started (attempt 0) before its queue deadline."""
+        try:
+            self._transition(
+                task.task_id,
+                condition="#s = :queued AND attempt = :never",
+                updates={"status": TaskStatus.EXPIRED.value, "error": error},
+                values={":queued": TaskStatus.QUEUED.value, ":never": 0},
+            )
+        except _ConditionFailed:
+            return False
+        return True
 
     def fail_unclaimed(self, task: Task, error: str) -> bool:
         """End a task this invocation does not hold: attempts used up, or input unusable."""
