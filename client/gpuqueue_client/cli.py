@@ -104,8 +104,10 @@ def describe_error(exc: ApiError, *, logging_in: bool = False) -> str:
     """One friendly line for an API error."""
     if exc.status == 401 and not logging_in:
         return f"error: {LOGIN_HINT}"
-    if exc.status in (429, 503) and exc.retry_after is not None:
-        return f"error: rate limited / queue full, retry in {exc.retry_after} s ({exc.message})"
+    if exc.status == 429 and exc.retry_after is not None:
+        return f"error: rate limited, retry in {exc.retry_after} s ({exc.message})"
+    if exc.status == 503 and exc.retry_after is not None:
+        return f"error: queue full, retry in {exc.retry_after} s ({exc.message})"
     suffix = f" (field: {exc.field})" if exc.field else ""
     return f"error: {exc.message}{suffix}"
 

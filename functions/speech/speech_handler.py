@@ -45,6 +45,7 @@ from gpuqueue.models import (
     TaskStatus,
 )
 from gpuqueue.multipart_form import parse_form
+from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SpeechSettings
 from gpuqueue.slot_broker import SlotBroker
 from gpuqueue.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
@@ -101,6 +102,15 @@ def deps() -> Deps:
             capacity=settings.queue_capacity,
             retry_after_seconds=settings.queue_full_retry_after_seconds,
             default_queue_ttl_seconds=settings.queue_ttl_seconds,
+            limiter=(
+                RateLimiter(
+                    dynamodb.Table(settings.limits_table),
+                    rate_per_second=settings.submit_rate_per_second,
+                    burst=settings.submit_burst,
+                )
+                if settings.limits_table
+                else None
+            ),
         ),
         tasks=tasks,
         audio=AudioStore(aws_clients.s3(), settings.images_bucket),
@@ -193,6 +203,7 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
         size_bytes=request.size_bytes,
         language=request.language,
     )
+    rate_headers = deps().submissions.admit(caller.sub)
     task = deps().submissions.submit_speech_upload(
         caller.sub,
         speech,
@@ -218,7 +229,7 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,
         body=body.model_dump_json(),
-        headers={"Location": f"/api/v1/tasks/{task.task_id}"},
+        headers={"Location": f"/api/v1/tasks/{task.task_id}", **rate_headers},
     )
 
 

@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.models import ImageRequest, SubmitResponse
+from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitSettings
 from gpuqueue.submission import SubmissionService
 from gpuqueue.task_queue import TaskQueue
@@ -40,12 +41,22 @@ def submissions() -> SubmissionService:
         capacity=settings.queue_capacity,
         retry_after_seconds=settings.queue_full_retry_after_seconds,
         default_queue_ttl_seconds=settings.queue_ttl_seconds,
+        limiter=(
+            RateLimiter(
+                aws_clients.dynamodb().Table(settings.limits_table),
+                rate_per_second=settings.submit_rate_per_second,
+                burst=settings.submit_burst,
+            )
+            if settings.limits_table
+            else None
+        ),
     )
 
 
 @app.post("/api/v1/image/async")
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
+    rate_headers = submissions().admit(caller.sub)
     task = submissions().submit_image(caller.sub, request)
     logger.append_keys(task_id=task.task_id)
     logger.info("task queued")
@@ -57,7 +68,7 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,
         body=body.model_dump_json(),
-        headers={"Location": f"/api/v1/tasks/{task.task_id}"},
+        headers={"Location": f"/api/v1/tasks/{task.task_id}", **rate_headers},
     )
 
 

@@ -38,7 +38,7 @@ if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .`
 
 from gpuqueue_client import ApiError, GpuqueueClient  # noqa: E402
 from gpuqueue_client import credentials as creds  # noqa: E402
-from gpuqueue_client.cli import app  # noqa: E402
+from gpuqueue_client.cli import app, describe_error  # noqa: E402
 
 PASSWORD = "correct horse battery"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -627,7 +627,17 @@ def test_a_full_queue_says_when_to_retry(cli: Invoke, api: FakeApi, token: str) 
     result = cli("generate", "a red fox", token=token)
 
     assert result.exit_code == 1
-    assert "rate limited / queue full, retry in 7 s" in result.stderr
+    assert "queue full, retry in 7 s" in result.stderr
+
+
+def test_a_rate_limited_submit_says_when_to_retry() -> None:
+    refused = ApiError(
+        429, "RATE_LIMITED", "rate limited: at most 20 submits in a burst", retry_after=3
+    )
+
+    assert describe_error(refused) == (
+        "error: rate limited, retry in 3 s (rate limited: at most 20 submits in a burst)"
+    )
 
 
 # -- auth and connection failures -------------------------------------------------------------

@@ -728,7 +728,7 @@ def test_a_raw_pcm_file_without_pcm_gets_a_hint(
         ),
         (
             reply(503, {"error": "the queue is full", "code": "QUEUE_FULL"}, {"Retry-After": "7"}),
-            "error: rate limited / queue full, retry in 7 s (the queue is full)",
+            "error: queue full, retry in 7 s (the queue is full)",
         ),
         (
             api_error(

@@ -37,6 +37,7 @@ STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.UnprocessableAudio: HTTPStatus.UNPROCESSABLE_ENTITY,
     errors.UpstreamFailed: HTTPStatus.BAD_GATEWAY,
     errors.UpstreamTimeout: HTTPStatus.GATEWAY_TIMEOUT,
+    errors.RateLimited: HTTPStatus.TOO_MANY_REQUESTS,
 }
 
 
@@ -86,6 +87,8 @@ def build_resolver() -> APIGatewayHttpResolver:
         headers = None
         if isinstance(exc, errors.QueueFull | errors.ServiceUnavailable):
             headers = {"Retry-After": str(exc.retry_after_seconds)}
+        if isinstance(exc, errors.RateLimited):
+            headers = {**exc.headers, "Retry-After": str(exc.retry_after_seconds)}
         return error_response(status, exc.message, exc.code, field=exc.field, headers=headers)
 
     @app.not_found

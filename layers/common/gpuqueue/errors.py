@@ -138,3 +138,14 @@ class UnprocessableAudio(GpuqueueError):
     """The speech endpoint refused the audio itself (HTTP 422)."""
 
     code = "UNPROCESSABLE_AUDIO"
+
+
+class RateLimited(GpuqueueError):
+    """The caller is over their submit rate (HTTP 429 + Retry-After + X-RateLimit-*)."""
+
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_seconds: int, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+        self.headers = headers

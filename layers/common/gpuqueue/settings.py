@@ -29,6 +29,9 @@ class SubmitSettings(_Settings):
     task_retention_days: int = Field(default=7, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
     queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
+    limits_table: str | None = None  # per-user token buckets; None: no per-user rate limit
+    submit_rate_per_second: float = Field(default=1.0, gt=0)
+    submit_burst: int = Field(default=20, ge=1)
 
 
 class TasksSettings(_Settings):
@@ -104,6 +107,9 @@ class SpeechSettings(_Settings):
     queue_capacity: int = Field(default=100, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
     queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
+    limits_table: str | None = None
+    submit_rate_per_second: float = Field(default=1.0, gt=0)
+    submit_burst: int = Field(default=20, ge=1)
     speech_timeout_seconds: float = Field(default=20, gt=0, le=25)
     health_check_period_seconds: float = Field(default=30, gt=0)
     dispatch_strategy: Strategy = Strategy.LEAST_LOADED

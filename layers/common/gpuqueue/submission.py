@@ -5,8 +5,9 @@ from __future__ import annotations
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gpuqueue.errors import QueueFull, ServiceUnavailable
+from gpuqueue.errors import QueueFull, RateLimited, ServiceUnavailable
 from gpuqueue.models import ImageRequest, QueueMessage, SpeechInput, Task, TaskStatus
+from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 
@@ -22,12 +23,40 @@ class SubmissionService:
         capacity: int,
         retry_after_seconds: int = 10,
         default_queue_ttl_seconds: int = 3600,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self._limiter = limiter
         self._tasks = tasks
         self._queue = queue
         self._capacity = capacity
         self._retry_after = retry_after_seconds
         self._queue_ttl = default_queue_ttl_seconds
+
+    def admit(self, owner: str) -> dict[str, str]:
+        """Take one submit from the owner's token bucket: the X-RateLimit-* headers, or
+        RateLimited. Without a limiter, or if its table cannot be read, the submit goes on
+        (the API's stage throttling still guards): a limiter outage must not stop work."""
+        if self._limiter is None:
+            return {}
+        try:
+            decision = self._limiter.take(owner)
+        except (ClientError, BotoCoreError):
+            logger.exception("rate limiter unavailable; submit admitted")
+            return {}
+        headers = {
+            "X-RateLimit-Limit": str(decision.limit),
+            "X-RateLimit-Remaining": str(decision.remaining),
+            "X-RateLimit-Reset": str(decision.reset_seconds),
+        }
+        if not decision.allowed:
+            raise RateLimited(
+                f"rate limited: at most {decision.limit} submits in a burst, then "
+                f"{self._limiter.rate_per_second:g} a second; retry in "
+                f"{decision.retry_after_seconds} s",
+                retry_after_seconds=decision.retry_after_seconds,
+                headers=headers,
+            )
+        return headers
 
     def _check_capacity(self) -> None:
         queued = self._queue.depth().queued
