@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from functools import cache
 from http import HTTPStatus
@@ -16,6 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.models import ImageRequest, SubmitResponse
 from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitSettings
@@ -53,22 +55,47 @@ def submissions() -> SubmissionService:
     )
 
 
+def _submit(owner: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One image task; its answer as JSON-ready data (what an Idempotency-Key replays)."""
+    task = submissions().submit_image(owner, ImageRequest.model_validate(body))
+    logger.append_keys(task_id=task.task_id)
+    logger.info("task queued")
+    metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
+    answer = SubmitResponse(
+        task_id=task.task_id, status=task.status, message="task submitted successfully"
+    )
+    return answer.model_dump(mode="json")
+
+
+@cache
+def idempotent() -> IdempotentSubmitter | None:
+    settings = SubmitSettings()
+    if not settings.limits_table:
+        return None
+    return IdempotentSubmitter(
+        table_name=settings.limits_table,
+        expires_after_seconds=settings.idempotency_ttl_seconds,
+        submit=_submit,
+        client=aws_clients.dynamodb_client(),
+    )
+
+
 @app.post("/api/v1/image/async")
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
     rate_headers = submissions().admit(caller.sub)
-    task = submissions().submit_image(caller.sub, request)
-    logger.append_keys(task_id=task.task_id)
-    logger.info("task queued")
-    metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
-    body = SubmitResponse(
-        task_id=task.task_id, status=task.status, message="task submitted successfully"
-    )
+    key = app.current_event.headers.get(IDEMPOTENCY_KEY_HEADER)
+    submitter = idempotent()
+    body = request.model_dump(mode="json", exclude_none=True)
+    if key is not None and submitter is not None:
+        answer = submitter.submit(caller.sub, key, body)
+    else:
+        answer = _submit(caller.sub, body)
     return Response(
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,
-        body=body.model_dump_json(),
-        headers={"Location": f"/api/v1/tasks/{task.task_id}", **rate_headers},
+        body=json.dumps(answer),
+        headers={"Location": f"/api/v1/tasks/{answer['task_id']}", **rate_headers},
     )
 
 
@@ -76,4 +103,7 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    submitter = idempotent()
+    if submitter is not None:
+        submitter.register_lambda_context(context)
     return app.resolve(event, context)

@@ -424,6 +424,13 @@ def s3_event_bridge(
     )
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader polling for the file never sees it half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def start_stack(options: StackOptions) -> RunningStack:
     started = time.monotonic()
     log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
@@ -537,7 +544,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         running.admin_token = _admin_token(api_url, stack)
     running._ready.set()
     if options.state_file:
-        options.state_file.write_text(json.dumps(running.state(), indent=2))
+        _write_atomically(options.state_file, json.dumps(running.state(), indent=2))
     log.system(f"ready in {time.monotonic() - started:.1f}s")
     return running
 

@@ -14,7 +14,7 @@ from botocore.config import Config
 
 if TYPE_CHECKING:
     from mypy_boto3_cognito_idp import CognitoIdentityProviderClient
-    from mypy_boto3_dynamodb import DynamoDBServiceResource
+    from mypy_boto3_dynamodb import DynamoDBClient, DynamoDBServiceResource
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sqs import SQSClient
 
@@ -28,6 +28,13 @@ SDK_CONFIG = Config(
 @cache
 def dynamodb() -> DynamoDBServiceResource:
     return boto3.resource("dynamodb", config=SDK_CONFIG)
+
+
+@cache
+def dynamodb_client() -> DynamoDBClient:
+    """The low-level client (typed attribute values), for libraries that want one: the
+    resource's own `meta.client` serialises Python values itself and would do it twice."""
+    return boto3.client("dynamodb", config=SDK_CONFIG)
 
 
 @cache
@@ -48,5 +55,5 @@ def cognito() -> CognitoIdentityProviderClient:
 
 def reset() -> None:
     """Forget every cached client (tests point boto3 at a fresh backend)."""
-    for factory in (dynamodb, sqs, s3, cognito):
+    for factory in (dynamodb, dynamodb_client, sqs, s3, cognito):
         factory.cache_clear()

@@ -149,3 +149,9 @@ class RateLimited(GpuqueueError):
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
         self.headers = headers
+
+
+class IdempotencyConflict(GpuqueueError):
+    """An Idempotency-Key reused with another body (HTTP 422)."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"

@@ -32,6 +32,7 @@ class SubmitSettings(_Settings):
     limits_table: str | None = None  # per-user token buckets; None: no per-user rate limit
     submit_rate_per_second: float = Field(default=1.0, gt=0)
     submit_burst: int = Field(default=20, ge=1)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
 
 
 class TasksSettings(_Settings):
