@@ -203,6 +203,12 @@ def test_an_added_endpoint_is_probed_by_the_checker(make_stack, operator):
         pytest.param("gpu-1", {"kind": "image"}, "url", id="no-url"),
         pytest.param("gpu-1", {**SPEC, "kind": "video"}, "kind", id="kind"),
         pytest.param("gpu-1", {**SPEC, "protocol": "grpc"}, "protocol", id="protocol"),
+        pytest.param(
+            "gpu-1",
+            {**SPEC, "kind": "speech", "protocol": "a1111"},
+            "protocol",
+            id="speech-a1111",
+        ),
         pytest.param("gpu-1", {**SPEC, "capacity": 0}, "capacity", id="capacity-0"),
         pytest.param("gpu-1", {**SPEC, "capacity": 65}, "capacity", id="capacity-65"),
         pytest.param("gpu-1", {**SPEC, "weight": 0}, "weight", id="weight-0"),

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from gpuqueue.endpoint_registry import ADMIN_SOURCE, PARAMETER_SOURCE, EndpointRegistry
 from gpuqueue.errors import EndpointConflict, EndpointNotFound, InvalidInput
@@ -75,6 +82,14 @@ class EndpointSpec(BaseModel):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return _base_url(value)
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol_of_kind(cls, value: EndpointProtocol, info: ValidationInfo) -> EndpointProtocol:
+        # Speech endpoints speak one protocol: OpenAI-compatible /v1/audio/transcriptions.
+        if info.data.get("kind") is TaskKind.SPEECH and value is not EndpointProtocol.OPENAI:
+            raise ValueError("speech endpoints speak the openai protocol only")
+        return value
 
 
 class EndpointView(Endpoint):
