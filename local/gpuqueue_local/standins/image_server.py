@@ -44,6 +44,8 @@ from typing import Any, Final
 
 from PIL import Image, ImageDraw, ImageFont
 
+from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, as_int, validate_knob
+
 __all__ = [
     "HANG_BOUND_S",
     "MAX_SIDE",
@@ -56,8 +58,6 @@ __all__ = [
 
 MIN_SIDE: Final = 64
 MAX_SIDE: Final = 2048
-# Upper bound for a hanging call so a forgotten hang can never wedge a process forever.
-HANG_BOUND_S: Final = 600.0
 # How often a hanging handler re-checks stop / client disconnect / the hang knob.
 _HANG_TICK_S: Final = 0.05
 _MAX_BODY_BYTES: Final = 1 << 20
@@ -68,57 +68,8 @@ _MAX_N: Final = 4
 _MAX_STEPS: Final = 500
 
 
-@dataclass
-class ImageServerKnobs:
-    """Fault-injection knobs; read on every request so changes apply immediately."""
-
-    latency_s: float = 0.0  # sleep before answering a generation call
-    failure_rate: float = 0.0  # share of generation calls answered with ``fail_status``
-    failure_seed: int | None = None  # seed for the failure RNG (None = nondeterministic)
-    hang: bool = False  # generation calls block until released/disconnected/stopped
-    healthy: bool = True  # False -> GET /health answers 503
-    capacity: int = 0  # max concurrent generation calls, 0 = unlimited; excess gets 429
-    fail_status: int = 500  # HTTP status used for injected failures
-
-
-# Validators for POST /knobs: each turns a JSON value into the typed knob value or raises.
-def _as_float(name: str, value: object, lo: float, hi: float) -> float:
-    # bool is an int subclass; reject it so `true` is not silently read as 1.0.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number")
-    if not lo <= float(value) <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}")
-    return float(value)
-
-
-def _as_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}")
-    return value
-
-
-def _as_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a boolean")
-    return value
-
-
-def _validate_knob(name: str, value: object) -> object:
-    if name == "latency_s":
-        return _as_float(name, value, 0.0, HANG_BOUND_S)
-    if name == "failure_rate":
-        return _as_float(name, value, 0.0, 1.0)
-    if name == "failure_seed":
-        return None if value is None else _as_int(name, value, -(2**63), 2**63 - 1)
-    if name in ("hang", "healthy"):
-        return _as_bool(name, value)
-    if name == "capacity":
-        return _as_int(name, value, 0, 1_000_000)
-    if name == "fail_status":
-        return _as_int(name, value, 400, 599)
-    raise ValueError(f"unknown knob: {name}")
+class ImageServerKnobs(FaultKnobs):
+    """Fault-injection knobs of this stand-in (see fault_knobs.FaultKnobs)."""
 
 
 # --------------------------------------------------------------------------- rendering
@@ -208,7 +159,7 @@ def _opt_int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
     if value is None:
         return None
     try:
-        return _as_int(key, value, lo, hi)
+        return as_int(key, value, lo, hi)
     except ValueError as exc:
         raise _BadRequest(str(exc)) from None
 
@@ -587,7 +538,7 @@ class ImageServer:
 
     def set_knobs(self, changes: Mapping[str, object]) -> ImageServerKnobs:
         """Validate and apply a subset of knobs (all-or-nothing); returns the knobs."""
-        validated = {name: _validate_knob(name, value) for name, value in changes.items()}
+        validated = {name: validate_knob(name, value) for name, value in changes.items()}
         with self._lock:
             for name, value in validated.items():
                 setattr(self.knobs, name, value)

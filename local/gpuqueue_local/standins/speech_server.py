@@ -57,6 +57,8 @@ import numpy as np
 import numpy.typing as npt
 from pocketsphinx import Decoder, Segmenter  # type: ignore[import-untyped]
 
+from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, validate_knob
+
 __all__ = [
     "HANG_BOUND_S",
     "MODEL_ID",
@@ -74,7 +76,6 @@ __all__ = [
 
 MODEL_ID: Final = "whisper-1"  # what clients ask for; any model name is accepted
 SAMPLE_RATE: Final = 16_000  # the PocketSphinx en-us model's rate
-HANG_BOUND_S: Final = 600.0  # a forgotten hang never wedges a process forever
 _HANG_TICK_S: Final = 0.05
 # Above the API's 100 MB async upload cap plus multipart framing; a real server has one too.
 _MAX_BODY_BYTES: Final = 256 * 1024 * 1024
@@ -91,52 +92,8 @@ _LOWPASS_TAPS: Final = 101
 _DECODER_INIT_LOCK: Final = threading.Lock()
 
 
-@dataclass
-class SpeechServerKnobs:
-    """Fault-injection knobs; read on every request so changes apply immediately."""
-
-    latency_s: float = 0.0  # extra delay before transcribing
-    failure_rate: float = 0.0  # share of transcription calls answered with ``fail_status``
-    failure_seed: int | None = None  # seed for the failure RNG (None = nondeterministic)
-    hang: bool = False  # calls block until released/disconnected/stopped
-    healthy: bool = True  # False -> GET /health answers 503
-    capacity: int = 0  # max concurrent transcription calls, 0 = unlimited; excess gets 429
-    fail_status: int = 500  # HTTP status used for injected failures
-
-
-def _as_float(name: str, value: object, lo: float, hi: float) -> float:
-    # bool is an int subclass; reject it so `true` is not silently read as 1.0.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number")
-    if not lo <= float(value) <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}")
-    return float(value)
-
-
-def _as_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}")
-    return value
-
-
-def _validate_knob(name: str, value: object) -> object:
-    if name == "latency_s":
-        return _as_float(name, value, 0.0, HANG_BOUND_S)
-    if name == "failure_rate":
-        return _as_float(name, value, 0.0, 1.0)
-    if name == "failure_seed":
-        return None if value is None else _as_int(name, value, -(2**63), 2**63 - 1)
-    if name in ("hang", "healthy"):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be a boolean")
-        return value
-    if name == "capacity":
-        return _as_int(name, value, 0, 1_000_000)
-    if name == "fail_status":
-        return _as_int(name, value, 400, 599)
-    raise ValueError(f"unknown knob: {name}")
+class SpeechServerKnobs(FaultKnobs):
+    """Fault-injection knobs of this stand-in (see fault_knobs.FaultKnobs)."""
 
 
 # --------------------------------------------------------------------------- audio
@@ -671,7 +628,7 @@ class SpeechServer:
 
     def set_knobs(self, changes: Mapping[str, object]) -> SpeechServerKnobs:
         """Validate and apply a subset of knobs (all-or-nothing); returns the knobs."""
-        validated = {name: _validate_knob(name, value) for name, value in changes.items()}
+        validated = {name: validate_knob(name, value) for name, value in changes.items()}
         with self._lock:
             for name, value in validated.items():
                 setattr(self.knobs, name, value)
