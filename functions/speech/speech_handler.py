@@ -36,7 +36,13 @@ from gpuqueue.audio import (
 from gpuqueue.audio_store import AudioStore, audio_key
 from gpuqueue.balancer import Balancer
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.errors import InvalidInput, PayloadTooLarge, TaskStateConflict, UnsupportedMediaType
+from gpuqueue.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RateLimited,
+    TaskStateConflict,
+    UnsupportedMediaType,
+)
 from gpuqueue.models import (
     SpeechAsyncRequest,
     SpeechInput,
@@ -203,7 +209,11 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
         size_bytes=request.size_bytes,
         language=request.language,
     )
-    rate_headers = deps().submissions.admit(caller.sub)
+    try:
+        rate_headers = deps().submissions.admit(caller.sub)
+    except RateLimited:
+        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
+        raise
     task = deps().submissions.submit_speech_upload(
         caller.sub,
         speech,

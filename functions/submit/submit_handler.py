@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.errors import RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.models import ImageRequest, SubmitResponse
 from gpuqueue.rate_limiter import RateLimiter
@@ -80,10 +81,18 @@ def idempotent() -> IdempotentSubmitter | None:
     )
 
 
+def _admit(owner: str) -> dict[str, str]:
+    try:
+        return submissions().admit(owner)
+    except RateLimited:
+        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
+        raise
+
+
 @app.post("/api/v1/image/async")
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
-    rate_headers = submissions().admit(caller.sub)
+    rate_headers = _admit(caller.sub)
     key = app.current_event.headers.get(IDEMPOTENCY_KEY_HEADER)
     submitter = idempotent()
     body = request.model_dump(mode="json", exclude_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import boto3
 
 
@@ -44,3 +46,16 @@ def test_async_speech_submits_share_the_users_bucket(make_stack, alice):
 
     assert response.status == 429
     assert response.headers["retry-after"] == "10"
+
+
+def test_a_refused_submit_emits_a_rate_limit_hit_metric(make_stack, alice, capsys):
+    h = make_stack(parameters={"SubmitBurst": "1", "SubmitRatePerSecond": "0.1"})
+    h.submit(alice)
+    capsys.readouterr()
+
+    assert h.submit(alice).status == 429
+
+    emitted = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line
+    ]
+    assert any(blob.get("RateLimitHits") == [1.0] for blob in emitted), emitted
