@@ -161,6 +161,16 @@ class Harness:
             user=user,
         )
 
+    def cancel(self, user: User, task_id: str) -> Response:
+        return self.call(
+            "tasks_handler",
+            "DELETE",
+            f"/api/v1/tasks/{task_id}",
+            route="/api/v1/tasks/{task_id}",
+            path_params={"task_id": task_id},
+            user=user,
+        )
+
     def get_task(self, user: User, task_id: str) -> Response:
         return self.call(
             "tasks_handler",

@@ -14,14 +14,23 @@ def _past(deadline: float) -> bool:
     return time.time() > deadline
 
 
-def test_a_task_not_started_before_its_deadline_expires_without_a_gpu_call(make_stack, alice):
-    h = make_stack()
-    h.run_checker()
-    task_id = h.submit(alice, {"prompt": "late", "queue_ttl_seconds": 1}).json()["task_id"]
+def _wait_out_the_deadline(h, task_id: str) -> None:
     deadline = float(h.task_row(task_id)["queue_deadline"])
     wait_for(lambda: _past(deadline), timeout=5, what="the queue deadline to pass")
 
+
+def _expired_task(h, alice) -> str:
+    h.run_checker()
+    task_id = h.submit(alice, {"prompt": "late", "queue_ttl_seconds": 1}).json()["task_id"]
+    _wait_out_the_deadline(h, task_id)
     h.drain()
+    return str(task_id)
+
+
+def test_a_task_not_started_before_its_deadline_expires_without_a_gpu_call(make_stack, alice):
+    h = make_stack()
+
+    task_id = _expired_task(h, alice)
 
     task = h.get_task(alice, task_id).json()
     assert task["status"] == "EXPIRED"
@@ -36,8 +45,7 @@ def test_a_task_started_in_time_is_not_expired_when_retried_later(make_stack, al
     # Attempt 1 fails; too little time left for another call: QUEUED again, started once.
     h.deliver(h.receive(), timeout_seconds=60)
     assert h.task_row(task_id)["status"] == "QUEUED"
-    deadline = float(h.task_row(task_id)["queue_deadline"])
-    wait_for(lambda: _past(deadline), timeout=5, what="the queue deadline to pass")
+    _wait_out_the_deadline(h, task_id)
     h.image_servers[0].set_knobs({"failure_rate": 0.0})
 
     h.drain()
@@ -68,19 +76,6 @@ def test_an_impossible_queue_deadline_is_a_400_naming_the_field(make_stack, alic
 
 def test_an_expired_task_cannot_be_canceled(make_stack, alice):
     h = make_stack()
-    h.run_checker()
-    task_id = h.submit(alice, {"prompt": "late", "queue_ttl_seconds": 1}).json()["task_id"]
-    deadline = float(h.task_row(task_id)["queue_deadline"])
-    wait_for(lambda: _past(deadline), timeout=5, what="the queue deadline to pass")
-    h.drain()
+    task_id = _expired_task(h, alice)
 
-    response = h.call(
-        "tasks_handler",
-        "DELETE",
-        f"/api/v1/tasks/{task_id}",
-        route="/api/v1/tasks/{task_id}",
-        path_params={"task_id": task_id},
-        user=alice,
-    )
-
-    assert response.status == 409
+    assert h.cancel(alice, task_id).status == 409

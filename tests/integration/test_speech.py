@@ -306,14 +306,7 @@ def test_bad_async_requests_are_refused(speech_stack, alice, body, status, field
 def test_an_awaiting_upload_task_can_be_canceled(speech_stack, alice):
     task_id = start_async(speech_stack, alice, 100).json()["task_id"]
 
-    canceled = speech_stack.call(
-        "tasks_handler",
-        "DELETE",
-        f"/api/v1/tasks/{task_id}",
-        route="/api/v1/tasks/{task_id}",
-        path_params={"task_id": task_id},
-        user=alice,
-    )
+    canceled = speech_stack.cancel(alice, task_id)
 
     assert canceled.status == 200, canceled.body
     assert speech_stack.audio_uploaded(f"audio/{task_id}", 100) == {"queued": False}
