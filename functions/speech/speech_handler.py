@@ -144,6 +144,10 @@ def _raw_body() -> bytes:
     return data
 
 
+def _remaining() -> float:
+    return app.lambda_context.get_remaining_time_in_millis() / 1000
+
+
 def _answer(transcript: Transcript) -> Response[str]:
     metrics.add_metric(name="SpeechTranscribed", unit=MetricUnit.Count, value=1)
     body = TranscriptResponse(code=0, **transcript.model_dump())
@@ -170,7 +174,7 @@ def transcribe() -> Response[str]:
         language=language or None,
         prompt=form["prompt"].text[:1000] if "prompt" in form else None,
     )
-    return _answer(deps().speech.transcribe(clip, user_id=caller.sub))
+    return _answer(deps().speech.transcribe(clip, user_id=caller.sub, remaining_seconds=_remaining))
 
 
 @app.post("/api/v1/speech/pcm")
@@ -189,7 +193,7 @@ def transcribe_pcm(
     # Validates: empty body, odd byte counts, absurd rates and channel counts (400 each).
     wav = pcm_to_wav(_raw_body(), sample_rate=sample_rate, channels=channels)
     clip = AudioClip(data=wav, filename="audio.wav", content_type="audio/wav", language=language)
-    return _answer(deps().speech.transcribe(clip, user_id=caller.sub))
+    return _answer(deps().speech.transcribe(clip, user_id=caller.sub, remaining_seconds=_remaining))
 
 
 @app.post("/api/v1/speech/async")

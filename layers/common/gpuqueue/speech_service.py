@@ -32,6 +32,10 @@ from gpuqueue.speech_client import SpeechTranscriber, Transcript
 logger = Logger(child=True)
 
 ATTEMPTS = 2  # the call, and one retry on another endpoint
+# Kept back from the invocation's remaining time for the answer itself.
+MARGIN_SECONDS = 2.0
+# Below this much time a call (or the retry) is not worth starting.
+MIN_CALL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,28 @@ class SpeechService:
         self._retry_after = retry_after_seconds
         self._clock = clock
 
-    def transcribe(self, clip: AudioClip, *, user_id: str) -> Transcript:
+    def transcribe(
+        self,
+        clip: AudioClip,
+        *,
+        user_id: str,
+        remaining_seconds: Callable[[], float] = lambda: float("inf"),
+    ) -> Transcript:
+        """One transcription; each call's timeout also fits what is left of the invocation,
+        so a slow failure followed by the retry never outlives the Lambda (or API Gateway)."""
         tried: list[str] = []
         failures: list[str] = []
         for _ in range(ATTEMPTS):
+            timeout = min(self._timeout, remaining_seconds() - MARGIN_SECONDS)
+            if timeout < MIN_CALL_SECONDS:
+                if failures:
+                    break
+                raise UpstreamTimeout("no time left for a transcription call")
             request = SlotRequest(
                 kind=TaskKind.SPEECH,
                 task_id=f"sync-{uuid.uuid4()}",
                 user_id=user_id,
-                lease_seconds=self._timeout + 5,
+                lease_seconds=timeout + 5,
                 wait_seconds=self._slot_wait,
                 tried=tried,
                 untried_only=bool(tried),
@@ -89,6 +106,11 @@ class SpeechService:
             except NoFreeSlot as error:
                 raise ServiceUnavailable(str(error), retry_after_seconds=1) from error
             endpoint = slot.endpoint
+            # The wait for the slot came out of the same budget.
+            timeout = min(timeout, remaining_seconds() - MARGIN_SECONDS)
+            if timeout < MIN_CALL_SECONDS:
+                slot.release()
+                raise UpstreamTimeout("no time left for a transcription call")
             started = self._clock()
             try:
                 transcript = self._transcriber.transcribe(
@@ -98,13 +120,13 @@ class SpeechService:
                     content_type=clip.content_type,
                     language=clip.language,
                     prompt=clip.prompt,
-                    timeout_seconds=self._timeout,
+                    timeout_seconds=timeout,
                 )
             except GpuTimeout as error:
                 slot.release()
                 self._count_failure(endpoint.endpoint_id)
                 raise UpstreamTimeout(
-                    f"the speech endpoint did not answer within {self._timeout:g} s"
+                    f"the speech endpoint did not answer within {timeout:g} s"
                 ) from error
             except RetryableGpuError as error:
                 slot.release()
