@@ -44,7 +44,8 @@ from typing import Any, Final
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, as_int, validate_knob
+from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, as_int
+from gpuqueue_local.standins.serving import BackgroundServer
 
 __all__ = [
     "HANG_BOUND_S",
@@ -460,8 +461,10 @@ def _a1111_response(req: _GenRequest) -> dict[str, Any]:
 # --------------------------------------------------------------------------- public API
 
 
-class ImageServer:
+class ImageServer(BackgroundServer[ImageServerKnobs]):
     """In-process stand-in GPU server; bind happens in ``__init__`` so ``port`` is known early."""
+
+    name = "image-server"
 
     def __init__(
         self,
@@ -474,8 +477,7 @@ class ImageServer:
         self.knobs = knobs if knobs is not None else ImageServerKnobs()
         self.verbose = verbose
         self._host = host
-        self._lock = threading.Lock()
-        self._stop_event = threading.Event()
+        self._init_serving()
         self._calls = 0
         self._in_flight = 0
         self._max_in_flight = 0
@@ -483,70 +485,7 @@ class ImageServer:
         self._busy_slot_seconds = 0.0
         self._changed_at = time.monotonic()
         self._prompts: list[str] = []
-        self._rng_seed = self.knobs.failure_seed
-        self._rng = random.Random(self._rng_seed)
-        self._thread: threading.Thread | None = None
-        self._stopped = False
         self._httpd = _HTTPServer((host, port), self)
-
-    # -- properties
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._host}:{self.port}"
-
-    # -- lifecycle
-
-    def start(self) -> None:
-        """Serve in a background daemon thread."""
-        if self._thread is not None or self._stopped:
-            raise RuntimeError("ImageServer can only be started once")
-        # Short poll interval so shutdown() returns quickly.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"image-server-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving; wakes hanging/sleeping handlers first so nothing blocks. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._stop_event.set()
-        if self._thread is not None:
-            # shutdown() blocks until serve_forever exits; only call it if that loop runs.
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()
-
-    def __enter__(self) -> ImageServer:
-        if self._thread is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- knobs and stats
-
-    def set_knobs(self, changes: Mapping[str, object]) -> ImageServerKnobs:
-        """Validate and apply a subset of knobs (all-or-nothing); returns the knobs."""
-        validated = {name: validate_knob(name, value) for name, value in changes.items()}
-        with self._lock:
-            for name, value in validated.items():
-                setattr(self.knobs, name, value)
-            if "failure_seed" in validated:
-                # Re-seed even if unchanged so a test can restart a known failure sequence.
-                self._rng_seed = self.knobs.failure_seed
-                self._rng = random.Random(self._rng_seed)
-        return self.knobs
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -57,7 +57,8 @@ import numpy as np
 import numpy.typing as npt
 from pocketsphinx import Decoder, Segmenter  # type: ignore[import-untyped]
 
-from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, validate_knob
+from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs
+from gpuqueue_local.standins.serving import BackgroundServer
 
 __all__ = [
     "HANG_BOUND_S",
@@ -551,8 +552,10 @@ def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
 # --------------------------------------------------------------------------- public API
 
 
-class SpeechServer:
+class SpeechServer(BackgroundServer[SpeechServerKnobs]):
     """In-process stand-in speech server; binds in ``__init__`` so ``port`` is known early."""
+
+    name = "speech-server"
 
     def __init__(
         self,
@@ -567,76 +570,17 @@ class SpeechServer:
         self.verbose = verbose
         self.recognizer = Recognizer(decoders)
         self._host = host
-        self._lock = threading.Lock()
-        self._stop_event = threading.Event()
+        self._init_serving()
         self._calls = 0
         self._in_flight = 0
         self._max_in_flight = 0
         self._audio_seconds = 0.0
         self._texts: collections.deque[str] = collections.deque(maxlen=100)
-        self._rng_seed = self.knobs.failure_seed
-        self._rng = random.Random(self._rng_seed)
-        self._thread: threading.Thread | None = None
-        self._stopped = False
         self._httpd = _HTTPServer((host, port), self)
 
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._host}:{self.port}"
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
-    def start(self) -> None:
-        """Serve in a background daemon thread; the model loads in another meanwhile."""
-        if self._thread is not None or self._stopped:
-            raise RuntimeError("SpeechServer can only be started once")
+    def _before_start(self) -> None:
+        # The model loads in another thread while the server starts taking requests.
         threading.Thread(target=self.recognizer.warm, name="speech-warm", daemon=True).start()
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},  # so shutdown() returns quickly
-            name=f"speech-server-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving; wakes hanging/sleeping handlers first so nothing blocks. Idempotent."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        self._stop_event.set()
-        if self._thread is not None:
-            # shutdown() blocks until serve_forever exits; only call it if that loop runs.
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()
-
-    def __enter__(self) -> SpeechServer:
-        if self._thread is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def set_knobs(self, changes: Mapping[str, object]) -> SpeechServerKnobs:
-        """Validate and apply a subset of knobs (all-or-nothing); returns the knobs."""
-        validated = {name: validate_knob(name, value) for name, value in changes.items()}
-        with self._lock:
-            for name, value in validated.items():
-                setattr(self.knobs, name, value)
-            if "failure_seed" in validated:
-                # Re-seed even if unchanged so a test can restart a known failure sequence.
-                self._rng_seed = self.knobs.failure_seed
-                self._rng = random.Random(self._rng_seed)
-        return self.knobs
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
