@@ -74,7 +74,7 @@ deploy: build ## sam deploy the built stack (ENV=dev|prod picks a samconfig envi
 	$(SAM) deploy --config-env $(or $(ENV),default) --template-file .aws-sam/build/template.yaml
 
 invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json against `make up UP_ARGS=--docker-ports` (needs Docker)
-	@fn=$*; logical="$$(tr '[:lower:]' '[:upper:]' <<< $${fn:0:1})$${fn:1}Function"; \
+	@fn=$*; logical="$$(grep -oiE "^  $${fn}Function:" template.yaml | head -1 | tr -d ' :')"; \
 	event="$$(ls events/$${fn}_*.json | head -1)"; \
 	echo "sam local invoke $$logical --event $$event --env-vars events/env.local.json"; \
 	$(SAM) local invoke "$$logical" --event "$$event" --env-vars events/env.local.json

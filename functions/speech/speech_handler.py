@@ -37,6 +37,7 @@ from gpuqueue.audio_store import AudioStore, audio_key
 from gpuqueue.balancer import Balancer
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import (
+    ActiveTaskLimit,
     InvalidInput,
     PayloadTooLarge,
     RateLimited,
@@ -51,13 +52,11 @@ from gpuqueue.models import (
     TaskStatus,
 )
 from gpuqueue.multipart_form import parse_form
-from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SpeechSettings
 from gpuqueue.slot_broker import SlotBroker
 from gpuqueue.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
 from gpuqueue.speech_service import AudioClip, SpeechService
 from gpuqueue.submission import SubmissionService
-from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 
 logger = Logger()
@@ -102,22 +101,7 @@ def deps() -> Deps:
             circuit_failure_threshold=settings.circuit_failure_threshold,
             retry_after_seconds=max(1, int(settings.health_check_period_seconds)),
         ),
-        submissions=SubmissionService(
-            tasks=tasks,
-            queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
-            capacity=settings.queue_capacity,
-            retry_after_seconds=settings.queue_full_retry_after_seconds,
-            default_queue_ttl_seconds=settings.queue_ttl_seconds,
-            limiter=(
-                RateLimiter(
-                    dynamodb.Table(settings.limits_table),
-                    rate_per_second=settings.submit_rate_per_second,
-                    burst=settings.submit_burst,
-                )
-                if settings.limits_table
-                else None
-            ),
-        ),
+        submissions=SubmissionService.from_settings(settings),
         tasks=tasks,
         audio=AudioStore(aws_clients.s3(), settings.images_bucket),
         upload_url_ttl_seconds=settings.upload_url_ttl_seconds,
@@ -218,13 +202,20 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
     except RateLimited:
         metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
         raise
-    task = deps().submissions.submit_speech_upload(
-        caller.sub,
-        speech,
-        prompt=request.prompt,
-        task_id=task_id,
-        queue_ttl_seconds=request.queue_ttl_seconds,
-    )
+    try:
+        task = deps().submissions.submit_speech_upload(
+            caller.sub,
+            speech,
+            prompt=request.prompt,
+            task_id=task_id,
+            upload_url_ttl_seconds=deps().upload_url_ttl_seconds,
+            queue_ttl_seconds=request.queue_ttl_seconds,
+            priority=request.priority,
+            groups=caller.groups,
+        )
+    except ActiveTaskLimit:
+        metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
+        raise
     logger.append_keys(task_id=task.task_id)
     ttl = deps().upload_url_ttl_seconds
     url = deps().audio.presigned_put(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -17,14 +16,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
-from gpuqueue.errors import RateLimited
+from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.models import ImageRequest, SubmitResponse
-from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitSettings
 from gpuqueue.submission import SubmissionService
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()
@@ -34,31 +30,16 @@ app = build_resolver()
 
 @cache
 def submissions() -> SubmissionService:
-    settings = SubmitSettings()
-    return SubmissionService(
-        tasks=TaskStore(
-            aws_clients.dynamodb().Table(settings.tasks_table),
-            retention=timedelta(days=settings.task_retention_days),
-        ),
-        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
-        capacity=settings.queue_capacity,
-        retry_after_seconds=settings.queue_full_retry_after_seconds,
-        default_queue_ttl_seconds=settings.queue_ttl_seconds,
-        limiter=(
-            RateLimiter(
-                aws_clients.dynamodb().Table(settings.limits_table),
-                rate_per_second=settings.submit_rate_per_second,
-                burst=settings.submit_burst,
-            )
-            if settings.limits_table
-            else None
-        ),
-    )
+    return SubmissionService.from_settings(SubmitSettings())
 
 
-def _submit(owner: str, body: dict[str, Any]) -> dict[str, Any]:
+def _submit(owner: str, body: dict[str, Any], groups: frozenset[str]) -> dict[str, Any]:
     """One image task; its answer as JSON-ready data (what an Idempotency-Key replays)."""
-    task = submissions().submit_image(owner, ImageRequest.model_validate(body))
+    try:
+        task = submissions().submit_image(owner, ImageRequest.model_validate(body), groups=groups)
+    except ActiveTaskLimit:
+        metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
+        raise
     logger.append_keys(task_id=task.task_id)
     logger.info("task queued")
     metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
@@ -97,9 +78,9 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     submitter = idempotent()
     body = request.model_dump(mode="json", exclude_none=True)
     if key is not None and submitter is not None:
-        answer = submitter.submit(caller.sub, key, body)
+        answer = submitter.submit(caller.sub, key, body, caller.groups)
     else:
-        answer = _submit(caller.sub, body)
+        answer = _submit(caller.sub, body, caller.groups)
     return Response(
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,

@@ -37,6 +37,11 @@ def submissions() -> SubmissionService:
     return SubmissionService(
         tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
         queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+        priority_queue=(
+            TaskQueue(aws_clients.sqs(), settings.priority_queue_url)
+            if settings.priority_queue_url
+            else None
+        ),
         # The task was admitted against the queue's capacity when it was announced.
         capacity=2**31,
     )

@@ -287,8 +287,10 @@ def test_no_two_functions_share_a_log_group() -> None:
 
 
 def _function_for_event_file(path: Path) -> str:
+    """`taskevents_stream.json` -> TaskEventsFunction (the prefix is the name, lower case)."""
     prefix = path.stem.split("_", 1)[0]
-    return f"{prefix.capitalize()}Function"
+    named = [f for f in FUNCTIONS if f.lower() == f"{prefix}function"]
+    return named[0] if named else f"{prefix.capitalize()}Function"
 
 
 def test_every_event_file_belongs_to_a_function_in_the_template() -> None:

@@ -229,6 +229,7 @@ class TaskDispatcher:
             lease_seconds=lease_seconds,
             wait_seconds=self._policy.slot_wait_seconds,
             tried=tried,
+            priority=task.priority,
         )
         try:
             return self._slots.acquire(request)

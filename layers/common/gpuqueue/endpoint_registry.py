@@ -40,6 +40,8 @@ PARAMETER_SOURCE = "parameter"
 ADMIN_SOURCE = "admin"
 ENDPOINT_ROW = "endpoint"
 SLOT_ROW = "slot"
+WAITER_ROW = "waiter"
+NON_ENDPOINT_ROWS = frozenset({SLOT_ROW, WAITER_ROW})
 # Latency EWMA weight of the newest sample.
 EWMA_ALPHA = 0.3
 
@@ -51,6 +53,10 @@ def endpoint_id_for(kind: TaskKind, url: str) -> str:
 
 def _slot_key(endpoint_id: str, slot: int) -> str:
     return f"{endpoint_id}#slot#{slot}"
+
+
+def _waiter_key(kind: TaskKind, task_id: str) -> str:
+    return f"{kind.value}#waiter#{task_id}"
 
 
 def _num(value: float) -> Decimal:
@@ -69,6 +75,16 @@ class Fleet:
     leases: dict[str, list[SlotLease]] = field(default_factory=dict)
     # endpoint id -> slot -> that slot's call-duration EWMA (seconds), kept on the slot rows.
     call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    # task id -> until when its high-priority wait for a slot stands.
+    priority_waiters: dict[str, float] = field(default_factory=dict)
+
+    def waiting_priority(self, now: float, *, besides: str | None = None) -> int:
+        """High-priority tasks waiting for a slot now (other than `besides`)."""
+        return sum(
+            1
+            for task_id, until in self.priority_waiters.items()
+            if until > now and task_id != besides
+        )
 
     def service_seconds(self, endpoint: Endpoint) -> float | None:
         """How long a call on this endpoint takes, as its slots have measured (None: unknown)."""
@@ -135,8 +151,11 @@ class EndpointRegistry:
         endpoints = []
         leases: dict[str, list[SlotLease]] = defaultdict(list)
         call_seconds: dict[str, dict[int, float]] = defaultdict(dict)
+        waiters: dict[str, float] = {}
         for item in self._items(kind):
-            if item.get("row_type") == SLOT_ROW:
+            if item.get("row_type") == WAITER_ROW:
+                waiters[str(item["task_id"])] = float(item["until"])
+            elif item.get("row_type") == SLOT_ROW:
                 if "lease_until" in item:
                     lease = SlotLease.model_validate(item | {"endpoint_id": item["slot_of"]})
                     leases[lease.endpoint_id].append(lease)
@@ -147,7 +166,12 @@ class EndpointRegistry:
             else:
                 endpoints.append(Endpoint.model_validate(item))
         endpoints.sort(key=lambda e: e.endpoint_id)
-        return Fleet(endpoints=endpoints, leases=dict(leases), call_seconds=dict(call_seconds))
+        return Fleet(
+            endpoints=endpoints,
+            leases=dict(leases),
+            call_seconds=dict(call_seconds),
+            priority_waiters=waiters,
+        )
 
     def endpoints(self, kind: TaskKind) -> list[Endpoint]:
         return self.fleet(kind).endpoints
@@ -162,7 +186,7 @@ class EndpointRegistry:
         item = self._table.get_item(Key={"endpoint_id": endpoint_id}, ConsistentRead=True).get(
             "Item"
         )
-        if not item or item.get("row_type") == SLOT_ROW:
+        if not item or item.get("row_type") in NON_ENDPOINT_ROWS:
             return None
         return Endpoint.model_validate(item)
 
@@ -363,6 +387,21 @@ class EndpointRegistry:
                 raise
 
     # --- slots ------------------------------------------------------------------------------
+
+    def wait_with_priority(self, kind: TaskKind, task_id: str, *, until: float) -> None:
+        """Announce a high-priority task waiting for a slot of `kind`, good until `until`."""
+        self._table.put_item(
+            Item={
+                "endpoint_id": _waiter_key(kind, task_id),
+                "row_type": WAITER_ROW,
+                "kind": kind.value,
+                "task_id": task_id,
+                "until": _num(until),
+            }
+        )
+
+    def stop_waiting(self, kind: TaskKind, task_id: str) -> None:
+        self._table.delete_item(Key={"endpoint_id": _waiter_key(kind, task_id)})
 
     def take_slot(
         self, endpoint: Endpoint, slot: int, *, task_id: str, lease_seconds: float, now: float

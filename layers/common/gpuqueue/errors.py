@@ -151,6 +151,21 @@ class RateLimited(GpuqueueError):
         self.headers = headers
 
 
+class ActiveTaskLimit(RateLimited):
+    """The caller already has their share of active tasks (HTTP 429, field active_tasks)."""
+
+    code = "ACTIVE_TASK_LIMIT"
+
+    def __init__(self, message: str, *, limit: int, retry_after_seconds: int = 10) -> None:
+        super().__init__(
+            message,
+            retry_after_seconds=retry_after_seconds,
+            headers={"X-ActiveTasks-Limit": str(limit)},
+        )
+        self.field = "active_tasks"
+        self.limit = limit
+
+
 class IdempotencyConflict(GpuqueueError):
     """An Idempotency-Key reused with another body (HTTP 422)."""
 

@@ -8,7 +8,7 @@ is still running: 409 (retry in a second). Records live in the limits table, TTL
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aws_lambda_powertools.utilities.idempotency import (
@@ -27,7 +27,9 @@ from gpuqueue.errors import IdempotencyConflict, InvalidInput, TaskStateConflict
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
 
-Submit = Callable[[str, dict[str, Any]], dict[str, Any]]
+# (user, body, the user's groups) -> the answer to replay. The groups are not part of the
+# key or of the compared payload: they only authorise (e.g. the priority lane).
+Submit = Callable[[str, dict[str, Any], frozenset[str]], dict[str, Any]]
 
 
 def validate_key(key: str) -> str:
@@ -60,7 +62,7 @@ class IdempotentSubmitter:
             data_keyword_argument="request", persistence_store=persistence, config=self._config
         )
         def run(request: dict[str, Any]) -> dict[str, Any]:
-            return submit(request["user"], request["body"])
+            return submit(request["user"], request["body"], frozenset(request["groups"]))
 
         self._run = run
 
@@ -68,11 +70,12 @@ class IdempotentSubmitter:
         """Lets an in-progress record expire with the invocation that holds it."""
         self._config.register_lambda_context(context)
 
-    def submit(self, user: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    def submit(
+        self, user: str, key: str, body: dict[str, Any], groups: Collection[str] = ()
+    ) -> dict[str, Any]:
+        request = {"user": user, "key": validate_key(key), "body": body, "groups": sorted(groups)}
         try:
-            result: dict[str, Any] = self._run(
-                request={"user": user, "key": validate_key(key), "body": body}
-            )
+            result: dict[str, Any] = self._run(request=request)
         except IdempotencyValidationError as error:
             raise IdempotencyConflict(
                 "Idempotency-Key was used with another request body", field="Idempotency-Key"

@@ -26,6 +26,13 @@ class TaskStatus(StrEnum):
         return self in TERMINAL_STATUSES
 
 
+class Priority(StrEnum):
+    """Which lane a task waits in: `high` has its own queue and share of the workers."""
+
+    NORMAL = "normal"
+    HIGH = "high"
+
+
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.EXPIRED}
 )
@@ -84,6 +91,8 @@ class ImageRequest(ImageParams):
     negative_prompt: Annotated[str, StringConstraints(max_length=2000)] | None = None
     # Not started within this many seconds: EXPIRED (default: the QueueTtlSeconds parameter).
     queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
+    # "high": the priority lane (Cognito groups vip and admin only).
+    priority: Priority = Priority.NORMAL
 
     def params(self) -> ImageParams:
         return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
@@ -101,6 +110,7 @@ class SpeechAsyncRequest(BaseModel):
     prompt: Annotated[str, StringConstraints(max_length=1000)] | None = None
     # Counted from when the upload lands and the task is queued.
     queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
+    priority: Priority = Priority.NORMAL
 
 
 class SpeechUploadResponse(BaseModel):
@@ -154,6 +164,7 @@ class Task(BaseModel):
     user_id: str
     kind: TaskKind = TaskKind.IMAGE
     status: TaskStatus
+    priority: Priority = Priority.NORMAL
     prompt: str = ""  # the image prompt, or a speech task's transcription prompt
     speech: SpeechInput | None = None
     transcript_text: str | None = None  # a DONE speech task's text (preview; full JSON in S3)
@@ -171,13 +182,15 @@ class Task(BaseModel):
     expires_at: int | None = None
     queue_ttl_seconds: int | None = None
     queue_deadline: float | None = None  # epoch seconds; set when the task is queued
+    # AWAITING_UPLOAD only: epoch seconds after which the upload can no longer arrive.
+    upload_deadline: float | None = None
 
     @field_validator("attempt", mode="before")
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
 
-    @field_validator("lease_until", "queue_deadline", mode="before")
+    @field_validator("lease_until", "queue_deadline", "upload_deadline", mode="before")
     @classmethod
     def _float_from_decimal(cls, value: Any) -> float | None:
         return None if value is None else float(value)
@@ -204,8 +217,10 @@ class TaskView(BaseModel):
     prompt: str
     negative_prompt: str | None = None
     status: TaskStatus
+    priority: Priority = Priority.NORMAL
     created_at: str
     updated_at: str
+    started_at: str | None = None
     attempt: int
     params: ImageParams
     result_url: str | None = None
@@ -226,8 +241,10 @@ class TaskView(BaseModel):
             prompt=task.prompt,
             negative_prompt=task.negative_prompt,
             status=task.status,
+            priority=task.priority,
             created_at=task.created_at,
             updated_at=task.updated_at,
+            started_at=task.started_at,
             attempt=task.attempt,
             params=task.params,
             result_url=result_url,

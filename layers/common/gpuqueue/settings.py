@@ -22,17 +22,32 @@ class AuthSettings(_Settings):
     user_pool_client_id: str
 
 
-class SubmitSettings(_Settings):
+class SubmitLimitsSettings(_Settings):
+    """What every path that creates tasks shares: the lanes, capacity, deadlines and the
+    per-user limits."""
+
     tasks_table: str
     task_queue_url: str
+    priority_queue_url: str | None = None  # the high-priority lane; None: no such lane
     queue_capacity: int = Field(default=100, ge=1)
     task_retention_days: int = Field(default=7, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
     queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
-    limits_table: str | None = None  # per-user token buckets; None: no per-user rate limit
+    # Per-user token buckets, active-task shares (and Idempotency-Key records); None: no
+    # per-user limits.
+    limits_table: str | None = None
     submit_rate_per_second: float = Field(default=1.0, gt=0)
     submit_burst: int = Field(default=20, ge=1)
+    max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
+
+
+class SubmitSettings(SubmitLimitsSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+
+
+class TaskEventsSettings(_Settings):
+    limits_table: str | None = None
+    max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
 
 
 class TasksSettings(_Settings):
@@ -100,23 +115,14 @@ class DispatcherSettings(_Settings):
         return 3.0 * self.health_check_period_seconds
 
 
-class SpeechSettings(_Settings):
-    tasks_table: str
+class SpeechSettings(SubmitLimitsSettings):
     endpoints_table: str
     images_bucket: str  # the results bucket: audio/ uploads and transcripts/ live there too
-    task_queue_url: str
-    queue_capacity: int = Field(default=100, ge=1)
-    queue_full_retry_after_seconds: int = Field(default=10, ge=1)
-    queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
-    limits_table: str | None = None
-    submit_rate_per_second: float = Field(default=1.0, gt=0)
-    submit_burst: int = Field(default=20, ge=1)
     speech_timeout_seconds: float = Field(default=20, gt=0, le=25)
     health_check_period_seconds: float = Field(default=30, gt=0)
     dispatch_strategy: Strategy = Strategy.LEAST_LOADED
     circuit_failure_threshold: int = Field(default=3, ge=1)
     slot_wait_seconds: float = Field(default=2.0, ge=0, le=10)
-    task_retention_days: int = Field(default=7, ge=1)
     upload_url_ttl_seconds: int = Field(default=900, ge=60, le=3600)
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
 
@@ -129,3 +135,4 @@ class UploadSettings(_Settings):
     tasks_table: str
     images_bucket: str
     task_queue_url: str
+    priority_queue_url: str | None = None

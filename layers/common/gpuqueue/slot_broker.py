@@ -4,6 +4,11 @@ Shared by the queue's dispatcher (image and speech tasks) and the synchronous sp
 routes, so every GPU call, whichever path it takes, holds one of its endpoint's slots:
 an endpoint never gets more concurrent calls than its capacity.
 
+High-priority requests come first: while one waits, it keeps a waiter row in the endpoints
+table, and normal requests take a free slot only if more slots are free than high-priority
+tasks wait. The lanes' worker counts bound how many slots high priority can hold, so normal
+work still gets the rest (no starvation).
+
 Least-loaded also looks at the measured call times (kept on the slot rows): at the tail of
 a burst it leaves a slower endpoint's free slot alone when the faster slots will finish
 every waiting task sooner (`balancer.worth_taking`).
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 from gpuqueue.balancer import Balancer, Candidate, Strategy, worth_taking
 from gpuqueue.endpoint_registry import EndpointRegistry, Fleet
-from gpuqueue.models import Endpoint, SlotLease, TaskKind
+from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
 
 # A waiting caller re-reads the fleet at least this often, whatever it expects.
 MAX_POLL_SECONDS = 1.0
@@ -28,6 +33,9 @@ BACKLOG_TTL_SECONDS = 2.0
 # between equal endpoints never holds a task back.
 FASTER_RATIO = 1.2
 FASTER_MIN_SECONDS = 0.25
+# A high-priority waiter's row stands this long; it is renewed at every read of the fleet
+# (at least once per MAX_POLL_SECONDS), so only a crashed waiter's row lapses.
+WAITER_ROW_SECONDS = 3.0
 
 
 class NoRoutableEndpoint(Exception):
@@ -88,6 +96,7 @@ class SlotRequest:
     # or never, with `untried_only` (a synchronous retry goes to another endpoint or nowhere).
     tried: Collection[str] = ()
     untried_only: bool = False
+    priority: Priority = Priority.NORMAL
 
 
 class SlotBroker:
@@ -114,6 +123,25 @@ class SlotBroker:
 
     def acquire(self, request: SlotRequest) -> HeldSlot:
         """Lease a slot on the best endpoint, waiting up to `wait_seconds` for one."""
+        if request.priority is not Priority.HIGH:
+            return self._acquire(request, announce=None)
+        announced: list[float] = []  # until when our waiter row stands, once written
+
+        def announce(now: float) -> None:
+            if not announced or announced[-1] - now < WAITER_ROW_SECONDS / 2:
+                until = now + WAITER_ROW_SECONDS
+                self._registry.wait_with_priority(request.kind, request.task_id, until=until)
+                announced.append(until)
+
+        try:
+            return self._acquire(request, announce=announce)
+        finally:
+            if announced:
+                self._registry.stop_waiting(request.kind, request.task_id)
+
+    def _acquire(
+        self, request: SlotRequest, *, announce: Callable[[float], None] | None
+    ) -> HeldSlot:
         give_up_at = self._clock() + request.wait_seconds
         backlog = self._backlog
         while True:
@@ -139,6 +167,10 @@ class SlotBroker:
             ordered = self._balancer.order(
                 candidates, routable=routable, user_id=request.user_id, avoid=request.tried
             )
+            if announce is None and sum(c.free_slots for c in candidates) <= fleet.waiting_priority(
+                now
+            ):
+                ordered = []  # the free slots are the high-priority waiters'
             for candidate in ordered:
                 if not self._worth_taking(candidate, eligible, fleet, now, backlog):
                     continue
@@ -154,6 +186,8 @@ class SlotBroker:
                         return HeldSlot(self._registry, lease, candidate.endpoint)
             if self._clock() >= give_up_at:
                 raise NoFreeSlot(f"every {request.kind.value} GPU slot is busy")
+            if announce is not None:
+                announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
 
     def _worth_taking(

@@ -1,17 +1,35 @@
-"""Accepting a task: capacity check, the task row, then the queue message."""
+"""Accepting a task: lane and capacity checks, the owner's share, the task row, then the
+queue message."""
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from datetime import timedelta
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gpuqueue.errors import QueueFull, RateLimited, ServiceUnavailable
-from gpuqueue.models import ImageRequest, QueueMessage, SpeechInput, Task, TaskStatus
+from gpuqueue import aws_clients
+from gpuqueue.active_share import ActiveTaskShare
+from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
+from gpuqueue.models import ImageRequest, Priority, QueueMessage, SpeechInput, Task, TaskStatus
 from gpuqueue.rate_limiter import RateLimiter
+from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 
 logger = Logger(child=True)
+
+# Cognito groups whose members may use the high-priority lane.
+PRIORITY_GROUPS = frozenset({"vip", "admin"})
+# An announced upload may still be arriving this long after its URL expired (a PUT that
+# started just in time); only then does it stop holding a share.
+UPLOAD_GRACE_SECONDS = 300
+
+
+def may_use_priority_lane(groups: Collection[str]) -> bool:
+    return not PRIORITY_GROUPS.isdisjoint(groups)
 
 
 class SubmissionService:
@@ -24,13 +42,62 @@ class SubmissionService:
         retry_after_seconds: int = 10,
         default_queue_ttl_seconds: int = 3600,
         limiter: RateLimiter | None = None,
+        share: ActiveTaskShare | None = None,
+        priority_queue: TaskQueue | None = None,
     ) -> None:
         self._limiter = limiter
+        self._share = share
         self._tasks = tasks
-        self._queue = queue
+        self._lanes = {Priority.NORMAL: queue}
+        if priority_queue is not None:
+            self._lanes[Priority.HIGH] = priority_queue
         self._capacity = capacity
         self._retry_after = retry_after_seconds
         self._queue_ttl = default_queue_ttl_seconds
+
+    @classmethod
+    def from_settings(cls, settings: SubmitLimitsSettings) -> SubmissionService:
+        """The service as a submit path's Lambda builds it, from its environment."""
+        dynamodb = aws_clients.dynamodb()
+        tasks = TaskStore(
+            dynamodb.Table(settings.tasks_table),
+            retention=timedelta(days=settings.task_retention_days),
+        )
+        limits = dynamodb.Table(settings.limits_table) if settings.limits_table else None
+        return cls(
+            tasks=tasks,
+            queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
+            priority_queue=(
+                TaskQueue(aws_clients.sqs(), settings.priority_queue_url)
+                if settings.priority_queue_url
+                else None
+            ),
+            capacity=settings.queue_capacity,
+            retry_after_seconds=settings.queue_full_retry_after_seconds,
+            default_queue_ttl_seconds=settings.queue_ttl_seconds,
+            limiter=(
+                RateLimiter(
+                    limits,
+                    rate_per_second=settings.submit_rate_per_second,
+                    burst=settings.submit_burst,
+                )
+                if limits is not None
+                else None
+            ),
+            share=(
+                ActiveTaskShare(
+                    limits,
+                    limit=settings.max_active_tasks_per_user,
+                    find_inactive=tasks.inactive_among,
+                )
+                if limits is not None
+                else None
+            ),
+        )
+
+    @property
+    def share(self) -> ActiveTaskShare | None:
+        return self._share
 
     def admit(self, owner: str) -> dict[str, str]:
         """Take one submit from the owner's token bucket: the X-RateLimit-* headers, or
@@ -58,17 +125,49 @@ class SubmissionService:
             )
         return headers
 
-    def _check_capacity(self) -> None:
-        queued = self._queue.depth().queued
+    def _lane(self, priority: Priority, groups: Collection[str]) -> TaskQueue:
+        if priority is Priority.HIGH:
+            if not may_use_priority_lane(groups):
+                raise Forbidden(
+                    "priority: only members of the vip or admin group may ask for high priority",
+                    field="priority",
+                )
+            if Priority.HIGH not in self._lanes:
+                raise InvalidInput("priority: this stack has no priority lane", field="priority")
+        return self._lanes[priority]
+
+    def _check_capacity(self, lane: TaskQueue) -> None:
+        queued = lane.depth().queued
         if queued >= self._capacity:
             raise QueueFull(
                 f"queue is full ({queued}/{self._capacity} tasks waiting); retry later",
                 retry_after_seconds=self._retry_after,
             )
 
-    def submit_image(self, owner: str, request: ImageRequest) -> Task:
-        self._check_capacity()
-        task = self._tasks.create_image_task(owner, request, queue_ttl_seconds=self._queue_ttl)
+    def _with_share(self, owner: str, task_id: str, create: Callable[[], Task]) -> Task:
+        """Create the task under one of the owner's active-task shares (ActiveTaskLimit when
+        they have none left). The share is handed back if the task was never written."""
+        if self._share is None:
+            return create()
+        self._share.take(owner, task_id)
+        try:
+            return create()
+        except BaseException:
+            self._share.release(owner, task_id)
+            raise
+
+    def submit_image(
+        self, owner: str, request: ImageRequest, *, groups: Collection[str] = ()
+    ) -> Task:
+        self._check_capacity(self._lane(request.priority, groups))
+        task_id = str(uuid.uuid4())
+        task = self._with_share(
+            owner,
+            task_id,
+            lambda: self._tasks.create_image_task(
+                owner, request, queue_ttl_seconds=self._queue_ttl, task_id=task_id
+            ),
+        )
         self._enqueue(task)
         return task
 
@@ -79,16 +178,26 @@ class SubmissionService:
         *,
         prompt: str | None,
         task_id: str,
+        upload_url_ttl_seconds: int,
         queue_ttl_seconds: int | None = None,
+        priority: Priority = Priority.NORMAL,
+        groups: Collection[str] = (),
     ) -> Task:
-        """A long-audio task: AWAITING_UPLOAD now, queued when the upload lands."""
-        self._check_capacity()
-        return self._tasks.create_speech_task(
+        """A long-audio task: AWAITING_UPLOAD now, queued when the upload lands. It holds a
+        share of the owner's active tasks from now (it will be queued)."""
+        self._check_capacity(self._lane(priority, groups))
+        return self._with_share(
             owner,
-            speech,
-            prompt=prompt,
-            task_id=task_id,
-            queue_ttl_seconds=queue_ttl_seconds or self._queue_ttl,
+            task_id,
+            lambda: self._tasks.create_speech_task(
+                owner,
+                speech,
+                prompt=prompt,
+                task_id=task_id,
+                queue_ttl_seconds=queue_ttl_seconds or self._queue_ttl,
+                upload_window_seconds=upload_url_ttl_seconds + UPLOAD_GRACE_SECONDS,
+                priority=priority,
+            ),
         )
 
     def queue_uploaded(self, task_id: str, *, size_bytes: int, max_bytes: int) -> Task | None:
@@ -118,12 +227,16 @@ class SubmissionService:
         return queued
 
     def _enqueue(self, task: Task) -> None:
+        # A lane this stack no longer has: the normal one (no task is ever stranded).
+        lane = self._lanes.get(task.priority, self._lanes[Priority.NORMAL])
         try:
-            self._queue.send(QueueMessage(task_id=task.task_id, kind=task.kind))
+            lane.send(QueueMessage(task_id=task.task_id, kind=task.kind))
         except (ClientError, BotoCoreError) as error:
             # No orphan: a task the queue never got must not sit QUEUED forever.
             logger.exception("queue send failed", extra={"task_id": task.task_id})
             self._tasks.fail_unqueued(task.task_id, f"queue unavailable: {type(error).__name__}")
+            if self._share is not None:
+                self._share.release(task.user_id, task.task_id)
             raise ServiceUnavailable(
                 "the task queue is unavailable; the task was not accepted",
                 retry_after_seconds=self._retry_after,

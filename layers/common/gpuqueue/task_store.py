@@ -6,6 +6,7 @@ State machine (see README):
   QUEUED  -> EXPIRED   not started (attempt 0) before its queue deadline; no GPU call
   AWAITING_UPLOAD -> QUEUED    the audio upload landed (speech, async)
   AWAITING_UPLOAD -> CANCELED  cancel (owner)
+  AWAITING_UPLOAD -> EXPIRED   the upload never arrived (found when the owner's share is full)
   QUEUED  -> FAILED    the queue could not take the message, attempts exhausted, or the
                        input is unusable (an upload gone)
   RUNNING -> DONE      result written, while holding the lease
@@ -21,7 +22,7 @@ import binascii
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -30,12 +31,23 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
-from gpuqueue.models import ImageRequest, SpeechInput, Task, TaskKind, TaskStatus, iso, utc_now
+from gpuqueue.models import (
+    ImageRequest,
+    Priority,
+    SpeechInput,
+    Task,
+    TaskKind,
+    TaskStatus,
+    iso,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 USER_INDEX = "by-user"
+BATCH_GET_LIMIT = 100  # keys per BatchGetItem, DynamoDB's maximum
+BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up on them
 
 
 def _is_conditional_failure(error: ClientError) -> bool:
@@ -69,15 +81,17 @@ class TaskStore:
         request: ImageRequest,
         *,
         queue_ttl_seconds: int,
+        task_id: str | None = None,
         now: datetime | None = None,
     ) -> Task:
         now = now or utc_now()
         ttl = request.queue_ttl_seconds or queue_ttl_seconds
         task = Task(
-            task_id=str(uuid.uuid4()),
+            task_id=task_id or str(uuid.uuid4()),
             user_id=owner,
             kind=TaskKind.IMAGE,
             status=TaskStatus.QUEUED,
+            priority=request.priority,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             params=request.params(),
@@ -101,23 +115,29 @@ class TaskStore:
         prompt: str | None,
         task_id: str,
         queue_ttl_seconds: int,
+        upload_window_seconds: int,
+        priority: Priority = Priority.NORMAL,
         now: datetime | None = None,
     ) -> Task:
-        """A long-audio task, AWAITING_UPLOAD until its audio lands in S3."""
+        """A long-audio task, AWAITING_UPLOAD until its audio lands in S3 (at the latest
+        `upload_window_seconds` from now)."""
         now = now or utc_now()
         task = Task(
             task_id=task_id,
             user_id=owner,
             kind=TaskKind.SPEECH,
             status=TaskStatus.AWAITING_UPLOAD,
+            priority=priority,
             prompt=prompt or "",
             speech=speech,
             created_at=iso(now),
             updated_at=iso(now),
             expires_at=int((now + self._retention).timestamp()),
             queue_ttl_seconds=queue_ttl_seconds,
+            upload_deadline=round(now.timestamp() + upload_window_seconds, 3),
         )
         item = task.model_dump(mode="json", exclude_none=True)
+        item["upload_deadline"] = Decimal(str(task.upload_deadline))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -152,6 +172,73 @@ class TaskStore:
     def get(self, task_id: str) -> Task | None:
         item = self._table.get_item(Key={"task_id": task_id}, ConsistentRead=True).get("Item")
         return Task.model_validate(item) if item else None
+
+    def inactive_among(self, task_ids: Collection[str], *, now: float | None = None) -> set[str]:
+        """The ids among `task_ids` that hold no share of their owner's active tasks: ended,
+        gone (expired by TTL), or waiting for an upload that can no longer arrive (those are
+        ended here, AWAITING_UPLOAD -> EXPIRED). One BatchGetItem per 100 ids."""
+        now = time.time() if now is None else now
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[str, dict[str, Any]] = {}
+        # The resource's client converts Python values both ways (it is not the raw client).
+        client: Any = self._table.meta.client
+        for start in range(0, len(ids), BATCH_GET_LIMIT):
+            keys: list[dict[str, Any]] = [
+                {"task_id": i} for i in ids[start : start + BATCH_GET_LIMIT]
+            ]
+            for _ in range(BATCH_GET_ROUNDS):
+                if not keys:
+                    break
+                answer = client.batch_get_item(
+                    RequestItems={
+                        self._table.name: {
+                            "Keys": keys,
+                            "ProjectionExpression": "task_id, #s, upload_deadline",
+                            "ExpressionAttributeNames": {"#s": "status"},
+                            "ConsistentRead": True,
+                        }
+                    }
+                )
+                for item in answer.get("Responses", {}).get(self._table.name, []):
+                    found[str(item["task_id"])] = dict(item)
+                keys = list(
+                    answer.get("UnprocessedKeys", {}).get(self._table.name, {}).get("Keys", [])
+                )
+            if keys:
+                # Unread after every round: count them as active (refusing is the safe side).
+                found.update(
+                    {str(k["task_id"]): {"status": TaskStatus.RUNNING.value} for k in keys}
+                )
+        inactive = set()
+        for task_id in ids:
+            item = found.get(task_id)
+            if (
+                item is None
+                or TaskStatus(str(item["status"])).is_terminal
+                or (
+                    item["status"] == TaskStatus.AWAITING_UPLOAD.value
+                    and "upload_deadline" in item
+                    and float(item["upload_deadline"]) < now
+                    and self._expire_upload(task_id)
+                )
+            ):
+                inactive.add(task_id)
+        return inactive
+
+    def _expire_upload(self, task_id: str) -> bool:
+        try:
+            self._transition(
+                task_id,
+                condition="#s = :waiting",
+                updates={
+                    "status": TaskStatus.EXPIRED.value,
+                    "error": "the audio upload never arrived",
+                },
+                values={":waiting": TaskStatus.AWAITING_UPLOAD.value},
+            )
+        except _ConditionFailed:
+            return False
+        return True
 
     def get_for_owner(self, task_id: str, owner: str) -> Task:
         """Another user's task is indistinguishable from a missing one (404, never 403)."""

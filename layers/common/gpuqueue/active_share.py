@@ -1,0 +1,108 @@
+"""ActiveTaskShare: at most K active tasks per user, exact under concurrent submits.
+
+Each user's row in the limits table, key `active#<user id>`, holds the ids of their active
+tasks (not yet DONE, FAILED, CANCELED or EXPIRED) as a string set.
+
+- Taking a share is one UpdateItem: ADD the task id, on condition that the set holds fewer
+  than K ids. DynamoDB applies the condition and the write atomically, so K+1 concurrent
+  submits can never all pass, whatever their interleaving.
+- Releasing is a DELETE of the id from the set. It is idempotent, so whoever releases may
+  do it twice: the tasks table's stream (at-least-once delivery) drives it on every
+  transition into a final state, whatever path got there (the dispatcher, a cancel, a
+  retry's last attempt, a dead-lettered message, a queue deadline).
+- A set that is full is checked before a submit is refused: ids whose task has ended or
+  is gone are dropped (a release still on its way down the stream, or a crash between
+  two writes), then the take is tried once more. So a refusal always means K tasks that
+  really are active, and a counter can never leak a share for good.
+
+Cost: 1 write per take and per release; a refusal at the limit adds 1 read of the row and
+1 BatchGetItem over its K tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Set
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+
+from gpuqueue.errors import ActiveTaskLimit
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+
+KEY_PREFIX = "active#"
+
+# Given task ids, the ones that no longer hold a share (ended, or gone).
+InactiveFinder = Callable[[Collection[str]], Set[str]]
+
+
+def _is_conditional_failure(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class ActiveTaskShare:
+    def __init__(
+        self, table: Table, *, limit: int, find_inactive: InactiveFinder | None = None
+    ) -> None:
+        """`find_inactive` checks a full set before a refusal; without it (a caller that only
+        releases) a full set refuses as it stands."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self._table = table
+        self.limit = limit
+        self._find_inactive = find_inactive
+
+    def take(self, owner: str, task_id: str) -> None:
+        """Count `task_id` as one of the owner's active tasks, or raise ActiveTaskLimit."""
+        if self._try_add(owner, task_id):
+            return
+        active = self.active(owner)
+        stale = set(self._find_inactive(sorted(active))) & active if self._find_inactive else set()
+        if stale:
+            self._remove(owner, stale)
+            if self._try_add(owner, task_id):
+                return
+        raise ActiveTaskLimit(
+            f"at most {self.limit} active (queued or running) tasks per user; wait for one "
+            "to finish or cancel one",
+            limit=self.limit,
+        )
+
+    def release(self, owner: str, task_id: str) -> None:
+        """Stop counting the task. Releasing an id that is not counted does nothing."""
+        self._remove(owner, {task_id})
+
+    def active(self, owner: str) -> set[str]:
+        item = self._table.get_item(
+            Key={"pk": KEY_PREFIX + owner}, ConsistentRead=True, ProjectionExpression="active"
+        ).get("Item")
+        return {str(task_id) for task_id in (item or {}).get("active", set())}  # type: ignore[union-attr]
+
+    def _try_add(self, owner: str, task_id: str) -> bool:
+        try:
+            self._table.update_item(
+                Key={"pk": KEY_PREFIX + owner},
+                UpdateExpression="ADD active :ids",
+                ConditionExpression="attribute_not_exists(active) OR size(active) < :limit",
+                ExpressionAttributeValues={":ids": {task_id}, ":limit": self.limit},
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return False
+            raise
+        return True
+
+    def _remove(self, owner: str, task_ids: Set[str]) -> None:
+        # DynamoDB drops an attribute whose set becomes empty, so the row stays small; the
+        # condition keeps a release for a user with no row from creating an empty one.
+        try:
+            self._table.update_item(
+                Key={"pk": KEY_PREFIX + owner},
+                UpdateExpression="DELETE active :ids",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":ids": set(task_ids)},
+            )
+        except ClientError as error:
+            if not _is_conditional_failure(error):
+                raise
