@@ -104,6 +104,8 @@ def describe_error(exc: ApiError, *, logging_in: bool = False) -> str:
     """One friendly line for an API error."""
     if exc.status == 401 and not logging_in:
         return f"error: {LOGIN_HINT}"
+    if exc.status == 429 and exc.code == "ACTIVE_TASK_LIMIT":
+        return f"error: too many active tasks; wait for one to finish or cancel one ({exc.message})"
     if exc.status == 429 and exc.retry_after is not None:
         return f"error: rate limited, retry in {exc.retry_after} s ({exc.message})"
     if exc.status == 503 and exc.retry_after is not None:
@@ -228,6 +230,10 @@ def generate(
     height: Annotated[int | None, typer.Option(help="64-2048, a multiple of 8.")] = None,
     steps: Annotated[int | None, typer.Option(help="1-150.")] = None,
     seed: Annotated[int | None, typer.Option(help="0-4294967295.")] = None,
+    priority: Annotated[
+        str | None,
+        typer.Option(help="normal, or high: the priority lane (vip and admin users only)."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for the result and download it.")
     ] = False,
@@ -253,6 +259,7 @@ def generate(
             height=height,
             steps=steps,
             seed=seed,
+            priority=priority,
         )
     task_id = str(queued["task_id"])
     state.out.print(task_id, soft_wrap=True)

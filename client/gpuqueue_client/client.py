@@ -195,6 +195,7 @@ class GpuqueueClient:
         height: int | None = None,
         steps: int | None = None,
         seed: int | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
         """Queue an image task; returns `{"task_id", "status", "message"}`."""
         payload: dict[str, Any] = {"prompt": prompt}
@@ -204,6 +205,7 @@ class GpuqueueClient:
             "height": height,
             "steps": steps,
             "seed": seed,
+            "priority": priority,
         }
         payload.update({key: value for key, value in optional.items() if value is not None})
         return self._object(self._request("POST", "/api/v1/image/async", json=payload))

@@ -13,9 +13,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.models import QueueStats
+from gpuqueue.models import Priority, QueueStats
 from gpuqueue.settings import StatsSettings
-from gpuqueue.system_stats import queue_stats
+from gpuqueue.system_stats import Lane, queue_stats
 from gpuqueue.task_queue import TaskQueue
 
 logger = Logger()
@@ -25,8 +25,7 @@ app = build_resolver()
 
 @dataclass(frozen=True)
 class Deps:
-    queue: TaskQueue
-    dead_letter: TaskQueue
+    lanes: dict[Priority, Lane]
     registry: EndpointRegistry
     settings: StatsSettings
 
@@ -34,9 +33,22 @@ class Deps:
 @cache
 def deps() -> Deps:
     settings = StatsSettings()
+    sqs = aws_clients.sqs()
+    lanes = {
+        Priority.NORMAL: Lane(
+            queue=TaskQueue(sqs, settings.task_queue_url),
+            dead_letter=TaskQueue(sqs, settings.dead_letter_queue_url),
+            workers=settings.worker_pool_size,
+        )
+    }
+    if settings.priority_queue_url and settings.priority_dead_letter_queue_url:
+        lanes[Priority.HIGH] = Lane(
+            queue=TaskQueue(sqs, settings.priority_queue_url),
+            dead_letter=TaskQueue(sqs, settings.priority_dead_letter_queue_url),
+            workers=settings.priority_lane_workers,
+        )
     return Deps(
-        queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
-        dead_letter=TaskQueue(aws_clients.sqs(), settings.dead_letter_queue_url),
+        lanes=lanes,
         registry=EndpointRegistry(aws_clients.dynamodb().Table(settings.endpoints_table)),
         settings=settings,
     )
@@ -47,10 +59,8 @@ def get_stats() -> QueueStats:
     current_caller(app)
     d = deps()
     return queue_stats(
-        d.queue,
-        d.dead_letter,
+        d.lanes,
         capacity=d.settings.queue_capacity,
-        workers=d.settings.worker_pool_size,
         registry=d.registry,
         health_max_age_seconds=d.settings.health_max_age_seconds,
     )

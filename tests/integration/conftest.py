@@ -21,7 +21,13 @@ from moto.server import ThreadedMotoServer
 
 from gpuqueue import aws_clients
 from gpuqueue_local import moto_atomic
-from gpuqueue_local.event_sources import settle_batch, sqs_event
+from gpuqueue_local.dynamodb_streams import StreamReader, streams_client
+from gpuqueue_local.event_sources import (
+    dynamodb_stream_event,
+    filter_records,
+    settle_batch,
+    sqs_event,
+)
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
@@ -38,11 +44,13 @@ HANDLER_MODULES = (
     "speech_handler",
     "upload_handler",
     "task_events_handler",
+    "deadletter_handler",
 )
 # Functions whose environment would clash with another's in this one process (the priority
 # lane's dispatcher: the same code, TASK_QUEUE_URL the priority queue). `deliver(lane="high")`
 # runs the dispatcher with theirs.
 SEPARATE_ENV = {"PriorityDispatcherFunction"}
+LANE_QUEUES = {"normal": "TaskQueue", "high": "PriorityQueue"}
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +97,8 @@ class Harness:
     stack: LocalStack
     image_servers: list[ImageServer] = field(default_factory=list)
     speech_servers: list[SpeechServer] = field(default_factory=list)
+    # The tasks table's stream, read from the stack's start (TRIM_HORIZON).
+    task_stream: StreamReader | None = None
 
     # --- API Gateway (payload format 2.0, the JWT authorizer's claims) -------------------
 
@@ -200,28 +210,80 @@ class Harness:
         )
         return result
 
-    def queue_url(self) -> str:
-        return self.stack.ref("TaskQueue")
+    def queue_url(self, lane: str = "normal") -> str:
+        return self.stack.ref(LANE_QUEUES[lane])
 
-    def receive(self, max_messages: int = 1) -> list[Any]:
+    def receive(self, max_messages: int = 1, *, lane: str = "normal") -> list[Any]:
         sqs = boto3.client("sqs")
         return list(
             sqs.receive_message(
-                QueueUrl=self.queue_url(),
+                QueueUrl=self.queue_url(lane),
                 MaxNumberOfMessages=max_messages,
                 WaitTimeSeconds=0,
                 AttributeNames=["All"],
             ).get("Messages", [])
         )
 
-    def deliver(self, messages: list[Any], *, timeout_seconds: float = 180.0) -> list[str]:
-        """Invoke the dispatcher with these messages and settle them as the ESM would."""
+    def deliver(
+        self, messages: list[Any], *, timeout_seconds: float = 180.0, lane: str = "normal"
+    ) -> list[str]:
+        """Invoke the lane's dispatcher with these messages and settle them as the ESM would."""
+        queue = LANE_QUEUES[lane]
         event = sqs_event(
-            messages, queue_arn=self.stack.resolver.get_att("TaskQueue", "Arn"), region="us-east-1"
+            messages, queue_arn=self.stack.resolver.get_att(queue, "Arn"), region="us-east-1"
         )
-        handler = importlib.import_module("dispatcher_handler").lambda_handler
-        response = handler(event, FakeLambdaContext("dispatcher", timeout_seconds=timeout_seconds))
-        return settle_batch(boto3.client("sqs"), self.queue_url(), messages, response)
+        module = importlib.import_module("dispatcher_handler")
+        context = FakeLambdaContext("dispatcher", timeout_seconds=timeout_seconds)
+        if lane == "normal":
+            response = module.lambda_handler(event, context)
+        else:
+            # The priority lane's function: the same code with its own environment.
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in self.stack.function_env("PriorityDispatcherFunction").items():
+                    patch.setenv(name, value)
+                module.deps.cache_clear()
+                try:
+                    response = module.lambda_handler(event, context)
+                finally:
+                    module.deps.cache_clear()
+        return settle_batch(boto3.client("sqs"), self.queue_url(lane), messages, response)
+
+    def call_sqs_function(self, module: str, queue: str, messages: list[Any]) -> dict[str, Any]:
+        """Invoke a queue consumer with these messages (from the queue `queue`, a logical id)
+        and settle them as the ESM would; its partial batch response."""
+        event = sqs_event(
+            messages, queue_arn=self.stack.resolver.get_att(queue, "Arn"), region="us-east-1"
+        )
+        handler = importlib.import_module(module).lambda_handler
+        response: dict[str, Any] = handler(event, FakeLambdaContext(module))
+        settle_batch(boto3.client("sqs"), self.stack.ref(queue), messages, response)
+        return response
+
+    def pump_task_events(self) -> int:
+        """Hand TaskEventsFunction the tasks-stream records written since the last pump,
+        filtered by the template's FilterCriteria, as its event source mapping would.
+        Returns the number of records delivered."""
+        if self.task_stream is None:
+            arn = self.stack.resolver.get_att("TasksTable", "StreamArn")
+            self.task_stream = StreamReader(streams_client(), arn, "TRIM_HORIZON")
+        records = self.task_stream.read()
+        props = self.stack.template["Resources"]["TaskEventsFunction"]["Properties"]
+        filters = props["Events"]["TaskTransitions"]["Properties"].get("FilterCriteria")
+        arn = self.task_stream.stream_arn
+        passed = filter_records(filters, records, stream_arn=arn, region="us-east-1")
+        if passed:
+            handler = importlib.import_module("task_events_handler").lambda_handler
+            response = handler(
+                dynamodb_stream_event(passed, arn, "us-east-1"), FakeLambdaContext("task_events")
+            )
+            assert not response.get("batchItemFailures"), response
+        return len(passed)
+
+    def active_tasks(self, user: User) -> set[str]:
+        """The task ids counted against the user's active-task share."""
+        table = boto3.resource("dynamodb").Table(self.stack.ref("LimitsTable"))
+        item = table.get_item(Key={"pk": f"active#{user.sub}"}).get("Item") or {}
+        return {str(t) for t in item.get("active", set())}
 
     def drain(self, *, max_invocations: int = 50, deadline_seconds: float = 30.0) -> int:
         """Poll and dispatch until the queue has nothing visible or in flight (bounded)."""
@@ -324,3 +386,9 @@ def bob() -> User:
 def operator() -> User:
     """A member of the Cognito group `admin` (the template's AdminGroup)."""
     return User(sub=str(uuid.uuid4()), username="ops", groups=("admin",))
+
+
+@pytest.fixture
+def vip() -> User:
+    """A member of the Cognito group `vip` (the template's VipGroup): the priority lane."""
+    return User(sub=str(uuid.uuid4()), username="vip", groups=("vip",))

@@ -103,7 +103,7 @@ class FakeTask:
 NORMAL = ["QUEUED", "RUNNING", "DONE"]
 FAILING = ["QUEUED", "RUNNING", "FAILED"]
 ENDLESS = ["QUEUED", "RUNNING"]
-SUBMIT_FIELDS = {"prompt", "negative_prompt", "width", "height", "steps", "seed"}
+SUBMIT_FIELDS = {"prompt", "negative_prompt", "width", "height", "steps", "seed", "priority"}
 STATS = {
     "queue_length": 3,
     "queue_capacity": 100,
@@ -628,6 +628,28 @@ def test_a_full_queue_says_when_to_retry(cli: Invoke, api: FakeApi, token: str) 
 
     assert result.exit_code == 1
     assert "queue full, retry in 7 s" in result.stderr
+
+
+def test_a_priority_submit_sends_the_lane(cli: Invoke, api: FakeApi, token: str) -> None:
+    result = cli("generate", "a red fox", "--priority", "high", token=token)
+
+    assert result.exit_code == 0, result.stderr
+    assert api.submitted == [{"prompt": "a red fox", "priority": "high"}]
+
+
+def test_a_submit_past_the_active_task_share_says_what_to_do() -> None:
+    refused = ApiError(
+        429,
+        "ACTIVE_TASK_LIMIT",
+        "at most 20 active (queued or running) tasks per user",
+        field="active_tasks",
+        retry_after=10,
+    )
+
+    assert describe_error(refused) == (
+        "error: too many active tasks; wait for one to finish or cancel one "
+        "(at most 20 active (queued or running) tasks per user)"
+    )
 
 
 def test_a_rate_limited_submit_says_when_to_retry() -> None:

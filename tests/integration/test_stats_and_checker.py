@@ -29,6 +29,26 @@ def test_stats_report_the_seed_fields_from_the_queue(make_stack, alice):
         "delayed": 0,
         "dead_letter": 0,
         "workers": 3,
+        "lanes": {
+            "normal": {
+                "queue_length": 3,
+                "queue_capacity": 40,
+                "queue_usage": 7.5,
+                "in_flight": 0,
+                "delayed": 0,
+                "dead_letter": 0,
+                "workers": 3,
+            },
+            "high": {
+                "queue_length": 0,
+                "queue_capacity": 40,
+                "queue_usage": 0.0,
+                "in_flight": 0,
+                "delayed": 0,
+                "dead_letter": 0,
+                "workers": 1,
+            },
+        },
         # The checker has not run yet: the declared endpoint is not in the table.
         "endpoints": {
             "image": {"healthy": 0, "total": 0, "slots_total": 0, "slots_free": 0},
@@ -92,3 +112,20 @@ def test_checker_syncs_the_declared_endpoints_and_drops_removed_ones(make_stack,
 def test_checker_with_no_declared_endpoints_checks_nothing(make_stack):
     h = make_stack(endpoints=[])
     assert h.run_checker() == {"checked": 0, "healthy": 0}
+
+
+def test_stats_report_each_lanes_queue_and_workers(make_stack, alice, vip):
+    h = make_stack(parameters={"WorkerPoolSize": "4", "PriorityLaneWorkers": "2"})
+    h.submit(alice)
+    for i in range(2):
+        h.submit(vip, {"prompt": f"vip {i}", "priority": "high"})
+    h.receive(lane="high")  # one high-priority task being worked on
+
+    lanes = _stats(h, alice).json()["lanes"]
+
+    assert lanes["normal"]["queue_length"] == 1
+    assert lanes["normal"]["workers"] == 4
+    assert lanes["high"]["queue_length"] == 1
+    assert lanes["high"]["in_flight"] == 1
+    assert lanes["high"]["workers"] == 2
+    assert lanes["high"]["dead_letter"] == 0

@@ -8,8 +8,14 @@ from typing import Any
 import pytest
 
 from gpuqueue.endpoint_registry import Fleet
-from gpuqueue.models import Endpoint, SlotLease, TaskKind
-from gpuqueue.slot_broker import MAX_POLL_SECONDS, NoFreeSlot, SlotBroker, SlotRequest
+from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
+from gpuqueue.slot_broker import (
+    MAX_POLL_SECONDS,
+    WAITER_ROW_SECONDS,
+    NoFreeSlot,
+    SlotBroker,
+    SlotRequest,
+)
 
 NOW = 1_800_000_000.0
 
@@ -93,3 +99,114 @@ def test_a_waiter_gives_up_when_its_wait_is_over() -> None:
         broker([busy_since(NOW - 1.0)], sleeps).acquire(request(wait=0))
 
     assert sleeps == []
+
+
+# --- the priority lane -------------------------------------------------------------------
+
+
+class RecordingRegistry(FakeRegistry):
+    """Also records the high-priority waiter rows written and removed."""
+
+    def __init__(self, fleets: list[Fleet]) -> None:
+        super().__init__(fleets)
+        self.waiting: list[tuple[str, float]] = []
+        self.stopped: list[str] = []
+
+    def wait_with_priority(self, kind: TaskKind, task_id: str, *, until: float) -> None:
+        self.waiting.append((task_id, until))
+
+    def stop_waiting(self, kind: TaskKind, task_id: str) -> None:
+        self.stopped.append(task_id)
+
+
+def with_waiters(fleet: Fleet, *task_ids: str) -> Fleet:
+    fleet.priority_waiters = dict.fromkeys(task_ids, NOW + 2)
+    return fleet
+
+
+def high(wait: float = 5.0) -> SlotRequest:
+    return SlotRequest(
+        kind=TaskKind.IMAGE,
+        task_id="vip",
+        user_id="u",
+        lease_seconds=60,
+        wait_seconds=wait,
+        priority=Priority.HIGH,
+    )
+
+
+def test_a_normal_request_leaves_the_free_slot_to_a_waiting_high_priority_task() -> None:
+    sleeps: list[float] = []
+    reserved = with_waiters(Fleet(endpoints=[endpoint()]), "vip")
+
+    with pytest.raises(NoFreeSlot):
+        broker([reserved, reserved], sleeps).acquire(request(wait=0.0))
+
+
+def test_a_normal_request_takes_a_slot_beyond_those_the_waiters_need() -> None:
+    two_free = with_waiters(Fleet(endpoints=[endpoint(capacity=2)]), "vip")
+
+    held = broker([two_free], []).acquire(request())
+
+    assert held.lease.task_id == "t"
+
+
+def test_a_lapsed_waiter_row_holds_nothing_back() -> None:
+    lapsed = Fleet(endpoints=[endpoint()], priority_waiters={"crashed": NOW - 0.1})
+
+    held = broker([lapsed], []).acquire(request())
+
+    assert held.lease.task_id == "t"
+
+
+def test_a_high_priority_task_announces_its_wait_and_withdraws_once_served() -> None:
+    sleeps: list[float] = []
+    registry = RecordingRegistry([busy_since(NOW - 3.9), Fleet(endpoints=[endpoint()])])
+    slots = SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        poll_seconds=0.1,
+        clock=lambda: NOW,
+        sleep=sleeps.append,
+    )
+
+    held = slots.acquire(high())
+
+    assert held.lease.task_id == "vip"
+    assert registry.waiting == [("vip", NOW + WAITER_ROW_SECONDS)]
+    assert registry.stopped == ["vip"]
+
+
+def test_a_high_priority_task_served_at_once_writes_no_waiter_row() -> None:
+    registry = RecordingRegistry([Fleet(endpoints=[endpoint()])])
+    slots = SlotBroker(registry, health_max_age_seconds=90, clock=lambda: NOW, sleep=lambda s: None)  # type: ignore[arg-type]
+
+    slots.acquire(high())
+
+    assert registry.waiting == []
+    assert registry.stopped == []
+
+
+def test_a_high_priority_task_that_gives_up_withdraws_its_wait() -> None:
+    registry = RecordingRegistry([busy_since(NOW - 1.0)] * 10)
+    elapsed = [0.0]
+    slots = SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        clock=lambda: NOW + elapsed[0],
+        sleep=lambda seconds: elapsed.__setitem__(0, elapsed[0] + seconds),
+    )
+
+    with pytest.raises(NoFreeSlot):
+        slots.acquire(high(wait=1.5))
+
+    assert [task for task, _ in registry.waiting][:1] == ["vip"]
+    assert registry.stopped == ["vip"]
+
+
+def test_a_high_priority_task_does_not_defer_to_other_waiters() -> None:
+    other_waiting = with_waiters(Fleet(endpoints=[endpoint()]), "other-vip")
+
+    held = broker([other_waiting], []).acquire(high())
+
+    assert held.lease.task_id == "vip"

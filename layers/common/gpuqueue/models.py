@@ -378,7 +378,22 @@ class FleetStats(BaseModel):
     slots_free: int
 
 
+class LaneStats(BaseModel):
+    """One lane's queue (normal, or the high-priority lane) and the workers it has."""
+
+    queue_length: int  # waiting for a worker (visible + delayed)
+    queue_capacity: int
+    queue_usage: float
+    in_flight: int
+    delayed: int
+    dead_letter: int
+    workers: int
+
+
 class QueueStats(BaseModel):
+    """The seed's figures (queue_length ... workers: the normal lane) plus every lane's and
+    the endpoints'."""
+
     queue_length: int
     queue_capacity: int
     queue_usage: float
@@ -386,4 +401,5 @@ class QueueStats(BaseModel):
     delayed: int
     dead_letter: int
     workers: int
+    lanes: dict[str, LaneStats] = Field(default_factory=dict)
     endpoints: dict[str, FleetStats] = Field(default_factory=dict)

@@ -45,6 +45,20 @@ class SubmitSettings(SubmitLimitsSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
 
 
+class DeadLetterSettings(_Settings):
+    tasks_table: str
+    # The lanes' dead-letter queue ARNs, to name the lane in the task's error.
+    dead_letter_queue_arn: str | None = None
+    priority_dead_letter_queue_arn: str | None = None
+
+    def lane_dead_letter_arns(self) -> dict[str, str]:
+        arns = {
+            "normal": self.dead_letter_queue_arn,
+            "high-priority": self.priority_dead_letter_queue_arn,
+        }
+        return {lane: arn for lane, arn in arns.items() if arn}
+
+
 class TaskEventsSettings(_Settings):
     limits_table: str | None = None
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
@@ -59,6 +73,9 @@ class TasksSettings(_Settings):
 class StatsSettings(_Settings):
     task_queue_url: str
     dead_letter_queue_url: str
+    priority_queue_url: str | None = None
+    priority_dead_letter_queue_url: str | None = None
+    priority_lane_workers: int = Field(default=1, ge=1)
     endpoints_table: str
     queue_capacity: int = Field(default=100, ge=1)
     worker_pool_size: int = Field(default=2, ge=1)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.models import FleetStats, QueueStats, TaskKind
+from gpuqueue.models import FleetStats, LaneStats, Priority, QueueStats, TaskKind
 from gpuqueue.task_queue import TaskQueue
 
 
@@ -23,17 +24,41 @@ def fleet_stats(
     )
 
 
+@dataclass(frozen=True)
+class Lane:
+    """A lane's queue, its dead-letter queue and its dispatcher's worker count."""
+
+    queue: TaskQueue
+    dead_letter: TaskQueue
+    workers: int
+
+
+def lane_stats(lane: Lane, *, capacity: int) -> LaneStats:
+    depth = lane.queue.depth()
+    return LaneStats(
+        queue_length=depth.queued,
+        queue_capacity=capacity,
+        queue_usage=round(100.0 * depth.queued / capacity, 2),
+        in_flight=depth.in_flight,
+        delayed=depth.delayed,
+        dead_letter=lane.dead_letter.depth().total,
+        workers=lane.workers,
+    )
+
+
 def queue_stats(
-    queue: TaskQueue,
-    dead_letter: TaskQueue,
+    lanes: dict[Priority, Lane],
     *,
     capacity: int,
-    workers: int,
     registry: EndpointRegistry | None = None,
     health_max_age_seconds: float = 90.0,
 ) -> QueueStats:
-    depth = queue.depth()
-    dlq = dead_letter.depth()
+    """Each lane from its queues' attributes (2 GetQueueAttributes a lane), each kind's
+    fleet from one query: no scans, whatever the number of tasks."""
+    by_lane = {
+        priority.value: lane_stats(lane, capacity=capacity) for priority, lane in lanes.items()
+    }
+    normal = by_lane[Priority.NORMAL.value]
     endpoints = {}
     if registry is not None:
         endpoints = {
@@ -41,12 +66,7 @@ def queue_stats(
             for kind in TaskKind
         }
     return QueueStats(
-        queue_length=depth.queued,
-        queue_capacity=capacity,
-        queue_usage=round(100.0 * depth.queued / capacity, 2),
-        in_flight=depth.in_flight,
-        delayed=depth.delayed,
-        dead_letter=dlq.waiting + dlq.in_flight + dlq.delayed,
-        workers=workers,
+        **normal.model_dump(),
+        lanes=by_lane,
         endpoints=endpoints,
     )

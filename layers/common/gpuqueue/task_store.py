@@ -13,6 +13,7 @@ State machine (see README):
   RUNNING -> QUEUED    retryable failure, while holding the lease
   RUNNING -> FAILED    permanent failure or last attempt, while holding the lease
   RUNNING (lease expired) -> RUNNING  re-claimed by a redelivered message
+  QUEUED / RUNNING (lease expired) -> FAILED  its message was dead-lettered (the DLQ consumer)
 """
 
 from __future__ import annotations
@@ -413,6 +414,31 @@ class TaskStore:
                     ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
                     ":waiting": TaskStatus.AWAITING_UPLOAD.value,
+                },
+                removes=("lease_until",),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    def fail_dead_lettered(self, task_id: str, error: str, *, now: float | None = None) -> bool:
+        """The task's message reached the dead-letter queue: end the task FAILED, unless a
+        worker still holds a live lease on it (then False: ask again later; a task already
+        ended is left as it is, also False)."""
+        now = time.time() if now is None else now
+        try:
+            self._transition(
+                task_id,
+                condition=(
+                    "#s IN (:queued, :waiting) OR (#s = :running AND "
+                    "(attribute_not_exists(lease_until) OR lease_until < :now))"
+                ),
+                updates={"status": TaskStatus.FAILED.value, "error": error},
+                values={
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
+                    ":running": TaskStatus.RUNNING.value,
+                    ":now": Decimal(str(round(now, 3))),
                 },
                 removes=("lease_until",),
             )
