@@ -23,6 +23,7 @@ from typing import Any
 import boto3
 import requests
 
+from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource
 from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
@@ -269,6 +270,28 @@ def sqs_event_sources(
     return sources
 
 
+def stream_event_sources(
+    stack: LocalStack, functions: dict[str, FunctionRuntime], log: LogPrinter, region: str
+) -> list[DynamoDbStreamSource]:
+    """The template's `Type: DynamoDB` events (Stream: !GetAtt Table.StreamArn), not started."""
+    sources = []
+    for logical_id in stack.functions():
+        for props in _events(stack.template, logical_id, "DynamoDB"):
+            resolved = stack.resolver.resolve(props)
+            if str(resolved.get("Enabled", True)).lower() == "false":
+                continue
+            sources.append(
+                DynamoDbStreamSource.from_event_properties(
+                    resolved,
+                    functions[logical_id],
+                    function_name=logical_id,
+                    region=region,
+                    log=_prefixed(log, logical_id),
+                )
+            )
+    return sources
+
+
 def _prefixed(log: LogPrinter, name: str) -> Callable[[str], None]:
     def emit(message: str) -> None:
         log.function(name, f"[esm] {message}")
@@ -315,6 +338,7 @@ class RunningStack:
     api_url: str
     speech_servers: list[SpeechServer] = field(default_factory=list)
     s3_events: S3EventBridge | None = None
+    stream_sources: list[DynamoDbStreamSource] = field(default_factory=list)
     demo_token: str | None = None
     admin_token: str | None = None
     _servers: list[Any] = field(default_factory=list)
@@ -343,11 +367,20 @@ class RunningStack:
             "functions": sorted(self.functions),
         }
 
+    def start_event_sources(self) -> None:
+        """The SQS event source mappings, then the DynamoDB Streams ones."""
+        for source in self.sources:
+            source.start()
+        for stream_source in self.stream_sources:
+            stream_source.start()
+
     def stop(self) -> None:
         for schedule in self.schedules:
             schedule.stop()
         for source in self.sources:
             source.stop()
+        for stream_source in self.stream_sources:
+            stream_source.stop()
         if self.s3_events is not None:
             self.s3_events.stop()
         for server in self._servers:
@@ -525,6 +558,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         api_url=api_url,
         speech_servers=speech_servers,
         s3_events=s3_events,
+        stream_sources=stream_event_sources(stack, functions, log, options.region),
         _servers=[http_server],
     )
     gateway.ready = running._ready.is_set
@@ -535,8 +569,7 @@ def start_stack(options: StackOptions) -> RunningStack:
     expected = {"image": len(image_servers), "speech": len(speech_servers) * speech_registered}
     if not _wait_for_endpoints(stack, expected):
         log.system(f"not all stand-ins are healthy yet (wanted {expected}); going on")
-    for source in sources:
-        source.start()
+    running.start_event_sources()
     if s3_events is not None:
         s3_events.start()
     if options.demo_user:
