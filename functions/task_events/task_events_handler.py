@@ -32,13 +32,9 @@ processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
 @cache
 def task_events() -> TaskEvents:
     settings = TaskEventsSettings()
-    share = (
-        ActiveTaskShare(
-            aws_clients.dynamodb().Table(settings.limits_table),
-            limit=settings.max_active_tasks_per_user,
-        )
-        if settings.limits_table
-        else None
+    share = ActiveTaskShare(
+        aws_clients.dynamodb().Table(settings.limits_table),
+        limit=settings.max_active_tasks_per_user,
     )
     return TaskEvents(share=share)
 

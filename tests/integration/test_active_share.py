@@ -3,6 +3,7 @@ every way a task can end (the tasks stream drives it; a full share is re-checked
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -220,3 +221,16 @@ def test_a_dead_lettered_task_under_a_live_lease_is_looked_at_again_later(make_s
 
     assert response == {"batchItemFailures": [{"itemIdentifier": dead[0]["MessageId"]}]}
     assert tasks.get(task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_submit_refused_for_the_share_emits_a_limit_hit_metric(make_stack, alice, capsys):
+    h = make_stack(parameters={**LIMITS, "MaxActiveTasksPerUser": "1"})
+    h.submit(alice)
+    capsys.readouterr()
+
+    assert h.submit(alice).status == 429
+
+    emitted = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line
+    ]
+    assert [m.get("ActiveTaskLimitHits") for m in emitted] == [[1.0]]

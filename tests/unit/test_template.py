@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings
 from gpuqueue import settings
 from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
+from gpuqueue.models import TERMINAL_STATUSES
+from gpuqueue.submission import PRIORITY_GROUPS
 from gpuqueue_local.template import function_property, load_template, resources_of_type
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +62,9 @@ SETTINGS_BY_FUNCTION: dict[str, type[BaseSettings]] = {
     "CheckerFunction": settings.CheckerSettings,
     "DispatcherFunction": settings.DispatcherSettings,
     "AdminFunction": AdminSettings,
+    "PriorityDispatcherFunction": settings.DispatcherSettings,
+    "TaskEventsFunction": settings.TaskEventsSettings,
+    "DeadletterFunction": settings.DeadLetterSettings,
 }
 
 
@@ -211,6 +216,94 @@ def test_dead_letter_queue_keeps_messages_longer_than_the_task_queue() -> None:
     dlq_retention = number(props("TaskDeadLetterQueue")["MessageRetentionPeriod"])
 
     assert dlq_retention > number(props("TaskQueue")["MessageRetentionPeriod"])
+
+
+# --- the priority lane, and what follows a task's end --------------------------------------
+
+LANE_DIFFERENCES = {
+    "Description",
+    "ReservedConcurrentExecutions",
+    "LoggingConfig",
+    "Environment",
+    "Policies",
+    "Events",
+}
+
+
+def _sqs_event(logical_id: str) -> dict[str, Any]:
+    (event,) = [e["Properties"] for e in props(logical_id)["Events"].values() if e["Type"] == "SQS"]
+    return event
+
+
+def test_the_priority_dispatcher_is_the_dispatcher_on_its_own_queue() -> None:
+    normal, high = props("DispatcherFunction"), props("PriorityDispatcherFunction")
+    same = {k: v for k, v in normal.items() if k not in LANE_DIFFERENCES}
+
+    assert {k: v for k, v in high.items() if k not in LANE_DIFFERENCES} == same
+    env = dict(normal["Environment"]["Variables"], TASK_QUEUE_URL={"Ref": "PriorityQueue"})
+    assert high["Environment"]["Variables"] == env
+    event = _sqs_event("PriorityDispatcherFunction")
+    assert ref_name(event["Queue"]) == "PriorityQueue"
+    assert {k: v for k, v in event.items() if k not in ("Queue", "ScalingConfig")} == {
+        k: v for k, v in dispatcher_sqs_event().items() if k not in ("Queue", "ScalingConfig")
+    }
+
+
+def test_the_priority_lane_takes_at_most_its_share_of_workers() -> None:
+    event = _sqs_event("PriorityDispatcherFunction")
+    share = {"Ref": "PriorityLaneWorkers"}
+
+    assert event["ScalingConfig"]["MaximumConcurrency"] == share
+    assert props("PriorityDispatcherFunction")["ReservedConcurrentExecutions"] == share
+    assert number(share) < number({"Ref": "WorkerPoolSize"})
+
+
+def test_the_priority_queue_keeps_the_task_queues_invariants() -> None:
+    queue, normal = props("PriorityQueue"), props("TaskQueue")
+    timeout = number(function_property(TEMPLATE, "PriorityDispatcherFunction", "Timeout"))
+
+    assert number(queue["VisibilityTimeout"]) >= 6 * timeout
+    assert ref_name(queue["RedrivePolicy"]["deadLetterTargetArn"]) == "PriorityDeadLetterQueue"
+    assert queue["RedrivePolicy"]["maxReceiveCount"] == normal["RedrivePolicy"]["maxReceiveCount"]
+    assert number(props("PriorityDeadLetterQueue")["MessageRetentionPeriod"]) > number(
+        queue["MessageRetentionPeriod"]
+    )
+
+
+def test_the_groups_allowed_the_priority_lane_exist_in_the_user_pool() -> None:
+    groups = {
+        props(g)["GroupName"] for g in resources_of_type(TEMPLATE, "AWS::Cognito::UserPoolGroup")
+    }
+
+    assert groups >= PRIORITY_GROUPS
+
+
+def test_the_task_events_function_sees_exactly_the_transitions_into_a_final_state() -> None:
+    (event,) = props("TaskEventsFunction")["Events"].values()
+    (pattern,) = [
+        json.loads(f["Pattern"]) for f in event["Properties"]["FilterCriteria"]["Filters"]
+    ]
+    final = sorted(s.value for s in TERMINAL_STATUSES)
+
+    assert event["Type"] == "DynamoDB"
+    assert ref_name(event["Properties"]["Stream"]) == "TasksTable"
+    assert pattern["eventName"] == ["MODIFY"]
+    assert sorted(pattern["dynamodb"]["NewImage"]["status"]["S"]) == final
+    (anything_but,) = pattern["dynamodb"]["OldImage"]["status"]["S"]
+    assert sorted(anything_but["anything-but"]) == final
+    assert "ReportBatchItemFailures" in event["Properties"]["FunctionResponseTypes"]
+    on_failure = event["Properties"]["DestinationConfig"]["OnFailure"]["Destination"]
+    assert ref_name(on_failure) == "TaskEventsDeadLetterQueue"
+
+
+def test_the_dead_letter_consumer_reads_both_lanes_dead_letter_queues() -> None:
+    queues = {
+        ref_name(e["Properties"]["Queue"])
+        for e in props("DeadletterFunction")["Events"].values()
+        if e["Type"] == "SQS"
+    }
+
+    assert queues == {"TaskDeadLetterQueue", "PriorityDeadLetterQueue"}
 
 
 # --- least privilege ------------------------------------------------------------------------

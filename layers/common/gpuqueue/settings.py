@@ -60,7 +60,7 @@ class DeadLetterSettings(_Settings):
 
 
 class TaskEventsSettings(_Settings):
-    limits_table: str | None = None
+    limits_table: str
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
 
 
