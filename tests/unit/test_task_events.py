@@ -73,3 +73,36 @@ def test_only_an_ending_releases_the_share():
         events.handle(transition)
 
     assert share.released == [("u-1", "t-1")]
+
+
+class RecordingListener:
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def task_ended(self, task) -> None:
+        self.ended.append((task.task_id, task.status.value))
+
+
+def full_row(status: str) -> dict[str, Any]:
+    return {
+        "task_id": "t-1",
+        "user_id": "u-1",
+        "status": status,
+        "kind": "image",
+        "prompt": "p",
+        "created_at": "2026-11-23T10:00:00Z",
+        "updated_at": "2026-11-23T10:00:05Z",
+        "attempt": 1,
+    }
+
+
+def test_listeners_hear_of_each_ending_with_the_task_as_written():
+    listener = RecordingListener()
+    events = TaskEvents(share=None, listeners=[listener])
+
+    for before, after in [("QUEUED", "RUNNING"), ("RUNNING", "FAILED")]:
+        transition = TaskTransition.of(full_row(before), full_row(after))
+        assert transition is not None
+        events.handle(transition)
+
+    assert listener.ended == [("t-1", "FAILED")]

@@ -8,14 +8,14 @@ at-least-once: everything done here must be safe to repeat.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
 
 from gpuqueue.active_share import ActiveTaskShare
-from gpuqueue.models import TaskStatus
+from gpuqueue.models import Task, TaskStatus
 
 logger = Logger(child=True)
 
@@ -29,12 +29,30 @@ def _status(image: Mapping[str, Any] | None) -> TaskStatus | None:
         return None
 
 
+class TaskEndListener(Protocol):
+    """Told once per task reaching a final state (at least once: must be idempotent or
+    tolerate a repeat)."""
+
+    def task_ended(self, task: Task) -> None: ...
+
+
+def _task(image: Mapping[str, Any] | None) -> Task | None:
+    if not image:
+        return None
+    try:
+        return Task.model_validate(dict(image))
+    except ValueError:
+        logger.warning("task row not readable", extra={"task_id": image.get("task_id")})
+        return None
+
+
 @dataclass(frozen=True)
 class TaskTransition:
     task_id: str
     user_id: str
     before: TaskStatus | None  # None: the row is new
     after: TaskStatus | None  # None: the row was deleted (TTL)
+    task: Task | None = None  # the row after the write (None when deleted or unreadable)
 
     @classmethod
     def of(
@@ -49,6 +67,7 @@ class TaskTransition:
             user_id=str(image["user_id"]),
             before=_status(old_image),
             after=_status(new_image),
+            task=_task(new_image),
         )
 
     @property
@@ -59,13 +78,21 @@ class TaskTransition:
 
 
 class TaskEvents:
-    def __init__(self, *, share: ActiveTaskShare | None) -> None:
+    def __init__(
+        self, *, share: ActiveTaskShare | None, listeners: Sequence[TaskEndListener] = ()
+    ) -> None:
         self._share = share
+        self._listeners = list(listeners)
 
     def handle(self, transition: TaskTransition) -> None:
-        if transition.ended and self._share is not None:
+        if not transition.ended:
+            return
+        if self._share is not None:
             self._share.release(transition.user_id, transition.task_id)
             logger.info(
                 "active-task share released",
                 extra={"task_id": transition.task_id, "status": transition.after},
             )
+        if transition.task is not None:
+            for listener in self._listeners:
+                listener.task_ended(transition.task)
