@@ -212,6 +212,8 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
             queue_ttl_seconds=request.queue_ttl_seconds,
             priority=request.priority,
             groups=caller.groups,
+            webhook_url=request.webhook_url,
+            webhook_events=request.webhook_events,
         )
     except ActiveTaskLimit:
         metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)

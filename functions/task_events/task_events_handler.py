@@ -1,6 +1,7 @@
-"""The tasks table's stream: what follows each task's transition into a final state
-(today: its owner's active-task share is released). Partial batch responses: a record that
-fails is retried from there on; one that keeps failing goes to the stream's dead-letter queue.
+"""The tasks table's stream: what follows each task's transition into a final state (its
+owner's active-task share is released; its webhook delivery is queued). Partial batch
+responses: a record that fails is retried from there on; one that keeps failing goes to the
+stream's dead-letter queue.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
+from gpuqueue.push import ConnectionStore, PushNotifier, management_api
 from gpuqueue.settings import TaskEventsSettings
-from gpuqueue.task_events import TaskEvents, TaskTransition
+from gpuqueue.task_events import TaskEndListener, TaskEvents, TaskTransition
+from gpuqueue.webhooks import SqsDeliverySender, WebhookNotifier
 
 logger = Logger()
 tracer = Tracer()
@@ -36,7 +39,17 @@ def task_events() -> TaskEvents:
         aws_clients.dynamodb().Table(settings.limits_table),
         limit=settings.max_active_tasks_per_user,
     )
-    return TaskEvents(share=share)
+    listeners: list[TaskEndListener] = []
+    if settings.webhook_queue_url:
+        listeners.append(
+            WebhookNotifier(SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url))
+        )
+    if settings.connections_table and settings.websocket_management_url:
+        connections = ConnectionStore(aws_clients.dynamodb().Table(settings.connections_table))
+        listeners.append(
+            PushNotifier(connections, management_api(settings.websocket_management_url))
+        )
+    return TaskEvents(share=share, listeners=listeners)
 
 
 def record_handler(record: DynamoDBRecord) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
 from http import HTTPStatus
@@ -13,13 +14,14 @@ from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from gpuqueue import aws_clients
+from gpuqueue import aws_clients, webhooks
 from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore
 from gpuqueue.models import TaskStatus, TaskView
 from gpuqueue.settings import TasksSettings
 from gpuqueue.task_store import TaskStore
+from gpuqueue.webhooks import SqsDeliverySender
 
 logger = Logger()
 tracer = Tracer()
@@ -33,6 +35,7 @@ class Deps:
     tasks: TaskStore
     images: ImageStore
     url_ttl_seconds: int
+    webhooks: SqsDeliverySender | None
 
 
 @cache
@@ -42,6 +45,11 @@ def deps() -> Deps:
         tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
         images=ImageStore(aws_clients.s3(), settings.images_bucket),
         url_ttl_seconds=settings.image_url_ttl_seconds,
+        webhooks=(
+            SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url)
+            if settings.webhook_queue_url
+            else None
+        ),
     )
 
 
@@ -70,6 +78,33 @@ def get_or_list_tasks(
 def get_task(task_id: TaskId) -> Response[str]:
     owner = current_caller(app).sub
     return _json(TaskView.of(deps().tasks.get_for_owner(task_id, owner)).model_dump_json())
+
+
+@app.get("/api/v1/tasks/<task_id>/deliveries")
+def get_deliveries(task_id: TaskId) -> Response[str]:
+    """The task's webhook delivery log: every attempt, oldest first."""
+    owner = current_caller(app).sub
+    return _json(json.dumps(webhooks.as_log(deps().tasks.get_for_owner(task_id, owner))))
+
+
+@app.post("/api/v1/tasks/<task_id>/deliveries/redeliver")
+def redeliver(task_id: TaskId) -> Response[str]:
+    """Send the task's final event to its webhook again (a new delivery id)."""
+    owner = current_caller(app).sub
+    task = deps().tasks.get_for_owner(task_id, owner)
+    sender = deps().webhooks
+    if task.webhook_url is None or sender is None:
+        raise TaskStateConflict(f"task {task_id} has no webhook_url", field="task_id")
+    if not task.status.is_terminal:
+        raise TaskStateConflict(
+            f"task {task_id} is {task.status.value}; webhooks are sent for final states",
+            field="task_id",
+        )
+    message = webhooks.new_delivery(task)
+    sender.send(message)
+    logger.info("webhook redelivery queued", extra={"task_id": task_id})
+    body = {"task_id": task_id, "delivery_id": message.delivery_id, "event": message.event}
+    return Response(HTTPStatus.ACCEPTED.value, content_types.APPLICATION_JSON, json.dumps(body))
 
 
 @app.delete("/api/v1/tasks/<task_id>")

@@ -7,6 +7,8 @@ derived from the stack name and logical id, as a real stack derives them.
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,6 +225,27 @@ def _create_user_pool_group(
     return {"Ref": group.get("GroupName", kwargs["GroupName"])}
 
 
+def _create_secret(
+    stack: str, logical_id: str, props: dict[str, Any], region: str
+) -> dict[str, str]:
+    """A Secrets Manager secret; GenerateSecretString's length and punctuation rule apply."""
+    client = boto3.client("secretsmanager", region_name=region)
+    generate = props.get("GenerateSecretString") or {}
+    alphabet = string.ascii_letters + string.digits
+    if not generate.get("ExcludePunctuation"):
+        alphabet += "!#$%&()*+,-.:;<=>?@[]^_{|}~"
+    value = props.get("SecretString") or "".join(
+        secrets.choice(alphabet) for _ in range(int(generate.get("PasswordLength", 32)))
+    )
+    created = client.create_secret(
+        Name=props.get("Name", _physical_name(stack, logical_id)),
+        Description=props.get("Description", ""),
+        SecretString=value,
+    )
+    # CloudFormation's Ref of a secret is its ARN.
+    return {"Ref": created["ARN"]}
+
+
 Creator = Callable[[str, str, dict[str, Any], str], dict[str, str]]
 
 CREATORS: dict[str, Creator] = {
@@ -232,6 +255,7 @@ CREATORS: dict[str, Creator] = {
     "AWS::Cognito::UserPool": _create_user_pool,
     "AWS::Cognito::UserPoolClient": _create_user_pool_client,
     "AWS::Cognito::UserPoolGroup": _create_user_pool_group,
+    "AWS::SecretsManager::Secret": _create_secret,
 }
 
 

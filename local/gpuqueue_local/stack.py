@@ -506,6 +506,9 @@ def start_stack(options: StackOptions) -> RunningStack:
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
     extra_env = dict(options.function_env)
+    # Webhook receivers on this machine (http, loopback) are fine locally; in the cloud the
+    # SSRF guard refuses them (the flag is not a template parameter, so it cannot be set there).
+    extra_env.setdefault("WEBHOOK_ALLOW_LOOPBACK", "true")
     if options.schedule_speedup != 1:
         # Compress the health-check clock with the schedules, so staleness keeps its meaning.
         period = float(stack.resolver.parameters.get("HealthCheckPeriodSeconds", 30))

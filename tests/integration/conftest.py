@@ -45,6 +45,7 @@ HANDLER_MODULES = (
     "upload_handler",
     "task_events_handler",
     "deadletter_handler",
+    "webhook_handler",
 )
 # Functions whose environment would clash with another's in this one process (the priority
 # lane's dispatcher: the same code, TASK_QUEUE_URL the priority queue). `deliver(lane="high")`
@@ -279,6 +280,28 @@ class Harness:
             assert not response.get("batchItemFailures"), response
         return len(passed)
 
+    def deliver_webhooks(self, *, max_invocations: int = 30) -> int:
+        """Run WebhookFunction on the webhook queue's messages until none is left visible
+        (retries come back at once in tests: WEBHOOK_RETRY_BASE_SECONDS=0). Bounded."""
+        sqs = boto3.client("sqs")
+        url = self.stack.ref("WebhookQueue")
+        invocations = 0
+        while invocations < max_invocations:
+            messages = sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=1, WaitTimeSeconds=0, AttributeNames=["All"]
+            ).get("Messages", [])
+            if not messages:
+                return invocations
+            self.call_sqs_function("webhook_handler", "WebhookQueue", messages)
+            invocations += 1
+        raise AssertionError(f"webhook queue not drained after {invocations} invocations")
+
+    def finish_and_notify(self) -> None:
+        """Dispatch everything queued, then let the stream and the webhook queue catch up."""
+        self.drain()
+        self.pump_task_events()
+        self.deliver_webhooks()
+
     def active_tasks(self, user: User) -> set[str]:
         """The task ids counted against the user's active-task share."""
         table = boto3.resource("dynamodb").Table(self.stack.ref("LimitsTable"))
@@ -359,6 +382,10 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         monkeypatch.setenv("NO_SLOT_DELAY_SECONDS", "0")
         # One probe round per checker run (production probes twice a minute).
         monkeypatch.setenv("SCHEDULE_PERIOD_SECONDS", "30")
+        # Webhook receivers in tests listen on 127.0.0.1 (the local stack's flag); a failed
+        # delivery comes back at once.
+        monkeypatch.setenv("WEBHOOK_ALLOW_LOOPBACK", "true")
+        monkeypatch.setenv("WEBHOOK_RETRY_BASE_SECONDS", "0")
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
         _reset_handler_caches()

@@ -80,3 +80,21 @@ def test_the_priority_dispatcher_sample_runs_its_high_priority_task(make_stack, 
     assert task is not None
     assert task.status is TaskStatus.DONE
     assert task.priority is Priority.HIGH
+
+
+def test_the_webhook_sample_skips_a_task_without_a_webhook(make_stack):
+    h = make_stack()
+    _tasks(h).create_image_task(
+        "owner",
+        ImageRequest(prompt="quiet"),
+        queue_ttl_seconds=3600,
+        task_id="550e8400-e29b-41d4-a716-446655440000",
+    )
+
+    handler = importlib.import_module("webhook_handler").lambda_handler
+    response = handler(load_event("webhook_delivery"), FakeLambdaContext("webhook"))
+
+    assert response == {"batchItemFailures": []}
+    task = _tasks(h).get("550e8400-e29b-41d4-a716-446655440000")
+    assert task is not None
+    assert task.deliveries == []

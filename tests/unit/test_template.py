@@ -65,6 +65,7 @@ SETTINGS_BY_FUNCTION: dict[str, type[BaseSettings]] = {
     "PriorityDispatcherFunction": settings.DispatcherSettings,
     "TaskEventsFunction": settings.TaskEventsSettings,
     "DeadletterFunction": settings.DeadLetterSettings,
+    "WebhookFunction": settings.WebhookSettings,
 }
 
 

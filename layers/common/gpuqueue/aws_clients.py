@@ -7,7 +7,7 @@ Default botocore timeouts are 60 s; a Lambda must never hang that long on one ca
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -53,7 +53,12 @@ def cognito() -> CognitoIdentityProviderClient:
     return boto3.client("cognito-idp", config=SDK_CONFIG)
 
 
+@cache
+def secretsmanager() -> Any:
+    return boto3.client("secretsmanager", config=SDK_CONFIG)
+
+
 def reset() -> None:
     """Forget every cached client (tests point boto3 at a fresh backend)."""
-    for factory in (dynamodb, dynamodb_client, sqs, s3, cognito):
+    for factory in (dynamodb, dynamodb_client, sqs, s3, cognito, secretsmanager):
         factory.cache_clear()

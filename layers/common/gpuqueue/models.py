@@ -75,6 +75,22 @@ class TokenResponse(BaseModel):
     expires_in: int
 
 
+class WebhookEvent(StrEnum):
+    """What a webhook delivery announces: a task reaching a final state."""
+
+    DONE = "task.done"
+    FAILED = "task.failed"
+    CANCELED = "task.canceled"
+    EXPIRED = "task.expired"
+
+    @classmethod
+    def for_status(cls, status: TaskStatus) -> WebhookEvent:
+        return cls(f"task.{status.value.lower()}")
+
+
+WebhookUrl = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)]
+
+
 class ImageParams(BaseModel):
     """Generation knobs; bounds keep one request within what a single GPU call can serve."""
 
@@ -93,6 +109,9 @@ class ImageRequest(ImageParams):
     queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
     # "high": the priority lane (Cognito groups vip and admin only).
     priority: Priority = Priority.NORMAL
+    # POSTed (signed) when the task reaches a final state; `webhook_events` narrows which.
+    webhook_url: WebhookUrl | None = None
+    webhook_events: list[WebhookEvent] | None = Field(default=None, min_length=1, max_length=4)
 
     def params(self) -> ImageParams:
         return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
@@ -111,6 +130,8 @@ class SpeechAsyncRequest(BaseModel):
     # Counted from when the upload lands and the task is queued.
     queue_ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_QUEUE_TTL_SECONDS)
     priority: Priority = Priority.NORMAL
+    webhook_url: WebhookUrl | None = None
+    webhook_events: list[WebhookEvent] | None = Field(default=None, min_length=1, max_length=4)
 
 
 class SpeechUploadResponse(BaseModel):
@@ -155,6 +176,27 @@ class SpeechInput(BaseModel):
         return int(value)
 
 
+class WebhookAttempt(BaseModel):
+    """One try at delivering a webhook, as the delivery log shows it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    delivery_id: str
+    event: WebhookEvent
+    attempt: int
+    at: str  # ISO time the attempt started
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int | None = None
+    gave_up: bool = False  # the last attempt of a delivery that never succeeded
+
+    @field_validator("attempt", "status_code", "duration_ms", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int | None:
+        return None if value is None else int(value)
+
+
 class Task(BaseModel):
     """One row of the tasks table."""
 
@@ -184,6 +226,14 @@ class Task(BaseModel):
     queue_deadline: float | None = None  # epoch seconds; set when the task is queued
     # AWAITING_UPLOAD only: epoch seconds after which the upload can no longer arrive.
     upload_deadline: float | None = None
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] | None = None  # None: every final state
+    deliveries: list[WebhookAttempt] = Field(default_factory=list)  # webhook attempts, oldest first
+
+    def wants_webhook(self, event: WebhookEvent) -> bool:
+        return self.webhook_url is not None and (
+            self.webhook_events is None or event in self.webhook_events
+        )
 
     @field_validator("attempt", mode="before")
     @classmethod
@@ -226,6 +276,7 @@ class TaskView(BaseModel):
     result_url: str | None = None
     error: str | None = None
     text: str | None = None  # speech tasks: the transcript's text once DONE
+    webhook_url: str | None = None
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
@@ -250,6 +301,7 @@ class TaskView(BaseModel):
             result_url=result_url,
             error=task.error if task.status in (TaskStatus.FAILED, TaskStatus.EXPIRED) else None,
             text=task.transcript_text if done else None,
+            webhook_url=task.webhook_url,
         )
 
 

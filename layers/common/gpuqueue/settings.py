@@ -39,6 +39,8 @@ class SubmitLimitsSettings(_Settings):
     submit_rate_per_second: float = Field(default=1.0, gt=0)
     submit_burst: int = Field(default=20, ge=1)
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
+    # The local stack only: webhooks may go to http and loopback addresses.
+    webhook_allow_loopback: bool = False
 
 
 class SubmitSettings(SubmitLimitsSettings):
@@ -59,14 +61,47 @@ class DeadLetterSettings(_Settings):
         return {lane: arn for lane, arn in arns.items() if arn}
 
 
+class WebhookSettings(_Settings):
+    tasks_table: str
+    webhook_secret_arn: str
+    webhook_queue_url: str
+    webhook_dead_letter_queue_url: str
+    webhook_allow_loopback: bool = False  # the local stack only
+    webhook_max_attempts: int = Field(default=13, ge=1, le=50)
+    webhook_retry_base_seconds: float = Field(default=30.0, ge=0)
+    webhook_retry_cap_seconds: float = Field(default=900.0, ge=0, le=43_200)
+
+
 class TaskEventsSettings(_Settings):
     limits_table: str
+    webhook_queue_url: str | None = None
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
+    # Push over WebSocket: the connections table and the stage's management API URL
+    # (https://{api}.execute-api.{region}.amazonaws.com/{stage}); None: no push.
+    connections_table: str | None = None
+    websocket_management_url: str | None = None
+
+
+class ConnectSettings(_Settings):
+    """WebSocket $connect: the access token is checked as the HTTP API's JWT authorizer
+    checks it (RS256 against the pool's JWKS, issuer, expiry, app client)."""
+
+    connections_table: str
+    token_issuer: str  # https://cognito-idp.{region}.amazonaws.com/{user pool id}
+    user_pool_client_id: str
+    jwks_url: str | None = None  # None: {token_issuer}/.well-known/jwks.json
+    # API Gateway closes a WebSocket connection after 2 hours: its row expires then.
+    connection_ttl_seconds: int = Field(default=7200, ge=60, le=7200)
+
+
+class DisconnectSettings(_Settings):
+    connections_table: str
 
 
 class TasksSettings(_Settings):
     tasks_table: str
     images_bucket: str
+    webhook_queue_url: str | None = None  # redelivery; None: no webhooks on this stack
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
 
 

@@ -13,11 +13,20 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
-from gpuqueue.models import ImageRequest, Priority, QueueMessage, SpeechInput, Task, TaskStatus
+from gpuqueue.models import (
+    ImageRequest,
+    Priority,
+    QueueMessage,
+    SpeechInput,
+    Task,
+    TaskStatus,
+    WebhookEvent,
+)
 from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
+from gpuqueue.webhooks import Resolver, check_webhook_url, resolve_host
 
 logger = Logger(child=True)
 
@@ -44,7 +53,11 @@ class SubmissionService:
         limiter: RateLimiter | None = None,
         share: ActiveTaskShare | None = None,
         priority_queue: TaskQueue | None = None,
+        webhook_allow_loopback: bool = False,
+        resolve: Resolver = resolve_host,
     ) -> None:
+        self._webhook_allow_loopback = webhook_allow_loopback
+        self._resolve = resolve
         self._limiter = limiter
         self._share = share
         self._tasks = tasks
@@ -93,6 +106,7 @@ class SubmissionService:
                 if limits is not None
                 else None
             ),
+            webhook_allow_loopback=settings.webhook_allow_loopback,
         )
 
     @property
@@ -156,9 +170,16 @@ class SubmissionService:
             self._share.release(owner, task_id)
             raise
 
+    def _check_webhook(self, url: str | None) -> None:
+        if url is not None:
+            check_webhook_url(
+                url, allow_loopback=self._webhook_allow_loopback, resolve=self._resolve
+            )
+
     def submit_image(
         self, owner: str, request: ImageRequest, *, groups: Collection[str] = ()
     ) -> Task:
+        self._check_webhook(request.webhook_url)
         self._check_capacity(self._lane(request.priority, groups))
         task_id = str(uuid.uuid4())
         task = self._with_share(
@@ -182,9 +203,12 @@ class SubmissionService:
         queue_ttl_seconds: int | None = None,
         priority: Priority = Priority.NORMAL,
         groups: Collection[str] = (),
+        webhook_url: str | None = None,
+        webhook_events: list[WebhookEvent] | None = None,
     ) -> Task:
         """A long-audio task: AWAITING_UPLOAD now, queued when the upload lands. It holds a
         share of the owner's active tasks from now (it will be queued)."""
+        self._check_webhook(webhook_url)
         self._check_capacity(self._lane(priority, groups))
         return self._with_share(
             owner,
@@ -197,6 +221,8 @@ class SubmissionService:
                 queue_ttl_seconds=queue_ttl_seconds or self._queue_ttl,
                 upload_window_seconds=upload_url_ttl_seconds + UPLOAD_GRACE_SECONDS,
                 priority=priority,
+                webhook_url=webhook_url,
+                webhook_events=webhook_events,
             ),
         )
 

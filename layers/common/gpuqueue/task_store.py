@@ -39,6 +39,8 @@ from gpuqueue.models import (
     Task,
     TaskKind,
     TaskStatus,
+    WebhookAttempt,
+    WebhookEvent,
     iso,
     utc_now,
 )
@@ -101,6 +103,8 @@ class TaskStore:
             expires_at=int((now + self._retention).timestamp()),
             queue_ttl_seconds=ttl,
             queue_deadline=round(now.timestamp() + ttl, 3),
+            webhook_url=request.webhook_url,
+            webhook_events=request.webhook_events,
         )
         item = task.model_dump(mode="json", exclude_none=True)
         item["params"] = task.params.model_dump(exclude_none=True)
@@ -118,6 +122,8 @@ class TaskStore:
         queue_ttl_seconds: int,
         upload_window_seconds: int,
         priority: Priority = Priority.NORMAL,
+        webhook_url: str | None = None,
+        webhook_events: list[WebhookEvent] | None = None,
         now: datetime | None = None,
     ) -> Task:
         """A long-audio task, AWAITING_UPLOAD until its audio lands in S3 (at the latest
@@ -136,6 +142,8 @@ class TaskStore:
             expires_at=int((now + self._retention).timestamp()),
             queue_ttl_seconds=queue_ttl_seconds,
             upload_deadline=round(now.timestamp() + upload_window_seconds, 3),
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
         )
         item = task.model_dump(mode="json", exclude_none=True)
         item["upload_deadline"] = Decimal(str(task.upload_deadline))
@@ -444,6 +452,30 @@ class TaskStore:
             )
         except _ConditionFailed:
             return False
+        return True
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def record_delivery(self, task_id: str, attempt: WebhookAttempt, *, max_entries: int) -> bool:
+        """Append a webhook attempt to the task's delivery log (False when the log is full or
+        the task is gone; the attempt is then only in the function's logs)."""
+        entry = attempt.model_dump(mode="json", exclude_none=True)
+        try:
+            self._table.update_item(
+                Key={"task_id": task_id},
+                UpdateExpression=(
+                    "SET deliveries = list_append(if_not_exists(deliveries, :none), :one)"
+                ),
+                ConditionExpression=(
+                    "attribute_exists(task_id) AND "
+                    "(attribute_not_exists(deliveries) OR size(deliveries) < :max)"
+                ),
+                ExpressionAttributeValues={":none": [], ":one": [entry], ":max": max_entries},
+            )
+        except ClientError as error:
+            if _is_conditional_failure(error):
+                return False
+            raise
         return True
 
     # --- internals --------------------------------------------------------------------------
