@@ -1,20 +1,25 @@
-"""RateLimiter against moto: bursts, refill, per-user buckets, and exactness under threads.
+"""RateLimiter against moto: bursts, refill, per-user buckets, the stored row, what each take
+costs in requests, and exactness under threads.
 
 The moto server comes from `moto_url`, which installs gpuqueue_local.moto_atomic: conditional
-writes are atomic there as in DynamoDB, which the concurrency test relies on.
+writes are atomic there as in DynamoDB, which the concurrency tests rely on.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from gpuqueue.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
 
@@ -35,11 +40,54 @@ class FakeClock:
         self.now += seconds
 
 
+class Counting:
+    """The table, counting each thread's writes (ok or failed) and reads; `before_write`
+    runs once, just before the next write (a rival slipping in)."""
+
+    def __init__(self, table: Table, *, drop_all_old: bool = False) -> None:
+        self.table = table
+        self.drop_all_old = drop_all_old
+        self.before_write: Callable[[], object] | None = None
+        self._lock = threading.Lock()
+        self.by_thread: dict[int, Counter[str]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.table, name)
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.by_thread.setdefault(threading.get_ident(), Counter())[what] += 1
+
+    def totals(self) -> Counter[str]:
+        return sum(self.by_thread.values(), Counter())
+
+    def reset(self) -> None:
+        self.by_thread.clear()
+
+    def update_item(self, **kwargs: Any) -> Any:
+        hook, self.before_write = self.before_write, None
+        if hook is not None:
+            hook()
+        if self.drop_all_old:  # a store that ignores it
+            kwargs.pop("ReturnValuesOnConditionCheckFailure", None)
+        try:
+            result = self.table.update_item(**kwargs)
+        except ClientError:
+            self._count("failed_write")
+            raise
+        self._count("write")
+        return result
+
+    def get_item(self, **kwargs: Any) -> Any:
+        self._count("read")
+        return self.table.get_item(**kwargs)
+
+
 @pytest.fixture
 def make_table(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Table]]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    # Enough pooled connections for the threaded test (boto3's default is 10).
-    dynamodb = boto3.resource("dynamodb", config=Config(max_pool_connections=32))
+    # Enough pooled connections for the threaded tests (boto3's default is 10).
+    dynamodb = boto3.resource("dynamodb", config=Config(max_pool_connections=48))
     created: list[Table] = []
 
     def make() -> Table:
@@ -55,6 +103,14 @@ def make_table(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
     yield make
     for table in created:
         table.delete()
+
+
+def _tat(table: Table, user: str = "alice") -> Decimal:
+    return Decimal(str(table.get_item(Key={"pk": KEY_PREFIX + user})["Item"]["tat"]))
+
+
+def _limiter(table: Any, clock: FakeClock, *, rate: float = 1, burst: int = 5) -> RateLimiter:
+    return RateLimiter(table, rate_per_second=rate, burst=burst, clock=clock)
 
 
 def test_a_burst_is_allowed_then_denied_with_retry_after(make_table: Callable[[], Table]) -> None:
@@ -73,22 +129,25 @@ def test_a_burst_is_allowed_then_denied_with_retry_after(make_table: Callable[[]
 def test_the_stored_row(make_table: Callable[[], Table]) -> None:
     table = make_table()
     limiter = RateLimiter(table, rate_per_second=0.5, burst=5, clock=FakeClock())
-    limiter.take("alice", cost=2)
+    limiter.take("alice", cost=2)  # idle: tat = now + 2 * 2 s
     item = table.get_item(Key={"pk": "rate#alice"})["Item"]
+    assert set(item) == {"pk", "tat", "expires_at"}
     assert item["pk"] == KEY_PREFIX + "alice"
-    assert float(str(item["tokens"])) == 3.0
-    assert float(str(item["updated_at"])) == NOW
-    assert int(str(item["expires_at"])) == int(NOW) + 10 + 60  # full after 5 / 0.5 s, + 60
+    assert item["tat"] == Decimal(str(NOW + 4))
+    assert int(str(item["expires_at"])) == int(NOW) + 4 + 60  # full again at tat, + 60
+    limiter.take("alice")  # busy: tat += 2 s; expiry bounded by now + tau (10 s)
+    item = table.get_item(Key={"pk": "rate#alice"})["Item"]
+    assert item["tat"] == Decimal(str(NOW + 6))
+    assert int(str(item["expires_at"])) == int(NOW) + 10 + 60
 
 
 def test_a_denied_take_writes_nothing(make_table: Callable[[], Table]) -> None:
     table = make_table()
     clock = FakeClock()
-    limiter = RateLimiter(table, rate_per_second=1, burst=1, clock=clock)
-    assert limiter.take("alice").allowed
+    assert _limiter(table, clock, burst=1).take("alice").allowed
     before = table.get_item(Key={"pk": "rate#alice"})["Item"]
     clock.advance(0.5)
-    assert not limiter.take("alice").allowed
+    assert not _limiter(table, clock, burst=1).take("alice").allowed  # via a failed write
     assert table.get_item(Key={"pk": "rate#alice"})["Item"] == before
 
 
@@ -144,67 +203,186 @@ def test_another_key_attribute(moto_url: str, monkeypatch: pytest.MonkeyPatch) -
         BillingMode="PAY_PER_REQUEST",
     )
     try:
+        clock = FakeClock()
         limiter = RateLimiter(
-            table, rate_per_second=1, burst=1, clock=FakeClock(), key_attribute="task_id"
+            table, rate_per_second=1, burst=1, clock=clock, key_attribute="task_id"
         )
         assert [limiter.take("alice").allowed for _ in range(2)] == [True, False]
+        cold = RateLimiter(table, rate_per_second=1, burst=1, clock=clock, key_attribute="task_id")
+        assert not cold.take("alice").allowed
         assert "Item" in table.get_item(Key={"task_id": "rate#alice"})
     finally:
         table.delete()
 
 
-@pytest.mark.parametrize("round_no", range(5))
-def test_concurrent_takes_spend_each_token_once(
-    make_table: Callable[[], Table], round_no: int
+# --- what a take costs ------------------------------------------------------------------
+
+
+def test_requests_per_take(make_table: Callable[[], Table]) -> None:
+    """No reads; an allowed take 1 write when the container guesses right, else 1 failed +
+    1; a denial 1 failed write, or nothing when the container already saw the limit. (A
+    wrong guess is always "idle": the hint is a tat once stored, and tat only grows.)"""
+    counting = Counting(make_table())
+    clock = FakeClock()
+    warm = _limiter(counting, clock, burst=3)
+
+    def cost(limiter: RateLimiter) -> tuple[bool, Counter[str]]:
+        counting.reset()
+        allowed = limiter.take("alice").allowed
+        return allowed, counting.totals()
+
+    assert cost(warm) == (True, Counter(write=1))  # new user: the idle write
+    assert cost(warm) == (True, Counter(write=1))  # mid-burst, known: the busy write
+    cold = _limiter(counting, clock, burst=3)  # another container: guesses idle
+    assert cost(cold) == (True, Counter(failed_write=1, write=1))
+    assert cost(_limiter(counting, clock, burst=3)) == (False, Counter(failed_write=1))
+    assert cost(warm) == (False, Counter(failed_write=1))  # its hint was behind: it learns
+    assert cost(warm) == (False, Counter())  # now it knows: denied locally
+    clock.advance(3600)
+    assert cost(warm) == (True, Counter(write=1))  # its hint is past: idle, rightly
+    assert cost(_limiter(counting, clock, burst=3)) == (True, Counter(failed_write=1, write=1))
+
+
+def test_a_rival_between_guess_and_write_costs_one_more_write(
+    make_table: Callable[[], Table],
 ) -> None:
-    """20 threads released together on a bucket of 5, clock frozen: exactly 5 get through."""
-    limiter = RateLimiter(make_table(), rate_per_second=1, burst=5, clock=FakeClock())
-    threads = 20
+    counting = Counting(make_table())
+    clock = FakeClock()
+    rival = _limiter(counting.table, clock)
+    loser = _limiter(counting, clock)
+    counting.before_write = lambda: rival.take("alice")  # the bucket leaves idle first
+    decision = loser.take("alice")
+    assert (decision.allowed, decision.remaining) == (True, 3)
+    assert counting.totals() == Counter(failed_write=1, write=1)
+    assert _tat(counting.table) == Decimal(str(NOW + 2))
+
+
+def test_a_rival_taking_the_last_token_makes_a_denial(make_table: Callable[[], Table]) -> None:
+    counting = Counting(make_table())
+    clock = FakeClock()
+    rival = _limiter(counting.table, clock, burst=2)
+    loser = _limiter(counting, clock, burst=2)
+    assert loser.take("alice").allowed  # tat now + 1; loser will guess busy
+    counting.reset()
+    counting.before_write = lambda: rival.take("alice")  # tat now + 2: past the limit
+    assert loser.take("alice") == RateDecision(
+        allowed=False, limit=2, remaining=0, retry_after_seconds=1, reset_seconds=2
+    )
+    assert counting.totals() == Counter(failed_write=1)
+
+
+def test_a_store_without_all_old_reads_once_on_a_lost_write(
+    make_table: Callable[[], Table],
+) -> None:
+    counting = Counting(make_table(), drop_all_old=True)
+    clock = FakeClock()
+    assert _limiter(counting.table, clock).take("alice").allowed
+    counting.reset()
+    decision = _limiter(counting, clock).take("alice")  # guesses idle, loses, reads
+    assert (decision.allowed, decision.remaining) == (True, 3)
+    assert counting.totals() == Counter(failed_write=1, read=1, write=1)
+
+
+def test_a_row_deleted_under_the_take(make_table: Callable[[], Table]) -> None:
+    counting = Counting(make_table())
+    clock = FakeClock()
+    limiter = _limiter(counting, clock)
+    assert limiter.take("alice").allowed  # hint: busy
+    counting.reset()
+    counting.before_write = lambda: counting.table.delete_item(Key={"pk": "rate#alice"})
+    decision = limiter.take("alice")  # busy fails with no row: read, then idle
+    assert (decision.allowed, decision.remaining) == (True, 4)
+    assert counting.totals() == Counter(failed_write=1, read=1, write=1)
+
+
+def test_a_row_from_the_old_token_bucket_reads_as_full(make_table: Callable[[], Table]) -> None:
+    table = make_table()
+    table.put_item(
+        Item={
+            "pk": "rate#alice",
+            "tokens": Decimal(0),
+            "updated_at": Decimal(str(NOW)),
+            "expires_at": int(NOW) + 70,
+        }
+    )
+    decision = _limiter(table, FakeClock()).take("alice")
+    assert (decision.allowed, decision.remaining) == (True, 4)
+
+
+def test_other_errors_propagate(make_table: Callable[[], Table]) -> None:
+    counting = Counting(make_table())
+
+    def throttled() -> None:
+        raise ClientError(
+            {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}},
+            "UpdateItem",
+        )
+
+    counting.before_write = throttled
+    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+        _limiter(counting, FakeClock()).take("alice")
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+def _race(
+    threads: int, take: Callable[[], RateDecision], counting: Counting
+) -> list[tuple[RateDecision, Counter[str]]]:
+    """`threads` takes released together; each with the requests its thread made."""
     start = threading.Barrier(threads, timeout=10)
 
-    def take(_: int) -> RateDecision:
+    def one(_: int) -> tuple[RateDecision, Counter[str]]:
         start.wait()
-        return limiter.take("alice")
+        decision = take()
+        return decision, counting.by_thread.get(threading.get_ident(), Counter())
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        decisions = list(pool.map(take, range(threads), timeout=30))
-    allowed = [d for d in decisions if d.allowed]
-    assert len(allowed) == 5
-    # Every token is spent once: the survivors saw 4, 3, 2, 1, 0 left.
-    assert sorted(d.remaining for d in allowed) == [0, 1, 2, 3, 4]
-    assert all(d.retry_after_seconds >= 1 for d in decisions if not d.allowed)
+        return list(pool.map(one, range(threads), timeout=60))
 
 
-def test_contention_beyond_the_retries_fails_closed(make_table: Callable[[], Table]) -> None:
-    """With one attempt only, a take that loses the write is denied (retry in 1 s)."""
-    table = make_table()
+@pytest.mark.parametrize("containers", ["one limiter", "a limiter per take"])
+@pytest.mark.parametrize("round_no", range(3))
+def test_40_concurrent_takes_on_a_burst_of_30(
+    make_table: Callable[[], Table], containers: str, round_no: int
+) -> None:
+    """Clock frozen: exactly 30 get through, each token once, nobody loses to contention
+    (every take decided in at most 2 writes, no read), and the row holds 30 intervals."""
+    counting = Counting(make_table())
     clock = FakeClock()
-    limiter = RateLimiter(table, rate_per_second=1, burst=5, clock=clock, max_attempts=1)
-    assert limiter.take("alice").allowed
+    shared = _limiter(counting, clock, burst=30)
 
-    rival = RateLimiter(table, rate_per_second=1, burst=5, clock=clock)
-    original_get = table.get_item
+    def take() -> RateDecision:
+        limiter = shared if containers == "one limiter" else _limiter(counting, clock, burst=30)
+        return limiter.take("alice")
 
-    class Racing:
-        """Lets the rival write between this take's read and its write."""
+    results = _race(40, take, counting)
+    allowed = [d for d, _ in results if d.allowed]
+    denied = [d for d, _ in results if not d.allowed]
+    assert len(allowed) == 30
+    assert sorted(d.remaining for d in allowed) == list(range(30))
+    # Denied because the bucket was empty: the next token is 1 s away (rate 1, frozen clock).
+    assert {(d.remaining, d.retry_after_seconds, d.reset_seconds) for d in denied} == {(0, 1, 30)}
+    for _, requests in results:
+        assert requests["write"] + requests["failed_write"] <= 2
+        assert requests["write"] <= 1
+        assert requests["read"] == 0
+    item = counting.table.get_item(Key={"pk": "rate#alice"})["Item"]
+    assert item["tat"] == Decimal(str(NOW + 30))
+    assert int(str(item["expires_at"])) >= math.ceil(NOW + 30) + 60
 
-        def __getattr__(self, name: str) -> object:
-            return getattr(table, name)
 
-        def get_item(self, **kwargs: object) -> object:
-            read = original_get(**kwargs)  # type: ignore[arg-type]
-            assert rival.take("alice").allowed
-            return read
-
-    loser = RateLimiter(Racing(), rate_per_second=1, burst=5, clock=clock, max_attempts=1)  # type: ignore[arg-type]
-    result = loser.take("alice")
-    assert result == RateDecision(
-        allowed=False,
-        limit=5,
-        remaining=0,
-        retry_after_seconds=1,
-        reset_seconds=2,
-        contended=True,
+def test_a_new_users_parallel_submits_all_pass_on_a_real_clock(
+    make_table: Callable[[], Table],
+) -> None:
+    """The case that used to get spurious 429s: 21 at once from one new user, burst 200."""
+    counting = Counting(make_table())
+    results = _race(
+        21,
+        lambda: RateLimiter(counting, rate_per_second=0.5, burst=200).take("alice"),  # type: ignore[arg-type]
+        counting,
     )
-    item = table.get_item(Key={"pk": "rate#alice"})["Item"]
-    assert float(str(item["tokens"])) == 3.0  # the first take and the rival's, nothing else
+    assert all(d.allowed for d, _ in results)
+    # 199 down to 179, give or take what refills while they run (0.5 a second).
+    assert min(d.remaining for d, _ in results) >= 179
+    assert all(r["write"] == 1 and r["failed_write"] <= 1 and not r["read"] for _, r in results)

@@ -1,46 +1,94 @@
-"""RateLimiter: a per-user token bucket in DynamoDB, exact under concurrent takes.
+"""RateLimiter: a per-user token bucket in DynamoDB, kept as GCRA: atomic, no read, no rounds.
 
-Each user has one item, key `rate#<user id>`, holding `tokens` (a number, whole tokens or
-fractions of one), `updated_at` (epoch seconds when `tokens` was true) and `expires_at` (a TTL
-attribute: the bucket is full again by then, so an idle user's row may disappear). Nothing
-refills the row in the background: a take works the refill out from the time since
-`updated_at`:
+The bucket (`rate_per_second` r, `burst` b) is stored as GCRA, the generic cell rate
+algorithm: one number per user, the theoretical arrival time `tat` (epoch seconds), in the
+row `rate#<user id>` beside `expires_at` (a TTL attribute). With the emission interval
+T = 1/r and the tolerance tau = b * T, the bucket at `now` holds
 
-    available = min(burst, tokens + (now - updated_at) * rate)
+    tokens = (now + tau - max(tat, now)) / T        (b when tat <= now: full)
 
-Enough tokens: write `available - cost` and `updated_at = now`, on condition that the row
-still holds the `tokens` and `updated_at` this take read (`attribute_not_exists` for a
-user's first take). DynamoDB's update expressions only add and subtract, so the capped
-refill cannot be one UpdateItem; the read + conditional write is optimistic concurrency
-instead, and no two takes can spend the same token. The pair (updated_at, tokens) never
-repeats: `updated_at` never moves back (a container whose clock lags another's refills
-nothing) and when it stays put, `tokens` falls. So a condition that still holds means that
-nobody wrote in between (no ABA).
+so nothing refills in the background and nothing is read to refill: a take of `cost` c is
+allowed iff  max(tat, now) + c*T - now <= tau,  and then  tat := max(tat, now) + c*T.
+This is exactly the token bucket: the test suite replays random arrivals against both.
 
-Not enough tokens: denied, nothing written; `retry_after_seconds` says when `cost` tokens
-will exist.
+Two conditional writes. An update expression cannot take max(), so each side of it is one
+UpdateItem whose condition says that side is the one that applies, checked by DynamoDB
+atomically with the write:
 
-Contention: a write that loses its condition rereads and tries again, after a jittered
-pause of a few milliseconds, up to `max_attempts` times (5). A take that loses every round
-on one user's bucket is DENIED (fail closed, `retry_after_seconds` 1, `contended` set)
-rather than allowed unchecked: only a user hammering their own bucket hits this, and a
-retry a second later is cheap, whereas failing open would let exactly that user through.
-Errors other than a lost condition (throttling, network) propagate: the caller chooses.
+    IDLE  SET tat = :now + c*T      IF attribute_not_exists(tat) OR tat < :now
+    BUSY  SET tat = tat + c*T       IF tat >= :now AND tat <= :limit  (limit = now + tau - c*T)
+    DENY  (no write)                   tat > limit
 
-Cost: an allowed take is 1 strongly consistent read (1 RCU) + 1 write (1 WCU); a denied
-take is 1 read; every lost round adds 1 read + 1 failed conditional write (billed as a
-write).
+For one `now` exactly one of the three holds, so a write that succeeds is GCRA applied to the
+tat of that instant; concurrent takes are ordered by DynamoDB on the item, and none spends a
+token another has spent. A write that fails brings the row back
+(ReturnValuesOnConditionCheckFailure=ALL_OLD), whose tat says which case holds now. tat only
+grows (every write moves it up by at least c*T), so: IDLE failed means tat >= now for good,
+leaving BUSY or DENY; BUSY failed means tat > limit (or tat < now, reachable only after the
+row is deleted under the take), and tat > limit is final: denied. An allowed take therefore
+needs at most 2 writes and no read however many takes race it: no optimistic retry rounds, no
+denial for contention.
+
+Which write first: the limiter remembers, per user, the last tat it saw (its own write or a
+failed write's ALL_OLD) and puts the same three-way test to it. An unknown or idle user
+(the common case at a low rate) starts with IDLE, a user in the middle of a burst with BUSY,
+and a user whose remembered tat is already past the limit is denied without any request
+(exact, as tat only grows: both writes would fail). A wrong guess costs one failed write,
+which returns the truth. A fixed order would pay 2 writes on every take of a burst (IDLE
+first) or on every occasional submit (BUSY first); the hint pays 1 for both from a warm
+container. Hints are per limiter (per Lambda container), bounded, and never needed for
+correctness; one lower than the stored tat (another container wrote since) only costs a
+guess. The one thing a hint does not see is a row deleted by hand to lift a user's limit:
+a container that had seen that user past the limit keeps denying locally until its hint
+falls back within it (at most tau).
+
+Cost per take: allowed, 1 write (2 when the first guess was wrong: 1 failed conditional
+write, billed as a write, then 1 successful one). Denied, 1 failed conditional write (2 when
+a rival's write moved the row between IDLE failing and BUSY), or none when this container
+already saw the row past the limit. No reads, unless a failed write brings back no row (the
+row was deleted under the take, or a DynamoDB-compatible store ignores
+ReturnValuesOnConditionCheckFailure): then one consistent GetItem reads its tat. Only if the
+row is deleted under the take twice does it run out of its 3 writes; it is then denied with
+Retry-After 1 (fail closed).
+
+Header numbers (RateDecision): remaining = floor((now + tau - tat') / T), the whole tokens
+left after the take (tat' the new tat); reset = ceil(tat' - now), seconds until the bucket
+is full; on a denial, retry_after = ceil(tat + c*T - tau - now), at least 1: the first
+moment the take would be allowed, tat being the stored one.
+
+TTL: expires_at = ceil(tat) + 60 s, an instant by which the bucket is full again, so an idle
+user's row may go (a missing row reads as a full bucket). The BUSY write cannot know the new
+tat before writing it, so it stores ceil(now + tau) + 60, an upper bound (tat <= limit).
+
+Clock skew between containers: every decision uses the deciding container's own clock.
+A container whose clock lags by d cannot refill early: to it the stored tat lies d further
+in the future, so it denies up to r*d tokens sooner and quotes a Retry-After up to d too
+long. Its IDLE writes, though, are dated d early, which a correct clock reads as up to
+min(c, r*d) tokens more than a true bucket would hold; a container whose clock leads by d
+refills early by up to r*d tokens. The error is bounded, not cumulative: every allowed take
+raises tat by at least c*T and tat never exceeds (the writer's now) + tau, so over any
+window W the user gets at most r*W + b + r*D tokens, D the spread between the slowest and
+fastest clocks (Lambda clocks are NTP-synced: milliseconds).
+
+Numbers: `now` is taken to the millisecond and T to the microsecond (so the bucket is
+exactly one of rate 1/T; 1/r itself whenever that is a whole number of microseconds), all
+as Decimal, which DynamoDB stores and adds exactly: the arithmetic has no float noise.
+Rows written by the earlier read-and-write token bucket (`tokens`, `updated_at`) have no
+tat: their next take sees a full bucket, and the old attributes stay until the row expires.
+
+Errors other than a lost condition (throttling, network) propagate: the caller chooses
+(the submit path fails open).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import ClientError
 
@@ -48,14 +96,25 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 KEY_PREFIX = "rate#"
-DEFAULT_MAX_ATTEMPTS = 5
 # Kept after the bucket is full again, before TTL may remove an idle user's row.
 TTL_MARGIN_SECONDS = 60
-# A lost round waits up to this many seconds times the round number (jittered).
-RETRY_PAUSE_SECONDS = 0.005
-# Stored precision: time to the millisecond, tokens to the millionth.
+# Stored precision: `now` to the millisecond, the emission interval to the microsecond.
 TIME_DIGITS = 3
-TOKEN_DIGITS = 6
+INTERVAL_DIGITS = 6
+# 2 in any race; a third only for a row deleted under the take.
+MAX_WRITES = 3
+# Users whose last seen tat one limiter remembers (past it, the memory starts afresh).
+HINTS_KEPT = 4096
+
+_NAMES = {"#tat": "tat", "#exp": "expires_at"}
+
+
+class Step(Enum):
+    """Which side of max(tat, now) applies: the write to try, or none."""
+
+    IDLE = "idle"  # no tat or tat < now: the bucket is full; tat := now + c*T
+    BUSY = "busy"  # now <= tat <= limit: tat := tat + c*T
+    DENY = "deny"  # tat > limit: not enough tokens
 
 
 @dataclass(frozen=True)
@@ -67,44 +126,96 @@ class RateDecision:
     remaining: int  # whole tokens left after this take
     retry_after_seconds: int  # 0 if allowed; else whole seconds until `cost` tokens exist
     reset_seconds: int  # whole seconds until the bucket is full again
-    contended: bool = False  # denied only because other takes kept winning the write
 
 
-def refill(tokens: float, updated_at: float, now: float, rate: float, burst: int) -> float:
-    """Tokens in the bucket at `now`. A clock behind `updated_at` refills nothing.
-
-    Times are kept to the millisecond; so is the elapsed time (at epoch scale a float
-    difference carries ~1e-7 s of noise).
-    """
-    elapsed = max(0.0, round(now - updated_at, TIME_DIGITS))
-    return round(min(float(burst), tokens + elapsed * rate), TOKEN_DIGITS)
+def to_millis(seconds: float) -> Decimal:
+    """An epoch time as DynamoDB stores it here: a Decimal to the millisecond."""
+    return Decimal(round(seconds * 10**TIME_DIGITS)).scaleb(-TIME_DIGITS)
 
 
-def decision(available: float, *, cost: int, rate: float, burst: int) -> RateDecision:
-    """Take `cost` of `available` tokens, or explain when that will be possible."""
-    allowed = available >= cost
-    left = round(available - cost if allowed else available, TOKEN_DIGITS)
-    retry_after = 0 if allowed else max(1, _ceil_seconds((cost - available) / rate))
-    return RateDecision(
-        allowed=allowed,
-        limit=burst,
-        remaining=max(0, math.floor(left)),
-        retry_after_seconds=retry_after,
-        reset_seconds=_ceil_seconds((burst - left) / rate),
-    )
+@dataclass(frozen=True)
+class Gcra:
+    """The arithmetic, pure and exact (Decimal): a bucket of `burst` tokens, one token per
+    `interval` seconds, as one theoretical arrival time."""
+
+    interval: Decimal  # T, seconds per token
+    burst: int
+
+    @classmethod
+    def for_rate(cls, rate_per_second: float, burst: int) -> Gcra:
+        if rate_per_second <= 0:
+            raise ValueError("rate_per_second must be positive")
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        micros = round(10**INTERVAL_DIGITS / rate_per_second)
+        if micros < 1:
+            raise ValueError("rate_per_second must be at most a million")
+        return cls(Decimal(micros).scaleb(-INTERVAL_DIGITS), burst)
+
+    @property
+    def tolerance(self) -> Decimal:
+        """tau: how far tat may run ahead of now (a full bucket's worth of intervals)."""
+        return self.interval * self.burst
+
+    def increment(self, cost: int) -> Decimal:
+        return self.interval * cost
+
+    def limit(self, now: Decimal, cost: int) -> Decimal:
+        """The highest tat a take of `cost` at `now` may start from."""
+        return now + self.tolerance - self.increment(cost)
+
+    def step(self, tat: Decimal | None, now: Decimal, cost: int) -> Step:
+        if tat is None or tat < now:
+            return Step.IDLE
+        if tat <= self.limit(now, cost):
+            return Step.BUSY
+        return Step.DENY
+
+    def take(self, tat: Decimal | None, now: Decimal, cost: int) -> tuple[RateDecision, Decimal]:
+        """GCRA in one process: the decision and the tat after it. The limiter makes the
+        same two moves as conditional writes."""
+        step = self.step(tat, now, cost)
+        if step is Step.DENY:
+            assert tat is not None  # DENY implies a tat
+            return self.denied(tat, now, cost), tat
+        start = now if step is Step.IDLE or tat is None else tat
+        new_tat = start + self.increment(cost)
+        return self.allowed(new_tat, now), new_tat
+
+    def allowed(self, new_tat: Decimal, now: Decimal) -> RateDecision:
+        return RateDecision(
+            allowed=True,
+            limit=self.burst,
+            remaining=self._whole_tokens(new_tat, now),
+            retry_after_seconds=0,
+            reset_seconds=self._reset(new_tat, now),
+        )
+
+    def denied(self, tat: Decimal, now: Decimal, cost: int) -> RateDecision:
+        wait = tat + self.increment(cost) - self.tolerance - now
+        return RateDecision(
+            allowed=False,
+            limit=self.burst,
+            remaining=self._whole_tokens(tat, now),
+            retry_after_seconds=max(1, math.ceil(wait)),
+            reset_seconds=self._reset(tat, now),
+        )
+
+    def _whole_tokens(self, tat: Decimal, now: Decimal) -> int:
+        tokens = (now + self.tolerance - max(tat, now)) / self.interval
+        return min(self.burst, max(0, math.floor(tokens)))
+
+    @staticmethod
+    def _reset(tat: Decimal, now: Decimal) -> int:
+        return max(0, math.ceil(tat - now))
 
 
-def _ceil_seconds(seconds: float) -> int:
-    # Rounded first, so float noise (2.0000000001) does not add a whole second.
-    return max(0, math.ceil(round(seconds, TOKEN_DIGITS)))
+class _Lost(Exception):
+    """A write's condition failed; `tat` is the stored one (None: no row)."""
 
-
-def _num(value: float, digits: int) -> Decimal:
-    return Decimal(str(round(value, digits)))
-
-
-def _is_conditional_failure(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    def __init__(self, tat: Decimal | None) -> None:
+        super().__init__("condition failed")
+        self.tat = tat
 
 
 class RateLimiter:
@@ -116,91 +227,110 @@ class RateLimiter:
         burst: int,
         clock: Callable[[], float] = time.time,
         key_attribute: str = "pk",
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        rng: random.Random | None = None,
     ) -> None:
-        if rate_per_second <= 0:
-            raise ValueError("rate_per_second must be positive")
-        if burst < 1:
-            raise ValueError("burst must be at least 1")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        self._gcra = Gcra.for_rate(rate_per_second, burst)
         self._table = table
         self._rate = rate_per_second
-        self._burst = burst
         self._clock = clock
         self._key = key_attribute
-        self._max_attempts = max_attempts
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._hints: dict[str, Decimal] = {}
 
     @property
     def burst(self) -> int:
-        return self._burst
+        return self._gcra.burst
 
     @property
     def rate_per_second(self) -> float:
         return self._rate
 
+    @property
+    def gcra(self) -> Gcra:
+        return self._gcra
+
     def take(self, user_id: str, *, cost: int = 1) -> RateDecision:
         """Spend `cost` tokens from the user's bucket if they are there; never partially."""
-        if not 1 <= cost <= self._burst:
-            raise ValueError(f"cost must be between 1 and the burst ({self._burst})")
+        if not 1 <= cost <= self._gcra.burst:
+            raise ValueError(f"cost must be between 1 and the burst ({self._gcra.burst})")
         key = KEY_PREFIX + user_id
-        available = float(self._burst)
-        for attempt in range(1, self._max_attempts + 1):
-            outcome = self._try_take(key, cost)
-            if isinstance(outcome, RateDecision):
-                return outcome
-            available = outcome
-            if attempt < self._max_attempts:
-                time.sleep(self._rng.uniform(0, RETRY_PAUSE_SECONDS * attempt))
-        # Lost every round: deny (fail closed), ask for a retry in a second.
-        latest = decision(available, cost=cost, rate=self._rate, burst=self._burst)
-        return RateDecision(
-            allowed=False,
-            limit=self._burst,
-            remaining=0,
-            retry_after_seconds=1,
-            reset_seconds=latest.reset_seconds,
-            contended=True,
-        )
+        now = to_millis(self._clock())
+        tat = self._hints.get(key)
+        for _ in range(MAX_WRITES):
+            step = self._gcra.step(tat, now, cost)
+            if step is Step.DENY:
+                assert tat is not None  # DENY implies a tat
+                return self._gcra.denied(tat, now, cost)
+            try:
+                new_tat = self._write(step, key, now, cost)
+            except _Lost as lost:
+                tat = lost.tat
+                self._remember(key, tat)
+                continue
+            self._remember(key, new_tat)
+            return self._gcra.allowed(new_tat, now)
+        # The row was deleted under this take twice: fail closed. The last tat seen would
+        # admit the take, so the Retry-After comes out at its minimum, 1 s.
+        return self._gcra.denied(now if tat is None else tat, now, cost)
 
-    def _try_take(self, key: str, cost: int) -> RateDecision | float:
-        """One read-compute-write round: the decision, or the tokens seen if the write lost."""
-        now = round(self._clock(), TIME_DIGITS)
-        item = self._table.get_item(Key={self._key: key}, ConsistentRead=True).get("Item")
-        names = {"#k": self._key}
-        values: dict[str, Any] = {}
-        if item is None:
-            available = float(self._burst)
-            condition = "attribute_not_exists(#k)"
+    def _write(self, step: Step, key: str, now: Decimal, cost: int) -> Decimal:
+        """One conditional UpdateItem: the new tat, or _Lost with the stored one."""
+        increment = self._gcra.increment(cost)
+        if step is Step.IDLE:
+            new_tat = now + increment
+            update = "SET #tat = :tat, #exp = :exp"
+            condition = "attribute_not_exists(#tat) OR #tat < :now"
+            values: dict[str, Any] = {
+                ":tat": new_tat,
+                ":now": now,
+                ":exp": math.ceil(new_tat) + TTL_MARGIN_SECONDS,
+            }
         else:
-            seen_tokens, seen_at = item["tokens"], item["updated_at"]
-            updated_at = float(str(seen_at))
-            now = max(now, updated_at)  # updated_at never moves back: no ABA on the condition
-            available = refill(float(str(seen_tokens)), updated_at, now, self._rate, self._burst)
-            condition = "attribute_exists(#k) AND #t = :seen_tokens AND #u = :seen_at"
-            names |= {"#t": "tokens", "#u": "updated_at"}
-            values = {":seen_tokens": seen_tokens, ":seen_at": seen_at}
-        result = decision(available, cost=cost, rate=self._rate, burst=self._burst)
-        if not result.allowed:
-            return result
-        write: dict[str, Any] = {
-            "Item": {
-                self._key: key,
-                "tokens": _num(available - cost, TOKEN_DIGITS),
-                "updated_at": _num(now, TIME_DIGITS),
-                "expires_at": math.ceil(now + self._burst / self._rate + TTL_MARGIN_SECONDS),
-            },
-            "ConditionExpression": condition,
-            "ExpressionAttributeNames": names,
-        }
-        if values:
-            write["ExpressionAttributeValues"] = values
+            update = "SET #tat = #tat + :inc, #exp = :exp"
+            condition = "#tat >= :now AND #tat <= :limit"
+            values = {
+                ":inc": increment,
+                ":now": now,
+                ":limit": self._gcra.limit(now, cost),
+                # The new tat is at most now + tau: a bound, as it is unknown before the write.
+                ":exp": math.ceil(now + self._gcra.tolerance) + TTL_MARGIN_SECONDS,
+            }
         try:
-            self._table.put_item(**write)
+            response = self._table.update_item(
+                Key={self._key: key},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames=_NAMES,
+                ExpressionAttributeValues=values,
+                ReturnValues="UPDATED_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
         except ClientError as error:
-            if _is_conditional_failure(error):
-                return available
-            raise
-        return result
+            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
+            raise _Lost(self._stored_tat(error, key)) from None
+        return Decimal(str(response["Attributes"]["tat"]))
+
+    def _stored_tat(self, error: ClientError, key: str) -> Decimal | None:
+        """The tat a failed write found: from its ALL_OLD item, or read when none came back."""
+        item = cast(dict[str, Any], error.response).get("Item")
+        if item is not None:  # low-level format: the resource does not deserialize errors
+            raw = item.get("tat")
+            return Decimal(raw["N"]) if raw else None
+        # No row any more, or a store that ignores ReturnValuesOnConditionCheckFailure.
+        stored = self._table.get_item(
+            Key={self._key: key},
+            ConsistentRead=True,
+            ProjectionExpression="#tat",
+            ExpressionAttributeNames={"#tat": "tat"},
+        ).get("Item")
+        value = stored.get("tat") if stored else None
+        return None if value is None else Decimal(str(value))
+
+    def _remember(self, key: str, tat: Decimal | None) -> None:
+        if tat is None:
+            self._hints.pop(key, None)
+            return
+        if len(self._hints) >= HINTS_KEPT and key not in self._hints:
+            self._hints.clear()
+        known = self._hints.get(key)
+        # tat only grows: of two sightings the higher is the later (threads may report late).
+        self._hints[key] = tat if known is None else max(known, tat)
