@@ -1,0 +1,63 @@
+"""WebSocket `$connect`: the caller's Cognito access token (`?token=` or `Authorization:
+Bearer`) is verified, then the connection is recorded under its user. Any answer but 2xx
+refuses the handshake: a bad token gets 401 and no connection is made."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from http import HTTPStatus
+from typing import Any
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from gpuqueue import aws_clients
+from gpuqueue.access_token import AccessTokenVerifier, InvalidToken, bearer_token
+from gpuqueue.push import ConnectEvent, ConnectionStore
+from gpuqueue.settings import ConnectSettings
+
+logger = Logger()
+tracer = Tracer()
+
+
+@cache
+def settings() -> ConnectSettings:
+    return ConnectSettings()
+
+
+@cache
+def verifier() -> AccessTokenVerifier:
+    config = settings()
+    return AccessTokenVerifier.for_user_pool(
+        issuer=config.token_issuer, client_id=config.user_pool_client_id, jwks_url=config.jwks_url
+    )
+
+
+@cache
+def connections() -> ConnectionStore:
+    config = settings()
+    return ConnectionStore(
+        aws_clients.dynamodb().Table(config.connections_table),
+        ttl_seconds=config.connection_ttl_seconds,
+    )
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@tracer.capture_lambda_handler
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    request = ConnectEvent.model_validate(event)
+    connection_id = request.request_context.connection_id
+    token = bearer_token(request.headers, request.query_string_parameters)
+    try:
+        claims = verifier().verify(token)
+    except InvalidToken as error:
+        logger.info("connection refused", extra={"reason": str(error)})
+        return {
+            "statusCode": HTTPStatus.UNAUTHORIZED.value,
+            "body": json.dumps({"message": "Unauthorized"}),
+        }
+    connections().put(connection_id, claims.sub, request.request_context.connected_at)
+    logger.info("connected", extra={"connection_id": connection_id, "user_id": claims.sub})
+    return {"statusCode": HTTPStatus.OK.value}
