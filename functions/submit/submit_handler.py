@@ -18,7 +18,8 @@ from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
-from gpuqueue.models import ImageRequest, SubmitResponse
+from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
+from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
 from gpuqueue.settings import SubmitSettings
 from gpuqueue.submission import SubmissionService
 
@@ -74,18 +75,37 @@ def _admit(owner: str) -> dict[str, str]:
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
     rate_headers = _admit(caller.sub)
-    key = app.current_event.headers.get(IDEMPOTENCY_KEY_HEADER)
+    headers = app.current_event.headers
+    key = headers.get(IDEMPOTENCY_KEY_HEADER)
     submitter = idempotent()
     body = request.model_dump(mode="json", exclude_none=True)
     if key is not None and submitter is not None:
         answer = submitter.submit(caller.sub, key, body, caller.groups)
     else:
         answer = _submit(caller.sub, body, caller.groups)
+    task_id = str(answer["task_id"])
+    response_headers = {"Location": f"/api/v1/tasks/{task_id}", **rate_headers}
+    wait = requested_wait(headers.get("prefer"))
+    if wait is not None:
+        response_headers["Preference-Applied"] = f"wait={wait}"
+        remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
+        task = wait_until_final(
+            lambda: submissions().tasks.get_for_owner(task_id, caller.sub),
+            wait_budget(wait, remaining),
+        )
+        if task.status.is_terminal:
+            # Finished within the wait: the task itself, as a status call would answer.
+            return Response(
+                status_code=HTTPStatus.OK.value,
+                content_type=content_types.APPLICATION_JSON,
+                body=TaskView.of(task).model_dump_json(),
+                headers=response_headers,
+            )
     return Response(
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,
         body=json.dumps(answer),
-        headers={"Location": f"/api/v1/tasks/{answer['task_id']}", **rate_headers},
+        headers=response_headers,
     )
 
 

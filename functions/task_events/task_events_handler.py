@@ -22,6 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.push import ConnectionStore, PushNotifier, management_api
+from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import TaskEventsSettings
 from gpuqueue.task_events import TaskEndListener, TaskEvents, TaskTransition
 from gpuqueue.webhooks import SqsDeliverySender, WebhookNotifier
@@ -35,10 +36,8 @@ processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
 @cache
 def task_events() -> TaskEvents:
     settings = TaskEventsSettings()
-    share = ActiveTaskShare(
-        aws_clients.dynamodb().Table(settings.limits_table),
-        limit=settings.max_active_tasks_per_user,
-    )
+    limits = aws_clients.dynamodb().Table(settings.limits_table)
+    share = ActiveTaskShare(limits, limit=settings.max_active_tasks_per_user)
     listeners: list[TaskEndListener] = []
     if settings.webhook_queue_url:
         listeners.append(
@@ -49,7 +48,7 @@ def task_events() -> TaskEvents:
         listeners.append(
             PushNotifier(connections, management_api(settings.websocket_management_url))
         )
-    return TaskEvents(share=share, listeners=listeners)
+    return TaskEvents(share=share, listeners=listeners, positions=QueuePositions(limits))
 
 
 def record_handler(record: DynamoDBRecord) -> None:

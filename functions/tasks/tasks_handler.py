@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from functools import cache
 from http import HTTPStatus
@@ -16,9 +17,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients, webhooks
 from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore
-from gpuqueue.models import TaskStatus, TaskView
+from gpuqueue.models import Task, TaskStatus, TaskView
+from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.queue_position import QueuePositions, estimate
 from gpuqueue.settings import TasksSettings
 from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import SqsDeliverySender
@@ -36,6 +40,9 @@ class Deps:
     images: ImageStore
     url_ttl_seconds: int
     webhooks: SqsDeliverySender | None
+    positions: QueuePositions | None
+    fleet: EndpointRegistry | None
+    health_max_age_seconds: float
 
 
 @cache
@@ -50,7 +57,34 @@ def deps() -> Deps:
             if settings.webhook_queue_url
             else None
         ),
+        positions=(
+            QueuePositions(aws_clients.dynamodb().Table(settings.limits_table))
+            if settings.limits_table
+            else None
+        ),
+        fleet=(
+            EndpointRegistry(aws_clients.dynamodb().Table(settings.endpoints_table))
+            if settings.endpoints_table
+            else None
+        ),
+        health_max_age_seconds=3.0 * settings.health_check_period_seconds,
     )
+
+
+def view(task: Task) -> TaskView:
+    """The task as the API shows it; a QUEUED task with its position and ETA (estimates)."""
+    shown = TaskView.of(task)
+    d = deps()
+    position = d.positions.position(task) if d.positions is not None else None
+    if position is None:
+        return shown
+    eta = None
+    if d.fleet is not None:
+        fleet = d.fleet.fleet(task.kind)
+        eta = estimate(
+            position, fleet, now=time.time(), max_age_seconds=d.health_max_age_seconds
+        ).eta_seconds
+    return shown.model_copy(update={"queue_position": position, "eta_seconds": eta})
 
 
 def _json(body: str, headers: dict[str, str] | None = None) -> Response[str]:
@@ -68,16 +102,28 @@ def get_or_list_tasks(
     """`?task_id=ID` is the seed's status call; without it, the caller's tasks newest first."""
     owner = current_caller(app).sub
     if task_id is not None:
-        return _json(TaskView.of(deps().tasks.get_for_owner(task_id, owner)).model_dump_json())
+        return _status(task_id, owner)
     page = deps().tasks.list_for_owner(owner, limit=limit, cursor=cursor)
     body = "[" + ",".join(TaskView.of(t).model_dump_json() for t in page.tasks) + "]"
     return _json(body, {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None)
 
 
+def _status(task_id: str, owner: str) -> Response[str]:
+    """The task; with `Prefer: wait=N`, once it is final or N seconds have passed."""
+    wait = requested_wait(app.current_event.headers.get("prefer"))
+    task = deps().tasks.get_for_owner(task_id, owner)
+    if wait is None:
+        return _json(view(task).model_dump_json())
+    remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
+    task = wait_until_final(
+        lambda: deps().tasks.get_for_owner(task_id, owner), wait_budget(wait, remaining)
+    )
+    return _json(view(task).model_dump_json(), {"Preference-Applied": f"wait={wait}"})
+
+
 @app.get("/api/v1/tasks/<task_id>")
 def get_task(task_id: TaskId) -> Response[str]:
-    owner = current_caller(app).sub
-    return _json(TaskView.of(deps().tasks.get_for_owner(task_id, owner)).model_dump_json())
+    return _status(task_id, current_caller(app).sub)
 
 
 @app.get("/api/v1/tasks/<task_id>/deliveries")

@@ -21,6 +21,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.audio_store import task_id_of_audio_key
+from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import UploadSettings
 from gpuqueue.submission import SubmissionService
 from gpuqueue.task_queue import TaskQueue
@@ -44,6 +45,11 @@ def submissions() -> SubmissionService:
         ),
         # The task was admitted against the queue's capacity when it was announced.
         capacity=2**31,
+        positions=(
+            QueuePositions(aws_clients.dynamodb().Table(settings.limits_table))
+            if settings.limits_table
+            else None
+        ),
     )
 
 

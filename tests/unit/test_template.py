@@ -279,12 +279,16 @@ def test_the_groups_allowed_the_priority_lane_exist_in_the_user_pool() -> None:
     assert groups >= PRIORITY_GROUPS
 
 
-def test_the_task_events_function_sees_exactly_the_transitions_into_a_final_state() -> None:
+def test_the_task_events_function_sees_the_ends_and_the_departures_from_the_queue() -> None:
     (event,) = props("TaskEventsFunction")["Events"].values()
-    (pattern,) = [
+    ending, leaving = (
         json.loads(f["Pattern"]) for f in event["Properties"]["FilterCriteria"]["Filters"]
-    ]
+    )
+    pattern = ending
     final = sorted(s.value for s in TERMINAL_STATUSES)
+    # The other filter: a queued task that never ran stops waiting (queue positions).
+    assert leaving["dynamodb"]["OldImage"] == {"status": {"S": ["QUEUED"]}, "attempt": {"N": ["0"]}}
+    assert leaving["dynamodb"]["NewImage"] == {"status": {"S": [{"anything-but": ["QUEUED"]}]}}
 
     assert event["Type"] == "DynamoDB"
     assert ref_name(event["Properties"]["Stream"]) == "TasksTable"

@@ -226,6 +226,7 @@ class Task(BaseModel):
     queue_deadline: float | None = None  # epoch seconds; set when the task is queued
     # AWAITING_UPLOAD only: epoch seconds after which the upload can no longer arrive.
     upload_deadline: float | None = None
+    ticket: int | None = None  # its number in its lane's waiting line (queue_position.py)
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] | None = None  # None: every final state
     deliveries: list[WebhookAttempt] = Field(default_factory=list)  # webhook attempts, oldest first
@@ -245,7 +246,7 @@ class Task(BaseModel):
     def _float_from_decimal(cls, value: Any) -> float | None:
         return None if value is None else float(value)
 
-    @field_validator("expires_at", "queue_ttl_seconds", mode="before")
+    @field_validator("expires_at", "queue_ttl_seconds", "ticket", mode="before")
     @classmethod
     def _opt_int_from_decimal(cls, value: Any) -> int | None:
         return None if value is None else int(value)
@@ -277,6 +278,9 @@ class TaskView(BaseModel):
     error: str | None = None
     text: str | None = None  # speech tasks: the transcript's text once DONE
     webhook_url: str | None = None
+    # QUEUED only, estimates: tasks ahead in its lane, and seconds until it should be done.
+    queue_position: int | None = None
+    eta_seconds: float | None = None
 
     @classmethod
     def of(cls, task: Task) -> TaskView:

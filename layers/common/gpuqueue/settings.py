@@ -102,6 +102,10 @@ class TasksSettings(_Settings):
     tasks_table: str
     images_bucket: str
     webhook_queue_url: str | None = None  # redelivery; None: no webhooks on this stack
+    # Queue positions (the lanes' counters) and ETAs (the fleet's measured call times).
+    limits_table: str | None = None
+    endpoints_table: str | None = None
+    health_check_period_seconds: float = Field(default=30, gt=0)
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
 
 
@@ -188,3 +192,4 @@ class UploadSettings(_Settings):
     images_bucket: str
     task_queue_url: str
     priority_queue_url: str | None = None
+    limits_table: str | None = None  # the lanes' ticket counters (queue positions)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection
 from datetime import timedelta
+from typing import TypeVar
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
@@ -22,6 +23,7 @@ from gpuqueue.models import (
     TaskStatus,
     WebhookEvent,
 )
+from gpuqueue.queue_position import QueuePositions
 from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_queue import TaskQueue
@@ -29,6 +31,7 @@ from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import Resolver, check_webhook_url, resolve_host
 
 logger = Logger(child=True)
+T = TypeVar("T")
 
 # Cognito groups whose members may use the high-priority lane.
 PRIORITY_GROUPS = frozenset({"vip", "admin"})
@@ -55,7 +58,9 @@ class SubmissionService:
         priority_queue: TaskQueue | None = None,
         webhook_allow_loopback: bool = False,
         resolve: Resolver = resolve_host,
+        positions: QueuePositions | None = None,
     ) -> None:
+        self._positions = positions
         self._webhook_allow_loopback = webhook_allow_loopback
         self._resolve = resolve
         self._limiter = limiter
@@ -107,11 +112,16 @@ class SubmissionService:
                 else None
             ),
             webhook_allow_loopback=settings.webhook_allow_loopback,
+            positions=QueuePositions(limits) if limits is not None else None,
         )
 
     @property
     def share(self) -> ActiveTaskShare | None:
         return self._share
+
+    @property
+    def tasks(self) -> TaskStore:
+        return self._tasks
 
     def admit(self, owner: str) -> dict[str, str]:
         """Take one submit from the owner's token bucket: the X-RateLimit-* headers, or
@@ -185,11 +195,33 @@ class SubmissionService:
         task = self._with_share(
             owner,
             task_id,
-            lambda: self._tasks.create_image_task(
-                owner, request, queue_ttl_seconds=self._queue_ttl, task_id=task_id
+            lambda: self._with_ticket(
+                request.priority,
+                lambda ticket: self._tasks.create_image_task(
+                    owner,
+                    request,
+                    queue_ttl_seconds=self._queue_ttl,
+                    task_id=task_id,
+                    ticket=ticket,
+                ),
             ),
         )
         self._enqueue(task)
+        return task
+
+    def _with_ticket(self, lane: Priority, queue: Callable[[int | None], T]) -> T:
+        """Queue the task under a ticket of its lane's waiting line (for its queue position);
+        a ticket left unused counts as having left the line, so later positions stay right."""
+        if self._positions is None:
+            return queue(None)
+        ticket = self._positions.take_ticket(lane)
+        try:
+            task = queue(ticket)
+        except BaseException:
+            self._positions.left(lane)
+            raise
+        if task is None:
+            self._positions.left(lane)
         return task
 
     def submit_speech_upload(
@@ -246,7 +278,9 @@ class SubmissionService:
                 f"(at most {max_bytes})",
             )
             return None
-        queued = self._tasks.mark_uploaded(task)
+        queued = self._with_ticket(
+            task.priority, lambda ticket: self._tasks.mark_uploaded(task, ticket=ticket)
+        )
         if queued is None:
             return None  # canceled meanwhile, or another event got there first
         self._enqueue(queued)

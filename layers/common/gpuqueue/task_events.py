@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from aws_lambda_powertools import Logger
 
 from gpuqueue.active_share import ActiveTaskShare
-from gpuqueue.models import Task, TaskStatus
+from gpuqueue.models import Priority, Task, TaskStatus
+from gpuqueue.queue_position import QueuePositions
 
 logger = Logger(child=True)
 
@@ -36,6 +37,22 @@ class TaskEndListener(Protocol):
     def task_ended(self, task: Task) -> None: ...
 
 
+def _attempt(image: Mapping[str, Any] | None) -> int | None:
+    if not image:
+        return None
+    try:
+        return int(image.get("attempt", 0))
+    except (TypeError, ValueError):
+        return None
+
+
+def _lane(image: Mapping[str, Any]) -> Priority:
+    try:
+        return Priority(str(image.get("priority", Priority.NORMAL.value)))
+    except ValueError:
+        return Priority.NORMAL
+
+
 def _task(image: Mapping[str, Any] | None) -> Task | None:
     if not image:
         return None
@@ -53,6 +70,8 @@ class TaskTransition:
     before: TaskStatus | None  # None: the row is new
     after: TaskStatus | None  # None: the row was deleted (TTL)
     task: Task | None = None  # the row after the write (None when deleted or unreadable)
+    before_attempt: int | None = None
+    lane: Priority = Priority.NORMAL
 
     @classmethod
     def of(
@@ -68,6 +87,17 @@ class TaskTransition:
             before=_status(old_image),
             after=_status(new_image),
             task=_task(new_image),
+            before_attempt=_attempt(old_image),
+            lane=_lane(image),
+        )
+
+    @property
+    def left_waiting_line(self) -> bool:
+        """A task queued and never started stopped waiting (it started, or ended first)."""
+        return (
+            self.before is TaskStatus.QUEUED
+            and self.before_attempt == 0
+            and self.after is not TaskStatus.QUEUED
         )
 
     @property
@@ -79,12 +109,19 @@ class TaskTransition:
 
 class TaskEvents:
     def __init__(
-        self, *, share: ActiveTaskShare | None, listeners: Sequence[TaskEndListener] = ()
+        self,
+        *,
+        share: ActiveTaskShare | None,
+        listeners: Sequence[TaskEndListener] = (),
+        positions: QueuePositions | None = None,
     ) -> None:
         self._share = share
         self._listeners = list(listeners)
+        self._positions = positions
 
     def handle(self, transition: TaskTransition) -> None:
+        if transition.left_waiting_line and self._positions is not None:
+            self._positions.left(transition.lane)
         if not transition.ended:
             return
         if self._share is not None:

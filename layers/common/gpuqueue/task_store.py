@@ -85,6 +85,7 @@ class TaskStore:
         *,
         queue_ttl_seconds: int,
         task_id: str | None = None,
+        ticket: int | None = None,
         now: datetime | None = None,
     ) -> Task:
         now = now or utc_now()
@@ -105,6 +106,7 @@ class TaskStore:
             queue_deadline=round(now.timestamp() + ttl, 3),
             webhook_url=request.webhook_url,
             webhook_events=request.webhook_events,
+            ticket=ticket,
         )
         item = task.model_dump(mode="json", exclude_none=True)
         item["params"] = task.params.model_dump(exclude_none=True)
@@ -150,11 +152,15 @@ class TaskStore:
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
-    def mark_uploaded(self, task: Task, *, now: float | None = None) -> Task | None:
+    def mark_uploaded(
+        self, task: Task, *, ticket: int | None = None, now: float | None = None
+    ) -> Task | None:
         """AWAITING_UPLOAD -> QUEUED once the audio is in S3; its queue deadline starts now.
         None if the task was not waiting (canceled, or a repeated upload event)."""
         now = time.time() if now is None else now
         updates: dict[str, Any] = {"status": TaskStatus.QUEUED.value}
+        if ticket is not None:
+            updates["ticket"] = ticket
         if task.queue_ttl_seconds:
             updates["queue_deadline"] = Decimal(str(round(now + task.queue_ttl_seconds, 3)))
         try:

@@ -1,0 +1,149 @@
+"""Queue position and ETA on QUEUED tasks (estimates, O(1) per request), and
+`Prefer: wait=N` on submit and status."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gpuqueue_local.standins.image_server import ImageServerKnobs
+
+
+def _status(h, user, task_id, headers=None):
+    return h.call(
+        "tasks_handler",
+        "GET",
+        f"/api/v1/tasks/{task_id}",
+        route="/api/v1/tasks/{task_id}",
+        path_params={"task_id": task_id},
+        user=user,
+        headers=headers,
+    )
+
+
+def _position(h, user, task_id):
+    return _status(h, user, task_id).json().get("queue_position")
+
+
+def test_queue_position_counts_the_tasks_ahead_and_falls_to_0_as_the_queue_drains(
+    make_stack, alice
+):
+    h = make_stack()
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(5)]
+
+    assert [_position(h, alice, t) for t in ids] == [0, 1, 2, 3, 4]
+
+    h.run_checker()
+    last = ids[-1]
+    seen = []
+    for _ in range(4):
+        h.deliver(h.receive())
+        h.pump_task_events()  # the stream counts the task that left the waiting line
+        seen.append(_position(h, alice, last))
+    assert seen == [3, 2, 1, 0]
+    h.deliver(h.receive())
+    task = _status(h, alice, last).json()
+    assert task["status"] == "DONE"
+    assert "queue_position" not in task or task["queue_position"] is None
+
+
+def test_a_cancel_before_it_runs_moves_the_tasks_behind_up(make_stack, alice):
+    h = make_stack()
+    first, second, third = (h.submit(alice).json()["task_id"] for _ in range(3))
+    assert h.cancel(alice, first).status == 200
+
+    h.pump_task_events()
+
+    assert [_position(h, alice, t) for t in (second, third)] == [0, 1]
+
+
+def test_lanes_keep_their_own_positions(make_stack, alice, vip):
+    h = make_stack()
+    for _ in range(3):
+        h.submit(alice)
+
+    vip_task = h.submit(vip, {"prompt": "first", "priority": "high"}).json()["task_id"]
+
+    assert _position(h, vip, vip_task) == 0
+
+
+def test_the_eta_is_the_queue_ahead_over_the_fleets_measured_rate(make_stack, alice):
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.3)])
+    h.run_checker()
+    # Two tasks measure the endpoint's call time (its slot's EWMA).
+    for _ in range(2):
+        h.submit(alice)
+    h.drain()
+    h.pump_task_events()
+    ids = [h.submit(alice, {"prompt": f"q{i}"}).json()["task_id"] for i in range(4)]
+
+    tasks = [_status(h, alice, t).json() for t in ids]
+
+    assert [t["queue_position"] for t in tasks] == [0, 1, 2, 3]
+    etas = [t["eta_seconds"] for t in tasks]
+    call = etas[0]  # position 0: one call of its own
+    assert 0.3 <= call < 1.0
+    # One slot: each task ahead adds one call.
+    assert etas == pytest.approx([call * (p + 1) for p in range(4)], abs=0.15)
+
+
+def test_no_eta_before_any_call_time_is_measured(make_stack, alice):
+    h = make_stack()
+    task_id = h.submit(alice).json()["task_id"]
+
+    task = _status(h, alice, task_id).json()
+
+    assert task["queue_position"] == 0
+    assert task["eta_seconds"] is None
+
+
+def test_prefer_wait_on_status_returns_at_once_for_a_final_task(make_stack, alice):
+    h = make_stack()
+    task_id = h.submit(alice).json()["task_id"]
+    h.cancel(alice, task_id)
+    started = time.monotonic()
+
+    answer = _status(h, alice, task_id, headers={"Prefer": "wait=20"})
+
+    assert time.monotonic() - started < 5
+    assert answer.status == 200
+    assert answer.json()["status"] == "CANCELED"
+    assert answer.headers["preference-applied"] == "wait=20"
+
+
+def test_prefer_wait_gives_up_after_n_seconds_and_answers_as_usual(make_stack, alice):
+    h = make_stack()  # nothing dispatches: the task stays QUEUED
+    started = time.monotonic()
+
+    answer = h.call(
+        "submit_handler",
+        "POST",
+        "/api/v1/image/async",
+        body={"prompt": "slow"},
+        user=alice,
+        headers={"Prefer": "respond-async, wait=1"},
+    )
+
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 4
+    assert answer.status == 202
+    assert answer.json()["status"] == "QUEUED"
+    assert answer.headers["preference-applied"] == "wait=1"
+
+
+@pytest.mark.parametrize("prefer", ["wait=abc", "wait=-3", "return=minimal", ""])
+def test_a_prefer_header_without_a_usable_wait_is_ignored(make_stack, alice, prefer):
+    h = make_stack()
+
+    answer = h.call(
+        "submit_handler",
+        "POST",
+        "/api/v1/image/async",
+        body={"prompt": "p"},
+        user=alice,
+        headers={"Prefer": prefer},
+    )
+
+    assert answer.status == 202
+    assert "preference-applied" not in answer.headers

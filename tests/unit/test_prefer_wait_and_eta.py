@@ -1,0 +1,100 @@
+"""`Prefer: wait=N` parsing and waiting (fake clock), and the ETA arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuqueue.endpoint_registry import Fleet
+from gpuqueue.models import Endpoint, Task, TaskKind, TaskStatus
+from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.queue_position import estimate
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("wait=10", 10),
+        ("respond-async, wait=5", 5),
+        ("WAIT = 7", 7),
+        ('wait="3"', 3),
+        ("wait=600", 25),
+        ("wait=0", None),
+        ("wait=-1", None),
+        ("wait=soon", None),
+        ("return=minimal", None),
+        (None, None),
+    ],
+)
+def test_the_wait_preference_is_read_and_capped_at_25(header, seconds):
+    assert requested_wait(header) == seconds
+
+
+def test_the_wait_stays_inside_what_is_left_of_the_invocation():
+    assert wait_budget(25, remaining_seconds=28.5) == 25
+    assert wait_budget(25, remaining_seconds=10.0) == 8.0
+    assert wait_budget(5, remaining_seconds=1.0) == 0.0
+
+
+def _task(status: TaskStatus) -> Task:
+    return Task(task_id="t", user_id="u", status=status, created_at="x", updated_at="x", attempt=0)
+
+
+def test_waiting_reads_until_the_task_is_final_with_a_growing_interval():
+    clock = [0.0]
+    sleeps: list[float] = []
+    reads = iter([TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RUNNING, TaskStatus.DONE])
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    task = wait_until_final(lambda: _task(next(reads)), 10, clock=lambda: clock[0], sleep=sleep)
+
+    assert task.status is TaskStatus.DONE
+    assert sleeps == pytest.approx([0.1, 0.15, 0.225])
+
+
+def test_waiting_gives_up_at_the_deadline_with_the_last_state():
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    task = wait_until_final(
+        lambda: _task(TaskStatus.QUEUED), 2, clock=lambda: clock[0], sleep=sleep
+    )
+
+    assert task.status is TaskStatus.QUEUED
+    assert clock[0] == pytest.approx(2.0)
+
+
+def endpoint(name: str, capacity: int) -> Endpoint:
+    return Endpoint(
+        endpoint_id=name,
+        url=f"http://{name}:8000",
+        kind=TaskKind.IMAGE,
+        capacity=capacity,
+        healthy=True,
+        last_checked_at=NOW - 1,
+    )
+
+
+def test_the_eta_divides_the_queue_ahead_by_the_fleets_rate():
+    # 2 slots of 4 s and 1 slot of 12 s: 0.5 + 1/12 tasks a second.
+    fleet = Fleet(
+        endpoints=[endpoint("fast", 2), endpoint("slow", 1)],
+        call_seconds={"fast": {0: 4.0, 1: 4.0}, "slow": {0: 12.0}},
+    )
+
+    eta = estimate(7, fleet, now=NOW, max_age_seconds=90)
+
+    assert eta.queue_position == 7
+    assert eta.eta_seconds == pytest.approx(7 / (0.5 + 1 / 12) + 8.0, abs=0.05)
+
+
+def test_no_eta_without_measured_call_times():
+    fleet = Fleet(endpoints=[endpoint("new", 4)])
+
+    assert estimate(3, fleet, now=NOW, max_age_seconds=90).eta_seconds is None
