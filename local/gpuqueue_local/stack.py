@@ -38,6 +38,7 @@ from gpuqueue_local.scheduler import Schedule, rate_seconds
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer
 from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
+from gpuqueue_local.websocket_gateway import WebSocketGateway, websocket_api
 
 HOST = "127.0.0.1"
 DEMO_USER = "demo"
@@ -73,6 +74,7 @@ def free_port() -> int:
 class StackOptions:
     port: int = 3000
     moto_port: int = 0
+    ws_port: int = 0  # the WebSocket API (0 = a free port); its management API: a free port
     image_servers: int = 2
     image_latency_s: float = 1.0
     image_capacity: int = 0
@@ -170,7 +172,11 @@ def _int(value: Any) -> int | None:
     return None if value in (None, "") else int(value)
 
 
-def function_specs(stack: LocalStack, extra_env: dict[str, str]) -> dict[str, FunctionSpec]:
+def function_specs(
+    stack: LocalStack, extra_env: dict[str, str], local_urls: dict[str, str] | None = None
+) -> dict[str, FunctionSpec]:
+    """`local_urls`: env vars the template resolves to AWS URLs that have a local stand-in
+    (see `local_aws_urls`), set only for the functions that declare them."""
     template = stack.template
     layers = resources_of_type(template, "AWS::Serverless::LayerVersion")
     specs = {}
@@ -187,12 +193,29 @@ def function_specs(stack: LocalStack, extra_env: dict[str, str]) -> dict[str, Fu
             handler=props["Handler"],
             code_dir=REPO_ROOT / props["CodeUri"],
             layer_dirs=tuple(layer_dirs),
-            env={**stack.function_env(logical_id), **extra_env},
+            env={**_with_local_urls(stack.function_env(logical_id), local_urls), **extra_env},
             timeout_seconds=float(function_property(template, logical_id, "Timeout") or 3),
             memory_mb=int(function_property(template, logical_id, "MemorySize") or 128),
             reserved_concurrency=_int(stack.resolver.resolve(reserved)) if reserved else None,
         )
     return specs
+
+
+def _with_local_urls(env: dict[str, str], local_urls: dict[str, str] | None) -> dict[str, str]:
+    return {**env, **{k: v for k, v in (local_urls or {}).items() if k in env}}
+
+
+def local_aws_urls(
+    stack: LocalStack, moto_url: str, websocket: WebSocketGateway | None
+) -> dict[str, str]:
+    """The one place AWS URLs in function env vars become local ones: the user pool's JWKS
+    (served by moto) and the WebSocket API's management endpoint (the local gateway's)."""
+    urls = {}
+    if "UserPool" in stack.resolver.refs:
+        urls["JWKS_URL"] = jwks_url(moto_url, stack.ref("UserPool"))
+    if websocket is not None:
+        urls["WEBSOCKET_MANAGEMENT_URL"] = websocket.management_url
+    return urls
 
 
 def _events(template: dict[str, Any], logical_id: str, kind: str) -> list[dict[str, Any]]:
@@ -339,6 +362,7 @@ class RunningStack:
     speech_servers: list[SpeechServer] = field(default_factory=list)
     s3_events: S3EventBridge | None = None
     stream_sources: list[DynamoDbStreamSource] = field(default_factory=list)
+    websocket: WebSocketGateway | None = None
     demo_token: str | None = None
     admin_token: str | None = None
     _servers: list[Any] = field(default_factory=list)
@@ -350,7 +374,13 @@ class RunningStack:
             "moto_url": self.moto.url,
             "stack_name": self.stack.name,
             "region": self.stack.region,
-            "outputs": {**self.stack.outputs(), "ApiUrl": self.api_url},
+            "outputs": {
+                **self.stack.outputs(),
+                "ApiUrl": self.api_url,
+                **self._websocket_outputs(),
+            },
+            "websocket_url": self.websocket.url if self.websocket else None,
+            "websocket_management_url": self.websocket.management_url if self.websocket else None,
             "resources": dict(self.stack.resolver.refs),
             "image_servers": [s.url for s in self.image_servers],
             "speech_servers": [s.url for s in self.speech_servers],
@@ -366,6 +396,16 @@ class RunningStack:
             },
             "functions": sorted(self.functions),
         }
+
+    def __post_init__(self) -> None:
+        """The gateways answer 503 until the stack is ready."""
+        self.gateway.ready = self._ready.is_set
+        if self.websocket is not None:
+            self.websocket.functions = self.functions
+            self.websocket.ready = self._ready.is_set
+
+    def _websocket_outputs(self) -> dict[str, str]:
+        return {"WebSocketUrl": self.websocket.url} if self.websocket else {}
 
     def start_event_sources(self) -> None:
         """The SQS event source mappings, then the DynamoDB Streams ones."""
@@ -385,6 +425,8 @@ class RunningStack:
             self.s3_events.stop()
         for server in self._servers:
             server.shutdown()
+        if self.websocket is not None:
+            self.websocket.stop()
         for runtime in self.functions.values():
             runtime.stop()
         for image_server in self.image_servers:
@@ -457,11 +499,40 @@ def s3_event_bridge(
     )
 
 
+def _start_websocket_gateway(
+    stack: LocalStack, options: StackOptions, log: LogPrinter
+) -> WebSocketGateway | None:
+    """The template's WebSocket API, listening (its functions are attached later)."""
+    api = websocket_api(stack.template)
+    if api is None:
+        return None
+    websocket = WebSocketGateway(api, log=log.system)
+    websocket.start(HOST, options.ws_port)
+    return websocket
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """A reader polling for the file never sees it half written."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     partial.replace(path)
+
+
+def local_function_env(options: StackOptions, stack: LocalStack) -> dict[str, str]:
+    """What the local stack adds to every function's environment (`--env` wins)."""
+    env = dict(options.function_env)
+    # Webhook receivers on this machine (http, loopback) are fine locally; in the cloud the
+    # SSRF guard refuses them (the flag is not a template parameter, so it cannot be set there).
+    env.setdefault("WEBHOOK_ALLOW_LOOPBACK", "true")
+    speedup = options.schedule_speedup
+    if speedup != 1:
+        # Compress the health-check clock with the schedules, so staleness keeps its meaning;
+        # webhook retries (30 s base) likewise.
+        period = float(stack.resolver.parameters.get("HealthCheckPeriodSeconds", 30))
+        env.setdefault("HEALTH_CHECK_PERIOD_SECONDS", str(period / speedup))
+        env.setdefault("SCHEDULE_PERIOD_SECONDS", str(60 / speedup))
+        env.setdefault("WEBHOOK_RETRY_BASE_SECONDS", str(30 / speedup))
+    return env
 
 
 def start_stack(options: StackOptions) -> RunningStack:
@@ -505,16 +576,9 @@ def start_stack(options: StackOptions) -> RunningStack:
         "AWS_ENDPOINT_URL": moto.url,
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
-    extra_env = dict(options.function_env)
-    # Webhook receivers on this machine (http, loopback) are fine locally; in the cloud the
-    # SSRF guard refuses them (the flag is not a template parameter, so it cannot be set there).
-    extra_env.setdefault("WEBHOOK_ALLOW_LOOPBACK", "true")
-    if options.schedule_speedup != 1:
-        # Compress the health-check clock with the schedules, so staleness keeps its meaning.
-        period = float(stack.resolver.parameters.get("HealthCheckPeriodSeconds", 30))
-        extra_env.setdefault("HEALTH_CHECK_PERIOD_SECONDS", str(period / options.schedule_speedup))
-        extra_env.setdefault("SCHEDULE_PERIOD_SECONDS", str(60 / options.schedule_speedup))
-    specs = function_specs(stack, extra_env)
+    extra_env = local_function_env(options, stack)
+    websocket = _start_websocket_gateway(stack, options, log)
+    specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket))
     functions = {
         name: FunctionRuntime(
             spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
@@ -562,9 +626,9 @@ def start_stack(options: StackOptions) -> RunningStack:
         speech_servers=speech_servers,
         s3_events=s3_events,
         stream_sources=stream_event_sources(stack, functions, log, options.region),
+        websocket=websocket,
         _servers=[http_server],
     )
-    gateway.ready = running._ready.is_set
     for thread in warmers:
         thread.join(timeout=60)
     for schedule in schedules:
@@ -648,6 +712,8 @@ def banner(running: RunningStack) -> str:
             "-F file=@hello.wav",
             f"  .venv/bin/gpuqueue --api-url {api} transcribe hello.wav",
         ]
+    # Finished tasks pushed over WebSocket: connect with the token in the query string.
+    push = [f"  push           {running.websocket.url}?token=$TOKEN"] if running.websocket else []
     return "\n".join(
         [
             "",
@@ -659,6 +725,7 @@ def banner(running: RunningStack) -> str:
             f"  GPU stand-ins  {', '.join(s.url for s in running.image_servers) or 'none'}",
             f"  speech         {', '.join(s.url for s in running.speech_servers) or 'none'}",
             f"  AWS (moto)     {running.moto.url}",
+            *push,
             "",
             "Try it:",
             f"  export TOKEN={token}",
