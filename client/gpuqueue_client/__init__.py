@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import webhooks
 from .client import (
     SYNC_AUDIO_MAX_BYTES,
     TERMINAL_STATUSES,
@@ -13,15 +14,20 @@ from .client import (
     transcribe_request_size,
     wav_header,
 )
+from .push import PUSH_URL_HEADER
+from .webhooks import WebhookVerificationError
 
 __all__ = [
+    "PUSH_URL_HEADER",
     "SYNC_AUDIO_MAX_BYTES",
     "TERMINAL_STATUSES",
     "ApiError",
     "ChainedReader",
     "GpuqueueClient",
+    "WebhookVerificationError",
     "audio_content_type",
     "fits_sync",
     "transcribe_request_size",
     "wav_header",
+    "webhooks",
 ]

@@ -1,5 +1,5 @@
 """`gpuqueue`: register, log in, submit, wait for and download images, transcribe speech;
-operators: endpoints."""
+operators: endpoints; webhook receivers: verify and sign deliveries."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import credentials
+from . import credentials, webhooks
 from .client import (
     PCM_SAMPLE_WIDTH,
     ApiError,
@@ -218,6 +218,16 @@ def logout(ctx: typer.Context) -> None:
     state.out.print("logged out" if forgotten else "not logged in")
 
 
+PushOption = Annotated[
+    bool,
+    typer.Option(
+        "--push/--no-push",
+        help="With --wait: hear of the end over the API's WebSocket when it offers one "
+        "(else, or if it drops: poll); --no-push always polls.",
+    ),
+]
+
+
 @app.command()
 def generate(
     ctx: typer.Context,
@@ -247,6 +257,7 @@ def generate(
     poll_interval: Annotated[
         float, typer.Option(help="With --wait: seconds between polls.", min=0.01)
     ] = 1.0,
+    push: PushOption = True,
 ) -> None:
     """Queue an image task; print its id (with --wait: wait, download, print the file)."""
     state = _state(ctx)
@@ -267,7 +278,7 @@ def generate(
         return
     started = time.monotonic()
     with friendly_errors(state):
-        _wait_until_done(state, client, task_id, timeout, poll_interval)
+        _wait_until_done(state, client, task_id, timeout, poll_interval, push=push)
         elapsed = time.monotonic() - started
         image = client.download_image(task_id)
     path = output if output is not None else Path(f"{task_id}.png")
@@ -283,12 +294,13 @@ def _wait_until_done(
     timeout: float,
     poll_interval: float,
     *,
+    push: bool = True,
     follow_up: str = "",
 ) -> dict[str, Any]:
     """Wait for the task (a live status line); fail unless it ends DONE."""
     check = f"`gpuqueue task {task_id}`{follow_up}"
     try:
-        task = _wait_with_status(state, client, task_id, timeout, poll_interval)
+        task = _wait_with_status(state, client, task_id, timeout, poll_interval, push=push)
     except TimeoutError:
         state.fail(
             f"error: task {task_id} not finished after {timeout:g} s; check on it with {check}"
@@ -305,7 +317,13 @@ def _wait_until_done(
 
 
 def _wait_with_status(
-    state: State, client: GpuqueueClient, task_id: str, timeout: float, poll_interval: float
+    state: State,
+    client: GpuqueueClient,
+    task_id: str,
+    timeout: float,
+    poll_interval: float,
+    *,
+    push: bool = True,
 ) -> dict[str, Any]:
     started = time.monotonic()
     if state.err.is_terminal:
@@ -323,7 +341,11 @@ def _wait_with_status(
                 progress.update(line, description=_status_line(task_id, task))
 
             return client.wait(
-                task_id, timeout=timeout, poll_interval=poll_interval, on_update=refresh
+                task_id,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                on_update=refresh,
+                push=push,
             )
 
     # Not a terminal (a pipe, CI): one line per change of state, not a redraw per poll.
@@ -335,7 +357,9 @@ def _wait_with_status(
             elapsed = time.monotonic() - started
             state.err.print(f"{_status_line(task_id, task)} ({elapsed:.1f} s)", soft_wrap=True)
 
-    return client.wait(task_id, timeout=timeout, poll_interval=poll_interval, on_update=log_change)
+    return client.wait(
+        task_id, timeout=timeout, poll_interval=poll_interval, on_update=log_change, push=push
+    )
 
 
 def _status_line(task_id: str, task: dict[str, Any]) -> str:
@@ -495,6 +519,7 @@ def transcribe(
     poll_interval: Annotated[
         float, typer.Option(help="With --wait: seconds between polls.", min=0.01)
     ] = 1.0,
+    push: PushOption = True,
 ) -> None:
     """Transcribe FILE; print the text, then its language and duration (on stderr).
 
@@ -555,6 +580,7 @@ def transcribe(
         wait=wait,
         timeout=timeout,
         poll_interval=poll_interval,
+        push=push,
     )
 
 
@@ -571,6 +597,7 @@ def _transcribe_async(
     wait: bool,
     timeout: float,
     poll_interval: float,
+    push: bool = True,
 ) -> None:
     """Start an async transcription, upload FILE (raw PCM wrapped into WAV), wait, print."""
     if pcm is not None:
@@ -635,6 +662,7 @@ def _transcribe_async(
             task_id,
             timeout,
             poll_interval,
+            push=push,
             follow_up=f", then `gpuqueue transcript {task_id}`",
         )
         body = client.transcript(task_id)
@@ -901,6 +929,90 @@ def endpoints_delete(ctx: typer.Context, endpoint_id: EndpointIdArgument) -> Non
     with friendly_errors(state):
         client.delete_endpoint(endpoint_id)
     state.out.print(f"endpoint {endpoint_id} deleted", soft_wrap=True)
+
+
+# -- webhooks (receivers) ---------------------------------------------------------------------
+
+webhook_app = typer.Typer(
+    help="Webhook receivers: check a delivery's signature, or sign a body to test one.",
+    no_args_is_help=True,
+)
+app.add_typer(webhook_app, name="webhook")
+
+SecretOption = Annotated[
+    list[str],
+    typer.Option(
+        "--secret",
+        metavar="SECRET",
+        envvar="GPUQUEUE_WEBHOOK_SECRET",
+        help="The webhook secret; give it twice during a rotation (new and old; in the "
+        "variable: separated by spaces).",
+        show_default=False,
+    ),
+]
+BodyFileOption = Annotated[
+    typer.FileBinaryRead,
+    typer.Option(
+        "--body-file",
+        metavar="FILE",
+        help="The raw request body, byte for byte; - reads standard input.",
+        show_default=False,
+    ),
+]
+
+
+def _webhook_secrets(secrets: list[str]) -> list[str]:
+    if not secrets or not all(secrets):
+        raise typer.BadParameter("a webhook secret must not be empty", param_hint="'--secret'")
+    return secrets
+
+
+@webhook_app.command("verify")
+def webhook_verify(
+    ctx: typer.Context,
+    secret: SecretOption,
+    signature: Annotated[
+        str,
+        typer.Option(
+            "--signature",
+            help="The X-Gpuqueue-Signature header's value (t=...,v1=...).",
+            show_default=False,
+        ),
+    ],
+    body_file: BodyFileOption,
+    tolerance: Annotated[
+        int, typer.Option(help="Refuse a timestamp more than this many seconds from now.", min=0)
+    ] = webhooks.DEFAULT_TOLERANCE_SECONDS,
+) -> None:
+    """Check a delivery: print `valid` (exit 0), or why it must be refused (exit 1)."""
+    state = _state(ctx)
+    secrets = _webhook_secrets(secret)
+    name, colon, value = signature.partition(":")
+    header = value if colon and name.strip().lower() == "x-gpuqueue-signature" else signature
+    try:
+        webhooks.verify_or_raise(
+            secrets, header.strip(), body_file.read(), tolerance_seconds=tolerance
+        )
+    except webhooks.WebhookVerificationError as exc:
+        state.fail(f"invalid: {exc.reason}")
+    state.out.print("valid")
+
+
+@webhook_app.command("sign")
+def webhook_sign(
+    ctx: typer.Context,
+    secret: SecretOption,
+    body_file: BodyFileOption,
+    timestamp: Annotated[
+        int | None,
+        typer.Option(help="The t= to sign with (unix seconds).", show_default="now", min=0),
+    ] = None,
+) -> None:
+    """Print the X-Gpuqueue-Signature value for a body, to test a receiver (with curl)."""
+    state = _state(ctx)
+    secrets = _webhook_secrets(secret)
+    when = int(time.time()) if timestamp is None else timestamp
+    state.out.print(webhooks.sign(secrets, body_file.read(), timestamp=when), soft_wrap=True)
 
 
 def main() -> None:

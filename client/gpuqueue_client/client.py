@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import logging
 import mimetypes
 import os
 import re
@@ -17,6 +18,10 @@ from urllib.parse import quote, urljoin
 
 import requests
 from urllib3.filepost import encode_multipart_formdata
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from .push import PUSH_URL_HEADER, push_connect_url, pushed_task
 
 TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELED", "EXPIRED"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -45,6 +50,11 @@ AUDIO_CONTENT_TYPES: Mapping[str, str] = {
 }
 PCM_SAMPLE_WIDTH = 2  # the PCM route takes 16-bit little-endian samples
 _UPLOAD_CHUNK = 1 << 20
+# Waiting on a push socket: how long its opening and closing handshakes may take.
+PUSH_OPEN_TIMEOUT = 10.0
+PUSH_CLOSE_TIMEOUT = 2.0
+
+_log = logging.getLogger(__name__)
 
 
 class Readable(Protocol):
@@ -139,10 +149,15 @@ class GpuqueueClient:
     """One API endpoint, optionally one user's bearer token.
 
     `register` and `login` store the token they get on the client (`token`, `expires_at`).
+    `push_url` is the WebSocket URL the API last announced (`X-Push-Url`, on the submit
+    answer and task status answers), None while it has announced none: `wait` uses it.
     """
 
     # The largest synchronous speech request this client sends (see SYNC_AUDIO_MAX_BYTES).
     sync_max_bytes: int = SYNC_AUDIO_MAX_BYTES
+    # Waiting on push, the task's status is still read this often: a lost event costs this
+    # much delay, never the whole timeout.
+    push_check_interval: float = 30.0
 
     def __init__(
         self,
@@ -155,6 +170,7 @@ class GpuqueueClient:
         self.api_url = api_url.rstrip("/")
         self.token = token
         self.expires_at: float | None = None
+        self.push_url: str | None = None
         self.session = session if session is not None else requests.Session()
         self.timeout = timeout
 
@@ -197,7 +213,10 @@ class GpuqueueClient:
         seed: int | None = None,
         priority: str | None = None,
     ) -> dict[str, Any]:
-        """Queue an image task; returns `{"task_id", "status", "message"}`."""
+        """Queue an image task; returns `{"task_id", "status", "message"}`.
+
+        The answer's `X-Push-Url`, when there is one, is kept in `push_url`.
+        """
         payload: dict[str, Any] = {"prompt": prompt}
         optional = {
             "negative_prompt": negative_prompt,
@@ -261,22 +280,95 @@ class GpuqueueClient:
         timeout: float = 300,
         poll_interval: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
+        push: bool = True,
     ) -> dict[str, Any]:
-        """Poll the task until DONE, FAILED, CANCELED or EXPIRED; TimeoutError after `timeout` s."""
+        """Wait until the task is DONE, FAILED, CANCELED or EXPIRED; TimeoutError after `timeout` s.
+
+        With `push` and a `push_url` known (from the submit answer or the first status
+        answer) the task's final event is awaited on the API's WebSocket; if that cannot
+        connect, or drops, the task is polled every `poll_interval` s for the time left.
+        `on_update` gets each task state read (and the pushed final one).
+        """
         deadline = time.monotonic() + timeout
         interval = max(poll_interval, 0.0)
+        push_tried = not push
         while True:
+            if not push_tried and self.push_url:
+                push_tried = True
+                pushed = self._wait_by_push(self.push_url, task_id, deadline, on_update)
+                if pushed is not None:
+                    return pushed
             task = self.get_task(task_id)
             if on_update is not None:
                 on_update(task)
             if task.get("status") in TERMINAL_STATUSES:
                 return task
+            if not push_tried and self.push_url:
+                continue  # this answer announced push: connect now, not after a poll interval
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
                     f"task {task_id} is still {task.get('status')} after {timeout:g} s"
                 )
             time.sleep(min(interval, remaining))
+
+    def _wait_by_push(
+        self,
+        push_url: str,
+        task_id: str,
+        deadline: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any] | None:
+        """The final task, from the push socket; None to poll instead (no socket, it
+        dropped, or the deadline came: the poll loop's last read decides then)."""
+        url = push_connect_url(push_url, self.token or "", api_url=self.api_url)
+        remaining = deadline - time.monotonic()
+        if url is None or not self.token or remaining <= 0:
+            return None
+        try:
+            socket = connect(
+                url,
+                open_timeout=min(PUSH_OPEN_TIMEOUT, remaining),
+                close_timeout=PUSH_CLOSE_TIMEOUT,
+            )
+        except (OSError, WebSocketException) as exc:  # refused, timed out, TLS, HTTP 4xx
+            _log.info("push unavailable, polling instead: %s", type(exc).__name__)
+            return None
+        with socket:
+            return self._await_pushed(socket, task_id, deadline, on_update)
+
+    def _await_pushed(
+        self,
+        socket: ClientConnection,
+        task_id: str,
+        deadline: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any] | None:
+        next_check = time.monotonic()  # read once now: it may have ended before we connected
+        while True:
+            now = time.monotonic()
+            if now >= next_check:
+                task = self.get_task(task_id)
+                if on_update is not None:
+                    on_update(task)
+                if task.get("status") in TERMINAL_STATUSES:
+                    return task
+                next_check = time.monotonic() + self.push_check_interval
+                now = time.monotonic()
+            if now >= deadline:
+                return None
+            try:
+                frame = socket.recv(timeout=max(min(deadline, next_check) - now, 0.0))
+            except TimeoutError:
+                continue
+            except (OSError, WebSocketException) as exc:  # closed by the API or the network
+                _log.info("push connection lost, polling instead: %s", type(exc).__name__)
+                return None
+            final = pushed_task(frame, task_id)
+            if final is not None and final.get("status") in TERMINAL_STATUSES:
+                if on_update is not None:
+                    on_update(final)
+                return final
 
     # -- speech ---------------------------------------------------------------------------
 
@@ -539,6 +631,9 @@ class GpuqueueClient:
         expected_redirect = not allow_redirects and response.status_code in _REDIRECTS
         if not (200 <= response.status_code < 300 or expected_redirect):
             raise ApiError.from_response(response)
+        push_url = response.headers.get(PUSH_URL_HEADER)
+        if push_url:
+            self.push_url = push_url.strip()
         return response
 
     @staticmethod
