@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         help="API port (default $GPUQUEUE_PORT or 3000; 0 = any free port)",
     )
     parser.add_argument("--moto-port", type=int, default=0, help="moto server port (0 = free)")
+    parser.add_argument(
+        "--ws-port", type=int, default=0, help="WebSocket API port (push; 0 = a free port)"
+    )
     parser.add_argument("--image-servers", type=int, default=2, help="stand-in image endpoints")
     parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
     parser.add_argument("--image-capacity", type=int, default=0, help="0 = unlimited")
@@ -79,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     return StackOptions(
         port=args.port,
         moto_port=args.moto_port,
+        ws_port=args.ws_port,
         image_servers=args.image_servers,
         image_latency_s=args.image_latency,
         image_capacity=args.image_capacity,

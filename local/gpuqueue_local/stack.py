@@ -209,11 +209,13 @@ def local_aws_urls(
     stack: LocalStack, moto_url: str, websocket: WebSocketGateway | None
 ) -> dict[str, str]:
     """The one place AWS URLs in function env vars become local ones: the user pool's JWKS
-    (served by moto) and the WebSocket API's management endpoint (the local gateway's)."""
+    (served by moto) and the WebSocket API's URL and management endpoint (the local
+    gateway's)."""
     urls = {}
     if "UserPool" in stack.resolver.refs:
         urls["JWKS_URL"] = jwks_url(moto_url, stack.ref("UserPool"))
     if websocket is not None:
+        urls["WEBSOCKET_URL"] = websocket.url
         urls["WEBSOCKET_MANAGEMENT_URL"] = websocket.management_url
     return urls
 

@@ -46,6 +46,8 @@ HANDLER_MODULES = (
     "task_events_handler",
     "deadletter_handler",
     "webhook_handler",
+    "connect_handler",
+    "disconnect_handler",
 )
 # Functions whose environment would clash with another's in this one process (the priority
 # lane's dispatcher: the same code, TASK_QUEUE_URL the priority queue). `deliver(lane="high")`
