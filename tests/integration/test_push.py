@@ -28,7 +28,7 @@ from gpuqueue_local.gateway import jwks_url
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.template import load_template
 from gpuqueue_local.websocket_gateway import WebSocketGateway, websocket_api
-from gpuqueue_testing import FakeLambdaContext, wait_for
+from gpuqueue_testing import FakeLambdaContext, load_event, wait_for
 
 
 @dataclass
@@ -276,3 +276,25 @@ def test_expired_rows_ttl_has_not_deleted_yet_are_not_pushed_to(push: PushStack)
         }
     )
     assert ConnectionStore(table).by_user(alice.sub) == []
+
+
+# --- the sample events (what `sam local invoke` sends) -----------------------------------------
+
+
+def test_the_connect_sample_is_refused_its_token_being_a_placeholder(push: PushStack) -> None:
+    result = InProcessFunction("connect_handler").invoke(load_event("connect_token"))
+
+    assert result.ok
+    assert result.payload["statusCode"] == 401
+
+
+def test_the_disconnect_sample_forgets_its_connection(push: PushStack) -> None:
+    event = load_event("disconnect_client")
+    connection_id = event["requestContext"]["connectionId"]
+    table = boto3.resource("dynamodb").Table(push.harness.stack.ref("ConnectionsTable"))
+    ConnectionStore(table).put(connection_id, "3f6b2c1e-8d4a-4f5e-9b7c-1a2d3e4f5a6b")
+
+    result = InProcessFunction("disconnect_handler").invoke(event)
+
+    assert result.ok
+    assert "Item" not in table.get_item(Key={"connection_id": connection_id})
