@@ -15,7 +15,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
 from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
@@ -85,6 +85,9 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
         answer = _submit(caller.sub, body, caller.groups)
     task_id = str(answer["task_id"])
     response_headers = {"Location": f"/api/v1/tasks/{task_id}", **rate_headers}
+    push_url = SubmitSettings().websocket_url
+    if push_url:
+        response_headers[PUSH_URL_HEADER] = push_url
     wait = requested_wait(headers.get("prefer"))
     if wait is not None:
         response_headers["Preference-Applied"] = f"wait={wait}"

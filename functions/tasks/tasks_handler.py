@@ -16,7 +16,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients, webhooks
-from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore
@@ -43,6 +43,7 @@ class Deps:
     positions: QueuePositions | None
     fleet: EndpointRegistry | None
     health_max_age_seconds: float
+    push_url: str | None
 
 
 @cache
@@ -68,6 +69,7 @@ def deps() -> Deps:
             else None
         ),
         health_max_age_seconds=3.0 * settings.health_check_period_seconds,
+        push_url=settings.websocket_url,
     )
 
 
@@ -112,13 +114,16 @@ def _status(task_id: str, owner: str) -> Response[str]:
     """The task; with `Prefer: wait=N`, once it is final or N seconds have passed."""
     wait = requested_wait(app.current_event.headers.get("prefer"))
     task = deps().tasks.get_for_owner(task_id, owner)
+    push_url = deps().push_url
+    headers = {PUSH_URL_HEADER: push_url} if push_url else {}
     if wait is None:
-        return _json(view(task).model_dump_json())
+        return _json(view(task).model_dump_json(), headers)
     remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
     task = wait_until_final(
         lambda: deps().tasks.get_for_owner(task_id, owner), wait_budget(wait, remaining)
     )
-    return _json(view(task).model_dump_json(), {"Preference-Applied": f"wait={wait}"})
+    headers["Preference-Applied"] = f"wait={wait}"
+    return _json(view(task).model_dump_json(), headers)
 
 
 @app.get("/api/v1/tasks/<task_id>")

@@ -122,7 +122,9 @@ class StreamReader:
 
     def read_by_shard(self) -> list[tuple[str, list[dict[str, Any]]]]:
         """`read`, keeping each shard's records apart: [(shard id, records)]."""
-        if time.monotonic() - self._refreshed_at >= SHARD_REFRESH_S:
+        # Until a shard exists (moto makes the first on the first write), look every read:
+        # otherwise the first records would wait a whole refresh period.
+        if not self._shards or time.monotonic() - self._refreshed_at >= SHARD_REFRESH_S:
             self.refresh()
         batches = []
         for shard in list(self._shards.values()):

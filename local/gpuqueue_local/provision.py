@@ -64,7 +64,7 @@ class LocalStack:
         }
 
 
-def _physical_name(stack: str, logical_id: str) -> str:
+def physical_name(stack: str, logical_id: str) -> str:
     return f"{stack}-{logical_id}"
 
 
@@ -72,7 +72,7 @@ def _create_table(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
     ddb = boto3.client("dynamodb", region_name=region)
-    name = props.get("TableName") or _physical_name(stack, logical_id)
+    name = props.get("TableName") or physical_name(stack, logical_id)
     kwargs: dict[str, Any] = {
         "TableName": name,
         "AttributeDefinitions": props["AttributeDefinitions"],
@@ -107,7 +107,7 @@ def _create_queue(
 ) -> dict[str, str]:
     sqs = boto3.client("sqs", region_name=region)
     fifo = bool(props.get("FifoQueue"))
-    name = props.get("QueueName") or _physical_name(stack, logical_id) + (".fifo" if fifo else "")
+    name = props.get("QueueName") or physical_name(stack, logical_id) + (".fifo" if fifo else "")
     attributes: dict[str, Any] = {k: str(props[k]) for k in _QUEUE_ATTRIBUTES if k in props}
     if fifo:
         attributes["FifoQueue"] = "true"
@@ -141,7 +141,7 @@ def _create_bucket(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
     s3 = boto3.client("s3", region_name=region)
-    name = props.get("BucketName") or _physical_name(stack, logical_id).lower()
+    name = props.get("BucketName") or physical_name(stack, logical_id).lower()
     if region == "us-east-1":
         s3.create_bucket(Bucket=name)
     else:
@@ -177,7 +177,7 @@ def _create_user_pool(
 ) -> dict[str, str]:
     cognito = boto3.client("cognito-idp", region_name=region)
     kwargs: dict[str, Any] = {
-        "PoolName": props.get("UserPoolName", _physical_name(stack, logical_id))
+        "PoolName": props.get("UserPoolName", physical_name(stack, logical_id))
     }
     for key in ("Policies", "UsernameConfiguration", "AdminCreateUserConfig"):
         if key in props:
@@ -192,7 +192,7 @@ def _create_user_pool_client(
     cognito = boto3.client("cognito-idp", region_name=region)
     kwargs: dict[str, Any] = {
         "UserPoolId": props["UserPoolId"],
-        "ClientName": props.get("ClientName", _physical_name(stack, logical_id)),
+        "ClientName": props.get("ClientName", physical_name(stack, logical_id)),
         "GenerateSecret": bool(props.get("GenerateSecret", False)),
     }
     for key in (
@@ -215,7 +215,7 @@ def _create_user_pool_group(
     cognito = boto3.client("cognito-idp", region_name=region)
     kwargs: dict[str, Any] = {
         "UserPoolId": props["UserPoolId"],
-        "GroupName": props.get("GroupName", _physical_name(stack, logical_id)),
+        "GroupName": props.get("GroupName", physical_name(stack, logical_id)),
     }
     for key in ("Description", "Precedence", "RoleArn"):
         if key in props:
@@ -238,7 +238,7 @@ def _create_secret(
         secrets.choice(alphabet) for _ in range(int(generate.get("PasswordLength", 32)))
     )
     created = client.create_secret(
-        Name=props.get("Name", _physical_name(stack, logical_id)),
+        Name=props.get("Name", physical_name(stack, logical_id)),
         Description=props.get("Description", ""),
         SecretString=value,
     )
@@ -282,7 +282,7 @@ def provision(
     pending = dict(template.get("Resources", {}))
     for logical_id, resource in list(pending.items()):
         if resource["Type"] not in CREATORS:
-            resolver.refs[logical_id] = _physical_name(stack_name, logical_id)
+            resolver.refs[logical_id] = physical_name(stack_name, logical_id)
             stack.skipped.append(logical_id)
             del pending[logical_id]
     # Resolve what we can each round; a resource waits until what it references exists.

@@ -17,13 +17,14 @@ import sys
 
 from moto.server import ThreadedMotoServer
 
-from gpuqueue_local.provision import LocalStack, provision
+from gpuqueue_local.provision import LocalStack, physical_name, provision
 from gpuqueue_local.stack import (
     DOCKER_MOTO_PORT,
     IMAGE_PORT_BASE_FOR_DOCKER,
     MOTO_DETERMINISTIC_IDS,
     SPEECH_PORT_BASE_FOR_DOCKER,
 )
+from gpuqueue_local.template import resources_of_type
 
 DOCKER_HOST = "host.docker.internal"
 
@@ -31,9 +32,18 @@ DOCKER_HOST = "host.docker.internal"
 def sam_env_vars(stack: LocalStack, moto_url: str) -> dict[str, dict[str, str]]:
     """{function logical id: env} with the local endpoints rewritten for Docker."""
     docker_moto = f"http://{DOCKER_HOST}:{DOCKER_MOTO_PORT}"
+    # A secret's ARN ends in a random suffix (moto's, as AWS's); Secrets Manager takes its
+    # name as SecretId too, and the name is the same in every local stack.
+    secrets = {
+        stack.ref(logical_id): physical_name(stack.name, logical_id)
+        for logical_id in resources_of_type(stack.template, "AWS::SecretsManager::Secret")
+    }
     result = {}
     for function in stack.functions():
-        env = {k: v.replace(moto_url, docker_moto) for k, v in stack.function_env(function).items()}
+        env = {
+            k: secrets.get(v, v).replace(moto_url, docker_moto)
+            for k, v in stack.function_env(function).items()
+        }
         env["AWS_ENDPOINT_URL"] = docker_moto
         env["POWERTOOLS_TRACE_DISABLED"] = "true"
         result[function] = dict(sorted(env.items()))

@@ -147,3 +147,13 @@ def test_a_prefer_header_without_a_usable_wait_is_ignored(make_stack, alice, pre
 
     assert answer.status == 202
     assert "preference-applied" not in answer.headers
+
+
+def test_submit_and_status_answers_name_the_push_url(make_stack, alice):
+    h = make_stack()
+
+    submitted = h.submit(alice)
+    status = _status(h, alice, submitted.json()["task_id"])
+
+    assert submitted.headers["x-push-url"].startswith("wss://")
+    assert status.headers["x-push-url"] == submitted.headers["x-push-url"]

@@ -19,6 +19,9 @@ from gpuqueue.models import ErrorBody
 
 logger = Logger(child=True)
 
+# Submit and status answers name the WebSocket API clients may wait on instead of polling.
+PUSH_URL_HEADER = "X-Push-Url"
+
 STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.InvalidInput: HTTPStatus.BAD_REQUEST,
     errors.WeakPassword: HTTPStatus.BAD_REQUEST,

@@ -45,6 +45,7 @@ class SubmitLimitsSettings(_Settings):
 
 class SubmitSettings(SubmitLimitsSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+    websocket_url: str | None = None  # sent as X-Push-Url
 
 
 class DeadLetterSettings(_Settings):
@@ -102,6 +103,7 @@ class TasksSettings(_Settings):
     tasks_table: str
     images_bucket: str
     webhook_queue_url: str | None = None  # redelivery; None: no webhooks on this stack
+    websocket_url: str | None = None  # sent as X-Push-Url
     # Queue positions (the lanes' counters) and ETAs (the fleet's measured call times).
     limits_table: str | None = None
     endpoints_table: str | None = None
