@@ -102,8 +102,11 @@ def test_a_webhook_receiver_gets_one_valid_signed_delivery_after_failing_twice(
 
 def test_prefer_wait_returns_the_finished_task_instead_of_202(local_stack, new_user):
     started = time.monotonic()
-    answer = new_user.post(
-        "/api/v1/image/async", json={"prompt": "quick"}, headers={"Prefer": "wait=10"}
+    answer = requests.post(
+        f"{new_user.api}/api/v1/image/async",
+        json={"prompt": "quick"},
+        headers={**new_user.auth, "Prefer": "wait=10"},
+        timeout=30,
     )
 
     assert answer.status_code == 200, answer.text
