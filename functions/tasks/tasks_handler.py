@@ -77,14 +77,20 @@ def view(task: Task) -> TaskView:
     """The task as the API shows it; a QUEUED task with its position and ETA (estimates)."""
     shown = TaskView.of(task)
     d = deps()
-    position = d.positions.position(task) if d.positions is not None else None
+    if d.positions is None or task.status is not TaskStatus.QUEUED:
+        return shown
+    lane = d.positions.lane(task.priority)
+    position = d.positions.position(task, lane)
     if position is None:
         return shown
     eta = None
     if d.fleet is not None:
-        fleet = d.fleet.fleet(task.kind)
         eta = estimate(
-            position, fleet, now=time.time(), max_age_seconds=d.health_max_age_seconds
+            position,
+            d.fleet.fleet(task.kind),
+            now=time.time(),
+            max_age_seconds=d.health_max_age_seconds,
+            gap_seconds=lane.gap_seconds,
         ).eta_seconds
     return shown.model_copy(update={"queue_position": position, "eta_seconds": eta})
 

@@ -9,9 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import boto3
 import pytest
@@ -19,7 +17,7 @@ import requests
 
 from gpuqueue_testing import wait_for
 
-from .conftest import ApiUser, LocalStackProcess, running_stack
+from .conftest import LocalStackProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
@@ -125,61 +123,3 @@ def test_prefer_wait_on_status(local_stack, new_user):
     )
 
     assert answer.json()["status"] == "DONE"
-
-
-@pytest.fixture(scope="module")
-def one_slot_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
-    # One endpoint, one slot, a known call time: a queue whose drain time is predictable.
-    with running_stack(
-        tmp_path_factory.mktemp("one-slot"),
-        "--image-servers",
-        "1",
-        "--image-latency",
-        str(CALL_SECONDS),
-        "--speech-servers",
-        "0",
-        "--no-s3-events",
-        "--param",
-        "SubmitBurst=100",
-    ) as stack:
-        yield stack
-
-
-def _user(stack: LocalStackProcess) -> ApiUser:
-    username = f"eta{time.monotonic_ns()}"
-    response = requests.post(
-        f"{stack.api}/register", json={"username": username, "password": "pass1234word"}, timeout=30
-    )
-    assert response.status_code == 201, response.text
-    return ApiUser(stack.api, username, "pass1234word", response.json()["token"])
-
-
-def _time(value: str) -> float:
-    return datetime.fromisoformat(value).timestamp()
-
-
-def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(one_slot_stack):
-    user = _user(one_slot_stack)
-    # Two calls measure the endpoint (the ETA needs measured call times).
-    for task_id in [user.submit(f"warm {i}") for i in range(2)]:
-        user.wait(task_id)
-    ids = [user.submit(f"queued {i}") for i in range(8)]
-    last = ids[-1]
-    first_look = user.get(f"/api/v1/tasks/{last}").json()
-    asked_at = time.time()
-
-    positions = []
-    while True:
-        task: dict[str, Any] = user.get(f"/api/v1/tasks/{last}").json()
-        if task["status"] != "QUEUED":
-            break
-        positions.append(task["queue_position"])
-        time.sleep(0.3)
-    done = user.wait(last, timeout=60)
-
-    assert first_look["queue_position"] >= 6  # at most the first two have started
-    assert positions == sorted(positions, reverse=True)
-    assert positions[-1] == 0
-    actual = _time(done["updated_at"]) - asked_at
-    estimated = first_look["eta_seconds"]
-    assert abs(estimated - actual) <= 0.2 * actual, (estimated, actual)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import boto3
 import pytest
 
 from gpuqueue_local.standins.image_server import ImageServerKnobs
@@ -68,24 +69,28 @@ def test_lanes_keep_their_own_positions(make_stack, alice, vip):
     assert _position(h, vip, vip_task) == 0
 
 
-def test_the_eta_is_the_queue_ahead_over_the_fleets_measured_rate(make_stack, alice):
+def test_the_eta_is_the_queue_ahead_times_the_measured_gap_between_departures(make_stack, alice):
     h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.3)])
     h.run_checker()
-    # Two tasks measure the endpoint's call time (its slot's EWMA).
-    for _ in range(2):
+    # Three tasks measure the endpoint's call time and the lane's gap between departures.
+    for _ in range(3):
         h.submit(alice)
     h.drain()
     h.pump_task_events()
+    lane = boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
+    gap = float(lane.get_item(Key={"pk": "lane#normal"})["Item"]["gap_seconds"])
     ids = [h.submit(alice, {"prompt": f"q{i}"}).json()["task_id"] for i in range(4)]
 
     tasks = [_status(h, alice, t).json() for t in ids]
 
     assert [t["queue_position"] for t in tasks] == [0, 1, 2, 3]
-    etas = [t["eta_seconds"] for t in tasks]
-    call = etas[0]  # position 0: one call of its own
-    assert 0.3 <= call < 1.0
-    # One slot: each task ahead adds one call.
-    assert etas == pytest.approx([call * (p + 1) for p in range(4)], abs=0.15)
+    # One at a time here: a departure every call plus the work around it.
+    assert 0.3 <= gap < 3.0
+    own_call = tasks[0]["eta_seconds"]
+    assert 0.3 <= own_call < 1.0
+    assert [t["eta_seconds"] for t in tasks] == pytest.approx(
+        [own_call + p * gap for p in range(4)], abs=0.11
+    )
 
 
 def test_no_eta_before_any_call_time_is_measured(make_stack, alice):

@@ -98,3 +98,11 @@ def test_no_eta_without_measured_call_times():
     fleet = Fleet(endpoints=[endpoint("new", 4)])
 
     assert estimate(3, fleet, now=NOW, max_age_seconds=90).eta_seconds is None
+
+
+def test_a_measured_gap_between_departures_replaces_the_fleets_rate():
+    fleet = Fleet(endpoints=[endpoint("fast", 2)], call_seconds={"fast": {0: 4.0, 1: 4.0}})
+
+    eta = estimate(5, fleet, now=NOW, max_age_seconds=90, gap_seconds=2.5)
+
+    assert eta.eta_seconds == pytest.approx(5 * 2.5 + 4.0)

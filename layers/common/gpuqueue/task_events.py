@@ -16,7 +16,7 @@ from aws_lambda_powertools import Logger
 
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.models import Priority, Task, TaskStatus
-from gpuqueue.queue_position import QueuePositions
+from gpuqueue.queue_position import QueuePositions, departure_time
 
 logger = Logger(child=True)
 
@@ -121,7 +121,8 @@ class TaskEvents:
 
     def handle(self, transition: TaskTransition) -> None:
         if transition.left_waiting_line and self._positions is not None:
-            self._positions.left(transition.lane)
+            at = departure_time(transition.task.updated_at) if transition.task else None
+            self._positions.left(transition.lane, at=at)
         if not transition.ended:
             return
         if self._share is not None:
