@@ -5,13 +5,17 @@ conditional writes on one item can both pass: measured here, 1 in 30 races of fi
 UpdateItems on a fresh key produced two winners. Everything that relies on a conditional
 write (slot leases, task claims, per-user counters) would then be tested against a weaker
 database than the one it runs on. One lock around every DynamoDB write closes that gap;
-reads stay concurrent.
+reads stay concurrent. The write returns a copy of the item taken under the lock: moto hands
+back its live item, which a later write could change before the answer is serialised
+(ReturnValues would then show another write's values; measured: two concurrent rate-limit
+takes reporting the same remaining count).
 
 `python -m gpuqueue_local.moto_atomic [moto.server args]` runs a moto server so patched.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import threading
@@ -30,7 +34,7 @@ def _serialised(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def locked(*args: Any, **kwargs: Any) -> Any:
         with _LOCK:
-            return method(*args, **kwargs)
+            return copy.deepcopy(method(*args, **kwargs))
 
     setattr(locked, _MARK, True)
     return locked

@@ -210,7 +210,7 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     lane_stack.knobs(0, latency_s=1.0)
     try:
         # A burst first: the calls measure the endpoint, the departures the lane's pace.
-        for task_id in [user.submit(f"warm {i}") for i in range(5)]:
+        for task_id in [user.submit(f"warm {i}") for i in range(8)]:
             user.wait(task_id)
         ids = [user.submit(f"queued {i}") for i in range(10)]
         last = ids[-1]

@@ -133,11 +133,12 @@ def test_killed_endpoint_is_abandoned_at_once_and_every_task_still_finishes(make
     h.run_checker()
     victim.stop()  # dies between health checks: the table still says healthy
     ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(10)]
-    started = time.monotonic()
-    h.drain()
+    invocations = h.drain()
 
     assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 10
-    assert time.monotonic() - started < 5.0
+    # At once: each task finished in the invocation that first took it (a connect error
+    # moves it to the survivor there and then); none went back to wait out a backoff.
+    assert invocations == 10
     assert _endpoint(h, victim).circuit is CircuitState.OPEN
     assert survivor.stats()["calls"] == 10
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 KEY_PREFIX = "lane#"
-GAP_EWMA_ALPHA = 0.2
+GAP_EWMA_ALPHA = 0.3
 MAX_GAP_SECONDS = 120.0  # a longer gap between departures: the line was empty
 GAP_ROUNDS = 3  # optimistic-concurrency tries for the gap; then only the count is kept
 
