@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
+from gpuqueue.dynamodb_conditions import is_conditional_failure
 from gpuqueue.errors import ActiveTaskLimit
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ KEY_PREFIX = "active#"
 
 # Given task ids, the ones that no longer hold a share (ended, or gone).
 InactiveFinder = Callable[[Collection[str]], Set[str]]
-
-
-def _is_conditional_failure(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
 class ActiveTaskShare:
@@ -88,7 +85,7 @@ class ActiveTaskShare:
                 ExpressionAttributeValues={":ids": {task_id}, ":limit": self.limit},
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return False
             raise
         return True
@@ -104,5 +101,5 @@ class ActiveTaskShare:
                 ExpressionAttributeValues={":ids": set(task_ids)},
             )
         except ClientError as error:
-            if not _is_conditional_failure(error):
+            if not is_conditional_failure(error):
                 raise

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
+from gpuqueue.dynamodb_conditions import is_conditional_failure
 from gpuqueue.models import (
     CircuitState,
     Endpoint,
@@ -61,10 +62,6 @@ def _waiter_key(kind: TaskKind, task_id: str) -> str:
 
 def _num(value: float) -> Decimal:
     return Decimal(str(round(value, 3)))
-
-
-def _is_conditional_failure(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
 @dataclass
@@ -273,7 +270,7 @@ class EndpointRegistry:
                 ReturnValues="ALL_NEW",
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return None
             raise
         return Endpoint.model_validate(result["Attributes"])
@@ -286,7 +283,7 @@ class EndpointRegistry:
                 ConditionExpression="attribute_exists(endpoint_id)",
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return False
             raise
         return True
@@ -329,7 +326,7 @@ class EndpointRegistry:
                 ExpressionAttributeValues=values,
             )
         except ClientError as error:
-            if not _is_conditional_failure(error):
+            if not is_conditional_failure(error):
                 raise
 
     # --- dispatch outcomes ------------------------------------------------------------------
@@ -345,7 +342,7 @@ class EndpointRegistry:
                 ReturnValues="ALL_NEW",
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return False
             raise
         endpoint = Endpoint.model_validate(result["Attributes"])
@@ -362,7 +359,7 @@ class EndpointRegistry:
                 ExpressionAttributeValues={":open": CircuitState.OPEN.value, ":now": _num(now)},
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return False
             raise
         return True
@@ -383,7 +380,7 @@ class EndpointRegistry:
                 },
             )
         except ClientError as error:
-            if not _is_conditional_failure(error):
+            if not is_conditional_failure(error):
                 raise
 
     # --- slots ------------------------------------------------------------------------------
@@ -434,7 +431,7 @@ class EndpointRegistry:
                 ReturnValues="ALL_OLD",
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return None
             raise
         previous = result.get("Attributes", {}).get("call_seconds_ewma")
@@ -470,5 +467,5 @@ class EndpointRegistry:
                 ExpressionAttributeValues=values,
             )
         except ClientError as error:
-            if not _is_conditional_failure(error):
+            if not is_conditional_failure(error):
                 raise

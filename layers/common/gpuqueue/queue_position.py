@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from gpuqueue.dynamodb_conditions import is_conditional_failure
 from gpuqueue.endpoint_registry import Fleet
 from gpuqueue.models import Priority, Task, TaskStatus
 
@@ -118,7 +119,7 @@ class QueuePositions:
                 ExpressionAttributeValues=values,
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if is_conditional_failure(error):
                 return False
             raise
         return True

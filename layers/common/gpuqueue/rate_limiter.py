@@ -92,6 +92,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import ClientError
 
+from gpuqueue.dynamodb_conditions import is_conditional_failure
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
@@ -304,7 +306,7 @@ class RateLimiter:
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not is_conditional_failure(error):
                 raise
             raise _Lost(self._stored_tat(error, key)) from None
         return Decimal(str(response["Attributes"]["tat"]))

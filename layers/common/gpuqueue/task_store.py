@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from gpuqueue.dynamodb_conditions import is_conditional_failure
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
     ImageRequest,
@@ -51,10 +52,6 @@ if TYPE_CHECKING:
 USER_INDEX = "by-user"
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem, DynamoDB's maximum
 BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up on them
-
-
-def _is_conditional_failure(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
 @dataclass(frozen=True)
@@ -479,7 +476,7 @@ class TaskStore:
                 ExpressionAttributeValues={":none": [], ":one": [entry], ":max": max_entries},
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 return False
             raise
         return True
@@ -534,7 +531,7 @@ class TaskStore:
                 ReturnValues="ALL_NEW",
             )
         except ClientError as error:
-            if _is_conditional_failure(error):
+            if is_conditional_failure(error):
                 raise _ConditionFailed from error
             raise
         return Task.model_validate(result["Attributes"])
