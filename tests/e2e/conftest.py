@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import requests
 
@@ -34,6 +35,21 @@ class LocalStackProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def aws(self, service: str) -> Any:
+        """A boto3 client on this stack's moto server."""
+        return boto3.client(service, **self._moto_args())
+
+    def aws_resource(self, service: str) -> Any:
+        return boto3.resource(service, **self._moto_args())
+
+    def _moto_args(self) -> dict[str, str]:
+        return {
+            "endpoint_url": self.state["moto_url"],
+            "region_name": self.state["region"],
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
 
     def knobs(self, server: int, **changes: Any) -> None:
         url = self.state["image_servers"][server]

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-import boto3
 import pytest
 import requests
 
@@ -64,20 +63,10 @@ def _register(stack: LocalStackProcess) -> ApiUser:
     return ApiUser(stack.api, username, password, response.json()["token"])
 
 
-def _aws(stack: LocalStackProcess, service: str) -> Any:
-    return boto3.client(
-        service,
-        endpoint_url=stack.state["moto_url"],
-        region_name=stack.state["region"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
 def _vip(stack: LocalStackProcess) -> ApiUser:
     """A user in the Cognito group vip, logged in again so the token carries the group."""
     user = _register(stack)
-    _aws(stack, "cognito-idp").admin_add_user_to_group(
+    stack.aws("cognito-idp").admin_add_user_to_group(
         UserPoolId=stack.state["resources"]["UserPool"], Username=user.username, GroupName="vip"
     )
     response = requests.post(
@@ -189,13 +178,7 @@ def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_
         user.delete(f"/api/v1/tasks/{task_id}")  # 409 for the ones already running: fine
     finished = _finished(user, [*accepted, again.json()["task_id"]])
     assert {t["status"] for t in finished} <= {"DONE", "CANCELED"}
-    limits = boto3.resource(
-        "dynamodb",
-        endpoint_url=lane_stack.state["moto_url"],
-        region_name=lane_stack.state["region"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).Table(lane_stack.state["resources"]["LimitsTable"])
+    limits = lane_stack.aws_resource("dynamodb").Table(lane_stack.state["resources"]["LimitsTable"])
 
     def share_empty() -> bool:
         item = limits.get_item(Key={"pk": f"active#{_sub(user)}"}).get("Item") or {}

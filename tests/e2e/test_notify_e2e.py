@@ -3,84 +3,30 @@ stream emulation, `Prefer: wait`, and queue position / ETA against a real queue.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import boto3
 import pytest
 import requests
 
-from gpuqueue_testing import wait_for
-
-from .conftest import LocalStackProcess
+from gpuqueue_testing import WebhookReceiver, valid_signature, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
 CALL_SECONDS = 1.0
 
 
-class Receiver:
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.received: list[tuple[dict[str, str], bytes, int]] = []
-        self.url = ""
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver([])
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            with lock:
-                status = state.statuses.pop(0) if state.statuses else 200
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                state.received.append((headers, body, status))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def _signing_secret(stack: LocalStackProcess) -> str:
-    client = boto3.client(
-        "secretsmanager",
-        endpoint_url=stack.state["moto_url"],
-        region_name=stack.state["region"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    arn = stack.state["resources"]["WebhookSigningSecret"]
-    return str(client.get_secret_value(SecretId=arn)["SecretString"])
-
-
-def _valid(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    fields = [part.split("=", 1) for part in headers["x-gpuqueue-signature"].split(",")]
-    timestamp = next(v for k, v in fields if k == "t")
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return any(hmac.compare_digest(v, digest.hexdigest()) for k, v in fields if k == "v1")
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as running:
+        yield running
 
 
 def test_a_webhook_receiver_gets_one_valid_signed_delivery_after_failing_twice(
     local_stack, new_user, receiver
 ):
-    receiver.statuses = [500, 502]
+    receiver.script = [500, 502]
     task_id = new_user.submit("hooked", webhook_url=receiver.url)
 
     assert new_user.wait(task_id)["status"] == "DONE"
@@ -89,8 +35,9 @@ def test_a_webhook_receiver_gets_one_valid_signed_delivery_after_failing_twice(
 
     statuses = [s for _, _, s in receiver.received]
     assert statuses == [500, 502, 200]
-    secret = _signing_secret(local_stack)
-    assert all(_valid(secret, h, b) for h, b, _ in receiver.received)
+    arn = local_stack.state["resources"]["WebhookSigningSecret"]
+    secret = local_stack.aws("secretsmanager").get_secret_value(SecretId=arn)["SecretString"]
+    assert all(valid_signature(secret, h, b) for h, b, _ in receiver.received)
     assert {h["x-gpuqueue-delivery"] for h, _, _ in receiver.received} == {
         json.loads(receiver.received[0][1])["delivery_id"]
     }

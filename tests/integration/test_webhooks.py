@@ -3,69 +3,25 @@ TaskEventsFunction -> webhook queue -> WebhookFunction -> a receiver on 127.0.0.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
 
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-
-
-@dataclass
-class Receiver:
-    """Records every POST; answers the statuses in `script` in turn, then 200."""
-
-    url: str = ""
-    script: list[int] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
+from gpuqueue_testing import WebhookReceiver, valid_signature
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            with lock:
-                status = state.script.pop(0) if state.script else 200
-                state.received.append(
-                    ({k.lower(): v for k, v in self.headers.items()}, body, status)
-                )
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/gpuqueue"
-    yield state
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as running:
+        yield running
 
 
 def _secret(h) -> str:
     arn = h.stack.ref("WebhookSigningSecret")
     return str(boto3.client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"])
-
-
-def _valid(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """The receiver's check, written independently of the server's code."""
-    fields = [part.split("=", 1) for part in headers["x-gpuqueue-signature"].split(",")]
-    timestamp = next(v for k, v in fields if k == "t")
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return any(hmac.compare_digest(v, expected.hexdigest()) for k, v in fields if k == "v1")
 
 
 def test_a_finished_task_gets_exactly_one_valid_signed_delivery(make_stack, alice, receiver):
@@ -77,7 +33,7 @@ def test_a_finished_task_gets_exactly_one_valid_signed_delivery(make_stack, alic
 
     assert len(receiver.received) == 1
     headers, body, _ = receiver.received[0]
-    assert _valid(_secret(h), headers, body)
+    assert valid_signature(_secret(h), headers, body)
     assert headers["x-gpuqueue-event"] == "task.done"
     sent = json.loads(body)
     assert sent["event"] == "task.done"
@@ -86,7 +42,7 @@ def test_a_finished_task_gets_exactly_one_valid_signed_delivery(make_stack, alic
     assert sent["task"]["status"] == "DONE"
     assert sent["task"]["result_url"] == f"/api/images/{task_id}"
     # A tampered body no longer matches its signature.
-    assert not _valid(_secret(h), headers, body.replace(b"DONE", b"FAIL"))
+    assert not valid_signature(_secret(h), headers, body.replace(b"DONE", b"FAIL"))
 
 
 def test_a_receiver_that_fails_twice_gets_one_good_delivery_on_the_third_try(
@@ -102,7 +58,7 @@ def test_a_receiver_that_fails_twice_gets_one_good_delivery_on_the_third_try(
     assert [status for _, _, status in receiver.received] == [500, 503, 200]
     delivery_ids = {headers["x-gpuqueue-delivery"] for headers, _, _ in receiver.received}
     assert len(delivery_ids) == 1  # the same delivery, tried three times
-    assert all(_valid(_secret(h), headers, body) for headers, body, _ in receiver.received)
+    assert all(valid_signature(_secret(h), headers, body) for headers, body, _ in receiver.received)
     log = h.call(
         "tasks_handler",
         "GET",
@@ -240,8 +196,8 @@ def test_during_a_rotation_both_secrets_sign(make_stack, alice, receiver):
 
     headers, body, _ = receiver.received[0]
     assert headers["x-gpuqueue-signature"].count("v1=") == 2
-    assert _valid("the-new-signing-secret", headers, body)
-    assert _valid(old, headers, body)
+    assert valid_signature("the-new-signing-secret", headers, body)
+    assert valid_signature(old, headers, body)
 
 
 @pytest.mark.parametrize(
