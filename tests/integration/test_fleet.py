@@ -39,7 +39,8 @@ def _deliver_concurrently(h, count: int) -> None:
 
 
 def test_an_endpoint_never_gets_more_calls_than_its_capacity(make_stack, alice):
-    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.4)])
+    # Calls long enough that the concurrent deliveries overlap even on a loaded machine.
+    h = make_stack(endpoints=[ImageServerKnobs(latency_s=1.0)])
     server = h.image_servers[0]
     h.run_checker()
     _set(h, server, capacity=2)
