@@ -142,12 +142,13 @@ def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, a
     )
     h.run_checker()
     task_id = h.submit(alice).json()["task_id"]
-    started = time.monotonic()
     h.drain()
-    assert time.monotonic() - started < 4.0  # the call was cut at the task timeout
     task = h.get_task(alice, task_id).json()
     assert task["status"] == "FAILED"
-    assert "timed out" in task["error"]
+    # cut at the task timeout (1 s), not at the endpoint's 5 s answer; the message
+    # names the limit, so the check does not depend on this machine's load
+    assert "timed out after 1s" in task["error"]
+    assert h.image_servers[0].stats()["calls"] == 1
 
 
 def test_same_message_delivered_twice_makes_one_image_and_one_done(make_stack, alice):
