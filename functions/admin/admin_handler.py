@@ -107,7 +107,9 @@ def delete_endpoint(endpoint_id: str) -> Response[str]:
     return _json(json.dumps({"endpoint_id": endpoint_id, "deleted": True}))
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
+)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -35,7 +35,7 @@ def checker() -> HealthChecker:
     return HealthChecker(registry(), timeout_seconds=settings().probe_timeout_seconds)
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     config = settings()

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.dead_letters import DeadLetters, Settled
+from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage
 from gpuqueue.settings import DeadLetterSettings
 from gpuqueue.task_store import TaskStore
@@ -52,7 +53,7 @@ def record_handler(record: SQSRecord) -> None:
     except ValidationError:
         logger.error("not a task message; dropped", extra={"body": record.body[:200]})
         return
-    logger.append_keys(task_id=message.task_id)
+    correlate_task(logger, message.task_id)
     lane = lanes().get(record.event_source_arn or "", "task")
     settled = dead_letters().settle(message, lane=lane)
     logger.info("dead-lettered task settled", extra={"settled": settled.value, "lane": lane})
@@ -61,7 +62,7 @@ def record_handler(record: SQSRecord) -> None:
         metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:

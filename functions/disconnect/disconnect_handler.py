@@ -24,7 +24,9 @@ def connections() -> ConnectionStore:
     return ConnectionStore(aws_clients.dynamodb().Table(DisconnectSettings().connections_table))
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = DisconnectEvent.model_validate(event)

@@ -21,11 +21,13 @@ from gpuqueue import aws_clients
 from gpuqueue.audio_store import AudioStore
 from gpuqueue.balancer import Balancer
 from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
+from gpuqueue.dispatch_metrics import DispatchMetrics
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
 from gpuqueue.gpu_client import image_generators
 from gpuqueue.image_store import ImageStore
 from gpuqueue.jobs import ImageJob, SpeechJob
+from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
 from gpuqueue.speech_client import OpenAITranscriptionClient
@@ -79,6 +81,7 @@ def deps() -> Deps:
             policy=policy,
             balancer=Balancer(settings.dispatch_strategy),
             backlog=lambda: queue.depth().total,
+            observer=DispatchMetrics(metrics),
         ),
         queue=queue,
     )
@@ -86,7 +89,7 @@ def deps() -> Deps:
 
 def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     message = QueueMessage.model_validate_json(record.body)
-    logger.append_keys(task_id=message.task_id)
+    correlate_task(logger, message.task_id)
     try:
         outcome = deps().dispatcher.dispatch(
             message,
@@ -111,7 +114,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
         metrics.add_metric(name="TasksExpired", unit=MetricUnit.Count, value=1)
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:

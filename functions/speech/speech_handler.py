@@ -44,6 +44,7 @@ from gpuqueue.errors import (
     TaskStateConflict,
     UnsupportedMediaType,
 )
+from gpuqueue.log_context import correlate_task
 from gpuqueue.models import (
     SpeechAsyncRequest,
     SpeechInput,
@@ -218,7 +219,7 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
     except ActiveTaskLimit:
         metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
         raise
-    logger.append_keys(task_id=task.task_id)
+    correlate_task(logger, task.task_id)
     ttl = deps().upload_url_ttl_seconds
     url = deps().audio.presigned_put(
         key, size_bytes=request.size_bytes, content_type=fmt.content_type, expires_in_seconds=ttl
@@ -258,7 +259,9 @@ def get_transcript(task_id: TaskId) -> Response[str]:
     return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body.model_dump_json())
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
+)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from gpuqueue import aws_clients
 from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
 from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
+from gpuqueue.log_context import correlate_task
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
 from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
 from gpuqueue.settings import SubmitSettings
@@ -41,7 +42,7 @@ def _submit(owner: str, body: dict[str, Any], groups: frozenset[str]) -> dict[st
     except ActiveTaskLimit:
         metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
         raise
-    logger.append_keys(task_id=task.task_id)
+    correlate_task(logger, task.task_id)
     logger.info("task queued")
     metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
     answer = SubmitResponse(
@@ -112,7 +113,9 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
+)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
+from gpuqueue.log_context import correlate_task
 from gpuqueue.push import ConnectionStore, PushNotifier, management_api
 from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import TaskEventsSettings
@@ -58,11 +59,11 @@ def record_handler(record: DynamoDBRecord) -> None:
     transition = TaskTransition.of(stream.old_image, stream.new_image)
     if transition is None:
         return
-    logger.append_keys(task_id=transition.task_id)
+    correlate_task(logger, transition.task_id)
     task_events().handle(transition)
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:

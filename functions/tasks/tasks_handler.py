@@ -9,10 +9,11 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients, webhooks
@@ -20,6 +21,7 @@ from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore
+from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView
 from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
 from gpuqueue.queue_position import QueuePositions, estimate
@@ -29,6 +31,7 @@ from gpuqueue.webhooks import SqsDeliverySender
 
 logger = Logger()
 tracer = Tracer()
+metrics = Metrics()
 app = build_resolver()
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -168,6 +171,7 @@ def redeliver(task_id: TaskId) -> Response[str]:
 def cancel_task(task_id: TaskId) -> Response[str]:
     owner = current_caller(app).sub
     task = deps().tasks.cancel(task_id, owner)
+    metrics.add_metric(name="TasksCanceled", unit=MetricUnit.Count, value=1)
     logger.info("task canceled", extra={"task_id": task_id})
     return _json(TaskView.of(task).model_dump_json())
 
@@ -189,7 +193,13 @@ def get_image(task_id: TaskId) -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@logger.inject_lambda_context(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
+)
 @tracer.capture_lambda_handler
+@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    task_id = (event.get("pathParameters") or {}).get("task_id")
+    if isinstance(task_id, str) and task_id:
+        correlate_task(logger, task_id)
     return app.resolve(event, context)

@@ -21,6 +21,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.audio_store import task_id_of_audio_key
+from gpuqueue.log_context import correlate_task
 from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import UploadSettings
 from gpuqueue.submission import SubmissionService
@@ -53,7 +54,7 @@ def submissions() -> SubmissionService:
     )
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 @event_source(data_class=S3EventBridgeNotificationEvent)
@@ -63,7 +64,7 @@ def lambda_handler(event: S3EventBridgeNotificationEvent, context: LambdaContext
     if task_id is None:
         logger.warning("object outside audio/", extra={"key": key})
         return {"queued": False}
-    logger.append_keys(task_id=task_id)
+    correlate_task(logger, task_id)
     task = submissions().queue_uploaded(
         task_id, size_bytes=int(event.detail.object.size or 0), max_bytes=ASYNC_AUDIO_MAX_BYTES
     )

@@ -19,6 +19,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from gpuqueue import aws_clients
+from gpuqueue.log_context import correlate_task
 from gpuqueue.settings import WebhookSettings
 from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import (
@@ -64,7 +65,8 @@ def record_handler(record: SQSRecord) -> None:
     except ValidationError:
         logger.error("not a delivery message; dropped", extra={"body": record.body[:200]})
         return
-    logger.append_keys(task_id=message.task_id, delivery_id=message.delivery_id)
+    correlate_task(logger, message.task_id)
+    logger.append_keys(delivery_id=message.delivery_id)
     attempt = int(record.attributes.approximate_receive_count)
     result = deliverer().deliver(message, attempt=attempt)
     logger.info(
@@ -88,7 +90,7 @@ def record_handler(record: SQSRecord) -> None:
         raise RetryLater(f"retry in {result.delay_seconds} s")
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:

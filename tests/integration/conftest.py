@@ -39,6 +39,7 @@ HANDLER_MODULES = (
     "tasks_handler",
     "stats_handler",
     "checker_handler",
+    "reaper_handler",
     "dispatcher_handler",
     "admin_handler",
     "speech_handler",
@@ -211,6 +212,11 @@ class Harness:
         result: dict[str, Any] = handler(
             load_event("checker_schedule"), FakeLambdaContext("checker")
         )
+        return result
+
+    def run_reaper(self) -> dict[str, int]:
+        handler = importlib.import_module("reaper_handler").lambda_handler
+        result: dict[str, int] = handler(load_event("reaper_schedule"), FakeLambdaContext("reaper"))
         return result
 
     def queue_url(self, lane: str = "normal") -> str:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import boto3
 import pytest
 
+from gpuqueue.models import ImageRequest, utc_now
+from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 
 
@@ -167,3 +172,24 @@ def test_path_traversal_matches_no_route(make_stack, alice):
     )
     assert response.status == 404
     assert response.json()["code"] == "NOT_FOUND"
+
+
+def test_a_task_past_its_retention_is_gone_before_ttl_deletes_it(make_stack, alice):
+    h = make_stack()
+    store = TaskStore(
+        boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")), retention=timedelta(days=7)
+    )
+    old = store.create_image_task(
+        alice.sub,
+        ImageRequest(prompt="last week"),
+        queue_ttl_seconds=3600,
+        now=utc_now() - timedelta(days=8),
+    )
+    fresh = h.submit(alice).json()["task_id"]
+    assert "task_id" in h.task_row(old.task_id)  # still in the table: TTL is lazy
+
+    assert _get(h, alice, old.task_id).status == 404
+    assert _status(h, alice, old.task_id).status == 404
+    assert _image(h, alice, old.task_id).status == 404
+    listed = [t["task_id"] for t in _list(h, alice).json()]
+    assert listed == [fresh]

@@ -28,6 +28,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from gpuqueue.balancer import Balancer
+from gpuqueue.dispatch_metrics import DispatchObserver
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
@@ -91,7 +92,9 @@ class TaskDispatcher:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        observer: DispatchObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._tasks = tasks
         self._registry = registry
         self._jobs = jobs
@@ -204,6 +207,8 @@ class TaskDispatcher:
                     )
                 if claim is None:
                     return Outcome.SKIPPED  # another delivery won the race; it owns the task
+                if self._observer is not None:
+                    self._observer.task_started(claim.task, at=now)
                 outcome, last_error = self._call(
                     claim,
                     work,
@@ -264,6 +269,10 @@ class TaskDispatcher:
         except GpuError as error:
             reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
             tried.add(endpoint.endpoint_id)
+            if self._observer is not None:
+                self._observer.gpu_call_failed(
+                    task, endpoint_id=endpoint.endpoint_id, retryable=error.retryable
+                )
             opened = self._registry.record_dispatch_failure(
                 endpoint.endpoint_id,
                 threshold=self._policy.circuit_failure_threshold,
@@ -287,7 +296,8 @@ class TaskDispatcher:
             ) from error
 
         # The GPU is free once it has answered: hand the slot on before storing the image.
-        slot.release(call_seconds=self._clock() - started)
+        call_seconds = self._clock() - started
+        slot.release(call_seconds=call_seconds)
         completion = work.job.store(task, output)
         self._registry.record_dispatch_success(endpoint)
         if not self._tasks.complete(
@@ -300,4 +310,6 @@ class TaskDispatcher:
             logger.warning("lease lost before completion", extra=log)
             return Outcome.SKIPPED, None
         logger.info("task done", extra=log)
+        if self._observer is not None:
+            self._observer.task_done(task, call_seconds=call_seconds, at=self._clock())
         return Outcome.DONE, None

@@ -230,18 +230,24 @@ class Task(BaseModel):
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] | None = None  # None: every final state
     deliveries: list[WebhookAttempt] = Field(default_factory=list)  # webhook attempts, oldest first
+    reap_at: float | None = None  # open tasks: when the reaper looks at it (task_store.py)
+    resends: int = 0  # messages the reaper re-sent for it
+
+    def is_expired(self, now: float) -> bool:
+        """Past its retention (`expires_at`, the table's TTL attribute)."""
+        return self.expires_at is not None and self.expires_at <= now
 
     def wants_webhook(self, event: WebhookEvent) -> bool:
         return self.webhook_url is not None and (
             self.webhook_events is None or event in self.webhook_events
         )
 
-    @field_validator("attempt", mode="before")
+    @field_validator("attempt", "resends", mode="before")
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
 
-    @field_validator("lease_until", "queue_deadline", "upload_deadline", mode="before")
+    @field_validator("lease_until", "queue_deadline", "upload_deadline", "reap_at", mode="before")
     @classmethod
     def _float_from_decimal(cls, value: Any) -> float | None:
         return None if value is None else float(value)

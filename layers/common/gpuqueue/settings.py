@@ -150,6 +150,15 @@ class CheckerSettings(_Settings):
         raise TypeError("endpoint URLs must be a comma-separated string")
 
 
+class ReaperSettings(_Settings):
+    tasks_table: str
+    task_queue_url: str
+    priority_queue_url: str | None = None
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    reaper_requeue_after_seconds: float = Field(default=900, ge=0)
+    reaper_lease_grace_seconds: float = Field(default=60, ge=0)
+
+
 class DispatcherSettings(_Settings):
     tasks_table: str
     endpoints_table: str

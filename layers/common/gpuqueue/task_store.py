@@ -14,6 +14,14 @@ State machine (see README):
   RUNNING -> FAILED    permanent failure or last attempt, while holding the lease
   RUNNING (lease expired) -> RUNNING  re-claimed by a redelivered message
   QUEUED / RUNNING (lease expired) -> FAILED  its message was dead-lettered (the DLQ consumer)
+  RUNNING (lease expired) -> QUEUED  the reaper: its worker died; the message is re-sent
+  RUNNING (lease expired) -> FAILED  the reaper: ... and its attempts are used up
+
+Every open task (QUEUED, RUNNING, AWAITING_UPLOAD) is in the sparse `by-reap` index, under
+`reap_shard` = "<state>#<n>" with `reap_at` = the time it became due to look at: when it
+was queued, when its lease ends, when its upload window closed. Each write keeps the two
+attributes current and a final state removes them, so the reaper queries a few small
+partitions instead of scanning the table (reaper.py).
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import binascii
 import json
 import time
 import uuid
+import zlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -50,6 +60,10 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 USER_INDEX = "by-user"
+REAP_INDEX = "by-reap"
+# Spreads the index's writes over a few partitions; the reaper reads all of them. Changing
+# it strands rows in shards no longer read: raise it only together with a backfill.
+REAP_SHARDS = 4
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem, DynamoDB's maximum
 BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up on them
 
@@ -58,6 +72,25 @@ BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up
 class TaskPage:
     tasks: list[Task]
     next_cursor: str | None
+
+
+class ReapState(StrEnum):
+    """Which open state a task is in, for the reaper's index."""
+
+    QUEUED = "queued"  # reap_at: when it was (re)queued
+    RUNNING = "running"  # reap_at: when its lease ends
+    WAITING = "waiting"  # reap_at: when its upload window closes
+
+
+def reap_shard(task_id: str, state: ReapState) -> str:
+    return f"{state.value}#{zlib.crc32(task_id.encode()) % REAP_SHARDS}"
+
+
+def _reap_fields(task_id: str, state: ReapState, at: float) -> dict[str, Any]:
+    return {"reap_shard": reap_shard(task_id, state), "reap_at": Decimal(str(round(at, 3)))}
+
+
+_REAP_ATTRIBUTES = ("reap_shard", "reap_at")
 
 
 @dataclass(frozen=True)
@@ -108,6 +141,7 @@ class TaskStore:
         item = task.model_dump(mode="json", exclude_none=True)
         item["params"] = task.params.model_dump(exclude_none=True)
         item["queue_deadline"] = Decimal(str(task.queue_deadline))
+        item.update(_reap_fields(task.task_id, ReapState.QUEUED, now.timestamp()))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -146,6 +180,7 @@ class TaskStore:
         )
         item = task.model_dump(mode="json", exclude_none=True)
         item["upload_deadline"] = Decimal(str(task.upload_deadline))
+        item.update(_reap_fields(task.task_id, ReapState.WAITING, task.upload_deadline or 0))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -182,8 +217,13 @@ class TaskStore:
     # --- reads ------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
+        """The task; None when missing or past its retention (DynamoDB's TTL deletes rows up
+        to days late: an expired row must never be served)."""
         item = self._table.get_item(Key={"task_id": task_id}, ConsistentRead=True).get("Item")
-        return Task.model_validate(item) if item else None
+        if not item:
+            return None
+        task = Task.model_validate(item)
+        return None if task.is_expired(time.time()) else task
 
     def inactive_among(self, task_ids: Collection[str], *, now: float | None = None) -> set[str]:
         """The ids among `task_ids` that hold no share of their owner's active tasks: ended,
@@ -231,13 +271,14 @@ class TaskStore:
                     item["status"] == TaskStatus.AWAITING_UPLOAD.value
                     and "upload_deadline" in item
                     and float(item["upload_deadline"]) < now
-                    and self._expire_upload(task_id)
+                    and self.expire_upload(task_id)
                 )
             ):
                 inactive.add(task_id)
         return inactive
 
-    def _expire_upload(self, task_id: str) -> bool:
+    def expire_upload(self, task_id: str) -> bool:
+        """AWAITING_UPLOAD -> EXPIRED: the upload window closed without the audio."""
         try:
             self._transition(
                 task_id,
@@ -274,8 +315,12 @@ class TaskStore:
             kwargs["ExclusiveStartKey"] = start
         page = self._table.query(**kwargs)
         last = page.get("LastEvaluatedKey")
+        now = time.time()
+        tasks = [Task.model_validate(item) for item in page.get("Items", [])]
         return TaskPage(
-            tasks=[Task.model_validate(item) for item in page.get("Items", [])],
+            # Rows past retention that TTL has not deleted yet: left out (the page may be
+            # shorter than `limit`; the cursor still goes on from the last row read).
+            tasks=[task for task in tasks if not task.is_expired(now)],
             next_cursor=_encode_cursor(last) if last else None,
         )
 
@@ -457,6 +502,88 @@ class TaskStore:
             return False
         return True
 
+    # --- the reaper -------------------------------------------------------------------------
+
+    def due(self, state: ReapState, *, before: float, limit: int) -> list[str]:
+        """Ids of tasks in `state` whose reap time is before `before`, oldest first per shard
+        (one Query per shard on the sparse index; no scan)."""
+        client_values = {":before": Decimal(str(round(before, 3)))}
+        found: list[str] = []
+        for n in range(REAP_SHARDS):
+            kwargs: dict[str, Any] = {
+                "IndexName": REAP_INDEX,
+                "KeyConditionExpression": "reap_shard = :shard AND reap_at < :before",
+                "ExpressionAttributeValues": {**client_values, ":shard": f"{state.value}#{n}"},
+                "Limit": limit,
+            }
+            while len(found) < limit:
+                page = self._table.query(**kwargs)
+                found.extend(str(item["task_id"]) for item in page.get("Items", []))
+                if "LastEvaluatedKey" not in page:
+                    break
+                kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    def requeue_abandoned(self, task: Task, *, now: float, error: str) -> Task | None:
+        """RUNNING with an expired lease -> QUEUED: its worker died and nobody re-claimed it.
+        None if it moved on meanwhile (re-claimed, finished)."""
+        try:
+            return self._transition(
+                task.task_id,
+                condition="#s = :running AND lease_id = :lease AND lease_until < :now",
+                updates={"status": TaskStatus.QUEUED.value, "error": error},
+                values={
+                    ":running": TaskStatus.RUNNING.value,
+                    ":lease": task.lease_id or "",
+                    ":now": Decimal(str(round(now, 3))),
+                },
+                removes=("lease_until",),
+            )
+        except _ConditionFailed:
+            return None
+
+    def fail_abandoned(self, task: Task, *, now: float, error: str) -> bool:
+        """RUNNING with an expired lease and no attempt left -> FAILED."""
+        try:
+            self._transition(
+                task.task_id,
+                condition="#s = :running AND lease_id = :lease AND lease_until < :now",
+                updates={"status": TaskStatus.FAILED.value, "error": error},
+                values={
+                    ":running": TaskStatus.RUNNING.value,
+                    ":lease": task.lease_id or "",
+                    ":now": Decimal(str(round(now, 3))),
+                },
+                removes=("lease_until",),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    def defer_resend(self, task_id: str, *, seen_reap_at: float, until: float) -> bool:
+        """Take the right to re-send a QUEUED task's message: moves its reap time to `until`
+        if nobody (another reaper run, a claim) changed the task since it was read."""
+        try:
+            self._table.update_item(
+                Key={"task_id": task_id},
+                UpdateExpression="SET reap_at = :until ADD resends :one",
+                ConditionExpression="#s = :queued AND reap_at = :seen",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":until": Decimal(str(round(until, 3))),
+                    ":seen": Decimal(str(round(seen_reap_at, 3))),
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":one": 1,
+                },
+            )
+        except ClientError as error:
+            if is_conditional_failure(error):
+                return False
+            raise
+        return True
+
     # --- webhooks ---------------------------------------------------------------------------
 
     def record_delivery(self, task_id: str, attempt: WebhookAttempt, *, max_entries: int) -> bool:
@@ -508,7 +635,15 @@ class TaskStore:
         values: dict[str, Any],
         removes: tuple[str, ...] = (),
     ) -> Task:
-        updates = {**updates, "updated_at": iso(utc_now())}
+        now = utc_now()
+        updates = {**updates, "updated_at": iso(now)}
+        status = updates.get("status")
+        if status is not None and TaskStatus(status).is_terminal:
+            removes = (*removes, *_REAP_ATTRIBUTES)  # leaves the reaper's index
+        elif status == TaskStatus.QUEUED.value:
+            updates.update(_reap_fields(task_id, ReapState.QUEUED, now.timestamp()))
+        elif "lease_until" in updates:
+            updates.update(_reap_fields(task_id, ReapState.RUNNING, float(updates["lease_until"])))
         names = {"#s": "status"}
         sets = []
         expr_values = dict(values)
