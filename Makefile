@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench invoke-%
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench invoke-% openapi
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -64,8 +64,11 @@ integration: venv system-packages ## integration tests on moto
 validate: venv ## sam validate --lint
 	$(SAM) validate --lint --region $(REGION) --template template.yaml
 
-bench: $(VENV)/.installed ## fleet benchmark on the local stack (BENCH_TASKS=100): efficiency per strategy
-	PYTHONPATH=local $(PY) tools/bench_fleet.py --tasks $(or $(BENCH_TASKS),100)
+bench: $(VENV)/.installed ## every figure -> docs/benchmarks.md, docs/cost.md (BENCH_TASKS=100 fleet tasks; BENCH_FLEET=0 skips the fleet runs)
+	PYTHONPATH=local $(PY) tools/bench_report.py --fleet-tasks $(or $(BENCH_TASKS),100) $(if $(filter 0,$(BENCH_FLEET)),--no-fleet,)
+
+openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy) from the handlers' resolvers
+	$(PY) tools/openapi_document.py --write
 
 build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-installed wheels)
 	$(PY) tools/build_artifacts.py --template template.yaml --build-dir .aws-sam/build

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import boto3
 import jwt
@@ -85,6 +86,19 @@ def test_health_is_public_and_ready(local_stack):
     response = requests.get(f"{local_stack.api}/health", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+def test_the_api_docs_are_public_and_serve_the_committed_document(local_stack):
+    committed = Path(__file__).resolve().parents[2] / "openapi.json"
+
+    document = requests.get(f"{local_stack.api}/openapi.json", timeout=30)
+    page = requests.get(f"{local_stack.api}/docs", timeout=30)
+
+    assert document.status_code == 200, document.text
+    assert document.json() == json.loads(committed.read_text(encoding="utf-8"))
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert "openapi.json" in page.text
 
 
 @pytest.mark.parametrize(

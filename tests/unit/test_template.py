@@ -43,7 +43,13 @@ SAM_POLICY_TEMPLATES: dict[str, Any] = json.loads(
     ).read_text()
 )["Templates"]
 
-PUBLIC_ROUTES = {("POST", "/register"), ("POST", "/login")}
+# Login, and the API's documentation (its OpenAPI document and Swagger UI: no user data).
+PUBLIC_ROUTES = {
+    ("POST", "/register"),
+    ("POST", "/login"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+}
 SEED_ROUTES = {
     ("POST", "/register"),
     ("POST", "/login"),
@@ -452,7 +458,7 @@ def test_every_route_is_served_by_the_authorised_http_api() -> None:
     assert stray == []
 
 
-def test_only_register_and_login_skip_the_authorizer() -> None:
+def test_only_register_login_and_the_api_docs_skip_the_authorizer() -> None:
     open_routes = {
         route(event)
         for _, event in http_api_events()
