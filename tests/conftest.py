@@ -14,6 +14,7 @@ for path in [
     REPO / "tests",
     REPO / "layers/common",
     REPO / "local",
+    REPO / "tools",
     *sorted((REPO / "functions").iterdir()),
 ]:
     if str(path) not in sys.path:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from gpuqueue_testing import WebhookReceiver, valid_signature, wait_for
+from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
+from gpuqueue_testing import valid_signature, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 

@@ -16,7 +16,8 @@ import pytest
 from gpuqueue.models import ImageRequest
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-from gpuqueue_testing import FakeLambdaContext, WebhookReceiver, load_event
+from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
+from gpuqueue_testing import FakeLambdaContext, load_event
 
 
 class Emitted:

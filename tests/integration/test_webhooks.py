@@ -10,7 +10,8 @@ import boto3
 import pytest
 
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-from gpuqueue_testing import WebhookReceiver, valid_signature
+from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
+from gpuqueue_testing import valid_signature
 
 
 @pytest.fixture

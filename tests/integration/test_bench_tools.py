@@ -1,0 +1,52 @@
+"""`make bench`'s pieces on a tiny run: the request counts it reports are real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cost_model
+from bench_report import benchmarks_markdown
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
+    out = tmp_path / "requests.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_requests.py"),
+            "--tasks",
+            "2",
+            "--latency-calls",
+            "3",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    figures = json.loads(out.read_text())
+    phases = figures["requests_per_task"]
+    assert phases["submit"]["dynamodb:PutItem"] == 1.0
+    assert phases["submit"]["sqs:SendMessage"] == 1.0
+    assert phases["dispatch"]["s3:PutObject"] == 1.0
+    assert phases["status_poll"] == {"dynamodb:GetItem": 1.0}
+    assert figures["webhooks_received"] == figures["webhook_tasks"] == 1
+    every_operation = {op for ops in phases.values() for op in ops}
+    assert not any(op.endswith(":Scan") for op in every_operation)
+    for call in ("submit_latency", "status_latency"):
+        latency = figures[call]
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+        assert 0 <= latency["aws_share"] <= 1
+
+    report = benchmarks_markdown(figures, {"submit": 700.0}, [], "today")
+    assert "| submit | 6 |" in report  # billed requests of the submit phase, as counted
+    cost = cost_model.per_million(figures)
+    assert cost["total"] > 0
+    assert 0 < cost["share_of_gpu"] < 1
+    assert cost["seed_polling"] > cost["webhook"] > cost["push"]

@@ -1,0 +1,183 @@
+"""`make bench`: every figure in one run, written to docs/benchmarks.md and docs/cost.md.
+
+1. AWS requests per task by service and phase, submit and status handler latency, and our
+   time against the time of our own AWS calls (bench_requests.py, in-process on moto);
+2. cold import time of each function module (bench_imports.py);
+3. fleet efficiency per dispatch strategy on the local stack (bench_fleet.py; skipped with
+   --no-fleet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import bench_imports  # noqa: E402
+import bench_requests  # noqa: E402
+import cost_model  # noqa: E402
+
+# Requests our code makes per image task before any status poll; the target is <= 8.
+TARGET_REQUESTS = 8
+BILLED_SERVICES = ("dynamodb", "sqs", "s3", "secretsmanager")
+
+
+def _machine() -> str:
+    cpus = os.cpu_count()
+    return (
+        f"{platform.system()} {platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
+    )
+
+
+def _fleet(tasks: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "fleet.json"
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "bench_fleet.py"),
+                "--tasks",
+                str(tasks),
+                "--json",
+                str(out),
+            ],
+            check=False,
+            timeout=1800,
+        )
+        return list(json.loads(out.read_text())) if out.exists() else []
+
+
+def _requests_table(requests: dict[str, Any]) -> tuple[str, float]:
+    rows = []
+    before_polls = 0.0
+    for phase in ("submit", "dispatch", "task_events", "status_poll", "webhook"):
+        ops = requests["requests_per_task"].get(phase, {})
+        billed = sum(n for op, n in ops.items() if op.split(":")[0] in BILLED_SERVICES)
+        if phase in ("submit", "dispatch", "task_events"):
+            before_polls += billed
+        detail = ", ".join(f"{op} {n:g}" for op, n in ops.items())
+        rows.append(f"| {phase} | {billed:g} | {detail} |")
+    return "\n".join(rows), before_polls
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def _latency_row(label: str, figures: dict[str, float]) -> str:
+    return (
+        f"| {label} | {figures['p50_ms']} | {figures['p95_ms']} | {figures['p99_ms']} | "
+        f"{figures['our_ms_per_call']} | {figures['aws_ms_per_call']} | "
+        f"{figures['aws_share']:.0%} |"
+    )
+
+
+def benchmarks_markdown(
+    requests: dict[str, Any], imports: dict[str, float], fleet: list[dict[str, Any]], date: str
+) -> str:
+    table, before_polls = _requests_table(requests)
+    verdict = "meets" if before_polls <= TARGET_REQUESTS else "misses"
+    imports_rows = "\n".join(f"| {name} | {ms} |" for name, ms in sorted(imports.items()))
+    fleet_rows = "\n".join(
+        f"| {r['label']} | {r['done']}/{r['tasks']} | {r['failed']} | {r['makespan_s']:.1f} | "
+        f"{r['throughput']:.2f} | {_percent(r.get('efficiency'))} | "
+        f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} |"
+        for r in fleet
+    )
+    fleet_part = (
+        f"""| run | done | failed | makespan s | tasks/s | efficiency | queue wait p50 / p95 s |
+|---|---|---|---|---|---|---|
+{fleet_rows}"""
+        if fleet
+        else "Not run this time (`make bench` without `BENCH_FLEET=0` runs it)."
+    )
+    return f"""# Benchmarks
+
+Written by `make bench` on {date}, on {_machine()}. Figures from moto and the local stack
+on this machine: compare them with each other and over time, not with AWS's latencies.
+
+## AWS requests per image task
+
+Counted with a botocore `before-call` hook on the handlers' clients, {requests["tasks"]}
+tasks ({requests["webhook_tasks"]} with a webhook; {requests["webhooks_received"]} deliveries
+received). Billed = DynamoDB, SQS, S3 and Secrets Manager requests our code makes; the
+event source mapping's own receive and delete (2 SQS requests per message) come on top
+(docs/cost.md counts them).
+
+| phase | billed requests | by operation |
+|---|---|---|
+{table}
+
+**{before_polls:g} billed requests per image task before polls; the target is
+{TARGET_REQUESTS}: this {verdict} it.** Beyond the seed's minimum (task write, send, read,
+claim, image, complete: 6) come the features: the rate limit (1 write), the per-user share
+(1 write on submit, 1 on release), the queue position ticket and departure (1 write each, 1
+read), the queue-capacity check (1 GetQueueAttributes), the GPU slot lease and release (2
+writes, 1 fleet query), the push-connections lookup (1 query). Each is one request; none is
+a scan.
+
+## Handler latency (in-process, moto)
+
+| call | p50 ms | p95 ms | p99 ms | our ms / call | AWS calls ms / call | AWS share |
+|---|---|---|---|---|---|---|
+{_latency_row("submit", requests["submit_latency"])}
+{_latency_row("status", requests["status_latency"])}
+
+"Our ms" is the handler's wall time minus the time inside its own AWS calls (validation,
+Powertools, serialisation); over HTTP on the local stack see `make load` (docs/load.md).
+
+## Cold import per function
+
+`python -X importtime`, cumulative for `<name>_handler`, median of 3 fresh interpreters:
+
+| function | import ms |
+|---|---|
+{imports_rows}
+
+## Fleet efficiency per dispatch strategy
+
+{fleet_part}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=50)
+    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument(
+        "--fleet-tasks", type=int, default=int(os.environ.get("BENCH_TASKS", "100"))
+    )
+    parser.add_argument("--no-fleet", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    args = parser.parse_args(argv)
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(name, value)
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    imports = bench_imports.measure(repeat=3)
+    print(json.dumps({"cold_import_ms": imports}, indent=2), flush=True)
+    fleet = [] if args.no_fleet else _fleet(args.fleet_tasks)
+    requests = bench_requests.measure(args.tasks, args.latency_calls)
+    print(json.dumps(requests, indent=2), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks.md").write_text(benchmarks_markdown(requests, imports, fleet, date))
+    (args.out / "cost.md").write_text(cost_model.markdown(requests, date=date))
+    print(f"wrote {args.out / 'benchmarks.md'} and {args.out / 'cost.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

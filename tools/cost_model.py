@@ -1,0 +1,202 @@
+"""Cost per million image tasks, from the AWS requests the bench counted (docs/cost.md).
+
+Prices: AWS's public price lists for us-east-1 (on-demand, no free tier), as of PRICES_AS_OF;
+check them before relying on the figures. GPU time is left out of the total and shown apart:
+the point is what the queue costs next to the GPU it feeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PRICES_AS_OF = "2025-12 (AWS price lists, us-east-1)"
+PRICE = {
+    "apigw_http_per_request": 1.00 / 1e6,  # HTTP API, first 300 M a month
+    "apigw_ws_per_message": 1.00 / 1e6,  # WebSocket API messages
+    "lambda_per_request": 0.20 / 1e6,
+    "lambda_per_gb_second_arm64": 0.0000133334,
+    "dynamodb_per_wru": 0.625 / 1e6,  # on-demand (after the Nov 2024 reduction)
+    "dynamodb_per_rru": 0.125 / 1e6,
+    "sqs_per_request": 0.40 / 1e6,  # standard queue
+    "s3_per_put": 0.005 / 1000,
+    "s3_per_get": 0.0004 / 1000,
+    "s3_per_gb_month": 0.023,
+    "logs_per_gb_ingested": 0.50,
+    "xray_per_trace": 5.00 / 1e6,
+    "secrets_per_call": 0.05 / 10_000,
+    "gpu_per_hour": 1.006,  # g5.xlarge (1 x NVIDIA A10G), on-demand
+}
+GPU_NAME = "g5.xlarge (NVIDIA A10G), on-demand"
+
+# Assumptions the bench cannot measure on moto, named in the report.
+MEMORY_GB = 0.5  # every function's MemorySize (template Globals)
+GENERATION_SECONDS = 12.0  # the dispatcher waits for the GPU: billed Lambda time
+HANDLER_SECONDS = {"submit": 0.08, "dispatch_overhead": 0.3, "task_events": 0.1, "poll": 0.05}
+TASK_WRITE_WRU = 3  # a tasks-table write also writes its two indexes (by-user ALL, by-reap)
+IMAGE_MB = 1.5  # a 1024x1024 PNG
+RETENTION_DAYS = 7
+LOG_KB_PER_TASK = 4.0  # ~6 JSON log lines and ~6 EMF blobs
+TRACES_PER_TASK = 3
+XRAY_SAMPLED = 0.05  # X-Ray's default rule past the first request each second
+POLLS_SEED_CLIENT = 15  # the seed's client: one status call a second for a 15 s task
+ESM_SQS_REQUESTS = 2  # the event source mapping's receive and delete, billed to us
+STREAM_INVOCATIONS = 2  # two stream records pass the filter per task (left the line, ended)
+
+
+@dataclass(frozen=True)
+class Line:
+    service: str
+    what: str
+    dollars_per_million: float
+
+
+def _dynamodb(requests: dict[str, float], *, tasks_table_writes: float) -> tuple[float, float]:
+    """(WRU, RRU) per task for these counted requests."""
+    writes = sum(n for op, n in requests.items() if op.split(":")[1] in {"PutItem", "UpdateItem"})
+    reads = sum(
+        n for op, n in requests.items() if op.split(":")[1] in {"GetItem", "Query", "BatchGetItem"}
+    )
+    other_writes = max(0.0, writes - tasks_table_writes)
+    return tasks_table_writes * TASK_WRITE_WRU + other_writes, reads
+
+
+def _count(requests: dict[str, float], prefix: str) -> float:
+    return sum(n for op, n in requests.items() if op.startswith(prefix))
+
+
+def per_million(bench: dict[str, Any]) -> dict[str, Any]:
+    """The cost lines for one million image tasks, from bench_requests' figures."""
+    phases: dict[str, dict[str, float]] = bench["requests_per_task"]
+    core: dict[str, float] = {}
+    for phase in ("submit", "dispatch", "task_events"):
+        for op, n in phases.get(phase, {}).items():
+            core[op] = core.get(op, 0.0) + n
+    # Tasks-table writes per task: create, claim, complete (the rest are other tables).
+    wru, rru = _dynamodb(core, tasks_table_writes=3)
+    m = 1e6
+    gb_s = MEMORY_GB * (
+        HANDLER_SECONDS["submit"]
+        + GENERATION_SECONDS
+        + HANDLER_SECONDS["dispatch_overhead"]
+        + STREAM_INVOCATIONS * HANDLER_SECONDS["task_events"]
+    )
+    invocations = 2 + STREAM_INVOCATIONS
+    sqs = _count(core, "sqs:") + ESM_SQS_REQUESTS
+    lines = [
+        Line("API Gateway", "1 HTTP request (submit)", PRICE["apigw_http_per_request"] * m),
+        Line(
+            "Lambda",
+            f"{invocations} invocations (submit, dispatch, {STREAM_INVOCATIONS} stream batches)",
+            invocations * PRICE["lambda_per_request"] * m,
+        ),
+        Line(
+            "Lambda",
+            f"{gb_s:.2f} GB-s: the dispatcher waits {GENERATION_SECONDS:.0f} s for the GPU",
+            gb_s * PRICE["lambda_per_gb_second_arm64"] * m,
+        ),
+        Line(
+            "DynamoDB",
+            f"{wru:.1f} WRU ({TASK_WRITE_WRU} per tasks-table write, indexes included)",
+            wru * PRICE["dynamodb_per_wru"] * m,
+        ),
+        Line("DynamoDB", f"{rru:.1f} RRU", rru * PRICE["dynamodb_per_rru"] * m),
+        Line(
+            "SQS",
+            f"{sqs:.1f} requests ({ESM_SQS_REQUESTS} by the event source mapping)",
+            sqs * PRICE["sqs_per_request"] * m,
+        ),
+        Line(
+            "S3",
+            "1 PUT (the image) + 1 GET (the download)",
+            (PRICE["s3_per_put"] + PRICE["s3_per_get"]) * m,
+        ),
+        Line(
+            "S3",
+            f"storage: {IMAGE_MB} MB for {RETENTION_DAYS} days",
+            IMAGE_MB / 1024 * PRICE["s3_per_gb_month"] * RETENTION_DAYS / 30 * m,
+        ),
+        Line(
+            "CloudWatch Logs",
+            f"{LOG_KB_PER_TASK:.0f} KB ingested (logs and EMF metrics)",
+            LOG_KB_PER_TASK / 1024 / 1024 * PRICE["logs_per_gb_ingested"] * m,
+        ),
+        Line(
+            "X-Ray",
+            f"{TRACES_PER_TASK} traces, {XRAY_SAMPLED:.0%} sampled",
+            TRACES_PER_TASK * XRAY_SAMPLED * PRICE["xray_per_trace"] * m,
+        ),
+    ]
+    poll_reads = sum(phases.get("status_poll", {}).values())
+    one_poll = (
+        PRICE["apigw_http_per_request"]
+        + PRICE["lambda_per_request"]
+        + MEMORY_GB * HANDLER_SECONDS["poll"] * PRICE["lambda_per_gb_second_arm64"]
+        + poll_reads * PRICE["dynamodb_per_rru"]
+    ) * m
+    hook = phases.get("webhook", {})
+    hook_wru, hook_rru = _dynamodb(hook, tasks_table_writes=_count(hook, "dynamodb:UpdateItem"))
+    webhook = (
+        (1 + ESM_SQS_REQUESTS) * PRICE["sqs_per_request"]
+        + PRICE["lambda_per_request"]
+        + MEMORY_GB * 0.2 * PRICE["lambda_per_gb_second_arm64"]
+        + hook_wru * PRICE["dynamodb_per_wru"]
+        + hook_rru * PRICE["dynamodb_per_rru"]
+        + _count(hook, "secretsmanager:") * PRICE["secrets_per_call"]
+    ) * m
+    push = (PRICE["apigw_ws_per_message"] + PRICE["dynamodb_per_rru"]) * m
+    total = sum(line.dollars_per_million for line in lines)
+    gpu = PRICE["gpu_per_hour"] * GENERATION_SECONDS / 3600 * m
+    return {
+        "lines": lines,
+        "total": total,
+        "gpu": gpu,
+        "share_of_gpu": total / gpu,
+        "one_poll": one_poll,
+        "seed_polling": one_poll * POLLS_SEED_CLIENT,
+        "webhook": webhook,
+        "push": push,
+    }
+
+
+def markdown(bench: dict[str, Any], *, date: str) -> str:
+    cost = per_million(bench)
+    prefer_wait = MEMORY_GB * 15 * PRICE["lambda_per_gb_second_arm64"] * 1e6
+    polling = f"${cost['seed_polling']:,.2f} ({POLLS_SEED_CLIENT} x ${cost['one_poll']:,.2f})"
+    rows = "\n".join(
+        f"| {line.service} | {line.what} | ${line.dollars_per_million:,.2f} |"
+        for line in cost["lines"]
+    )
+    return f"""# Cost model
+
+Generated by `make bench` on {date} from the AWS requests counted per task
+(docs/benchmarks.md) and AWS prices as of {PRICES_AS_OF}: re-run it after a change, check
+the prices before relying on them. Cost per **1 million image tasks**, GPU time excluded.
+
+| service | per task | per 1 M tasks |
+|---|---|---|
+{rows}
+| **total** | | **${cost["total"]:,.2f}** |
+
+**Against the GPU**: a {GENERATION_SECONDS:.0f} s generation on a {GPU_NAME} at
+${PRICE["gpu_per_hour"]}/h costs ${cost["gpu"]:,.0f} per million images; the queue around it
+is **{cost["share_of_gpu"]:.1%}** of that. The largest line is the dispatcher's Lambda time
+spent waiting for the GPU's answer (a synchronous call); an endpoint that called back
+would remove it, at the price of a callback route.
+
+**How clients wait changes it** (per 1 M tasks):
+
+| client | extra cost |
+|---|---|
+| polls once a second for 15 s (the seed's client) | {polling}: API, Lambda, a read each |
+| a webhook per task | ${cost["webhook"]:,.2f}: queue send, delivery Lambda, log write |
+| push over WebSocket | ${cost["push"]:,.2f}: a message, a query; + connection minutes |
+| `Prefer: wait=15` on submit | ~${prefer_wait:,.2f}: the submit Lambda stays up 15 s |
+
+Assumptions (not measurable on moto): {MEMORY_GB} GB functions on arm64; handler times
+{HANDLER_SECONDS}; {TASK_WRITE_WRU} WRU per tasks-table write (the table and its two
+indexes); {IMAGE_MB} MB images kept {RETENTION_DAYS} days; {LOG_KB_PER_TASK:.0f} KB of logs per
+task; X-Ray's default sampling; {STREAM_INVOCATIONS} stream invocations per task (no batching
+— batching lowers it). Fixed monthly costs (custom metrics $0.30 each, alarms $0.10 each,
+the dashboard $3, Secrets Manager $0.40) are not per task and are left out.
+"""
