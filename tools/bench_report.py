@@ -134,7 +134,8 @@ a scan.
 {_latency_row("status", requests["status_latency"])}
 
 "Our ms" is the handler's wall time minus the time inside its own AWS calls (validation,
-Powertools, serialisation); over HTTP on the local stack see `make load` (docs/load.md).
+Powertools, serialisation). Latency over HTTP on the local stack under load is not
+measured yet (`make load`, issue 9, is still to come).
 
 ## Cold import per function
 
