@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -58,6 +57,7 @@ from gpuqueue.slot_broker import SlotBroker
 from gpuqueue.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
 from gpuqueue.speech_service import AudioClip, SpeechService
 from gpuqueue.submission import SubmissionService
+from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_store import TaskStore
 
 logger = Logger()
@@ -189,7 +189,7 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
             f"size_bytes: at most {ASYNC_AUDIO_MAX_BYTES} bytes of audio", field="size_bytes"
         )
     fmt = audio_format(request.filename, request.content_type, b"")
-    task_id = str(uuid.uuid4())
+    task_id = new_task_id()
     key = audio_key(task_id)
     speech = SpeechInput(
         audio_key=key,

@@ -15,8 +15,9 @@ from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
 from gpuqueue.models import ImageRequest, TaskStatus
 from gpuqueue.submission import SubmissionService
+from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
+from gpuqueue.task_store import UNWRITTEN_GRACE_SECONDS, TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 
 LIMITS = {"MaxActiveTasksPerUser": "2", "SubmitBurst": "100", "SubmitRatePerSecond": "50"}
@@ -76,6 +77,35 @@ def test_k_plus_one_concurrent_submits_create_exactly_k_tasks(make_stack):
     rows = tasks.list_for_owner(owner, limit=50, cursor=None).tasks
     assert {t.task_id for t in rows} == created
     assert len(h.receive(max_messages=10)) == k
+
+
+def _take_without_a_row(h, user, issued: float) -> str:
+    """A share taken by a submit that has not written its task row (yet, or ever)."""
+    task_id = new_task_id(issued)
+    limits = boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
+    ActiveTaskShare(limits, limit=2).take(user.sub, task_id)
+    return task_id
+
+
+def test_a_share_whose_task_row_is_still_being_written_is_not_taken_over(make_stack, alice):
+    h = make_stack(parameters=LIMITS)
+    written = h.submit(alice).json()["task_id"]
+    in_flight = _take_without_a_row(h, alice, time.time())
+
+    assert h.submit(alice).status == 429
+    assert h.active_tasks(alice) == {written, in_flight}
+
+
+def test_a_share_left_by_a_submit_that_crashed_before_writing_is_reclaimed(make_stack, alice):
+    h = make_stack(parameters=LIMITS)
+    h.submit(alice)
+    # Issued longer ago than any submit runs (the grace): its row will never come.
+    crashed = _take_without_a_row(h, alice, time.time() - UNWRITTEN_GRACE_SECONDS - 1)
+
+    accepted = h.submit(alice)
+
+    assert accepted.status == 202
+    assert crashed not in h.active_tasks(alice)
 
 
 def test_the_share_frees_when_a_task_finishes(make_stack, alice):

@@ -70,10 +70,23 @@ def _stream_handlers() -> list[logging.StreamHandler[Any]]:
     ]
 
 
+def _gpuqueue_loggers() -> list[logging.Logger]:
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "gpuqueue"]
+    return [logging.getLogger(n) for n in names]
+
+
 @pytest.fixture
 def emitted(capsys: pytest.CaptureFixture[str]) -> Iterator[Emitted]:
     before = [(h, h.stream) for h in _stream_handlers()]
+    # The template's level (INFO) for the service logger and its children: a child logger
+    # takes POWERTOOLS_LOG_LEVEL when its module is first imported, which in one test
+    # process may be under the tests' quieter default.
+    levels = [(logger, logger.level) for logger in _gpuqueue_loggers()]
+    for logger, _ in levels:
+        logger.setLevel(logging.INFO)
     yield Emitted(capsys)
+    for logger, level in levels:
+        logger.setLevel(level)
     for handler, stream in before:
         handler.stream = stream
 

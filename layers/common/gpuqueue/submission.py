@@ -3,7 +3,6 @@ queue message."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import TypeVar
@@ -26,6 +25,7 @@ from gpuqueue.models import (
 from gpuqueue.queue_position import QueuePositions
 from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
+from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import Resolver, check_webhook_url, resolve_host
@@ -191,7 +191,7 @@ class SubmissionService:
     ) -> Task:
         self._check_webhook(request.webhook_url)
         self._check_capacity(self._lane(request.priority, groups))
-        task_id = str(uuid.uuid4())
+        task_id = new_task_id()
         task = self._with_share(
             owner,
             task_id,

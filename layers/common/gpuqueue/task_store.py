@@ -55,6 +55,7 @@ from gpuqueue.models import (
     iso,
     utc_now,
 )
+from gpuqueue.task_ids import issued_at, new_task_id
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -64,6 +65,8 @@ REAP_INDEX = "by-reap"
 # Spreads the index's writes over a few partitions; the reaper reads all of them. Changing
 # it strands rows in shards no longer read: raise it only together with a backfill.
 REAP_SHARDS = 4
+# A submit takes its share before it writes the task row; it ends within its Lambda's 29 s.
+UNWRITTEN_GRACE_SECONDS = 60.0
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem, DynamoDB's maximum
 BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up on them
 
@@ -80,6 +83,13 @@ class ReapState(StrEnum):
     QUEUED = "queued"  # reap_at: when it was (re)queued
     RUNNING = "running"  # reap_at: when its lease ends
     WAITING = "waiting"  # reap_at: when its upload window closes
+
+
+def _never_written(task_id: str, now: float) -> bool:
+    """A missing row whose id was issued long enough ago that its submit must have ended: a
+    younger one's submit may be writing it right now (it took its share just before)."""
+    issued = issued_at(task_id)
+    return issued is None or issued < now - UNWRITTEN_GRACE_SECONDS
 
 
 def reap_shard(task_id: str, state: ReapState) -> str:
@@ -121,7 +131,7 @@ class TaskStore:
         now = now or utc_now()
         ttl = request.queue_ttl_seconds or queue_ttl_seconds
         task = Task(
-            task_id=task_id or str(uuid.uuid4()),
+            task_id=task_id or new_task_id(),
             user_id=owner,
             kind=TaskKind.IMAGE,
             status=TaskStatus.QUEUED,
@@ -227,8 +237,9 @@ class TaskStore:
 
     def inactive_among(self, task_ids: Collection[str], *, now: float | None = None) -> set[str]:
         """The ids among `task_ids` that hold no share of their owner's active tasks: ended,
-        gone (expired by TTL), or waiting for an upload that can no longer arrive (those are
-        ended here, AWAITING_UPLOAD -> EXPIRED). One BatchGetItem per 100 ids."""
+        gone (expired by TTL, or never written by a submit that crashed), or waiting for an
+        upload that can no longer arrive (those are ended here,
+        AWAITING_UPLOAD -> EXPIRED). One BatchGetItem per 100 ids."""
         now = time.time() if now is None else now
         ids = list(dict.fromkeys(task_ids))
         found: dict[str, dict[str, Any]] = {}
@@ -265,10 +276,11 @@ class TaskStore:
         for task_id in ids:
             item = found.get(task_id)
             if (
-                item is None
-                or TaskStatus(str(item["status"])).is_terminal
+                (item is None and _never_written(task_id, now))
+                or (item is not None and TaskStatus(str(item["status"])).is_terminal)
                 or (
-                    item["status"] == TaskStatus.AWAITING_UPLOAD.value
+                    item is not None
+                    and item["status"] == TaskStatus.AWAITING_UPLOAD.value
                     and "upload_deadline" in item
                     and float(item["upload_deadline"]) < now
                     and self.expire_upload(task_id)
