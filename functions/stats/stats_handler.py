@@ -1,4 +1,5 @@
-"""GET /api/v1/system/stats: the seed's queue figures, from the queues' attributes."""
+"""GET /api/v1/system/stats: the seed's queue figures from the queues' attributes, the
+endpoints, and the last hour's outcomes from sharded rolling counters."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import Priority, QueueStats
+from gpuqueue.outcome_counters import OutcomeCounters
 from gpuqueue.settings import StatsSettings
 from gpuqueue.system_stats import Lane, queue_stats
 from gpuqueue.task_queue import TaskQueue
@@ -27,6 +29,7 @@ app = build_resolver()
 class Deps:
     lanes: dict[Priority, Lane]
     registry: EndpointRegistry
+    outcomes: OutcomeCounters | None
     settings: StatsSettings
 
 
@@ -47,9 +50,16 @@ def deps() -> Deps:
             dead_letter=TaskQueue(sqs, settings.priority_dead_letter_queue_url),
             workers=settings.priority_lane_workers,
         )
+    outcomes = None
+    if settings.limits_table:
+        outcomes = OutcomeCounters(
+            aws_clients.dynamodb().Table(settings.limits_table),
+            shards=settings.outcome_counter_shards,
+        )
     return Deps(
         lanes=lanes,
         registry=EndpointRegistry(aws_clients.dynamodb().Table(settings.endpoints_table)),
+        outcomes=outcomes,
         settings=settings,
     )
 
@@ -63,6 +73,7 @@ def get_stats() -> QueueStats:
         capacity=d.settings.queue_capacity,
         registry=d.registry,
         health_max_age_seconds=d.settings.health_max_age_seconds,
+        outcomes=d.outcomes,
     )
 
 

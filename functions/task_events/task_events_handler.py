@@ -1,5 +1,6 @@
 """The tasks table's stream: what follows each task's transition into a final state (its
-owner's active-task share is released; its webhook delivery is queued). Partial batch
+owner's active-task share is released; its webhook delivery is queued; it is counted in
+the last hour's outcomes). Partial batch
 responses: a record that fails is retried from there on; one that keeps failing goes to the
 stream's dead-letter queue.
 """
@@ -22,6 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.log_context import correlate_task
+from gpuqueue.outcome_counters import OutcomeCounters, OutcomeRecorder
 from gpuqueue.push import ConnectionStore, PushNotifier, management_api
 from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import TaskEventsSettings
@@ -49,6 +51,11 @@ def task_events() -> TaskEvents:
         listeners.append(
             PushNotifier(connections, management_api(settings.websocket_management_url))
         )
+    # Last: a listener that fails has the record retried, and counting twice is the worse
+    # repeat (webhook deliveries and pushes are deduplicated downstream).
+    listeners.append(
+        OutcomeRecorder(OutcomeCounters(limits, shards=settings.outcome_counter_shards))
+    )
     return TaskEvents(share=share, listeners=listeners, positions=QueuePositions(limits))
 
 

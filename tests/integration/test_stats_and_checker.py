@@ -54,6 +54,16 @@ def test_stats_report_the_seed_fields_from_the_queue(make_stack, alice):
             "image": {"healthy": 0, "total": 0, "slots_total": 0, "slots_free": 0},
             "speech": {"healthy": 0, "total": 0, "slots_total": 0, "slots_free": 0},
         },
+        # Nothing has ended yet.
+        "last_hour": {
+            "window_seconds": 3600,
+            "succeeded": 0,
+            "failed": 0,
+            "canceled": 0,
+            "expired": 0,
+            "failure_rate": 0.0,
+            "avg_processing_seconds": None,
+        },
     }
 
 

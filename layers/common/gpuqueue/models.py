@@ -452,6 +452,19 @@ class LaneStats(BaseModel):
     workers: int
 
 
+class OutcomeStats(BaseModel):
+    """How tasks ended over the last hour (rolling counters in 5-minute buckets, so the
+    window is the last 60 to 65 minutes)."""
+
+    window_seconds: int
+    succeeded: int
+    failed: int
+    canceled: int
+    expired: int
+    failure_rate: float  # % of the tasks that ran to an end (DONE or FAILED) that failed
+    avg_processing_seconds: float | None  # DONE tasks: from the start of the run to the end
+
+
 class QueueStats(BaseModel):
     """The seed's figures (queue_length ... workers: the normal lane) plus every lane's and
     the endpoints'."""
@@ -465,3 +478,4 @@ class QueueStats(BaseModel):
     workers: int
     lanes: dict[str, LaneStats] = Field(default_factory=dict)
     endpoints: dict[str, FleetStats] = Field(default_factory=dict)
+    last_hour: OutcomeStats | None = None

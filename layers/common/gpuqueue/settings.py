@@ -75,6 +75,7 @@ class WebhookSettings(_Settings):
 
 class TaskEventsSettings(_Settings):
     limits_table: str
+    outcome_counter_shards: int = Field(default=4, ge=1, le=7)
     webhook_queue_url: str | None = None
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
     # Push over WebSocket: the connections table and the stage's management API URL
@@ -118,6 +119,9 @@ class StatsSettings(_Settings):
     priority_dead_letter_queue_url: str | None = None
     priority_lane_workers: int = Field(default=1, ge=1)
     endpoints_table: str
+    # The last hour's outcomes (rolling counters); None: stats without them.
+    limits_table: str | None = None
+    outcome_counter_shards: int = Field(default=4, ge=1, le=7)
     queue_capacity: int = Field(default=100, ge=1)
     worker_pool_size: int = Field(default=2, ge=1)
     health_check_period_seconds: float = Field(default=30, gt=0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import FleetStats, LaneStats, Priority, QueueStats, TaskKind
+from gpuqueue.outcome_counters import OutcomeCounters
 from gpuqueue.task_queue import TaskQueue
 
 
@@ -52,9 +53,11 @@ def queue_stats(
     capacity: int,
     registry: EndpointRegistry | None = None,
     health_max_age_seconds: float = 90.0,
+    outcomes: OutcomeCounters | None = None,
 ) -> QueueStats:
     """Each lane from its queues' attributes (2 GetQueueAttributes a lane), each kind's
-    fleet from one query: no scans, whatever the number of tasks."""
+    fleet from one query, the last hour's outcomes from one BatchGetItem: no scans,
+    whatever the number of tasks."""
     by_lane = {
         priority.value: lane_stats(lane, capacity=capacity) for priority, lane in lanes.items()
     }
@@ -69,4 +72,5 @@ def queue_stats(
         **normal.model_dump(),
         lanes=by_lane,
         endpoints=endpoints,
+        last_hour=outcomes.last_hour(time.time()) if outcomes is not None else None,
     )
