@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+import build_artifacts  # tools/ is on the test path (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tools" / "build_artifacts.py"
 TEMPLATE = ROOT / "template.yaml"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_artifacts", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-build_artifacts = _load_script()
 
 
 def _resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:

@@ -3,38 +3,24 @@ resolvers, committed, served by DocsFunction, and in step with template.yaml."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from openapi_spec_validator import validate  # comes with moto[server]
 
+import openapi_document as generator  # tools/ is on the test path (tests/conftest.py)
 from gpuqueue_local.template import load_template, resources_of_type
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tools" / "openapi_document.py"
 COMMITTED = ROOT / "openapi.json"
 SHIPPED = ROOT / "functions" / "docs" / "openapi.json"
 DOCS_ROUTES = {("GET", "/openapi.json"), ("GET", "/docs")}
 ERROR_BODY = {"$ref": "#/components/schemas/ErrorBody"}
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("openapi_document", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-generator = _load_script()
 TEMPLATE = load_template()
 
 

@@ -541,11 +541,21 @@ class TaskStore:
     def requeue_abandoned(self, task: Task, *, now: float, error: str) -> Task | None:
         """RUNNING with an expired lease -> QUEUED: its worker died and nobody re-claimed it.
         None if it moved on meanwhile (re-claimed, finished)."""
+        return self._end_abandoned_run(task, TaskStatus.QUEUED, now=now, error=error)
+
+    def fail_abandoned(self, task: Task, *, now: float, error: str) -> bool:
+        """RUNNING with an expired lease and no attempt left -> FAILED."""
+        return self._end_abandoned_run(task, TaskStatus.FAILED, now=now, error=error) is not None
+
+    def _end_abandoned_run(
+        self, task: Task, status: TaskStatus, *, now: float, error: str
+    ) -> Task | None:
+        """Move a run whose lease (the one `task` was read with) expired; None if it moved on."""
         try:
             return self._transition(
                 task.task_id,
                 condition="#s = :running AND lease_id = :lease AND lease_until < :now",
-                updates={"status": TaskStatus.QUEUED.value, "error": error},
+                updates={"status": status.value, "error": error},
                 values={
                     ":running": TaskStatus.RUNNING.value,
                     ":lease": task.lease_id or "",
@@ -555,24 +565,6 @@ class TaskStore:
             )
         except _ConditionFailed:
             return None
-
-    def fail_abandoned(self, task: Task, *, now: float, error: str) -> bool:
-        """RUNNING with an expired lease and no attempt left -> FAILED."""
-        try:
-            self._transition(
-                task.task_id,
-                condition="#s = :running AND lease_id = :lease AND lease_until < :now",
-                updates={"status": TaskStatus.FAILED.value, "error": error},
-                values={
-                    ":running": TaskStatus.RUNNING.value,
-                    ":lease": task.lease_id or "",
-                    ":now": Decimal(str(round(now, 3))),
-                },
-                removes=("lease_until",),
-            )
-        except _ConditionFailed:
-            return False
-        return True
 
     def defer_resend(self, task_id: str, *, seen_reap_at: float, until: float) -> bool:
         """Take the right to re-send a QUEUED task's message: moves its reap time to `until`
