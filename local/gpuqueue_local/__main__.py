@@ -44,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     )
     parser.add_argument("--image-servers", type=int, default=2, help="stand-in image endpoints")
     parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
-    parser.add_argument("--image-capacity", type=int, default=0, help="0 = unlimited")
+    parser.add_argument(
+        "--image-capacity",
+        type=int,
+        default=0,
+        help="concurrent calls each image stand-in takes (more get 429) and the slots the "
+        "registry gives it (0 = unlimited stand-ins, 1 registered slot)",
+    )
     parser.add_argument(
         "--speech-servers", type=int, default=1, help="stand-in speech endpoints (PocketSphinx)"
     )
@@ -73,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     )
     parser.add_argument("--env", action="append", default=[], help="extra function env NAME=VALUE")
     parser.add_argument("--state-file", type=Path, help="write URLs and resource names here")
+    parser.add_argument(
+        "--warm-all",
+        action="store_true",
+        help="start a warm worker for every function (default: only event-driven ones; "
+        "functions behind the HTTP and WebSocket APIs start cold on their first request)",
+    )
     parser.add_argument("--no-demo-user", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no function logs")
     parser.add_argument("--raw-logs", action="store_true", help="function logs as emitted")
@@ -98,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         demo_user=not args.no_demo_user,
         quiet=args.quiet,
         raw_logs=args.raw_logs,
+        warm_all=args.warm_all,
     )
 
 

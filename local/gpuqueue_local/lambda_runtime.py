@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from gpuqueue_local.lambda_zygote import Zygote
 
 LogSink = Callable[[str, str], None]
 # Lambda gives init 10 s; local imports on a loaded 2-core CI box can take longer.
@@ -65,11 +66,10 @@ class _Worker:
         env["AWS_LAMBDA_FUNCTION_NAME"] = spec.logical_id
         env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(spec.memory_mb)
         self.spec = spec
-        self.process = subprocess.Popen(
+        # A fork of the zygote, which has the libraries every handler needs imported already;
+        # this worker imports only its handler (as `python -m gpuqueue_local.lambda_worker`).
+        self.process = Zygote.shared().spawn(
             [
-                sys.executable,
-                "-m",
-                "gpuqueue_local.lambda_worker",
                 "--handler",
                 spec.handler,
                 "--function-name",
@@ -77,15 +77,11 @@ class _Worker:
                 "--memory",
                 str(spec.memory_mb),
             ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
             env=env,
             cwd=str(spec.code_dir),
-            text=True,
-            bufsize=1,
+            path=[p for p in env["PYTHONPATH"].split(os.pathsep) if p],
         )
-        self._replies: IO[str] = self.process.stdout  # type: ignore[assignment]
+        self._replies: IO[str] = self.process.stdout
         self._log_thread = threading.Thread(
             target=self._pump_logs, args=(log,), daemon=True, name=f"log-{spec.logical_id}"
         )

@@ -92,6 +92,7 @@ class StackOptions:
     state_file: Path | None = None
     quiet: bool = False
     raw_logs: bool = False
+    warm_all: bool = False  # a warm worker for every function, not only event-driven ones
 
 
 class LogPrinter:
@@ -322,6 +323,15 @@ def _prefixed(log: LogPrinter, name: str) -> Callable[[str], None]:
         log.function(name, f"[esm] {message}")
 
     return emit
+
+
+# Event sources that invoke a function on their own (pollers, streams, schedules).
+_EVENT_DRIVEN_TYPES = frozenset({"SQS", "DynamoDB", "Schedule", "ScheduleV2"})
+
+
+def _event_driven(stack: LocalStack, logical_id: str) -> bool:
+    events = stack.template["Resources"][logical_id]["Properties"].get("Events") or {}
+    return any(event.get("Type") in _EVENT_DRIVEN_TYPES for event in events.values())
 
 
 def scheduled_rules(
@@ -590,7 +600,12 @@ def start_stack(options: StackOptions) -> RunningStack:
     sources = sqs_event_sources(stack, functions, log, options.region)
     # Queue consumers get a warm worker per concurrent batch (Lambda keeps them warm under
     # steady load); every other function starts with one.
-    warm_counts = dict.fromkeys(functions, 1)
+    # Functions only requests reach (HTTP, WebSocket, S3 events) start cold, as on Lambda:
+    # each costs a second of imports, and a stack is ready sooner without the ones a run
+    # never calls (`--warm-all` warms them too).
+    warm_counts = {
+        name: 1 if options.warm_all or _event_driven(stack, name) else 0 for name in functions
+    }
     for source in sources:
         name = source.function.spec.logical_id
         warm_counts[name] = max(warm_counts[name], source.concurrency)
@@ -638,6 +653,8 @@ def start_stack(options: StackOptions) -> RunningStack:
     expected = {"image": len(image_servers), "speech": len(speech_servers) * speech_registered}
     if not _wait_for_endpoints(stack, expected):
         log.system(f"not all stand-ins are healthy yet (wanted {expected}); going on")
+    if options.image_capacity:
+        _register_capacity(stack, "image", options.image_capacity)
     running.start_event_sources()
     if s3_events is not None:
         s3_events.start()
@@ -670,6 +687,20 @@ def _wait_for_endpoints(stack: LocalStack, expected: dict[str, int], timeout: fl
             return True
         time.sleep(0.1)
     return False
+
+
+def _register_capacity(stack: LocalStack, kind: str, capacity: int) -> None:
+    """Tell the registry the stand-ins' capacity (declared endpoints start at 1 slot; an
+    operator sets the real figure, as `gpuqueue endpoints put --capacity` does)."""
+    table = boto3.resource("dynamodb").Table(stack.ref("EndpointsTable"))
+    for row in table.scan().get("Items", []):  # a handful of rows; local only
+        if row.get("row_type", "endpoint") == "endpoint" and row.get("kind") == kind:
+            table.update_item(
+                Key={"endpoint_id": row["endpoint_id"]},
+                UpdateExpression="SET #c = :c",
+                ExpressionAttributeNames={"#c": "capacity"},
+                ExpressionAttributeValues={":c": capacity},
+            )
 
 
 def _demo_token(api_url: str, username: str = DEMO_USER, password: str = DEMO_PASSWORD) -> str:

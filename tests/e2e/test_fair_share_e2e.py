@@ -27,7 +27,8 @@ LATENCY_S = 0.3
 
 @pytest.fixture(scope="module")
 def lane_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
-    # One endpoint with 2 slots; 2 normal workers and 1 high-priority worker.
+    # One endpoint with 2 slots (stand-in and registry); 2 normal workers and 1
+    # high-priority worker.
     with running_stack(
         tmp_path_factory.mktemp("lane-stack"),
         "--image-servers",
@@ -77,6 +78,20 @@ def _vip(stack: LocalStackProcess) -> ApiUser:
     assert response.status_code == 200, response.text
     user.token = response.json()["token"]
     return user
+
+
+def _set_slots(stack: LocalStackProcess, capacity: int) -> None:
+    """The endpoint's registered capacity, as an operator sets it (admin API)."""
+    admin = {"Authorization": f"Bearer {stack.state['admin_user']['token']}"}
+    listed = requests.get(f"{stack.api}/api/v1/admin/endpoints", headers=admin, timeout=10)
+    [endpoint] = [e for e in listed.json() if e["kind"] == "image"]
+    response = requests.put(
+        f"{stack.api}/api/v1/admin/endpoints/{endpoint['endpoint_id']}",
+        headers=admin,
+        json={"url": endpoint["url"], "kind": "image", "capacity": capacity},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
 
 
 def _sub(user: ApiUser) -> str:
@@ -193,6 +208,7 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     # normal workers (one always waiting for the slot): a queue whose drain time is known.
     user = _register(lane_stack)
     lane_stack.knobs(0, latency_s=1.0)
+    _set_slots(lane_stack, 1)
     try:
         # A burst first: the calls measure the endpoint, the departures the lane's pace.
         for task_id in [user.submit(f"warm {i}") for i in range(8)]:
@@ -211,6 +227,7 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
         done = user.wait(last, timeout=60)
     finally:
         lane_stack.knobs(0, latency_s=LATENCY_S)
+        _set_slots(lane_stack, 2)
 
     assert first_look["queue_position"] >= 7  # a real queue: most are still waiting
     assert positions == sorted(positions, reverse=True)
