@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench invoke-% openapi
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -66,6 +66,12 @@ validate: venv ## sam validate --lint
 
 bench: $(VENV)/.installed ## every figure -> docs/benchmarks.md, docs/cost.md (BENCH_TASKS=100 fleet tasks; BENCH_FLEET=0 skips the fleet runs)
 	PYTHONPATH=local $(PY) tools/bench_report.py --fleet-tasks $(or $(BENCH_TASKS),100) $(if $(filter 0,$(BENCH_FLEET)),--no-fleet,)
+
+chaos: $(VENV)/.installed ## fault suite: 300 tasks through failing, killed and hanging endpoints and dispatcher crashes (CHAOS_TASKS=N)
+	PYTHONPATH=local $(PY) tools/chaos.py --tasks $(or $(CHAOS_TASKS),300) --progress --json docs/chaos.json
+
+load: $(VENV)/.installed ## load test: 50 clients submit and poll for 60 s on loopback -> docs/load.md (LOAD_CLIENTS, LOAD_SECONDS)
+	PYTHONPATH=local $(PY) tools/load.py --clients $(or $(LOAD_CLIENTS),50) --seconds $(or $(LOAD_SECONDS),60) --markdown docs/load.md --json docs/load.json
 
 openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy) from the handlers' resolvers
 	$(PY) tools/openapi_document.py --write

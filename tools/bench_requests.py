@@ -128,6 +128,8 @@ class InProcessStack:
             if function not in SEPARATE_ENV:
                 os.environ.update(self.stack.function_env(function))
         os.environ["WEBHOOK_ALLOW_LOOPBACK"] = "true"
+        # One probe round per checker run: the second round is 30 s of sleep, not requests.
+        os.environ["SCHEDULE_PERIOD_SECONDS"] = os.environ["HEALTH_CHECK_PERIOD_SECONDS"]
         # Figures only on stdout: no log lines, no EMF blobs.
         os.environ["POWERTOOLS_LOG_LEVEL"] = "ERROR"
         os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"

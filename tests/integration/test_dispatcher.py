@@ -7,7 +7,8 @@ import time
 
 import boto3
 
-from gpuqueue.models import ImageRequest
+from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.models import ImageRequest, TaskKind
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import wait_for
@@ -149,6 +150,28 @@ def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, a
     # names the limit, so the check does not depend on this machine's load
     assert "timed out after 1s" in task["error"]
     assert h.image_servers[0].stats()["calls"] == 1
+
+
+def test_a_timed_out_call_keeps_its_slot_until_the_lease_ends(make_stack, alice):
+    # The GPU may still be generating after the client gave up: handing its slot to the
+    # next task at once would put one call more on the endpoint than its capacity.
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=5.0)],
+        parameters={"MaxAttempts": "1"},
+        env={"TASK_TIMEOUT_SECONDS": "1"},
+    )
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+    assert "timed out" in h.get_task(alice, task_id).json()["error"]
+
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+    fleet = registry.fleet(TaskKind.IMAGE)
+    [endpoint] = fleet.endpoints
+    [lease] = fleet.live_leases(endpoint.endpoint_id, time.time())
+    assert lease.task_id == task_id
+    # Leased for the timeout plus the dispatcher's margin, from the start of the call.
+    assert lease.lease_until > time.time()
 
 
 def test_same_message_delivered_twice_makes_one_image_and_one_done(make_stack, alice):

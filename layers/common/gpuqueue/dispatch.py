@@ -30,7 +30,7 @@ from aws_lambda_powertools import Logger
 from gpuqueue.balancer import Balancer
 from gpuqueue.dispatch_metrics import DispatchObserver
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.errors import GpuError, RetryLater
+from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
 from gpuqueue.models import QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
@@ -269,6 +269,11 @@ class TaskDispatcher:
         except GpuError as error:
             reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
             tried.add(endpoint.endpoint_id)
+            if isinstance(error, GpuTimeout):
+                # The GPU may still be generating: its slot stays taken until the lease ends
+                # (the margin past the timeout), so the endpoint never gets more than its
+                # capacity of calls.
+                slot.keep_until_lease_ends()
             if self._observer is not None:
                 self._observer.gpu_call_failed(
                     task, endpoint_id=endpoint.endpoint_id, retryable=error.retryable

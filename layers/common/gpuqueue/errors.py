@@ -113,7 +113,8 @@ class UnsupportedMediaType(GpuqueueError):
 
 
 class GpuTimeout(RetryableGpuError):
-    """The endpoint accepted the call but did not answer in time (a synchronous route: 504)."""
+    """The endpoint accepted the call but did not answer in time (a synchronous route: 504).
+    The GPU may still be busy with it: servers rarely stop work when the client goes away."""
 
 
 class PayloadTooLarge(GpuqueueError):

@@ -9,7 +9,7 @@ from typing import Protocol
 import requests
 from pydantic import BaseModel, ValidationError
 
-from gpuqueue.errors import PermanentGpuError, RetryableGpuError
+from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
 from gpuqueue.models import Endpoint, EndpointProtocol, Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,8 +43,12 @@ def _post(
     connect = min(CONNECT_TIMEOUT_SECONDS, timeout)
     try:
         return session.post(url, json=body, timeout=(connect, timeout))
-    except requests.Timeout as error:
+    except requests.ConnectTimeout as error:  # the request never reached the GPU
         raise RetryableGpuError(
+            f"endpoint {endpoint.endpoint_id} unreachable: {type(error).__name__}"
+        ) from error
+    except requests.Timeout as error:
+        raise GpuTimeout(
             f"endpoint {endpoint.endpoint_id} timed out after {timeout:.0f}s"
         ) from error
     except requests.RequestException as error:

@@ -56,6 +56,11 @@ class HeldSlot:
         self.endpoint = endpoint
         self._released = False
 
+    def keep_until_lease_ends(self) -> None:
+        """Give the slot back by letting its lease lapse, not now (a later `release` is a
+        no-op): for a call that may still be running on the GPU."""
+        self._released = True
+
     def release(self, *, call_seconds: float | None = None) -> None:
         if not self._released:
             self._released = True

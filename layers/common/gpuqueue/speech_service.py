@@ -123,7 +123,7 @@ class SpeechService:
                     timeout_seconds=timeout,
                 )
             except GpuTimeout as error:
-                slot.release()
+                slot.keep_until_lease_ends()  # the endpoint may still be transcribing
                 self._count_failure(endpoint.endpoint_id)
                 raise UpstreamTimeout(
                     f"the speech endpoint did not answer within {timeout:g} s"
