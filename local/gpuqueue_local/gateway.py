@@ -317,6 +317,13 @@ class ApiGateway:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
+            def __getattr__(self, name: str) -> Any:
+                # Any other method (TRACE, QUERY, ...) finds no route, as on API Gateway
+                # (404), rather than http.server's 501 page.
+                if name.startswith("do_"):
+                    return self._handle
+                raise AttributeError(name)
+
             def log_message(self, format: str, *args: Any) -> None:
                 return
 

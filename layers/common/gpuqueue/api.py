@@ -12,7 +12,13 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
-from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.middlewares.openapi_validation import (
+    OpenAPIRequestValidationMiddleware,
+)
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+)
 
 from gpuqueue import errors
 from gpuqueue.models import ErrorBody
@@ -69,8 +75,29 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
+class _JsonBodyValidation(OpenAPIRequestValidationMiddleware):
+    """Powertools' request validation, reading a model body as JSON only.
+
+    Powertools also parses form and multipart bodies into the model, and a multipart
+    content type without a boundary raises a bare ValueError (a 500). Every route with a
+    body model here takes JSON: anything else is a 415 naming the header.
+    """
+
+    def _get_body(self, app: Any) -> dict[str, Any]:
+        content_type = app.current_event.headers.get("content-type", "").strip().lower()
+        if content_type and not content_type.startswith("application/json"):
+            raise RequestUnsupportedContentType(
+                "Unsupported content type",
+                errors=[{"type": "unsupported_content_type", "loc": ("body",)}],
+            )
+        body: dict[str, Any] = super()._get_body(app)
+        return body
+
+
 def build_resolver() -> APIGatewayHttpResolver:
     app = APIGatewayHttpResolver(enable_validation=True)
+    # The resolver made Powertools' own in __init__; every route reads it from here.
+    app._request_validation_middleware = _JsonBodyValidation()  # type: ignore[no-untyped-call]
 
     @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def _invalid(exc: RequestValidationError) -> Response[str]:
@@ -85,6 +112,15 @@ def build_resolver() -> APIGatewayHttpResolver:
             )
         message = f"{field}: {first.get('msg', 'invalid value')}"
         return error_response(HTTPStatus.BAD_REQUEST, message, "VALIDATION_ERROR", field=field)
+
+    @app.exception_handler(RequestUnsupportedContentType)  # type: ignore[untyped-decorator]
+    def _unsupported(exc: RequestUnsupportedContentType) -> Response[str]:
+        return error_response(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            "content-type: send the body as application/json",
+            "UNSUPPORTED_CONTENT_TYPE",
+            field="content-type",
+        )
 
     @app.exception_handler(errors.GpuqueueError)  # type: ignore[untyped-decorator]
     def _domain(exc: errors.GpuqueueError) -> Response[str]:
