@@ -68,7 +68,7 @@ bench: $(VENV)/.installed ## every figure -> docs/benchmarks.md, docs/cost.md (B
 	PYTHONPATH=local $(PY) tools/bench_report.py --fleet-tasks $(or $(BENCH_TASKS),100) $(if $(filter 0,$(BENCH_FLEET)),--no-fleet,)
 
 chaos: $(VENV)/.installed ## fault suite: 300 tasks through failing, killed and hanging endpoints and dispatcher crashes (CHAOS_TASKS=N)
-	PYTHONPATH=local $(PY) tools/chaos.py --tasks $(or $(CHAOS_TASKS),300) --progress --json docs/chaos.json
+	PYTHONPATH=local $(PY) tools/chaos.py --tasks $(or $(CHAOS_TASKS),300) --progress --markdown docs/chaos.md --json docs/chaos.json
 
 load: $(VENV)/.installed ## load test: 50 clients submit and poll for 60 s on loopback -> docs/load.md (LOAD_CLIENTS, LOAD_SECONDS)
 	PYTHONPATH=local $(PY) tools/load.py --clients $(or $(LOAD_CLIENTS),50) --seconds $(or $(LOAD_SECONDS),60) --markdown docs/load.md --json docs/load.json

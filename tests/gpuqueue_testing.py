@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -12,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,21 @@ class FakeLambdaContext:
     def get_remaining_time_in_millis(self) -> int:
         elapsed = time.monotonic() - self._started
         return max(0, int((self.timeout_seconds - elapsed) * 1000))
+
+
+@contextlib.contextmanager
+def dynamodb_operations(client: Any) -> Iterator[list[str]]:
+    """The DynamoDB operations (`Query`, `Scan`, ...) `client` sends inside the block."""
+    operations: list[str] = []
+
+    def count(event_name: str, **_: Any) -> None:
+        operations.append(event_name.rsplit(".", maxsplit=1)[-1])
+
+    client.meta.events.register("before-call.dynamodb.*", count)
+    try:
+        yield operations
+    finally:
+        client.meta.events.unregister("before-call.dynamodb.*", count)
 
 
 def load_event(name: str) -> dict[str, Any]:

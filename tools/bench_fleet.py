@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import statistics
 import sys
 import threading
@@ -38,6 +37,7 @@ from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
 from gpuqueue.models import TaskKind  # noqa: E402
 from gpuqueue_local.lambda_runtime import FunctionRuntime  # noqa: E402
 from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402
+from local_run import read_tasks, register_users, use_local_aws  # noqa: E402
 
 # The default scenario: two fast endpoints and one 3x slower, 4 slots each (2.33 tasks/s,
 # under the local control plane's ~3-4 tasks/s ceiling).
@@ -96,33 +96,6 @@ def _percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _read_tasks(table: Any, ids: list[str]) -> list[dict[str, Any]]:
-    """The tasks' rows in BatchGetItem pages: one request per 100, not one per task, so
-    the bench's own polling does not load the control plane it measures."""
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(ids), 100):
-        keys: list[dict[str, Any]] = [{"task_id": i} for i in ids[start : start + 100]]
-        while keys:
-            # The resource (not table.meta.client) deserialises the items.
-            page = boto3.resource("dynamodb").batch_get_item(
-                RequestItems={table.name: {"Keys": keys, "ConsistentRead": True}}
-            )
-            rows.extend(page["Responses"].get(table.name, []))
-            unprocessed: dict[str, Any] = dict(page.get("UnprocessedKeys", {}))
-            keys = list(unprocessed.get(table.name, {}).get("Keys", []))
-    return rows
-
-
-def _users(api: str, count: int) -> list[str]:
-    tokens = []
-    for i in range(count):
-        credentials = {"username": f"bench{i}-{os.getpid()}", "password": "bench-pass-1"}
-        response = requests.post(f"{api}/register", json=credentials, timeout=30)
-        response.raise_for_status()
-        tokens.append(response.json()["token"])
-    return tokens
 
 
 def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) -> RunningStack:
@@ -230,7 +203,7 @@ def _measure(
     deadline = started + RUN_DEADLINE_SECONDS
     rows: list[dict[str, Any]] = []
     while time.time() < deadline:
-        rows = _read_tasks(table, ids)
+        rows = read_tasks(table, ids)
         finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED", "EXPIRED")]
         if kill_after is not None and not killed and len(finished) >= kill_after * tasks:
             # Killed mid-run: the process is gone, its port refuses connections.
@@ -282,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    # A SIGTERM (timeout, Ctrl-C from make) still stops the stack's processes.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    use_local_aws()
 
     ideal = sum(CAPACITY / latency for latency in LATENCIES)
     print(
@@ -301,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = start_bench_stack(args.tasks, len(LATENCIES), CAPACITY, strategies[0])
     try:
         stack.functions["SubmitFunction"].warm(SUBMITTERS - 1)
-        tokens = _users(stack.api_url, USERS)
+        tokens = register_users(stack.api_url, "bench", USERS)
         common = {"tasks": args.tasks, "capacity": CAPACITY}
         current = strategies[0]
         for strategy in [*strategies, "least-loaded"]:

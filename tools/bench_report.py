@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,11 @@ sys.path.insert(0, str(REPO / "tools"))
 import bench_imports  # noqa: E402
 import bench_requests  # noqa: E402
 import cost_model  # noqa: E402
+from local_run import machine, use_local_aws  # noqa: E402
 
 # Requests our code makes per image task before any status poll; the target is <= 8.
 TARGET_REQUESTS = 8
 BILLED_SERVICES = ("dynamodb", "sqs", "s3", "secretsmanager")
-
-
-def _machine() -> str:
-    cpus = os.cpu_count()
-    return (
-        f"{platform.system()} {platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
-    )
 
 
 def _fleet(tasks: int) -> list[dict[str, Any]]:
@@ -103,7 +96,7 @@ def benchmarks_markdown(
     )
     return f"""# Benchmarks
 
-Written by `make bench` on {date}, on {_machine()}. Figures from moto and the local stack
+Written by `make bench` on {date}, on {machine()}. Figures from moto and the local stack
 on this machine: compare them with each other and over time, not with AWS's latencies.
 
 ## AWS requests per image task
@@ -134,8 +127,8 @@ a scan.
 {_latency_row("status", requests["status_latency"])}
 
 "Our ms" is the handler's wall time minus the time inside its own AWS calls (validation,
-Powertools, serialisation). Latency over HTTP on the local stack under load is not
-measured yet (`make load`, issue 9, is still to come).
+Powertools, serialisation). Latency over HTTP on the local stack, under 50 concurrent
+clients: [load.md](load.md) (`make load`).
 
 ## Cold import per function
 
@@ -161,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fleet", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
+    use_local_aws()
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     imports = bench_imports.measure(repeat=3)
     print(json.dumps({"cold_import_ms": imports}, indent=2), flush=True)

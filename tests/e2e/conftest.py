@@ -181,14 +181,18 @@ class ApiUser:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def new_user(local_stack: LocalStackProcess) -> ApiUser:
-    username = f"u{uuid.uuid4().hex[:10]}"
+def register_user(stack: LocalStackProcess, prefix: str = "u") -> ApiUser:
+    username = f"{prefix}{uuid.uuid4().hex[:10]}"
     password = "pass1234word"
     response = requests.post(
-        f"{local_stack.api}/register",
+        f"{stack.api}/register",
         json={"username": username, "password": password},
         timeout=30,
     )
     assert response.status_code == 201, response.text
-    return ApiUser(local_stack.api, username, password, response.json()["token"])
+    return ApiUser(stack.api, username, password, response.json()["token"])
+
+
+@pytest.fixture
+def new_user(local_stack: LocalStackProcess) -> ApiUser:
+    return register_user(local_stack)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -17,7 +16,7 @@ import requests
 
 from gpuqueue_testing import wait_for
 
-from .conftest import ApiUser, LocalStackProcess, running_stack
+from .conftest import ApiUser, LocalStackProcess, register_user, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
@@ -54,19 +53,9 @@ def lane_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackP
         yield stack
 
 
-def _register(stack: LocalStackProcess) -> ApiUser:
-    username = f"u{uuid.uuid4().hex[:10]}"
-    password = "pass1234word"
-    response = requests.post(
-        f"{stack.api}/register", json={"username": username, "password": password}, timeout=30
-    )
-    assert response.status_code == 201, response.text
-    return ApiUser(stack.api, username, password, response.json()["token"])
-
-
 def _vip(stack: LocalStackProcess) -> ApiUser:
     """A user in the Cognito group vip, logged in again so the token carries the group."""
-    user = _register(stack)
+    user = register_user(stack)
     stack.aws("cognito-idp").admin_add_user_to_group(
         UserPoolId=stack.state["resources"]["UserPool"], Username=user.username, GroupName="vip"
     )
@@ -109,7 +98,7 @@ def _time(value: str) -> datetime:
 
 
 def test_a_vip_task_behind_50_normal_ones_starts_before_them(lane_stack):
-    normal_users = [_register(lane_stack) for _ in range(5)]
+    normal_users = [register_user(lane_stack) for _ in range(5)]
     vip = _vip(lane_stack)
     normal: list[tuple[ApiUser, str]] = []
     for i in range(50):
@@ -140,7 +129,7 @@ def test_a_vip_task_behind_50_normal_ones_starts_before_them(lane_stack):
 
 def test_normal_tasks_still_progress_under_a_flood_of_vip_tasks(lane_stack):
     vip = _vip(lane_stack)
-    user = _register(lane_stack)
+    user = register_user(lane_stack)
     flood = [vip.submit(f"flood {i}", priority="high") for i in range(ACTIVE_LIMIT)]
     normal = [user.submit(f"under the flood {i}") for i in range(6)]
 
@@ -160,7 +149,7 @@ def test_normal_tasks_still_progress_under_a_flood_of_vip_tasks(lane_stack):
 def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_them(
     lane_stack,
 ):
-    user = _register(lane_stack)
+    user = register_user(lane_stack)
     lane_stack.knobs(0, hang=True)  # nothing finishes while the submits race
     try:
 
@@ -206,7 +195,7 @@ def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_
 def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     # One slot, a GPU-like call (1 s: the work around each call is a small part of it), two
     # normal workers (one always waiting for the slot): a queue whose drain time is known.
-    user = _register(lane_stack)
+    user = register_user(lane_stack)
     lane_stack.knobs(0, latency_s=1.0)
     _set_slots(lane_stack, 1)
     try:
@@ -231,10 +220,12 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
 
     assert first_look["queue_position"] >= 7  # a real queue: most are still waiting
     assert positions == sorted(positions, reverse=True)
-    # SQS hands out messages in roughly, not exactly, the order sent: the last task may start
-    # just before the one ahead of it, straight from position 1 (the integration test checks
-    # each step exactly on an ordered queue).
-    assert positions[-1] <= 1
+    # Positions count departures as the tasks stream reports them (~0.3 s behind), and SQS
+    # hands out messages in roughly, not exactly, the order sent: with two workers waiting
+    # for the one slot, the last task may start just before the one ahead of it. So its last
+    # reading before it starts is 0, 1 or 2 (the integration test checks each step exactly,
+    # on an ordered queue with the stream read at once).
+    assert positions[-1] <= 2
     actual = _time(done["updated_at"]).timestamp() - asked_at
     estimated = first_look["eta_seconds"]
     assert abs(estimated - actual) <= 0.2 * actual, (estimated, actual)

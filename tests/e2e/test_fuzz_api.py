@@ -4,15 +4,13 @@ the JSON error shape {"error", "code", "field"?}."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
-import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from .conftest import ApiUser, LocalStackProcess
+from .conftest import ApiUser, LocalStackProcess, register_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
@@ -29,14 +27,7 @@ GATEWAY_ANSWERS = {
 
 @pytest.fixture(scope="module")
 def fuzz_user(local_stack: LocalStackProcess) -> ApiUser:
-    username, password = f"fuzz{uuid.uuid4().hex[:8]}", "pass1234word"
-    response = requests.post(
-        f"{local_stack.api}/register",
-        json={"username": username, "password": password},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-    return ApiUser(local_stack.api, username, password, response.json()["token"])
+    return register_user(local_stack, "fuzz")
 
 
 @schema.parametrize()

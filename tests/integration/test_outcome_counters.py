@@ -13,6 +13,7 @@ from gpuqueue import aws_clients
 from gpuqueue.models import TaskStatus
 from gpuqueue.outcome_counters import KEY_PREFIX, WINDOW_SECONDS, OutcomeCounters
 from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_testing import dynamodb_operations
 
 
 def _last_hour(h, user) -> dict[str, Any]:
@@ -100,17 +101,8 @@ def test_a_stats_call_reads_the_counters_in_one_batch_and_never_scans(make_stack
     h = make_stack()
     h.run_checker()
     h.submit(alice)
-    operations: list[str] = []
-
-    def count(event_name: str, **_: Any) -> None:
-        operations.append(event_name.rsplit(".", maxsplit=1)[-1])
-
-    dynamodb = aws_clients.dynamodb().meta.client
-    dynamodb.meta.events.register("before-call.dynamodb.*", count)
-    try:
+    with dynamodb_operations(aws_clients.dynamodb().meta.client) as operations:
         assert _last_hour(h, alice)["succeeded"] == 0
-    finally:
-        dynamodb.meta.events.unregister("before-call.dynamodb.*", count)
 
     assert "Scan" not in operations
     # The counters in one BatchGetItem; the endpoints table, one Query per kind.

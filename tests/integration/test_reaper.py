@@ -14,6 +14,7 @@ from gpuqueue.reaper import Reaper, ReaperPolicy
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_testing import dynamodb_operations
 
 
 class Crash(BaseException):
@@ -203,17 +204,8 @@ def test_reaper_pass_queries_the_index_and_never_scans(make_stack, alice):
     h.run_checker()
     for _ in range(3):
         h.submit(alice)
-    operations: list[str] = []
-
-    def count(event_name: str, **_: Any) -> None:
-        operations.append(event_name.rsplit(".", maxsplit=1)[-1])
-
-    dynamodb = aws_clients.dynamodb().meta.client
-    dynamodb.meta.events.register("before-call.dynamodb.*", count)
-    try:
+    with dynamodb_operations(aws_clients.dynamodb().meta.client) as operations:
         assert h.run_reaper()["resent"] == 3
-    finally:
-        dynamodb.meta.events.unregister("before-call.dynamodb.*", count)
     assert "Scan" not in operations
     # 4 shards x 3 states of index queries, then per due task one read and one write.
     assert operations.count("Query") == 12
