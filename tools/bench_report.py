@@ -116,8 +116,8 @@ event source mapping's own receive and delete (2 SQS requests per message) come 
 claim, image, complete: 6) come the features: the rate limit (1 write), the per-user share
 (1 write on submit, 1 on release), the queue position ticket and departure (1 write each, 1
 read), the queue-capacity check (1 GetQueueAttributes), the GPU slot lease and release (2
-writes, 1 fleet query), the push-connections lookup (1 query). Each is one request; none is
-a scan.
+writes, 1 fleet query), the push-connections lookup (1 query), the stats' last-hour outcome
+counter (1 write). Each is one request; none is a scan.
 
 ## Handler latency (in-process, moto)
 
