@@ -297,10 +297,14 @@ class DynamoDbStreamSource:
     def resume(self) -> None:
         self._enabled.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop polling; an invocation under way finishes (bounded by the function's Timeout)."""
+    def stopping(self) -> None:
+        """No new reads or invocations (what is under way goes on); `stop` then waits."""
         self._stop.set()
         self._enabled.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop polling; an invocation under way finishes (bounded by the function's Timeout)."""
+        self.stopping()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 

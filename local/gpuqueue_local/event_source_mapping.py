@@ -57,9 +57,13 @@ class SqsEventSource:
     def resume(self) -> None:
         self._enabled.set()
 
-    def stop(self) -> None:
+    def stopping(self) -> None:
+        """No new polls or invocations (what is under way goes on); `stop` then waits."""
         self._stop.set()
         self._enabled.set()
+
+    def stop(self) -> None:
+        self.stopping()
         for thread in self._threads:
             thread.join(timeout=LONG_POLL_SECONDS + 5)
 

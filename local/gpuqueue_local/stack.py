@@ -429,6 +429,15 @@ class RunningStack:
     def stop(self) -> None:
         for schedule in self.schedules:
             schedule.stop()
+        # Nothing new is invoked, then the workers go (an invocation under way ends at once,
+        # as in a deleted stack), then the pollers are joined: a stop takes no longer than
+        # its slowest poll, not the sum of every invocation under way.
+        for source in self.sources:
+            source.stopping()
+        for stream_source in self.stream_sources:
+            stream_source.stopping()
+        for runtime in self.functions.values():
+            runtime.stop()
         for source in self.sources:
             source.stop()
         for stream_source in self.stream_sources:
