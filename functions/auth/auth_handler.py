@@ -13,7 +13,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver
+from gpuqueue.api import build_resolver, documented
 from gpuqueue.models import Credentials, TokenResponse
 from gpuqueue.settings import AuthSettings
 from gpuqueue.user_directory import UserDirectory
@@ -33,7 +33,10 @@ def directory() -> UserDirectory:
     )
 
 
-@app.post("/register")
+@app.post(
+    "/register",
+    responses=documented(HTTPStatus.CREATED, "Registered and signed in.", TokenResponse),
+)
 def register(credentials: Annotated[Credentials, Body()]) -> Response[str]:
     token = directory().register(credentials)
     logger.info("user registered", extra={"username": credentials.username})

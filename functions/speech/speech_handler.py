@@ -24,7 +24,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver, current_caller
+from gpuqueue.api import build_resolver, current_caller, documented
 from gpuqueue.audio import (
     ASYNC_AUDIO_MAX_BYTES,
     HEAD_BYTES,
@@ -181,7 +181,14 @@ def transcribe_pcm(
     return _answer(deps().speech.transcribe(clip, user_id=caller.sub, remaining_seconds=_remaining))
 
 
-@app.post("/api/v1/speech/async")
+@app.post(
+    "/api/v1/speech/async",
+    responses=documented(
+        HTTPStatus.ACCEPTED,
+        "Awaiting the upload: PUT the audio to `upload_url` with `upload_headers`.",
+        SpeechUploadResponse,
+    ),
+)
 def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
     if request.size_bytes > ASYNC_AUDIO_MAX_BYTES:

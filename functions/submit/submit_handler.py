@@ -15,7 +15,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
+from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.log_context import correlate_task
@@ -72,7 +72,19 @@ def _admit(owner: str) -> dict[str, str]:
         raise
 
 
-@app.post("/api/v1/image/async")
+@app.post(
+    "/api/v1/image/async",
+    responses={
+        **documented(
+            HTTPStatus.ACCEPTED,
+            "Queued: poll `Location` (or use the webhook or the push channel).",
+            SubmitResponse,
+        ),
+        **documented(
+            HTTPStatus.OK, "With `Prefer: wait=N`: the task, finished within N seconds.", TaskView
+        ),
+    },
+)
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
     rate_headers = _admit(caller.sub)

@@ -17,7 +17,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients, webhooks
-from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller
+from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore
@@ -102,7 +102,15 @@ def _json(body: str, headers: dict[str, str] | None = None) -> Response[str]:
     return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body, headers)
 
 
-@app.get("/api/v1/tasks")
+@app.get(
+    "/api/v1/tasks",
+    responses=documented(
+        HTTPStatus.OK,
+        "The caller's tasks newest first (`X-Next-Cursor` for the next page); with "
+        "`?task_id=`, that one task.",
+        list[TaskView] | TaskView,
+    ),
+)
 def get_or_list_tasks(
     task_id: Annotated[
         str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
@@ -135,7 +143,10 @@ def _status(task_id: str, owner: str) -> Response[str]:
     return _json(view(task).model_dump_json(), headers)
 
 
-@app.get("/api/v1/tasks/<task_id>")
+@app.get(
+    "/api/v1/tasks/<task_id>",
+    responses=documented(HTTPStatus.OK, "The task (404 if it is not the caller's).", TaskView),
+)
 def get_task(task_id: TaskId) -> Response[str]:
     return _status(task_id, current_caller(app).sub)
 
@@ -147,7 +158,10 @@ def get_deliveries(task_id: TaskId) -> Response[str]:
     return _json(json.dumps(webhooks.as_log(deps().tasks.get_for_owner(task_id, owner))))
 
 
-@app.post("/api/v1/tasks/<task_id>/deliveries/redeliver")
+@app.post(
+    "/api/v1/tasks/<task_id>/deliveries/redeliver",
+    responses=documented(HTTPStatus.ACCEPTED, "A new delivery of the final event is queued."),
+)
 def redeliver(task_id: TaskId) -> Response[str]:
     """Send the task's final event to its webhook again (a new delivery id)."""
     owner = current_caller(app).sub
@@ -167,7 +181,10 @@ def redeliver(task_id: TaskId) -> Response[str]:
     return Response(HTTPStatus.ACCEPTED.value, content_types.APPLICATION_JSON, json.dumps(body))
 
 
-@app.delete("/api/v1/tasks/<task_id>")
+@app.delete(
+    "/api/v1/tasks/<task_id>",
+    responses=documented(HTTPStatus.OK, "Canceled: the task as it now stands.", TaskView),
+)
 def cancel_task(task_id: TaskId) -> Response[str]:
     owner = current_caller(app).sub
     task = deps().tasks.cancel(task_id, owner)
@@ -176,7 +193,12 @@ def cancel_task(task_id: TaskId) -> Response[str]:
     return _json(TaskView.of(task).model_dump_json())
 
 
-@app.get("/api/images/<task_id>")
+@app.get(
+    "/api/images/<task_id>",
+    responses=documented(
+        HTTPStatus.FOUND, "A short-lived presigned URL of the PNG in `Location` (and `url`)."
+    ),
+)
 def get_image(task_id: TaskId) -> Response[str]:
     owner = current_caller(app).sub
     task = deps().tasks.get_for_owner(task_id, owner)

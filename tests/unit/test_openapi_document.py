@@ -214,6 +214,41 @@ def test_request_bodies_come_from_the_pydantic_models(committed: dict[str, Any])
     }
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "model"),
+    [
+        ("POST", "/api/v1/image/async", "202", "SubmitResponse"),
+        ("POST", "/api/v1/image/async", "200", "TaskView"),
+        ("POST", "/register", "201", "TokenResponse"),
+        ("GET", "/api/v1/tasks/{task_id}", "200", "TaskView"),
+        ("DELETE", "/api/v1/tasks/{task_id}", "200", "TaskView"),
+        ("POST", "/api/v1/speech/async", "202", "SpeechUploadResponse"),
+    ],
+)
+def test_success_answers_carry_their_status_and_model(
+    committed: dict[str, Any], method: str, path: str, status: str, model: str
+) -> None:
+    responses = _operation(committed, method, path)["responses"]
+    schema = responses[status]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": f"#/components/schemas/{model}"}
+    assert responses[status]["description"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/register"), ("POST", "/api/v1/speech/async")]
+)
+def test_routes_that_never_answer_200_do_not_document_one(
+    committed: dict[str, Any], method: str, path: str
+) -> None:
+    assert "200" not in _operation(committed, method, path)["responses"]
+
+
+def test_the_image_route_documents_its_redirect(committed: dict[str, Any]) -> None:
+    responses = _operation(committed, "GET", "/api/images/{task_id}")["responses"]
+    assert "Location" in responses["302"]["description"]
+    assert "200" not in responses
+
+
 def test_no_response_claims_a_json_string_body(committed: dict[str, Any]) -> None:
     # Handlers returning Response[str] write JSON objects; Powertools only sees `str`.
     for item in committed["paths"].values():

@@ -19,6 +19,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestUnsupportedContentType,
     RequestValidationError,
 )
+from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 
 from gpuqueue import errors
 from gpuqueue.models import ErrorBody
@@ -67,6 +68,17 @@ def error_response(
         body=body.model_dump_json(exclude_none=True),
         headers=headers,
     )
+
+
+def documented(
+    status: HTTPStatus, description: str, model: Any = None
+) -> dict[int, OpenAPIResponse]:
+    """A success answer for a route's `responses=`: handlers that build their JSON body in a
+    `Response` would otherwise be documented as a JSON string with status 200."""
+    response: OpenAPIResponse = {"description": description}
+    if model is not None:
+        response["content"] = {content_types.APPLICATION_JSON: {"model": model}}
+    return {status.value: response}
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
