@@ -135,7 +135,8 @@ def test_endpoint_rejecting_the_request_fails_the_task_without_retry(make_stack,
     assert h.image_servers[0].stats()["calls"] == 1
 
 
-def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, alice):
+def _timed_out_task(make_stack, alice):
+    """One task whose only attempt outlives a 1 s task timeout (the endpoint takes 5 s)."""
     h = make_stack(
         endpoints=[ImageServerKnobs(latency_s=5.0)],
         parameters={"MaxAttempts": "1"},
@@ -144,6 +145,11 @@ def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, a
     h.run_checker()
     task_id = h.submit(alice).json()["task_id"]
     h.drain()
+    return h, task_id
+
+
+def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, alice):
+    h, task_id = _timed_out_task(make_stack, alice)
     task = h.get_task(alice, task_id).json()
     assert task["status"] == "FAILED"
     # cut at the task timeout (1 s), not at the endpoint's 5 s answer; the message
@@ -155,14 +161,7 @@ def test_gpu_call_past_the_task_timeout_fails_with_a_timeout_error(make_stack, a
 def test_a_timed_out_call_keeps_its_slot_until_the_lease_ends(make_stack, alice):
     # The GPU may still be generating after the client gave up: handing its slot to the
     # next task at once would put one call more on the endpoint than its capacity.
-    h = make_stack(
-        endpoints=[ImageServerKnobs(latency_s=5.0)],
-        parameters={"MaxAttempts": "1"},
-        env={"TASK_TIMEOUT_SECONDS": "1"},
-    )
-    h.run_checker()
-    task_id = h.submit(alice).json()["task_id"]
-    h.drain()
+    h, task_id = _timed_out_task(make_stack, alice)
     assert "timed out" in h.get_task(alice, task_id).json()["error"]
 
     registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
