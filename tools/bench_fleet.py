@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "local"))
@@ -37,7 +36,7 @@ from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
 from gpuqueue.models import TaskKind  # noqa: E402
 from gpuqueue_local.lambda_runtime import FunctionRuntime  # noqa: E402
 from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402
-from local_run import read_tasks, register_users, use_local_aws  # noqa: E402
+from local_run import read_tasks, register_users, submit_image, use_local_aws  # noqa: E402
 
 # The default scenario: two fast endpoints and one 3x slower, 4 slots each (2.33 tasks/s,
 # under the local control plane's ~3-4 tasks/s ceiling).
@@ -177,14 +176,7 @@ def _measure(
     table = boto3.resource("dynamodb").Table(stack.stack.ref("TasksTable"))
 
     def submit(i: int) -> str:
-        response = requests.post(
-            f"{stack.api_url}/api/v1/image/async",
-            headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"},
-            json={"prompt": f"bench task {i}", "width": 64, "height": 64},
-            timeout=30,
-        )
-        response.raise_for_status()
-        return str(response.json()["task_id"])
+        return submit_image(stack.api_url, tokens[i % len(tokens)], f"bench task {i}")
 
     # Queue everything first with the trigger paused (a poll under way hands its message
     # straight back), so the figure measures dispatch, not how fast the local control

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "local"))
@@ -46,7 +45,13 @@ from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
 from gpuqueue.image_store import result_key  # noqa: E402
 from gpuqueue.models import TaskKind  # noqa: E402
 from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402
-from local_run import machine, read_tasks, register_users, use_local_aws  # noqa: E402
+from local_run import (  # noqa: E402
+    machine,
+    read_tasks,
+    register_users,
+    submit_image,
+    use_local_aws,
+)
 
 SLOTS = 2  # registered per endpoint
 MAX_ATTEMPTS = 3
@@ -187,14 +192,7 @@ def run_chaos(tasks: int, deadline_seconds: float, *, progress: bool = False) ->
         table = boto3.resource("dynamodb").Table(stack.stack.ref("TasksTable"))
 
         def submit(i: int) -> str:
-            response = requests.post(
-                f"{stack.api_url}/api/v1/image/async",
-                headers={"Authorization": f"Bearer {tokens[i % USERS]}"},
-                json={"prompt": f"chaos task {i}", "width": 64, "height": 64},
-                timeout=30,
-            )
-            response.raise_for_status()
-            return str(response.json()["task_id"])
+            return submit_image(stack.api_url, tokens[i % USERS], f"chaos task {i}")
 
         with ThreadPoolExecutor(max_workers=SUBMITTERS) as pool:
             ids = list(pool.map(submit, range(tasks)))

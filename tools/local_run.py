@@ -43,6 +43,18 @@ def register_users(api: str, prefix: str, count: int) -> list[str]:
     return tokens
 
 
+def submit_image(api: str, token: str, prompt: str) -> str:
+    """Queue one small image task over HTTP; its task id."""
+    response = requests.post(
+        f"{api}/api/v1/image/async",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"prompt": prompt, "width": 64, "height": 64},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return str(response.json()["task_id"])
+
+
 def read_tasks(table: Any, ids: list[str]) -> list[dict[str, Any]]:
     """The tasks' rows in BatchGetItem pages: one request per 100, not one per task, so
     the tool's own polling does not load the control plane it measures."""
