@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from samtranslator.translator.transform import transform as sam_transform
+
 from gpuqueue_local.template import load_template
 
 # The translator asks IAM for the ARNs of the managed policies a function names by short
@@ -50,8 +52,6 @@ def transform(
     region: str = "us-east-1",
 ) -> dict[str, Any]:
     """The CloudFormation template SAM would deploy (intrinsics left for CloudFormation)."""
-    from samtranslator.translator.transform import transform as sam_transform
-
     source = _with_s3_artifacts(template if template is not None else load_template())
     previous = os.environ.get("AWS_DEFAULT_REGION")
     os.environ["AWS_DEFAULT_REGION"] = region  # the translator reads the region from here
