@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     parser.add_argument("--env", action="append", default=[], help="extra function env NAME=VALUE")
     parser.add_argument("--state-file", type=Path, help="write URLs and resource names here")
     parser.add_argument(
+        "--no-iam",
+        action="store_true",
+        help="run every function with full rights (moto's default) instead of its role's",
+    )
+    parser.add_argument(
         "--warm-all",
         action="store_true",
         help="start a warm worker for every function (default: only event-driven ones; "
@@ -111,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         quiet=args.quiet,
         raw_logs=args.raw_logs,
         warm_all=args.warm_all,
+        iam=not args.no_iam,
     )
 
 

@@ -54,10 +54,26 @@ MAX_PAGES_PER_READ = 10  # bounds one read: at most 10,000 records a shard
 SHARD_REFRESH_S = 10.0  # DescribeStream again this often, for new (child) shards
 STARTING_POSITIONS = ("TRIM_HORIZON", "LATEST")
 
+
+def _signing_keys(credentials: Mapping[str, str] | None) -> dict[str, str]:
+    """boto3 client arguments for a function's keys (its execution role's, as Lambda's
+    pollers use them); none: the process's own."""
+    if not credentials:
+        return {}
+    return {
+        "aws_access_key_id": credentials["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": credentials["AWS_SECRET_ACCESS_KEY"],
+    }
+
 Log = Callable[[str], None]
 
 
-def streams_client(region: str | None = None, *, endpoint_url: str | None = None) -> Any:
+def streams_client(
+    region: str | None = None,
+    *,
+    endpoint_url: str | None = None,
+    credentials: Mapping[str, str] | None = None,
+) -> Any:
     """A DynamoDB Streams client that reaches moto, in-process (mock_aws) or as a server.
 
     botocore (1.44 here) resolves DynamoDB Streams calls for a stream ARN to an account-ID
@@ -74,6 +90,7 @@ def streams_client(region: str | None = None, *, endpoint_url: str | None = None
         "dynamodbstreams",
         region_name=region,
         endpoint_url=endpoint_url,
+        **_signing_keys(credentials),
         config=Config(
             account_id_endpoint_mode="disabled",
             connect_timeout=2,
@@ -214,6 +231,8 @@ class DynamoDbStreamSource:
     on_failure_arn: str | None = None  # an SQS queue's ARN
     region: str = "us-east-1"
     endpoint_url: str | None = None
+    # The function's keys: Lambda reads the stream and sends to OnFailure with its role.
+    credentials: Mapping[str, str] = field(default_factory=dict)
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     retry_backoff_s: tuple[float, float] = DEFAULT_RETRY_BACKOFF_S  # (first, cap)
     log: Log | None = None
@@ -251,6 +270,7 @@ class DynamoDbStreamSource:
         function_name: str = "",
         region: str = "us-east-1",
         log: Log | None = None,
+        credentials: Mapping[str, str] | None = None,
     ) -> DynamoDbStreamSource:
         """From a SAM `Type: DynamoDB` event's Properties, intrinsics already resolved."""
         on_failure = ((properties.get("DestinationConfig") or {}).get("OnFailure")) or {}
@@ -274,6 +294,7 @@ class DynamoDbStreamSource:
             filters=stream_filters(properties.get("FilterCriteria")),
             on_failure_arn=str(destination) if destination else None,
             region=region,
+            credentials=dict(credentials or {}),
             log=log,
         )
 
@@ -350,7 +371,9 @@ class DynamoDbStreamSource:
 
     def _stream_reader(self) -> ShardReader:
         if self.reader is None:
-            client = streams_client(self.region, endpoint_url=self.endpoint_url)
+            client = streams_client(
+                self.region, endpoint_url=self.endpoint_url, credentials=self.credentials
+            )
             self.reader = StreamReader(client, self.stream_arn, self.starting_position)
         return self.reader
 
@@ -497,6 +520,7 @@ class DynamoDbStreamSource:
                 "sqs",
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,
+                **_signing_keys(self.credentials),
                 config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2}),
             )
         return self._sqs
@@ -504,10 +528,11 @@ class DynamoDbStreamSource:
     def _queue_url(self, arn: str) -> str:
         if self._on_failure_url is None:
             _, _, _, _, account, name = arn.split(":", 5)
+            # The operator's keys: Lambda knows the destination's URL, the role needs no
+            # sqs:GetQueueUrl for it.
+            operator = boto3.client("sqs", region_name=self.region, endpoint_url=self.endpoint_url)
             self._on_failure_url = str(
-                self._sqs_client().get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)[
-                    "QueueUrl"
-                ]
+                operator.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
             )
         return self._on_failure_url
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,8 @@ class SqsEventSource:
     concurrency: int = 2
     region: str = "us-east-1"
     log: Callable[[str], None] | None = None
+    # The function's keys: Lambda's pollers receive and delete with its execution role.
+    credentials: Mapping[str, str] = field(default_factory=dict)
     batches: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _enabled: threading.Event = field(default_factory=threading.Event)
@@ -85,9 +87,18 @@ class SqsEventSource:
         return messages
 
     def _poll(self) -> None:
+        keys = (
+            {
+                "aws_access_key_id": self.credentials["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": self.credentials["AWS_SECRET_ACCESS_KEY"],
+            }
+            if self.credentials
+            else {}
+        )
         sqs = boto3.client(
             "sqs",
             region_name=self.region,
+            **keys,
             config=Config(read_timeout=LONG_POLL_SECONDS + 10, retries={"max_attempts": 2}),
         )
         while not self._stop.is_set():

@@ -6,6 +6,7 @@ derived from the stack name and logical id, as a real stack derives them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import string
@@ -15,6 +16,7 @@ from typing import Any
 
 import boto3
 
+from gpuqueue_local.function_identities import FunctionIdentity, provision_identities
 from gpuqueue_local.template import (
     Resolver,
     UnresolvedReference,
@@ -47,6 +49,8 @@ class LocalStack:
     template: dict[str, Any]
     resolver: Resolver
     skipped: list[str] = field(default_factory=list)
+    # Each function's role as an IAM user (its workers' credentials); empty without IAM.
+    identities: dict[str, FunctionIdentity] = field(default_factory=dict)
 
     def ref(self, logical_id: str) -> str:
         return self.resolver.ref(logical_id)
@@ -66,6 +70,17 @@ class LocalStack:
 
 def physical_name(stack: str, logical_id: str) -> str:
     return f"{stack}-{logical_id}"
+
+
+def _placeholder_ref(stack: str, logical_id: str, resource: Mapping[str, Any]) -> str:
+    """The Ref of a resource with no local counterpart, shaped as CloudFormation's: an API's
+    id (10 lowercase characters), a stage's name; else the stack-derived name."""
+    if resource["Type"] == "AWS::ApiGatewayV2::Api":
+        digest = hashlib.sha256(physical_name(stack, logical_id).encode()).hexdigest()
+        return "".join(chr(ord("a") + int(c, 16) % 26) for c in digest[:10])
+    if resource["Type"] == "AWS::ApiGatewayV2::Stage":
+        return str(resource.get("Properties", {}).get("StageName", "$default"))
+    return physical_name(stack, logical_id)
 
 
 def _create_table(
@@ -265,8 +280,10 @@ def provision(
     region: str = "us-east-1",
     parameters: Mapping[str, str] | None = None,
     template: dict[str, Any] | None = None,
+    identities: bool = True,
 ) -> LocalStack:
-    """Create every supported resource of the template, in dependency order."""
+    """Create every supported resource of the template, in dependency order, and (with
+    `identities`) an IAM user per function holding its role's policies."""
     template = template or load_template()
     resolver = Resolver(
         parameters=parameter_values(template, parameters or {}),
@@ -282,7 +299,7 @@ def provision(
     pending = dict(template.get("Resources", {}))
     for logical_id, resource in list(pending.items()):
         if resource["Type"] not in CREATORS:
-            resolver.refs[logical_id] = physical_name(stack_name, logical_id)
+            resolver.refs[logical_id] = _placeholder_ref(stack_name, logical_id, resource)
             stack.skipped.append(logical_id)
             del pending[logical_id]
     # Resolve what we can each round; a resource waits until what it references exists.
@@ -301,4 +318,8 @@ def provision(
             progressed = True
         if not progressed:
             raise UnresolvedReference(f"cannot order resources: {sorted(pending)}")
+    if identities:
+        stack.identities = provision_identities(
+            stack_name, template, resolver.parameters, resolver.resolve, region
+        )
     return stack

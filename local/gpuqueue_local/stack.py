@@ -25,6 +25,9 @@ import requests
 
 from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource
 from gpuqueue_local.event_source_mapping import SqsEventSource
+from gpuqueue_local.emulator_iam import EmulatorIam
+from gpuqueue_local.moto_iam import AUDIT_FILE_ENV
+from gpuqueue_local.moto_server import AUDIT_DIR_ENV, IAM_SWITCH_ENV
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
 from gpuqueue_local.provision import LocalStack, provision
@@ -93,6 +96,9 @@ class StackOptions:
     quiet: bool = False
     raw_logs: bool = False
     warm_all: bool = False  # a warm worker for every function, not only event-driven ones
+    # Each function runs with only its role's permissions, enforced by moto (off: moto's
+    # default, every caller may do anything).
+    iam: bool = True
 
 
 class LogPrinter:
@@ -133,18 +139,28 @@ class LogPrinter:
             print(text, flush=True)
 
 
+def _audit_file(port: int) -> dict[str, str]:
+    """Where this stack's moto records its authorization decisions, if a run collects them."""
+    folder = os.environ.get(AUDIT_DIR_ENV)
+    if not folder:
+        return {}
+    return {AUDIT_FILE_ENV: str(Path(folder) / f"stack-{os.getpid()}-{port}.jsonl")}
+
+
 class MotoServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, iam: bool = True) -> None:
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self._process = subprocess.Popen(
-            # moto with atomic DynamoDB conditional writes (see moto_atomic).
-            [sys.executable, "-m", "gpuqueue_local.moto_atomic", "-H", HOST, "-p", str(self.port)],
+            # moto as strict as AWS: atomic conditional writes, IAM per caller (moto_server).
+            [sys.executable, "-m", "gpuqueue_local.moto_server", "-H", HOST, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={
                 **os.environ,
                 **MOTO_DETERMINISTIC_IDS,
+                IAM_SWITCH_ENV: "on" if iam else "off",
+                **_audit_file(self.port),
                 "PYTHONPATH": os.pathsep.join(
                     [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
                 ),
@@ -194,12 +210,22 @@ def function_specs(
             handler=props["Handler"],
             code_dir=REPO_ROOT / props["CodeUri"],
             layer_dirs=tuple(layer_dirs),
-            env={**_with_local_urls(stack.function_env(logical_id), local_urls), **extra_env},
+            env={
+                **_with_local_urls(stack.function_env(logical_id), local_urls),
+                **extra_env,
+                **_role_keys(stack, logical_id),
+            },
             timeout_seconds=float(function_property(template, logical_id, "Timeout") or 3),
             memory_mb=int(function_property(template, logical_id, "MemorySize") or 128),
             reserved_concurrency=_int(stack.resolver.resolve(reserved)) if reserved else None,
         )
     return specs
+
+
+def _role_keys(stack: LocalStack, logical_id: str) -> dict[str, str]:
+    """The function's execution role's keys (Lambda's session credentials); none without IAM."""
+    identity = stack.identities.get(logical_id)
+    return identity.environment() if identity else {}
 
 
 def _with_local_urls(env: dict[str, str], local_urls: dict[str, str] | None) -> dict[str, str]:
@@ -291,6 +317,7 @@ def sqs_event_sources(
                     concurrency=min(maximum, runtime.concurrency),
                     region=region,
                     log=_prefixed(log, logical_id),
+                    credentials=_role_keys(stack, logical_id),
                 )
             )
     return sources
@@ -313,6 +340,7 @@ def stream_event_sources(
                     function_name=logical_id,
                     region=region,
                     log=_prefixed(log, logical_id),
+                    credentials=_role_keys(stack, logical_id),
                 )
             )
     return sources
@@ -527,7 +555,13 @@ def _start_websocket_gateway(
     api = websocket_api(stack.template)
     if api is None:
         return None
-    websocket = WebSocketGateway(api, log=log.system)
+    websocket = WebSocketGateway(
+        api,
+        log=log.system,
+        api_id=stack.ref(api.logical_id),
+        region=stack.region,
+        iam=EmulatorIam(stack.identities) if stack.identities else None,
+    )
     websocket.start(HOST, options.ws_port)
     return websocket
 
@@ -559,7 +593,7 @@ def local_function_env(options: StackOptions, stack: LocalStack) -> dict[str, st
 def start_stack(options: StackOptions) -> RunningStack:
     started = time.monotonic()
     log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
-    moto = MotoServer(options.moto_port)
+    moto = MotoServer(options.moto_port, iam=options.iam)
     image_servers = _start_image_servers(options)
     speech_servers = _start_speech_servers(options)
     moto.wait_ready()
@@ -579,6 +613,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         region=options.region,
         parameters={**endpoint_parameters, **options.parameters},
         template=template,
+        identities=options.iam,
     )
     log.system(f"moto on {moto.url}; provisioned {len(stack.resolver.refs)} resources")
     if speech_servers and not speech_registered:

@@ -39,7 +39,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
+from gpuqueue_local.emulator_iam import EmulatorIam
 from gpuqueue_local.lambda_runtime import FunctionRuntime, InvocationResult
+from gpuqueue_local.moto_iam import ACCOUNT_ID
 
 MAX_MESSAGE_BYTES = 128 * 1024  # API Gateway's WebSocket message payload quota
 IDLE_TIMEOUT_SECONDS = 600.0  # API Gateway closes a connection idle for 10 minutes
@@ -323,6 +325,9 @@ class WebSocketGateway:
     api: WebSocketApiSpec
     functions: Mapping[str, FunctionRuntime] = field(default_factory=dict)
     api_id: str = "local"
+    region: str = "us-east-1"
+    # Checks each management call's SigV4 and the caller's policies (None: anyone may call).
+    iam: EmulatorIam | None = None
     ready: Callable[[], bool] = lambda: True
     log: Callable[[str], None] | None = None
     idle_timeout_s: float = IDLE_TIMEOUT_SECONDS
@@ -516,12 +521,31 @@ class WebSocketGateway:
         entry.connection.close(1000, "")
         return 204, None
 
-    def manage(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any] | None]:
+    def manage(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, Any] | None]:
         """One management API call: `{method} /{stage}/@connections/{id}`."""
         found = _MANAGEMENT_PATH.match(urlsplit(path).path)
         if found is None or found["stage"] != self.api.stage:
             return 403, {"message": "Forbidden"}
         connection_id = unquote(found["connection"])
+        if self.iam is not None:
+            headers = headers or {}
+            resource = (
+                f"arn:aws:execute-api:{self.region}:{ACCOUNT_ID}:{self.api_id}/"
+                f"{self.api.stage}/{method}/@connections/{connection_id}"
+            )
+            host = {k.lower(): v for k, v in headers.items()}.get("host", "")
+            refusal = self.iam.check(
+                method=method,
+                url=f"http://{host}{path}",
+                headers=headers,
+                body=body,
+                action="execute-api:ManageConnections",
+                resource=resource,
+            )
+            if refusal is not None:
+                return refusal.status, {"message": refusal.message, "__type": refusal.error_type}
         if method == "POST":
             return self.post(connection_id, body)
         if method == "GET":
@@ -540,14 +564,20 @@ class WebSocketGateway:
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                self._answer(*gateway.manage(self.command, self.path, body))
+                headers = {k: v for k, v in self.headers.items()}
+                self._answer(*gateway.manage(self.command, self.path, body, headers))
 
             def _answer(self, status: int, answer: dict[str, Any] | None) -> None:
-                raw = b"" if status == 204 else json.dumps(answer or {}).encode()
+                answer = dict(answer or {})
+                error_type = answer.pop("__type", None)
+                raw = b"" if status == 204 else json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("x-amzn-requestid", str(uuid.uuid4()))
-                error = {403: "ForbiddenException", 410: "GoneException"}.get(status)
+                error = error_type or {
+                    403: "ForbiddenException",
+                    410: "GoneException",
+                }.get(status)
                 if status == 413:
                     error = "PayloadTooLargeException"
                 if error:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import importlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +22,9 @@ import requests
 from moto.server import ThreadedMotoServer
 
 from gpuqueue import aws_clients
-from gpuqueue_local import moto_atomic
+import function_credentials
+from gpuqueue_local import moto_atomic, moto_iam
+from gpuqueue_local.moto_server import AUDIT_DIR_ENV
 from gpuqueue_local.dynamodb_streams import StreamReader, streams_client
 from gpuqueue_local.event_sources import (
     dynamodb_stream_event,
@@ -61,11 +65,36 @@ LANE_QUEUES = {"normal": "TaskQueue", "high": "PriorityQueue"}
 def moto_url() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto call otherwise
     moto_atomic.install()  # conditional writes atomic, as in DynamoDB
+    moto_iam.install()  # each function only what its role grants, as on AWS
+    audit_dir = os.environ.get(AUDIT_DIR_ENV)
+    if audit_dir:  # every decision, for the least-privilege report (docs/permissions.md)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        moto_iam.add_listener(moto_iam.AuditFile(f"{audit_dir}/integration-{worker}.jsonl"))
+    function_credentials.install()  # handlers here sign with their function's keys
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def refused_calls(request: pytest.FixtureRequest) -> Iterator[list[moto_iam.Decision]]:
+    """Fails a test in which moto refused a function's call (AccessDenied): its role lacks a
+    grant it needs on AWS. A test that provokes a refusal on purpose takes this fixture and
+    empties the list once it has checked it."""
+    refused: list[moto_iam.Decision] = []
+
+    def listen(decision: moto_iam.Decision) -> None:
+        if not decision.allowed:
+            refused.append(decision)
+
+    moto_iam.add_listener(listen)
+    yield refused
+    moto_iam.remove_listener(listen)
+    if refused:
+        calls = "; ".join(f"{d.principal}: {d.action} on {d.resource}" for d in refused)
+        pytest.fail(f"AWS would refuse these calls (the role lacks the grant): {calls}")
 
 
 def _reset_handler_caches() -> None:
@@ -103,6 +132,26 @@ class Harness:
     speech_servers: list[SpeechServer] = field(default_factory=list)
     # The tasks table's stream, read from the stack's start (TRIM_HORIZON).
     task_stream: StreamReader | None = None
+
+    # --- identities: a handler runs with its function's role -----------------------------
+
+    def function_of(self, module: str) -> str:
+        """The template's function whose handler lives in `module` (the normal lane's for
+        the dispatcher, which two functions share)."""
+        for logical_id in self.stack.functions():
+            if logical_id in SEPARATE_ENV:
+                continue
+            handler = self.stack.template["Resources"][logical_id]["Properties"]["Handler"]
+            if handler.split(".")[0] == module:
+                return logical_id
+        raise KeyError(f"no function in template.yaml has its handler in {module}")
+
+    @contextlib.contextmanager
+    def acting_as(self, logical_id: str) -> Iterator[None]:
+        """This thread's AWS calls sign with the function's keys (its role's permissions)."""
+        identity = self.stack.identities[logical_id]
+        with function_credentials.acting_as(identity.access_key_id, identity.secret_access_key):
+            yield
 
     # --- API Gateway (payload format 2.0, the JWT authorizer's claims) -------------------
 
@@ -150,7 +199,8 @@ class Harness:
             if user.groups:
                 claims["cognito:groups"] = "[" + " ".join(user.groups) + "]"
         handler = importlib.import_module(module).lambda_handler
-        result = handler(event, FakeLambdaContext(function_name=module))
+        with self.acting_as(self.function_of(module)):
+            result = handler(event, FakeLambdaContext(function_name=module))
         body_text = result.get("body") or ""
         if result.get("isBase64Encoded"):
             body_text = base64.b64decode(body_text).decode()
@@ -168,7 +218,8 @@ class Harness:
         event["detail"]["bucket"]["name"] = bucket
         event["detail"]["object"].update({"key": key, "size": size})
         handler = importlib.import_module("upload_handler").lambda_handler
-        result: dict[str, Any] = handler(event, FakeLambdaContext(function_name="upload"))
+        with self.acting_as("UploadFunction"):
+            result: dict[str, Any] = handler(event, FakeLambdaContext(function_name="upload"))
         return result
 
     def submit(self, user: User, body: dict[str, Any] | None = None) -> Response:
@@ -209,14 +260,18 @@ class Harness:
 
     def run_checker(self) -> dict[str, Any]:
         handler = importlib.import_module("checker_handler").lambda_handler
-        result: dict[str, Any] = handler(
-            load_event("checker_schedule"), FakeLambdaContext("checker")
-        )
+        with self.acting_as("CheckerFunction"):
+            result: dict[str, Any] = handler(
+                load_event("checker_schedule"), FakeLambdaContext("checker")
+            )
         return result
 
     def run_reaper(self) -> dict[str, int]:
         handler = importlib.import_module("reaper_handler").lambda_handler
-        result: dict[str, int] = handler(load_event("reaper_schedule"), FakeLambdaContext("reaper"))
+        with self.acting_as("ReaperFunction"):
+            result: dict[str, int] = handler(
+                load_event("reaper_schedule"), FakeLambdaContext("reaper")
+            )
         return result
 
     def queue_url(self, lane: str = "normal") -> str:
@@ -243,19 +298,22 @@ class Harness:
         )
         module = importlib.import_module("dispatcher_handler")
         context = FakeLambdaContext("dispatcher", timeout_seconds=timeout_seconds)
-        if lane == "normal":
-            response = module.lambda_handler(event, context)
-        else:
-            # The priority lane's function: the same code with its own environment.
-            with pytest.MonkeyPatch.context() as patch:
-                for name, value in self.stack.function_env("PriorityDispatcherFunction").items():
-                    patch.setenv(name, value)
-                module.deps.cache_clear()
-                try:
-                    response = module.lambda_handler(event, context)
-                finally:
+        function = "DispatcherFunction" if lane == "normal" else "PriorityDispatcherFunction"
+        with self.acting_as(function):
+            if lane == "normal":
+                response = module.lambda_handler(event, context)
+            else:
+                # The priority lane's function: the same code with its own environment.
+                with pytest.MonkeyPatch.context() as patch:
+                    for name, value in self.stack.function_env(function).items():
+                        patch.setenv(name, value)
                     module.deps.cache_clear()
-        return settle_batch(boto3.client("sqs"), self.queue_url(lane), messages, response)
+                    try:
+                        response = module.lambda_handler(event, context)
+                    finally:
+                        module.deps.cache_clear()
+            # The event source mapping deletes what succeeded with the function's role.
+            return settle_batch(boto3.client("sqs"), self.queue_url(lane), messages, response)
 
     def call_sqs_function(self, module: str, queue: str, messages: list[Any]) -> dict[str, Any]:
         """Invoke a queue consumer with these messages (from the queue `queue`, a logical id)
@@ -264,8 +322,9 @@ class Harness:
             messages, queue_arn=self.stack.resolver.get_att(queue, "Arn"), region="us-east-1"
         )
         handler = importlib.import_module(module).lambda_handler
-        response: dict[str, Any] = handler(event, FakeLambdaContext(module))
-        settle_batch(boto3.client("sqs"), self.stack.ref(queue), messages, response)
+        with self.acting_as(self.function_of(module)):
+            response: dict[str, Any] = handler(event, FakeLambdaContext(module))
+            settle_batch(boto3.client("sqs"), self.stack.ref(queue), messages, response)
         return response
 
     def pump_task_events(self) -> int:
@@ -282,9 +341,11 @@ class Harness:
         passed = filter_records(filters, records, stream_arn=arn, region="us-east-1")
         if passed:
             handler = importlib.import_module("task_events_handler").lambda_handler
-            response = handler(
-                dynamodb_stream_event(passed, arn, "us-east-1"), FakeLambdaContext("task_events")
-            )
+            with self.acting_as("TaskEventsFunction"):
+                response = handler(
+                    dynamodb_stream_event(passed, arn, "us-east-1"),
+                    FakeLambdaContext("task_events"),
+                )
             assert not response.get("batchItemFailures"), response
         return len(passed)
 

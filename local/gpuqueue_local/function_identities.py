@@ -1,0 +1,103 @@
+"""Each function's execution role, as an IAM user on moto with exactly the role's permissions.
+
+On AWS a function runs with the role SAM writes for it: its policy templates expanded, the
+managed policies SAM attaches (basic execution, X-Ray, the event sources' pollers) and its
+inline statements. Locally the same documents — read from the template after SAM's
+transform, so nothing is listed twice — go to an IAM user per function whose access key the
+function's workers sign with. moto, patched by `moto_iam`, then refuses what AWS would.
+(STS AssumeRole answers 500 on moto with enforcement on, so a user stands in for the role.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from moto.iam.aws_managed_policies import aws_managed_policies_data
+
+from gpuqueue_local.sam_transform import function_role, transform
+
+# IAM user names are at most 64 characters.
+_USER_NAME_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class FunctionIdentity:
+    """The credentials a function's workers sign with, and the documents that bind them."""
+
+    logical_id: str
+    user_name: str
+    access_key_id: str
+    secret_access_key: str
+    policies: tuple[dict[str, Any], ...]
+
+    def environment(self) -> dict[str, str]:
+        """What Lambda puts in a function's environment for its role's session."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
+
+def _managed_policy_document(arn: str) -> dict[str, Any]:
+    """An AWS-managed policy's document, from the copy moto ships (no call to IAM)."""
+    name = arn.rsplit("/", 1)[-1]
+    managed = json.loads(aws_managed_policies_data)
+    if name not in managed:
+        raise KeyError(f"moto has no copy of the managed policy {arn}")
+    document: dict[str, Any] = managed[name]["Document"]
+    return document
+
+
+def role_documents(role: dict[str, Any], resolve: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, document) for every policy of a transformed role, intrinsics resolved."""
+    documents: list[tuple[str, dict[str, Any]]] = []
+    for arn in resolve(role.get("ManagedPolicyArns", [])):
+        documents.append((str(arn).rsplit("/", 1)[-1], _managed_policy_document(str(arn))))
+    for policy in role.get("Policies", []):
+        document = dict(resolve(policy["PolicyDocument"]))
+        # SAM's policy templates carry no Version (IAM then reads them as 2008-10-17, which
+        # only differs in policy variables, none used here); moto wants one.
+        document.setdefault("Version", "2012-10-17")
+        documents.append((str(policy["PolicyName"]), document))
+    return documents
+
+
+def user_name(stack_name: str, logical_id: str) -> str:
+    return f"{stack_name}-{logical_id}"[:_USER_NAME_LIMIT]
+
+
+def provision_identities(
+    stack_name: str,
+    template: dict[str, Any],
+    parameters: dict[str, str],
+    resolve: Any,
+    region: str,
+) -> dict[str, FunctionIdentity]:
+    """An IAM user per function carrying its role's policies, and its access key."""
+    transformed = transform(template, parameters=parameters, region=region)
+    iam = boto3.client("iam", region_name=region)
+    identities = {}
+    for logical_id, resource in sorted(template.get("Resources", {}).items()):
+        if resource.get("Type") != "AWS::Serverless::Function":
+            continue
+        if logical_id not in transformed["Resources"]:
+            continue  # its Condition is false: not deployed
+        name = user_name(stack_name, logical_id)
+        iam.create_user(UserName=name)
+        documents = role_documents(function_role(transformed, logical_id), resolve)
+        for policy_name, document in documents:
+            iam.put_user_policy(
+                UserName=name, PolicyName=policy_name, PolicyDocument=json.dumps(document)
+            )
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        identities[logical_id] = FunctionIdentity(
+            logical_id=logical_id,
+            user_name=name,
+            access_key_id=key["AccessKeyId"],
+            secret_access_key=key["SecretAccessKey"],
+            policies=tuple(document for _, document in documents),
+        )
+    return identities
