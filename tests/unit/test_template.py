@@ -21,7 +21,13 @@ from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.models import TERMINAL_STATUSES
 from gpuqueue.submission import PRIORITY_GROUPS
-from gpuqueue_local.template import function_property, load_template, resources_of_type
+from gpuqueue_local.template import (
+    Resolver,
+    function_property,
+    load_template,
+    parameter_values,
+    resources_of_type,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS_DIR = ROOT / "events"
@@ -256,13 +262,23 @@ def test_the_priority_dispatcher_is_the_dispatcher_on_its_own_queue() -> None:
     }
 
 
-def test_the_priority_lane_takes_at_most_its_share_of_workers() -> None:
+@pytest.mark.parametrize("slots", ["1", "2", "7", "1000"])
+def test_the_priority_lane_runs_at_least_two_workers_and_caps_its_slots(slots: str) -> None:
+    """SQS's MaximumConcurrency is 2 at least, so a one-slot lane gets 2 workers; the slot
+    broker caps the slots they hold at PriorityLaneWorkers (PRIORITY_LANE_SLOTS)."""
+    resolver = Resolver(
+        parameters=parameter_values(TEMPLATE, {"PriorityLaneWorkers": slots}),
+        pseudo={},
+        conditions=TEMPLATE["Conditions"],
+    )
     event = _sqs_event("PriorityDispatcherFunction")
-    share = {"Ref": "PriorityLaneWorkers"}
+    maximum = resolver.resolve(event["ScalingConfig"]["MaximumConcurrency"])
+    reserved = resolver.resolve(props("PriorityDispatcherFunction")["ReservedConcurrentExecutions"])
 
-    assert event["ScalingConfig"]["MaximumConcurrency"] == share
-    assert props("PriorityDispatcherFunction")["ReservedConcurrentExecutions"] == share
-    assert number(share) < number({"Ref": "WorkerPoolSize"})
+    assert int(maximum) == int(reserved) == max(2, int(slots))
+    for dispatcher in ("DispatcherFunction", "PriorityDispatcherFunction"):
+        env = props(dispatcher)["Environment"]["Variables"]
+        assert resolver.resolve(env["PRIORITY_LANE_SLOTS"]) == slots
 
 
 def test_the_priority_queue_keeps_the_task_queues_invariants() -> None:
