@@ -158,12 +158,9 @@ def environment_keys(logical_id: str) -> set[str]:
 
 
 # --- the queue and the worker pool ----------------------------------------------------------
-
-
-def test_queue_visibility_timeout_is_at_least_six_dispatcher_timeouts() -> None:
-    dispatcher_timeout = number(function_property(TEMPLATE, "DispatcherFunction", "Timeout"))
-
-    assert number(props("TaskQueue")["VisibilityTimeout"]) >= 6 * dispatcher_timeout
+# AWS's numeric limits (MaximumConcurrency, reserved concurrency, visibility timeouts) are
+# checked on the transformed template for every allowed parameter value:
+# tests/unit/test_template_limits.py.
 
 
 def test_dispatcher_timeout_outlasts_the_longest_allowed_gpu_call() -> None:
@@ -182,28 +179,6 @@ def test_dispatcher_reports_partial_batch_failures() -> None:
 
 def test_dispatcher_reads_from_the_task_queue() -> None:
     assert ref_name(dispatcher_sqs_event()["Queue"]) == "TaskQueue"
-
-
-def test_poller_concurrency_never_exceeds_reserved_concurrency() -> None:
-    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
-    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
-
-    assert number(maximum) <= number(reserved)
-
-
-def test_poller_and_reserved_concurrency_both_follow_the_worker_pool_size() -> None:
-    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
-    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
-
-    assert maximum == {"Ref": "WorkerPoolSize"}
-    assert reserved == {"Ref": "WorkerPoolSize"}
-
-
-def test_worker_pool_size_stays_within_what_maximum_concurrency_accepts() -> None:
-    worker_pool = PARAMETERS["WorkerPoolSize"]
-
-    assert int(worker_pool["MinValue"]) >= 2
-    assert int(worker_pool["MaxValue"]) <= 1000
 
 
 def test_redrive_allows_at_least_five_receives_before_dead_lettering() -> None:
@@ -283,9 +258,7 @@ def test_the_priority_lane_runs_at_least_two_workers_and_caps_its_slots(slots: s
 
 def test_the_priority_queue_keeps_the_task_queues_invariants() -> None:
     queue, normal = props("PriorityQueue"), props("TaskQueue")
-    timeout = number(function_property(TEMPLATE, "PriorityDispatcherFunction", "Timeout"))
 
-    assert number(queue["VisibilityTimeout"]) >= 6 * timeout
     assert ref_name(queue["RedrivePolicy"]["deadLetterTargetArn"]) == "PriorityDeadLetterQueue"
     assert queue["RedrivePolicy"]["maxReceiveCount"] == normal["RedrivePolicy"]["maxReceiveCount"]
     assert number(props("PriorityDeadLetterQueue")["MessageRetentionPeriod"]) > number(
