@@ -42,12 +42,14 @@ venv: $(VENV)/.installed $(SAM_VENV)/.installed ## create both virtualenvs (dev 
 system-packages: ## Debian packages the tests need (espeak-ng makes test speech); a no-op once there
 	bash tools/install_system_packages.sh
 
-lint: venv ## ruff, ruff format --check, mypy, cfn-lint, sam validate --lint
+lint: venv ## ruff, ruff format --check, mypy, cfn-lint (before and after SAM's transform), sam validate --lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy layers/common/gpuqueue functions local tools
 	$(VENV)/bin/mypy client
 	$(VENV)/bin/cfn-lint template.yaml
+	# What SAM generates (event source mappings, roles) is only checked after its transform.
+	$(PY) tools/lint_transformed.py --template template.yaml --output .aws-sam/transformed/template.json
 	$(SAM) validate --lint --region $(REGION) --template template.yaml
 
 fmt: venv ## format and autofix
