@@ -15,6 +15,12 @@ export SAM_CLI_TELEMETRY := 0
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
+# The samconfig.toml environment `make deploy` uses: default, dev or prod.
+ENV ?= default
+# sam looks for samconfig.toml beside the template it deploys (.aws-sam/build/, which
+# `make build` wipes), so the repository's file is named, by absolute path.
+SAMCONFIG := $(CURDIR)/samconfig.toml
+BUILT_TEMPLATE := .aws-sam/build/template.yaml
 
 .PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi
 
@@ -42,12 +48,14 @@ venv: $(VENV)/.installed $(SAM_VENV)/.installed ## create both virtualenvs (dev 
 system-packages: ## Debian packages the tests need (espeak-ng makes test speech); a no-op once there
 	bash tools/install_system_packages.sh
 
-lint: venv ## ruff, ruff format --check, mypy, cfn-lint, sam validate --lint
+lint: venv ## ruff, ruff format --check, mypy, cfn-lint (before and after SAM's transform), sam validate --lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy layers/common/gpuqueue functions local tools
 	$(VENV)/bin/mypy client
 	$(VENV)/bin/cfn-lint template.yaml
+	# What SAM generates (event source mappings, roles) is only checked after its transform.
+	$(PY) tools/lint_transformed.py --template template.yaml --output .aws-sam/transformed/template.json
 	$(SAM) validate --lint --region $(REGION) --template template.yaml
 
 fmt: venv ## format and autofix
@@ -81,8 +89,8 @@ openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy)
 build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-installed wheels)
 	$(PY) tools/build_artifacts.py --template template.yaml --build-dir .aws-sam/build
 
-deploy: build ## sam deploy the built stack (ENV=dev|prod picks a samconfig environment)
-	$(SAM) deploy --config-env $(or $(ENV),default) --template-file .aws-sam/build/template.yaml
+deploy: build ## sam deploy the built stack with samconfig.toml's settings (ENV=dev|prod; default: default)
+	$(SAM) deploy --config-file $(SAMCONFIG) --config-env $(ENV) --template-file $(BUILT_TEMPLATE)
 
 invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json against `make up UP_ARGS=--docker-ports` (needs Docker)
 	@fn=$*; logical="$$(grep -oiE "^  $${fn}Function:" template.yaml | head -1 | tr -d ' :')"; \

@@ -26,12 +26,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any
 
 from cfnlint.decode import cfn_yaml  # the dev venv has it (requirements-dev.txt)
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 FUNCTION_TYPE = "AWS::Serverless::Function"
 LAYER_TYPE = "AWS::Serverless::LayerVersion"
@@ -208,6 +211,59 @@ def pip_install(requirements: Path, target_dir: Path, target: Target, label: str
         shutil.rmtree(scripts)
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """A distribution an artifact ships: its version and its Requires-Dist lines."""
+
+    version: str
+    requires: tuple[str, ...] = ()
+
+
+def sdk_pair_problem(shipped: Mapping[str, Shipped]) -> str | None:
+    """Why shipping these distributions would break the AWS SDK, or None.
+
+    On Lambda a layer's /opt/python comes before the runtime's own boto3, so a layer with
+    botocore but no boto3 runs the runtime's (older) boto3 on the layer's botocore: a pair
+    no test ran. Ship both, at versions boto3 itself accepts, or neither.
+    """
+    botocore = shipped.get("botocore")
+    if botocore is None:
+        return None
+    boto3 = shipped.get("boto3")
+    if boto3 is None:
+        return (
+            f"ships botocore {botocore.version} without boto3: the runtime's boto3 would run "
+            "on it; pin boto3 and botocore together in the requirements"
+        )
+    for line in boto3.requires:
+        requirement = Requirement(line)
+        applies = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+        if (
+            canonicalize_name(requirement.name) == "botocore"
+            and applies
+            and not requirement.specifier.contains(botocore.version, prereleases=True)
+        ):
+            return (
+                f"ships boto3 {boto3.version}, which wants botocore{requirement.specifier}, "
+                f"with botocore {botocore.version}"
+            )
+    return None
+
+
+def installed_distributions(site: Path) -> dict[str, Shipped]:
+    """What pip installed into `site` (a function's or a layer's code directory)."""
+    return {
+        canonicalize_name(dist.metadata["Name"]): Shipped(dist.version, tuple(dist.requires or ()))
+        for dist in distributions(path=[str(site)])
+    }
+
+
+def check_sdk_pair(site: Path, label: str) -> None:
+    problem = sdk_pair_problem(installed_distributions(site))
+    if problem is not None:
+        raise BuildError(f"{label} {problem}")
+
+
 def dir_size_mb(path: Path) -> float:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -256,6 +312,7 @@ def build_function(logical_id: str, resource: dict[str, Any], ctx: BuildContext)
     requirements = source / REQUIREMENTS
     if requirements.is_file() and not ctx.skip_deps:
         pip_install(requirements, destination, target, logical_id)
+        check_sdk_pair(destination, logical_id)
 
     props["CodeUri"] = logical_id
     layers = props.get("Layers", ctx.globals_function.get("Layers")) or []
@@ -288,6 +345,7 @@ def build_layer(logical_id: str, resource: dict[str, Any], ctx: BuildContext) ->
     requirements = source / REQUIREMENTS
     if requirements.is_file() and not ctx.skip_deps:
         pip_install(requirements, site, target, logical_id)
+        check_sdk_pair(site, logical_id)
 
     props["ContentUri"] = logical_id
     for key in LAYER_BUILD_KEYS:

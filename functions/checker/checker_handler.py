@@ -12,7 +12,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.health_check import HealthChecker
+from gpuqueue.health_check import HealthChecker, fleet_health
 from gpuqueue.models import TaskKind
 from gpuqueue.settings import CheckerSettings
 
@@ -52,11 +52,16 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         if not result.healthy:
             logger.warning("endpoint unhealthy", extra=result.model_dump())
     for kind in TaskKind:
-        healthy = sum(
-            1 for e in registry().endpoints(kind) if e.is_routable(time.time(), float("inf"))
-        )
-        # One figure per kind (dimension Kind): the "healthy endpoints < 2" alarm reads it.
-        with single_metric(name="HealthyEndpoints", unit=MetricUnit.Count, value=healthy) as metric:
+        fleet = fleet_health(registry().endpoints(kind), time.time())
+        # Two figures per kind (dimension Kind): the healthy-endpoints alarm fires when fewer
+        # are healthy than min(2, active).
+        with single_metric(
+            name="HealthyEndpoints", unit=MetricUnit.Count, value=fleet.healthy
+        ) as metric:
+            metric.add_dimension(name="Kind", value=kind.value)
+        with single_metric(
+            name="ActiveEndpoints", unit=MetricUnit.Count, value=fleet.active
+        ) as metric:
             metric.add_dimension(name="Kind", value=kind.value)
     total_healthy = sum(1 for r in results if r.healthy)
     logger.info("health check done", extra={"checked": len(results), "healthy": total_healthy})

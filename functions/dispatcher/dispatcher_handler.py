@@ -64,6 +64,7 @@ def deps() -> Deps:
         slot_wait_seconds=settings.slot_wait_seconds,
         slot_poll_seconds=settings.slot_poll_seconds,
         no_slot_delay_seconds=settings.no_slot_delay_seconds,
+        priority_lane_slots=settings.priority_lane_slots,
     )
     queue = TaskQueue(aws_clients.sqs(), settings.task_queue_url)
     return Deps(

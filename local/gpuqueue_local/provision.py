@@ -294,6 +294,7 @@ def provision(
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
         },
+        conditions=dict(template.get("Conditions", {})),
     )
     stack = LocalStack(name=stack_name, region=region, template=template, resolver=resolver)
     pending = dict(template.get("Resources", {}))

@@ -48,20 +48,60 @@ class UnresolvedReference(LookupError):
     """An intrinsic names a resource that has no local physical id (yet)."""
 
 
+class _NoValue:
+    """`Ref: AWS::NoValue`: the property (or list item) holding it is left out."""
+
+    def __repr__(self) -> str:
+        return "AWS::NoValue"
+
+
+NO_VALUE = _NoValue()
+
+
 @dataclass
 class Resolver:
-    """Resolves Ref / Fn::GetAtt / Fn::Sub / Fn::Join against local values."""
+    """Resolves Ref / Fn::GetAtt / Fn::Sub / Fn::Join / Fn::If against local values.
+
+    `conditions` is the template's `Conditions` section, evaluated on demand (Fn::Equals,
+    Fn::Not, Fn::And, Fn::Or, Condition) with the parameters' values, as CloudFormation does;
+    a property whose value resolves to `AWS::NoValue` is dropped.
+    """
 
     parameters: dict[str, str]
     pseudo: dict[str, str]
     refs: dict[str, str] = field(default_factory=dict)
     attributes: dict[tuple[str, str], str] = field(default_factory=dict)
+    conditions: dict[str, Any] = field(default_factory=dict)
 
     def ref(self, name: str) -> str:
         for table in (self.pseudo, self.parameters, self.refs):
             if name in table:
                 return table[name]
         raise UnresolvedReference(name)
+
+    def condition(self, name: str) -> bool:
+        """The value of the named condition of the template."""
+        if name not in self.conditions:
+            raise UnresolvedReference(f"condition {name}")
+        return self._truth(self.conditions[name])
+
+    def _truth(self, expression: Any) -> bool:
+        if isinstance(expression, dict) and len(expression) == 1:
+            ((key, arg),) = expression.items()
+            if key == "Condition":
+                return self.condition(str(arg))
+            if key == "Fn::Equals":
+                left, right = (self.resolve(side) for side in arg)
+                # CloudFormation compares the values as strings (a Number parameter is one).
+                return _as_text(left) == _as_text(right)
+            if key == "Fn::Not":
+                (inner,) = arg
+                return not self._truth(inner)
+            if key == "Fn::And":
+                return all(self._truth(inner) for inner in arg)
+            if key == "Fn::Or":
+                return any(self._truth(inner) for inner in arg)
+        raise ValueError(f"not a condition: {expression!r}")
 
     def get_att(self, logical_id: str, attribute: str) -> str:
         try:
@@ -71,13 +111,17 @@ class Resolver:
 
     def resolve(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self.resolve(v) for v in value]
+            items = [self.resolve(v) for v in value]
+            return [item for item in items if item is not NO_VALUE]
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
             ((key, arg),) = value.items()
             if key == "Ref":
-                return self.ref(str(arg))
+                return NO_VALUE if arg == "AWS::NoValue" else self.ref(str(arg))
+            if key == "Fn::If":
+                name, when_true, when_false = arg
+                return self.resolve(when_true if self.condition(str(name)) else when_false)
             if key == "Fn::GetAtt":
                 parts = arg if isinstance(arg, list) else str(arg).split(".", 1)
                 return self.get_att(str(parts[0]), str(parts[1]))
@@ -86,7 +130,8 @@ class Resolver:
             if key == "Fn::Join":
                 separator, items = arg
                 return str(separator).join(str(self.resolve(i)) for i in items)
-        return {k: self.resolve(v) for k, v in value.items()}
+        resolved = {k: self.resolve(v) for k, v in value.items()}
+        return {k: v for k, v in resolved.items() if v is not NO_VALUE}
 
     def _sub(self, arg: Any) -> str:
         text, local_vars = (arg, {}) if isinstance(arg, str) else (arg[0], arg[1])
@@ -102,6 +147,13 @@ class Resolver:
             return self.ref(name)
 
         return _SUB_VAR.sub(substitute, str(text))
+
+
+def _as_text(value: Any) -> str:
+    """A value as CloudFormation compares it: true/false in lower case, numbers as written."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def parameter_values(template: Mapping[str, Any], overrides: Mapping[str, str]) -> dict[str, str]:

@@ -26,8 +26,8 @@ LATENCY_S = 0.3
 
 @pytest.fixture(scope="module")
 def lane_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackProcess]:
-    # One endpoint with 2 slots (stand-in and registry); 2 normal workers and 1
-    # high-priority worker.
+    # One endpoint with 2 slots (stand-in and registry); 2 normal workers; the
+    # high-priority lane's 2 workers (SQS's least) hold 1 slot at most (its one seat).
     with running_stack(
         tmp_path_factory.mktemp("lane-stack"),
         "--image-servers",
@@ -151,8 +151,8 @@ def test_normal_tasks_still_progress_under_a_flood_of_vip_tasks(lane_stack):
     assert {t["status"] for t in vip_done + normal_done} == {"DONE"}
     last_vip = max(_time(t["updated_at"]) for t in vip_done)
     last_normal = max(_time(t["updated_at"]) for t in normal_done)
-    # The VIP lane holds at most its one worker's slot: the normal tasks went on beside it
-    # and were all done while VIP tasks were still waiting.
+    # The VIP lane holds at most one slot (its one seat), whatever its 2 workers want: the
+    # normal tasks went on beside it and were all done while VIP tasks were still waiting.
     assert last_normal < last_vip
     vip_starts = sorted(_time(t["started_at"]) for t in vip_done)
     assert all(_time(t["started_at"]) < vip_starts[-3] for t in normal_done)

@@ -13,7 +13,8 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.models import ImageRequest
+from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.models import EndpointState, ImageRequest, TaskKind
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
@@ -158,6 +159,26 @@ def test_the_checker_emits_healthy_endpoints_per_kind(make_stack, emitted):
     emitted.take()
     assert emitted.values("HealthyEndpoints", Kind="image") == [2.0]
     assert emitted.values("HealthyEndpoints", Kind="speech") == [0.0]
+    assert emitted.values("ActiveEndpoints", Kind="image") == [2.0]
+    assert emitted.values("ActiveEndpoints", Kind="speech") == [0.0]
+
+
+def test_the_checker_counts_active_endpoints_down_or_not_but_not_drained_ones(make_stack, emitted):
+    """What the healthy-endpoints alarm compares: a down endpoint should still be serving
+    (it alarms), a drained one should not (it does not)."""
+    h = make_stack(endpoints=[ImageServerKnobs(), ImageServerKnobs(), ImageServerKnobs()])
+    h.run_checker()
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+    down, drained, _up = sorted(registry.endpoints(TaskKind.IMAGE), key=lambda e: e.url)
+    h.image_servers[[s.url for s in h.image_servers].index(down.url)].knobs.healthy = False
+    registry.set_state(drained.endpoint_id, EndpointState.DRAINING)
+    emitted.take()
+
+    h.run_checker()
+
+    emitted.take()
+    assert emitted.values("ActiveEndpoints", Kind="image") == [2.0]
+    assert emitted.values("HealthyEndpoints", Kind="image") == [1.0]
 
 
 def test_the_reaper_emits_what_it_healed(make_stack, alice, emitted):

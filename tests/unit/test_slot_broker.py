@@ -210,3 +210,147 @@ def test_a_high_priority_task_does_not_defer_to_other_waiters() -> None:
     held = broker([other_waiting], []).acquire(high())
 
     assert held.lease.task_id == "vip"
+
+
+# --- the priority lane's cap: seats --------------------------------------------------------
+
+
+class SeatRegistry(RecordingRegistry):
+    """Also leases the lane's seats (all free unless listed in `held_seats`) and records
+    what is released."""
+
+    def __init__(self, fleets: list[Fleet], *, slot_taken: bool = True) -> None:
+        super().__init__(fleets)
+        self.seats_taken: list[int] = []
+        self.released: list[str] = []
+        self._slot_taken = slot_taken
+
+    def take_slot(self, e: Endpoint, slot: int, **kwargs: Any) -> SlotLease | None:  # type: ignore[override]
+        return super().take_slot(e, slot, **kwargs) if self._slot_taken else None
+
+    def take_priority_seat(self, kind: TaskKind, seat: int, **kwargs: Any) -> SlotLease:
+        self.seats_taken.append(seat)
+        return SlotLease(
+            endpoint_id=f"{kind.value}#priority-lane",
+            slot=seat,
+            lease_id=f"seat-{seat}",
+            task_id=kwargs["task_id"],
+            lease_until=NOW + kwargs["lease_seconds"],
+        )
+
+    def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
+        self.released.append(lease.lease_id)
+
+
+def seat_held_by(task_id: str, seat: int = 0) -> SlotLease:
+    return SlotLease(
+        endpoint_id="image#priority-lane",
+        slot=seat,
+        lease_id=f"{task_id}-seat",
+        task_id=task_id,
+        lease_until=NOW + 30,
+    )
+
+
+def lane_broker(registry: SeatRegistry, *, seats: int = 1, clock: list[float]) -> SlotBroker:
+    return SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        poll_seconds=0.1,
+        priority_lane_slots=seats,
+        clock=lambda: clock[0],
+        sleep=lambda seconds: clock.__setitem__(0, clock[0] + seconds),
+    )
+
+
+def test_a_high_priority_call_takes_a_seat_with_its_slot_and_gives_both_back() -> None:
+    registry = SeatRegistry([Fleet(endpoints=[endpoint(capacity=2)])])
+
+    held = lane_broker(registry, clock=[NOW]).acquire(high())
+    held.release(call_seconds=4.0)
+
+    assert registry.seats_taken == [0]
+    assert held.seat is not None
+    assert held.seat.lease_until == held.lease.lease_until  # a crashed call frees both at once
+    assert registry.released == ["mine", "seat-0"]
+
+
+def test_at_the_lanes_cap_a_high_priority_call_leaves_the_free_slot_to_normal_work() -> None:
+    lane_full = Fleet(endpoints=[endpoint(capacity=2)], priority_seats=[seat_held_by("vip-1")])
+    registry = SeatRegistry([lane_full] * 30)
+
+    with pytest.raises(NoFreeSlot):
+        lane_broker(registry, clock=[NOW]).acquire(high(wait=1.0))
+
+    assert registry.seats_taken == []
+    assert registry.waiting == []  # no waiter row: normal requests are not held back
+    normal = broker([lane_full], []).acquire(request())
+    assert normal.lease.task_id == "t"
+
+
+def test_a_waiter_withdraws_its_row_once_the_lane_fills_up() -> None:
+    busy = busy_since(NOW - 1.0)
+    full = busy_since(NOW - 1.0)
+    full.priority_seats = [seat_held_by("vip-1")]
+    registry = SeatRegistry([busy, full, *([full] * 30)])
+
+    with pytest.raises(NoFreeSlot):
+        lane_broker(registry, clock=[NOW]).acquire(high(wait=2.0))
+
+    assert [task for task, _ in registry.waiting] == ["vip"]
+    assert registry.stopped == ["vip"]
+
+
+def test_a_lapsed_seat_is_free_again() -> None:
+    crashed = seat_held_by("crashed")
+    lapsed = Fleet(endpoints=[endpoint()], priority_seats=[crashed])
+    registry = SeatRegistry([lapsed])
+
+    held = lane_broker(registry, clock=[crashed.lease_until]).acquire(high())
+
+    assert registry.seats_taken == [0]
+    assert held.lease.task_id == "vip"
+
+
+def test_with_two_seats_the_lane_takes_the_one_still_free() -> None:
+    one_held = Fleet(endpoints=[endpoint(capacity=3)], priority_seats=[seat_held_by("vip-1")])
+    registry = SeatRegistry([one_held])
+
+    lane_broker(registry, seats=2, clock=[NOW]).acquire(high())
+
+    assert registry.seats_taken == [1]
+
+
+def test_a_seat_taken_for_a_slot_lost_to_a_race_is_given_back() -> None:
+    free = Fleet(endpoints=[endpoint()])
+    registry = SeatRegistry([free], slot_taken=False)
+
+    with pytest.raises(NoFreeSlot):
+        lane_broker(registry, clock=[NOW]).acquire(high(wait=0.0))
+
+    assert registry.seats_taken == [0]
+    assert registry.released == ["seat-0"]
+
+
+def test_a_call_that_may_still_run_keeps_its_seat_until_the_lease_ends() -> None:
+    registry = SeatRegistry([Fleet(endpoints=[endpoint()])])
+
+    held = lane_broker(registry, clock=[NOW]).acquire(high())
+    held.keep_until_lease_ends()
+    held.release()
+
+    assert registry.released == []
+
+
+def test_normal_requests_never_take_a_seat() -> None:
+    registry = SeatRegistry([Fleet(endpoints=[endpoint()], priority_seats=[seat_held_by("v")])])
+
+    held = lane_broker(registry, clock=[NOW]).acquire(request())
+
+    assert held.seat is None
+    assert registry.seats_taken == []
+
+
+def test_a_lane_of_no_slots_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        SlotBroker(FakeRegistry([]), health_max_age_seconds=90, priority_lane_slots=0)  # type: ignore[arg-type]

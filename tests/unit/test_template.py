@@ -21,7 +21,13 @@ from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.models import TERMINAL_STATUSES
 from gpuqueue.submission import PRIORITY_GROUPS
-from gpuqueue_local.template import function_property, load_template, resources_of_type
+from gpuqueue_local.template import (
+    Resolver,
+    function_property,
+    load_template,
+    parameter_values,
+    resources_of_type,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS_DIR = ROOT / "events"
@@ -152,12 +158,9 @@ def environment_keys(logical_id: str) -> set[str]:
 
 
 # --- the queue and the worker pool ----------------------------------------------------------
-
-
-def test_queue_visibility_timeout_is_at_least_six_dispatcher_timeouts() -> None:
-    dispatcher_timeout = number(function_property(TEMPLATE, "DispatcherFunction", "Timeout"))
-
-    assert number(props("TaskQueue")["VisibilityTimeout"]) >= 6 * dispatcher_timeout
+# AWS's numeric limits (MaximumConcurrency, reserved concurrency, visibility timeouts) are
+# checked on the transformed template for every allowed parameter value:
+# tests/unit/test_template_limits.py.
 
 
 def test_dispatcher_timeout_outlasts_the_longest_allowed_gpu_call() -> None:
@@ -176,28 +179,6 @@ def test_dispatcher_reports_partial_batch_failures() -> None:
 
 def test_dispatcher_reads_from_the_task_queue() -> None:
     assert ref_name(dispatcher_sqs_event()["Queue"]) == "TaskQueue"
-
-
-def test_poller_concurrency_never_exceeds_reserved_concurrency() -> None:
-    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
-    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
-
-    assert number(maximum) <= number(reserved)
-
-
-def test_poller_and_reserved_concurrency_both_follow_the_worker_pool_size() -> None:
-    maximum = dispatcher_sqs_event()["ScalingConfig"]["MaximumConcurrency"]
-    reserved = props("DispatcherFunction")["ReservedConcurrentExecutions"]
-
-    assert maximum == {"Ref": "WorkerPoolSize"}
-    assert reserved == {"Ref": "WorkerPoolSize"}
-
-
-def test_worker_pool_size_stays_within_what_maximum_concurrency_accepts() -> None:
-    worker_pool = PARAMETERS["WorkerPoolSize"]
-
-    assert int(worker_pool["MinValue"]) >= 2
-    assert int(worker_pool["MaxValue"]) <= 1000
 
 
 def test_redrive_allows_at_least_five_receives_before_dead_lettering() -> None:
@@ -256,20 +237,28 @@ def test_the_priority_dispatcher_is_the_dispatcher_on_its_own_queue() -> None:
     }
 
 
-def test_the_priority_lane_takes_at_most_its_share_of_workers() -> None:
+@pytest.mark.parametrize("slots", ["1", "2", "7", "1000"])
+def test_the_priority_lane_runs_at_least_two_workers_and_caps_its_slots(slots: str) -> None:
+    """SQS's MaximumConcurrency is 2 at least, so a one-slot lane gets 2 workers; the slot
+    broker caps the slots they hold at PriorityLaneWorkers (PRIORITY_LANE_SLOTS)."""
+    resolver = Resolver(
+        parameters=parameter_values(TEMPLATE, {"PriorityLaneWorkers": slots}),
+        pseudo={},
+        conditions=TEMPLATE["Conditions"],
+    )
     event = _sqs_event("PriorityDispatcherFunction")
-    share = {"Ref": "PriorityLaneWorkers"}
+    maximum = resolver.resolve(event["ScalingConfig"]["MaximumConcurrency"])
+    reserved = resolver.resolve(props("PriorityDispatcherFunction")["ReservedConcurrentExecutions"])
 
-    assert event["ScalingConfig"]["MaximumConcurrency"] == share
-    assert props("PriorityDispatcherFunction")["ReservedConcurrentExecutions"] == share
-    assert number(share) < number({"Ref": "WorkerPoolSize"})
+    assert int(maximum) == int(reserved) == max(2, int(slots))
+    for dispatcher in ("DispatcherFunction", "PriorityDispatcherFunction"):
+        env = props(dispatcher)["Environment"]["Variables"]
+        assert resolver.resolve(env["PRIORITY_LANE_SLOTS"]) == slots
 
 
 def test_the_priority_queue_keeps_the_task_queues_invariants() -> None:
     queue, normal = props("PriorityQueue"), props("TaskQueue")
-    timeout = number(function_property(TEMPLATE, "PriorityDispatcherFunction", "Timeout"))
 
-    assert number(queue["VisibilityTimeout"]) >= 6 * timeout
     assert ref_name(queue["RedrivePolicy"]["deadLetterTargetArn"]) == "PriorityDeadLetterQueue"
     assert queue["RedrivePolicy"]["maxReceiveCount"] == normal["RedrivePolicy"]["maxReceiveCount"]
     assert number(props("PriorityDeadLetterQueue")["MessageRetentionPeriod"]) > number(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import operator as op
 import re
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,75 @@ def test_failure_rate_alarm_is_10_percent_of_finished_tasks():
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 10)
 
 
-def test_fewer_than_two_healthy_image_endpoints_alarms_also_when_the_checker_stops():
-    alarm = _alarms()["HealthyImageEndpointsAlarm"]
-    assert alarm["MetricName"] == "HealthyEndpoints"
-    assert {"Name": "Kind", "Value": "image"} in alarm["Dimensions"]
-    assert (alarm["Statistic"], alarm["ComparisonOperator"], alarm["Threshold"]) == (
-        "Minimum",
-        "LessThanThreshold",
-        2,
+def _metric_math(expression: str, values: dict[str, float]) -> float:
+    """CloudWatch metric math for what our alarms use: IF, comparisons, + - * /, metric ids."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return values[node.id]
+        if isinstance(node, ast.BinOp):
+            ops = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv}
+            return float(ops[type(node.op)](value(node.left), value(node.right)))
+        if isinstance(node, ast.Compare) and len(node.ops) == 1:
+            tests = {ast.Lt: op.lt, ast.Gt: op.gt, ast.LtE: op.le, ast.GtE: op.ge, ast.Eq: op.eq}
+            return float(tests[type(node.ops[0])](value(node.left), value(node.comparators[0])))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "IF":
+            condition, when_true, when_false = node.args
+            return value(when_true) if value(condition) else value(when_false)
+        raise ValueError(f"not in our metric math: {ast.dump(node)}")
+
+    return value(ast.parse(expression, mode="eval").body)
+
+
+def _in_alarm(alarm: dict[str, Any], figures: dict[str, float] | None) -> bool:
+    """The alarm's state for one period's figures (metric name -> value; None: no data)."""
+    if figures is None:
+        return bool(alarm["TreatMissingData"] == "breaching")
+    inputs = {
+        m["Id"]: figures[m["MetricStat"]["Metric"]["MetricName"]]
+        for m in alarm["Metrics"]
+        if "MetricStat" in m
+    }
+    [expression] = [m["Expression"] for m in alarm["Metrics"] if m.get("ReturnData")]
+    compare = {"GreaterThanThreshold": op.gt, "LessThanThreshold": op.lt}
+    return bool(
+        compare[alarm["ComparisonOperator"]](_metric_math(expression, inputs), alarm["Threshold"])
     )
-    assert alarm["TreatMissingData"] == "breaching"
+
+
+@pytest.mark.parametrize(
+    ("active", "healthy", "alarms"),
+    [
+        pytest.param(0, 0, False, id="no image endpoint yet (the default)"),
+        pytest.param(1, 1, False, id="one-GPU fleet, healthy"),
+        pytest.param(1, 0, True, id="one-GPU fleet, down"),
+        pytest.param(2, 2, False, id="two healthy"),
+        pytest.param(2, 1, True, id="one of two down"),
+        pytest.param(5, 2, False, id="two of five healthy"),
+        pytest.param(5, 1, True, id="one of five healthy"),
+    ],
+)
+def test_the_image_endpoints_alarm_wants_min_2_and_the_active_ones_healthy(
+    active: int, healthy: int, alarms: bool
+) -> None:
+    alarm = _alarms()["HealthyImageEndpointsAlarm"]
+    figures = {"ActiveEndpoints": float(active), "HealthyEndpoints": float(healthy)}
+
+    assert _in_alarm(alarm, figures) is alarms
+
+
+def test_the_image_endpoints_alarm_fires_when_the_checker_stops_reporting() -> None:
+    alarm = _alarms()["HealthyImageEndpointsAlarm"]
+
+    assert _in_alarm(alarm, None) is True
+    assert (alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]) == (3, 3)
+    for metric in alarm["Metrics"]:
+        if "MetricStat" in metric:
+            assert {"Name": "Kind", "Value": "image"} in metric["MetricStat"]["Metric"][
+                "Dimensions"
+            ]
 
 
 def test_average_processing_over_20_seconds_alarms():
@@ -139,11 +199,36 @@ def test_every_alarm_notifies_the_topic_and_mail_is_optional():
     for name, alarm in _alarms().items():
         assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}], name
         assert alarm["OKActions"] == [{"Ref": "AlarmTopic"}], name
-    assert RESOURCES["AlarmTopic"]["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
     subscription = RESOURCES["AlarmEmailSubscription"]
     assert subscription["Condition"] == "HasAlarmEmail"
     assert subscription["Properties"]["Endpoint"] == {"Ref": "AlarmEmail"}
     assert TEMPLATE["Parameters"]["AlarmEmail"]["Default"] == ""
+
+
+def test_cloudwatch_alarms_may_use_the_key_their_topic_is_encrypted_with():
+    """An alarm cannot publish to a topic under the AWS-managed alias/aws/sns key (its policy
+    cannot grant CloudWatch): the notification is dropped. Our own key must grant it."""
+    key_id = RESOURCES["AlarmTopic"]["Properties"]["KmsMasterKeyId"]
+    assert isinstance(key_id, dict), f"{key_id!r} is not a key of this stack"
+    [name] = key_id.values()
+    key = RESOURCES[name if isinstance(name, str) else name[0]]
+    assert key["Type"] == "AWS::KMS::Key"
+    assert key["Properties"]["EnableKeyRotation"] is True
+    statements = key["Properties"]["KeyPolicy"]["Statement"]
+
+    def granted(principal: dict[str, Any]) -> set[str]:
+        return {
+            action
+            for s in statements
+            if s["Effect"] == "Allow" and s["Principal"] == principal and "Condition" not in s
+            for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        }
+
+    assert {"kms:GenerateDataKey*", "kms:Decrypt"} <= granted(
+        {"Service": "cloudwatch.amazonaws.com"}
+    )
+    account = {"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}}
+    assert granted(account) == {"kms:*"}  # the account administers it (through IAM)
 
 
 def test_alarms_on_custom_metrics_name_metrics_the_code_emits():

@@ -70,6 +70,8 @@ class DispatchPolicy:
     slot_wait_seconds: float = 5.0
     slot_poll_seconds: float = 0.1
     no_slot_delay_seconds: int = 2
+    # Slots of a kind high-priority tasks may hold at once; None: no cap.
+    priority_lane_slots: int | None = None
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
         """Capped exponential backoff with jitter in [ceiling/2, ceiling], whole seconds up."""
@@ -105,6 +107,7 @@ class TaskDispatcher:
             balancer=balancer,
             poll_seconds=policy.slot_poll_seconds,
             backlog=backlog,
+            priority_lane_slots=policy.priority_lane_slots,
             clock=clock,
             sleep=sleep,
         )

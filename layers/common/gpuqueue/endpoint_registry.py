@@ -6,7 +6,12 @@ index returns a kind's whole fleet state:
   - slot rows (`row_type` "slot", key "<endpoint id>#slot#<n>"): a lease on one of the
     endpoint's concurrent-call slots. A lease expires by itself, so a crashed dispatcher
     never leaks capacity; taking one is a conditional write, so two dispatchers never
-    hold the same slot.
+    hold the same slot;
+  - seat rows (`row_type` "seat", key "<kind>#priority-lane#slot#<n>"): the high-priority
+    lane's seats, leased like slots. A high-priority call holds a seat beside its slot, so
+    the lane never holds more slots of a kind than it has seats, exactly (conditional
+    writes on the base table, not a count read from the eventually consistent index);
+  - waiter rows (`row_type` "waiter"): a high-priority request waiting for a slot.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ ADMIN_SOURCE = "admin"
 ENDPOINT_ROW = "endpoint"
 SLOT_ROW = "slot"
 WAITER_ROW = "waiter"
-NON_ENDPOINT_ROWS = frozenset({SLOT_ROW, WAITER_ROW})
+SEAT_ROW = "seat"
+NON_ENDPOINT_ROWS = frozenset({SLOT_ROW, WAITER_ROW, SEAT_ROW})
 # Latency EWMA weight of the newest sample.
 EWMA_ALPHA = 0.3
 
@@ -54,6 +60,11 @@ def endpoint_id_for(kind: TaskKind, url: str) -> str:
 
 def _slot_key(endpoint_id: str, slot: int) -> str:
     return f"{endpoint_id}#slot#{slot}"
+
+
+def priority_lane_id(kind: TaskKind) -> str:
+    """What a seat lease names in place of an endpoint: the lane, per kind of GPU."""
+    return f"{kind.value}#priority-lane"
 
 
 def _waiter_key(kind: TaskKind, task_id: str) -> str:
@@ -74,6 +85,13 @@ class Fleet:
     call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
     # task id -> until when its high-priority wait for a slot stands.
     priority_waiters: dict[str, float] = field(default_factory=dict)
+    # The high-priority lane's seat leases (one per slot the lane holds).
+    priority_seats: list[SlotLease] = field(default_factory=list)
+
+    def free_priority_seats(self, now: float, seats: int) -> list[int]:
+        """The lane's seats (0 .. seats-1) no live lease holds."""
+        held = {lease.slot for lease in self.priority_seats if lease.is_live(now)}
+        return [seat for seat in range(seats) if seat not in held]
 
     def waiting_priority(self, now: float, *, besides: str | None = None) -> int:
         """High-priority tasks waiting for a slot now (other than `besides`)."""
@@ -149,9 +167,13 @@ class EndpointRegistry:
         leases: dict[str, list[SlotLease]] = defaultdict(list)
         call_seconds: dict[str, dict[int, float]] = defaultdict(dict)
         waiters: dict[str, float] = {}
+        seats: list[SlotLease] = []
         for item in self._items(kind):
             if item.get("row_type") == WAITER_ROW:
                 waiters[str(item["task_id"])] = float(item["until"])
+            elif item.get("row_type") == SEAT_ROW:
+                if "lease_until" in item:
+                    seats.append(SlotLease.model_validate(item | {"endpoint_id": item["slot_of"]}))
             elif item.get("row_type") == SLOT_ROW:
                 if "lease_until" in item:
                     lease = SlotLease.model_validate(item | {"endpoint_id": item["slot_of"]})
@@ -168,6 +190,7 @@ class EndpointRegistry:
             leases=dict(leases),
             call_seconds=dict(call_seconds),
             priority_waiters=waiters,
+            priority_seats=seats,
         )
 
     def endpoints(self, kind: TaskKind) -> list[Endpoint]:
@@ -408,20 +431,56 @@ class EndpointRegistry:
         An update, not a put: the slot row keeps its call-duration EWMA between leases, and
         the old image it returns tells the lease what that EWMA was.
         """
+        return self._lease(
+            SLOT_ROW,
+            endpoint.kind,
+            endpoint.endpoint_id,
+            slot,
+            task_id=task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+        )
+
+    def take_priority_seat(
+        self, kind: TaskKind, seat: int, *, task_id: str, lease_seconds: float, now: float
+    ) -> SlotLease | None:
+        """Lease one of the high-priority lane's seats if it is free. None if not.
+        `release_slot` gives it back."""
+        return self._lease(
+            SEAT_ROW,
+            kind,
+            priority_lane_id(kind),
+            seat,
+            task_id=task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+        )
+
+    def _lease(
+        self,
+        row_type: str,
+        kind: TaskKind,
+        owner: str,
+        slot: int,
+        *,
+        task_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> SlotLease | None:
         lease_id = str(uuid.uuid4())
         try:
             result = self._table.update_item(
-                Key={"endpoint_id": _slot_key(endpoint.endpoint_id, slot)},
+                Key={"endpoint_id": _slot_key(owner, slot)},
                 UpdateExpression=(
-                    "SET row_type = :slot_row, kind = :kind, slot_of = :of, slot = :slot, "
+                    "SET row_type = :row_type, kind = :kind, slot_of = :of, slot = :slot, "
                     "lease_id = :lease, task_id = :task, lease_until = :until, leased_at = :now"
                 ),
                 # <= : a lease ending exactly now is over, as SlotLease.is_live says.
                 ConditionExpression="attribute_not_exists(lease_until) OR lease_until <= :now",
                 ExpressionAttributeValues={
-                    ":slot_row": SLOT_ROW,
-                    ":kind": endpoint.kind.value,
-                    ":of": endpoint.endpoint_id,
+                    ":row_type": row_type,
+                    ":kind": kind.value,
+                    ":of": owner,
                     ":slot": slot,
                     ":lease": lease_id,
                     ":task": task_id,
@@ -436,7 +495,7 @@ class EndpointRegistry:
             raise
         previous = result.get("Attributes", {}).get("call_seconds_ewma")
         return SlotLease(
-            endpoint_id=endpoint.endpoint_id,
+            endpoint_id=owner,
             slot=slot,
             lease_id=lease_id,
             task_id=task_id,

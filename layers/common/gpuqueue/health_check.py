@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import requests
 
@@ -12,6 +13,22 @@ from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import Endpoint, EndpointState, HealthResult, TaskKind
 
 MAX_PROBE_THREADS = 16
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """A kind's endpoints as the healthy-endpoints alarm compares them."""
+
+    active: int  # state ACTIVE: should be serving, healthy or not
+    healthy: int  # may receive work now (active, healthy, circuit not open)
+
+
+def fleet_health(endpoints: Sequence[Endpoint], now: float) -> FleetHealth:
+    """Counted right after a check, so every row is fresh: age is not held against it."""
+    return FleetHealth(
+        active=sum(1 for e in endpoints if e.state is EndpointState.ACTIVE),
+        healthy=sum(1 for e in endpoints if e.is_routable(now, float("inf"))),
+    )
 
 
 def probe(session: requests.Session, endpoint: Endpoint, *, timeout_seconds: float) -> HealthResult:

@@ -179,6 +179,9 @@ class DispatcherSettings(_Settings):
     retry_base_delay_seconds: float = Field(default=2.0, ge=0)
     retry_max_delay_seconds: float = Field(default=60.0, ge=0)
     no_endpoint_delay_seconds: int = Field(default=10, ge=0, le=900)
+    # Slots of a kind the high-priority lane may hold at once (PriorityLaneWorkers); None:
+    # no cap. Its dispatcher may run more workers than this (SQS needs 2 at least).
+    priority_lane_slots: int | None = Field(default=None, ge=1)
 
     @property
     def health_max_age_seconds(self) -> float:

@@ -6,8 +6,10 @@ an endpoint never gets more concurrent calls than its capacity.
 
 High-priority requests come first: while one waits, it keeps a waiter row in the endpoints
 table, and normal requests take a free slot only if more slots are free than high-priority
-tasks wait. The lanes' worker counts bound how many slots high priority can hold, so normal
-work still gets the rest (no starvation).
+tasks wait. No starvation: with `priority_lane_slots` set, a high-priority call also leases
+one of the lane's seats (that many per kind) beside its slot, and waits without a waiter row
+while every seat is held; so the lane holds at most that many slots of a kind and normal work
+gets the rest, whatever number of high-priority workers run.
 
 Least-loaded also looks at the measured call times (kept on the slot rows): at the tail of
 a burst it leaves a slower endpoint's free slot alone when the faster slots will finish
@@ -47,24 +49,59 @@ class NoFreeSlot(Exception):
 
 
 class HeldSlot:
-    """A leased slot, released once: early after a good call (with its duration), or in a
-    `finally` otherwise."""
+    """A leased slot (and, for a high-priority call, the lane's seat leased with it),
+    released once: early after a good call (with its duration), or in a `finally` otherwise."""
 
-    def __init__(self, registry: EndpointRegistry, lease: SlotLease, endpoint: Endpoint) -> None:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        lease: SlotLease,
+        endpoint: Endpoint,
+        *,
+        seat: SlotLease | None = None,
+    ) -> None:
         self._registry = registry
         self.lease = lease
         self.endpoint = endpoint
+        self.seat = seat
         self._released = False
 
     def keep_until_lease_ends(self) -> None:
         """Give the slot back by letting its lease lapse, not now (a later `release` is a
-        no-op): for a call that may still be running on the GPU."""
+        no-op): for a call that may still be running on the GPU. The seat lapses with it
+        (same lease end): the lane still holds that slot."""
         self._released = True
 
     def release(self, *, call_seconds: float | None = None) -> None:
         if not self._released:
             self._released = True
             self._registry.release_slot(self.lease, call_seconds=call_seconds)
+            if self.seat is not None:
+                self._registry.release_slot(self.seat)
+
+
+class _PriorityWait:
+    """A high-priority request's waiter row: written when it could take a slot and none is
+    free, renewed before it lapses, withdrawn once served, given up, or the lane is full
+    (a request that may not take a slot must not hold normal work back)."""
+
+    def __init__(self, registry: EndpointRegistry, request: SlotRequest) -> None:
+        self._registry = registry
+        self._request = request
+        self._until: float | None = None  # until when our row stands, once written
+
+    def announce(self, now: float) -> None:
+        if self._until is None or self._until - now < WAITER_ROW_SECONDS / 2:
+            until = now + WAITER_ROW_SECONDS
+            self._registry.wait_with_priority(
+                self._request.kind, self._request.task_id, until=until
+            )
+            self._until = until
+
+    def withdraw(self) -> None:
+        if self._until is not None:
+            self._until = None
+            self._registry.stop_waiting(self._request.kind, self._request.task_id)
 
 
 class _Backlog:
@@ -113,10 +150,15 @@ class SlotBroker:
         balancer: Balancer | None = None,
         poll_seconds: float = 0.1,
         backlog: Callable[[], int] | None = None,
+        priority_lane_slots: int | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if priority_lane_slots is not None and priority_lane_slots < 1:
+            raise ValueError("priority_lane_slots must be at least 1 (None: no cap)")
         self._registry = registry
+        # Slots of a kind the high-priority lane may hold at once; None: no cap.
+        self._lane_slots = priority_lane_slots
         self._max_age = health_max_age_seconds
         self._balancer = balancer or Balancer()
         self._poll = poll_seconds
@@ -129,24 +171,14 @@ class SlotBroker:
     def acquire(self, request: SlotRequest) -> HeldSlot:
         """Lease a slot on the best endpoint, waiting up to `wait_seconds` for one."""
         if request.priority is not Priority.HIGH:
-            return self._acquire(request, announce=None)
-        announced: list[float] = []  # until when our waiter row stands, once written
-
-        def announce(now: float) -> None:
-            if not announced or announced[-1] - now < WAITER_ROW_SECONDS / 2:
-                until = now + WAITER_ROW_SECONDS
-                self._registry.wait_with_priority(request.kind, request.task_id, until=until)
-                announced.append(until)
-
+            return self._acquire(request, waiter=None)
+        waiter = _PriorityWait(self._registry, request)
         try:
-            return self._acquire(request, announce=announce)
+            return self._acquire(request, waiter=waiter)
         finally:
-            if announced:
-                self._registry.stop_waiting(request.kind, request.task_id)
+            waiter.withdraw()
 
-    def _acquire(
-        self, request: SlotRequest, *, announce: Callable[[float], None] | None
-    ) -> HeldSlot:
+    def _acquire(self, request: SlotRequest, *, waiter: _PriorityWait | None) -> HeldSlot:
         give_up_at = self._clock() + request.wait_seconds
         backlog = self._backlog
         while True:
@@ -172,28 +204,78 @@ class SlotBroker:
             ordered = self._balancer.order(
                 candidates, routable=routable, user_id=request.user_id, avoid=request.tried
             )
-            if announce is None and sum(c.free_slots for c in candidates) <= fleet.waiting_priority(
+            if waiter is None and sum(c.free_slots for c in candidates) <= fleet.waiting_priority(
                 now
             ):
                 ordered = []  # the free slots are the high-priority waiters'
-            for candidate in ordered:
-                if not self._worth_taking(candidate, eligible, fleet, now, backlog):
-                    continue
-                for slot in fleet.free_slots(candidate.endpoint, now):
-                    lease = self._registry.take_slot(
-                        candidate.endpoint,
-                        slot,
-                        task_id=request.task_id,
-                        lease_seconds=request.lease_seconds,
-                        now=now,
-                    )
-                    if lease is not None:
-                        return HeldSlot(self._registry, lease, candidate.endpoint)
+            lane_full = waiter is not None and not self._lane_has_room(fleet, now)
+            if not lane_full:
+                held = self._take_best(
+                    request, ordered, eligible=eligible, fleet=fleet, now=now, backlog=backlog
+                )
+                if held is not None:
+                    return held
             if self._clock() >= give_up_at:
                 raise NoFreeSlot(f"every {request.kind.value} GPU slot is busy")
-            if announce is not None:
-                announce(now)
+            if waiter is not None:
+                if lane_full:
+                    waiter.withdraw()
+                else:
+                    waiter.announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
+
+    def _lane_has_room(self, fleet: Fleet, now: float) -> bool:
+        return self._lane_slots is None or bool(fleet.free_priority_seats(now, self._lane_slots))
+
+    def _take_best(
+        self,
+        request: SlotRequest,
+        ordered: list[Candidate],
+        *,
+        eligible: list[Endpoint],
+        fleet: Fleet,
+        now: float,
+        backlog: _Backlog,
+    ) -> HeldSlot | None:
+        """Lease a free slot of the first candidate worth it; a high-priority call under a
+        lane cap takes one of the lane's seats first (and gives it back if no slot comes)."""
+        lane_slots = self._lane_slots if request.priority is Priority.HIGH else None
+        seat: SlotLease | None = None
+        for candidate in ordered:
+            if not self._worth_taking(candidate, eligible, fleet, now, backlog):
+                continue
+            if seat is None and lane_slots is not None:
+                seat = self._take_seat(request, fleet, now, lane_slots)
+                if seat is None:
+                    return None  # another high-priority call took the last seat meanwhile
+            for slot in fleet.free_slots(candidate.endpoint, now):
+                lease = self._registry.take_slot(
+                    candidate.endpoint,
+                    slot,
+                    task_id=request.task_id,
+                    lease_seconds=request.lease_seconds,
+                    now=now,
+                )
+                if lease is not None:
+                    return HeldSlot(self._registry, lease, candidate.endpoint, seat=seat)
+        if seat is not None:
+            self._registry.release_slot(seat)
+        return None
+
+    def _take_seat(
+        self, request: SlotRequest, fleet: Fleet, now: float, seats: int
+    ) -> SlotLease | None:
+        for seat in fleet.free_priority_seats(now, seats):
+            lease = self._registry.take_priority_seat(
+                request.kind,
+                seat,
+                task_id=request.task_id,
+                lease_seconds=request.lease_seconds,
+                now=now,
+            )
+            if lease is not None:
+                return lease
+        return None
 
     def _worth_taking(
         self,
