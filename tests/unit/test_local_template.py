@@ -12,6 +12,7 @@ from gpuqueue_local.template import (
     RuleViolation,
     TemplateError,
     function_environment,
+    load_template,
     parameter_values,
 )
 
@@ -217,3 +218,29 @@ def test_a_rule_that_fails_refuses_the_stack_with_its_description(
 ) -> None:
     with pytest.raises(RuleViolation, match=says):
         resolver(**parameters).check_rules(RULES)
+
+
+def test_the_repositorys_template_resolves_with_its_defaults_and_with_a_vpc() -> None:
+    template = load_template()
+    pseudo = {
+        "AWS::StackName": "s",
+        "AWS::Region": "us-east-1",
+        "AWS::AccountId": "123456789012",
+        "AWS::Partition": "aws",
+    }
+    plain = Resolver.for_template(template, parameter_values(template, {}), pseudo)
+    with_vpc = Resolver.for_template(
+        template,
+        parameter_values(
+            template, {"VpcSubnetIds": "subnet-a,subnet-b", "VpcSecurityGroupIds": "sg-1"}
+        ),
+        pseudo,
+    )
+    plain.check_rules(template.get("Rules", {}))
+    with_vpc.check_rules(template.get("Rules", {}))
+
+    vpc_config = template["Resources"]["DispatcherFunction"]["Properties"]["VpcConfig"]
+    assert plain.resolve({"VpcConfig": vpc_config}) == {}
+    assert with_vpc.resolve({"VpcConfig": vpc_config}) == {
+        "VpcConfig": {"SubnetIds": ["subnet-a", "subnet-b"], "SecurityGroupIds": ["sg-1"]}
+    }
