@@ -781,7 +781,7 @@ app.add_typer(endpoints_app, name="endpoints")
 ENDPOINT_STATE_STYLES = {"ACTIVE": "green", "DRAINING": "yellow", "DISABLED": "dim"}
 CIRCUIT_STYLES = {"CLOSED": "", "HALF_OPEN": "yellow", "OPEN": "red"}
 # What `endpoints put` carries over from the current row when an option is not given.
-ENDPOINT_SPEC_FIELDS = ("url", "kind", "protocol", "capacity", "weight", "state")
+ENDPOINT_SPEC_FIELDS = ("url", "kind", "protocol", "capacity", "weight", "state", "credentials")
 
 
 class Kind(StrEnum):
@@ -858,8 +858,52 @@ def _endpoint_line(row: dict[str, Any]) -> str:
     return (
         f"endpoint {row.get('endpoint_id')}: {row.get('state')}, {row.get('kind')} "
         f"{row.get('url')}, capacity {row.get('capacity')}, weight {row.get('weight')}, "
+        f"{_credentials_text(row.get('credentials'))}, "
         f"in flight {row.get('in_flight', 0)} (source {row.get('source')})"
     )
+
+
+def _credentials_text(credentials: object) -> str:
+    """Where the endpoint's key is kept and how it is sent (never the key: the API has none)."""
+    if not isinstance(credentials, dict):
+        return "no credentials"
+    store = (
+        f"secret {credentials['secret']}"
+        if credentials.get("secret")
+        else f"parameter {credentials.get('parameter')}"
+    )
+    header = credentials.get("header") if credentials.get("type") == "header" else None
+    return f"key from {store} as {header or 'Authorization: Bearer'}"
+
+
+def _credentials(
+    state: State,
+    current: object,
+    *,
+    secret: str | None,
+    parameter: str | None,
+    header: str | None,
+    remove: bool,
+) -> dict[str, str] | None:
+    """The credentials reference to send: the options given, else the current one."""
+    if remove and (secret or parameter or header):
+        state.fail("error: --no-credentials goes alone, without --credentials-* options")
+    if secret and parameter:
+        state.fail("error: give --credentials-secret or --credentials-parameter, not both")
+    if remove:
+        return None
+    kept = {k: v for k, v in current.items() if v is not None} if isinstance(current, dict) else {}
+    if secret or parameter:
+        kept = {"secret": secret} if secret else {"parameter": str(parameter)}
+    elif header and not kept:
+        state.fail(
+            "error: --credentials-header needs --credentials-secret or --credentials-parameter"
+        )
+    if not kept:
+        return None
+    chosen = header or (kept.get("header") if (secret or parameter) is None else None)
+    store = {k: v for k, v in kept.items() if k in ("secret", "parameter")}
+    return {"type": "header", "header": chosen, **store} if chosen else {"type": "bearer", **store}
 
 
 @endpoints_app.command("put")
@@ -881,10 +925,26 @@ def endpoints_put(
         EndpointState | None,
         typer.Option("--state", case_sensitive=False, help="ACTIVE, DRAINING or DISABLED."),
     ] = None,
+    credentials_secret: Annotated[
+        str | None,
+        typer.Option(help="Secrets Manager secret holding its API key (<stack>/gpu/...)."),
+    ] = None,
+    credentials_parameter: Annotated[
+        str | None,
+        typer.Option(help="SSM SecureString parameter holding its API key (/<stack>/gpu/...)."),
+    ] = None,
+    credentials_header: Annotated[
+        str | None,
+        typer.Option(help="Send the key in this header (e.g. X-Api-Key), not as a bearer token."),
+    ] = None,
+    no_credentials: Annotated[
+        bool, typer.Option("--no-credentials", help="Call it without a key.")
+    ] = False,
 ) -> None:
     """Add an endpoint (--url and --kind needed), or change the options given.
 
     Options not given keep the endpoint's current values (the API's defaults when new).
+    The key itself never goes through the API: store it in the secret or parameter named.
     """
     state = _state(ctx)
     client = state.client()
@@ -901,11 +961,19 @@ def endpoints_put(
             (r for r in client.list_endpoints() if r.get("endpoint_id") == endpoint_id), None
         )
         spec = {
-            name: given[name] if given[name] is not None else (current or {}).get(name)
+            name: given[name] if given.get(name) is not None else (current or {}).get(name)
             for name in ENDPOINT_SPEC_FIELDS
         }
         if current is None and (spec["url"] is None or spec["kind"] is None):
             state.fail(f"error: endpoint {endpoint_id} is new: --url and --kind are needed")
+        spec["credentials"] = _credentials(
+            state,
+            spec["credentials"],
+            secret=credentials_secret,
+            parameter=credentials_parameter,
+            header=credentials_header,
+            remove=no_credentials,
+        )
         row = client.put_endpoint(endpoint_id, **spec)
     verb = "added" if current is None else "changed"
     state.out.print(f"{verb} {_endpoint_line(row)}", soft_wrap=True)

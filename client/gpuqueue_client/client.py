@@ -584,9 +584,12 @@ class GpuqueueClient:
         return [item for item in body if isinstance(item, dict)]
 
     def put_endpoint(self, endpoint_id: str, **spec: Any) -> dict[str, Any]:
-        """Add or replace an endpoint: `url`, `kind`, `protocol`, `capacity`, `weight`, `state`.
+        """Add or replace an endpoint: `url`, `kind`, `protocol`, `capacity`, `weight`, `state`,
+        `credentials` (where its key is kept: {"type": "bearer", "secret": name}, or
+        {"type": "header", "header": "X-Api-Key", "parameter": name}; never the key).
 
-        Options left None are not sent, so the API's defaults apply to them.
+        Options left None are not sent, so the API's defaults apply to them (a PUT replaces
+        the configuration: credentials left out are removed).
         """
         body = {key: value for key, value in spec.items() if value is not None}
         path = f"/api/v1/admin/endpoints/{_segment(endpoint_id)}"

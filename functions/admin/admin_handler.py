@@ -25,6 +25,7 @@ from gpuqueue.api import build_resolver, current_caller
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import Forbidden
 from gpuqueue.fleet_admin import EndpointSpec, EndpointView, FleetAdmin
+from gpuqueue.gpu_credentials import CredentialScope
 from gpuqueue.models import TaskKind
 
 logger = Logger()
@@ -46,7 +47,16 @@ class Deps:
 def deps() -> Deps:
     settings = AdminSettings()
     registry = EndpointRegistry(aws_clients.dynamodb().Table(settings.endpoints_table))
-    return Deps(fleet=FleetAdmin(registry, health_max_age_seconds=settings.health_max_age_seconds))
+    scope = CredentialScope(
+        secret_prefix=settings.gpu_secret_prefix, parameter_prefix=settings.gpu_parameter_prefix
+    )
+    return Deps(
+        fleet=FleetAdmin(
+            registry,
+            health_max_age_seconds=settings.health_max_age_seconds,
+            credential_scope=scope,
+        )
+    )
 
 
 def _admin_only() -> str:

@@ -11,7 +11,9 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.endpoint_declarations import read_declarations
 from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.health_check import HealthChecker, fleet_health
 from gpuqueue.models import TaskKind
 from gpuqueue.settings import CheckerSettings
@@ -32,18 +34,45 @@ def registry() -> EndpointRegistry:
 
 @cache
 def checker() -> HealthChecker:
-    return HealthChecker(registry(), timeout_seconds=settings().probe_timeout_seconds)
+    config = settings()
+    credentials = GpuCredentials(
+        config.credential_scope,
+        secrets=aws_clients.secretsmanager,
+        parameters=aws_clients.ssm,
+        ttl_seconds=config.gpu_credential_ttl_seconds,
+    )
+    return HealthChecker(
+        registry(), timeout_seconds=config.probe_timeout_seconds, credentials=credentials
+    )
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     config = settings()
-    results = checker().run(
-        {
+    declared = read_declarations(
+        urls={
             TaskKind.IMAGE: config.image_endpoint_urls,
             TaskKind.SPEECH: config.speech_endpoint_urls,
         },
+        entries={TaskKind.IMAGE: config.image_endpoints, TaskKind.SPEECH: config.speech_endpoints},
+        scope=config.credential_scope,
+    )
+    refused = [error for declaration in declared.values() for error in declaration.errors]
+    for error in refused:
+        # Each run says it again until the parameter is fixed; the good entries still count.
+        logger.error(
+            "endpoint declaration refused",
+            extra={
+                "parameter": error.parameter,
+                "entry": error.entry,
+                "endpoint_id": error.endpoint_id,
+                "field": error.field,
+                "error": str(error),
+            },
+        )
+    results = checker().run(
+        declared,
         rounds=config.rounds_per_run,
         period_seconds=config.health_check_period_seconds,
         remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,
@@ -64,5 +93,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         ) as metric:
             metric.add_dimension(name="Kind", value=kind.value)
     total_healthy = sum(1 for r in results if r.healthy)
-    logger.info("health check done", extra={"checked": len(results), "healthy": total_healthy})
-    return {"checked": len(results), "healthy": total_healthy}
+    summary = {"checked": len(results), "healthy": total_healthy}
+    if refused:
+        summary["refused"] = len(refused)
+    logger.info("health check done", extra=summary)
+    return summary

@@ -25,6 +25,7 @@ from gpuqueue.dispatch_metrics import DispatchMetrics
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
 from gpuqueue.gpu_client import image_generators
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.image_store import ImageStore
 from gpuqueue.jobs import ImageJob, SpeechJob
 from gpuqueue.log_context import correlate_task
@@ -67,16 +68,24 @@ def deps() -> Deps:
         priority_lane_slots=settings.priority_lane_slots,
     )
     queue = TaskQueue(aws_clients.sqs(), settings.task_queue_url)
+    credentials = GpuCredentials(
+        settings.credential_scope,
+        secrets=aws_clients.secretsmanager,
+        parameters=aws_clients.ssm,
+        ttl_seconds=settings.gpu_credential_ttl_seconds,
+    )
     return Deps(
         dispatcher=TaskDispatcher(
             tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
             registry=EndpointRegistry(dynamodb.Table(settings.endpoints_table)),
             jobs={
                 TaskKind.IMAGE: ImageJob(
-                    image_generators(), ImageStore(s3, settings.images_bucket)
+                    image_generators(credentials=credentials),
+                    ImageStore(s3, settings.images_bucket),
                 ),
                 TaskKind.SPEECH: SpeechJob(
-                    OpenAITranscriptionClient(), AudioStore(s3, settings.images_bucket)
+                    OpenAITranscriptionClient(credentials=credentials),
+                    AudioStore(s3, settings.images_bucket),
                 ),
             },
             policy=policy,

@@ -43,6 +43,7 @@ from gpuqueue.errors import (
     TaskStateConflict,
     UnsupportedMediaType,
 )
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import (
     SpeechAsyncRequest,
@@ -96,7 +97,14 @@ def deps() -> Deps:
                 health_max_age_seconds=settings.health_max_age_seconds,
                 balancer=Balancer(settings.dispatch_strategy),
             ),
-            transcriber=OpenAITranscriptionClient(),
+            transcriber=OpenAITranscriptionClient(
+                credentials=GpuCredentials(
+                    settings.credential_scope,
+                    secrets=aws_clients.secretsmanager,
+                    parameters=aws_clients.ssm,
+                    ttl_seconds=settings.gpu_credential_ttl_seconds,
+                )
+            ),
             timeout_seconds=settings.speech_timeout_seconds,
             slot_wait_seconds=settings.slot_wait_seconds,
             circuit_failure_threshold=settings.circuit_failure_threshold,

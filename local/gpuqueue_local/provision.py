@@ -285,7 +285,8 @@ def provision(
     """Create every supported resource of the template, in dependency order, and (with
     `identities`) an IAM user per function holding its role's policies."""
     template = template or load_template()
-    resolver = Resolver(
+    resolver = Resolver.for_template(
+        template,
         parameters=parameter_values(template, parameters or {}),
         pseudo={
             "AWS::StackName": stack_name,
@@ -294,10 +295,16 @@ def provision(
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
         },
-        conditions=dict(template.get("Conditions", {})),
     )
+    # As CloudFormation does before creating anything: the rules' assertions must hold.
+    resolver.check_rules(template.get("Rules", {}))
     stack = LocalStack(name=stack_name, region=region, template=template, resolver=resolver)
-    pending = dict(template.get("Resources", {}))
+    # A resource whose Condition is false does not exist.
+    pending = {
+        logical_id: resource
+        for logical_id, resource in template.get("Resources", {}).items()
+        if resolver.resource_exists(resource)
+    }
     for logical_id, resource in list(pending.items()):
         if resource["Type"] not in CREATORS:
             resolver.refs[logical_id] = _placeholder_ref(stack_name, logical_id, resource)

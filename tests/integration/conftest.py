@@ -414,6 +414,7 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         speech: list[SpeechServerKnobs] | None = None,
         parameters: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        stack_name: str | None = None,
     ) -> Harness:
         requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
         monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
@@ -432,7 +433,9 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
             "SpeechEndpointUrls": ",".join(s.url for s in started_speech),
             **(parameters or {}),
         }
-        stack = provision(stack_name=f"it-{uuid.uuid4().hex[:6]}", parameters=params)
+        # A test may name the stack: names under <stack>/gpu/ depend on it.
+        name = stack_name or f"it-{uuid.uuid4().hex[:6]}"
+        stack = provision(stack_name=name, parameters=params)
         merged: dict[str, tuple[str, str]] = {}
         for function in stack.functions():
             if function in SEPARATE_ENV:

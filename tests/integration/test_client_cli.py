@@ -316,7 +316,15 @@ class FakeApi:
             self.endpoint_puts.append(body)
             if not 1 <= body.get("capacity", 1) <= 64:
                 return api_error(400, "capacity: must be 1-64", "VALIDATION_ERROR", "capacity")
-            config = {"protocol": "openai", "capacity": 1, "weight": 1, "state": "ACTIVE", **body}
+            # A PUT replaces the configuration, as the API does: what is left out is reset.
+            config = {
+                "protocol": "openai",
+                "capacity": 1,
+                "weight": 1,
+                "state": "ACTIVE",
+                "credentials": None,
+                **body,
+            }
             health = {k: v for k, v in (row or {}).items() if k != "endpoint_id"}
             return reply(200, self.add_endpoint(endpoint_id, **{**health, **config}))
         if row is None:
@@ -985,6 +993,65 @@ def test_endpoints_put_adds_then_changes_only_the_options_given(
     active = cli("endpoints", "put", "gpu-new", "--state", "active", token=ops_token)
     assert active.exit_code == 0, active.output
     assert api.endpoint_puts[-1]["state"] == "ACTIVE"
+
+
+def test_endpoints_put_names_where_the_key_is_kept_and_keeps_it_across_changes(
+    cli: Invoke, api: FakeApi, ops_token: str
+) -> None:
+    new = ["--url", "http://10.0.0.5:8000", "--kind", "image"]
+    secret = ["--credentials-secret", "prod/gpu/gpu-7"]
+
+    added = cli("endpoints", "put", "gpu-7", *new, *secret, token=ops_token)
+    assert added.exit_code == 0, added.output
+    assert api.endpoint_puts[-1]["credentials"] == {"type": "bearer", "secret": "prod/gpu/gpu-7"}
+    assert "key from secret prod/gpu/gpu-7 as Authorization: Bearer" in added.stdout
+
+    resized = cli("endpoints", "put", "gpu-7", "--capacity", "2", token=ops_token)
+    assert resized.exit_code == 0, resized.output
+    assert api.endpoint_puts[-1]["credentials"] == {"type": "bearer", "secret": "prod/gpu/gpu-7"}
+
+    header = ["--credentials-header", "X-Api-Key"]
+    as_header = cli("endpoints", "put", "gpu-7", *header, token=ops_token)
+    assert as_header.exit_code == 0, as_header.output
+    assert api.endpoint_puts[-1]["credentials"] == {
+        "type": "header",
+        "header": "X-Api-Key",
+        "secret": "prod/gpu/gpu-7",
+    }
+    assert "as X-Api-Key" in as_header.stdout
+
+    parameter = ["--credentials-parameter", "/prod/gpu/gpu-7"]
+    moved = cli("endpoints", "put", "gpu-7", *parameter, token=ops_token)
+    assert api.endpoint_puts[-1]["credentials"] == {
+        "type": "bearer",
+        "parameter": "/prod/gpu/gpu-7",
+    }
+    assert "key from parameter /prod/gpu/gpu-7" in moved.stdout
+
+    removed = cli("endpoints", "put", "gpu-7", "--no-credentials", token=ops_token)
+    assert removed.exit_code == 0, removed.output
+    assert "credentials" not in api.endpoint_puts[-1]
+    assert "no credentials" in removed.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--no-credentials", "--credentials-secret", "s"], "--no-credentials goes alone"),
+        (["--credentials-secret", "s", "--credentials-parameter", "/p"], "not both"),
+        (["--credentials-header", "X-Api-Key"], "needs --credentials-secret"),
+    ],
+)
+def test_endpoints_put_refuses_credentials_options_that_do_not_go_together(
+    cli: Invoke, api: FakeApi, ops_token: str, options: list[str], says: str
+) -> None:
+    api.add_endpoint("gpu-a")
+
+    result = cli("endpoints", "put", "gpu-a", *options, token=ops_token)
+
+    assert result.exit_code == 1
+    assert says in result.stderr
+    assert api.endpoint_puts == []
 
 
 def test_endpoints_put_refuses_what_the_cli_can_check(cli: Invoke, ops_token: str) -> None:

@@ -341,7 +341,13 @@ def test_stats_and_reset(server: ImageServer) -> None:
     openai(server, prompt="", size="64x64")  # bad request still counts as a call
     stats = requests.get(server.url + "/stats", timeout=TIMEOUT).json()
     busy = stats.pop("busy_slot_seconds")
-    assert stats == {"calls": 3, "in_flight": 0, "max_in_flight": 1, "prompts": ["one", "two"]}
+    assert stats == {
+        "calls": 3,
+        "in_flight": 0,
+        "max_in_flight": 1,
+        "prompts": ["one", "two"],
+        "refused": 0,
+    }
     assert server.stats() == stats | {"busy_slot_seconds": busy}
 
     health = requests.get(server.url + "/health", timeout=TIMEOUT).json()
@@ -355,6 +361,7 @@ def test_stats_and_reset(server: ImageServer) -> None:
         "max_in_flight": 0,
         "busy_slot_seconds": 0.0,
         "prompts": [],
+        "refused": 0,
     }
     assert resp.json() == empty
     assert server.stats() == empty
@@ -393,6 +400,70 @@ def test_stop_without_start_does_not_block() -> None:
     srv.stop()
 
 
+KEY = "standin-key-4b1d"
+
+
+def test_the_credential_knob_refuses_calls_and_health_checks_without_the_bearer_key(
+    server: ImageServer,
+) -> None:
+    server.set_knobs({"auth_token": KEY})
+    body = {"prompt": "x", "size": "64x64"}
+    wrong = {"Authorization": "Bearer not-the-key"}
+    right = {"Authorization": f"Bearer {KEY}"}
+
+    for headers in ({}, wrong, {"Authorization": KEY}, {"X-Api-Key": KEY}):
+        assert (
+            requests.post(
+                server.url + OPENAI, json=body, headers=headers, timeout=TIMEOUT
+            ).status_code
+            == 401
+        )
+        assert (
+            requests.get(server.url + "/health", headers=headers, timeout=TIMEOUT).status_code
+            == 401
+        )
+    refused = requests.post(server.url + A1111, json={"prompt": "x"}, timeout=TIMEOUT)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert (
+        requests.post(server.url + OPENAI, json=body, headers=right, timeout=TIMEOUT).status_code
+        == 200
+    )
+    assert requests.get(server.url + "/health", headers=right, timeout=TIMEOUT).status_code == 200
+    # Refusals never reach the model: they are counted apart from calls.
+    assert (server.stats()["calls"], server.stats()["refused"]) == (1, 9)
+
+
+def test_the_credential_knob_can_want_an_api_key_header(server: ImageServer) -> None:
+    server.set_knobs({"auth_token": KEY, "auth_header": "X-Api-Key"})
+    body = {"prompt": "x", "size": "64x64"}
+
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    assert (
+        requests.post(server.url + OPENAI, json=body, headers=bearer, timeout=TIMEOUT).status_code
+        == 401
+    )
+    key = {"X-Api-Key": KEY}
+    assert (
+        requests.post(server.url + OPENAI, json=body, headers=key, timeout=TIMEOUT).status_code
+        == 200
+    )
+
+
+def test_control_routes_stay_open_and_never_show_the_key(server: ImageServer) -> None:
+    resp = requests.post(server.url + "/knobs", json={"auth_token": KEY}, timeout=TIMEOUT)
+
+    assert resp.status_code == 200
+    assert resp.json()["auth_token"] == "***"
+    assert KEY not in requests.get(server.url + "/knobs", timeout=TIMEOUT).text
+    assert requests.get(server.url + "/stats", timeout=TIMEOUT).status_code == 200
+    # Clearing the knob opens the server again.
+    requests.post(server.url + "/knobs", json={"auth_token": None}, timeout=TIMEOUT)
+    assert requests.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+    for bad in ({"auth_token": ""}, {"auth_token": "a\r\nb"}, {"auth_header": "X Api"}):
+        assert requests.post(server.url + "/knobs", json=bad, timeout=TIMEOUT).status_code == 400
+
+
 def test_cli_prints_url_and_stops_on_sigterm() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LOCAL_DIR), env.get("PYTHONPATH", "")) if p)
@@ -407,6 +478,10 @@ def test_cli_prints_url_and_stops_on_sigterm() -> None:
             "2",
             "--failure-rate",
             "1.0",
+            "--auth-token",
+            KEY,
+            "--auth-header",
+            "X-Api-Key",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -419,11 +494,15 @@ def test_cli_prints_url_and_stops_on_sigterm() -> None:
         prefix = "image-server listening on http://127.0.0.1:"
         assert line.startswith(prefix), line
         url = line.removeprefix("image-server listening on ")
-        assert requests.get(url + "/health", timeout=TIMEOUT).status_code == 200
+        assert requests.get(url + "/health", timeout=TIMEOUT).status_code == 401
+        key = {"X-Api-Key": KEY}
+        assert requests.get(url + "/health", headers=key, timeout=TIMEOUT).status_code == 200
         knobs = requests.get(url + "/knobs", timeout=TIMEOUT).json()
         assert knobs["capacity"] == 2
         assert knobs["failure_rate"] == 1.0
-        resp = requests.post(url + OPENAI, json={"prompt": "x", "size": "64x64"}, timeout=TIMEOUT)
+        assert (knobs["auth_token"], knobs["auth_header"]) == ("***", "X-Api-Key")
+        body = {"prompt": "x", "size": "64x64"}
+        resp = requests.post(url + OPENAI, json=body, headers=key, timeout=TIMEOUT)
         assert resp.status_code == 500
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

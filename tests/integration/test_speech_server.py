@@ -393,6 +393,31 @@ def test_runs_as_a_module_and_exits_on_shutdown(speak: Speak):
             process.wait()
 
 
+def test_the_credential_knob_refuses_transcriptions_models_and_health_without_the_key(
+    server: SpeechServer, speak: Speak
+):
+    key = "whisper-key-9e2"
+    server.set_knobs({"auth_token": key})
+
+    refused = post_audio(server, speak(HELLO))
+    assert refused.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"
+    for path in ("/health", "/v1/models"):
+        assert requests.get(server.url + path, timeout=10).status_code == 401
+    right = {"Authorization": f"Bearer {key}"}
+    assert requests.get(server.url + "/health", headers=right, timeout=10).status_code == 200
+    heard = requests.post(
+        server.url + TRANSCRIBE,
+        files={"file": ("hello.wav", speak(HELLO), "audio/wav")},
+        data={"response_format": "verbose_json"},
+        headers=right,
+        timeout=TIMEOUT,
+    )
+    assert_heard_hello_world(heard)
+    assert (server.stats()["calls"], server.stats()["refused"]) == (1, 3)
+    assert key not in requests.get(server.url + "/knobs", timeout=10).text
+
+
 def test_knobs_round_trip_as_json(server: SpeechServer):
     server.set_knobs({"latency_s": 0.25, "capacity": 3})
     knobs = json.loads(requests.get(server.url + "/knobs", timeout=10).text)

@@ -67,8 +67,15 @@ class FakeSession:
         self.answer = answer
         self.calls: list[dict[str, Any]] = []
 
-    def post(self, url: str, *, json: dict[str, Any], timeout: tuple[float, float]) -> Any:
-        self.calls.append({"url": url, "json": json, "timeout": timeout})
+    def post(
+        self,
+        url: str,
+        *,
+        json: dict[str, Any],
+        timeout: tuple[float, float],
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        self.calls.append({"url": url, "json": json, "timeout": timeout, "headers": headers})
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -101,7 +108,9 @@ def test_busy_or_broken_endpoint_answers_are_worth_retrying(status: int) -> None
         decode_png(ENDPOINT, response(status, {"error": "overloaded"}))
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 422])
+# 401/403 never get here: the adapters treat them as a refusal of the credentials
+# (tests/unit/test_gpu_credentials.py).
+@pytest.mark.parametrize("status", [400, 404, 422])
 def test_rejections_of_the_request_are_permanent(status: int) -> None:
     with pytest.raises(PermanentGpuError, match=str(status)):
         decode_png(ENDPOINT, response(status, {"error": "bad size"}))

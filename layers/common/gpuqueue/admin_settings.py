@@ -15,6 +15,9 @@ class AdminSettings(BaseSettings):
     endpoints_table: str
     # A float: the local stack compresses the period along with its schedules (e.g. 1.5 s).
     health_check_period_seconds: float = Field(default=30, gt=0)
+    # Where endpoints' credential references may point (checked, never read, here).
+    gpu_secret_prefix: str | None = None
+    gpu_parameter_prefix: str | None = None
 
     @property
     def health_max_age_seconds(self) -> float:

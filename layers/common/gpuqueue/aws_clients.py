@@ -7,7 +7,7 @@ Default botocore timeouts are 60 s; a Lambda must never hang that long on one ca
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from mypy_boto3_cognito_idp import CognitoIdentityProviderClient
     from mypy_boto3_dynamodb import DynamoDBClient, DynamoDBServiceResource
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_secretsmanager import SecretsManagerClient
     from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_ssm import SSMClient
 
 SDK_CONFIG = Config(
     connect_timeout=2,
@@ -54,11 +56,16 @@ def cognito() -> CognitoIdentityProviderClient:
 
 
 @cache
-def secretsmanager() -> Any:
+def secretsmanager() -> SecretsManagerClient:
     return boto3.client("secretsmanager", config=SDK_CONFIG)
+
+
+@cache
+def ssm() -> SSMClient:
+    return boto3.client("ssm", config=SDK_CONFIG)
 
 
 def reset() -> None:
     """Forget every cached client (tests point boto3 at a fresh backend)."""
-    for factory in (dynamodb, dynamodb_client, sqs, s3, cognito, secretsmanager):
+    for factory in (dynamodb, dynamodb_client, sqs, s3, cognito, secretsmanager, ssm):
         factory.cache_clear()

@@ -16,10 +16,10 @@ index returns a kind's whole fleet state:
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -28,10 +28,12 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from gpuqueue.dynamodb_conditions import is_conditional_failure
+from gpuqueue.endpoint_declarations import DeclaredEndpoint
+from gpuqueue.endpoint_specs import endpoint_id_for
 from gpuqueue.models import (
     CircuitState,
+    CredentialRef,
     Endpoint,
-    EndpointProtocol,
     EndpointState,
     HealthResult,
     SlotLease,
@@ -53,9 +55,7 @@ NON_ENDPOINT_ROWS = frozenset({SLOT_ROW, WAITER_ROW, SEAT_ROW})
 EWMA_ALPHA = 0.3
 
 
-def endpoint_id_for(kind: TaskKind, url: str) -> str:
-    """Stable id for a declared URL, so redeploys and re-checks update the same row."""
-    return f"{kind.value}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+__all__ = ["EndpointRegistry", "Fleet", "endpoint_id_for"]
 
 
 def _slot_key(endpoint_id: str, slot: int) -> str:
@@ -73,6 +73,11 @@ def _waiter_key(kind: TaskKind, task_id: str) -> str:
 
 def _num(value: float) -> Decimal:
     return Decimal(str(round(value, 3)))
+
+
+def _credentials_item(credentials: CredentialRef) -> dict[str, str]:
+    """A credential reference as a DynamoDB map: names only (never a value), no nulls."""
+    return credentials.model_dump(mode="json", exclude_none=True)
 
 
 @dataclass
@@ -212,49 +217,80 @@ class EndpointRegistry:
 
     # --- configuration ----------------------------------------------------------------------
 
-    def sync_declared(self, kind: TaskKind, urls: list[str]) -> list[Endpoint]:
-        """Upsert the endpoints a stack parameter declares; drop declared rows no longer listed.
+    def sync_declared(
+        self,
+        kind: TaskKind,
+        declared: Sequence[DeclaredEndpoint],
+        *,
+        remove_undeclared: bool = True,
+    ) -> list[Endpoint]:
+        """Upsert the endpoints the stack parameters declare; drop declared rows no longer
+        listed (unless `remove_undeclared` is False: a refused entry must not take its
+        endpoint away).
 
-        Health fields and operator changes (state, capacity) survive the upsert, so a
-        redeploy neither marks a good endpoint unknown nor undoes a drain. Rows added
-        through the admin API are left alone.
+        URL, protocol and credentials are the declaration's. Health and the operator's
+        state survive the upsert, so a redeploy neither marks a good endpoint unknown nor
+        undoes a drain. Capacity and weight: a figure the declaration gives is applied when
+        it changes (a deploy); an operator's resize through the admin API holds until then.
+        Rows added through the admin API are left alone.
         """
-        wanted = {endpoint_id_for(kind, url): url for url in urls}
-        for endpoint_id, url in wanted.items():
-            # Every attribute through a placeholder: several (url, capacity) are reserved.
-            keep_if_set = {
-                "protocol": EndpointProtocol.OPENAI.value,
-                "capacity": 1,
-                "weight": 1,
-                "state": EndpointState.ACTIVE.value,
-                "healthy": False,
-                "consecutive_failures": 0,
-                "circuit": CircuitState.CLOSED.value,
-            }
-            always = {
-                "url": url,
-                "kind": kind.value,
-                "source": PARAMETER_SOURCE,
-                "row_type": ENDPOINT_ROW,
-            }
-            names = {f"#{k}": k for k in [*always, *keep_if_set]}
-            values: dict[str, Any] = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
-            sets = [f"#{k} = :{k}" for k in always]
-            sets += [f"#{k} = if_not_exists(#{k}, :{k})" for k in keep_if_set]
-            self._table.update_item(
-                Key={"endpoint_id": endpoint_id},
-                UpdateExpression="SET " + ", ".join(sets),
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
-        for endpoint in self.endpoints(kind):
-            if endpoint.source == PARAMETER_SOURCE and endpoint.endpoint_id not in wanted:
-                self.delete(endpoint.endpoint_id)
+        current = {e.endpoint_id: e for e in self.endpoints(kind)}
+        for endpoint in declared:
+            self._declare(kind, endpoint, current.get(endpoint.endpoint_id))
+        if remove_undeclared:
+            wanted = {e.endpoint_id for e in declared}
+            for row in current.values():
+                if row.source == PARAMETER_SOURCE and row.endpoint_id not in wanted:
+                    self.delete(row.endpoint_id)
         return self.endpoints(kind)
+
+    def _declare(self, kind: TaskKind, declared: DeclaredEndpoint, row: Endpoint | None) -> None:
+        always: dict[str, Any] = {
+            "url": declared.url,
+            "kind": kind.value,
+            "protocol": declared.protocol.value,
+            "source": PARAMETER_SOURCE,
+            "row_type": ENDPOINT_ROW,
+        }
+        keep_if_set: dict[str, Any] = {
+            "capacity": 1,
+            "weight": 1,
+            "state": EndpointState.ACTIVE.value,
+            "healthy": False,
+            "consecutive_failures": 0,
+            "circuit": CircuitState.CLOSED.value,
+        }
+        removes: list[str] = []
+        for name, figure in (("capacity", declared.capacity), ("weight", declared.weight)):
+            marker = f"declared_{name}"
+            if figure is None:
+                removes.append(marker)  # no longer declared: the current figure stays
+            elif row is None or getattr(row, marker) != figure:
+                del keep_if_set[name]  # newly declared or changed: apply it
+                always[name] = figure
+                always[marker] = figure
+        if declared.credentials is None:
+            removes.append("credentials")
+        else:
+            always["credentials"] = _credentials_item(declared.credentials)
+        # Every attribute through a placeholder: several (url, capacity) are reserved.
+        names = {f"#{k}": k for k in [*always, *keep_if_set, *removes]}
+        values: dict[str, Any] = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
+        sets = [f"#{k} = :{k}" for k in always]
+        sets += [f"#{k} = if_not_exists(#{k}, :{k})" for k in keep_if_set]
+        expression = "SET " + ", ".join(sets)
+        if removes:
+            expression += " REMOVE " + ", ".join(f"#{k}" for k in removes)
+        self._table.update_item(
+            Key={"endpoint_id": declared.endpoint_id},
+            UpdateExpression=expression,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
 
     def put(self, endpoint: Endpoint) -> Endpoint:
         """Add or replace an endpoint's configuration; its health survives a change."""
-        config = {
+        config: dict[str, Any] = {
             "url": endpoint.url,
             "kind": endpoint.kind.value,
             "protocol": endpoint.protocol.value,
@@ -264,18 +300,26 @@ class EndpointRegistry:
             "source": endpoint.source,
             "row_type": ENDPOINT_ROW,
         }
+        removes = []
+        if endpoint.credentials is None:
+            removes.append("credentials")
+        else:
+            config["credentials"] = _credentials_item(endpoint.credentials)
         defaults = {
             "healthy": False,
             "consecutive_failures": 0,
             "circuit": CircuitState.CLOSED.value,
         }
-        names = {f"#{k}": k for k in [*config, *defaults]}
+        names = {f"#{k}": k for k in [*config, *defaults, *removes]}
         values: dict[str, Any] = {f":{k}": v for k, v in {**config, **defaults}.items()}
         sets = [f"#{k} = :{k}" for k in config]
         sets += [f"#{k} = if_not_exists(#{k}, :{k})" for k in defaults]
+        expression = "SET " + ", ".join(sets)
+        if removes:
+            expression += " REMOVE " + ", ".join(f"#{k}" for k in removes)
         result = self._table.update_item(
             Key={"endpoint_id": endpoint.endpoint_id},
-            UpdateExpression="SET " + ", ".join(sets),
+            UpdateExpression=expression,
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
             ReturnValues="ALL_NEW",

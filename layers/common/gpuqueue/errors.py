@@ -90,6 +90,20 @@ class PermanentGpuError(GpuError):
     """4xx from the endpoint or an unusable answer: retrying will not help."""
 
 
+class EndpointAuthRefused(RetryableGpuError):
+    """The endpoint answered 401 or 403: it refused our credentials (or wants some).
+
+    The endpoint's configuration is wrong, not the task: like a 5xx it counts against the
+    endpoint's circuit and the task may move to another endpoint, so one misconfigured
+    server never fails work a correctly configured one could do. With no other endpoint,
+    the task ends FAILED with this message once its attempts are spent."""
+
+
+class CredentialUnavailable(RetryableGpuError):
+    """An endpoint's credential could not be read (no such secret or parameter, no
+    permission, an empty value): the endpoint cannot be called, so it counts as failing."""
+
+
 class RetryLater(Exception):
     """Raised by the dispatcher to have a message come back after a delay.
 

@@ -1,9 +1,13 @@
 """FleetAdmin: what operators do to the GPU fleet (list, add or change, drain, delete).
 
-Rows created here carry source "admin". Rows declared by the `ImageEndpointUrls` stack
-parameter (source "parameter") belong to the stack: the checker re-creates them on every
-run, so only their state, capacity and weight may change here, and they cannot be deleted
-(disable them, or remove them from the parameter).
+Rows created here carry source "admin". Rows declared by the stack parameters
+(`ImageEndpointUrls`/`ImageEndpoints` and their speech twins; source "parameter") belong to
+the stack: the checker re-creates them on every run, so only their state, capacity and
+weight may change here, and they cannot be deleted (disable them, or remove them from the
+parameter).
+
+A credential reference given here must be under the stack's prefixes (`CredentialScope`):
+the functions that call GPUs may read nothing else.
 """
 
 from __future__ import annotations
@@ -11,28 +15,32 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
-from urllib.parse import urlsplit
+from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gpuqueue.endpoint_registry import ADMIN_SOURCE, PARAMETER_SOURCE, EndpointRegistry
+from gpuqueue.endpoint_specs import (
+    ENDPOINT_ID_PATTERN,
+    MAX_CAPACITY,
+    MAX_WEIGHT,
+    CredentialSpec,
+    EndpointUrl,
+    protocol_problem,
+)
 from gpuqueue.errors import EndpointConflict, EndpointNotFound, InvalidInput
-from gpuqueue.models import Endpoint, EndpointProtocol, EndpointState, TaskKind
+from gpuqueue.gpu_credentials import CredentialScope
+from gpuqueue.models import (
+    CredentialRef,
+    Endpoint,
+    EndpointProtocol,
+    EndpointState,
+    TaskKind,
+)
 
-ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-MAX_URL_LENGTH = 2048
-MAX_CAPACITY = 64
-MAX_WEIGHT = 100
 # What a declared row keeps from the stack parameter; the rest is the operator's to change.
-DECLARED_FIELDS = ("url", "kind", "protocol")
+DECLARED_FIELDS = ("url", "kind", "protocol", "credentials")
+DECLARING_PARAMETERS = "ImageEndpointUrls/ImageEndpoints (SpeechEndpointUrls/SpeechEndpoints)"
 
 
 def check_endpoint_id(endpoint_id: str) -> str:
@@ -44,52 +52,39 @@ def check_endpoint_id(endpoint_id: str) -> str:
     return endpoint_id
 
 
-def _base_url(value: str) -> str:
-    """An http(s) base URL without credentials, query or fragment; no trailing slash."""
-    if any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValueError("must not contain whitespace or control characters")
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if "@" in parts.netloc:
-        raise ValueError("must not contain credentials (user:password@)")
-    if not parts.hostname:
-        raise ValueError("must name a host")
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError as exc:
-        raise ValueError("has an invalid port") from exc
-    if parts.query or parts.fragment or value.endswith(("?", "#")):
-        raise ValueError("must be a base URL, without a query or fragment")
-    return value.rstrip("/")
-
-
 class EndpointSpec(BaseModel):
     """The body of `PUT /api/v1/admin/endpoints/{id}`: an endpoint's whole configuration."""
 
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_URL_LENGTH)
-    ]
+    url: EndpointUrl
     kind: TaskKind
     protocol: EndpointProtocol = EndpointProtocol.OPENAI
     capacity: int = Field(default=1, ge=1, le=MAX_CAPACITY)
     weight: int = Field(default=1, ge=1, le=MAX_WEIGHT)
     state: EndpointState = EndpointState.ACTIVE
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _base_url(value)
+    # Where its API key or token is kept (a secret or SSM parameter under the stack's
+    # prefix), never the value; None: calls carry no credentials.
+    credentials: CredentialSpec | None = None
 
     @field_validator("protocol")
     @classmethod
     def _protocol_of_kind(cls, value: EndpointProtocol, info: ValidationInfo) -> EndpointProtocol:
-        # Speech endpoints speak one protocol: OpenAI-compatible /v1/audio/transcriptions.
-        if info.data.get("kind") is TaskKind.SPEECH and value is not EndpointProtocol.OPENAI:
-            raise ValueError("speech endpoints speak the openai protocol only")
+        kind = info.data.get("kind")
+        problem = protocol_problem(kind, value) if isinstance(kind, TaskKind) else None
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+def _plain(credentials: CredentialRef | None) -> CredentialRef | None:
+    """The reference as stored: a plain CredentialRef, not the strict body class."""
+    return None if credentials is None else CredentialRef.model_validate(credentials.model_dump())
+
+
+def _comparable(value: object) -> object:
+    # pydantic compares models by class too: a CredentialSpec never equals a CredentialRef.
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 class EndpointView(Endpoint):
@@ -110,10 +105,12 @@ class FleetAdmin:
         registry: EndpointRegistry,
         *,
         health_max_age_seconds: float,
+        credential_scope: CredentialScope | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry = registry
         self._max_age = health_max_age_seconds
+        self._scope = credential_scope or CredentialScope()
         self._clock = clock
 
     def list(self, kind: TaskKind | None = None) -> list[EndpointView]:
@@ -139,13 +136,18 @@ class FleetAdmin:
         source = ADMIN_SOURCE
         if current is not None and current.source == PARAMETER_SOURCE:
             for name in DECLARED_FIELDS:
-                if getattr(spec, name) != getattr(current, name):
+                if _comparable(getattr(spec, name)) != _comparable(getattr(current, name)):
                     raise EndpointConflict(
                         f"{name}: endpoint {endpoint_id} is declared by the stack parameter "
-                        "ImageEndpointUrls; only state, capacity and weight change here",
+                        f"{DECLARING_PARAMETERS}; only state, capacity and weight change here",
                         field=name,
                     )
             source = PARAMETER_SOURCE
+        elif spec.credentials is not None:
+            problem = self._scope.problem(spec.credentials)
+            if problem is not None:
+                field, why = problem
+                raise InvalidInput(f"credentials.{field}: {why}", field=f"credentials.{field}")
         saved = self._registry.put(
             Endpoint(
                 endpoint_id=endpoint_id,
@@ -156,6 +158,7 @@ class FleetAdmin:
                 weight=spec.weight,
                 state=spec.state,
                 source=source,
+                credentials=_plain(spec.credentials),
             )
         )
         return self._view(saved)
@@ -176,9 +179,9 @@ class FleetAdmin:
             raise EndpointNotFound(f"endpoint {endpoint_id} not found", field="endpoint_id")
         if current.source == PARAMETER_SOURCE:
             raise EndpointConflict(
-                f"endpoint {endpoint_id} is declared by the stack parameter ImageEndpointUrls "
-                "and would come back on the next health check: set its state to DISABLED, "
-                "or remove it from the parameter",
+                f"endpoint {endpoint_id} is declared by the stack parameter "
+                f"{DECLARING_PARAMETERS} and would come back on the next health check: set its "
+                "state to DISABLED, or remove it from the parameter",
                 field="endpoint_id",
             )
         if not self._registry.delete(endpoint_id):

@@ -1,4 +1,8 @@
-"""GPU protocol adapters. One adapter per wire protocol, behind one small interface."""
+"""GPU protocol adapters. One adapter per wire protocol, behind one small interface.
+
+Every adapter sends its endpoint's credentials through `GpuCredentials.send` (one place for
+every protocol); a 401/403 answer is `EndpointAuthRefused`, retryable elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import requests
 from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.models import Endpoint, EndpointProtocol, Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,12 +42,19 @@ def _post(
     endpoint: Endpoint,
     path: str,
     body: dict[str, object],
+    *,
     timeout: float,
+    credentials: GpuCredentials,
 ) -> requests.Response:
     url = f"{endpoint.url.rstrip('/')}{path}"
     connect = min(CONNECT_TIMEOUT_SECONDS, timeout)
     try:
-        return session.post(url, json=body, timeout=(connect, timeout))
+        return credentials.send(
+            endpoint,
+            lambda headers: session.post(
+                url, json=body, headers=dict(headers), timeout=(connect, timeout)
+            ),
+        )
     except requests.ConnectTimeout as error:  # the request never reached the GPU
         raise RetryableGpuError(
             f"endpoint {endpoint.endpoint_id} unreachable: {type(error).__name__}"
@@ -60,8 +72,13 @@ def _post(
 class OpenAIImageClient:
     """OpenAI-compatible `POST /v1/images/generations` with `response_format=b64_json`."""
 
-    def __init__(self, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        credentials: GpuCredentials | None = None,
+    ) -> None:
         self._session = session or requests.Session()
+        self._credentials = credentials or GpuCredentials()
 
     def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
         params = task.params
@@ -76,7 +93,14 @@ class OpenAIImageClient:
             body["negative_prompt"] = task.negative_prompt
         if params.seed is not None:
             body["seed"] = params.seed
-        response = _post(self._session, endpoint, "/v1/images/generations", body, timeout_seconds)
+        response = _post(
+            self._session,
+            endpoint,
+            "/v1/images/generations",
+            body,
+            timeout=timeout_seconds,
+            credentials=self._credentials,
+        )
         return decode_png(endpoint, response)
 
 
@@ -87,8 +111,13 @@ class _A1111Response(BaseModel):
 class A1111ImageClient:
     """AUTOMATIC1111-style `POST /sdapi/v1/txt2img` (also Forge, SD.Next)."""
 
-    def __init__(self, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        credentials: GpuCredentials | None = None,
+    ) -> None:
         self._session = session or requests.Session()
+        self._credentials = credentials or GpuCredentials()
 
     def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
         params = task.params
@@ -102,7 +131,14 @@ class A1111ImageClient:
             "batch_size": 1,
             "n_iter": 1,
         }
-        response = _post(self._session, endpoint, "/sdapi/v1/txt2img", body, timeout_seconds)
+        response = _post(
+            self._session,
+            endpoint,
+            "/sdapi/v1/txt2img",
+            body,
+            timeout=timeout_seconds,
+            credentials=self._credentials,
+        )
         _raise_for_status(endpoint, response)
         try:
             parsed = _A1111Response.model_validate_json(response.content)
@@ -116,12 +152,14 @@ class A1111ImageClient:
 
 def image_generators(
     session: requests.Session | None = None,
+    credentials: GpuCredentials | None = None,
 ) -> dict[EndpointProtocol, ImageGenerator]:
-    """One adapter per wire protocol, sharing a connection pool."""
+    """One adapter per wire protocol, sharing a connection pool and the credentials."""
     session = session or requests.Session()
+    credentials = credentials or GpuCredentials()
     return {
-        EndpointProtocol.OPENAI: OpenAIImageClient(session),
-        EndpointProtocol.A1111: A1111ImageClient(session),
+        EndpointProtocol.OPENAI: OpenAIImageClient(session, credentials),
+        EndpointProtocol.A1111: A1111ImageClient(session, credentials),
     }
 
 

@@ -1,4 +1,9 @@
-"""Probe GPU endpoints' `/health` concurrently and record the results."""
+"""Probe GPU endpoints' `/health` concurrently and record the results.
+
+Probes carry the endpoint's credentials like any call: a 401/403 (a wrong or missing key)
+or a credential that cannot be read makes the endpoint unhealthy, with the reason in
+`last_error`, so no work is sent where it would be refused.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from dataclasses import dataclass
 
 import requests
 
+from gpuqueue.endpoint_declarations import Declaration
 from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.errors import GpuError
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.models import Endpoint, EndpointState, HealthResult, TaskKind
 
 MAX_PROBE_THREADS = 16
@@ -31,17 +39,27 @@ def fleet_health(endpoints: Sequence[Endpoint], now: float) -> FleetHealth:
     )
 
 
-def probe(session: requests.Session, endpoint: Endpoint, *, timeout_seconds: float) -> HealthResult:
+def probe(
+    session: requests.Session,
+    endpoint: Endpoint,
+    *,
+    timeout_seconds: float,
+    credentials: GpuCredentials | None = None,
+) -> HealthResult:
     started = time.monotonic()
     error: str | None = None
+    url = f"{endpoint.url.rstrip('/')}/health"
+    timeout = (min(1.0, timeout_seconds), timeout_seconds)
     try:
-        response = session.get(
-            f"{endpoint.url.rstrip('/')}/health",
-            timeout=(min(1.0, timeout_seconds), timeout_seconds),
+        response = (credentials or GpuCredentials()).send(
+            endpoint, lambda headers: session.get(url, headers=dict(headers), timeout=timeout)
         )
         healthy = response.status_code == 200
         if not healthy:
             error = f"health check answered HTTP {response.status_code}"
+    except GpuError as exc:  # refused (401/403), or its credential could not be read
+        healthy = False
+        error = f"health check failed: {exc}"
     except requests.RequestException as exc:
         healthy = False
         error = f"health check failed: {type(exc).__name__}"
@@ -62,15 +80,17 @@ class HealthChecker:
         *,
         timeout_seconds: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        credentials: GpuCredentials | None = None,
     ) -> None:
         self._registry = registry
         self._session = session or requests.Session()
         self._timeout = timeout_seconds
         self._sleep = sleep
+        self._credentials = credentials or GpuCredentials()
 
     def run(
         self,
-        declared: dict[TaskKind, list[str]],
+        declared: dict[TaskKind, Declaration],
         *,
         rounds: int = 1,
         period_seconds: float = 30.0,
@@ -80,8 +100,11 @@ class HealthChecker:
 
         Returns the last round's results. Stops early rather than run past the invocation.
         """
-        for kind, urls in declared.items():
-            self._registry.sync_declared(kind, urls)
+        for kind, declaration in declared.items():
+            # A refused entry removes nothing: its row (if any) stays as it was.
+            self._registry.sync_declared(
+                kind, declaration.endpoints, remove_undeclared=not declaration.errors
+            )
         results: list[HealthResult] = []
         for round_number in range(rounds):
             if round_number:
@@ -111,6 +134,12 @@ class HealthChecker:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(
                 pool.map(
-                    lambda e: probe(self._session, e, timeout_seconds=self._timeout), endpoints
+                    lambda e: probe(
+                        self._session,
+                        e,
+                        timeout_seconds=self._timeout,
+                        credentials=self._credentials,
+                    ),
+                    endpoints,
                 )
             )

@@ -6,7 +6,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 
 class TaskStatus(StrEnum):
@@ -344,6 +351,56 @@ class CircuitState(StrEnum):
     HALF_OPEN = "HALF_OPEN"  # a check passed: one trial call at a time until one succeeds
 
 
+class CredentialScheme(StrEnum):
+    """How an endpoint's credential travels on each call (and each health probe)."""
+
+    BEARER = "bearer"  # Authorization: Bearer <value> (vLLM --api-key, OpenAI-style servers)
+    HEADER = "header"  # <header>: <value>, e.g. X-Api-Key (gateways, proxies, custom servers)
+
+
+# Secrets Manager names: letters, digits and /_+=.@- (1-512); SSM parameter names are
+# fully qualified here ("/..."), of letters, digits and _.-/ (at most 1011 characters).
+SECRET_NAME_PATTERN = r"^[A-Za-z0-9/_+=.@-]{1,512}$"  # noqa: S105 - a name pattern
+PARAMETER_NAME_PATTERN = r"^/[A-Za-z0-9_./-]{1,1010}$"
+# An HTTP header name (RFC 9110 token), short enough for any server.
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"
+# Headers the HTTP client sets itself: a credential must never replace them.
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection"}
+)
+
+
+class CredentialRef(BaseModel):
+    """Where an endpoint's API key or bearer token is kept, never the value itself: a
+    Secrets Manager secret (`secret`, its name) or an SSM Parameter Store SecureString
+    (`parameter`, its full name), and how to send it (`type`, `header`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: CredentialScheme
+    secret: Annotated[str, StringConstraints(pattern=SECRET_NAME_PATTERN)] | None = None
+    parameter: Annotated[str, StringConstraints(pattern=PARAMETER_NAME_PATTERN)] | None = None
+    header: Annotated[str, StringConstraints(pattern=HEADER_NAME_PATTERN)] | None = None
+
+    @model_validator(mode="after")
+    def _one_store_and_a_header_when_needed(self) -> CredentialRef:
+        if (self.secret is None) == (self.parameter is None):
+            raise ValueError("name exactly one of 'secret' (Secrets Manager) or 'parameter' (SSM)")
+        if self.type is CredentialScheme.HEADER:
+            if self.header is None:
+                raise ValueError("type 'header' needs 'header', the header's name")
+            if self.header.lower() in RESERVED_HEADERS:
+                raise ValueError(f"'header' cannot be {self.header}: the HTTP client sets it")
+        elif self.header is not None:
+            raise ValueError("'header' goes with type 'header' (bearer uses Authorization)")
+        return self
+
+    @property
+    def store(self) -> str:
+        """Where the value lives, as logs and errors name it (never the value)."""
+        return f"secret {self.secret}" if self.secret is not None else f"parameter {self.parameter}"
+
+
 class Endpoint(BaseModel):
     """One GPU endpoint: configuration (declared or admin-managed) plus its health."""
 
@@ -357,6 +414,11 @@ class Endpoint(BaseModel):
     weight: int = Field(default=1, ge=1)
     state: EndpointState = EndpointState.ACTIVE
     source: str = "parameter"
+    credentials: CredentialRef | None = None  # sent on every call and probe
+    # What the stack parameter last declared (declared rows): a change there is applied,
+    # an operator's change through the admin API holds until then.
+    declared_capacity: int | None = None
+    declared_weight: int | None = None
     healthy: bool = False
     last_checked_at: float | None = None
     latency_ms: float | None = None
@@ -370,6 +432,11 @@ class Endpoint(BaseModel):
     @classmethod
     def _int_from_decimal(cls, value: Any) -> int:
         return int(value)
+
+    @field_validator("declared_capacity", "declared_weight", mode="before")
+    @classmethod
+    def _opt_int_from_decimal(cls, value: Any) -> int | None:
+        return None if value is None else int(value)
 
     @field_validator("last_checked_at", "latency_ms", "latency_ewma_ms", "opened_at", mode="before")
     @classmethod

@@ -11,10 +11,28 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpuqueue.balancer import Strategy
+from gpuqueue.gpu_credentials import DEFAULT_TTL_SECONDS, CredentialScope
 
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+
+class GpuCredentialSettings(_Settings):
+    """What the functions that call GPUs (and the admin API, which checks references) know
+    about endpoint credentials: the prefixes template.yaml grants them (`<stack>/gpu/` for
+    secrets, `/<stack>/gpu/` for SSM parameters; None: none may be named)."""
+
+    gpu_secret_prefix: str | None = None
+    gpu_parameter_prefix: str | None = None
+    # How long a credential value is kept per container (a 401/403 drops it at once).
+    gpu_credential_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, ge=0, le=3600)
+
+    @property
+    def credential_scope(self) -> CredentialScope:
+        return CredentialScope(
+            secret_prefix=self.gpu_secret_prefix, parameter_prefix=self.gpu_parameter_prefix
+        )
 
 
 class AuthSettings(_Settings):
@@ -131,10 +149,14 @@ class StatsSettings(_Settings):
         return 3.0 * self.health_check_period_seconds
 
 
-class CheckerSettings(_Settings):
+class CheckerSettings(GpuCredentialSettings):
     endpoints_table: str
     image_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     speech_endpoint_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # JSON lists of endpoint objects, read (and each entry validated) by
+    # endpoint_declarations: a bad entry is reported, never a reason not to start.
+    image_endpoints: str = ""
+    speech_endpoints: str = ""
     probe_timeout_seconds: float = Field(default=2.0, gt=0, le=10)
     health_check_period_seconds: float = Field(default=30, gt=0)
     schedule_period_seconds: float = Field(default=60, gt=0)
@@ -163,7 +185,7 @@ class ReaperSettings(_Settings):
     reaper_lease_grace_seconds: float = Field(default=60, ge=0)
 
 
-class DispatcherSettings(_Settings):
+class DispatcherSettings(GpuCredentialSettings):
     tasks_table: str
     endpoints_table: str
     images_bucket: str
@@ -189,7 +211,7 @@ class DispatcherSettings(_Settings):
         return 3.0 * self.health_check_period_seconds
 
 
-class SpeechSettings(SubmitLimitsSettings):
+class SpeechSettings(SubmitLimitsSettings, GpuCredentialSettings):
     endpoints_table: str
     images_bucket: str  # the results bucket: audio/ uploads and transcripts/ live there too
     speech_timeout_seconds: float = Field(default=20, gt=0, le=25)

@@ -6,9 +6,10 @@ probability present, absent or named ``detected_language_probability``, segments
 without extra fields), so the answer is read leniently into one :class:`Transcript`.
 
 Errors follow gpu_client: connect errors, 5xx and 408/425/429 are retryable (another
-endpoint may do), other 4xx and unreadable answers are permanent, and a call the endpoint
-accepted but did not answer in time raises :class:`~gpuqueue.errors.GpuTimeout` (a
-retryable error the synchronous route turns into 504).
+endpoint may do), and so is a 401/403 (the endpoint refused our credentials:
+:class:`~gpuqueue.errors.EndpointAuthRefused`); other 4xx and unreadable answers are
+permanent, and a call the endpoint accepted but did not answer in time raises
+:class:`~gpuqueue.errors.GpuTimeout` (a retryable error the synchronous route turns into 504).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
 from gpuqueue.gpu_client import CONNECT_TIMEOUT_SECONDS, RETRYABLE_STATUSES
+from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.models import Endpoint
 
 __all__ = [
@@ -101,9 +103,16 @@ class _WireTranscription(BaseModel):
 class OpenAITranscriptionClient:
     """OpenAI-compatible transcription with ``response_format=verbose_json``."""
 
-    def __init__(self, session: requests.Session | None = None, *, model: str = DEFAULT_MODEL):
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        *,
+        model: str = DEFAULT_MODEL,
+        credentials: GpuCredentials | None = None,
+    ):
         self._session = session or requests.Session()
         self._model = model
+        self._credentials = credentials or GpuCredentials()
 
     def transcribe(
         self,
@@ -124,11 +133,15 @@ class OpenAITranscriptionClient:
         url = f"{endpoint.url.rstrip('/')}{TRANSCRIPTIONS_PATH}"
         connect = min(CONNECT_TIMEOUT_SECONDS, timeout_seconds)
         try:
-            response = self._session.post(
-                url,
-                data=fields,
-                files={"file": (filename, audio, content_type)},
-                timeout=(connect, timeout_seconds),
+            response = self._credentials.send(
+                endpoint,
+                lambda headers: self._session.post(
+                    url,
+                    data=fields,
+                    files={"file": (filename, audio, content_type)},
+                    headers=dict(headers),
+                    timeout=(connect, timeout_seconds),
+                ),
             )
         # ConnectTimeout is both a ConnectionError and a Timeout: catch it as "unreachable"
         # first, so only a read timeout (the server has the audio but is slow) is a timeout.

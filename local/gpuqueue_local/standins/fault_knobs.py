@@ -5,11 +5,19 @@ Read on every request, so a change (Python API or `POST /knobs`) applies at once
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
+import re
 from dataclasses import dataclass
-from typing import Final
+from email.message import Message
+from io import BufferedIOBase
+from typing import Any, Final
 
 # Upper bound for a hanging call, so a forgotten hang can never wedge a process forever.
 HANG_BOUND_S: Final = 600.0
+# Routes tests and tools drive the stand-in with: never behind the credential knob.
+CONTROL_PATHS: Final = frozenset({"/knobs", "/stats", "/reset-stats", "/shutdown"})
+_HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
 
 
 @dataclass
@@ -21,6 +29,46 @@ class FaultKnobs:
     healthy: bool = True  # False -> GET /health answers 503
     capacity: int = 0  # max concurrent calls, 0 = unlimited; excess gets 429
     fail_status: int = 500  # HTTP status used for injected failures
+    # Set: every call and /health need this key (401 otherwise), as a server started with
+    # an API key does. Sent as "Authorization: Bearer <key>", or as the value of
+    # `auth_header` when that names another header (X-Api-Key, say).
+    auth_token: str | None = None
+    auth_header: str = "Authorization"
+
+
+def is_authorized(knobs: FaultKnobs, headers: Message[str, str]) -> bool:
+    """Whether a request's headers carry the key the knobs ask for (always, when none)."""
+    expected = knobs.auth_token
+    if expected is None:
+        return True
+    given = headers.get(knobs.auth_header) or ""
+    if knobs.auth_header.lower() == "authorization":
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip()
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def discard_body(stream: BufferedIOBase, headers: Message[str, str], limit: int = 1 << 27) -> None:
+    """Read and drop a request body (up to `limit` bytes)."""
+    try:
+        remaining = min(int(headers.get("Content-Length") or 0), limit)
+    except ValueError:
+        return
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 16))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
+def public_knobs(knobs: FaultKnobs) -> dict[str, Any]:
+    """The knobs as GET/POST /knobs show them: the key itself is never echoed."""
+    shown = dataclasses.asdict(knobs)
+    if shown.get("auth_token") is not None:
+        shown["auth_token"] = "***"  # noqa: S105 - a mask, not a password
+    return shown
 
 
 def as_float(name: str, value: object, lo: float, hi: float) -> float:
@@ -56,4 +104,18 @@ def validate_knob(name: str, value: object) -> object:
         return as_int(name, value, 0, 1_000_000)
     if name == "fail_status":
         return as_int(name, value, 400, 599)
+    if name in ("auth_token", "auth_header"):
+        return _validate_auth_knob(name, value)
     raise ValueError(f"unknown knob: {name}")
+
+
+def _validate_auth_knob(name: str, value: object) -> str | None:
+    if name == "auth_token":
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value or any(ch in value for ch in "\r\n\0"):
+            raise ValueError(f"{name} must be null or a non-empty string without line breaks")
+        return value
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"{name} must be an HTTP header name")
+    return value

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import functools
 import hashlib
 import io
@@ -44,7 +43,15 @@ from typing import Any, Final
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs, as_int
+from gpuqueue_local.standins.fault_knobs import (
+    CONTROL_PATHS,
+    HANG_BOUND_S,
+    FaultKnobs,
+    as_int,
+    discard_body,
+    is_authorized,
+    public_knobs,
+)
 from gpuqueue_local.standins.serving import BackgroundServer
 
 __all__ = [
@@ -269,19 +276,34 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing
 
+    def _refused(self, path: str) -> bool:
+        """Answer 401 (and say so) when the credential knob wants a key this lacks."""
+        if path in CONTROL_PATHS or is_authorized(self.owner.knobs, self.headers):
+            return False
+        self.owner._record_refused()
+        # Read what the client sends first: closing on an unread body could reset the
+        # connection before it reads the 401.
+        discard_body(self.rfile, self.headers)
+        self._send_json(401, _error("invalid or missing API key", "authentication_error"))
+        return True
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._refused(path):
+            return
         if path == "/health":
             self._health()
         elif path == "/stats":
             self._send_json(200, self.owner.stats())
         elif path == "/knobs":
-            self._send_json(200, dataclasses.asdict(self.owner.knobs))
+            self._send_json(200, public_knobs(self.owner.knobs))
         else:
             self._send_json(404, _error(f"no route for GET {path}", "not_found"))
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._refused(path):
+            return
         if path in (_OPENAI_PATH, _A1111_PATH):
             self._generate(path)
         elif path == "/reset-stats":
@@ -321,7 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (_BadRequest, ValueError) as exc:
             self._send_json(400, _error(str(exc)))
             return
-        self._send_json(200, dataclasses.asdict(knobs))
+        self._send_json(200, public_knobs(knobs))
 
     def _generate(self, path: str) -> None:
         owner = self.owner
@@ -495,11 +517,13 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
                 "max_in_flight": self._max_in_flight,
                 "busy_slot_seconds": round(self._busy_time(), 3),
                 "prompts": list(self._prompts),
+                "refused": self._refused,
             }
 
     def reset_stats(self) -> None:
         with self._lock:
             self._calls = 0
+            self._refused = 0
             self._prompts.clear()
             # Calls still running keep their in_flight slot; the peak restarts from there.
             self._max_in_flight = self._in_flight
@@ -559,6 +583,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=0, help="0 = unlimited")
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--unhealthy", action="store_true")
+    parser.add_argument(
+        "--auth-token",
+        default=None,
+        help="require this API key on every call and /health (401 without it)",
+    )
+    parser.add_argument(
+        "--auth-header",
+        default="Authorization",
+        help="where the key goes: Authorization (as 'Bearer <key>', the default) or a header "
+        "such as X-Api-Key",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
 
@@ -573,6 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "capacity": args.capacity,
                 "hang": args.hang,
                 "healthy": not args.unhealthy,
+                "auth_token": args.auth_token,
+                "auth_header": args.auth_header,
             }
         )
     except ValueError as exc:

@@ -29,6 +29,11 @@ class BackgroundServer(Generic[K]):
         self._stopped = False
         self._rng_seed = self.knobs.failure_seed
         self._rng = random.Random(self._rng_seed)
+        self._refused = 0  # calls answered 401 (the credential knob)
+
+    def _record_refused(self) -> None:
+        with self._lock:
+            self._refused += 1
 
     @property
     def port(self) -> int:

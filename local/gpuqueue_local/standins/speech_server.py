@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import email.parser
 import email.policy
 import io
@@ -57,7 +56,14 @@ import numpy as np
 import numpy.typing as npt
 from pocketsphinx import Decoder, Segmenter  # type: ignore[import-untyped]
 
-from gpuqueue_local.standins.fault_knobs import HANG_BOUND_S, FaultKnobs
+from gpuqueue_local.standins.fault_knobs import (
+    CONTROL_PATHS,
+    HANG_BOUND_S,
+    FaultKnobs,
+    discard_body,
+    is_authorized,
+    public_knobs,
+)
 from gpuqueue_local.standins.serving import BackgroundServer
 
 __all__ = [
@@ -388,14 +394,27 @@ class _Handler(BaseHTTPRequestHandler):
         if self.owner.verbose:
             super().log_message(format, *args)
 
+    def _refused(self, path: str) -> bool:
+        """Answer 401 (and say so) when the credential knob wants a key this lacks."""
+        if path in CONTROL_PATHS or is_authorized(self.owner.knobs, self.headers):
+            return False
+        self.owner._record_refused()
+        # Read what the client sends first: closing on an unread body could reset the
+        # connection before it reads the 401.
+        discard_body(self.rfile, self.headers)
+        self._send_json(401, _error("invalid or missing API key", "authentication_error"))
+        return True
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._refused(path):
+            return
         if path == "/health":
             self._health()
         elif path == "/stats":
             self._send_json(200, self.owner.stats())
         elif path == "/knobs":
-            self._send_json(200, dataclasses.asdict(self.owner.knobs))
+            self._send_json(200, public_knobs(self.owner.knobs))
         elif path == "/v1/models":
             model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "pocketsphinx"}
             self._send_json(200, {"object": "list", "data": [model]})
@@ -404,6 +423,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._refused(path):
+            return
         if path == _TRANSCRIPTIONS_PATH:
             self._transcribe()
         elif path == "/reset-stats":
@@ -443,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (_BadRequest, ValueError) as exc:  # JSONDecodeError is a ValueError
             self._send_json(400, _error(str(exc)))
             return
-        self._send_json(200, dataclasses.asdict(knobs))
+        self._send_json(200, public_knobs(knobs))
 
     def _transcribe(self) -> None:
         owner = self.owner
@@ -590,11 +611,13 @@ class SpeechServer(BackgroundServer[SpeechServerKnobs]):
                 "max_in_flight": self._max_in_flight,
                 "audio_seconds": round(self._audio_seconds, 3),
                 "texts": list(self._texts),  # the last 100 transcripts
+                "refused": self._refused,
             }
 
     def reset_stats(self) -> None:
         with self._lock:
             self._calls = 0
+            self._refused = 0
             self._audio_seconds = 0.0
             self._texts.clear()
             # Calls still running keep their in_flight slot; the peak restarts from there.
@@ -649,6 +672,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoders", type=int, default=1, help="parallel decodes (~90 MB each)")
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--unhealthy", action="store_true")
+    parser.add_argument(
+        "--auth-token",
+        default=None,
+        help="require this API key on every call and /health (401 without it)",
+    )
+    parser.add_argument(
+        "--auth-header",
+        default="Authorization",
+        help="where the key goes: Authorization (as 'Bearer <key>', the default) or a header "
+        "such as X-Api-Key",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     if args.decoders < 1:
@@ -667,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "capacity": args.capacity,
                 "hang": args.hang,
                 "healthy": not args.unhealthy,
+                "auth_token": args.auth_token,
+                "auth_header": args.auth_header,
             }
         )
     except ValueError as exc:
