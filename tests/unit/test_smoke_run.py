@@ -9,6 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import NoCredentialsError
 from botocore.stub import Stubber
 
 import smoke_run  # tools/ is on the test path (tests/conftest.py)
@@ -103,6 +104,15 @@ def test_an_unknown_stack_fails_with_cloudformations_reason():
 
     with pytest.raises(smoke_run.SmokeTargetError, match="cannot read stack 'gq': Stack with id"):
         smoke_run.resolve_api_url(None, "gq", lambda: client)
+
+
+def test_missing_aws_credentials_fail_in_a_sentence_not_a_traceback():
+    class NoCredentials:
+        def describe_stacks(self, **_: Any) -> dict[str, Any]:
+            raise NoCredentialsError
+
+    with pytest.raises(smoke_run.SmokeTargetError, match="cannot read stack 'gq': Unable to"):
+        smoke_run.resolve_api_url(None, "gq", NoCredentials)
 
 
 def test_a_stack_without_an_api_url_output_names_the_outputs_it_has():
