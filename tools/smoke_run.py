@@ -1,4 +1,4 @@
-"""`make smoke`: the smoke suite (tests/smoke) against a deployed gpuqueue stack.
+"""`make smoke`: the smoke suite (tests/e2e/smoke) against a deployed gpuqueue stack.
 
 The stack is named by its API URL, or by its CloudFormation stack name: then its `ApiUrl`
 output is read here with the caller's AWS credentials (`describe_stacks`, nothing else),
@@ -25,8 +25,8 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 REPO = Path(__file__).resolve().parents[1]
-SUITE = "tests/smoke"
-API_URL_ENV = "GPUQUEUE_SMOKE_API_URL"  # read by tests/smoke/conftest.py
+SUITE = "tests/e2e/smoke"
+API_URL_ENV = "GPUQUEUE_SMOKE_API_URL"  # read by tests/e2e/smoke/conftest.py
 TASK_TIMEOUT_ENV = "GPUQUEUE_SMOKE_TASK_TIMEOUT"
 DEFAULT_TASK_TIMEOUT_SECONDS = 300.0
 # pytest-timeout's limit per test must leave the task's own deadline room to fire first,
@@ -37,7 +37,7 @@ USAGE = """\
 usage: make smoke API_URL=https://<api-id>.execute-api.<region>.amazonaws.com
        make smoke STACK=<stack name> [REGION=us-east-1]
 
-Runs the smoke suite (tests/smoke) against a deployed gpuqueue stack over HTTP, as a
+Runs the smoke suite (tests/e2e/smoke) against a deployed gpuqueue stack over HTTP, as a
 freshly signed-up user. STACK reads the stack's ApiUrl output with your AWS credentials.
 SMOKE_TIMEOUT=<seconds> bounds the wait for the image task (default 300).
 `make test` runs the same suite against the local stack."""

@@ -13,8 +13,8 @@ from botocore.exceptions import NoCredentialsError
 from botocore.stub import Stubber
 
 import smoke_run  # tools/ is on the test path (tests/conftest.py)
+from e2e.smoke.smoke_api import new_password  # tests/ is on the test path too
 from gpuqueue_local.template import load_template, resources_of_type
-from smoke.smoke_api import new_password  # tests/ is on the test path too
 
 API = "https://abc123.execute-api.eu-west-1.amazonaws.com"
 
@@ -74,7 +74,7 @@ def test_an_api_url_runs_the_smoke_suite_against_it_with_a_timeout_past_the_task
 
     assert code == 0
     [(command, env)] = run.calls
-    assert command[1:4] == ["-m", "pytest", "tests/smoke"]
+    assert command[1:4] == ["-m", "pytest", "tests/e2e/smoke"]
     assert command[-2:] == ["-k", "png"]
     timeout = next(int(a.split("=")[1]) for a in command if a.startswith("--timeout="))
     assert timeout > 90

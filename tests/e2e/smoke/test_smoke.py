@@ -19,7 +19,8 @@ import requests
 from .conftest import IMAGE_SIZE, PROMPT, SmokeTarget
 from .smoke_api import FinishedTask, SmokeUser, fetch_image, png_size, sign_up
 
-pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group("smoke")]
+# The e2e tests' group: under xdist the local target is that worker's session stack.
+pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group("local_stack")]
 
 HELLO_WAV = Path(__file__).with_name("hello_world.wav")
 

@@ -1,20 +1,19 @@
 """Which stack the smoke suite proves: a deployed one, or the local one.
 
 `GPUQUEUE_SMOKE_API_URL` set (`make smoke` sets it): that API, over HTTP only, with users
-the suite signs up itself. Unset (`make test`): the local stack, started here on free
-ports exactly as the e2e tests start theirs. The tests are the same either way.
+the suite signs up itself. Unset (`make test`): the e2e tests' own local stack (their
+session fixture `local_stack`, on free ports; the tests sharing it leave it healthy), so
+`make test` starts no extra stack for this suite. The tests are the same either way.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from ..e2e.conftest import running_stack
 from .smoke_api import FinishedTask, SmokeUser, sign_up, submit_and_wait
 
 API_URL_ENV = "GPUQUEUE_SMOKE_API_URL"
@@ -45,24 +44,24 @@ def _task_timeout(default: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmokeTarget]:
+def target(request: pytest.FixtureRequest) -> SmokeTarget:
     api_url = os.environ.get(API_URL_ENV)
     if api_url:
-        yield SmokeTarget(
+        return SmokeTarget(
             api=api_url.strip().rstrip("/"),
             local=False,
             task_timeout=_task_timeout(DEPLOYED_TASK_TIMEOUT_SECONDS),
             # Polling a deployed API costs requests (and counts against the caller's rate).
             poll_interval=1.0,
         )
-        return
-    with running_stack(tmp_path_factory.mktemp("smoke-stack")) as stack:
-        yield SmokeTarget(
-            api=stack.api,
-            local=True,
-            task_timeout=_task_timeout(LOCAL_TASK_TIMEOUT_SECONDS),
-            poll_interval=0.1,
-        )
+    # Asked for only here: a run against a deployed stack never starts a local one.
+    stack = request.getfixturevalue("local_stack")
+    return SmokeTarget(
+        api=stack.api,
+        local=True,
+        task_timeout=_task_timeout(LOCAL_TASK_TIMEOUT_SECONDS),
+        poll_interval=0.1,
+    )
 
 
 @pytest.fixture(scope="module")
