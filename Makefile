@@ -92,6 +92,12 @@ build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-inst
 deploy: build ## sam deploy the built stack with samconfig.toml's settings (ENV=dev|prod; default: default)
 	$(SAM) deploy --config-file $(SAMCONFIG) --config-env $(ENV) --template-file $(BUILT_TEMPLATE)
 
+# One suite, two targets: a deployed stack here (HTTP only, a fresh user), the local stack
+# inside `make test`. STACK reads the stack's ApiUrl output with your AWS credentials.
+.PHONY: smoke
+smoke: $(VENV)/.installed ## the smoke suite against a deployed stack: API_URL=https://... or STACK=name [REGION=] [SMOKE_TIMEOUT=300]
+	$(PY) tools/smoke_run.py $(if $(API_URL),--api-url '$(API_URL)') $(if $(STACK),--stack '$(STACK)') --region $(REGION) $(if $(SMOKE_TIMEOUT),--task-timeout $(SMOKE_TIMEOUT))
+
 invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json against `make up UP_ARGS=--docker-ports` (needs Docker)
 	@fn=$*; logical="$$(grep -oiE "^  $${fn}Function:" template.yaml | head -1 | tr -d ' :')"; \
 	event="$$(ls events/$${fn}_*.json | head -1)"; \
