@@ -55,15 +55,11 @@ SHARD_REFRESH_S = 10.0  # DescribeStream again this often, for new (child) shard
 STARTING_POSITIONS = ("TRIM_HORIZON", "LATEST")
 
 
-def _signing_keys(credentials: Mapping[str, str] | None) -> dict[str, str]:
-    """boto3 client arguments for a function's keys (its execution role's, as Lambda's
-    pollers use them); none: the process's own."""
-    if not credentials:
-        return {}
-    return {
-        "aws_access_key_id": credentials["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": credentials["AWS_SECRET_ACCESS_KEY"],
-    }
+def _key(credentials: Mapping[str, str] | None, name: str) -> str | None:
+    """One of a function's keys (its execution role's, as Lambda's pollers use them); None:
+    boto3 takes the process's own."""
+    return (credentials or {}).get(name)
+
 
 Log = Callable[[str], None]
 
@@ -90,7 +86,8 @@ def streams_client(
         "dynamodbstreams",
         region_name=region,
         endpoint_url=endpoint_url,
-        **_signing_keys(credentials),
+        aws_access_key_id=_key(credentials, "AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=_key(credentials, "AWS_SECRET_ACCESS_KEY"),
         config=Config(
             account_id_endpoint_mode="disabled",
             connect_timeout=2,
@@ -520,7 +517,8 @@ class DynamoDbStreamSource:
                 "sqs",
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,
-                **_signing_keys(self.credentials),
+                aws_access_key_id=_key(self.credentials, "AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=_key(self.credentials, "AWS_SECRET_ACCESS_KEY"),
                 config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2}),
             )
         return self._sqs

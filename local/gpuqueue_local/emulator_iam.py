@@ -62,9 +62,7 @@ class EmulatorIam:
             return _Principal(ADMIN_USER, ADMIN_SECRET_ACCESS_KEY, (ADMIN_POLICY,))
         for identity in self.identities.values():
             if identity.access_key_id == access_key_id:
-                return _Principal(
-                    identity.user_name, identity.secret_access_key, identity.policies
-                )
+                return _Principal(identity.user_name, identity.secret_access_key, identity.policies)
         return None
 
     def check(
@@ -81,7 +79,9 @@ class EmulatorIam:
         lowered = {k.lower(): v for k, v in headers.items()}
         authorization = lowered.get("authorization", "")
         if not authorization:
-            return Refusal(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
+            return Refusal(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            )
         scope = _between(authorization, "Credential=", ",").split("/")
         principal = self._principal(scope[0]) if scope else None
         if principal is None or len(scope) < 4:

@@ -87,18 +87,11 @@ class SqsEventSource:
         return messages
 
     def _poll(self) -> None:
-        keys = (
-            {
-                "aws_access_key_id": self.credentials["AWS_ACCESS_KEY_ID"],
-                "aws_secret_access_key": self.credentials["AWS_SECRET_ACCESS_KEY"],
-            }
-            if self.credentials
-            else {}
-        )
         sqs = boto3.client(
             "sqs",
             region_name=self.region,
-            **keys,
+            aws_access_key_id=self.credentials.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=self.credentials.get("AWS_SECRET_ACCESS_KEY"),
             config=Config(read_timeout=LONG_POLL_SECONDS + 10, retries={"max_attempts": 2}),
         )
         while not self._stop.is_set():

@@ -33,9 +33,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from moto import settings
 from moto.cognitoidp.responses import CognitoIdpResponse
+from moto.core.exceptions import AccessDeniedError, JsonRESTError
 from moto.dynamodb.responses import DynamoHandler
 from moto.dynamodbstreams.responses import DynamoDBStreamsHandler
-from moto.core.exceptions import AccessDeniedError, JsonRESTError
 from moto.iam.access_control import IAMPolicy, IAMRequest, IAMRequestBase, PermissionResult
 from moto.iam.models import iam_backends
 from moto.moto_api._internal.models import MotoAPIBackend
@@ -57,7 +57,10 @@ PARTITION = "aws"
 ADMIN_USER = "gpuqueue-admin"
 ADMIN_ACCESS_KEY_ID = "testing"
 ADMIN_SECRET_ACCESS_KEY = "testing"  # noqa: S105 - the local stack's well-known test key
-ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+ADMIN_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+}
 # Set to a file path: every authorization decision is appended to it as a JSON line.
 AUDIT_FILE_ENV = "GPUQUEUE_IAM_AUDIT_FILE"
 
@@ -258,17 +261,28 @@ _PRESIGN_PARAMS = (
 
 
 def _presigned_signature(
-    method: str, url: str, host: str, credentials: Credentials, region: str, date: str, expires: int
+    method: str,
+    url: str,
+    host: str,
+    credentials: Credentials,
+    *,
+    region: str,
+    date: str,
+    expires: int,
 ) -> str:
     """The signature S3 expects on a presigned URL (botocore signs it the same way)."""
     parts = urlsplit(url)
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _PRESIGN_PARAMS]
+    kept = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k not in _PRESIGN_PARAMS
+    ]
     bare = urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote)))
     request = AWSRequest(method=method, url=bare, headers={"host": host})
     request.context["timestamp"] = date
     S3SigV4QueryAuth(credentials, "s3", region, expires=expires).add_auth(request)
-    signed = dict(parse_qsl(urlsplit(request.url).query))
-    return signed["X-Amz-Signature"]
+    signed = dict(parse_qsl(urlsplit(str(request.url)).query))
+    return str(signed["X-Amz-Signature"])
 
 
 def _check_presigned(handler: Any, resource: str) -> None:
@@ -291,9 +305,9 @@ def _check_presigned(handler: Any, resource: str) -> None:
         handler.uri,
         handler.headers.get("Host", ""),
         Credentials(key_id, secret),
-        region,
-        date,
-        expires,
+        region=region,
+        date=date,
+        expires=expires,
     )
     if not hmac.compare_digest(expected, query.get("X-Amz-Signature", "")):
         raise S3SignatureDoesNotMatchError()
@@ -333,7 +347,9 @@ def _patch_s3() -> None:
 
     def authorize(self: Any, bucket_name: str | None = None, key_name: str | None = None) -> None:
         if enforcing() and "Authorization" not in self.headers:
-            resource = f"arn:{PARTITION}:s3:::{bucket_name or '*'}" + (f"/{key_name}" if key_name else "")
+            resource = f"arn:{PARTITION}:s3:::{bucket_name or '*'}" + (
+                f"/{key_name}" if key_name else ""
+            )
             if "X-Amz-Credential" in self.querystring:
                 _check_presigned(self, resource)
                 return
@@ -344,7 +360,9 @@ def _patch_s3() -> None:
     S3Response._authenticate_and_authorize_s3_action = authorize  # type: ignore[method-assign]
 
 
-def _patch_service(cls: type, checks: Callable[[Any, str, dict[str, Any]], list[tuple[str, str]]]) -> None:
+def _patch_service(
+    cls: type, checks: Callable[[Any, str, dict[str, Any]], list[tuple[str, str]]]
+) -> None:
     if getattr(cls, _MARK, False):
         return
 
@@ -406,13 +424,17 @@ def install(*, enforce: bool = True) -> None:
     _patch_service(
         DynamoHandler, lambda h, action, body: dynamodb_checks(action, body, _region_of(h))
     )
-    _patch_service(DynamoDBStreamsHandler, lambda h, action, body: dynamodb_streams_checks(action, body))
+    _patch_service(
+        DynamoDBStreamsHandler, lambda h, action, body: dynamodb_streams_checks(action, body)
+    )
     _patch_service(
         CognitoIdpResponse, lambda h, action, body: cognito_checks(action, body, _region_of(h))
     )
     _patch_service(
         SecretsManagerResponse,
-        lambda h, action, body: secretsmanager_checks(action, body, _region_of(h), h.current_account),
+        lambda h, action, body: secretsmanager_checks(
+            action, body, _region_of(h), h.current_account
+        ),
     )
     _patch_service(
         SimpleSystemManagerResponse, lambda h, action, body: ssm_checks(action, body, _region_of(h))
@@ -425,9 +447,8 @@ def install(*, enforce: bool = True) -> None:
     if audit_file:
         add_listener(AuditFile(audit_file))
     if enforce:
-        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # type: ignore[assignment]
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 
 
 def enforcing() -> bool:
     return bool(settings.INITIAL_NO_AUTH_ACTION_COUNT == 0)
-

@@ -24,12 +24,12 @@ import boto3
 import requests
 
 from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource
-from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.emulator_iam import EmulatorIam
-from gpuqueue_local.moto_iam import AUDIT_FILE_ENV
-from gpuqueue_local.moto_server import AUDIT_DIR_ENV, IAM_SWITCH_ENV
+from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
+from gpuqueue_local.moto_iam import AUDIT_FILE_ENV
+from gpuqueue_local.moto_server import AUDIT_DIR_ENV, IAM_SWITCH_ENV
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.s3_events import (
     DEFAULT_POLL_INTERVAL_S,

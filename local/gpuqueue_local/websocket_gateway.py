@@ -564,7 +564,7 @@ class WebSocketGateway:
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                headers = {k: v for k, v in self.headers.items()}
+                headers = dict(self.headers.items())
                 self._answer(*gateway.manage(self.command, self.path, body, headers))
 
             def _answer(self, status: int, answer: dict[str, Any] | None) -> None:

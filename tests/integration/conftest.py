@@ -21,10 +21,9 @@ import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from gpuqueue import aws_clients
 import function_credentials
+from gpuqueue import aws_clients
 from gpuqueue_local import moto_atomic, moto_iam
-from gpuqueue_local.moto_server import AUDIT_DIR_ENV
 from gpuqueue_local.dynamodb_streams import StreamReader, streams_client
 from gpuqueue_local.event_sources import (
     dynamodb_stream_event,
@@ -32,6 +31,7 @@ from gpuqueue_local.event_sources import (
     settle_batch,
     sqs_event,
 )
+from gpuqueue_local.moto_server import AUDIT_DIR_ENV
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs

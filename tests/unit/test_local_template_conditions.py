@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuqueue_local.template import Resolver, load_template, parameter_values
+from gpuqueue_local.template import Resolver, TemplateError, load_template, parameter_values
 
 CONDITIONS = {
     "OneWorker": {"Fn::Equals": [{"Ref": "Workers"}, "1"]},
@@ -52,7 +52,7 @@ def test_no_value_drops_the_property_or_the_list_item() -> None:
 
 
 def test_an_unknown_condition_is_an_error_not_false() -> None:
-    with pytest.raises(LookupError):
+    with pytest.raises(TemplateError):
         resolver("1").resolve({"Fn::If": ["Missing", 1, 2]})
 
 
