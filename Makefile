@@ -22,7 +22,7 @@ ENV ?= default
 SAMCONFIG := $(CURDIR)/samconfig.toml
 BUILT_TEMPLATE := .aws-sam/build/template.yaml
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -62,8 +62,17 @@ fmt: venv ## format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint system-packages ## everything CI runs: lint, then the whole pytest suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Every AWS call of the run is authorized per function (IAM enforced by moto) and recorded
+# here; docs/permissions.md is rebuilt from the records (grants nothing used, calls refused).
+IAM_AUDIT_DIR := .aws-sam/iam-audit
+
+test: lint system-packages ## everything CI runs: lint, then the whole pytest suite (IAM enforced per function), then docs/permissions.md
+	rm -rf $(IAM_AUDIT_DIR) && mkdir -p $(IAM_AUDIT_DIR)
+	GPUQUEUE_IAM_AUDIT_DIR=$(CURDIR)/$(IAM_AUDIT_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
+
+permissions: venv ## docs/permissions.md from the last make test's recorded calls
+	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
 
 unit: venv ## unit tests only (no AWS)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

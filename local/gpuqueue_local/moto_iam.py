@@ -22,7 +22,7 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -263,14 +263,15 @@ _PRESIGN_PARAMS = (
 def _presigned_signature(
     method: str,
     url: str,
-    host: str,
+    headers: Mapping[str, str],
     credentials: Credentials,
     *,
     region: str,
     date: str,
     expires: int,
 ) -> str:
-    """The signature S3 expects on a presigned URL (botocore signs it the same way)."""
+    """The signature S3 expects on a presigned URL (botocore signs it the same way), over
+    the headers the URL says were signed (`X-Amz-SignedHeaders`)."""
     parts = urlsplit(url)
     kept = [
         (k, v)
@@ -278,7 +279,7 @@ def _presigned_signature(
         if k not in _PRESIGN_PARAMS
     ]
     bare = urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote)))
-    request = AWSRequest(method=method, url=bare, headers={"host": host})
+    request = AWSRequest(method=method, url=bare, headers=dict(headers))
     request.context["timestamp"] = date
     S3SigV4QueryAuth(credentials, "s3", region, expires=expires).add_auth(request)
     signed = dict(parse_qsl(urlsplit(str(request.url)).query))
@@ -300,10 +301,12 @@ def _check_presigned(handler: Any, resource: str) -> None:
     signed_at = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     if datetime.now(UTC) > signed_at + timedelta(seconds=expires):
         raise S3ClientError("AccessDenied", "Request has expired")
+    received = {k.lower(): v for k, v in handler.headers.items()}
+    signed_names = query.get("X-Amz-SignedHeaders", "host").split(";")
     expected = _presigned_signature(
         handler.method,
         handler.uri,
-        handler.headers.get("Host", ""),
+        {name: received.get(name, "") for name in signed_names},
         Credentials(key_id, secret),
         region=region,
         date=date,

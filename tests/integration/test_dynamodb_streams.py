@@ -19,6 +19,7 @@ import pytest
 import requests
 from moto import mock_aws
 
+from gpuqueue_local import moto_iam
 from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource, StreamReader, streams_client
 from gpuqueue_local.event_sources import dynamodb_stream_event, filter_records
 from gpuqueue_local.lambda_runtime import InvocationResult
@@ -100,6 +101,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     with mock_aws():
+        # The operator's key, as the moto server has it (IAM may be enforced in this process:
+        # the integration harness's moto server shares it).
+        moto_iam.seed_admin()
         yield make_resources()
 
 

@@ -360,6 +360,8 @@ def rule_template(*, eventbridge: bool) -> dict[str, Any]:
                 "Type": "AWS::Serverless::Function",
                 "Properties": {
                     "Handler": "upload_handler.lambda_handler",
+                    "CodeUri": "functions/upload/",
+                    "Runtime": "python3.12",
                     "Events": {
                         "AudioUploaded": {
                             "Type": "EventBridgeRule",
