@@ -34,8 +34,24 @@ from gpuqueue_local.template import Resolver, load_template  # noqa: E402
 REGION = "us-east-1"
 STACK = "STACK"
 # Calls Lambda makes for a function from its role, never from the function's code: CloudWatch
-# Logs (the runtime's log agent) and X-Ray (the tracing daemon). Nothing local makes them.
-SERVICE_SIDE = ("logs:", "xray:")
+# Logs (the runtime's log agent), X-Ray (the tracing daemon), the network interfaces of a
+# function in a VPC, reading its DynamoDB stream, polling its SQS queue and sending a failed
+# batch to its on-failure destination. The local stack makes some of them, not all.
+SERVICE_SIDE = ("logs:", "xray:", "ec2:")
+STREAM_READS = {
+    "dynamodb:DescribeStream",
+    "dynamodb:GetRecords",
+    "dynamodb:GetShardIterator",
+    "dynamodb:ListStreams",
+}
+SQS_POLLER = {
+    "sqs:ChangeMessageVisibility",
+    "sqs:ChangeMessageVisibilityBatch",
+    "sqs:DeleteMessage",
+    "sqs:DeleteMessageBatch",
+    "sqs:GetQueueAttributes",
+    "sqs:ReceiveMessage",
+}
 
 
 def _arn(service: str, resource: str) -> str:
@@ -100,10 +116,35 @@ class Grant:
         return f"{', '.join(map(str, actions))} on {', '.join(map(str, resources))}"
 
     @property
-    def service_side(self) -> bool:
+    def actions(self) -> list[str]:
         actions = self.statement.get("Action", [])
-        actions = [actions] if isinstance(actions, str) else actions
-        return all(str(a).startswith(SERVICE_SIDE) for a in actions)
+        return [actions] if isinstance(actions, str) else [str(a) for a in actions]
+
+    @property
+    def service_side(self) -> bool:
+        """Granted for Lambda's own calls on the function's behalf (see SERVICE_SIDE)."""
+        actions = set(self.actions)
+        return (
+            # SAM attaches these for an event source or a VPC: AWSLambdaSQSQueueExecutionRole,
+            # AWSLambdaDynamoDBExecutionRole, AWSLambdaVPCAccessExecutionRole.
+            (self.policy.startswith("AWSLambda") and self.policy.endswith("ExecutionRole"))
+            or all(a.startswith(SERVICE_SIDE) or a in STREAM_READS for a in actions)
+            or actions == SQS_POLLER
+            # SAM's grant for an event's on-failure destination: <Function><Event>SQSPolicy.
+            or (self.policy.endswith("SQSPolicy") and actions == {"sqs:SendMessage"})
+        )
+
+    def unused_actions(self, calls: Iterable[tuple[str, str]]) -> list[str]:
+        """The statement's actions no call used through it (a wildcard counts as one)."""
+        return [
+            action
+            for action in self.actions
+            if not any(_matches(action, a) and self.allows(a, r) for a, r in calls)
+        ]
+
+
+def _matches(pattern: str, action: str) -> bool:
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), action, re.IGNORECASE) is not None
 
 
 def role_grants(template: Mapping[str, Any]) -> dict[str, list[Grant]]:
@@ -196,17 +237,26 @@ def render(grants: Mapping[str, list[Grant]], used: Mapping[str, list[Decision]]
         for action, resource in refused:
             lines.append(f"- **refused**: `{action}` on `{resource}`")
             refused_total += 1
-        unused = [g for g in function_grants if not any(g.allows(a, r) for a, r in calls)]
-        service = [g for g in unused if g.service_side]
-        idle = [g for g in unused if not g.service_side]
-        unused_total += len(idle)
-        for grant in idle:
-            lines.append(f"- **granted, unused**: {grant.text()} (`{grant.policy}`)")
+        service = [g for g in function_grants if g.service_side]
+        for grant in function_grants:
+            if grant.service_side:
+                continue
+            idle = grant.unused_actions(calls)
+            if not idle:
+                continue
+            unused_total += len(idle)
+            resources = grant.text().partition(" on ")[2]
+            lines.append(
+                f"- **granted, unused**: {', '.join(idle)} on {resources} (`{grant.policy}`)"
+            )
         if service:
             names = sorted({g.policy for g in service})
-            lines.append(f"- used by Lambda itself, not the code (logs, X-Ray): {', '.join(names)}")
+            lines.append(
+                "- for Lambda's own calls, not the code's (logs, X-Ray, VPC, event sources and"
+                f" destinations): {', '.join(names)}"
+            )
         lines.append("")
-    summary = f"{unused_total} grants unused, {refused_total} calls refused."
+    summary = f"{unused_total} granted actions unused, {refused_total} calls refused."
     lines.insert(7, f"**{summary}**\n")
     return "\n".join(lines)
 
@@ -227,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(render(grants, used) + "\n")
     unused = sum(1 for line in args.out.read_text().splitlines() if "granted, unused" in line)
     print(f"permissions: {len(decisions)} decisions from {len(files)} runs -> {args.out}")
-    print(f"permissions: {unused} grants nothing used (see {args.out})")
+    print(f"permissions: {unused} statements with unused actions (see {args.out})")
     return 0
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import boto3

@@ -34,6 +34,7 @@ from botocore.credentials import Credentials
 from moto import settings
 from moto.cognitoidp.responses import CognitoIdpResponse
 from moto.core.exceptions import AccessDeniedError, JsonRESTError
+from moto.core.exceptions import _RESTError as RESTError
 from moto.dynamodb.responses import DynamoHandler
 from moto.dynamodbstreams.responses import DynamoDBStreamsHandler
 from moto.iam.access_control import IAMPolicy, IAMRequest, IAMRequestBase, PermissionResult
@@ -48,6 +49,7 @@ from moto.s3.exceptions import (
 from moto.s3.responses import S3Response
 from moto.secretsmanager.models import secretsmanager_backends
 from moto.secretsmanager.responses import SecretsManagerResponse
+from moto.sqs.responses import SQSResponse
 from moto.ssm.responses import SimpleSystemManagerResponse
 
 ACCOUNT_ID = "123456789012"
@@ -363,6 +365,25 @@ def _patch_s3() -> None:
     S3Response._authenticate_and_authorize_s3_action = authorize  # type: ignore[method-assign]
 
 
+def _patch_sqs() -> None:
+    """moto checks SQS against the queue ARN already, but answers a refusal in XML, which a
+    JSON-protocol client (boto3 today) reads as code "403"; AWS answers `AccessDenied`."""
+    original = SQSResponse._authenticate_and_authorize_normal_action
+    if getattr(original, _MARK, False):
+        return
+
+    def authorize(self: Any, resource: str = "*") -> None:
+        try:
+            original(self, resource)
+        except RESTError as refused:
+            if "X-Amz-Target" not in self.headers or isinstance(refused, JsonRESTError):
+                raise  # query protocol: moto's XML answer is AWS's
+            raise refused.to_json() from None
+
+    setattr(authorize, _MARK, True)
+    SQSResponse._authenticate_and_authorize_normal_action = authorize  # type: ignore[method-assign]
+
+
 def _patch_service(
     cls: type, checks: Callable[[Any, str, dict[str, Any]], list[tuple[str, str]]]
 ) -> None:
@@ -395,17 +416,20 @@ def _patch_audit() -> None:
     IAMRequestBase.check_action_permitted = check_action_permitted  # type: ignore[method-assign]
 
 
-def seed_admin() -> None:
-    """The operator's user and its well-known key (idempotent; moto's reset forgets both)."""
+def seed_admin(
+    access_key_id: str = ADMIN_ACCESS_KEY_ID, secret_access_key: str = ADMIN_SECRET_ACCESS_KEY
+) -> None:
+    """The operator's user and its well-known key (idempotent; moto's reset forgets both).
+    Another key may be given: `mock_aws` signs with its own (FOOBARKEY)."""
     backend = iam_backends[ACCOUNT_ID][PARTITION]
     user = backend.users.get(ADMIN_USER) or backend.create_user(
         region_name="us-east-1", user_name=ADMIN_USER
     )
     backend.put_user_policy(ADMIN_USER, "administrator", json.dumps(ADMIN_POLICY))
-    if not any(k.access_key_id == ADMIN_ACCESS_KEY_ID for k in user.access_keys):
+    if not any(k.access_key_id == access_key_id for k in user.access_keys):
         key = backend.create_access_key(ADMIN_USER)
-        key.access_key_id = ADMIN_ACCESS_KEY_ID
-        key.secret_access_key = ADMIN_SECRET_ACCESS_KEY
+        key.access_key_id = access_key_id
+        key.secret_access_key = secret_access_key
 
 
 def _patch_reset() -> None:
@@ -443,6 +467,7 @@ def install(*, enforce: bool = True) -> None:
         SimpleSystemManagerResponse, lambda h, action, body: ssm_checks(action, body, _region_of(h))
     )
     _patch_s3()
+    _patch_sqs()
     _patch_audit()
     _patch_reset()
     seed_admin()

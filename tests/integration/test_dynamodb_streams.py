@@ -8,6 +8,7 @@ calls signed for "dynamodb" reach moto's Streams backend.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -101,9 +102,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     with mock_aws():
-        # The operator's key, as the moto server has it (IAM may be enforced in this process:
-        # the integration harness's moto server shares it).
-        moto_iam.seed_admin()
+        # IAM may be enforced in this process (the integration harness's moto server shares
+        # it): the key mock_aws signs with belongs to the operator.
+        moto_iam.seed_admin(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
         yield make_resources()
 
 

@@ -53,7 +53,7 @@ def test_submitted_task_is_generated_stored_and_downloadable(make_stack, alice):
     location = redirect.headers["location"]
     assert "X-Amz-Expires=300" in location
     downloaded = requests.get(location, timeout=10)
-    assert downloaded.status_code == 200
+    assert downloaded.status_code == 200, downloaded.text
     assert downloaded.content == stored
     assert Image.open(io.BytesIO(downloaded.content)).size == (128, 96)
     assert h.image_servers[0].stats()["prompts"] == ["a red fox in snow"]

@@ -15,6 +15,8 @@ from botocore.exceptions import ClientError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from gpuqueue_local.emulator_iam import EmulatorIam
+from gpuqueue_local.function_identities import FunctionIdentity
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.websocket_gateway import (
     MAX_MESSAGE_BYTES,
@@ -249,3 +251,88 @@ def test_another_stages_management_api_is_forbidden(ws: Running) -> None:
             client.post_to_connection(ConnectionId=ws.connection_id(), Data=b"{}")
 
     assert refused.value.response["Error"]["Code"] == "ForbiddenException"
+
+
+# --- IAM on the management API: SigV4 and execute-api:ManageConnections -----------------------
+
+
+def _identity(name: str, statements: list[dict[str, Any]]) -> FunctionIdentity:
+    return FunctionIdentity(
+        logical_id=name,
+        user_name=f"it-{name}",
+        access_key_id=f"AKIA{name.upper():0<16}"[:20],
+        secret_access_key=f"secret-of-{name}",
+        policies=({"Version": "2012-10-17", "Statement": statements},),
+    )
+
+
+POSTER = _identity(
+    "poster",
+    [
+        {
+            "Effect": "Allow",
+            "Action": "execute-api:ManageConnections",
+            "Resource": (
+                "arn:aws:execute-api:us-east-1:123456789012:abcdefghij/v1/POST/@connections/*"
+            ),
+        }
+    ],
+)
+OUTSIDER = _identity(
+    "outsider", [{"Effect": "Allow", "Action": "dynamodb:GetItem", "Resource": "*"}]
+)
+
+
+@pytest.fixture
+def ws_iam() -> Iterator[Running]:
+    functions = {"Connect": RecordingFunction(), "Disconnect": RecordingFunction()}
+    gateway = WebSocketGateway(
+        API,
+        functions=functions,
+        api_id="abcdefghij",
+        iam=EmulatorIam({"Poster": POSTER, "Outsider": OUTSIDER}),
+    )
+    gateway.start("127.0.0.1")
+    yield Running(gateway, functions)  # type: ignore[arg-type]
+    gateway.stop()
+
+
+def _management_as(ws: Running, identity: FunctionIdentity, secret: str | None = None) -> Any:
+    return boto3.client(
+        "apigatewaymanagementapi",
+        endpoint_url=ws.gateway.management_url,
+        region_name="us-east-1",
+        aws_access_key_id=identity.access_key_id,
+        aws_secret_access_key=secret or identity.secret_access_key,
+    )
+
+
+def test_a_role_granted_manage_connections_may_post(ws_iam: Running) -> None:
+    with connect(ws_iam.url) as client:
+        connection_id = ws_iam.connection_id()
+        _management_as(ws_iam, POSTER).post_to_connection(ConnectionId=connection_id, Data=b"hi")
+        assert client.recv(timeout=5) == "hi"
+
+
+def test_a_role_without_the_grant_is_refused_like_api_gateway_refuses(ws_iam: Running) -> None:
+    with connect(ws_iam.url):
+        connection_id = ws_iam.connection_id()
+        for identity, operation in (
+            (OUTSIDER, "post_to_connection"),
+            (POSTER, "delete_connection"),
+        ):
+            client = _management_as(ws_iam, identity)
+            arguments: dict[str, Any] = {"ConnectionId": connection_id}
+            if operation == "post_to_connection":
+                arguments["Data"] = b"x"
+            with pytest.raises(ClientError) as refused:
+                getattr(client, operation)(**arguments)
+            error = refused.value.response["Error"]
+            assert error["Code"] == "AccessDeniedException", error
+            assert "execute-api:ManageConnections" in error["Message"]
+        # A wrong secret fails the signature; an unknown key is not a token at all.
+        with pytest.raises(ClientError) as forged:
+            _management_as(ws_iam, POSTER, secret="guess").post_to_connection(
+                ConnectionId=connection_id, Data=b"x"
+            )
+        assert forged.value.response["Error"]["Code"] == "InvalidSignatureException"
