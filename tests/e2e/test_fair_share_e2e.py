@@ -100,24 +100,26 @@ def _time(value: str) -> datetime:
 def test_a_vip_task_behind_50_normal_ones_starts_before_them(lane_stack):
     normal_users = [register_user(lane_stack) for _ in range(5)]
     vip = _vip(lane_stack)
-    # GPU-like calls (1 s) while the 50 are submitted: the queue is still deep when the VIP
-    # task comes, however fast this machine takes the submits.
-    lane_stack.knobs(0, latency_s=1.0)
+    # GPU-like calls (1 s), held while the 50 and the VIP task are submitted: the queue is
+    # 50 deep when the VIP task comes, however slowly this machine takes the submits.
+    lane_stack.knobs(0, latency_s=1.0, hang=True)
     try:
         _vip_goes_first(lane_stack, normal_users, vip)
     finally:
-        lane_stack.knobs(0, latency_s=LATENCY_S)
+        lane_stack.knobs(0, latency_s=LATENCY_S, hang=False)
 
 
 def _vip_goes_first(
     lane_stack: LocalStackProcess, normal_users: list[ApiUser], vip: ApiUser
 ) -> None:
     normal: list[tuple[ApiUser, str]] = []
-    for i in range(50):
-        user = normal_users[i % len(normal_users)]
-        normal.append((user, user.submit(f"normal {i}")))
-
-    vip_id = vip.submit("vip", priority="high")
+    try:
+        for i in range(50):
+            user = normal_users[i % len(normal_users)]
+            normal.append((user, user.submit(f"normal {i}")))
+        vip_id = vip.submit("vip", priority="high")
+    finally:
+        lane_stack.knobs(0, hang=False)  # the held calls end; the slots free up
 
     vip_task = vip.wait(vip_id, timeout=60)
     assert vip_task["status"] == "DONE"
@@ -142,8 +144,14 @@ def _vip_goes_first(
 def test_normal_tasks_still_progress_under_a_flood_of_vip_tasks(lane_stack):
     vip = _vip(lane_stack)
     user = register_user(lane_stack)
-    flood = [vip.submit(f"flood {i}", priority="high") for i in range(ACTIVE_LIMIT)]
-    normal = [user.submit(f"under the flood {i}") for i in range(6)]
+    # Calls held while both are submitted: the flood cannot drain before the normal tasks
+    # are in, however slowly this machine takes the submits.
+    lane_stack.knobs(0, hang=True)
+    try:
+        flood = [vip.submit(f"flood {i}", priority="high") for i in range(ACTIVE_LIMIT)]
+        normal = [user.submit(f"under the flood {i}") for i in range(6)]
+    finally:
+        lane_stack.knobs(0, hang=False)
 
     vip_done = _finished(vip, flood)
     normal_done = _finished(user, normal)
@@ -170,23 +178,23 @@ def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_
 
         with ThreadPoolExecutor(max_workers=ACTIVE_LIMIT + 1) as pool:
             answers = list(pool.map(submit, range(ACTIVE_LIMIT + 1)))
+
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [202] * ACTIVE_LIMIT + [429], [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.json()["code"] == "ACTIVE_TASK_LIMIT"
+        assert refused.json()["field"] == "active_tasks"
+        accepted = [a.json()["task_id"] for a in answers if a.status_code == 202]
+        listed = user.get("/api/v1/tasks?limit=100").json()
+        assert sorted(t["task_id"] for t in listed) == sorted(accepted)
+
+        # A cancel frees a share at once (still held: only the two slots' tasks run).
+        queued = [t["task_id"] for t in listed if t["status"] == "QUEUED"]
+        assert user.delete(f"/api/v1/tasks/{queued[-1]}").status_code == 200
+        again = user.post("/api/v1/image/async", json={"prompt": "after the cancel"})
+        assert again.status_code == 202, again.text
     finally:
         lane_stack.knobs(0, hang=False)  # the held calls go on
-
-    codes = sorted(a.status_code for a in answers)
-    assert codes == [202] * ACTIVE_LIMIT + [429], [a.text for a in answers]
-    refused = next(a for a in answers if a.status_code == 429)
-    assert refused.json()["code"] == "ACTIVE_TASK_LIMIT"
-    assert refused.json()["field"] == "active_tasks"
-    accepted = [a.json()["task_id"] for a in answers if a.status_code == 202]
-    listed = user.get("/api/v1/tasks?limit=100").json()
-    assert sorted(t["task_id"] for t in listed) == sorted(accepted)
-
-    # A cancel frees a share at once.
-    queued = [t["task_id"] for t in listed if t["status"] == "QUEUED"]
-    assert user.delete(f"/api/v1/tasks/{queued[-1]}").status_code == 200
-    again = user.post("/api/v1/image/async", json={"prompt": "after the cancel"})
-    assert again.status_code == 202, again.text
 
     # Once every task has ended (the rest canceled, the held calls finished), the tasks
     # stream has released every share.
@@ -214,9 +222,16 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
         # A burst first: the calls measure the endpoint, the departures the lane's pace.
         for task_id in [user.submit(f"warm {i}") for i in range(8)]:
             user.wait(task_id)
-        ids = [user.submit(f"queued {i}") for i in range(10)]
-        last = ids[-1]
-        first_look = user.get(f"/api/v1/tasks/{last}").json()
+        # Calls held while the 10 are submitted: the queue is 10 deep when it is first
+        # looked at, however slowly this machine takes the submits; the clock starts at the
+        # release.
+        lane_stack.knobs(0, hang=True)
+        try:
+            ids = [user.submit(f"queued {i}") for i in range(10)]
+            last = ids[-1]
+            first_look = user.get(f"/api/v1/tasks/{last}").json()
+        finally:
+            lane_stack.knobs(0, hang=False)
         asked_at = time.time()
         positions = []
         while True:
