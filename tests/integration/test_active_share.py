@@ -10,7 +10,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
+from botocore.exceptions import ClientError
 
+from gpuqueue import aws_clients
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
 from gpuqueue.models import ImageRequest, TaskStatus
@@ -106,6 +108,35 @@ def test_a_share_left_by_a_submit_that_crashed_before_writing_is_reclaimed(make_
 
     assert accepted.status == 202
     assert crashed not in h.active_tasks(alice)
+
+
+def test_a_submit_whose_task_write_fails_hands_its_share_back_at_once(make_stack, alice):
+    h = make_stack(parameters=LIMITS)
+    kept = h.submit(alice).json()["task_id"]
+    table = h.stack.ref("TasksTable")
+
+    def throttled(params: dict, **_: object) -> None:
+        if params.get("TableName") == table:
+            raise ClientError(
+                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}},
+                "PutItem",
+            )
+
+    events = aws_clients.dynamodb().meta.client.meta.events
+    events.register("before-parameter-build.dynamodb.PutItem", throttled)
+    try:
+        failed = h.submit(alice)
+    finally:
+        events.unregister("before-parameter-build.dynamodb.PutItem", throttled)
+
+    # A clear, retryable refusal (not a crash) ...
+    assert failed.status == 503, failed.body
+    assert failed.json()["code"] == "SERVICE_UNAVAILABLE"
+    assert int(failed.headers["retry-after"]) > 0
+    # The share taken for the unwritten task is back now, not after the reclaim grace: the
+    # next submit (the user's second of two) is accepted.
+    assert h.active_tasks(alice) == {kept}
+    assert h.submit(alice).status == 202
 
 
 def test_the_share_frees_when_a_task_finishes(make_stack, alice):

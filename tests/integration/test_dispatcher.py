@@ -108,6 +108,30 @@ def test_retryable_failure_is_retried_on_the_other_endpoint(make_stack, alice):
     assert sorted(_result_objects(h)) == sorted(f"results/{i}.png" for i in ids)
 
 
+def test_a_redelivered_task_past_its_attempts_fails_without_another_gpu_call(make_stack, alice):
+    # Given a task whose last allowed attempt was claimed by a worker that died (lease over)
+    h = make_stack(parameters={"MaxAttempts": "2"})
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    store = TaskStore(boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")))
+    for _ in range(2):
+        task = store.get(task_id)
+        assert task is not None
+        assert store.claim(task, lease_seconds=-1, now=time.time()) is not None
+    assert h.task_row(task_id)["attempt"] == 2
+
+    # When SQS delivers its message again
+    assert h.deliver(h.receive()) == []
+
+    # Then it ends FAILED, naming the attempts, and the GPU is not called a third time
+    task_view = h.get_task(alice, task_id).json()
+    assert task_view["status"] == "FAILED"
+    assert task_view["attempt"] == 2
+    assert "gave up after 2 attempts" in task_view["error"]
+    assert h.image_servers[0].stats()["calls"] == 0
+    assert _result_objects(h) == []
+
+
 def test_attempts_exhausted_ends_failed_with_the_error(make_stack, alice):
     h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0)], parameters={"MaxAttempts": "3"})
     h.run_checker()

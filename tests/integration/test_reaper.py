@@ -140,6 +140,24 @@ def test_live_lease_and_fresh_queue_are_left_alone(make_stack, alice):
     assert _queued_messages(h) == 2  # nothing re-sent
 
 
+def test_a_lease_ended_within_the_grace_is_left_to_its_worker(make_stack, alice):
+    # Template defaults (60 s of grace): a worker whose lease ended moments ago may still be
+    # writing its result; only a lease ended longer ago than the grace means a lost worker.
+    h = make_stack()
+    h.run_checker()
+    late, lost = h.submit(alice).json()["task_id"], h.submit(alice).json()["task_id"]
+    store = _store(h)
+    for task_id, ended_ago in ((late, 20), (lost, 90)):
+        task = store.get(task_id)
+        assert task is not None
+        assert store.claim(task, lease_seconds=-ended_ago, now=time.time()) is not None
+
+    assert h.run_reaper() == {"resent": 0, "requeued": 1, "failed": 0, "expired": 0}
+    assert h.task_row(late)["status"] == "RUNNING"
+    assert h.task_row(late)["attempt"] == 1
+    assert h.task_row(lost)["status"] == "QUEUED"
+
+
 def test_resend_of_a_task_whose_message_still_exists_runs_it_once(make_stack, alice):
     h = make_stack()
     h.run_checker()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import boto3
@@ -10,6 +11,7 @@ import pytest
 from gpuqueue.models import ImageRequest, utc_now
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 
 
 def _status(h, user, task_id):
@@ -154,6 +156,60 @@ def test_another_users_task_is_404_everywhere(make_stack, alice, bob):
         assert mine.json()["code"] == missing.json()["code"] == "NOT_FOUND"
         assert missing.status == 404
     assert [t["task_id"] for t in _list(h, bob).json()] == []
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+def _task_id_routes(h) -> list[tuple[str, str, str]]:
+    """Every HTTP route of the template that names a task: (handler module, method, path)."""
+    routes = []
+    for logical_id in h.stack.functions():
+        properties = h.stack.template["Resources"][logical_id]["Properties"]
+        module = properties["Handler"].split(".")[0]
+        for event in (properties.get("Events") or {}).values():
+            path = event["Properties"].get("Path", "")
+            if event["Type"] == "HttpApi" and "{task_id}" in path:
+                routes.append((module, event["Properties"]["Method"], path))
+    return routes
+
+
+def test_every_route_naming_a_task_is_404_for_another_user(make_stack, alice, bob):
+    # Given alice's finished task with a webhook log (a URL and attempts worth hiding)
+    h = make_stack()
+    h.run_checker()
+    with WebhookReceiver() as receiver:
+        _bob_is_404_on_every_route(h, alice, bob, f"{receiver.url}/alice-private")
+
+
+def _bob_is_404_on_every_route(h, alice, bob, hook: str) -> None:
+    task_id = h.submit(alice, {"prompt": "mine", "webhook_url": hook}).json()["task_id"]
+    h.finish_and_notify()
+    routes = _task_id_routes(h)
+    # The template's list, not a hand-kept one: a new route is checked the day it is added.
+    assert ("tasks_handler", "GET", "/api/v1/tasks/{task_id}/deliveries") in routes
+    assert ("tasks_handler", "POST", "/api/v1/tasks/{task_id}/deliveries/redeliver") in routes
+    alices = h.call(
+        "tasks_handler",
+        "GET",
+        f"/api/v1/tasks/{task_id}/deliveries",
+        route="/api/v1/tasks/{task_id}/deliveries",
+        path_params={"task_id": task_id},
+        user=alice,
+    )
+    assert alices.status == 200 and alices.json()["webhook_url"] == hook
+
+    # Then bob, on every route, gets the answer of an id that does not exist
+    for module, method, route in routes:
+        answer = h.call(
+            module,
+            method,
+            route.replace("{task_id}", task_id),
+            route=route,
+            path_params={"task_id": task_id},
+            user=bob,
+        )
+        assert answer.status == 404, (method, route, answer.status)
+        assert answer.json()["code"] == "NOT_FOUND", (method, route)
+        assert hook not in json.dumps(answer.json())
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
 
 

@@ -176,6 +176,13 @@ class SubmissionService:
         self._share.take(owner, task_id)
         try:
             return create()
+        except (ClientError, BotoCoreError) as error:
+            self._share.release(owner, task_id)
+            logger.exception("task write failed", extra={"task_id": task_id})
+            raise ServiceUnavailable(
+                "the task store is unavailable; the task was not accepted",
+                retry_after_seconds=self._retry_after,
+            ) from error
         except BaseException:
             self._share.release(owner, task_id)
             raise
