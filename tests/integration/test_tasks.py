@@ -195,7 +195,8 @@ def _bob_is_404_on_every_route(h, alice, bob, hook: str) -> None:
         path_params={"task_id": task_id},
         user=alice,
     )
-    assert alices.status == 200 and alices.json()["webhook_url"] == hook
+    assert alices.status == 200
+    assert alices.json()["webhook_url"] == hook
 
     # Then bob, on every route, gets the answer of an id that does not exist
     for module, method, route in routes:
