@@ -13,6 +13,9 @@ export SAM_CLI_TELEMETRY := 0
 # Three workers on two cores: the end-to-end tests (one group, one worker) mostly wait on
 # their stacks, so a third worker uses that CPU (suite 259 s -> 225 s here).
 PYTEST_ARGS ?= -n 3 --dist loadgroup
+# Branch coverage of the layer, the functions and the client, least covered first; the floor
+# is [tool.coverage.report] fail_under.
+COVERAGE_ARGS ?= --cov --cov-report=term --cov-report=json:.aws-sam/coverage.json
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 # The samconfig.toml environment `make deploy` uses: default, dev or prod.
@@ -68,7 +71,7 @@ IAM_AUDIT_DIR := .aws-sam/iam-audit
 
 test: lint system-packages ## everything CI runs: lint, then the whole pytest suite (IAM enforced per function), then docs/permissions.md
 	rm -rf $(IAM_AUDIT_DIR) && mkdir -p $(IAM_AUDIT_DIR)
-	GPUQUEUE_IAM_AUDIT_DIR=$(CURDIR)/$(IAM_AUDIT_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+	GPUQUEUE_IAM_AUDIT_DIR=$(CURDIR)/$(IAM_AUDIT_DIR) $(PY) -m pytest $(PYTEST_ARGS) $(COVERAGE_ARGS)
 	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
 
 permissions: venv ## docs/permissions.md from the last make test's recorded calls

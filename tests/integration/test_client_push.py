@@ -385,12 +385,11 @@ def test_a_lost_event_costs_one_check_interval_not_the_timeout(
     client.push_check_interval = 0.05
     task_id = client.submit_image("a red fox")["task_id"]
 
-    started = time.monotonic()
     task = client.wait(task_id, timeout=WAIT_LIMIT)
 
-    # Then the periodic status check finds the end well before the timeout
+    # Then the periodic status check finds the end (a wait that ran into its timeout would
+    # raise TimeoutError): the read after connecting, then one check per interval
     assert task["status"] == "DONE"
-    assert time.monotonic() - started < WAIT_LIMIT / 2
     assert push.tokens == [TOKEN]
     assert len(api.status_gets) == 3
 
@@ -404,11 +403,9 @@ def test_a_task_already_over_when_the_socket_opens_is_not_missed(
     task_id = client.submit_image("a red fox")["task_id"]
     api.finish(task_id)
 
-    started = time.monotonic()
     task = client.wait(task_id, timeout=WAIT_LIMIT)
 
-    # Then the status read after connecting returns it at once
+    # Then the status read after connecting returns it at once: that one read, no check
     assert task["status"] == "DONE"
-    assert time.monotonic() - started < WAIT_LIMIT / 2
     assert push.tokens == [TOKEN]
     assert len(api.status_gets) == 1

@@ -232,12 +232,15 @@ def test_a_finished_call_teaches_the_fleet_the_endpoints_speed(make_stack, alice
     h.run_checker()
     task_id = h.submit(alice).json()["task_id"]
 
+    started = time.monotonic()
     h.drain()
+    drained_in = time.monotonic() - started
 
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
     measured = _registry(h).fleet(TaskKind.IMAGE).service_seconds(_endpoint(h, server))
     assert measured is not None
-    assert 0.3 <= measured < 1.5
+    # The stand-in's 0.3 s at least; never more than the drain that made the one call.
+    assert 0.3 <= measured <= drained_in
 
 
 def _fast_and_slow(make_stack):
