@@ -64,6 +64,8 @@ IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
 # Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
 LOCAL_MAX_CONCURRENCY = 32
+# The shortest health-check period a speed-up compresses to (see local_function_env).
+MIN_HEALTH_PERIOD_SECONDS = 5.0
 
 
 def free_port() -> int:
@@ -582,9 +584,12 @@ def local_function_env(options: StackOptions, stack: LocalStack) -> dict[str, st
     speedup = options.schedule_speedup
     if speedup != 1:
         # Compress the health-check clock with the schedules, so staleness keeps its meaning;
-        # webhook retries (30 s base) likewise.
+        # webhook retries (30 s base) likewise. Not below MIN_HEALTH_PERIOD_SECONDS: a health
+        # row is fresh for 3 periods, and a loaded 2-core machine delays a checker run by
+        # seconds (at 1.5 s a period, a healthy endpoint went stale mid-test: 503).
         period = float(stack.resolver.parameters.get("HealthCheckPeriodSeconds", 30))
-        env.setdefault("HEALTH_CHECK_PERIOD_SECONDS", str(period / speedup))
+        compressed = max(period / speedup, MIN_HEALTH_PERIOD_SECONDS)
+        env.setdefault("HEALTH_CHECK_PERIOD_SECONDS", str(compressed))
         env.setdefault("SCHEDULE_PERIOD_SECONDS", str(60 / speedup))
         env.setdefault("WEBHOOK_RETRY_BASE_SECONDS", str(30 / speedup))
     return env

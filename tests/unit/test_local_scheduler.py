@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.scheduler import Schedule, rate_seconds, scheduled_event
+from gpuqueue_local.stack import MIN_HEALTH_PERIOD_SECONDS, StackOptions, local_function_env
 from gpuqueue_testing import wait_for
 
 
@@ -175,3 +177,25 @@ def test_schedule_started_without_fire_now_waits_one_interval() -> None:
         assert function.events == []
     finally:
         rule.stop()
+
+
+# --- what a speed-up compresses -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template_period", "speedup", "compressed"),
+    [("30", 2.0, 15.0), ("30", 20.0, MIN_HEALTH_PERIOD_SECONDS), ("120", 20.0, 6.0)],
+)
+def test_a_speedup_compresses_the_health_period_but_not_below_the_floor(
+    template_period: str, speedup: float, compressed: float
+):
+    stack: Any = SimpleNamespace(
+        resolver=SimpleNamespace(parameters={"HealthCheckPeriodSeconds": template_period})
+    )
+
+    env = local_function_env(StackOptions(schedule_speedup=speedup), stack)
+
+    # A health row stays fresh for 3 periods: the floor keeps that window above a loaded
+    # machine's delay between checker runs, while the schedules themselves run 20x faster.
+    assert float(env["HEALTH_CHECK_PERIOD_SECONDS"]) == compressed
+    assert float(env["SCHEDULE_PERIOD_SECONDS"]) == 60.0 / speedup
