@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,13 @@ from urllib.parse import urlencode
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
+from moto.server import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    ThreadedMotoServer,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
 
 import function_credentials
 from gpuqueue import aws_clients
@@ -61,6 +68,26 @@ SEPARATE_ENV = {"PriorityDispatcherFunction"}
 LANE_QUEUES = {"normal": "TaskQueue", "high": "PriorityQueue"}
 
 
+class _UntracedRequestHandler(MotoRequestHandler):
+    def handle(self) -> None:
+        # Each request runs on its own thread, which coverage would trace: moto is not ours
+        # to measure, and tracing its frames doubled the integration tests' time.
+        sys.settrace(None)
+        super().handle()
+
+
+class UntracedMotoServer(ThreadedMotoServer):
+    """moto in this process (the IAM listeners need it here), its request threads untraced."""
+
+    def _server_entry(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server(
+            self._ip_address, self._port, app, True, request_handler=_UntracedRequestHandler
+        )
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto call otherwise
@@ -71,7 +98,7 @@ def moto_url() -> Iterator[str]:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         moto_iam.add_listener(moto_iam.AuditFile(f"{audit_dir}/integration-{worker}.jsonl"))
     function_credentials.install()  # handlers here sign with their function's keys
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = UntracedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
