@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 import boto3
+import pytest
+
+from gpuqueue.rate_limiter import RateLimiter
+
+
+@pytest.fixture(autouse=True)
+def stopped_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The handlers' rate limiters read a clock that stands still: a loaded machine taking
+    seconds between two submits must not refill the bucket under the test's expectations."""
+    now = [time.time()]
+    build = RateLimiter.__init__
+
+    def with_stopped_clock(self: RateLimiter, *args: Any, **kwargs: Any) -> None:
+        build(self, *args, **{**kwargs, "clock": lambda: now[0]})
+
+    monkeypatch.setattr(RateLimiter, "__init__", with_stopped_clock)
+    return now
 
 
 def _tasks_of(h) -> int:
