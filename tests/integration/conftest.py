@@ -404,7 +404,7 @@ class Harness:
         item = table.get_item(Key={"pk": f"active#{user.sub}"}).get("Item") or {}
         return {str(t) for t in item.get("active", set())}
 
-    def drain(self, *, max_invocations: int = 50, deadline_seconds: float = 30.0) -> int:
+    def drain(self, *, max_invocations: int = 50, deadline_seconds: float = 90.0) -> int:
         """Poll and dispatch until the queue has nothing visible or in flight (bounded)."""
         invocations = 0
         deadline = time.monotonic() + deadline_seconds
