@@ -372,8 +372,11 @@ def test_cancel_of_another_users_task_is_not_found(
     store: TaskStore, queued: Callable[..., Task]
 ) -> None:
     task = queued()
-    with pytest.raises(TaskNotFound):
+    with pytest.raises(TaskNotFound) as raised:
         store.cancel(task.task_id, "mallory")
+    # The 404 a caller gets: the same words as for a task that does not exist.
+    assert raised.value.message == f"task {task.task_id} not found"
+    assert raised.value.field == "task_id"
     assert store.get(task.task_id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
 
 
