@@ -101,11 +101,13 @@ openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy)
 # Mutation testing, on demand only (never part of `make test`); docs/mutation.md. mutmut runs
 # in .mutmut/, where src/gpuqueue links to the layer's package, so a mutant's module name is
 # the one the tests import; [tool.mutmut] in pyproject.toml says what is mutated and which
-# tests run. Each run starts afresh. MUTATE_CHILDREN: mutants tested at once.
+# tests run. A run goes on from where the last stopped (mutmut re-tests only the functions
+# that changed); MUTATE_FRESH=1 starts afresh. MUTATE_CHILDREN: mutants tested at once.
 MUTATE_DIR := .mutmut
 MUTATE_CHILDREN ?= 2
 mutate: $(VENV)/.installed ## mutation testing (mutmut) of the modules that hold the guarantees; counts, then every survivor
-	rm -rf $(MUTATE_DIR)/mutants && mkdir -p $(MUTATE_DIR)/src
+	$(if $(filter 1,$(MUTATE_FRESH)),rm -rf $(MUTATE_DIR)/mutants)
+	mkdir -p $(MUTATE_DIR)/src
 	ln -sfn ../../layers/common/gpuqueue $(MUTATE_DIR)/src/gpuqueue
 	ln -sfn ../../client/gpuqueue_client $(MUTATE_DIR)/src/gpuqueue_client
 	for f in tests functions local tools events template.yaml pyproject.toml README.md; do \
