@@ -17,7 +17,7 @@ import pytest
 
 from gpuqueue.errors import TaskNotFound, TaskStateConflict
 from gpuqueue.models import ImageRequest, SpeechInput, Task, TaskStatus
-from gpuqueue.task_ids import new_task_id
+from gpuqueue.task_ids import issued_at, new_task_id
 from gpuqueue.task_store import (
     UNWRITTEN_GRACE_SECONDS,
     Claim,
@@ -397,8 +397,7 @@ def test_an_upload_queues_the_task_once_and_starts_its_queue_deadline(
     store: TaskStore, table: Any
 ) -> None:
     task = _awaiting_upload(store)
-    now = time.time()
-
+    now = time.time() + 1000  # the time given, not the clock's
     uploaded = store.mark_uploaded(task, ticket=7, now=now)
 
     assert uploaded is not None
@@ -558,3 +557,27 @@ def test_a_task_created_now_is_queued_in_the_reaper_index(
     assert row["reap_shard"] == reap_shard(task.task_id, ReapState.QUEUED)
     assert before - 1 <= float(row["reap_at"]) <= time.time() + 1
     assert task.queue_deadline == pytest.approx(float(row["reap_at"]) + 90, abs=0.01)
+
+
+def test_a_missing_id_counts_as_never_written_only_once_its_grace_is_over(
+    store: TaskStore,
+) -> None:
+    task_id = new_task_id(1_800_000_000.0)
+    issued = issued_at(task_id)
+    assert issued == 1_800_000_000.0
+
+    at_grace = store.inactive_among([task_id], now=issued + UNWRITTEN_GRACE_SECONDS)
+    past_grace = store.inactive_among([task_id], now=issued + UNWRITTEN_GRACE_SECONDS + 0.01)
+
+    assert at_grace == set()  # its submit may still be writing it
+    assert past_grace == {task_id}
+
+
+def test_an_upload_window_closing_exactly_now_is_still_open(store: TaskStore) -> None:
+    task = _awaiting_upload(store)
+    deadline = task.upload_deadline
+    assert deadline is not None
+
+    assert store.inactive_among([task.task_id], now=deadline) == set()
+    assert store.get(task.task_id).status is TaskStatus.AWAITING_UPLOAD  # type: ignore[union-attr]
+    assert store.inactive_among([task.task_id], now=deadline + 0.01) == {task.task_id}
