@@ -385,8 +385,12 @@ def test_cancel_of_a_running_task_is_a_conflict_naming_its_state(
 ) -> None:
     task = queued()
     _claimed(store, task)
-    with pytest.raises(TaskStateConflict, match="is RUNNING"):
+    with pytest.raises(TaskStateConflict) as raised:
         store.cancel(task.task_id, OWNER)
+    assert raised.value.message == (
+        f"task {task.task_id} is RUNNING; only QUEUED or AWAITING_UPLOAD tasks can be canceled"
+    )
+    assert raised.value.field == "task_id"
     assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
 
 
