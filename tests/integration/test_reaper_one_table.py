@@ -14,10 +14,18 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.models import ImageRequest, Priority, QueueMessage, SpeechInput, Task, TaskStatus
+from gpuqueue.models import (
+    ImageRequest,
+    Priority,
+    QueueMessage,
+    SpeechInput,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
 from gpuqueue.reaper import Reaper, ReaperPolicy
 from gpuqueue.task_ids import new_task_id
-from gpuqueue.task_store import TaskStore
+from gpuqueue.task_store import ReapState, TaskStore
 from gpuqueue_local.template import load_template
 
 GRACE = 60.0
@@ -198,3 +206,69 @@ def test_a_lapsed_upload_window_expires_the_task(
 
     assert report.expired == [task.task_id]
     assert store.get(task.task_id).status is TaskStatus.EXPIRED  # type: ignore[union-attr]
+
+
+class StaleIndex(TaskStore):
+    """The reaper's index read before the task moved on: `due` still lists these ids."""
+
+    def __init__(self, store: TaskStore, table: Any, running: list[str]) -> None:
+        super().__init__(table)
+        self._running = running
+
+    def due(self, state: ReapState, *, before: float, limit: int) -> list[str]:
+        return list(self._running) if state is ReapState.RUNNING else []
+
+
+def test_a_run_re_claimed_since_the_index_read_is_left_alone_while_within_its_grace(
+    store: TaskStore, lanes: dict[Priority, Lane]
+) -> None:
+    start = float(int(time.time()))  # whole seconds: the lease end below is exact
+    task = queued(store)
+    first = store.claim(task, lease_seconds=30, now=start)
+    assert first is not None
+    again = store.claim(first.task, lease_seconds=30, now=start + 31)  # its new lease
+    assert again is not None
+    lease_end = again.task.lease_until
+    assert lease_end == start + 61
+    stale = StaleIndex(store, store._table, [task.task_id])  # the same table
+
+    for at in (lease_end + 1, lease_end + GRACE):  # ended, but within the grace
+        assert reaper(stale, lanes, at=at, max_attempts=3).run().total == 0
+    assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    after = reaper(stale, lanes, at=lease_end + GRACE + 1, max_attempts=3).run()
+    assert after.requeued == [task.task_id]
+
+
+def test_a_queued_task_at_exactly_its_deadline_is_re_sent_not_expired(
+    store: TaskStore, lanes: dict[Priority, Lane]
+) -> None:
+    task = queued(store, queue_ttl_seconds=1000)
+    assert task.queue_deadline is not None
+
+    report = reaper(store, lanes, at=task.queue_deadline).run()
+
+    assert report.resent == [task.task_id]
+    assert report.expired == []
+
+
+def test_without_a_lane_of_its_own_a_task_goes_back_on_the_normal_lane_with_its_kind(
+    store: TaskStore,
+) -> None:
+    normal = Lane()
+    speech = store.create_speech_task(
+        "alice",
+        SpeechInput(audio_key="audio/x", filename="x.wav", content_type="audio/wav", size_bytes=4),
+        prompt=None,
+        task_id=new_task_id(),
+        queue_ttl_seconds=120,
+        upload_window_seconds=60,
+        priority=Priority.HIGH,
+    )
+    uploaded = store.mark_uploaded(speech)
+    assert uploaded is not None
+    task = running(store, uploaded)
+    assert task.lease_until is not None
+
+    reaper(store, {Priority.NORMAL: normal}, at=task.lease_until + GRACE + 1).run()
+
+    assert normal.sent == [QueueMessage(task_id=task.task_id, kind=TaskKind.SPEECH)]
