@@ -25,7 +25,7 @@ ENV ?= default
 SAMCONFIG := $(CURDIR)/samconfig.toml
 BUILT_TEMPLATE := .aws-sam/build/template.yaml
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions mutate
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -97,6 +97,23 @@ load: $(VENV)/.installed ## load test: 50 clients submit and poll for 60 s on lo
 
 openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy) from the handlers' resolvers
 	$(PY) tools/openapi_document.py --write
+
+# Mutation testing, on demand only (never part of `make test`); docs/mutation.md. mutmut runs
+# in .mutmut/, where src/gpuqueue links to the layer's package, so a mutant's module name is
+# the one the tests import; [tool.mutmut] in pyproject.toml says what is mutated and which
+# tests run. A run goes on from where the last stopped (mutmut re-tests only the functions
+# that changed); MUTATE_FRESH=1 starts afresh. MUTATE_CHILDREN: mutants tested at once.
+MUTATE_DIR := .mutmut
+MUTATE_CHILDREN ?= 2
+mutate: $(VENV)/.installed ## mutation testing (mutmut) of the modules that hold the guarantees; counts, then every survivor
+	$(if $(filter 1,$(MUTATE_FRESH)),rm -rf $(MUTATE_DIR)/mutants)
+	mkdir -p $(MUTATE_DIR)/src
+	ln -sfn ../../layers/common/gpuqueue $(MUTATE_DIR)/src/gpuqueue
+	ln -sfn ../../client/gpuqueue_client $(MUTATE_DIR)/src/gpuqueue_client
+	for f in tests functions local tools events template.yaml pyproject.toml README.md; do \
+	  ln -sfn ../$$f $(MUTATE_DIR)/$$f; done
+	cd $(MUTATE_DIR) && time ../$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
+	$(PY) tools/mutation_summary.py --mutants $(MUTATE_DIR)/mutants
 
 build: venv ## deployable artifacts in .aws-sam/build without Docker (cross-installed wheels)
 	$(PY) tools/build_artifacts.py --template template.yaml --build-dir .aws-sam/build

@@ -34,6 +34,7 @@ def test_the_same_key_with_another_body_is_a_422(make_stack, alice):
     assert response.status == 422
     assert response.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
     assert response.json()["field"] == "Idempotency-Key"
+    assert response.json()["error"] == "Idempotency-Key was used with another request body"
 
 
 def test_keys_are_scoped_per_user(make_stack, alice, bob):
@@ -62,3 +63,30 @@ def test_an_unusable_key_is_a_400(make_stack, alice):
 
     assert response.status == 400
     assert response.json()["field"] == "Idempotency-Key"
+
+
+def test_two_keys_of_one_user_are_two_tasks_even_with_the_same_body(make_stack, alice):
+    h = make_stack()
+    body = {"prompt": "a red fox"}
+
+    first = _submit(h, alice, body, "order-1").json()["task_id"]
+    second = _submit(h, alice, body, "order-2").json()["task_id"]
+
+    assert first != second
+    assert len(h.receive(max_messages=10)) == 2
+
+
+def test_a_key_is_1_to_255_printable_characters_around_which_spaces_do_not_count(make_stack, alice):
+    h = make_stack()
+    body = {"prompt": "p"}
+
+    one = _submit(h, alice, body, "k")
+    longest = _submit(h, alice, body, "y" * 255)
+    padded = _submit(h, alice, body, "  k  ")
+
+    assert (one.status, longest.status, padded.status) == (202, 202, 202)
+    assert padded.json()["task_id"] == one.json()["task_id"]
+    for unusable in ("y" * 256, "a\u0007b"):
+        refused = _submit(h, alice, body, unusable)
+        assert refused.status == 400
+        assert refused.json()["error"] == "Idempotency-Key: 1-255 printable characters"

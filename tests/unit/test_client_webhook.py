@@ -436,3 +436,18 @@ def test_the_readme_snippet_agrees_with_the_library() -> None:
     assert verdicts == [webhooks.verify(*case) for case in cases]
     assert verdicts[:3] == [True, True, True]
     assert not any(verdicts[3:])
+
+
+def test_a_tolerance_of_zero_accepts_only_the_very_second_and_a_negative_one_is_refused():
+    header = webhooks.sign(SECRET, BODY, timestamp=T)
+    assert webhooks.verify(SECRET, header, BODY, tolerance_seconds=0, now=T)
+    assert not webhooks.verify(SECRET, header, BODY, tolerance_seconds=0, now=T + 1)
+    with pytest.raises(ValueError, match=r"^tolerance_seconds must not be negative$"):
+        webhooks.verify(SECRET, header, BODY, tolerance_seconds=-1, now=T)
+
+
+def test_a_v1_value_with_a_second_equals_sign_makes_the_header_malformed():
+    header = f"t={T},v1={KNOWN_V1},v1={KNOWN_V1}="
+    with pytest.raises(WebhookVerificationError) as raised:
+        webhooks.verify_or_raise(SECRET, header, BODY, now=T)
+    assert raised.value.reason == webhooks.MALFORMED_HEADER

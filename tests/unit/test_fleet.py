@@ -232,3 +232,9 @@ def test_an_overrunning_call_counts_as_freeing_now() -> None:
     fleet = Fleet(endpoints=[e], leases={"gpu-a": [busy]}, call_seconds={"gpu-a": {0: 4.0}})
 
     assert fleet.slot_free_times(e, NOW) == [NOW]
+
+
+def test_a_waiter_row_ending_now_no_longer_holds_a_slot_back() -> None:
+    fleet = Fleet(endpoints=[], priority_waiters={"vip-1": NOW, "vip-2": NOW + 0.001})
+    assert fleet.waiting_priority(NOW) == 1
+    assert fleet.waiting_priority(NOW, besides="vip-2") == 0

@@ -53,3 +53,10 @@ def test_the_reaper_runs_every_minute_with_only_what_it_needs():
     sends = [p for p in function["Policies"][1:] if "SQSSendMessagePolicy" in p]
     assert len(sends) == 2  # both lanes; no receive, no delete
     assert len(function["Policies"]) == 3
+
+
+def test_each_resend_doubles_the_wait_below_the_cap():
+    policy = ReaperPolicy(
+        max_attempts=3, requeue_after_seconds=900, requeue_backoff_cap_seconds=100_000
+    )
+    assert [policy.wait_after_resend(n) for n in range(1, 5)] == [1800, 3600, 7200, 14400]

@@ -13,6 +13,7 @@ from gpuqueue.slot_broker import (
     MAX_POLL_SECONDS,
     WAITER_ROW_SECONDS,
     NoFreeSlot,
+    NoRoutableEndpoint,
     SlotBroker,
     SlotRequest,
 )
@@ -354,3 +355,120 @@ def test_normal_requests_never_take_a_seat() -> None:
 def test_a_lane_of_no_slots_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         SlotBroker(FakeRegistry([]), health_max_age_seconds=90, priority_lane_slots=0)  # type: ignore[arg-type]
+
+
+# --- leases, retries and release ----------------------------------------------------------
+
+
+class LeaseRegistry(FakeRegistry):
+    """Records every slot lease asked for and every release (with the call's duration)."""
+
+    def __init__(self, fleets: list[Fleet]) -> None:
+        super().__init__(fleets)
+        self.asked: list[dict[str, Any]] = []
+        self.released: list[tuple[str, float | None]] = []
+
+    def take_slot(self, e: Endpoint, slot: int, **kwargs: Any) -> SlotLease:
+        self.asked.append({"endpoint_id": e.endpoint_id, "slot": slot, **kwargs})
+        return super().take_slot(e, slot, **kwargs)
+
+    def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
+        self.released.append((lease.lease_id, call_seconds))
+
+
+def named(endpoint_id: str, capacity: int = 1) -> Endpoint:
+    return endpoint(capacity).model_copy(
+        update={"endpoint_id": endpoint_id, "url": f"http://{endpoint_id}:8000"}
+    )
+
+
+def busy(endpoint_id: str) -> SlotLease:
+    return SlotLease(
+        endpoint_id=endpoint_id,
+        slot=0,
+        lease_id=f"{endpoint_id}-busy",
+        task_id="other-task",
+        lease_until=NOW + 100,
+        leased_at=NOW - 1,
+    )
+
+
+def lease_broker(registry: LeaseRegistry) -> SlotBroker:
+    return SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        clock=lambda: NOW,
+        sleep=lambda seconds: None,
+    )
+
+
+def retry(*, tried: set[str], untried_only: bool = False, wait: float = 0.0) -> SlotRequest:
+    return SlotRequest(
+        kind=TaskKind.IMAGE,
+        task_id="t",
+        user_id="u",
+        lease_seconds=42,
+        wait_seconds=wait,
+        tried=tried,
+        untried_only=untried_only,
+    )
+
+
+def test_the_slot_is_leased_for_the_task_for_the_requests_lease_time() -> None:
+    registry = LeaseRegistry([Fleet(endpoints=[named("gpu-a", capacity=2)])])
+
+    held = lease_broker(registry).acquire(retry(tried=set()))
+
+    assert registry.asked == [
+        {"endpoint_id": "gpu-a", "slot": 0, "task_id": "t", "lease_seconds": 42, "now": NOW}
+    ]
+    assert held.endpoint.endpoint_id == "gpu-a"
+
+
+def test_a_retry_waits_for_an_untried_endpoint_rather_than_go_back_to_the_failed_one() -> None:
+    # gpu-a failed this task and has a free slot; gpu-b (untried) is busy.
+    fleet = Fleet(endpoints=[named("gpu-a"), named("gpu-b")], leases={"gpu-b": [busy("gpu-b")]})
+    registry = LeaseRegistry([fleet])
+
+    with pytest.raises(NoFreeSlot, match="every image GPU slot is busy"):
+        lease_broker(registry).acquire(retry(tried={"gpu-a"}))
+
+    assert registry.asked == []
+
+
+def test_a_retry_goes_to_the_untried_endpoint() -> None:
+    fleet = Fleet(endpoints=[named("gpu-a"), named("gpu-b")])
+    registry = LeaseRegistry([fleet])
+
+    held = lease_broker(registry).acquire(retry(tried={"gpu-a"}))
+
+    assert held.endpoint.endpoint_id == "gpu-b"
+
+
+def test_with_every_endpoint_tried_a_retry_may_go_back_unless_it_must_not() -> None:
+    fleet = Fleet(endpoints=[named("gpu-a")])
+
+    again = lease_broker(LeaseRegistry([fleet])).acquire(retry(tried={"gpu-a"}))
+    assert again.endpoint.endpoint_id == "gpu-a"
+
+    registry = LeaseRegistry([fleet])
+    with pytest.raises(NoRoutableEndpoint, match="no other healthy image endpoint"):
+        lease_broker(registry).acquire(retry(tried={"gpu-a"}, untried_only=True))
+    assert registry.asked == []
+
+
+def test_no_routable_endpoint_is_said_at_once() -> None:
+    stale = named("gpu-a").model_copy(update={"last_checked_at": NOW - 3600})
+
+    with pytest.raises(NoRoutableEndpoint, match="no healthy image endpoint"):
+        lease_broker(LeaseRegistry([Fleet(endpoints=[stale])])).acquire(retry(tried=set()))
+
+
+def test_a_held_slot_is_released_once_with_the_calls_duration() -> None:
+    registry = LeaseRegistry([Fleet(endpoints=[named("gpu-a")])])
+    held = lease_broker(registry).acquire(retry(tried=set()))
+
+    held.release(call_seconds=3.5)
+    held.release()  # the `finally` after an early release
+
+    assert registry.released == [("mine", 3.5)]

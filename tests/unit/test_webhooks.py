@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import random
 
 import pytest
+from gpuqueue_client.webhooks import verify
 
 from gpuqueue.errors import InvalidInput
-from gpuqueue.models import Task, TaskStatus, WebhookAttempt, WebhookEvent
+from gpuqueue.models import Task, TaskStatus, TaskView, WebhookAttempt, WebhookEvent
 from gpuqueue.webhooks import (
     MAX_ATTEMPTS,
     DeliveryMessage,
@@ -214,3 +216,68 @@ def test_a_url_that_now_resolves_privately_is_not_called():
     assert result.outcome is Outcome.RETRY
     assert poster.calls == []
     assert "private" in (log.task.deliveries[0].error or "")
+
+
+class RecordingPoster:
+    """Answers 204 and keeps every request as the receiver gets it."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bytes, dict[str, str]]] = []
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
+        self.requests.append((url, body, headers))
+        return HttpAnswer(status_code=204)
+
+
+def test_a_delivery_is_the_documented_body_signed_so_the_receivers_verify_accepts_it():
+    task = _task(webhook_url="https://h.example.com/hook", result_key="results/t-1.png")
+    poster = RecordingPoster()
+    deliverer = WebhookDeliverer(
+        tasks=FakeLog(task),
+        poster=poster,
+        secrets=lambda: ["current", "previous"],
+        resolve=resolver("93.184.215.14"),
+        clock=lambda: 1_800_000_000.0,
+    )
+    message = DeliveryMessage(task_id="t-1", event=WebhookEvent.DONE, delivery_id="d-7")
+
+    assert deliverer.deliver(message, attempt=1).outcome is Outcome.DELIVERED
+
+    [(url, body, headers)] = poster.requests
+    assert url == "https://h.example.com/hook"
+    # Compact JSON with sorted keys: the bytes a receiver verifies are stable.
+    assert body == json.dumps(json.loads(body), separators=(",", ":"), sort_keys=True).encode()
+    sent = json.loads(body)
+    assert set(sent) == {"event", "delivery_id", "task"}
+    assert sent["event"] == "task.done"
+    assert sent["delivery_id"] == "d-7"
+    assert sent["task"] == TaskView.of(task).model_dump(mode="json")
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"] == "gpuqueue-webhooks/1"
+    assert headers["X-Gpuqueue-Event"] == "task.done"
+    assert headers["X-Gpuqueue-Delivery"] == "d-7"
+    signature = headers["X-Gpuqueue-Signature"]
+    for secret in ("current", "previous"):  # either side of a rotation verifies
+        assert verify(secret, signature, body, now=1_800_000_000)
+    assert not verify("other", signature, body, now=1_800_000_000)
+
+
+def test_a_deliverer_refuses_loopback_unless_told_otherwise():
+    task = _task(webhook_url="http://127.0.0.1:8080/hook")
+    poster = RecordingPoster()
+    message = DeliveryMessage(task_id="t-1", event=WebhookEvent.DONE, delivery_id="d-1")
+    refusing = WebhookDeliverer(
+        tasks=FakeLog(task), poster=poster, secrets=lambda: ["s"], resolve=resolver("127.0.0.1")
+    )
+    assert refusing.deliver(message, attempt=1).outcome is Outcome.RETRY
+    assert poster.requests == []
+
+    allowing = WebhookDeliverer(
+        tasks=FakeLog(task),
+        poster=poster,
+        secrets=lambda: ["s"],
+        resolve=resolver("127.0.0.1"),
+        allow_loopback=True,
+    )
+    assert allowing.deliver(message, attempt=1).outcome is Outcome.DELIVERED
+    assert [r[0] for r in poster.requests] == ["http://127.0.0.1:8080/hook"]

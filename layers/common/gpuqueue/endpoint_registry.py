@@ -75,11 +75,13 @@ def _num(value: float) -> Decimal:
     return Decimal(str(round(value, 3)))
 
 
+# pragma: no mutate start (make mutate covers the lease parts only)
 def _credentials_item(credentials: CredentialRef) -> dict[str, str]:
     """A credential reference as a DynamoDB map: names only (never a value), no nulls."""
     return credentials.model_dump(mode="json", exclude_none=True)
 
 
+# pragma: no mutate end
 @dataclass
 class Fleet:
     """A kind's endpoints and their live slot leases, read in one query."""
@@ -106,6 +108,7 @@ class Fleet:
             if until > now and task_id != besides
         )
 
+    # pragma: no mutate start (call times, not leases)
     def service_seconds(self, endpoint: Endpoint) -> float | None:
         """How long a call on this endpoint takes, as its slots have measured (None: unknown)."""
         samples = [
@@ -131,6 +134,7 @@ class Fleet:
         free = max(0, endpoint.usable_capacity - len(busy))
         return sorted([now] * free + busy)
 
+    # pragma: no mutate end
     def live_leases(self, endpoint_id: str, now: float) -> list[SlotLease]:
         return [lease for lease in self.leases.get(endpoint_id, []) if lease.is_live(now)]
 
@@ -145,6 +149,7 @@ class Fleet:
         return free[: max(0, allowed)]
 
     def routable(self, now: float, max_age_seconds: float) -> list[Endpoint]:
+        # pragma: no mutate block (health, not leases)
         return [e for e in self.endpoints if e.is_routable(now, max_age_seconds)]
 
 
@@ -198,6 +203,7 @@ class EndpointRegistry:
             priority_seats=seats,
         )
 
+    # pragma: no mutate start (configuration and health, not leases)
     def endpoints(self, kind: TaskKind) -> list[Endpoint]:
         return self.fleet(kind).endpoints
 
@@ -450,6 +456,7 @@ class EndpointRegistry:
             if not is_conditional_failure(error):
                 raise
 
+    # pragma: no mutate end
     # --- slots ------------------------------------------------------------------------------
 
     def wait_with_priority(self, kind: TaskKind, task_id: str, *, until: float) -> None:

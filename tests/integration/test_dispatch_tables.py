@@ -1,0 +1,411 @@
+"""The dispatcher's claim and attempt logic, and the slot leases it holds, on the tasks and
+endpoints tables alone (built from template.yaml): no stack, no GPU server, a scripted job.
+
+Fast on purpose: `make mutate` runs these against every mutant of dispatch.py and of the lease
+parts of endpoint_registry.py (docs/mutation.md); tests/integration/test_dispatcher.py drives
+the same through the handlers, the queue and stand-in GPU servers."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
+from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
+from gpuqueue.jobs import Completion, InvalidTaskInput
+from gpuqueue.models import (
+    Endpoint,
+    HealthResult,
+    ImageRequest,
+    QueueMessage,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
+from gpuqueue.task_store import TaskStore
+from gpuqueue_local.template import load_template
+
+TIMEOUT = 10.0
+PLENTY = 900.0  # seconds left in the invocation: room for several full calls
+
+
+def _table(logical_id: str) -> Any:
+    props = load_template()["Resources"][logical_id]["Properties"]
+    return boto3.resource("dynamodb").create_table(
+        TableName=f"{logical_id}-{uuid.uuid4().hex[:8]}",
+        AttributeDefinitions=props["AttributeDefinitions"],
+        KeySchema=props["KeySchema"],
+        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+
+@pytest.fixture
+def tables(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    tasks, endpoints = _table("TasksTable"), _table("EndpointsTable")
+    yield tasks, endpoints
+    tasks.delete()
+    endpoints.delete()
+
+
+@pytest.fixture
+def store(tables: tuple[Any, Any]) -> TaskStore:
+    return TaskStore(tables[0])
+
+
+@pytest.fixture
+def registry(tables: tuple[Any, Any]) -> EndpointRegistry:
+    return EndpointRegistry(tables[1])
+
+
+def healthy(registry: EndpointRegistry, *endpoint_ids: str) -> None:
+    for endpoint_id in endpoint_ids:
+        added = registry.put(
+            Endpoint(endpoint_id=endpoint_id, url=f"http://{endpoint_id}", kind=TaskKind.IMAGE)
+        )
+        registry.record_health(
+            HealthResult(
+                endpoint_id=endpoint_id, healthy=True, latency_ms=5.0, checked_at=time.time()
+            ),
+            added,
+        )
+
+
+class ScriptedJob:
+    """Each call takes the next outcome: an exception to raise, or the output."""
+
+    def __init__(self, *outcomes: Any, registry: EndpointRegistry | None = None) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[str, int, float]] = []
+        self.in_flight_seen: list[int] = []
+        self._registry = registry
+
+    def prepare(self, task: Task) -> Any:
+        if task.prompt == "unusable":
+            raise InvalidTaskInput("the input is gone")
+        return None
+
+    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+        self.calls.append((endpoint.endpoint_id, task.attempt, timeout_seconds))
+        if self._registry is not None:
+            fleet = self._registry.fleet(TaskKind.IMAGE)
+            self.in_flight_seen.append(fleet.in_flight(endpoint.endpoint_id, time.time()))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def store(self, task: Task, output: Any) -> Completion:
+        return Completion(result_key=f"results/{task.task_id}.png")
+
+
+def dispatcher(
+    store: TaskStore, registry: EndpointRegistry, job: ScriptedJob, **policy: Any
+) -> TaskDispatcher:
+    return TaskDispatcher(
+        tasks=store,
+        registry=registry,
+        jobs={TaskKind.IMAGE: job},
+        policy=DispatchPolicy(
+            **{
+                "task_timeout_seconds": TIMEOUT,
+                "max_attempts": 2,
+                "health_max_age_seconds": 90,
+                "slot_wait_seconds": 0,
+                **policy,
+            }
+        ),
+        sleep=lambda seconds: None,
+        rng=random.Random(7),
+    )
+
+
+def submitted(store: TaskStore, prompt: str = "a fox", **request: Any) -> Task:
+    return store.create_image_task(
+        "alice", ImageRequest(prompt=prompt, **request), queue_ttl_seconds=3600
+    )
+
+
+def dispatch(d: TaskDispatcher, task: Task, *, left: float = PLENTY) -> Outcome:
+    return d.dispatch(QueueMessage(task_id=task.task_id), remaining_seconds=lambda: left)
+
+
+def in_flight(registry: EndpointRegistry, endpoint_id: str) -> int:
+    return registry.fleet(TaskKind.IMAGE).in_flight(endpoint_id, time.time())
+
+
+def test_a_task_runs_in_a_slot_and_ends_done_with_the_slot_free_again(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png", registry=registry)
+    task = submitted(store)
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+
+    assert job.calls == [("gpu-a", 1, TIMEOUT)]
+    assert job.in_flight_seen == [1]  # the call held the endpoint's one slot
+    assert in_flight(registry, "gpu-a") == 0
+    done = store.get(task.task_id)
+    assert done is not None
+    assert done.status is TaskStatus.DONE
+    assert done.result_key == f"results/{task.task_id}.png"
+    assert done.endpoint_id == "gpu-a"
+    assert done.attempt == 1
+
+
+def test_the_call_gets_at_most_what_is_left_of_the_invocation(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png")
+
+    dispatch(dispatcher(store, registry, job), submitted(store), left=8.0)
+
+    assert job.calls == [("gpu-a", 1, 3.0)]  # 8 s left less the 5 s kept for the writes
+
+
+def test_without_time_for_a_call_the_task_is_not_claimed(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store)
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job), task, left=5.9)
+
+    assert raised.value.delay_seconds == 0
+    assert job.calls == []
+    assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
+
+
+def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png")
+    task = submitted(store)
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+
+    first, second = job.calls
+    assert first[1:] == (1, TIMEOUT)
+    assert second[1:] == (2, TIMEOUT)
+    assert second[0] != first[0]  # the other endpoint
+    done = store.get(task.task_id)
+    assert done is not None
+    assert done.status is TaskStatus.DONE
+    assert done.attempt == 2
+    assert done.error is None
+    assert in_flight(registry, "gpu-a") == in_flight(registry, "gpu-b") == 0
+
+
+def test_the_last_attempt_failing_ends_the_task_failed_naming_the_attempt(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"), RetryableGpuError("HTTP 502"))
+    task = submitted(store)
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.FAILED
+
+    assert len(job.calls) == 2
+    failed = store.get(task.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.attempt == 2
+    assert failed.error == f"attempt 2 on {job.calls[1][0]}: HTTP 502"
+
+
+def test_a_permanent_failure_ends_the_task_at_once(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(GpuError("HTTP 400: bad prompt"))
+    task = submitted(store)
+
+    assert dispatch(dispatcher(store, registry, job, max_attempts=5), task) is Outcome.FAILED
+
+    assert len(job.calls) == 1
+    failed = store.get(task.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "attempt 1 on gpu-a: HTTP 400: bad prompt"
+    assert failed.endpoint_id == "gpu-a"
+
+
+def test_without_time_for_another_full_call_the_task_is_queued_again_after_a_backoff(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("timeout"))
+    task = submitted(store)
+    # 16 s left at the start: a full call fits; 14 s after it failed: another does not.
+    remaining = iter([16.0, 14.0])
+    d = dispatcher(store, registry, job, retry_base_delay_seconds=4, retry_max_delay_seconds=60)
+    with pytest.raises(RetryLater) as raised:
+        d.dispatch(QueueMessage(task_id=task.task_id), remaining_seconds=lambda: next(remaining))
+
+    assert 2 <= raised.value.delay_seconds <= 4  # attempt 1: jittered within [base/2, base]
+    assert not raised.value.requeue
+    again = store.get(task.task_id)
+    assert again is not None
+    assert again.status is TaskStatus.QUEUED
+    assert again.attempt == 1
+    assert again.error == "attempt 1 on gpu-a: timeout"
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_task_whose_attempts_are_used_up_fails_without_a_gpu_call(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store)
+    claim = store.claim(task, lease_seconds=1, now=time.time() - 60)
+    assert claim is not None
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
+
+    assert dispatch(dispatcher(store, registry, job, max_attempts=1), task) is Outcome.FAILED
+
+    assert job.calls == []
+    failed = store.get(task.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "gave up after 1 attempts; last error: HTTP 503"
+
+
+def test_a_task_with_attempts_left_after_a_failure_is_claimed_again(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    task = submitted(store)
+    claim = store.claim(task, lease_seconds=30, now=time.time(), endpoint_id="gpu-a")
+    assert claim is not None
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
+    job = ScriptedJob(b"png")
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+
+    assert job.calls == [("gpu-b", 2, TIMEOUT)]  # not back to the endpoint that failed it
+
+
+def test_a_live_lease_sends_the_message_back_until_it_would_end(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    task = submitted(store)
+    assert store.claim(task, lease_seconds=30, now=time.time()) is not None
+    job = ScriptedJob()
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job), task)
+
+    assert raised.value.requeue
+    assert 29 <= raised.value.delay_seconds <= 31
+    assert job.calls == []
+
+
+def test_an_expired_lease_is_claimed_again_by_a_redelivery(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    task = submitted(store)
+    assert store.claim(task, lease_seconds=1, now=time.time() - 60) is not None
+    job = ScriptedJob(b"png")
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+    assert job.calls == [("gpu-a", 2, TIMEOUT)]
+
+
+def test_a_finished_or_missing_task_is_skipped(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    canceled = submitted(store)
+    store.cancel(canceled.task_id, "alice")
+    d = dispatcher(store, registry, job)
+
+    assert dispatch(d, canceled) is Outcome.SKIPPED
+    missing = QueueMessage(task_id=str(uuid.uuid4()))
+    assert d.dispatch(missing, remaining_seconds=lambda: PLENTY) is Outcome.SKIPPED
+    assert job.calls == []
+
+
+def test_a_task_past_its_queue_deadline_expires_without_a_gpu_call(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store, queue_ttl_seconds=1)
+    d = TaskDispatcher(
+        tasks=store,
+        registry=registry,
+        jobs={TaskKind.IMAGE: job},
+        policy=DispatchPolicy(
+            task_timeout_seconds=TIMEOUT, max_attempts=2, health_max_age_seconds=90
+        ),
+        clock=lambda: time.time() + 2,
+    )
+
+    assert dispatch(d, task) is Outcome.EXPIRED
+
+    assert job.calls == []
+    expired = store.get(task.task_id)
+    assert expired is not None
+    assert expired.status is TaskStatus.EXPIRED
+    assert expired.error == "not started within its queue deadline (1 s)"
+
+
+def test_unusable_input_fails_the_task_without_a_gpu_call(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store, prompt="unusable")
+
+    assert dispatch(dispatcher(store, registry, job), task) is Outcome.FAILED
+
+    assert job.calls == []
+    assert store.get(task.task_id).error == "the input is gone"  # type: ignore[union-attr]
+
+
+def test_no_healthy_endpoint_sends_the_message_back_without_spending_an_attempt(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    job = ScriptedJob()
+    task = submitted(store)
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job, no_endpoint_delay_seconds=7), task)
+
+    assert raised.value.requeue
+    assert raised.value.delay_seconds == 7
+    assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
+
+
+def test_no_free_slot_sends_the_message_back_without_spending_an_attempt(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    gpu = registry.fleet(TaskKind.IMAGE).endpoints[0]
+    assert registry.take_slot(gpu, 0, task_id="other", lease_seconds=60, now=time.time())
+    job = ScriptedJob()
+    task = submitted(store)
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job, no_slot_delay_seconds=3), task)
+
+    assert raised.value.requeue
+    assert raised.value.delay_seconds == 3
+    assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]

@@ -1,0 +1,587 @@
+"""TaskStore's transitions on one tasks table (built from template.yaml), no stack: each
+state change is a conditional write that a stale or competing writer loses.
+
+Fast on purpose (no stack, no handlers): `make mutate` runs these against every mutant of
+task_store.py (docs/mutation.md)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import pytest
+
+from gpuqueue.errors import TaskNotFound, TaskStateConflict
+from gpuqueue.models import ImageRequest, SpeechInput, Task, TaskStatus
+from gpuqueue.task_ids import issued_at, new_task_id
+from gpuqueue.task_store import (
+    UNWRITTEN_GRACE_SECONDS,
+    Claim,
+    ReapState,
+    TaskStore,
+    reap_shard,
+)
+from gpuqueue_local.template import load_template
+
+OWNER = "alice"
+LEASE = 30.0
+
+
+@pytest.fixture
+def table(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    props = load_template()["Resources"]["TasksTable"]["Properties"]
+    created = boto3.resource("dynamodb").create_table(
+        TableName=f"tasks-{uuid.uuid4().hex[:10]}",
+        AttributeDefinitions=props["AttributeDefinitions"],
+        KeySchema=props["KeySchema"],
+        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    yield created
+    created.delete()
+
+
+@pytest.fixture
+def store(table: Any) -> TaskStore:
+    return TaskStore(table)
+
+
+@pytest.fixture
+def queued(store: TaskStore) -> Callable[..., Task]:
+    def make(**request: Any) -> Task:
+        return store.create_image_task(
+            OWNER, ImageRequest(prompt="a fox", **request), queue_ttl_seconds=3600
+        )
+
+    return make
+
+
+def _row(table: Any, task_id: str) -> dict[str, Any]:
+    return dict(table.get_item(Key={"task_id": task_id}, ConsistentRead=True)["Item"])
+
+
+def _awaiting_upload(store: TaskStore, *, window: int = 600) -> Task:
+    return store.create_speech_task(
+        OWNER,
+        SpeechInput(audio_key="audio/x", filename="x.wav", content_type="audio/wav", size_bytes=4),
+        prompt=None,
+        task_id=new_task_id(),
+        queue_ttl_seconds=120,
+        upload_window_seconds=window,
+    )
+
+
+# --- claim ------------------------------------------------------------------------------
+
+
+def test_claim_runs_a_queued_task_under_a_lease(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    now = time.time()
+
+    claim = store.claim(task, lease_seconds=LEASE, now=now, endpoint_id="gpu-a")
+
+    assert claim is not None
+    assert claim.task.status is TaskStatus.RUNNING
+    assert claim.task.attempt == 1
+    assert claim.task.lease_id == claim.lease_id
+    assert claim.task.lease_until == pytest.approx(now + LEASE, abs=0.001)
+    assert claim.task.endpoint_id == "gpu-a"
+    assert claim.task.started_at is not None
+    row = _row(table, task.task_id)
+    # The reaper looks at it when its lease ends.
+    assert row["reap_shard"] == reap_shard(task.task_id, ReapState.RUNNING)
+    assert float(row["reap_at"]) == pytest.approx(now + LEASE, abs=0.001)
+
+
+def test_only_one_of_two_claims_from_the_same_read_wins(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    now = time.time()
+    first = store.claim(task, lease_seconds=LEASE, now=now)
+    assert first is not None
+    # The second delivery read the task QUEUED too; by now its lease is even over.
+    assert store.claim(task, lease_seconds=LEASE, now=now + LEASE + 1) is None
+
+
+def test_a_live_lease_is_never_taken_over_and_one_ending_exactly_now_neither(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    now = time.time()
+    held = store.claim(task, lease_seconds=LEASE, now=now)
+    assert held is not None
+    running = held.task
+    assert store.claim(running, lease_seconds=LEASE, now=now + 1) is None
+    lease_end = running.lease_until
+    assert lease_end is not None
+    assert store.claim(running, lease_seconds=LEASE, now=lease_end) is None
+
+    again = store.claim(running, lease_seconds=LEASE, now=lease_end + 0.01)
+
+    assert again is not None
+    assert again.task.attempt == 2
+    assert again.lease_id != held.lease_id
+
+
+def test_a_claim_without_an_endpoint_leaves_the_endpoint_unset(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    claim = store.claim(queued(), lease_seconds=LEASE, now=time.time())
+    assert claim is not None
+    assert claim.task.endpoint_id is None
+
+
+def test_next_attempt_needs_the_current_lease_and_records_the_failed_attempt(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    now = time.time()
+    claim = store.claim(queued(), lease_seconds=LEASE, now=now, endpoint_id="gpu-a")
+    assert claim is not None
+
+    nxt = store.next_attempt(
+        claim, lease_seconds=LEASE, now=now + 5, endpoint_id="gpu-b", error="gpu-a: 503"
+    )
+
+    assert nxt is not None
+    assert nxt.task.attempt == 2
+    assert nxt.task.endpoint_id == "gpu-b"
+    assert nxt.task.error == "gpu-a: 503"
+    assert nxt.task.lease_until == pytest.approx(now + 5 + LEASE, abs=0.001)
+    assert nxt.lease_id != claim.lease_id
+    assert nxt.task.lease_id == nxt.lease_id
+    # The old lease is gone: the attempt it would start is not ours.
+    assert store.next_attempt(claim, lease_seconds=LEASE, now=now + 6, endpoint_id="c") is None
+
+
+def test_next_attempt_without_an_error_keeps_none(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    claim = store.claim(queued(), lease_seconds=LEASE, now=time.time())
+    assert claim is not None
+    nxt = store.next_attempt(claim, lease_seconds=LEASE, now=time.time(), endpoint_id="gpu-b")
+    assert nxt is not None
+    assert nxt.task.error is None
+
+
+# --- writes while holding the lease -----------------------------------------------------
+
+
+def _claimed(store: TaskStore, task: Task) -> Claim:
+    claim = store.claim(task, lease_seconds=LEASE, now=time.time(), endpoint_id="gpu-a")
+    assert claim is not None
+    return claim
+
+
+def _taken_over(store: TaskStore, claim: Claim) -> Claim:
+    """Another worker re-claims the task once this claim's lease is over."""
+    lease_end = claim.task.lease_until
+    assert lease_end is not None
+    other = store.claim(claim.task, lease_seconds=LEASE, now=lease_end + 1)
+    assert other is not None
+    return other
+
+
+def test_complete_only_while_holding_the_lease(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    stale = _claimed(store, task)
+    current = _taken_over(store, stale)
+    assert not store.complete(stale, result_key="results/stale.png", endpoint_id="gpu-a")
+    assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+    assert store.complete(
+        current, result_key="results/x.png", endpoint_id="gpu-b", fields={"transcript_text": "hi"}
+    )
+
+    row = _row(table, task.task_id)
+    assert row["status"] == TaskStatus.DONE.value
+    assert row["result_key"] == "results/x.png"
+    assert row["endpoint_id"] == "gpu-b"
+    assert row["transcript_text"] == "hi"
+    for gone in ("lease_until", "error", "reap_shard", "reap_at"):
+        assert gone not in row
+
+
+def test_a_retry_after_an_error_completes_without_the_error(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    claim = _claimed(store, queued())
+    nxt = store.next_attempt(
+        claim, lease_seconds=LEASE, now=time.time(), endpoint_id="gpu-b", error="gpu-a: 503"
+    )
+    assert nxt is not None
+    assert store.complete(nxt, result_key="results/y.png", endpoint_id="gpu-b")
+    assert "error" not in _row(table, claim.task.task_id)
+
+
+def test_release_for_retry_queues_it_again_with_the_error(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    claim = _claimed(store, task)
+    before = time.time()
+
+    assert store.release_for_retry(claim, error="gpu-a: 503", endpoint_id="gpu-a")
+
+    row = _row(table, task.task_id)
+    assert row["status"] == TaskStatus.QUEUED.value
+    assert row["error"] == "gpu-a: 503"
+    assert row["endpoint_id"] == "gpu-a"
+    assert int(row["attempt"]) == 1
+    assert "lease_until" not in row
+    # Back in the reaper's QUEUED index, from now.
+    assert row["reap_shard"] == reap_shard(task.task_id, ReapState.QUEUED)
+    assert before - 1 <= float(row["reap_at"]) <= time.time() + 1
+    # Released: the stale claim can do nothing more.
+    assert not store.fail(claim, error="late")
+
+
+def test_release_without_an_endpoint_keeps_the_one_recorded(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    assert store.release_for_retry(_claimed(store, task), error="no slot", endpoint_id=None)
+    assert _row(table, task.task_id)["endpoint_id"] == "gpu-a"
+
+
+def test_fail_while_holding_ends_failed(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    stale = _claimed(store, task)
+    current = _taken_over(store, stale)
+    assert not store.fail(stale, error="stale")
+
+    assert store.fail(current, error="HTTP 400", endpoint_id="gpu-b")
+
+    row = _row(table, task.task_id)
+    assert row["status"] == TaskStatus.FAILED.value
+    assert row["error"] == "HTTP 400"
+    assert row["endpoint_id"] == "gpu-b"
+    for gone in ("lease_until", "reap_shard", "reap_at"):
+        assert gone not in row
+
+
+def test_fail_without_an_endpoint_keeps_the_one_recorded(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    assert store.fail(_claimed(store, task), error="x")
+    assert _row(table, task.task_id)["endpoint_id"] == "gpu-a"
+
+
+# --- ending a task nobody holds ---------------------------------------------------------
+
+
+def test_expire_ends_only_a_never_started_queued_task(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    fresh = queued()
+    assert store.expire(fresh, "not started within its queue deadline")
+    expired = store.get(fresh.task_id)
+    assert expired is not None
+    assert expired.status is TaskStatus.EXPIRED
+    assert expired.error == "not started within its queue deadline"
+
+    tried = queued()
+    assert store.release_for_retry(_claimed(store, tried), error="503", endpoint_id=None)
+    assert not store.expire(tried, "late")  # attempt 1: QUEUED again, but it did start
+    assert store.get(tried.task_id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_fail_unclaimed_needs_the_attempt_it_read(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    claim = _claimed(store, task)
+    assert not store.fail_unclaimed(task, "read before the claim")  # attempt moved on
+
+    assert store.fail_unclaimed(claim.task, "gave up after 1 attempts")
+
+    row = _row(table, task.task_id)
+    assert row["status"] == TaskStatus.FAILED.value
+    assert row["error"] == "gave up after 1 attempts"
+    assert "lease_until" not in row
+    assert not store.fail_unclaimed(Task.model_validate(row), "again")  # final stays final
+
+
+def test_fail_unclaimed_ends_queued_and_awaiting_upload_tasks(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    assert store.fail_unclaimed(queued(), "no worker")
+    assert store.fail_unclaimed(_awaiting_upload(store), "upload gone")
+
+
+def test_dead_lettered_task_fails_unless_a_live_lease_holds_it(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    waiting = queued()
+    assert store.fail_dead_lettered(waiting.task_id, "dead-lettered")
+    assert _row(table, waiting.task_id)["status"] == TaskStatus.FAILED.value
+    assert not store.fail_dead_lettered(waiting.task_id, "again")  # final stays final
+
+    assert store.fail_dead_lettered(_awaiting_upload(store).task_id, "dead-lettered")
+
+    running = _claimed(store, queued()).task
+    lease_end = running.lease_until
+    assert lease_end is not None
+    assert not store.fail_dead_lettered(running.task_id, "x", now=lease_end - 1)
+    assert not store.fail_dead_lettered(running.task_id, "x", now=lease_end)
+    assert store.fail_dead_lettered(running.task_id, "lease over", now=lease_end + 0.01)
+    row = _row(table, running.task_id)
+    assert row["status"] == TaskStatus.FAILED.value
+    assert row["error"] == "lease over"
+    assert "lease_until" not in row
+
+
+def test_a_missing_task_is_never_created_by_a_transition(store: TaskStore, table: Any) -> None:
+    assert not store.fail_dead_lettered(new_task_id(), "x")
+    assert not store.expire_upload(new_task_id())
+    assert table.scan()["Items"] == []
+
+
+def test_fail_unqueued_ends_a_queued_task(store: TaskStore, queued: Callable[..., Task]) -> None:
+    task = queued()
+    store.fail_unqueued(task.task_id, "the queue refused the message")
+    failed = store.get(task.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "the queue refused the message"
+
+
+# --- owner actions ----------------------------------------------------------------------
+
+
+def test_the_owner_cancels_a_queued_or_awaiting_upload_task(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    assert store.cancel(queued().task_id, OWNER).status is TaskStatus.CANCELED
+    assert store.cancel(_awaiting_upload(store).task_id, OWNER).status is TaskStatus.CANCELED
+
+
+def test_cancel_of_another_users_task_is_not_found(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    with pytest.raises(TaskNotFound) as raised:
+        store.cancel(task.task_id, "mallory")
+    # The 404 a caller gets: the same words as for a task that does not exist.
+    assert raised.value.message == f"task {task.task_id} not found"
+    assert raised.value.field == "task_id"
+    assert store.get(task.task_id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_cancel_of_a_running_task_is_a_conflict_naming_its_state(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    _claimed(store, task)
+    with pytest.raises(TaskStateConflict) as raised:
+        store.cancel(task.task_id, OWNER)
+    assert raised.value.message == (
+        f"task {task.task_id} is RUNNING; only QUEUED or AWAITING_UPLOAD tasks can be canceled"
+    )
+    assert raised.value.field == "task_id"
+    assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+# --- uploads ----------------------------------------------------------------------------
+
+
+def test_an_upload_queues_the_task_once_and_starts_its_queue_deadline(
+    store: TaskStore, table: Any
+) -> None:
+    task = _awaiting_upload(store)
+    now = time.time() + 1000  # the time given, not the clock's
+    uploaded = store.mark_uploaded(task, ticket=7, now=now)
+
+    assert uploaded is not None
+    assert uploaded.status is TaskStatus.QUEUED
+    assert uploaded.ticket == 7
+    assert uploaded.queue_deadline == pytest.approx(now + 120, abs=0.001)
+    assert _row(table, task.task_id)["reap_shard"] == reap_shard(task.task_id, ReapState.QUEUED)
+    assert store.mark_uploaded(task, now=now) is None  # a repeated event
+
+
+def test_an_upload_without_a_ticket_sets_none(store: TaskStore) -> None:
+    uploaded = store.mark_uploaded(_awaiting_upload(store))
+    assert uploaded is not None
+    assert uploaded.ticket is None
+
+
+def test_expire_upload_ends_only_a_task_still_waiting(store: TaskStore) -> None:
+    task = _awaiting_upload(store)
+    assert store.expire_upload(task.task_id)
+    expired = store.get(task.task_id)
+    assert expired is not None
+    assert expired.status is TaskStatus.EXPIRED
+    assert expired.error == "the audio upload never arrived"
+    assert not store.expire_upload(task.task_id)
+
+
+# --- active shares ----------------------------------------------------------------------
+
+
+def test_inactive_among_names_ended_gone_and_lapsed_upload_tasks(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    now = time.time()
+    running = _claimed(store, queued()).task.task_id
+    waiting = queued().task_id
+    done = queued()
+    assert store.fail_unclaimed(done, "x")
+    crashed_submit = new_task_id(now - UNWRITTEN_GRACE_SECONDS - 1)
+    being_written = new_task_id(now - UNWRITTEN_GRACE_SECONDS + 5)
+    upload_open = _awaiting_upload(store, window=600).task_id
+    upload_lapsed = _awaiting_upload(store, window=1).task_id
+
+    asked = [running, waiting, done.task_id, crashed_submit, being_written, upload_open]
+    asked += [upload_lapsed, done.task_id]  # a repeated id is read once
+
+    inactive = store.inactive_among(asked, now=now + 2)
+
+    assert inactive == {done.task_id, crashed_submit, upload_lapsed}
+    assert store.get(upload_lapsed).status is TaskStatus.EXPIRED  # type: ignore[union-attr]
+    assert store.get(upload_open).status is TaskStatus.AWAITING_UPLOAD  # type: ignore[union-attr]
+
+
+def test_inactive_among_reads_more_than_one_batch(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    ended = queued()
+    assert store.fail_unclaimed(ended, "x")
+    open_ids = [queued().task_id for _ in range(3)]
+    old = time.time() - UNWRITTEN_GRACE_SECONDS - 1
+    gone = [new_task_id(old) for _ in range(100)]
+
+    inactive = store.inactive_among([*gone, *open_ids, ended.task_id])
+
+    assert inactive == {*gone, ended.task_id}
+
+
+# --- the reaper's side ------------------------------------------------------------------
+
+
+def test_an_abandoned_run_is_requeued_only_after_its_lease_and_only_once(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    running = _claimed(store, queued()).task
+    lease_end = running.lease_until
+    assert lease_end is not None
+    assert store.requeue_abandoned(running, now=lease_end, error="lost") is None
+
+    requeued = store.requeue_abandoned(running, now=lease_end + 0.01, error="worker lost")
+
+    assert requeued is not None
+    assert requeued.status is TaskStatus.QUEUED
+    assert requeued.error == "worker lost"
+    assert "lease_until" not in _row(table, running.task_id)
+    assert store.requeue_abandoned(running, now=lease_end + 1, error="again") is None
+
+
+def test_an_abandoned_run_re_claimed_meanwhile_is_left_alone(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    first = _claimed(store, queued())
+    _taken_over(store, first)
+    lease_end = first.task.lease_until
+    assert lease_end is not None
+    assert not store.fail_abandoned(first.task, now=lease_end + 1, error="lost")
+    assert store.get(first.task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_fail_abandoned_ends_it_failed(store: TaskStore, queued: Callable[..., Task]) -> None:
+    running = _claimed(store, queued()).task
+    lease_end = running.lease_until
+    assert lease_end is not None
+    assert store.fail_abandoned(running, now=lease_end + 1, error="lost during attempt 1")
+    failed = store.get(running.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "lost during attempt 1"
+
+
+def test_defer_resend_moves_the_reap_time_once_per_read(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    seen = float(_row(table, task.task_id)["reap_at"])
+
+    assert store.defer_resend(task.task_id, seen_reap_at=seen, until=seen + 900)
+
+    row = _row(table, task.task_id)
+    assert float(row["reap_at"]) == pytest.approx(seen + 900)
+    assert int(row["resends"]) == 1
+    assert not store.defer_resend(task.task_id, seen_reap_at=seen, until=seen + 1800)
+    assert store.defer_resend(task.task_id, seen_reap_at=seen + 900, until=seen + 2700)
+    assert int(_row(table, task.task_id)["resends"]) == 2
+
+
+def test_defer_resend_leaves_a_claimed_task_alone(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    seen = float(_row(table, task.task_id)["reap_at"])
+    claim = _claimed(store, task)
+    assert not store.defer_resend(task.task_id, seen_reap_at=seen, until=seen + 900)
+    assert _row(table, task.task_id)["lease_id"] == claim.lease_id
+
+
+def test_due_finds_open_tasks_by_state_and_reap_time(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    waiting = [queued().task_id for _ in range(6)]
+    now = time.time()
+    running = _claimed(store, queued()).task
+    lease_end = running.lease_until
+    assert lease_end is not None
+
+    assert sorted(store.due(ReapState.QUEUED, before=now + 1, limit=10)) == sorted(waiting)
+    assert store.due(ReapState.QUEUED, before=now - 60, limit=10) == []
+    assert len(store.due(ReapState.QUEUED, before=now + 1, limit=4)) == 4
+    assert store.due(ReapState.RUNNING, before=lease_end, limit=10) == []
+    assert store.due(ReapState.RUNNING, before=lease_end + 1, limit=10) == [running.task_id]
+
+
+def test_a_task_created_now_is_queued_in_the_reaper_index(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    before = datetime.now(UTC).timestamp()
+    task = queued(queue_ttl_seconds=90)
+    row = _row(table, task.task_id)
+    assert row["reap_shard"] == reap_shard(task.task_id, ReapState.QUEUED)
+    assert before - 1 <= float(row["reap_at"]) <= time.time() + 1
+    assert task.queue_deadline == pytest.approx(float(row["reap_at"]) + 90, abs=0.01)
+
+
+def test_a_missing_id_counts_as_never_written_only_once_its_grace_is_over(
+    store: TaskStore,
+) -> None:
+    task_id = new_task_id(1_800_000_000.0)
+    issued = issued_at(task_id)
+    assert issued == 1_800_000_000.0
+
+    at_grace = store.inactive_among([task_id], now=issued + UNWRITTEN_GRACE_SECONDS)
+    past_grace = store.inactive_among([task_id], now=issued + UNWRITTEN_GRACE_SECONDS + 0.01)
+
+    assert at_grace == set()  # its submit may still be writing it
+    assert past_grace == {task_id}
+
+
+def test_an_upload_window_closing_exactly_now_is_still_open(store: TaskStore) -> None:
+    task = _awaiting_upload(store)
+    deadline = task.upload_deadline
+    assert deadline is not None
+
+    assert store.inactive_among([task.task_id], now=deadline) == set()
+    assert store.get(task.task_id).status is TaskStatus.AWAITING_UPLOAD  # type: ignore[union-attr]
+    assert store.inactive_among([task.task_id], now=deadline + 0.01) == {task.task_id}
