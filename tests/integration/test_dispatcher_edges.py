@@ -273,3 +273,32 @@ def test_a_lease_taken_over_during_the_call_leaves_done_to_the_new_holder(make_s
     assert s3.head_object(Bucket=h.stack.ref("ImagesBucket"), Key=f"results/{task_id}.png")
     assert h.image_servers[0].stats()["calls"] == 1
     assert _live_leases(h) == []
+
+
+def test_a_lease_taken_over_between_two_attempts_makes_no_second_call(make_stack, alice):
+    # Given two failing endpoints: the first attempt fails on one, and before the next
+    # attempt (on the other, in the same invocation) another worker re-claims the task
+    h = make_stack(
+        endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs(failure_rate=1.0)]
+    )
+    h.run_checker()
+    task_id = _queued_image_task(h, alice)
+    tasks = TaskStore(_tasks_table(h))
+
+    def another_worker_reclaims() -> None:
+        running = tasks.get(task_id)
+        assert running is not None
+        assert tasks.claim(running, lease_seconds=60, now=time.time() + 3600) is not None
+
+    racing = RacingTable(_tasks_table(h)).race(None, another_worker_reclaims)
+
+    outcome = _dispatcher(h, tasks_table=racing).dispatch(
+        QueueMessage(task_id=task_id), remaining_seconds=_plenty
+    )
+
+    assert racing.pending == 0
+    assert outcome is Outcome.SKIPPED
+    row = h.task_row(task_id)
+    assert (row["status"], row["attempt"]) == ("RUNNING", 2)
+    assert sorted(s.stats()["calls"] for s in h.image_servers) == [0, 1]
+    assert _live_leases(h) == []
