@@ -49,7 +49,9 @@ def _live_leases(h, kind: TaskKind = TaskKind.IMAGE) -> list[str]:
     ]
 
 
-def _dispatcher(h, *, tasks_table=None, kinds=(TaskKind.IMAGE,)) -> TaskDispatcher:
+def _dispatcher(
+    h, *, tasks_table=None, kinds=(TaskKind.IMAGE,), circuit_failure_threshold: int = 3
+) -> TaskDispatcher:
     """The dispatcher the handler builds, on this stack, with the given task table (a racing
     one, say) and jobs for `kinds` only."""
     jobs = {
@@ -66,6 +68,7 @@ def _dispatcher(h, *, tasks_table=None, kinds=(TaskKind.IMAGE,)) -> TaskDispatch
             max_attempts=3,
             health_max_age_seconds=90,
             slot_wait_seconds=0,
+            circuit_failure_threshold=circuit_failure_threshold,
         ),
     )
 
@@ -206,6 +209,29 @@ def test_time_running_out_between_attempts_hands_the_task_back_with_the_error(ma
     assert row["error"].startswith("attempt 1 on ")
     assert row["error"].endswith("HTTP 500")
     assert h.get_task(alice, task_id).json()["status"] == "QUEUED"
+    assert h.image_servers[0].stats()["calls"] == 1
+    assert _live_leases(h) == []
+
+
+def test_a_retry_that_finds_no_endpoint_left_hands_the_task_back_with_the_error(make_stack, alice):
+    # Given the only endpoint fails, and its circuit opens on that one failure
+    h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0)])
+    h.run_checker()
+    task_id = _queued_image_task(h, alice)
+
+    # When the retry in the same invocation looks for another endpoint
+    with pytest.raises(RetryLater) as retry:
+        _dispatcher(h, circuit_failure_threshold=1).dispatch(
+            QueueMessage(task_id=task_id), remaining_seconds=_plenty
+        )
+
+    # Then the message is to come back later as a fresh copy, and the task waits QUEUED with
+    # the failed attempt's error (no attempt spent on the wait itself)
+    assert retry.value.requeue
+    row = h.task_row(task_id)
+    assert (row["status"], row["attempt"]) == ("QUEUED", 1)
+    assert row["error"].endswith("HTTP 500")
+    assert "lease_until" not in row
     assert h.image_servers[0].stats()["calls"] == 1
     assert _live_leases(h) == []
 
