@@ -77,7 +77,6 @@ class RacingTable:
     def __init__(self, table: Any) -> None:
         self._table = table
         self._writes: list[Callable[[], Any] | None] = []
-        self.updates = 0  # update_item calls made through this table
 
     def race(self, *writes: Callable[[], Any] | None) -> RacingTable:
         self._writes.extend(writes)
@@ -89,7 +88,6 @@ class RacingTable:
         return len(self._writes)
 
     def update_item(self, **kwargs: Any) -> Any:
-        self.updates += 1
         write = self._writes.pop(0) if self._writes else None
         if write is not None:
             write()
