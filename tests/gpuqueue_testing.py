@@ -67,6 +67,36 @@ def dynamodb_operations(client: Any) -> Iterator[list[str]]:
         client.meta.events.unregister("before-call.dynamodb.*", count)
 
 
+class RacingTable:
+    """A DynamoDB table on which another writer gets in first: the writes given to `race`
+    run (against the real table) one before each of this table's next `update_item` calls,
+    in order, as a concurrent worker's write landing between our read and our conditional
+    write would (None: that update goes through alone). Every other call goes straight to
+    the real table."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+        self._writes: list[Callable[[], Any] | None] = []
+
+    def race(self, *writes: Callable[[], Any] | None) -> RacingTable:
+        self._writes.extend(writes)
+        return self
+
+    @property
+    def pending(self) -> int:
+        """Competing writes not yet made."""
+        return len(self._writes)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        write = self._writes.pop(0) if self._writes else None
+        if write is not None:
+            write()
+        return self._table.update_item(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+
 def load_event(name: str) -> dict[str, Any]:
     """A sample event from events/, the same file `sam local invoke` uses (a fresh copy)."""
     data: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import boto3
 import pytest
 
 
@@ -99,3 +100,57 @@ def test_malformed_json_is_400(make_stack):
     response = _post(h, "/login", raw_body="{not json")
     assert response.status == 400
     assert response.json()["code"] == "INVALID_JSON"
+
+
+def _cognito_client(h):
+    return boto3.client("cognito-idp"), h.stack.ref("UserPool"), h.stack.ref("UserPoolClient")
+
+
+def test_an_account_created_with_a_temporary_password_gets_a_401_naming_the_missing_step(
+    make_stack,
+):
+    # Given an account an operator created in the console: Cognito wants a new password
+    # (NEW_PASSWORD_REQUIRED) before it hands out tokens, a step this API does not offer
+    h = make_stack(endpoints=[])
+    cognito, pool, _ = _cognito_client(h)
+    cognito.admin_create_user(UserPoolId=pool, Username="invited", TemporaryPassword="temp-pass-1")
+
+    response = _post(h, "/login", {"username": "invited", "password": "temp-pass-1"})
+
+    assert response.status == 401
+    body = response.json()
+    assert body["code"] == "INVALID_CREDENTIALS"
+    assert "challenge" in body["error"]
+    assert "token" not in body
+
+
+def test_an_account_left_unconfirmed_by_an_interrupted_register_can_still_log_in(make_stack):
+    # Given a register that stopped between Cognito's sign-up and the stack's confirmation
+    # (the API has no e-mail step: the stack confirms every account itself)
+    h = make_stack(endpoints=[])
+    cognito, _, client_id = _cognito_client(h)
+    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234")
+    assert _post(h, "/register", {"username": "user1", "password": "pass1234"}).status == 409
+
+    # When the user logs in with the password they registered
+    response = _post(h, "/login", {"username": "user1", "password": "pass1234"})
+
+    # Then they get their token (was: an unhandled UserNotConfirmedException, a 500)
+    assert response.status == 200
+    assert _claims(response.json()["token"])["token_use"] == "access"
+    # and a wrong password is still the same 401 as ever
+    wrong = _post(h, "/login", {"username": "user1", "password": "wrong-pass1"})
+    assert wrong.status == 401
+
+
+def test_an_unconfirmed_account_is_not_confirmed_by_a_wrong_password(make_stack):
+    h = make_stack(endpoints=[])
+    cognito, pool, client_id = _cognito_client(h)
+    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234")
+
+    response = _post(h, "/login", {"username": "user1", "password": "wrong-pass1"})
+
+    assert response.status == 401
+    assert response.json()["code"] == "INVALID_CREDENTIALS"
+    user = cognito.admin_get_user(UserPoolId=pool, Username="user1")
+    assert user["UserStatus"] == "UNCONFIRMED"

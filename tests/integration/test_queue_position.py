@@ -9,8 +9,16 @@ import boto3
 import pytest
 
 from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.models import TaskKind
+from gpuqueue.models import Priority, TaskKind
+from gpuqueue.queue_position import (
+    GAP_EWMA_ALPHA,
+    GAP_ROUNDS,
+    LaneState,
+    QueuePositions,
+    departure_time,
+)
 from gpuqueue_local.standins.image_server import ImageServerKnobs
+from gpuqueue_testing import RacingTable
 
 
 def _status(h, user, task_id, headers=None):
@@ -171,3 +179,88 @@ def test_submit_and_status_answers_name_the_push_url(make_stack, alice):
 
     assert submitted.headers["x-push-url"].startswith("wss://")
     assert status.headers["x-push-url"] == submitted.headers["x-push-url"]
+
+
+# --- departures counted concurrently: the lane row's optimistic writes ----------------------
+# Several TaskEventsFunction invocations (one per stream shard) count departures from one
+# lane row; each times its departure against the last one recorded, and writes only if the
+# row is still as it read it.
+
+
+def _lane_table(h):
+    return boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
+
+
+def _lane_with_waiting_tasks(h, alice, count: int) -> list[str]:
+    """`count` tasks queued in the normal lane (tickets 1..count), nothing departed yet."""
+    return [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(count)]
+
+
+def test_a_departure_written_meanwhile_is_counted_and_ours_timed_against_it(make_stack, alice):
+    h = make_stack(endpoints=[])
+    ids = _lane_with_waiting_tasks(h, alice, 6)
+    positions = QueuePositions(_lane_table(h))
+    positions.left(Priority.NORMAL, at=1000.0)
+    # Another shard's departure (at 1002) lands between our read of the row and our write.
+    racing = RacingTable(_lane_table(h)).race(
+        lambda: positions.left(Priority.NORMAL, at=1002.0), None
+    )
+
+    QueuePositions(racing).left(Priority.NORMAL, at=1003.0)
+
+    assert racing.pending == 0
+    # Three departures counted, and the gaps measured in order: 2 s, then our 1 s.
+    lane = positions.lane(Priority.NORMAL)
+    assert lane.left == 3
+    assert lane.gap_seconds == pytest.approx(GAP_EWMA_ALPHA * 1.0 + (1 - GAP_EWMA_ALPHA) * 2.0)
+    assert _position(h, alice, ids[-1]) == 2
+
+
+def test_a_departure_that_keeps_losing_the_race_is_still_counted(make_stack, alice):
+    h = make_stack(endpoints=[])
+    ids = _lane_with_waiting_tasks(h, alice, 8)
+    positions = QueuePositions(_lane_table(h))
+    positions.left(Priority.NORMAL, at=1000.0)
+    # Every round of ours (GAP_ROUNDS of them) loses to another departure, 2 s apart.
+    others = [1000.0 + 2 * (i + 1) for i in range(GAP_ROUNDS)]
+    racing = RacingTable(_lane_table(h)).race(
+        *(lambda at=at: positions.left(Priority.NORMAL, at=at) for at in others)
+    )
+
+    QueuePositions(racing).left(Priority.NORMAL, at=others[-1] + 1.0)
+
+    assert racing.pending == 0
+    lane = positions.lane(Priority.NORMAL)
+    assert lane.left == 1 + GAP_ROUNDS + 1  # ours is counted all the same...
+    assert lane.gap_seconds == pytest.approx(2.0)  # ...and only its timing is given up
+    assert _position(h, alice, ids[-1]) == len(ids) - lane.left - 1
+
+
+def test_a_departure_older_than_the_last_recorded_is_counted_but_not_timed(make_stack, alice):
+    # Stream records of different tasks come through different shards, so a departure can
+    # be counted after a later one.
+    h = make_stack(endpoints=[])
+    ids = _lane_with_waiting_tasks(h, alice, 5)
+    positions = QueuePositions(_lane_table(h))
+    positions.left(Priority.NORMAL, at=1000.0)
+    positions.left(Priority.NORMAL, at=1004.0)
+    before = _lane_table(h).get_item(Key={"pk": "lane#normal"})["Item"]
+
+    positions.left(Priority.NORMAL, at=1001.0)
+
+    after = _lane_table(h).get_item(Key={"pk": "lane#normal"})["Item"]
+    assert after["left"] == before["left"] + 1
+    assert after["gap_seconds"] == before["gap_seconds"] == 4  # no negative gap folded in
+    assert after["last_left_at"] == before["last_left_at"] == 1004
+    assert _position(h, alice, ids[-1]) == 5 - 3 - 1
+
+
+def test_a_departure_without_a_readable_time_is_counted_without_timing(make_stack, alice):
+    h = make_stack(endpoints=[])
+    ids = _lane_with_waiting_tasks(h, alice, 3)
+    positions = QueuePositions(_lane_table(h))
+
+    positions.left(Priority.NORMAL, at=departure_time("not a timestamp"))
+
+    assert positions.lane(Priority.NORMAL) == LaneState(left=1, gap_seconds=None)
+    assert _position(h, alice, ids[-1]) == 1

@@ -334,3 +334,76 @@ def test_audio_the_endpoint_cannot_decode_is_a_422(speech_stack, alice):
     assert response.status == 422, response.body
     assert response.json()["code"] == "UNPROCESSABLE_AUDIO"
     assert response.json()["field"] == "file"
+
+
+# --- the upload form's errors: answered before any audio is read or any endpoint called ------
+
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt "
+FORM_BODY, FORM_TYPE = multipart({"file": ("a.wav", WAV, "audio/wav")})
+NAMELESS_PART = (
+    f"--{BOUNDARY}\r\nContent-Disposition: form-data\r\n\r\n".encode()
+    + WAV
+    + f"\r\n--{BOUNDARY}--\r\n".encode()
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (
+            ("application/json", b'{"file": "a.wav"}'),
+            (415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type"),
+        ),
+        (("audio/wav", WAV), (415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type")),
+        (("multipart/form-data", FORM_BODY), (400, "INVALID_INPUT", "Content-Type")),
+        (("multipart/form-data; boundary=another", FORM_BODY), (400, "INVALID_INPUT", "body")),
+        ((FORM_TYPE, b""), (400, "INVALID_INPUT", "body")),
+        ((FORM_TYPE, b"the audio, without any form around it"), (400, "INVALID_INPUT", "body")),
+        ((FORM_TYPE, NAMELESS_PART), (400, "INVALID_INPUT", "file")),
+    ],
+    ids=[
+        "json",
+        "bare-audio",
+        "no-boundary",
+        "other-boundary",
+        "empty-body",
+        "no-parts",
+        "part-without-a-name",
+    ],
+)
+def test_a_request_that_is_not_a_usable_form_is_a_4xx_naming_the_field(
+    make_stack, alice, sent, answer
+):
+    h = make_stack(endpoints=[], speech=[SpeechServerKnobs()])
+    h.run_checker()
+    content_type, body = sent
+
+    response = h.call(
+        "speech_handler",
+        "POST",
+        "/api/v1/speech/transcribe",
+        binary_body=body,
+        user=alice,
+        headers={"content-type": content_type},
+    )
+
+    status, code, field = answer
+    assert response.status == status
+    error = response.json()
+    assert (error["code"], error["field"]) == (code, field)
+    assert error["error"]
+    assert h.speech_servers[0].stats()["calls"] == 0
+
+
+def test_a_language_that_is_not_a_language_code_is_a_400_naming_it(speech_stack, alice):
+    wav = speak_wav(HELLO)
+    for language in ("x", "a-very-long-language-tag", "français"):
+        response = transcribe(
+            speech_stack,
+            alice,
+            {"file": ("hello.wav", wav, "audio/wav"), "language": (None, language.encode(), None)},
+        )
+
+        assert response.status == 400, language
+        assert response.json()["field"] == "language"
+    assert speech_stack.speech_servers[0].stats()["calls"] == 0

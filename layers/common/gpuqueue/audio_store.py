@@ -55,15 +55,6 @@ class AudioStore:
             ExpiresIn=expires_in_seconds,
         )
 
-    def size_of(self, key: str) -> int | None:
-        """The object's size, or None if it is not there."""
-        try:
-            return self._s3.head_object(Bucket=self._bucket, Key=key)["ContentLength"]
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
-
     def get(self, key: str) -> bytes | None:
         try:
             return self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()

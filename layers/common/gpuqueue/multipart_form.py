@@ -36,9 +36,7 @@ def parse_form(body: bytes, content_type: str | None) -> dict[str, FormPart]:
     if not isinstance(message, EmailMessage) or not message.is_multipart():
         raise InvalidInput("malformed multipart body", field="body")
     parts: dict[str, FormPart] = {}
-    for part in message.iter_parts():
-        if not isinstance(part, EmailMessage):
-            continue
+    for part in message.iter_parts():  # EmailMessage parts: the HTTP policy's factory
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or name in parts:
             continue

@@ -11,6 +11,7 @@ from gpuqueue.models import Credentials, TokenResponse
 
 if TYPE_CHECKING:
     from mypy_boto3_cognito_idp import CognitoIdentityProviderClient
+    from mypy_boto3_cognito_idp.type_defs import InitiateAuthResponseTypeDef
 
 
 def _code(error: ClientError) -> str:
@@ -57,7 +58,26 @@ class UserDirectory:
 
     def login(self, credentials: Credentials) -> TokenResponse:
         try:
-            result = self._cognito.initiate_auth(
+            result = self._initiate_auth(credentials)
+        except ClientError as error:
+            if _code(error) != "UserNotConfirmedException":
+                raise
+            # A register that stopped between sign-up and confirmation: the API has no e-mail
+            # step, the stack confirms every account itself, so it does so now. Cognito checks
+            # the password first: a wrong one is a NotAuthorizedException and confirms nothing.
+            self._cognito.admin_confirm_sign_up(
+                UserPoolId=self._pool, Username=credentials.username
+            )
+            result = self._initiate_auth(credentials)
+        auth = result.get("AuthenticationResult")
+        if not auth or "AccessToken" not in auth:
+            raise InvalidCredentials("login needs a further challenge this API does not support")
+        # The access token: it carries the scope the API's JWT authorizer requires.
+        return TokenResponse(token=auth["AccessToken"], expires_in=int(auth.get("ExpiresIn", 3600)))
+
+    def _initiate_auth(self, credentials: Credentials) -> InitiateAuthResponseTypeDef:
+        try:
+            return self._cognito.initiate_auth(
                 ClientId=self._client,
                 AuthFlow="USER_PASSWORD_AUTH",
                 AuthParameters={
@@ -70,8 +90,3 @@ class UserDirectory:
             if _code(error) in {"NotAuthorizedException", "UserNotFoundException"}:
                 raise InvalidCredentials("invalid username or password") from None
             raise
-        auth = result.get("AuthenticationResult")
-        if not auth or "AccessToken" not in auth:
-            raise InvalidCredentials("login needs a further challenge this API does not support")
-        # The access token: it carries the scope the API's JWT authorizer requires.
-        return TokenResponse(token=auth["AccessToken"], expires_in=int(auth.get("ExpiresIn", 3600)))
