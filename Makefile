@@ -14,8 +14,11 @@ export SAM_CLI_TELEMETRY := 0
 # their stacks, so a third worker uses that CPU (suite 259 s -> 225 s here).
 PYTEST_ARGS ?= -n 3 --dist loadgroup
 # Branch coverage of the layer, the functions and the client, least covered first; the floor
-# is [tool.coverage.report] fail_under.
-COVERAGE_ARGS ?= --cov --cov-report=term --cov-report=json:.aws-sam/coverage.json
+# is [tool.coverage.report] fail_under. Not yet in `make test` by default: on Python 3.11 the
+# tracer adds ~55 % CPU to the integration tests, which starves the e2e stacks on a 2-core box
+# (issue 15's note); `make coverage`, or `make test COVERAGE_ARGS="$(COVERAGE_ON)"`.
+COVERAGE_ON := --cov --cov-report=term --cov-report=json:.aws-sam/coverage.json
+COVERAGE_ARGS ?=
 PORT ?= $(or $(GPUQUEUE_PORT),3000)
 UP_ARGS ?=
 # The samconfig.toml environment `make deploy` uses: default, dev or prod.
@@ -25,7 +28,7 @@ ENV ?= default
 SAMCONFIG := $(CURDIR)/samconfig.toml
 BUILT_TEMPLATE := .aws-sam/build/template.yaml
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions mutate
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions mutate coverage
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -73,6 +76,9 @@ test: lint system-packages ## everything CI runs: lint, then the whole pytest su
 	rm -rf $(IAM_AUDIT_DIR) && mkdir -p $(IAM_AUDIT_DIR)
 	GPUQUEUE_IAM_AUDIT_DIR=$(CURDIR)/$(IAM_AUDIT_DIR) $(PY) -m pytest $(PYTEST_ARGS) $(COVERAGE_ARGS)
 	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
+
+coverage: venv ## unit + integration tests with branch coverage; fails under the floor (pyproject)
+	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS) $(COVERAGE_ON)
 
 permissions: venv ## docs/permissions.md from the last make test's recorded calls
 	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
