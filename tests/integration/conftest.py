@@ -42,6 +42,7 @@ from gpuqueue_local.moto_server import AUDIT_DIR_ENV
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
+from gpuqueue_local.template import load_template
 from gpuqueue_testing import FakeLambdaContext, load_event
 
 HANDLER_MODULES = (
@@ -103,6 +104,32 @@ def moto_url() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def template_table(
+    moto_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[str], Any]]:
+    """Makes a fresh, empty table from template.yaml's definition of a logical id: one table and
+    no stack, for tests of the domain classes on their own. Deleted after the test."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    created: list[Any] = []
+
+    def make(logical_id: str) -> Any:
+        props = load_template()["Resources"][logical_id]["Properties"]
+        table = boto3.resource("dynamodb").create_table(
+            TableName=f"{logical_id}-{uuid.uuid4().hex[:8]}",
+            AttributeDefinitions=props["AttributeDefinitions"],
+            KeySchema=props["KeySchema"],
+            GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        created.append(table)
+        return table
+
+    yield make
+    for table in created:
+        table.delete()
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
-import boto3
 import pytest
 
 from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
@@ -30,30 +29,14 @@ from gpuqueue.models import (
     TaskStatus,
 )
 from gpuqueue.task_store import TaskStore
-from gpuqueue_local.template import load_template
 
 TIMEOUT = 10.0
 PLENTY = 900.0  # seconds left in the invocation: room for several full calls
 
 
-def _table(logical_id: str) -> Any:
-    props = load_template()["Resources"][logical_id]["Properties"]
-    return boto3.resource("dynamodb").create_table(
-        TableName=f"{logical_id}-{uuid.uuid4().hex[:8]}",
-        AttributeDefinitions=props["AttributeDefinitions"],
-        KeySchema=props["KeySchema"],
-        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
-        BillingMode="PAY_PER_REQUEST",
-    )
-
-
 @pytest.fixture
-def tables(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    tasks, endpoints = _table("TasksTable"), _table("EndpointsTable")
-    yield tasks, endpoints
-    tasks.delete()
-    endpoints.delete()
+def tables(template_table: Callable[[str], Any]) -> tuple[Any, Any]:
+    return template_table("TasksTable"), template_table("EndpointsTable")
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ Fast on purpose: `make mutate` runs these against every mutant of reaper.py
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
-import boto3
 import pytest
 
 from gpuqueue.models import (
@@ -26,7 +24,6 @@ from gpuqueue.models import (
 from gpuqueue.reaper import Reaper, ReaperPolicy
 from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_store import ReapState, TaskStore
-from gpuqueue_local.template import load_template
 
 GRACE = 60.0
 REQUEUE_AFTER = 900.0
@@ -44,18 +41,8 @@ class Lane:
 
 
 @pytest.fixture
-def store(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TaskStore]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    props = load_template()["Resources"]["TasksTable"]["Properties"]
-    table = boto3.resource("dynamodb").create_table(
-        TableName=f"tasks-{uuid.uuid4().hex[:10]}",
-        AttributeDefinitions=props["AttributeDefinitions"],
-        KeySchema=props["KeySchema"],
-        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    yield TaskStore(table)
-    table.delete()
+def store(template_table: Callable[[str], Any]) -> TaskStore:
+    return TaskStore(template_table("TasksTable"))
 
 
 @pytest.fixture

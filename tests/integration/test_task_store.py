@@ -7,12 +7,10 @@ task_store.py (docs/mutation.md)."""
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
 import pytest
 
 from gpuqueue.errors import TaskNotFound, TaskStateConflict
@@ -25,25 +23,14 @@ from gpuqueue.task_store import (
     TaskStore,
     reap_shard,
 )
-from gpuqueue_local.template import load_template
 
 OWNER = "alice"
 LEASE = 30.0
 
 
 @pytest.fixture
-def table(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    props = load_template()["Resources"]["TasksTable"]["Properties"]
-    created = boto3.resource("dynamodb").create_table(
-        TableName=f"tasks-{uuid.uuid4().hex[:10]}",
-        AttributeDefinitions=props["AttributeDefinitions"],
-        KeySchema=props["KeySchema"],
-        GlobalSecondaryIndexes=props["GlobalSecondaryIndexes"],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    yield created
-    created.delete()
+def table(template_table: Callable[[str], Any]) -> Any:
+    return template_table("TasksTable")
 
 
 @pytest.fixture
