@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs.type_defs import MessageTypeDef
 
 LONG_POLL_SECONDS = 2  # short enough that stopping is quick; SQS allows up to 20
+# Lambda polls an SQS queue with five pollers and adds more only while messages keep coming.
+# Here too: an idle queue costs five long polls, not one per allowed batch (an uncapped
+# function's 32 pollers kept moto a third busy with receives on empty dead-letter queues).
+IDLE_POLLERS = 5
 
 
 @dataclass
@@ -42,12 +46,17 @@ class SqsEventSource:
     _stop: threading.Event = field(default_factory=threading.Event)
     _enabled: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    # Set while receives return messages: the pollers past IDLE_POLLERS poll only then.
+    _busy: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         self._enabled.set()
         for index in range(self.concurrency):
             thread = threading.Thread(
-                target=self._poll, daemon=True, name=f"esm-{self.function.spec.logical_id}-{index}"
+                target=self._poll,
+                args=(index >= IDLE_POLLERS,),
+                daemon=True,
+                name=f"esm-{self.function.spec.logical_id}-{index}",
             )
             thread.start()
             self._threads.append(thread)
@@ -63,6 +72,7 @@ class SqsEventSource:
         """No new polls or invocations (what is under way goes on); `stop` then waits."""
         self._stop.set()
         self._enabled.set()
+        self._busy.set()
 
     def stop(self) -> None:
         self.stopping()
@@ -86,7 +96,7 @@ class SqsEventSource:
                 break
         return messages
 
-    def _poll(self) -> None:
+    def _poll(self, extra: bool) -> None:
         sqs = boto3.client(
             "sqs",
             region_name=self.region,
@@ -97,6 +107,8 @@ class SqsEventSource:
         while not self._stop.is_set():
             if not self._enabled.wait(timeout=0.5):
                 continue
+            if extra and not self._busy.wait(timeout=0.5):
+                continue
             try:
                 messages = self._receive(sqs)
             except Exception as error:
@@ -105,7 +117,9 @@ class SqsEventSource:
                 self._stop.wait(1.0)
                 continue
             if not messages:
+                self._busy.clear()
                 continue
+            self._busy.set()
             if not self._enabled.is_set():
                 # Paused while this poll was under way: hand the messages straight back.
                 for message in messages:

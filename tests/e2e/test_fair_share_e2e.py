@@ -97,6 +97,8 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+# 50 submits and their 1 s calls: minutes on a loaded 2-core machine, past the suite's 120 s.
+@pytest.mark.timeout(300)
 def test_a_vip_task_behind_50_normal_ones_starts_before_them(lane_stack):
     normal_users = [register_user(lane_stack) for _ in range(5)]
     vip = _vip(lane_stack)
@@ -121,6 +123,15 @@ def _vip_goes_first(
     finally:
         lane_stack.knobs(0, hang=False)  # the held calls end; the slots free up
 
+    try:
+        _vip_started_first(normal, vip, vip_id)
+    finally:
+        # Leave an empty queue to the next test, whatever happened here.
+        for user, task_id in normal:
+            user.delete(f"/api/v1/tasks/{task_id}")
+
+
+def _vip_started_first(normal: list[tuple[ApiUser, str]], vip: ApiUser, vip_id: str) -> None:
     vip_task = vip.wait(vip_id, timeout=60)
     assert vip_task["status"] == "DONE"
     assert vip_task["priority"] == "high"
@@ -136,11 +147,9 @@ def _vip_goes_first(
     # 2-core machine: a normal task or two of 1 s on each slot goes meanwhile).
     assert len(waiting) >= 30, len(waiting)
     assert len(overtook) <= len(waiting) // 5, [t["prompt"] for t in overtook]
-    # Leave an empty queue to the next test.
-    for user, task_id in normal:
-        user.delete(f"/api/v1/tasks/{task_id}")
 
 
+@pytest.mark.timeout(300)
 def test_normal_tasks_still_progress_under_a_flood_of_vip_tasks(lane_stack):
     vip = _vip(lane_stack)
     user = register_user(lane_stack)
@@ -208,7 +217,8 @@ def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_
         item = limits.get_item(Key={"pk": f"active#{_sub(user)}"}).get("Item") or {}
         return not item.get("active")
 
-    wait_for(share_empty, timeout=10, what="the stream released the ended tasks' shares")
+    # The stream's lag is well under a second here, seconds on a loaded machine.
+    wait_for(share_empty, timeout=30, what="the stream released the ended tasks' shares")
     assert submit(ACTIVE_LIMIT + 1).status_code == 202
 
 
@@ -218,6 +228,9 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     user = register_user(lane_stack)
     lane_stack.knobs(0, latency_s=1.0)
     _set_slots(lane_stack, 1)
+    # The module's earlier tests hold calls for as long as their submits take: measured, one
+    # such call would make this ETA's own call seconds long. The warm burst measures afresh.
+    lane_stack.forget_call_times()
     try:
         # A burst first: the calls measure the endpoint, the departures the lane's pace.
         for task_id in [user.submit(f"warm {i}") for i in range(8)]:
