@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue_local.event_source_mapping import LONG_POLL_SECONDS, SqsEventSource
+from gpuqueue_local.event_source_mapping import IDLE_POLLERS, LONG_POLL_SECONDS, SqsEventSource
 from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec, InvocationResult
 from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.stack import _endpoint_parameters, _wait_for_endpoints
@@ -441,6 +441,42 @@ def test_event_source_deletes_messages_the_function_handled(
     wait_for(queues.empty, timeout=10.0, what="the queue to empty")
     assert sorted(delivered(deliveries)) == ["good-1", "good-2"]
     assert queues.dead_letters() == 0
+
+
+def test_an_idle_queue_is_polled_by_five_pollers_whatever_the_concurrency(
+    make_function: Callable[..., FunctionRuntime], queues: Queues, deliveries: Path
+) -> None:
+    pollers: set[str] = set()
+    receives: list[str] = []
+
+    def count(**_: Any) -> None:
+        receives.append(threading.current_thread().name)
+        pollers.add(threading.current_thread().name)
+
+    # Clients the pollers make from now on carry the hook (the default session's events).
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register("before-call.sqs.ReceiveMessage", count)  # type: ignore[union-attr]
+    function = make_function(
+        "batch.partial", logical_id="Idle", env={"DELIVERIES": str(deliveries)}
+    )
+    source = SqsEventSource(
+        function=function, queue_url=queues.url, queue_arn=queues.arn, batch_size=5, concurrency=20
+    )
+    source.start()
+    try:
+        # Three rounds of long polls by the first pollers: time enough for any other to start.
+        wait_for(lambda: len(receives) >= 3 * IDLE_POLLERS, timeout=30.0, what="idle polls")
+        idle_pollers = set(pollers)
+        queues.send(*[f"m{i}" for i in range(12)])
+        wait_for(queues.empty, timeout=20.0, what="the queue to empty")
+    finally:
+        source.stop()
+        boto3.setup_default_session()
+
+    assert len(idle_pollers) == IDLE_POLLERS, sorted(idle_pollers)
+    # Every message handled (at least once: this queue's visibility timeout is 1 s, shorter
+    # than a cold start, so a message may come twice, as SQS would deliver it).
+    assert set(delivered(deliveries)) == {f"m{i}" for i in range(12)}
 
 
 def test_event_source_redelivers_a_reported_failure_until_it_is_dead_lettered(
