@@ -71,7 +71,7 @@ def test_seed_client_flow_register_login_submit_poll_download_list_stats(local_s
     )
     assert image.status_code == 302
     png = requests.get(image.headers["location"], timeout=30)
-    assert png.status_code == 200
+    assert png.status_code == 200, (png.text, image.headers["location"])  # S3 says why it refused
     assert Image.open(io.BytesIO(png.content)).format == "PNG"
     assert Image.open(io.BytesIO(png.content)).size == (320, 192)
 

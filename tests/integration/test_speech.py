@@ -223,7 +223,7 @@ def test_long_audio_is_uploaded_queued_dispatched_and_transcribed(speech_stack, 
     put = requests.put(
         ticket["upload_url"], data=audio, headers=ticket["upload_headers"], timeout=30
     )
-    assert put.status_code == 200
+    assert put.status_code == 200, (put.text, ticket["upload_url"])  # S3 says why it refused
     assert speech_stack.get_task(alice, task_id).json()["status"] == "AWAITING_UPLOAD"
     speech_stack.audio_uploaded(f"audio/{task_id}", len(audio))
     assert speech_stack.get_task(alice, task_id).json()["status"] == "QUEUED"
