@@ -282,10 +282,22 @@ def _presigned_signature(
     ]
     bare = urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote)))
     request = AWSRequest(method=method, url=bare, headers=dict(headers))
-    request.context["timestamp"] = date
-    S3SigV4QueryAuth(credentials, "s3", region, expires=expires).add_auth(request)
-    signed = dict(parse_qsl(urlsplit(str(request.url)).query))
-    return str(signed["X-Amz-Signature"])
+    return _SignedAt(date, credentials, "s3", region, expires=expires).signature_of(request)
+
+
+class _SignedAt(S3SigV4QueryAuth):
+    """botocore's presigner at a given time: `add_auth` stamps the request with the current
+    second, so a URL checked in a later second than it was signed would never match."""
+
+    def __init__(self, date: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._date = date
+
+    def signature_of(self, request: AWSRequest) -> str:
+        request.context["timestamp"] = self._date
+        self._modify_request_before_signing(request)
+        canonical = self.canonical_request(request)
+        return str(self.signature(self.string_to_sign(request, canonical), request))
 
 
 def _check_presigned(handler: Any, resource: str) -> None:

@@ -8,7 +8,9 @@ action and the resource, as DynamoDB, SQS and S3 answer on AWS.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import boto3
 import pytest
@@ -124,6 +126,16 @@ def test_presigned_urls_are_checked_for_signature_expiry_and_the_signers_role(
         "get_object", Params={"Bucket": bucket, "Key": "results/t.png"}, ExpiresIn=60
     )
     assert requests.get(good, timeout=10).content == b"png"
+
+    # Signed earlier than it is used (a client fetches it later): still good until it expires.
+    signed_earlier = datetime.now(UTC) - timedelta(seconds=30)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=signed_earlier):
+        earlier = tasks_s3.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": "results/t.png"}, ExpiresIn=60
+        )
+    assert "X-Amz-Date=" + signed_earlier.strftime("%Y%m%dT%H%M%SZ") in earlier
+    used = requests.get(earlier, timeout=10)
+    assert (used.status_code, used.content) == (200, b"png"), used.text
 
     tampered = good.replace("results/t.png", "results/u.png")
     assert requests.get(tampered, timeout=10).status_code == 403
