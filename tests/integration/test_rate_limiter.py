@@ -383,6 +383,8 @@ def test_a_new_users_parallel_submits_all_pass_on_a_real_clock(
         counting,
     )
     assert all(d.allowed for d, _ in results)
-    # 199 down to 179, give or take what refills while they run (0.5 a second).
-    assert min(d.remaining for d, _ in results) >= 179
+    # 199 down to 179, give or take what refills while they run (0.5 a second); and one
+    # less at most: a take counts the tokens left at its own `now`, which can be a few ms
+    # older than the `now` that started the bucket (threads read the clock, then race).
+    assert min(d.remaining for d, _ in results) >= 178
     assert all(r["write"] == 1 and r["failed_write"] <= 1 and not r["read"] for _, r in results)
