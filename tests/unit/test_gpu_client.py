@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 import requests
 from PIL import Image
+from urllib3 import HTTPResponse
 
 from gpuqueue.errors import PermanentGpuError, RetryableGpuError
 from gpuqueue.gpu_client import (
@@ -36,9 +37,11 @@ def png_bytes() -> bytes:
 
 
 def response(status: int, body: bytes | dict[str, Any]) -> requests.Response:
+    """An answer as `requests` gives it with `stream=True`: the body not read yet."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
     result = requests.Response()
     result.status_code = status
-    result._content = json.dumps(body).encode() if isinstance(body, dict) else body
+    result.raw = HTTPResponse(body=io.BytesIO(data), status=status, preload_content=False)
     result.encoding = "utf-8"
     return result
 
@@ -74,8 +77,11 @@ class FakeSession:
         json: dict[str, Any],
         timeout: tuple[float, float],
         headers: dict[str, str] | None = None,
+        stream: bool = False,
     ) -> Any:
-        self.calls.append({"url": url, "json": json, "timeout": timeout, "headers": headers})
+        self.calls.append(
+            {"url": url, "json": json, "timeout": timeout, "headers": headers, "stream": stream}
+        )
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -367,6 +373,7 @@ def test_image_generators_share_the_given_session() -> None:
     generators = image_generators(cast(requests.Session, session))
 
     generators[EndpointProtocol.OPENAI].generate(ENDPOINT, task(), timeout_seconds=60)
+    session.answer = response(200, {**image_body(png), **a1111_body(png)})  # a body reads once
     generators[EndpointProtocol.A1111].generate(A1111_ENDPOINT, task(), timeout_seconds=60)
 
     assert [c["url"] for c in session.calls] == [

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
 from gpuqueue.gpu_credentials import GpuCredentials
+from gpuqueue.http_deadline import post_within
 from gpuqueue.models import Endpoint, EndpointProtocol, Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,12 +48,16 @@ def _post(
     credentials: GpuCredentials,
 ) -> requests.Response:
     url = f"{endpoint.url.rstrip('/')}{path}"
-    connect = min(CONNECT_TIMEOUT_SECONDS, timeout)
     try:
         return credentials.send(
             endpoint,
-            lambda headers: session.post(
-                url, json=body, headers=dict(headers), timeout=(connect, timeout)
+            lambda headers: post_within(
+                session,
+                url,
+                seconds=timeout,
+                connect_seconds=CONNECT_TIMEOUT_SECONDS,
+                json=body,
+                headers=dict(headers),
             ),
         )
     except requests.ConnectTimeout as error:  # the request never reached the GPU

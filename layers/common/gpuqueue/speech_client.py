@@ -23,6 +23,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
 from gpuqueue.gpu_client import CONNECT_TIMEOUT_SECONDS, RETRYABLE_STATUSES
 from gpuqueue.gpu_credentials import GpuCredentials
+from gpuqueue.http_deadline import post_within
 from gpuqueue.models import Endpoint
 
 __all__ = [
@@ -131,16 +132,17 @@ class OpenAITranscriptionClient:
         if prompt:
             fields["prompt"] = prompt
         url = f"{endpoint.url.rstrip('/')}{TRANSCRIPTIONS_PATH}"
-        connect = min(CONNECT_TIMEOUT_SECONDS, timeout_seconds)
         try:
             response = self._credentials.send(
                 endpoint,
-                lambda headers: self._session.post(
+                lambda headers: post_within(
+                    self._session,
                     url,
+                    seconds=timeout_seconds,
+                    connect_seconds=CONNECT_TIMEOUT_SECONDS,
                     data=fields,
                     files={"file": (filename, audio, content_type)},
                     headers=dict(headers),
-                    timeout=(connect, timeout_seconds),
                 ),
             )
         # ConnectTimeout is both a ConnectionError and a Timeout: catch it as "unreachable"

@@ -5,11 +5,14 @@ Read on every request, so a change (Python API or `POST /knobs`) applies at once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import re
+import threading
 from dataclasses import dataclass
 from email.message import Message
+from http.server import BaseHTTPRequestHandler
 from io import BufferedIOBase
 from typing import Any, Final
 
@@ -34,6 +37,9 @@ class FaultKnobs:
     # `auth_header` when that names another header (X-Api-Key, say).
     auth_token: str | None = None
     auth_header: str = "Authorization"
+    # A slow-dripping server: a generation's answer is sent in DRIP_PIECES pieces, this many
+    # seconds apart (each piece well within a client's read timeout, the whole not).
+    drip_s: float = 0.0
 
 
 def is_authorized(knobs: FaultKnobs, headers: Message[str, str]) -> bool:
@@ -90,7 +96,7 @@ def as_int(name: str, value: object, lo: int, hi: int) -> int:
 
 def validate_knob(name: str, value: object) -> object:
     """A JSON value from `POST /knobs` -> the typed knob value, or ValueError."""
-    if name == "latency_s":
+    if name in ("latency_s", "drip_s"):
         return as_float(name, value, 0.0, HANG_BOUND_S)
     if name == "failure_rate":
         return as_float(name, value, 0.0, 1.0)
@@ -119,3 +125,43 @@ def _validate_auth_knob(name: str, value: object) -> str | None:
     if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{name} must be an HTTP header name")
     return value
+
+
+# With the drip_s knob, an answer goes out in this many pieces.
+DRIP_PIECES = 10
+
+
+def drip_all_but_last(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    content_type: str,
+    data: bytes,
+    *,
+    interval: float,
+    stop: threading.Event,
+) -> bytes | None:
+    """Send the headers and all of `data` but its last piece, `interval` seconds apart (the
+    GPU is still busy meanwhile: the call stays in flight); the last piece, to send once the
+    call has left in-flight. None if the server stopped or the client left."""
+    size = -(-len(data) // DRIP_PIECES)
+    pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+    last = pieces.pop()
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for piece in pieces:
+            handler.wfile.write(piece)
+            handler.wfile.flush()
+            if stop.wait(interval):
+                return None
+    except (ConnectionError, TimeoutError):
+        return None
+    return last
+
+
+def send_last_piece(handler: BaseHTTPRequestHandler, piece: bytes) -> None:
+    with contextlib.suppress(ConnectionError, TimeoutError):  # the client gave up meanwhile
+        handler.wfile.write(piece)

@@ -49,8 +49,10 @@ from gpuqueue_local.standins.fault_knobs import (
     FaultKnobs,
     as_int,
     discard_body,
+    drip_all_but_last,
     is_authorized,
     public_knobs,
+    send_last_piece,
 )
 from gpuqueue_local.standins.serving import BackgroundServer
 
@@ -373,10 +375,25 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = _openai_response(req)
             else:
                 payload = _a1111_response(req)
+            last_piece = None
+            if owner.knobs.drip_s > 0:
+                last_piece = drip_all_but_last(
+                    self,
+                    status,
+                    "application/json",
+                    json.dumps(payload).encode(),
+                    interval=owner.knobs.drip_s,
+                    stop=owner._stop_event,
+                )
+                if last_piece is None:
+                    return
         finally:
             # Leave in_flight before answering so a client that got its reply sees it released.
             owner._exit()
-        self._send_json(status, payload)
+        if last_piece is not None:
+            send_last_piece(self, last_piece)
+        else:
+            self._send_json(status, payload)
 
     def _wait_before_answer(self) -> bool:
         """Apply latency/hang knobs. False means: do not answer at all."""

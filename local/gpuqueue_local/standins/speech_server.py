@@ -61,8 +61,10 @@ from gpuqueue_local.standins.fault_knobs import (
     HANG_BOUND_S,
     FaultKnobs,
     discard_body,
+    drip_all_but_last,
     is_authorized,
     public_knobs,
+    send_last_piece,
 )
 from gpuqueue_local.standins.serving import BackgroundServer
 
@@ -489,13 +491,30 @@ class _Handler(BaseHTTPRequestHandler):
                 status, payload = owner.knobs.fail_status, _error("injected failure", "server")
             else:
                 status, payload = self._run(request)
+            if status == 200 and request.response_format == "text":
+                content_type = "text/plain; charset=utf-8"
+                data = f"{payload['text']}\n".encode()
+            else:
+                content_type, data = "application/json", json.dumps(payload).encode()
+            last_piece = None
+            if owner.knobs.drip_s > 0:
+                last_piece = drip_all_but_last(
+                    self,
+                    status,
+                    content_type,
+                    data,
+                    interval=owner.knobs.drip_s,
+                    stop=owner._stop_event,
+                )
+                if last_piece is None:
+                    return
         finally:
             # Leave in_flight before answering so a client that got its reply sees it released.
             owner._exit()
-        if status == 200 and request.response_format == "text":
-            self._send(200, "text/plain; charset=utf-8", f"{payload['text']}\n".encode())
+        if last_piece is not None:
+            send_last_piece(self, last_piece)
         else:
-            self._send_json(status, payload)
+            self._send(status, content_type, data)
 
     def _run(self, request: _TranscriptionRequest) -> tuple[int, dict[str, Any]]:
         try:
