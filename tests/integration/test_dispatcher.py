@@ -6,8 +6,10 @@ import threading
 import time
 
 import boto3
+from botocore.exceptions import ClientError
 
 from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.image_store import ImageStore
 from gpuqueue.models import ImageRequest, TaskKind
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
@@ -284,3 +286,41 @@ def test_image_params_survive_the_round_trip_through_the_table(make_stack):
     assert loaded is not None
     assert loaded.params.width == 256
     assert loaded.params.seed == 7
+
+
+def test_a_failed_slot_release_keeps_the_finished_image(make_stack, alice, monkeypatch):
+    # The release write is refused (throttled, say) after the GPU answered: the image is still
+    # stored and the task DONE; the slot comes back when its lease lapses.
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+
+    def throttled(self, lease, *, call_seconds=None):
+        raise ClientError(
+            {"Error": {"Code": "ThrottlingException", "Message": "rate exceeded"}}, "UpdateItem"
+        )
+
+    monkeypatch.setattr(EndpointRegistry, "release_slot", throttled)
+    assert h.deliver(h.receive()) == []
+
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    assert _result_objects(h) == [f"results/{task_id}.png"]
+    assert h.image_servers[0].stats()["calls"] == 1
+
+
+def test_a_stale_worker_never_replaces_the_image_of_a_done_task(make_stack, alice):
+    h = make_stack()
+    h.run_checker()
+    task_id = h.submit(alice).json()["task_id"]
+    h.drain()
+    assert h.get_task(alice, task_id).json()["status"] == "DONE"
+    s3 = boto3.client("s3")
+    bucket = h.stack.ref("ImagesBucket")
+    first = s3.get_object(Bucket=bucket, Key=f"results/{task_id}.png")["Body"].read()
+
+    # A worker whose lease was taken over finishes its own call later and stores its image.
+    with h.acting_as("DispatcherFunction"):
+        key = ImageStore(boto3.client("s3"), bucket).put_png(task_id, b"\x89PNG another image")
+
+    assert key == f"results/{task_id}.png"
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == first

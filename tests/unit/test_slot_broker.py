@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from gpuqueue.endpoint_registry import Fleet
 from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
 from gpuqueue.slot_broker import (
     MAX_POLL_SECONDS,
     WAITER_ROW_SECONDS,
+    HeldSlot,
     NoFreeSlot,
     NoRoutableEndpoint,
     SlotBroker,
@@ -472,3 +474,37 @@ def test_a_held_slot_is_released_once_with_the_calls_duration() -> None:
     held.release()  # the `finally` after an early release
 
     assert registry.released == [("mine", 3.5)]
+
+
+class FailingReleaseRegistry:
+    """A table that refuses the slot's release write (throttled), and takes the seat's."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
+        if lease.lease_id == "slot-lease":
+            raise ClientError(
+                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}},
+                "UpdateItem",
+            )
+        self.released.append(lease.lease_id)
+
+
+def test_a_release_whose_write_fails_leaves_the_lease_to_lapse_and_still_frees_the_seat() -> None:
+    registry = FailingReleaseRegistry()
+    slot = SlotLease(
+        endpoint_id="gpu-a", slot=0, lease_id="slot-lease", task_id="t", lease_until=NOW + 60
+    )
+    seat = SlotLease(
+        endpoint_id="image#priority-lane",
+        slot=0,
+        lease_id="seat-lease",
+        task_id="t",
+        lease_until=NOW + 60,
+    )
+    held = HeldSlot(registry, slot, named("gpu-a"), seat=seat)  # type: ignore[arg-type]
+
+    held.release(call_seconds=12.0)  # raises nothing: the finished call's work goes on
+
+    assert registry.released == ["seat-lease"]

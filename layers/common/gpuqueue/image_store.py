@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aws_lambda_powertools import Logger
+from botocore.exceptions import ClientError
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+logger = Logger(child=True)
+
 
 def result_key(task_id: str) -> str:
-    """Deterministic: a repeated run of the same task overwrites the same object."""
+    """One key per task, written once (see `put_png`)."""
     return f"results/{task_id}.png"
 
 
@@ -19,14 +24,24 @@ class ImageStore:
         self._bucket = bucket
 
     def put_png(self, task_id: str, png: bytes) -> str:
+        """Store the task's image unless one is stored already: the first image of a task is
+        its image. A stale worker (its lease taken over) finishing after another worker must
+        not replace the image of a task already DONE; a later attempt that finds one from an
+        earlier attempt (whose DONE write was lost) uses it."""
         key = result_key(task_id)
-        self._s3.put_object(
-            Bucket=self._bucket,
-            Key=key,
-            Body=png,
-            ContentType="image/png",
-            Metadata={"task-id": task_id},
-        )
+        try:
+            self._s3.put_object(
+                Bucket=self._bucket,
+                Key=key,
+                Body=png,
+                ContentType="image/png",
+                Metadata={"task-id": task_id},
+                IfNoneMatch="*",
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            logger.info("the task's image was already stored", extra={"task_id": task_id})
         return key
 
     def presigned_get(self, key: str, *, expires_in_seconds: int) -> str:

@@ -22,9 +22,14 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from aws_lambda_powertools import Logger
+from botocore.exceptions import BotoCoreError, ClientError
+
 from gpuqueue.balancer import Balancer, Candidate, Strategy, worth_taking
 from gpuqueue.endpoint_registry import EndpointRegistry, Fleet
 from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
+
+logger = Logger(child=True)
 
 # A waiting caller re-reads the fleet at least this often, whatever it expects.
 MAX_POLL_SECONDS = 1.0
@@ -73,11 +78,21 @@ class HeldSlot:
         self._released = True
 
     def release(self, *, call_seconds: float | None = None) -> None:
+        """Hand the slot (and seat) back. A write that fails leaves the lease to lapse at its
+        end instead: the slot comes back late, and the caller's finished work is not lost."""
         if not self._released:
             self._released = True
-            self._registry.release_slot(self.lease, call_seconds=call_seconds)
-            if self.seat is not None:
-                self._registry.release_slot(self.seat)
+            for lease, seconds in ((self.lease, call_seconds), (self.seat, None)):
+                if lease is None:
+                    continue
+                try:
+                    self._registry.release_slot(lease, call_seconds=seconds)
+                except (ClientError, BotoCoreError):
+                    logger.warning(
+                        "slot release failed; the lease lapses at its end",
+                        extra={"endpoint_id": lease.endpoint_id, "slot": lease.slot},
+                        exc_info=True,
+                    )
 
 
 class _PriorityWait:
