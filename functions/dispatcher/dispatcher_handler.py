@@ -1,4 +1,5 @@
-"""SQS-triggered worker: one message, one GPU call, partial batch responses."""
+"""SQS-triggered worker: a message, a GPU slot, and the next messages on that slot while a
+whole call fits in the invocation's time; partial batch responses."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.audio_store import AudioStore
 from gpuqueue.balancer import Balancer
-from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
+from gpuqueue.dispatch import DispatchPolicy, Outcome, Pulled, TaskDispatcher
 from gpuqueue.dispatch_metrics import DispatchMetrics
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
@@ -97,31 +99,88 @@ def deps() -> Deps:
     )
 
 
-def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
-    message = QueueMessage.model_validate_json(record.body)
-    correlate_task(logger, message.task_id)
-    try:
-        outcome = deps().dispatcher.dispatch(
-            message,
-            remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
-        )
-    except RetryLater as retry:
-        log = {"reason": retry.reason, "delay_seconds": retry.delay_seconds}
-        if retry.requeue:
-            # A fresh, delayed copy; returning normally deletes this one.
-            deps().queue.send(message, delay_seconds=retry.delay_seconds)
-            logger.info("task requeued", extra=log)
-            return
-        deps().queue.retry_after(record.receipt_handle, retry.delay_seconds)
-        metrics.add_metric(name="TaskRetries", unit=MetricUnit.Count, value=1)
-        logger.info("message returned to the queue", extra=log)
-        raise
+class QueuePuller:
+    """The dispatcher's next tasks from this function's own queue: a worker still holding a
+    GPU slot receives its next message itself. Each is settled as the event source mapping
+    settles a record: deleted once its task's state is durable (in batches, at the end),
+    sent back later on RetryLater, left to come back on any other error."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self._queue = queue
+        self._done: list[str] = []
+
+    def pull(self) -> Pulled | None:
+        received = self._queue.receive_one()
+        if received is None:
+            return None
+        body, receipt = received
+        try:
+            message = QueueMessage.model_validate_json(body)
+        except ValidationError:
+            # Left alone: it comes back until its receive count sends it to the DLQ.
+            logger.warning("unreadable message left for the dead-letter queue")
+            return None
+        return Pulled(message=message, receipt=receipt)
+
+    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
+        if isinstance(result, Outcome):
+            count(result)
+            self._done.append(pulled.receipt)
+        elif isinstance(result, RetryLater):
+            if return_later(result, pulled.message, pulled.receipt):
+                self._done.append(pulled.receipt)
+        else:
+            logger.error(
+                "pulled task failed; its message comes back",
+                extra={"task_id": pulled.message.task_id},
+                exc_info=result,
+            )
+
+    def flush(self) -> None:
+        self._queue.delete(self._done)
+        self._done.clear()
+
+
+def return_later(retry: RetryLater, message: QueueMessage, receipt: str) -> bool:
+    """Have a message come back after the retry's delay; True if it is to be deleted (a
+    fresh, delayed copy was sent in its place)."""
+    log = {"reason": retry.reason, "delay_seconds": retry.delay_seconds}
+    if retry.requeue:
+        deps().queue.send(message, delay_seconds=retry.delay_seconds)
+        logger.info("task requeued", extra=log)
+        return True
+    deps().queue.retry_after(receipt, retry.delay_seconds)
+    metrics.add_metric(name="TaskRetries", unit=MetricUnit.Count, value=1)
+    logger.info("message returned to the queue", extra=log)
+    return False
+
+
+def count(outcome: Outcome) -> None:
     if outcome is Outcome.DONE:
         metrics.add_metric(name="TasksSucceeded", unit=MetricUnit.Count, value=1)
     elif outcome is Outcome.FAILED:
         metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
     elif outcome is Outcome.EXPIRED:
         metrics.add_metric(name="TasksExpired", unit=MetricUnit.Count, value=1)
+
+
+def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    message = QueueMessage.model_validate_json(record.body)
+    correlate_task(logger, message.task_id)
+    puller = QueuePuller(deps().queue)
+    try:
+        outcome = deps().dispatcher.dispatch(
+            message,
+            remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
+            next_tasks=puller,
+        )
+    except RetryLater as retry:
+        if return_later(retry, message, record.receipt_handle):
+            return  # returning normally deletes this one
+        raise
+    finally:
+        puller.flush()
+    count(outcome)
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -21,9 +21,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
 
@@ -32,7 +33,7 @@ from gpuqueue.dispatch_metrics import DispatchObserver
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
-from gpuqueue.models import QueueMessage, Task, TaskKind, TaskStatus
+from gpuqueue.models import Priority, QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
 from gpuqueue.task_store import Claim, TaskStore
 
@@ -48,6 +49,38 @@ MIN_CALL_SECONDS = 1.0
 class _Work:
     job: Job
     job_input: Any
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """A message a worker took from its queue itself, and the queue's handle to settle it."""
+
+    message: QueueMessage
+    receipt: str
+
+
+class NextTasks(Protocol):
+    """Where a worker still holding a slot gets its next task (the handler's side of SQS)."""
+
+    def pull(self) -> Pulled | None:
+        """The next message waiting, if any (not waiting for one)."""
+        ...
+
+    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
+        """Done with `pulled`: delete it, send it back later (RetryLater), or leave it to
+        come back (another exception)."""
+        ...
+
+
+def _submit(
+    finisher: ThreadPoolExecutor, outcome: Outcome | Callable[[], Outcome]
+) -> Future[Outcome]:
+    """An outcome as a future: known already, or the finishing work run in the background."""
+    if callable(outcome):
+        return finisher.submit(outcome)
+    done: Future[Outcome] = Future()
+    done.set_result(outcome)
+    return done
 
 
 class Outcome(StrEnum):
@@ -114,17 +147,113 @@ class TaskDispatcher:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
 
-    def dispatch(self, message: QueueMessage, *, remaining_seconds: Callable[[], float]) -> Outcome:
-        """Drive one task; raises RetryLater when the message should come back later."""
+    def dispatch(
+        self,
+        message: QueueMessage,
+        *,
+        remaining_seconds: Callable[[], float],
+        next_tasks: NextTasks | None = None,
+        lane: Priority = Priority.NORMAL,
+    ) -> Outcome:
+        """Drive one task; raises RetryLater when the message should come back later.
+
+        With `next_tasks`, a worker whose call ended with its slot still held takes its next
+        task itself while a whole call still fits in its time (`_keep_serving`): the freed
+        slot goes to the next task in one step, with no waiter polling for it. Storing a
+        result and marking it DONE run beside the next call; every pulled message is settled
+        once its task's state is durable, and all before this returns.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
+            outcome, held = self._dispatch_one(
+                message, remaining_seconds, offered=None, keep=next_tasks is not None
+            )
+            first = _submit(finisher, outcome)
+            pending: list[tuple[Pulled, Future[Outcome]]] = []
+            try:
+                if held is not None and next_tasks is not None:
+                    self._keep_serving(
+                        held,
+                        next_tasks,
+                        remaining_seconds=remaining_seconds,
+                        lane=lane,
+                        finisher=finisher,
+                        pending=pending,
+                    )
+            finally:
+                for pulled, result in pending:
+                    try:
+                        next_tasks.settle(pulled, result.result())  # type: ignore[union-attr]
+                    except Exception as error:
+                        next_tasks.settle(pulled, error)  # type: ignore[union-attr]
+            return first.result()
+
+    def _keep_serving(
+        self,
+        held: HeldSlot,
+        next_tasks: NextTasks,
+        *,
+        remaining_seconds: Callable[[], float],
+        lane: Priority,
+        finisher: ThreadPoolExecutor,
+        pending: list[tuple[Pulled, Future[Outcome]]],
+    ) -> None:
+        slot: HeldSlot | None = held
+        try:
+            while slot is not None:
+                if (
+                    remaining_seconds() - SAFETY_MARGIN_SECONDS < self._policy.task_timeout_seconds
+                    or not self._slots.worth_keeping(slot, priority=lane)
+                ):
+                    return
+                pulled = next_tasks.pull()
+                if pulled is None:
+                    return  # nothing waiting: the slot goes back
+                try:
+                    outcome, slot = self._dispatch_one(
+                        pulled.message, remaining_seconds, offered=slot, keep=True
+                    )
+                except Exception as error:
+                    next_tasks.settle(pulled, error)
+                    return
+                pending.append((pulled, _submit(finisher, outcome)))
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _dispatch_one(
+        self,
+        message: QueueMessage,
+        remaining_seconds: Callable[[], float],
+        *,
+        offered: HeldSlot | None,
+        keep: bool,
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+        """One task: its outcome (or the work that finishes it), and the slot if `keep` and
+        its call ended with the GPU free. An offered slot is used or released, never leaked."""
+        try:
+            return self._prepare_and_run(message, remaining_seconds, offered=offered, keep=keep)
+        except BaseException:
+            if offered is not None:
+                offered.release()
+            raise
+
+    def _prepare_and_run(
+        self,
+        message: QueueMessage,
+        remaining_seconds: Callable[[], float],
+        *,
+        offered: HeldSlot | None,
+        keep: bool,
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         task = self._tasks.get(message.task_id)
         if task is None:
             logger.warning(
                 "message for a task that does not exist", extra={"task_id": message.task_id}
             )
-            return Outcome.SKIPPED
+            return Outcome.SKIPPED, offered
         if task.status.is_terminal:
             # Canceled before dispatch, or a duplicate delivery of finished work.
-            return Outcome.SKIPPED
+            return Outcome.SKIPPED, offered
         now = self._clock()
         if (
             task.status is TaskStatus.QUEUED
@@ -137,7 +266,7 @@ class TaskDispatcher:
                 task, f"not started within its queue deadline ({task.queue_ttl_seconds} s)"
             )
             logger.info("task expired in the queue", extra={"task_id": task.task_id})
-            return Outcome.EXPIRED
+            return Outcome.EXPIRED, offered
         if (
             task.lease_until is not None
             and task.status is TaskStatus.RUNNING
@@ -154,31 +283,51 @@ class TaskDispatcher:
             self._tasks.fail_unclaimed(
                 task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
-            return Outcome.FAILED
+            return Outcome.FAILED, offered
         job = self._jobs.get(task.kind)
         if job is None:
             self._tasks.fail_unclaimed(task, f"no worker handles {task.kind.value} tasks")
-            return Outcome.FAILED
+            return Outcome.FAILED, offered
         try:
             job_input = job.prepare(task)
         except InvalidTaskInput as error:
             self._tasks.fail_unclaimed(task, str(error))
             logger.warning("task input unusable", extra={"task_id": task.task_id})
-            return Outcome.FAILED
+            return Outcome.FAILED, offered
         tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
-        return self._run(task, _Work(job, job_input), tried, remaining_seconds)
+        if offered is not None and (
+            offered.endpoint.kind is not task.kind
+            or offered.endpoint.endpoint_id in tried
+            or (task.priority is Priority.HIGH and self._policy.priority_lane_slots is not None)
+        ):
+            # Not for this slot: another kind, the endpoint it just failed on (the broker
+            # sends it elsewhere if it can), or a high-priority task that needs a lane seat.
+            offered.release()
+            offered = None
+        return self._run(
+            task, _Work(job, job_input), tried, remaining_seconds, offered=offered, keep=keep
+        )
 
     def _budget(self, remaining_seconds: Callable[[], float]) -> float:
         return min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)
 
     def _run(
-        self, task: Task, work: _Work, tried: set[str], remaining_seconds: Callable[[], float]
-    ) -> Outcome:
+        self,
+        task: Task,
+        work: _Work,
+        tried: set[str],
+        remaining_seconds: Callable[[], float],
+        *,
+        offered: HeldSlot | None = None,
+        keep: bool = False,
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         claim: Claim | None = None
         last_error: str | None = None  # the failed attempt this invocation moves on from
         while True:
             budget = self._budget(remaining_seconds)
             if budget < MIN_CALL_SECONDS:
+                if offered is not None:
+                    offered.release()
                 if claim is not None:
                     self._tasks.release_for_retry(
                         claim, error=last_error or "ran out of time", endpoint_id=None
@@ -186,30 +335,24 @@ class TaskDispatcher:
                 raise RetryLater("not enough time left in this invocation", delay_seconds=0)
             lease_seconds = budget + SAFETY_MARGIN_SECONDS
             try:
-                slot = self._acquire_slot(task, tried, lease_seconds)
+                slot = self._slot_for(task, tried, lease_seconds, offered)
             except RetryLater:
                 if claim is not None:  # a retry found no slot: give the task back, QUEUED
                     self._tasks.release_for_retry(
                         claim, error=last_error or "no free slot", endpoint_id=None
                     )
                 raise
-            endpoint = slot.endpoint
+            offered = None
+            kept = False
             try:
                 now = self._clock()
+                claim = self._claim_on(
+                    slot, task, claim, lease_seconds=lease_seconds, now=now, last_error=last_error
+                )
                 if claim is None:
-                    claim = self._tasks.claim(
-                        task, lease_seconds=lease_seconds, now=now, endpoint_id=endpoint.endpoint_id
-                    )
-                else:
-                    claim = self._tasks.next_attempt(
-                        claim,
-                        lease_seconds=lease_seconds,
-                        now=now,
-                        endpoint_id=endpoint.endpoint_id,
-                        error=last_error,
-                    )
-                if claim is None:
-                    return Outcome.SKIPPED  # another delivery won the race; it owns the task
+                    # Another delivery won the race; it owns the task. The slot is still ours.
+                    kept = keep
+                    return Outcome.SKIPPED, slot if keep else None
                 if self._observer is not None:
                     self._observer.task_started(claim.task, at=now)
                 outcome, last_error = self._call(
@@ -219,11 +362,49 @@ class TaskDispatcher:
                     budget=budget,
                     tried=tried,
                     remaining_seconds=remaining_seconds,
+                    keep=keep,
                 )
+                if outcome is not Outcome.RETRY:
+                    kept = keep and slot.held
+                    return outcome, slot if kept else None
             finally:
-                slot.release()
-            if outcome is not Outcome.RETRY:
-                return outcome
+                if not kept:
+                    slot.release()
+
+    def _slot_for(
+        self, task: Task, tried: set[str], lease_seconds: float, offered: HeldSlot | None
+    ) -> HeldSlot:
+        """The offered slot, renewed for this task in one write; else (none offered, or its
+        lease was lost) a slot leased afresh, or RetryLater."""
+        if offered is not None and offered.renew_for(
+            task.task_id, lease_seconds=lease_seconds, now=self._clock()
+        ):
+            return offered
+        return self._acquire_slot(task, tried, lease_seconds)
+
+    def _claim_on(
+        self,
+        slot: HeldSlot,
+        task: Task,
+        claim: Claim | None,
+        *,
+        lease_seconds: float,
+        now: float,
+        last_error: str | None,
+    ) -> Claim | None:
+        """The task's lease for a call on `slot`: its claim, or its next attempt."""
+        endpoint_id = slot.endpoint.endpoint_id
+        if claim is None:
+            return self._tasks.claim(
+                task, lease_seconds=lease_seconds, now=now, endpoint_id=endpoint_id
+            )
+        return self._tasks.next_attempt(
+            claim,
+            lease_seconds=lease_seconds,
+            now=now,
+            endpoint_id=endpoint_id,
+            error=last_error,
+        )
 
     def _acquire_slot(self, task: Task, tried: set[str], lease_seconds: float) -> HeldSlot:
         """Lease a slot on the best endpoint; wait briefly for one; else hand the task back.
@@ -259,8 +440,11 @@ class TaskDispatcher:
         budget: float,
         tried: set[str],
         remaining_seconds: Callable[[], float],
-    ) -> tuple[Outcome, str | None]:
-        """One GPU call; RETRY comes with the error the next attempt records."""
+        keep: bool = False,
+    ) -> tuple[Outcome | Callable[[], Outcome], str | None]:
+        """One GPU call; RETRY comes with the error the next attempt records. A good call
+        gives the work that stores its output and marks the task DONE (run beside the next
+        call when the slot is kept)."""
         task = claim.task
         endpoint = slot.endpoint
         attempt = task.attempt
@@ -303,21 +487,30 @@ class TaskDispatcher:
                 reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)
             ) from error
 
-        # The GPU is free once it has answered: hand the slot on before storing the image.
+        # The GPU is free once it has answered: the slot goes to the next task (ours, when
+        # kept; else whoever takes it) before the output is stored.
         call_seconds = self._clock() - started
-        slot.release(call_seconds=call_seconds)
-        completion = work.job.store(task, output)
-        self._registry.record_dispatch_success(endpoint)
-        if not self._tasks.complete(
-            claim,
-            result_key=completion.result_key,
-            endpoint_id=endpoint.endpoint_id,
-            fields=completion.fields,
-        ):
-            # Our lease was taken over; the new holder writes the same key, so nothing is lost.
-            logger.warning("lease lost before completion", extra=log)
-            return Outcome.SKIPPED, None
-        logger.info("task done", extra=log)
-        if self._observer is not None:
-            self._observer.task_done(task, call_seconds=call_seconds, at=self._clock())
-        return Outcome.DONE, None
+        if keep:
+            slot.note_call(call_seconds)
+        else:
+            slot.release(call_seconds=call_seconds)
+
+        def finish() -> Outcome:
+            completion = work.job.store(task, output)
+            self._registry.record_dispatch_success(endpoint)
+            if not self._tasks.complete(
+                claim,
+                result_key=completion.result_key,
+                endpoint_id=endpoint.endpoint_id,
+                fields=completion.fields,
+            ):
+                # Our lease was taken over; the holder's result stands (results are written
+                # once per task), so nothing is lost.
+                logger.warning("lease lost before completion", extra=log)
+                return Outcome.SKIPPED
+            logger.info("task done", extra=log)
+            if self._observer is not None:
+                self._observer.task_done(task, call_seconds=call_seconds, at=self._clock())
+            return Outcome.DONE
+
+        return finish, None

@@ -75,6 +75,13 @@ def _num(value: float) -> Decimal:
     return Decimal(str(round(value, 3)))
 
 
+def _ewma(previous: float | None, sample: float | None) -> float | None:
+    """A slot's call-duration EWMA after one more call (unchanged without a sample)."""
+    if sample is None:
+        return previous
+    return sample if previous is None else EWMA_ALPHA * sample + (1 - EWMA_ALPHA) * previous
+
+
 # pragma: no mutate start (make mutate covers the lease parts only)
 def _credentials_item(credentials: CredentialRef) -> dict[str, str]:
     """A credential reference as a DynamoDB map: names only (never a value), no nulls."""
@@ -555,18 +562,57 @@ class EndpointRegistry:
             call_seconds_ewma=None if previous is None else float(str(previous)),
         )
 
+    def renew_slot(
+        self,
+        lease: SlotLease,
+        *,
+        task_id: str,
+        lease_seconds: float,
+        now: float,
+        call_seconds: float | None = None,
+    ) -> SlotLease | None:
+        """Keep a held slot for its holder's next task, in one write: the lease, still ours
+        and live, now names that task and ends `lease_seconds` from now; the finished call's
+        duration is folded into the slot's EWMA as `release_slot` does. None if the lease was
+        lost (it lapsed, or another holder has the slot): take a slot afresh then."""
+        ewma = _ewma(lease.call_seconds_ewma, call_seconds)
+        sets = "SET task_id = :task, lease_until = :until, leased_at = :now"
+        values: dict[str, Any] = {
+            ":mine": lease.lease_id,
+            ":task": task_id,
+            ":until": _num(now + lease_seconds),
+            ":now": _num(now),
+        }
+        if ewma is not None and call_seconds is not None:
+            sets += ", call_seconds_ewma = :ewma"
+            values[":ewma"] = _num(ewma)
+        try:
+            self._table.update_item(
+                Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
+                UpdateExpression=sets,
+                ConditionExpression="lease_id = :mine AND lease_until > :now",
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as error:
+            if is_conditional_failure(error):
+                return None
+            raise
+        return lease.model_copy(
+            update={
+                "task_id": task_id,
+                "lease_until": float(_num(now + lease_seconds)),
+                "leased_at": float(_num(now)),
+                "call_seconds_ewma": ewma,
+            }
+        )
+
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         """Free the slot now, but only if the lease is still ours; fold a successful call's
         duration into the slot's EWMA (what the balancer reads as the endpoint's speed)."""
         sets = ""
         values: dict[str, Any] = {":mine": lease.lease_id}
-        if call_seconds is not None:
-            previous = lease.call_seconds_ewma
-            ewma = (
-                call_seconds
-                if previous is None
-                else EWMA_ALPHA * call_seconds + (1 - EWMA_ALPHA) * previous
-            )
+        ewma = _ewma(lease.call_seconds_ewma, call_seconds)
+        if ewma is not None and call_seconds is not None:
             sets = " SET call_seconds_ewma = :ewma"
             values[":ewma"] = _num(ewma)
         try:

@@ -70,6 +70,34 @@ class HeldSlot:
         self.endpoint = endpoint
         self.seat = seat
         self._released = False
+        self._call_seconds: float | None = None  # the last good call's, not yet written
+
+    @property
+    def held(self) -> bool:
+        """Still leased by us and not given back (nor left to lapse)."""
+        return not self._released
+
+    def note_call(self, seconds: float) -> None:
+        """A call on this slot ended well after `seconds`: folded into the slot's EWMA at the
+        next renewal or release."""
+        self._call_seconds = seconds
+
+    def renew_for(self, task_id: str, *, lease_seconds: float, now: float) -> bool:
+        """Keep the slot for another task (one write). False if the lease was lost meanwhile:
+        the slot is no longer ours, take one afresh."""
+        lease = self._registry.renew_slot(
+            self.lease,
+            task_id=task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+            call_seconds=self._call_seconds,
+        )
+        if lease is None:
+            self._released = True
+            return False
+        self.lease = lease
+        self._call_seconds = None
+        return True
 
     def keep_until_lease_ends(self) -> None:
         """Give the slot back by letting its lease lapse, not now (a later `release` is a
@@ -82,6 +110,8 @@ class HeldSlot:
         end instead: the slot comes back late, and the caller's finished work is not lost."""
         if not self._released:
             self._released = True
+            if call_seconds is None:
+                call_seconds = self._call_seconds
             for lease, seconds in ((self.lease, call_seconds), (self.seat, None)):
                 if lease is None:
                     continue
@@ -238,6 +268,34 @@ class SlotBroker:
                 else:
                     waiter.announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
+
+    def worth_keeping(self, held: HeldSlot, *, priority: Priority) -> bool:
+        """Whether a worker holding `held` after a finished call should take its next task on
+        it (one read of the fleet) rather than give it back: the endpoint is still routable,
+        the strategy does not tie tasks to endpoints, no high-priority task waits for a slot
+        a normal one would take, a lane seat is not involved, and (least-loaded) the tail
+        rule does not leave this endpoint for faster ones."""
+        if not held.held or held.seat is not None:
+            return False
+        if self._balancer.strategy is Strategy.USER_HASH:
+            return False  # each user's tasks go to their own endpoint
+        now = self._clock()
+        endpoint = held.endpoint
+        fleet = self._registry.fleet(endpoint.kind)
+        routable = fleet.routable(now, self._max_age)
+        if all(e.endpoint_id != endpoint.endpoint_id for e in routable):
+            return False  # draining, disabled, unhealthy or its circuit open
+        if priority is not Priority.HIGH:
+            free = 1 + sum(len(fleet.free_slots(e, now)) for e in routable)
+            if free <= fleet.waiting_priority(now):
+                return False  # ours is one a high-priority waiter should have
+        candidate = Candidate(
+            endpoint=endpoint,
+            in_flight=fleet.in_flight(endpoint.endpoint_id, now),
+            free_slots=1,
+            service_seconds=fleet.service_seconds(endpoint),
+        )
+        return self._worth_taking(candidate, routable, fleet, now, self._backlog)
 
     def _lane_has_room(self, fleet: Fleet, now: float) -> bool:
         return self._lane_slots is None or bool(fleet.free_priority_seats(now, self._lane_slots))

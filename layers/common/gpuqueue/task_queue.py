@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from aws_lambda_powertools import Logger
 
 from gpuqueue.models import QueueMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
+
+logger = Logger(child=True)
+
+# SQS deletes at most this many messages in one DeleteMessageBatch.
+DELETE_BATCH = 10
 
 _DEPTH_ATTRIBUTES = [
     "ApproximateNumberOfMessages",
@@ -47,6 +55,28 @@ class TaskQueue:
             DelaySeconds=max(0, min(delay_seconds, 900)),
         )
         return response["MessageId"]
+
+    def receive_one(self) -> tuple[str, str] | None:
+        """The next visible message's body and receipt handle, without waiting for one."""
+        messages = self._sqs.receive_message(
+            QueueUrl=self._url, MaxNumberOfMessages=1, WaitTimeSeconds=0
+        ).get("Messages", [])
+        if not messages:
+            return None
+        return messages[0]["Body"], messages[0]["ReceiptHandle"]
+
+    def delete(self, receipts: Sequence[str]) -> None:
+        """Delete received messages, ten to a request."""
+        for start in range(0, len(receipts), DELETE_BATCH):
+            batch = receipts[start : start + DELETE_BATCH]
+            failed = self._sqs.delete_message_batch(
+                QueueUrl=self._url,
+                Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(batch)],
+            ).get("Failed", [])
+            if failed:
+                # Such a message comes back after its visibility timeout; its task is ended
+                # by then, so the next delivery only deletes it.
+                logger.warning("messages not deleted", extra={"failed": failed})
 
     def depth(self) -> QueueDepth:
         attrs = self._sqs.get_queue_attributes(
