@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.dispatch import DispatchPolicy, Outcome, TaskDispatcher
+from gpuqueue.dispatch import DispatchPolicy, Outcome, Pulled, TaskDispatcher
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
 from gpuqueue.jobs import Completion, InvalidTaskInput
@@ -392,3 +392,148 @@ def test_no_free_slot_sends_the_message_back_without_spending_an_attempt(
     assert raised.value.requeue
     assert raised.value.delay_seconds == 3
     assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
+
+
+# --- a kept slot: the worker takes its next tasks itself ---------------------------------
+
+
+class Queue:
+    """NextTasks over a list of tasks: what each settle saw of its task when it came."""
+
+    def __init__(self, store: TaskStore, *tasks: Task) -> None:
+        self._store = store
+        self.waiting = [QueueMessage(task_id=t.task_id) for t in tasks]
+        self.pulls = 0
+        self.settled: list[tuple[str, Any, TaskStatus | None]] = []
+
+    def pull(self) -> Pulled | None:
+        self.pulls += 1
+        if not self.waiting:
+            return None
+        message = self.waiting.pop(0)
+        return Pulled(message=message, receipt=f"receipt-{message.task_id}")
+
+    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
+        task = self._store.get(pulled.message.task_id)
+        self.settled.append(
+            (pulled.message.task_id, result, task.status if task is not None else None)
+        )
+
+
+def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> Outcome:
+    return d.dispatch(
+        QueueMessage(task_id=first.task_id), remaining_seconds=lambda: left, next_tasks=queue
+    )
+
+
+class LeaseWatchingJob(ScriptedJob):
+    """Also records the slot lease each call ran under."""
+
+    def __init__(self, *outcomes: Any, registry: EndpointRegistry) -> None:
+        super().__init__(*outcomes, registry=registry)
+        self.leases: list[str] = []
+        self._leases_of = registry
+
+    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+        fleet = self._leases_of.fleet(TaskKind.IMAGE)
+        self.leases += [
+            f"{lease.lease_id}:{lease.task_id}"
+            for lease in fleet.live_leases(endpoint.endpoint_id, time.time())
+        ]
+        return super().run(endpoint, task, job_input, timeout_seconds=timeout_seconds)
+
+
+def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second, third = (submitted(store) for _ in range(3))
+    job = LeaseWatchingJob(b"1", b"2", b"3", registry=registry)
+    queue = Queue(store, second, third)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    assert [c[0] for c in job.calls] == ["gpu-a"] * 3
+    assert job.in_flight_seen == [1, 1, 1]
+    # One lease, renewed for each task in turn: the slot was never given back meanwhile.
+    lease_ids = {entry.split(":")[0] for entry in job.leases}
+    assert len(lease_ids) == 1
+    assert [entry.split(":")[1] for entry in job.leases] == [
+        first.task_id,
+        second.task_id,
+        third.task_id,
+    ]
+    # Settled only once DONE was written; the queue asked until it was empty.
+    assert queue.settled == [
+        (second.task_id, Outcome.DONE, TaskStatus.DONE),
+        (third.task_id, Outcome.DONE, TaskStatus.DONE),
+    ]
+    assert queue.pulls == 3
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_no_next_task_is_pulled_without_time_for_a_whole_call(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second = submitted(store), submitted(store)
+    queue = Queue(store, second)
+
+    # 14 s left: a 9 s call, then 14 - 5 < 10 s (a whole call) for another.
+    serve(dispatcher(store, registry, ScriptedJob(b"1")), first, queue, left=TIMEOUT + 4)
+
+    assert queue.pulls == 0
+    assert store.get(second.task_id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_pulled_task_that_fails_for_good_is_settled_failed_and_the_slot_goes_on(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, bad, last = (submitted(store) for _ in range(3))
+    job = ScriptedJob(b"1", GpuError("HTTP 400: bad size"), b"3")
+    queue = Queue(store, bad, last)
+
+    serve(dispatcher(store, registry, job), first, queue)
+
+    assert queue.settled == [
+        (bad.task_id, Outcome.FAILED, TaskStatus.FAILED),
+        (last.task_id, Outcome.DONE, TaskStatus.DONE),
+    ]
+
+
+def test_a_pulled_task_running_elsewhere_is_sent_back_and_the_slot_given_back(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, busy, never = (submitted(store) for _ in range(3))
+    assert store.claim(busy, lease_seconds=30, now=time.time()) is not None
+    queue = Queue(store, busy, never)
+
+    serve(dispatcher(store, registry, ScriptedJob(b"1")), first, queue)
+
+    [(task_id, result, _)] = queue.settled
+    assert task_id == busy.task_id
+    assert isinstance(result, RetryLater)
+    assert result.requeue
+    assert queue.waiting == [QueueMessage(task_id=never.task_id)]  # left in the queue
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_pulled_retry_goes_to_another_endpoint_than_the_one_that_failed_it(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    retry = submitted(store)
+    claim = store.claim(retry, lease_seconds=30, now=time.time(), endpoint_id="gpu-a")
+    assert claim is not None
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
+    first = submitted(store)
+    job = ScriptedJob(b"1", b"2")
+    queue = Queue(store, retry)
+
+    serve(dispatcher(store, registry, job), first, queue)
+
+    assert job.calls[1][0] == "gpu-b"
+    assert queue.settled == [(retry.task_id, Outcome.DONE, TaskStatus.DONE)]
