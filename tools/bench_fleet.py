@@ -68,22 +68,46 @@ class RunResult:
     max_in_flight: list[int]
     capacity: list[int]
     utilisation: list[float]
+    optimal_makespan_s: float | None = None
 
     @property
     def efficiency(self) -> float | None:
         return None if not self.ideal else self.throughput / self.ideal
 
+    @property
+    def makespan_ratio(self) -> float | None:
+        """Measured makespan over the optimal one (1.00: no GPU time lost to dispatch)."""
+        if not self.optimal_makespan_s:
+            return None
+        return self.makespan_s / self.optimal_makespan_s
+
     def line(self) -> str:
         efficiency = f"efficiency {self.efficiency:.2f} " if self.efficiency is not None else ""
         ideal = f"ideal {self.ideal:.2f}/s " if self.ideal else ""
+        optimal = (
+            f"(optimal {self.optimal_makespan_s:.1f}s, x{self.makespan_ratio:.3f}) "
+            if self.makespan_ratio is not None
+            else ""
+        )
         return (
-            f"{self.label}: {efficiency}makespan {self.makespan_s:.1f}s "
+            f"{self.label}: {efficiency}makespan {self.makespan_s:.1f}s {optimal}"
             f"throughput {self.throughput:.2f}/s {ideal}"
             f"wait p50 {self.wait_p50_s:.1f}s p95 {self.wait_p95_s:.1f}s "
             f"done {self.done}/{self.tasks} failed {self.failed} submit {self.submit_s:.1f}s "
             f"peak in-flight {self.max_in_flight} (capacity {self.capacity}) "
             f"slot utilisation {[round(u, 2) for u in self.utilisation]}"
         )
+
+
+def optimal_makespan(tasks: int, latencies: tuple[float, ...], capacity: int) -> float:
+    """The least T at which the endpoints, each slot busy from 0 without a gap, can have
+    finished `tasks` identical tasks: sum of capacity * floor(T / latency) >= tasks. Only
+    multiples of a latency can be it."""
+    candidates = sorted({latency * k for latency in latencies for k in range(1, tasks + 1)})
+    for t in candidates:
+        if sum(capacity * int(t / latency + 1e-9) for latency in latencies) >= tasks:
+            return t
+    raise ValueError("no endpoint")
 
 
 def _parse(ts: str) -> float:
@@ -214,6 +238,7 @@ def _measure(
         if r.get("started_at")
     ]
     ideal = sum(capacity / latency for latency in latencies) if ideal_known else None
+    optimal = optimal_makespan(tasks, latencies, capacity) if ideal_known else None
     stats = [server.stats() for server in stack.image_servers]
     return RunResult(
         label=label,
@@ -232,6 +257,7 @@ def _measure(
         utilisation=[
             s["busy_slot_seconds"] / (capacity * makespan) if makespan > 0 else 0.0 for s in stats
         ],
+        optimal_makespan_s=optimal,
     )
 
 
@@ -298,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench took {time.monotonic() - began:.0f} s", flush=True)
     if args.json:
         args.json.write_text(
-            json.dumps([r.__dict__ | {"efficiency": r.efficiency} for r in results], indent=2)
+            json.dumps(
+                [
+                    r.__dict__ | {"efficiency": r.efficiency, "makespan_ratio": r.makespan_ratio}
+                    for r in results
+                ],
+                indent=2,
+            )
         )
     return 1 if killed.failed else 0
 

@@ -33,7 +33,7 @@ from gpuqueue.dispatch_metrics import DispatchObserver
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
-from gpuqueue.models import Priority, QueueMessage, Task, TaskKind, TaskStatus
+from gpuqueue.models import CircuitState, Priority, QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
 from gpuqueue.task_store import Claim, TaskStore
 
@@ -492,6 +492,11 @@ class TaskDispatcher:
         call_seconds = self._clock() - started
         if keep:
             slot.note_call(call_seconds)
+            # What the success write below makes true: the next call on this slot need not
+            # write it again.
+            slot.endpoint = endpoint.model_copy(
+                update={"consecutive_failures": 0, "circuit": CircuitState.CLOSED}
+            )
         else:
             slot.release(call_seconds=call_seconds)
 
