@@ -19,6 +19,7 @@ from gpuqueue.task_ids import issued_at, new_task_id
 from gpuqueue.task_store import (
     UNWRITTEN_GRACE_SECONDS,
     Claim,
+    ClaimRefused,
     ReapState,
     TaskStore,
     reap_shard,
@@ -572,3 +573,113 @@ def test_an_upload_window_closing_exactly_now_is_still_open(store: TaskStore) ->
     assert store.inactive_among([task.task_id], now=deadline) == set()
     assert store.get(task.task_id).status is TaskStatus.AWAITING_UPLOAD  # type: ignore[union-attr]
     assert store.inactive_among([task.task_id], now=deadline + 0.01) == {task.task_id}
+
+
+# --- claim_unread: a task claimed without a read before it -----------------------------
+
+
+def _claim_unread(store: TaskStore, task_id: str, *, here: str = "gpu-a", now: float | None = None):
+    return store.claim_unread(
+        task_id,
+        lease_seconds=LEASE,
+        now=time.time() if now is None else now,
+        endpoint_id=here,
+        max_attempts=2,
+    )
+
+
+def test_claim_unread_takes_a_queued_task_in_one_write_and_returns_it(
+    store: TaskStore, queued: Callable[..., Task], table: Any
+) -> None:
+    task = queued()
+    now = time.time()
+
+    claim = _claim_unread(store, task.task_id, now=now)
+
+    assert isinstance(claim, Claim)
+    assert (claim.task.status, claim.task.attempt) == (TaskStatus.RUNNING, 1)
+    assert claim.task.prompt == "a fox"  # the whole task, not only what the write set
+    row = _row(table, task.task_id)
+    assert (row["endpoint_id"], row["lease_id"]) == ("gpu-a", claim.lease_id)
+    assert float(row["lease_until"]) == pytest.approx(now + LEASE, abs=0.01)
+    assert row["reap_shard"] == reap_shard(task.task_id, ReapState.RUNNING)
+
+
+def test_claim_unread_refuses_what_it_must_not_take_and_says_what_it_found(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    missing = _claim_unread(store, new_task_id())
+    assert isinstance(missing, ClaimRefused)
+    assert missing.task is None
+
+    done = queued()
+    claim = store.claim(done, lease_seconds=LEASE, now=time.time())
+    assert claim is not None
+    assert store.complete(claim, result_key="results/x.png", endpoint_id="gpu-a")
+    refused = _claim_unread(store, done.task_id)
+    assert isinstance(refused, ClaimRefused)
+    assert refused.task is not None
+    assert refused.task.status is TaskStatus.DONE
+
+    running = queued()
+    assert store.claim(running, lease_seconds=LEASE, now=time.time()) is not None
+    refused = _claim_unread(store, running.task_id)
+    assert isinstance(refused, ClaimRefused)
+    assert refused.task is not None
+    assert refused.task.status is TaskStatus.RUNNING
+
+
+def test_claim_unread_takes_over_only_a_lease_that_ended(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    now = time.time()
+    first = store.claim(task, lease_seconds=LEASE, now=now)
+    assert first is not None
+    lease_end = now + LEASE
+
+    assert isinstance(_claim_unread(store, task.task_id, now=lease_end), ClaimRefused)
+    taken = _claim_unread(store, task.task_id, now=lease_end + 0.01)
+    assert isinstance(taken, Claim)
+    assert taken.task.attempt == 2
+
+
+def test_claim_unread_leaves_a_task_out_of_attempts_or_past_its_queue_deadline(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    used_up = queued()
+    for _ in range(2):
+        claim = store.claim(store.get(used_up.task_id), lease_seconds=LEASE, now=time.time())  # type: ignore[arg-type]
+        assert claim is not None
+        assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-b")
+    refused = _claim_unread(store, used_up.task_id)
+    assert isinstance(refused, ClaimRefused)
+    assert refused.task is not None
+    assert refused.task.attempt == 2
+
+    late = queued()
+    deadline = late.queue_deadline
+    assert deadline is not None
+    assert isinstance(_claim_unread(store, late.task_id, now=deadline), Claim)  # at it: in time
+    later = queued()
+    refused = _claim_unread(store, later.task_id, now=deadline + 3600)
+    assert isinstance(refused, ClaimRefused)
+    assert refused.task is not None
+    assert refused.task.status is TaskStatus.QUEUED
+
+
+def test_claim_unread_does_not_send_a_retry_back_to_the_endpoint_that_failed_it(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    claim = store.claim(task, lease_seconds=LEASE, now=time.time(), endpoint_id="gpu-a")
+    assert claim is not None
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
+
+    refused = _claim_unread(store, task.task_id, here="gpu-a")
+    assert isinstance(refused, ClaimRefused)
+    assert refused.task is not None
+    assert (refused.task.endpoint_id, refused.task.error) == ("gpu-a", "HTTP 503")
+    elsewhere = _claim_unread(store, task.task_id, here="gpu-b")
+    assert isinstance(elsewhere, Claim)
+    assert elsewhere.task.attempt == 2

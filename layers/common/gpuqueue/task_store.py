@@ -39,6 +39,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
 from gpuqueue.dynamodb_conditions import is_conditional_failure
@@ -101,6 +102,13 @@ def _reap_fields(task_id: str, state: ReapState, at: float) -> dict[str, Any]:
 
 
 _REAP_ATTRIBUTES = ("reap_shard", "reap_at")
+
+
+@dataclass(frozen=True)
+class ClaimRefused:
+    """A claim's condition failed: the task as it stood (None: there is no such task)."""
+
+    task: Task | None
 
 
 @dataclass(frozen=True)
@@ -393,6 +401,55 @@ class TaskStore:
             return None
         return Claim(task=claimed, lease_id=lease_id)
 
+    def claim_unread(
+        self,
+        task_id: str,
+        *,
+        lease_seconds: float,
+        now: float,
+        endpoint_id: str,
+        max_attempts: int,
+    ) -> Claim | ClaimRefused:
+        """Claim a task without reading it first: one conditional UpdateItem that returns it.
+
+        Claimed if it is QUEUED (or RUNNING with its lease over), has attempts left, is still
+        within its queue deadline if it never started, and did not last fail on
+        `endpoint_id` (a retry goes elsewhere when it can). Refused: the task as it stood,
+        for the caller to decide (None: no such task)."""
+        lease_id = str(uuid.uuid4())
+        updates: dict[str, Any] = {
+            "status": TaskStatus.RUNNING.value,
+            "started_at": iso(utc_now()),
+            "lease_id": lease_id,
+            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "endpoint_id": endpoint_id,
+        }
+        try:
+            claimed = self._transition(
+                task_id,
+                condition=(
+                    "attempt < :max AND (#s = :queued OR (#s = :running AND lease_until < :now))"
+                    " AND (attempt > :never OR attribute_not_exists(queue_deadline)"
+                    " OR queue_deadline >= :now)"
+                    " AND NOT (endpoint_id = :here AND attribute_exists(#error))"
+                ),
+                updates=updates,
+                adds={"attempt": 1},
+                values={
+                    ":max": max_attempts,
+                    ":queued": TaskStatus.QUEUED.value,
+                    ":running": TaskStatus.RUNNING.value,
+                    ":now": Decimal(str(round(now, 3))),
+                    ":never": 0,
+                    ":here": endpoint_id,
+                },
+                names={"#error": "error"},
+            )
+        except _ConditionFailed as refused:
+            found = None if refused.item is None else Task.model_validate(refused.item)
+            return ClaimRefused(task=found)
+        return Claim(task=claimed, lease_id=lease_id)
+
     def next_attempt(
         self,
         claim: Claim,
@@ -638,7 +695,11 @@ class TaskStore:
         updates: dict[str, Any],
         values: dict[str, Any],
         removes: tuple[str, ...] = (),
+        adds: Mapping[str, int] | None = None,
+        names: Mapping[str, str] | None = None,
     ) -> Task:
+        """One conditional UpdateItem; `adds` are counters raised in the same write. A failed
+        condition raises _ConditionFailed with the item as it stood (None: no such item)."""
         now = utc_now()
         updates = {**updates, "updated_at": iso(now)}
         status = updates.get("status")
@@ -648,13 +709,17 @@ class TaskStore:
             updates.update(_reap_fields(task_id, ReapState.QUEUED, now.timestamp()))
         elif "lease_until" in updates:
             updates.update(_reap_fields(task_id, ReapState.RUNNING, float(updates["lease_until"])))
-        names = {"#s": "status"}
+        names = {"#s": "status", **(names or {})}
         sets = []
         expr_values = dict(values)
         for i, (attr, value) in enumerate(updates.items()):
             names[f"#u{i}"] = attr
             expr_values[f":u{i}"] = value
             sets.append(f"#u{i} = :u{i}")
+        for k, (attr, amount) in enumerate((adds or {}).items()):
+            names[f"#a{k}"] = attr
+            expr_values[f":a{k}"] = amount
+            sets.append(f"#a{k} = #a{k} + :a{k}")
         expression = "SET " + ", ".join(sets)
         if removes:
             for j, attr in enumerate(removes):
@@ -668,16 +733,31 @@ class TaskStore:
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=expr_values,
                 ReturnValues="ALL_NEW",
+                # Free with the refusal: callers that decide what to do next need no read.
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as error:
             if is_conditional_failure(error):
-                raise _ConditionFailed from error
+                raise _ConditionFailed(_old_item(error)) from error
             raise
         return Task.model_validate(result["Attributes"])
 
 
 class _ConditionFailed(Exception):
-    pass
+    def __init__(self, item: dict[str, Any] | None = None) -> None:
+        super().__init__("condition failed")
+        self.item = item
+
+
+_DESERIALIZER = TypeDeserializer()
+
+
+def _old_item(error: ClientError) -> dict[str, Any] | None:
+    """The item a refused write found (DynamoDB's wire format even through a resource)."""
+    raw = error.response.get("Item")
+    if not isinstance(raw, dict) or not raw:
+        return None
+    return {k: _DESERIALIZER.deserialize(v) for k, v in raw.items()}
 
 
 def _encode_cursor(key: dict[str, Any]) -> str:
