@@ -12,6 +12,7 @@ import threading
 import time
 
 import boto3
+import pytest
 
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import TaskKind
@@ -91,10 +92,11 @@ def test_the_slot_goes_back_when_a_high_priority_task_waits_for_one(make_stack, 
     assert _live_leases(h) == []
 
 
-def test_with_user_hash_each_task_takes_its_own_users_slot(make_stack, alice):
+@pytest.mark.parametrize("strategy", ["user-hash", "round-robin", "weighted"])
+def test_strategies_that_choose_per_task_keep_no_slot(make_stack, alice, strategy):
     h = make_stack(
         endpoints=[ImageServerKnobs(), ImageServerKnobs()],
-        env={"TASK_TIMEOUT_SECONDS": "10", "DISPATCH_STRATEGY": "user-hash"},
+        env={"TASK_TIMEOUT_SECONDS": "10", "DISPATCH_STRATEGY": strategy},
     )
     h.run_checker()
     ids = [h.submit(alice).json()["task_id"] for _ in range(2)]

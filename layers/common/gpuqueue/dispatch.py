@@ -35,7 +35,7 @@ from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
 from gpuqueue.models import CircuitState, Priority, QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
-from gpuqueue.task_store import Claim, TaskStore
+from gpuqueue.task_store import Claim, ClaimRefused, TaskStore
 
 logger = Logger(child=True)
 
@@ -245,16 +245,99 @@ class TaskDispatcher:
         offered: HeldSlot | None,
         keep: bool,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+        if offered is not None:
+            if offered.endpoint.kind is message.kind:
+                ran = self._run_unread(message, offered, remaining_seconds)
+                if ran is not None:
+                    return ran
+            # Not for this slot (another kind, or a retry this endpoint failed): the usual way.
+            offered.release()
         task = self._tasks.get(message.task_id)
         if task is None:
             logger.warning(
                 "message for a task that does not exist", extra={"task_id": message.task_id}
             )
-            return Outcome.SKIPPED, offered
+            return Outcome.SKIPPED, None
+        ended = self._end_if_unrunnable(task, self._clock())
+        if ended is not None:
+            return ended, None
+        work = self._work_for(task)
+        if isinstance(work, str):
+            self._tasks.fail_unclaimed(task, work)
+            return Outcome.FAILED, None
+        tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
+        return self._run(task, work, tried, remaining_seconds, keep=keep)
+
+    def _run_unread(
+        self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
+        """A pulled task on the slot this worker holds: the lease renewed for it, the task
+        claimed without a read first (two writes). None: not on this slot after all (the
+        lease was lost, too little time, or it is a retry of a call this endpoint failed)."""
+        budget = self._budget(remaining_seconds)
+        if budget < MIN_CALL_SECONDS:
+            return None
+        lease_seconds = budget + SAFETY_MARGIN_SECONDS
+        now = self._clock()
+        if not held.renew_for(message.task_id, lease_seconds=lease_seconds, now=now):
+            return None
+        endpoint_id = held.endpoint.endpoint_id
+        claimed = self._tasks.claim_unread(
+            message.task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+            endpoint_id=endpoint_id,
+            max_attempts=self._policy.max_attempts,
+        )
+        if isinstance(claimed, ClaimRefused):
+            task = claimed.task
+            if task is None:
+                logger.warning(
+                    "message for a task that does not exist", extra={"task_id": message.task_id}
+                )
+                return Outcome.SKIPPED, held
+            ended = self._end_if_unrunnable(task, now)
+            if ended is not None:
+                return ended, held
+            return None  # claimable, but not here: it last failed on this endpoint
+        work = self._work_for(claimed.task)
+        if isinstance(work, str):
+            self._tasks.fail(claimed, error=work)
+            return Outcome.FAILED, held
+        if self._observer is not None:
+            self._observer.task_started(claimed.task, at=now)
+        tried: set[str] = set()
+        try:
+            outcome, last_error = self._call(
+                claimed,
+                work,
+                held,
+                budget=budget,
+                tried=tried,
+                remaining_seconds=remaining_seconds,
+                keep=True,
+            )
+        except BaseException:
+            held.release()
+            raise
+        if outcome is not Outcome.RETRY:
+            return outcome, held if held.held else None
+        held.release()  # on to another endpoint, as a first delivery would
+        return self._run(
+            claimed.task,
+            work,
+            tried,
+            remaining_seconds,
+            keep=True,
+            claim=claimed,
+            last_error=last_error,
+        )
+
+    def _end_if_unrunnable(self, task: Task, now: float) -> Outcome | None:
+        """End (or send back) a task that cannot run now; None if it can."""
         if task.status.is_terminal:
             # Canceled before dispatch, or a duplicate delivery of finished work.
-            return Outcome.SKIPPED, offered
-        now = self._clock()
+            return Outcome.SKIPPED
         if (
             task.status is TaskStatus.QUEUED
             and task.attempt == 0
@@ -266,7 +349,7 @@ class TaskDispatcher:
                 task, f"not started within its queue deadline ({task.queue_ttl_seconds} s)"
             )
             logger.info("task expired in the queue", extra={"task_id": task.task_id})
-            return Outcome.EXPIRED, offered
+            return Outcome.EXPIRED
         if (
             task.lease_until is not None
             and task.status is TaskStatus.RUNNING
@@ -283,30 +366,21 @@ class TaskDispatcher:
             self._tasks.fail_unclaimed(
                 task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
-            return Outcome.FAILED, offered
+            return Outcome.FAILED
+        if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+            return Outcome.SKIPPED  # not queued yet (its upload has not landed)
+        return None
+
+    def _work_for(self, task: Task) -> _Work | str:
+        """The task's job and its input; or why it cannot run anywhere (it fails)."""
         job = self._jobs.get(task.kind)
         if job is None:
-            self._tasks.fail_unclaimed(task, f"no worker handles {task.kind.value} tasks")
-            return Outcome.FAILED, offered
+            return f"no worker handles {task.kind.value} tasks"
         try:
-            job_input = job.prepare(task)
+            return _Work(job, job.prepare(task))
         except InvalidTaskInput as error:
-            self._tasks.fail_unclaimed(task, str(error))
             logger.warning("task input unusable", extra={"task_id": task.task_id})
-            return Outcome.FAILED, offered
-        tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
-        if offered is not None and (
-            offered.endpoint.kind is not task.kind
-            or offered.endpoint.endpoint_id in tried
-            or (task.priority is Priority.HIGH and self._policy.priority_lane_slots is not None)
-        ):
-            # Not for this slot: another kind, the endpoint it just failed on (the broker
-            # sends it elsewhere if it can), or a high-priority task that needs a lane seat.
-            offered.release()
-            offered = None
-        return self._run(
-            task, _Work(job, job_input), tried, remaining_seconds, offered=offered, keep=keep
-        )
+            return str(error)
 
     def _budget(self, remaining_seconds: Callable[[], float]) -> float:
         return min(self._policy.task_timeout_seconds, remaining_seconds() - SAFETY_MARGIN_SECONDS)
@@ -318,16 +392,13 @@ class TaskDispatcher:
         tried: set[str],
         remaining_seconds: Callable[[], float],
         *,
-        offered: HeldSlot | None = None,
         keep: bool = False,
+        claim: Claim | None = None,
+        last_error: str | None = None,  # the failed attempt this invocation moves on from
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
-        claim: Claim | None = None
-        last_error: str | None = None  # the failed attempt this invocation moves on from
         while True:
             budget = self._budget(remaining_seconds)
             if budget < MIN_CALL_SECONDS:
-                if offered is not None:
-                    offered.release()
                 if claim is not None:
                     self._tasks.release_for_retry(
                         claim, error=last_error or "ran out of time", endpoint_id=None
@@ -335,14 +406,13 @@ class TaskDispatcher:
                 raise RetryLater("not enough time left in this invocation", delay_seconds=0)
             lease_seconds = budget + SAFETY_MARGIN_SECONDS
             try:
-                slot = self._slot_for(task, tried, lease_seconds, offered)
+                slot = self._acquire_slot(task, tried, lease_seconds)
             except RetryLater:
                 if claim is not None:  # a retry found no slot: give the task back, QUEUED
                     self._tasks.release_for_retry(
                         claim, error=last_error or "no free slot", endpoint_id=None
                     )
                 raise
-            offered = None
             kept = False
             try:
                 now = self._clock()
@@ -370,17 +440,6 @@ class TaskDispatcher:
             finally:
                 if not kept:
                     slot.release()
-
-    def _slot_for(
-        self, task: Task, tried: set[str], lease_seconds: float, offered: HeldSlot | None
-    ) -> HeldSlot:
-        """The offered slot, renewed for this task in one write; else (none offered, or its
-        lease was lost) a slot leased afresh, or RetryLater."""
-        if offered is not None and offered.renew_for(
-            task.task_id, lease_seconds=lease_seconds, now=self._clock()
-        ):
-            return offered
-        return self._acquire_slot(task, tried, lease_seconds)
 
     def _claim_on(
         self,

@@ -271,14 +271,16 @@ class SlotBroker:
 
     def worth_keeping(self, held: HeldSlot, *, priority: Priority) -> bool:
         """Whether a worker holding `held` after a finished call should take its next task on
-        it (one read of the fleet) rather than give it back: the endpoint is still routable,
-        the strategy does not tie tasks to endpoints, no high-priority task waits for a slot
-        a normal one would take, a lane seat is not involved, and (least-loaded) the tail
-        rule does not leave this endpoint for faster ones."""
+        it (one read of the fleet) rather than give it back: the strategy is least-loaded (the
+        others choose an endpoint per task), the endpoint is still routable, no high-priority
+        task waits for a slot a normal one would take, a lane seat is not involved, and the
+        tail rule does not leave this endpoint for faster ones."""
         if not held.held or held.seat is not None:
             return False
-        if self._balancer.strategy is Strategy.USER_HASH:
-            return False  # each user's tasks go to their own endpoint
+        if self._balancer.strategy is not Strategy.LEAST_LOADED:
+            # The others choose an endpoint per task (each user's own, the next in turn, by
+            # weight): a kept slot would decide for them.
+            return False
         now = self._clock()
         endpoint = held.endpoint
         fleet = self._registry.fleet(endpoint.kind)
