@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from gpuqueue.balancer import Balancer, Strategy
 from gpuqueue.endpoint_registry import Fleet
-from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
+from gpuqueue.models import CircuitState, Endpoint, EndpointState, Priority, SlotLease, TaskKind
 from gpuqueue.slot_broker import (
     MAX_POLL_SECONDS,
     WAITER_ROW_SECONDS,
@@ -508,3 +509,118 @@ def test_a_release_whose_write_fails_leaves_the_lease_to_lapse_and_still_frees_t
     held.release(call_seconds=12.0)  # raises nothing: the finished call's work goes on
 
     assert registry.released == ["seat-lease"]
+
+
+# --- a held slot: keep it for the next task, or give it back ------------------------------
+
+
+def _held_on(e: Endpoint, *, seat: SlotLease | None = None) -> HeldSlot:
+    lease = SlotLease(
+        endpoint_id=e.endpoint_id, slot=0, lease_id="mine", task_id="t", lease_until=NOW + 30
+    )
+    return HeldSlot(FakeRegistry([]), lease, e, seat=seat)  # type: ignore[arg-type]
+
+
+def _keeper(
+    fleet: Fleet, *, strategy: Strategy = Strategy.LEAST_LOADED, backlog: int = 10
+) -> SlotBroker:
+    return SlotBroker(
+        FakeRegistry([fleet]),  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        balancer=Balancer(strategy),
+        backlog=lambda: backlog,
+        clock=lambda: NOW,
+    )
+
+
+def _mine(e: Endpoint) -> SlotLease:
+    return SlotLease(
+        endpoint_id=e.endpoint_id,
+        slot=0,
+        lease_id="mine",
+        task_id="t",
+        lease_until=NOW + 30,
+        leased_at=NOW - 4,
+    )
+
+
+def test_a_held_slot_is_kept_on_a_routable_endpoint_with_nobody_waiting() -> None:
+    e = endpoint()
+    fleet = Fleet(endpoints=[e], leases={e.endpoint_id: [_mine(e)]})
+
+    assert _keeper(fleet).worth_keeping(_held_on(e), priority=Priority.NORMAL)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"state": EndpointState.DRAINING},
+        {"state": EndpointState.DISABLED},
+        {"healthy": False},
+        {"circuit": CircuitState.OPEN},
+        {"last_checked_at": NOW - 1000},  # its health row went stale
+    ],
+)
+def test_a_slot_on_an_endpoint_no_longer_routable_goes_back(change: dict[str, Any]) -> None:
+    e = endpoint()
+    fleet = Fleet(endpoints=[e.model_copy(update=change)], leases={e.endpoint_id: [_mine(e)]})
+
+    assert not _keeper(fleet).worth_keeping(_held_on(e), priority=Priority.NORMAL)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.ROUND_ROBIN, Strategy.USER_HASH, Strategy.WEIGHTED])
+def test_strategies_that_choose_per_task_keep_no_slot(strategy: Strategy) -> None:
+    e = endpoint()
+    fleet = Fleet(endpoints=[e], leases={e.endpoint_id: [_mine(e)]})
+
+    assert not _keeper(fleet, strategy=strategy).worth_keeping(
+        _held_on(e), priority=Priority.NORMAL
+    )
+
+
+def test_a_held_slot_goes_to_a_waiting_high_priority_task_unless_another_is_free() -> None:
+    e = endpoint(capacity=2)
+    waiting = {"vip": NOW + 2}
+    full = Fleet(
+        endpoints=[e],
+        leases={
+            e.endpoint_id: [_mine(e), _mine(e).model_copy(update={"slot": 1, "lease_id": "x"})]
+        },
+        priority_waiters=waiting,
+    )
+    one_free = Fleet(endpoints=[e], leases={e.endpoint_id: [_mine(e)]}, priority_waiters=waiting)
+
+    assert not _keeper(full).worth_keeping(_held_on(e), priority=Priority.NORMAL)
+    assert _keeper(one_free).worth_keeping(_held_on(e), priority=Priority.NORMAL)
+    # A high-priority task's own worker does not give way to its lane.
+    assert _keeper(full).worth_keeping(_held_on(e), priority=Priority.HIGH)
+
+
+def test_a_slot_held_with_a_lane_seat_or_already_given_back_is_not_kept() -> None:
+    e = endpoint()
+    fleet = Fleet(endpoints=[e], leases={e.endpoint_id: [_mine(e)]})
+    seat = SlotLease(
+        endpoint_id="image#priority-lane", slot=0, lease_id="s", task_id="t", lease_until=NOW + 30
+    )
+    released = _held_on(e)
+    released.keep_until_lease_ends()
+
+    assert not _keeper(fleet).worth_keeping(_held_on(e, seat=seat), priority=Priority.HIGH)
+    assert not _keeper(fleet).worth_keeping(released, priority=Priority.NORMAL)
+
+
+def test_at_the_tail_a_slow_endpoints_slot_goes_back_when_faster_ones_clear_the_queue() -> None:
+    slow = endpoint().model_copy(update={"endpoint_id": "slow", "url": "http://slow:8000"})
+    fast = endpoint(capacity=2).model_copy(
+        update={"endpoint_id": "fast", "url": "http://fast:8000"}
+    )
+    fleet = Fleet(
+        endpoints=[slow, fast],
+        leases={"slow": [_mine(slow)]},
+        call_seconds={"slow": {0: 12.0}, "fast": {0: 4.0, 1: 4.0}},
+    )
+
+    # One task left (ours just ended): a free fast slot finishes it in 4 s, not 12.
+    assert not _keeper(fleet, backlog=1).worth_keeping(_held_on(slow), priority=Priority.NORMAL)
+    # A deep queue: every slot is worth its work.
+    assert _keeper(fleet, backlog=50).worth_keeping(_held_on(slow), priority=Priority.NORMAL)
