@@ -602,7 +602,7 @@ class EndpointRegistry:
                 "task_id": task_id,
                 "lease_until": float(_num(now + lease_seconds)),
                 "leased_at": float(_num(now)),
-                "call_seconds_ewma": ewma,
+                "call_seconds_ewma": None if ewma is None else float(_num(ewma)),  # as stored
             }
         )
 
