@@ -259,3 +259,39 @@ def test_without_a_lane_of_its_own_a_task_goes_back_on_the_normal_lane_with_its_
     reaper(store, {Priority.NORMAL: normal}, at=task.lease_until + GRACE + 1).run()
 
     assert normal.sent == [QueueMessage(task_id=task.task_id, kind=TaskKind.SPEECH)]
+
+
+class ReadCounting(TaskStore):
+    """Counts the task rows the reaper reads after its index query."""
+
+    def __init__(self, table: Any) -> None:
+        super().__init__(table)
+        self.reads: list[str] = []
+
+    def get(self, task_id: str) -> Task | None:
+        self.reads.append(task_id)
+        return super().get(task_id)
+
+
+def test_a_run_asks_the_index_only_for_what_is_due_so_it_reads_nothing_else(
+    template_table: Callable[[str], Any], lanes: dict[Priority, Lane]
+) -> None:
+    store = ReadCounting(template_table("TasksTable"))
+    lost = running(store, queued(store))
+    uploading = store.create_speech_task(
+        "alice",
+        SpeechInput(audio_key="audio/x", filename="x.wav", content_type="audio/wav", size_bytes=4),
+        prompt=None,
+        task_id=new_task_id(),
+        queue_ttl_seconds=120,
+        upload_window_seconds=60,
+    )
+    assert lost.lease_until is not None
+    assert uploading.upload_deadline is not None
+    # Both within their grace (lease: 60 s, upload window: 300 s) at this instant.
+    at = min(lost.lease_until + GRACE - 1, uploading.upload_deadline + 299)
+    store.reads.clear()
+
+    assert reaper(store, lanes, at=at).run().total == 0
+
+    assert store.reads == []  # not read: the index query left them out
