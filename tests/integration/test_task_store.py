@@ -12,9 +12,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from gpuqueue.errors import TaskNotFound, TaskStateConflict
-from gpuqueue.models import ImageRequest, SpeechInput, Task, TaskStatus
+from gpuqueue.models import (
+    ImageRequest,
+    Priority,
+    SpeechInput,
+    Task,
+    TaskKind,
+    TaskStatus,
+    WebhookEvent,
+)
 from gpuqueue.task_ids import issued_at, new_task_id
 from gpuqueue.task_store import (
     UNWRITTEN_GRACE_SECONDS,
@@ -683,3 +692,65 @@ def test_claim_unread_does_not_send_a_retry_back_to_the_endpoint_that_failed_it(
     elsewhere = _claim_unread(store, task.task_id, here="gpu-b")
     assert isinstance(elsewhere, Claim)
     assert elsewhere.task.attempt == 2
+
+
+def test_a_long_audio_task_is_stored_awaiting_its_upload_with_everything_it_was_given(
+    store: TaskStore, table: Any
+) -> None:
+    now = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+    speech = SpeechInput(
+        audio_key="audio/t-1",
+        filename="talk.wav",
+        content_type="audio/wav",
+        size_bytes=48_000,
+        language="de",
+    )
+    task_id = new_task_id()
+
+    task = store.create_speech_task(
+        OWNER,
+        speech,
+        prompt="names: Grüber",
+        task_id=task_id,
+        queue_ttl_seconds=120,
+        upload_window_seconds=600,
+        priority=Priority.HIGH,
+        webhook_url="https://example.com/hook",
+        webhook_events=[WebhookEvent.DONE],
+        now=now,
+    )
+
+    stored = store.get(task_id)
+    assert stored is not None
+    assert stored.task_id == task.task_id
+    assert (stored.kind, stored.status, stored.priority) == (
+        TaskKind.SPEECH,
+        TaskStatus.AWAITING_UPLOAD,
+        Priority.HIGH,
+    )
+    assert (stored.user_id, stored.prompt, stored.speech) == (OWNER, "names: Grüber", speech)
+    assert stored.created_at == stored.updated_at == "2026-12-06T12:00:00.000000Z"
+    assert stored.upload_deadline == now.timestamp() + 600
+    assert stored.queue_ttl_seconds == 120
+    assert stored.expires_at == int(now.timestamp()) + 7 * 86_400
+    assert (stored.webhook_url, stored.webhook_events) == (
+        "https://example.com/hook",
+        [WebhookEvent.DONE],
+    )
+    row = _row(table, task_id)
+    assert row["reap_shard"] == reap_shard(task_id, ReapState.WAITING)
+    assert float(row["reap_at"]) == now.timestamp() + 600
+    # Ids are never reused: a second task under the same id is refused.
+    with pytest.raises(ClientError):
+        store.create_speech_task(
+            OWNER,
+            speech,
+            prompt=None,
+            task_id=task_id,
+            queue_ttl_seconds=1,
+            upload_window_seconds=1,
+        )
+    assert store.get(task_id).prompt == "names: Grüber"  # type: ignore[union-attr]
+    # No prompt stored as an empty one.
+    other = _awaiting_upload(store)
+    assert other.prompt == ""
