@@ -26,6 +26,8 @@ from gpuqueue.models import (
 )
 from gpuqueue.task_ids import issued_at, new_task_id
 from gpuqueue.task_store import (
+    BATCH_GET_LIMIT,
+    BATCH_GET_ROUNDS,
     UNWRITTEN_GRACE_SECONDS,
     Claim,
     ClaimRefused,
@@ -463,6 +465,83 @@ def test_inactive_among_reads_more_than_one_batch(
     inactive = store.inactive_among([*gone, *open_ids, ended.task_id])
 
     assert inactive == {*gone, ended.task_id}
+
+
+class ThrottledReads:
+    """A tasks table whose BatchGetItem leaves every second key unprocessed for the first
+    `rounds` calls (DynamoDB does so when throttled), and counts the calls."""
+
+    def __init__(self, table: Any, *, rounds: int) -> None:
+        self._table = table
+        self._client = table.meta.client
+        self.name = table.name
+        self.meta = self  # the store reaches the client as table.meta.client
+        self.client = self
+        self.rounds = rounds
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+    def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
+        request = RequestItems[self.name]
+        keys = request["Keys"]
+        self.calls.append(len(keys))
+        if not self.rounds:
+            return dict(self._client.batch_get_item(RequestItems=RequestItems))
+        self.rounds -= 1
+        served, left = keys[::2], keys[1::2]
+        answer = dict(
+            self._client.batch_get_item(RequestItems={self.name: {**request, "Keys": served}})
+        )
+        if left:
+            answer["UnprocessedKeys"] = {self.name: {**request, "Keys": left}}
+        return answer
+
+
+def test_inactive_among_asks_again_for_what_a_throttled_read_left_out(
+    table: Any, store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    ended = [queued() for _ in range(4)]
+    for task in ended:
+        assert store.fail_unclaimed(task, "x")
+    throttled = ThrottledReads(table, rounds=2)
+
+    inactive = TaskStore(throttled).inactive_among([t.task_id for t in ended])
+
+    assert inactive == {t.task_id for t in ended}
+    assert throttled.calls == [4, 2, 1]  # half left out twice, then the last one read
+
+
+def test_inactive_among_counts_what_stays_unread_as_active(
+    table: Any, store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    ended = [queued() for _ in range(16)]
+    for task in ended:
+        assert store.fail_unclaimed(task, "x")
+    throttled = ThrottledReads(table, rounds=BATCH_GET_ROUNDS)
+
+    inactive = TaskStore(throttled).inactive_among([t.task_id for t in ended])
+
+    # 16 -> 8 -> 4 -> 2 read in the rounds; the last unread one counts as still active
+    # (refusing a submit is the safe side; its share is released at the next look).
+    assert throttled.calls == [16, 8, 4, 2]
+    assert len(inactive) == 15
+    assert inactive < {t.task_id for t in ended}
+
+
+def test_inactive_among_reads_every_id_of_a_batch_beyond_the_first(
+    store: TaskStore, queued: Callable[..., Task], table: Any
+) -> None:
+    ended = [queued() for _ in range(BATCH_GET_LIMIT + 2)]
+    for task in ended:
+        assert store.fail_unclaimed(task, "x")
+    counting = ThrottledReads(table, rounds=0)
+
+    inactive = TaskStore(counting).inactive_among([t.task_id for t in ended])
+
+    assert inactive == {t.task_id for t in ended}
+    assert counting.calls == [BATCH_GET_LIMIT, 2]
 
 
 # --- the reaper's side ------------------------------------------------------------------
