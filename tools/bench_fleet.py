@@ -319,16 +319,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(killed)
         print(killed.line(), flush=True)
+        # What sizes the dispatchers' MemorySize: their largest Max Memory Used.
+        dispatcher_memory_mb = stack.functions["DispatcherFunction"].peak_memory_mb
+        print(f"dispatcher max memory used: {dispatcher_memory_mb} MB", flush=True)
     finally:
         stack.stop()
     print(f"bench took {time.monotonic() - began:.0f} s", flush=True)
     if args.json:
         args.json.write_text(
             json.dumps(
-                [
-                    r.__dict__ | {"efficiency": r.efficiency, "makespan_ratio": r.makespan_ratio}
-                    for r in results
-                ],
+                {
+                    "runs": [
+                        r.__dict__
+                        | {"efficiency": r.efficiency, "makespan_ratio": r.makespan_ratio}
+                        for r in results
+                    ],
+                    "dispatcher_max_memory_mb": dispatcher_memory_mb,
+                },
                 indent=2,
             )
         )

@@ -32,7 +32,7 @@ TARGET_REQUESTS = 8
 BILLED_SERVICES = ("dynamodb", "sqs", "s3", "secretsmanager")
 
 
-def _fleet(tasks: int) -> list[dict[str, Any]]:
+def _fleet(tasks: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "fleet.json"
         subprocess.run(
@@ -47,7 +47,7 @@ def _fleet(tasks: int) -> list[dict[str, Any]]:
             check=False,
             timeout=1800,
         )
-        return list(json.loads(out.read_text())) if out.exists() else []
+        return dict(json.loads(out.read_text())) if out.exists() else {}
 
 
 def _requests_table(requests: dict[str, Any]) -> tuple[str, float]:
@@ -75,22 +75,37 @@ def _latency_row(label: str, figures: dict[str, float]) -> str:
     )
 
 
+FLEET_HEADER = (
+    "| run | done | failed | makespan s | optimal s | makespan / optimal | tasks/s | efficiency"
+    " | queue wait p50 / p95 s | peak in-flight |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def benchmarks_markdown(
-    requests: dict[str, Any], imports: dict[str, float], fleet: list[dict[str, Any]], date: str
+    requests: dict[str, Any], imports: dict[str, float], fleet_run: dict[str, Any], date: str
 ) -> str:
+    fleet: list[dict[str, Any]] = fleet_run.get("runs", [])
     table, before_polls = _requests_table(requests)
     verdict = "meets" if before_polls <= TARGET_REQUESTS else "misses"
     imports_rows = "\n".join(f"| {name} | {ms} |" for name, ms in sorted(imports.items()))
     fleet_rows = "\n".join(
         f"| {r['label']} | {r['done']}/{r['tasks']} | {r['failed']} | {r['makespan_s']:.1f} | "
+        f"{r.get('optimal_makespan_s') or ''} | {_ratio(r.get('makespan_ratio'))} | "
         f"{r['throughput']:.2f} | {_percent(r.get('efficiency'))} | "
-        f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} |"
+        f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} | {r['max_in_flight']} |"
         for r in fleet
     )
+    memory = fleet_run.get("dispatcher_max_memory_mb")
     fleet_part = (
-        f"""| run | done | failed | makespan s | tasks/s | efficiency | queue wait p50 / p95 s |
-|---|---|---|---|---|---|---|
-{fleet_rows}"""
+        f"{FLEET_HEADER}\n{fleet_rows}\n\n"
+        "Optimal makespan: the least T with sum(capacity * floor(T / latency)) >= tasks (every "
+        "slot busy from the start, no gap); the target is makespan <= 1.05 x optimal. "
+        f"Dispatcher Max Memory Used (the largest of any invocation, as Lambda reports it): "
+        f"{memory} MB."
         if fleet
         else "Not run this time (`make bench` without `BENCH_FLEET=0` runs it)."
     )
@@ -158,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     imports = bench_imports.measure(repeat=3)
     print(json.dumps({"cold_import_ms": imports}, indent=2), flush=True)
-    fleet = [] if args.no_fleet else _fleet(args.fleet_tasks)
+    fleet = {} if args.no_fleet else _fleet(args.fleet_tasks)
     requests = bench_requests.measure(args.tasks, args.latency_calls)
     print(json.dumps(requests, indent=2), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

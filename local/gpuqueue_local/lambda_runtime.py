@@ -51,6 +51,7 @@ class InvocationResult:
     error_message: str | None = None
     duration_s: float = 0.0
     timed_out: bool = False
+    max_memory_mb: int | None = None  # the worker process's peak resident memory so far
 
 
 class WorkerCrashed(RuntimeError):
@@ -166,14 +167,18 @@ class _Worker:
                 error_message="the function's process exited during the invocation",
                 duration_s=duration,
             )
+        memory = reply.get("max_memory_mb")
         if "error" in reply:
             return InvocationResult(
                 ok=False,
                 error_type=reply["error"].get("errorType"),
                 error_message=reply["error"].get("errorMessage"),
                 duration_s=duration,
+                max_memory_mb=memory,
             )
-        return InvocationResult(ok=True, payload=reply.get("result"), duration_s=duration)
+        return InvocationResult(
+            ok=True, payload=reply.get("result"), duration_s=duration, max_memory_mb=memory
+        )
 
     def _take_reply(self) -> dict[str, Any] | None:
         with self._reply_lock:
@@ -197,6 +202,8 @@ class FunctionRuntime:
     max_concurrency: int = 10
     invocations: int = 0
     errors: int = 0
+    # The largest Max Memory Used of any invocation (what sizes MemorySize on Lambda).
+    peak_memory_mb: int = 0
     _idle: list[_Worker] = field(default_factory=list)
     _all: list[_Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -242,6 +249,8 @@ class FunctionRuntime:
                 self.invocations += 1
                 if not result.ok:
                     self.errors += 1
+                if result.max_memory_mb is not None:
+                    self.peak_memory_mb = max(self.peak_memory_mb, result.max_memory_mb)
                 if worker.alive:
                     self._idle.append(worker)
                 else:

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -72,8 +73,13 @@ def _serve(
                     "error": {"errorType": type(error).__name__, "errorMessage": str(error)},
                 }
             )
-        replies.write(encoded + "\n")
+        replies.write(encoded[:-1] + f', "max_memory_mb": {_max_memory_mb()}}}' + "\n")
         replies.flush()
+
+
+def _max_memory_mb() -> int:
+    """The process's peak resident memory so far: what Lambda reports as Max Memory Used."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> int:

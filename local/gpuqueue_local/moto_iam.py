@@ -295,7 +295,7 @@ class _SignedAt(S3SigV4QueryAuth):
 
     def signature_of(self, request: AWSRequest) -> str:
         request.context["timestamp"] = self._date
-        self._modify_request_before_signing(request)
+        self._modify_request_before_signing(request)  # type: ignore[attr-defined]
         canonical = self.canonical_request(request)
         return str(self.signature(self.string_to_sign(request, canonical), request))
 

@@ -44,7 +44,7 @@ def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
         assert 0 <= latency["aws_share"] <= 1
 
-    report = benchmarks_markdown(figures, {"submit": 700.0}, [], "today")
+    report = benchmarks_markdown(figures, {"submit": 700.0}, {}, "today")
     assert "| submit | 6 |" in report  # billed requests of the submit phase, as counted
     cost = cost_model.per_million(figures)
     assert cost["total"] > 0

@@ -45,6 +45,9 @@ def handler(event, context):
         raise ValueError("boom: " + event.get("why", ""))
     if action == "exit":
         os._exit(3)
+    if action == "allocate":
+        held = bytearray(event["mb"] << 20)  # touched: resident, not only reserved
+        del held
     if action == "print":
         print("hello from the handler")
         sys.stdout.flush()
@@ -340,6 +343,20 @@ def test_invocations_and_errors_are_counted(make_function: Callable[..., Functio
     function.invoke({"action": "raise"})
 
     assert (function.invocations, function.errors) == (2, 1)
+
+
+def test_each_invocation_reports_the_workers_peak_memory_as_lambda_does(
+    make_function: Callable[..., FunctionRuntime],
+) -> None:
+    function = make_function()
+
+    small = function.invoke({})
+    large = function.invoke({"action": "allocate", "mb": 64})
+
+    assert small.max_memory_mb is not None
+    assert large.max_memory_mb is not None
+    assert large.max_memory_mb >= small.max_memory_mb + 60  # the 64 MB it held
+    assert function.peak_memory_mb == large.max_memory_mb
 
 
 # --- SqsEventSource against moto --------------------------------------------------------
