@@ -34,7 +34,7 @@ from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
 from gpuqueue.speech_client import OpenAITranscriptionClient
-from gpuqueue.task_queue import TaskQueue
+from gpuqueue.task_queue import DELETE_BATCH, TaskQueue
 from gpuqueue.task_store import TaskStore
 
 logger = Logger()
@@ -92,7 +92,7 @@ def deps() -> Deps:
             },
             policy=policy,
             balancer=Balancer(settings.dispatch_strategy),
-            backlog=lambda: queue.depth().total,
+            backlog=lambda: queue.depth().queued,
             observer=DispatchMetrics(metrics),
         ),
         queue=queue,
@@ -126,6 +126,8 @@ class QueuePuller:
         if isinstance(result, Outcome):
             count(result)
             self._done.append(pulled.receipt)
+            if len(self._done) >= DELETE_BATCH:
+                self.flush()
         elif isinstance(result, RetryLater):
             if return_later(result, pulled.message, pulled.receipt):
                 self._done.append(pulled.receipt)

@@ -207,8 +207,9 @@ class SlotBroker:
         self._max_age = health_max_age_seconds
         self._balancer = balancer or Balancer()
         self._poll = poll_seconds
-        # Messages in the task queues (visible, delayed and in flight); lets least-loaded hold
-        # a tail task back for a faster endpoint. Without it every free slot is taken.
+        # Messages in the task queues no worker holds (visible and delayed): the tasks not
+        # started yet. Lets least-loaded hold a tail task back for a faster endpoint.
+        # Without it every free slot is taken.
         self._backlog = _Backlog(backlog, clock)
         self._clock = clock
         self._sleep = sleep
@@ -297,7 +298,9 @@ class SlotBroker:
             free_slots=1,
             service_seconds=fleet.service_seconds(endpoint),
         )
-        return self._worth_taking(candidate, routable, fleet, now, self._backlog)
+        return self._worth_taking(
+            candidate, routable, fleet, now, self._backlog, holding_task=False
+        )
 
     def _lane_has_room(self, fleet: Fleet, now: float) -> bool:
         return self._lane_slots is None or bool(fleet.free_priority_seats(now, self._lane_slots))
@@ -359,8 +362,12 @@ class SlotBroker:
         fleet: Fleet,
         now: float,
         backlog: _Backlog,
+        *,
+        holding_task: bool = True,
     ) -> bool:
-        """Least-loaded only: skip a slower endpoint when faster slots clear the backlog sooner."""
+        """Least-loaded only: skip a slower endpoint when faster slots clear the backlog sooner.
+        `holding_task`: the task to place is in hand (a delivery), not still in the queue (a
+        kept slot deciding whether to take the next one)."""
         if self._balancer.strategy is not Strategy.LEAST_LOADED or not backlog.known:
             return True
         service = candidate.service_seconds
@@ -375,12 +382,10 @@ class SlotBroker:
             and service - other_service > FASTER_MIN_SECONDS
             for free_at in fleet.slot_free_times(e, now)
         ]
-        running = sum(fleet.in_flight(e.endpoint_id, now) for e in fleet.endpoints)
-
         def waiting() -> int:
-            # Messages in the queues (visible, delayed or held) less those already running:
-            # the tasks not started yet, this one included.
-            return max(1, backlog.count() - running)
+            # The tasks not started yet: the messages no worker holds (visible or delayed),
+            # and the one in hand when a worker is placing its own task.
+            return max(1, backlog.count() + (1 if holding_task else 0))
 
         return worth_taking(now + service, others, waiting)
 
