@@ -224,7 +224,43 @@ def _timed(counter: CallCounter, calls: int, action: Callable[[], Any]) -> dict[
     return figures
 
 
-def measure(tasks: int, latency_calls: int) -> dict[str, Any]:
+LOAD_PHASES = ("submit", "dispatch", "task_events")
+
+
+def _under_load(stack: InProcessStack, counter: CallCounter, tasks: int) -> dict[str, Any]:
+    """`tasks` queued at once, then dispatched as the event source mapping would: each
+    invocation gets one message (its receive and delete counted here, 2 requests) and its
+    worker takes the rest of the queue itself; then the stream in one pass. Per task."""
+    with counter.in_phase("load:submit"):
+        ids = [
+            stack.submit({"prompt": f"load {i}", "width": 64, "height": 64}) for i in range(tasks)
+        ]
+    invocations = 0
+    with counter.in_phase("load:dispatch"):
+        while messages := stack.receive():
+            invocations += 1
+            stack.run_sqs_function("dispatcher_handler", "TaskQueue", messages)
+    with counter.in_phase("load:task_events"):
+        stack.pump_stream()
+    done = sum(stack.status(task_id)["status"] == "DONE" for task_id in ids)
+    per_task = {
+        phase: {
+            op: round(n / tasks, 2)
+            for op, n in sorted(counter.counts.get(f"load:{phase}", Counter()).items())
+        }
+        for phase in LOAD_PHASES
+    }
+    return {
+        "tasks": tasks,
+        "done": done,
+        "invocations": invocations,
+        # The mapping's ReceiveMessage and DeleteMessage for each message it delivered.
+        "mapping_requests_per_task": round(2 * invocations / tasks, 2),
+        "requests_per_task": per_task,
+    }
+
+
+def measure(tasks: int, latency_calls: int, load_tasks: int = 100) -> dict[str, Any]:
     moto_atomic.install()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -257,6 +293,7 @@ def measure(tasks: int, latency_calls: int) -> dict[str, Any]:
                 with counter.in_phase("status_poll"):
                     assert stack.status(task_id)["status"] == "DONE"
             webhooks_received = len(sink.received)
+        under_load = _under_load(stack, counter, load_tasks)
         with counter.in_phase("latency"):
             submit_latency = _timed(
                 counter,
@@ -280,6 +317,7 @@ def measure(tasks: int, latency_calls: int) -> dict[str, Any]:
         "webhook_tasks": tasks // 2,
         "webhooks_received": webhooks_received,
         "requests_per_task": per_task,
+        "under_load": under_load,
         "submit_latency": submit_latency,
         "status_latency": status_latency,
     }
@@ -289,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--load-tasks", type=int, default=100, help="queued at once")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     for name, value in (
@@ -297,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         ("AWS_DEFAULT_REGION", REGION),
     ):
         os.environ.setdefault(name, value)
-    figures = measure(args.tasks, args.latency_calls)
+    figures = measure(args.tasks, args.latency_calls, args.load_tasks)
     text = json.dumps(figures, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

@@ -23,6 +23,8 @@ def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
             "2",
             "--latency-calls",
             "3",
+            "--load-tasks",
+            "4",
             "--json",
             str(out),
         ],
@@ -44,7 +46,16 @@ def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
         assert 0 <= latency["aws_share"] <= 1
 
+    # Under load: every task done, the dispatch phase without a read before the claim for the
+    # tasks a worker took itself (one GetItem, for the message the mapping delivered).
+    load = figures["under_load"]
+    assert (load["tasks"], load["done"], load["invocations"]) == (4, 4, 1)
+    assert load["mapping_requests_per_task"] == 0.5
+    assert load["requests_per_task"]["dispatch"]["dynamodb:GetItem"] == 0.25
+    assert load["requests_per_task"]["dispatch"]["s3:PutObject"] == 1.0
+
     report = benchmarks_markdown(figures, {"submit": 700.0}, {}, "today")
+    assert "billed requests per image task under load" in report
     assert "| submit | 6 |" in report  # billed requests of the submit phase, as counted
     cost = cost_model.per_million(figures)
     assert cost["total"] > 0

@@ -382,6 +382,7 @@ class SlotBroker:
             and service - other_service > FASTER_MIN_SECONDS
             for free_at in fleet.slot_free_times(e, now)
         ]
+
         def waiting() -> int:
             # The tasks not started yet: the messages no worker holds (visible or delayed),
             # and the one in hand when a worker is placing its own task.
