@@ -29,6 +29,11 @@ def current() -> ReadOnlyCredentials:
     return keys or _OPERATOR
 
 
+def act_as_operator() -> None:
+    """This thread signs as the operator again, whatever it was left acting as."""
+    _current.keys = None
+
+
 @contextlib.contextmanager
 def acting_as(access_key_id: str, secret_access_key: str) -> Iterator[None]:
     """This thread's AWS calls sign with these keys until the block ends."""

@@ -133,6 +133,13 @@ def template_table(
 
 
 @pytest.fixture(autouse=True)
+def operator_identity() -> None:
+    """Each test starts signing as the operator: a function's keys a thread was left with
+    would name an IAM user the next stack's reset removed (InvalidClientTokenId)."""
+    function_credentials.act_as_operator()
+
+
+@pytest.fixture(autouse=True)
 def refused_calls(request: pytest.FixtureRequest) -> Iterator[list[moto_iam.Decision]]:
     """Fails a test in which moto refused a function's call (AccessDenied): its role lacks a
     grant it needs on AWS. A test that provokes a refusal on purpose takes this fixture and

@@ -48,12 +48,14 @@ def test_queue_position_counts_the_tasks_ahead_and_falls_to_0_as_the_queue_drain
     h.run_checker()
     last = ids[-1]
     seen = []
+    # 60 s per invocation: no room for a second 120 s call, so each delivery runs one task
+    # (a worker with time to spare would take the next ones itself) and the line moves by one.
     for _ in range(4):
-        h.deliver(h.receive())
+        h.deliver(h.receive(), timeout_seconds=60)
         h.pump_task_events()  # the stream counts the task that left the waiting line
         seen.append(_position(h, alice, last))
     assert seen == [3, 2, 1, 0]
-    h.deliver(h.receive())
+    h.deliver(h.receive(), timeout_seconds=60)
     task = _status(h, alice, last).json()
     assert task["status"] == "DONE"
     assert "queue_position" not in task or task["queue_position"] is None

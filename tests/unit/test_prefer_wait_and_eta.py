@@ -106,3 +106,23 @@ def test_a_measured_gap_between_departures_replaces_the_fleets_rate():
     eta = estimate(5, fleet, now=NOW, max_age_seconds=90, gap_seconds=2.5)
 
     assert eta.eta_seconds == pytest.approx(5 * 2.5 + 4.0)
+
+
+def test_the_eta_is_never_sooner_than_the_fleet_can_serve_the_tasks_ahead() -> None:
+    # Two slots of 1 s calls: departures come in pairs (gaps 0.05 s, 0.95 s, ...), and an
+    # average caught after a short gap says 0.3 s; the fleet cannot do better than 0.5 s.
+    e = Endpoint(
+        endpoint_id="gpu-a",
+        url="http://gpu-a:8000",
+        kind=TaskKind.IMAGE,
+        capacity=2,
+        healthy=True,
+        last_checked_at=1000.0,
+    )
+    fleet = Fleet(endpoints=[e], call_seconds={"gpu-a": {0: 1.0, 1: 1.0}})
+
+    fast_gap = estimate(18, fleet, now=1000.0, max_age_seconds=90, gap_seconds=0.3)
+    slow_gap = estimate(18, fleet, now=1000.0, max_age_seconds=90, gap_seconds=0.7)
+
+    assert fast_gap.eta_seconds == 18 / 2 + 1.0
+    assert slow_gap.eta_seconds == round(18 * 0.7 + 1.0, 1)

@@ -158,7 +158,10 @@ def estimate(
     gap_seconds: float | None = None,
 ) -> QueueEstimate:
     """The ETA of a task with `position` tasks ahead of it: the lane's measured gap between
-    departures when there is one, else the fleet's rate; plus one call of its own."""
+    departures when there is one, else the fleet's rate; plus one call of its own. Never
+    sooner than the fleet's rate allows: with several slots departures come in bunches, and
+    a gap average caught between two of a bunch would promise a drain faster than the GPUs
+    can serve."""
     rates = []
     calls = []
     for endpoint in fleet.routable(now, max_age_seconds):
@@ -170,5 +173,6 @@ def estimate(
     if not rates:
         return QueueEstimate(queue_position=position, eta_seconds=None)
     own_call = sum(calls) / len(calls)
-    wait = position * gap_seconds if gap_seconds is not None else position / sum(rates)
+    at_fleet_rate = position / sum(rates)
+    wait = at_fleet_rate if gap_seconds is None else max(position * gap_seconds, at_fleet_rate)
     return QueueEstimate(queue_position=position, eta_seconds=round(wait + own_call, 1))
