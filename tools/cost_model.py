@@ -7,8 +7,14 @@ the point is what the queue costs next to the GPU it feeds.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "local"))
+
+from gpuqueue_local.template import load_template
 
 PRICES_AS_OF = "2025-12 (AWS price lists, us-east-1)"
 PRICE = {
@@ -30,7 +36,7 @@ PRICE = {
 GPU_NAME = "g5.xlarge (NVIDIA A10G), on-demand"
 
 # Assumptions the bench cannot measure on moto, named in the report.
-MEMORY_GB = 0.5  # every function's MemorySize (template Globals)
+MEMORY_GB = 0.5  # the other functions' MemorySize (template Globals)
 GENERATION_SECONDS = 12.0  # the dispatcher waits for the GPU: billed Lambda time
 HANDLER_SECONDS = {"submit": 0.08, "dispatch_overhead": 0.3, "task_events": 0.1, "poll": 0.05}
 TASK_WRITE_WRU = 3  # a tasks-table write also writes its two indexes (by-user ALL, by-reap)
@@ -42,6 +48,14 @@ XRAY_SAMPLED = 0.05  # X-Ray's default rule past the first request each second
 POLLS_SEED_CLIENT = 15  # the seed's client: one status call a second for a 15 s task
 ESM_SQS_REQUESTS = 2  # the event source mapping's receive and delete, billed to us
 STREAM_INVOCATIONS = 2  # two stream records pass the filter per task (left the line, ended)
+
+
+def dispatcher_memory_gb() -> float:
+    """The dispatcher's MemorySize in template.yaml (the source of truth), in GB."""
+    template = load_template()
+    props = template["Resources"]["DispatcherFunction"]["Properties"]
+    mb = props.get("MemorySize", template["Globals"]["Function"]["MemorySize"])
+    return float(mb) / 1024
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,11 @@ def _count(requests: dict[str, float], prefix: str) -> float:
 
 def per_million(bench: dict[str, Any]) -> dict[str, Any]:
     """The cost lines for one million image tasks, from bench_requests' figures."""
-    phases: dict[str, dict[str, float]] = bench["requests_per_task"]
+    # Under load (tasks queued at once, as a busy fleet sees them) when measured: workers
+    # take their next tasks themselves, and the mapping delivers only some of the messages.
+    load = bench.get("under_load")
+    phases: dict[str, dict[str, float]] = (load or bench)["requests_per_task"]
+    mapping_sqs = load["mapping_requests_per_task"] if load else ESM_SQS_REQUESTS
     core: dict[str, float] = {}
     for phase in ("submit", "dispatch", "task_events"):
         for op, n in phases.get(phase, {}).items():
@@ -75,14 +93,12 @@ def per_million(bench: dict[str, Any]) -> dict[str, Any]:
     # Tasks-table writes per task: create, claim, complete (the rest are other tables).
     wru, rru = _dynamodb(core, tasks_table_writes=3)
     m = 1e6
+    dispatcher_gb = dispatcher_memory_gb()
     gb_s = MEMORY_GB * (
-        HANDLER_SECONDS["submit"]
-        + GENERATION_SECONDS
-        + HANDLER_SECONDS["dispatch_overhead"]
-        + STREAM_INVOCATIONS * HANDLER_SECONDS["task_events"]
-    )
+        HANDLER_SECONDS["submit"] + STREAM_INVOCATIONS * HANDLER_SECONDS["task_events"]
+    ) + dispatcher_gb * (GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"])
     invocations = 2 + STREAM_INVOCATIONS
-    sqs = _count(core, "sqs:") + ESM_SQS_REQUESTS
+    sqs = _count(core, "sqs:") + mapping_sqs
     lines = [
         Line("API Gateway", "1 HTTP request (submit)", PRICE["apigw_http_per_request"] * m),
         Line(
@@ -92,7 +108,8 @@ def per_million(bench: dict[str, Any]) -> dict[str, Any]:
         ),
         Line(
             "Lambda",
-            f"{gb_s:.2f} GB-s: the dispatcher waits {GENERATION_SECONDS:.0f} s for the GPU",
+            f"{gb_s:.2f} GB-s: the dispatcher ({dispatcher_gb * 1024:.0f} MB) waits "
+            f"{GENERATION_SECONDS:.0f} s for the GPU",
             gb_s * PRICE["lambda_per_gb_second_arm64"] * m,
         ),
         Line(
@@ -103,7 +120,7 @@ def per_million(bench: dict[str, Any]) -> dict[str, Any]:
         Line("DynamoDB", f"{rru:.1f} RRU", rru * PRICE["dynamodb_per_rru"] * m),
         Line(
             "SQS",
-            f"{sqs:.1f} requests ({ESM_SQS_REQUESTS} by the event source mapping)",
+            f"{sqs:.1f} requests ({mapping_sqs:g} by the event source mapping)",
             sqs * PRICE["sqs_per_request"] * m,
         ),
         Line(
