@@ -114,10 +114,18 @@ def template_table(
     no stack, for tests of the domain classes on their own. Deleted after the test."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     created: list[Any] = []
+    # The operator's own session (never the process's default one, whose keys another test
+    # may have changed) and its key re-seeded: these tests are about the table, not IAM.
+    moto_iam.seed_admin()
+    operator = boto3.Session(
+        aws_access_key_id=moto_iam.ADMIN_ACCESS_KEY_ID,
+        aws_secret_access_key=moto_iam.ADMIN_SECRET_ACCESS_KEY,
+        region_name="us-east-1",
+    )
 
     def make(logical_id: str) -> Any:
         props = load_template()["Resources"][logical_id]["Properties"]
-        table = boto3.resource("dynamodb").create_table(
+        table = operator.resource("dynamodb", endpoint_url=moto_url).create_table(
             TableName=f"{logical_id}-{uuid.uuid4().hex[:8]}",
             AttributeDefinitions=props["AttributeDefinitions"],
             KeySchema=props["KeySchema"],

@@ -537,3 +537,19 @@ def test_a_pulled_retry_goes_to_another_endpoint_than_the_one_that_failed_it(
 
     assert job.calls[1][0] == "gpu-b"
     assert queue.settled == [(retry.task_id, Outcome.DONE, TaskStatus.DONE)]
+
+
+def test_a_duplicate_of_a_task_this_worker_just_ran_is_skipped_not_sent_back(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    # The copy comes while the first run's DONE may still be being written beside the next
+    # call: it is this worker's own task, not one "running elsewhere" to wait out.
+    healthy(registry, "gpu-a")
+    first = submitted(store)
+    job = ScriptedJob(b"1")
+    queue = Queue(store, first)
+
+    serve(dispatcher(store, registry, job), first, queue)
+
+    assert len(job.calls) == 1
+    assert [(t, r) for t, r, _ in queue.settled] == [(first.task_id, Outcome.SKIPPED)]

@@ -174,6 +174,7 @@ class TaskDispatcher:
                     self._keep_serving(
                         held,
                         next_tasks,
+                        first_task_id=message.task_id,
                         remaining_seconds=remaining_seconds,
                         lane=lane,
                         finisher=finisher,
@@ -192,12 +193,16 @@ class TaskDispatcher:
         held: HeldSlot,
         next_tasks: NextTasks,
         *,
+        first_task_id: str,
         remaining_seconds: Callable[[], float],
         lane: Priority,
         finisher: ThreadPoolExecutor,
         pending: list[tuple[Pulled, Future[Outcome]]],
     ) -> None:
         slot: HeldSlot | None = held
+        # Tasks this invocation has run (or is finishing): a duplicate of one of their
+        # messages needs no read, and must not wait out our own lease as if it were another's.
+        ours = {first_task_id}
         try:
             while slot is not None:
                 if (
@@ -208,6 +213,9 @@ class TaskDispatcher:
                 pulled = next_tasks.pull()
                 if pulled is None:
                     return  # nothing waiting: the slot goes back
+                if pulled.message.task_id in ours:
+                    pending.append((pulled, _submit(finisher, Outcome.SKIPPED)))
+                    continue
                 try:
                     outcome, slot = self._dispatch_one(
                         pulled.message, remaining_seconds, offered=slot, keep=True
@@ -215,6 +223,7 @@ class TaskDispatcher:
                 except Exception as error:
                     next_tasks.settle(pulled, error)
                     return
+                ours.add(pulled.message.task_id)
                 pending.append((pulled, _submit(finisher, outcome)))
         finally:
             if slot is not None:
