@@ -227,3 +227,39 @@ def test_a_queue_hides_a_message_for_six_timeouts_of_every_function_it_triggers(
     }
 
     assert short == {}, f"{queue_of(mapping_id)} -> {function_of(mapping_id)}"
+
+
+LAMBDA_MAX_TIMEOUT = 900  # seconds: Lambda refuses a longer Timeout
+LAMBDA_MEMORY_RANGE = (128, 10_240)  # MB
+SQS_MAX_VISIBILITY_TIMEOUT = 43_200  # 12 hours
+
+
+@pytest.mark.parametrize(
+    "function_id", sorted(resources_of_type(TRANSFORMED, "AWS::Lambda::Function"))
+)
+def test_every_function_asks_for_a_timeout_and_memory_lambda_accepts(function_id: str) -> None:
+    props = RESOURCES[function_id]["Properties"]
+    timeout = props.get("Timeout", LAMBDA_DEFAULT_TIMEOUT)
+    memory = props.get("MemorySize", 128)
+    refused = {
+        str(chosen): (number(timeout, resolver), number(memory, resolver))
+        for chosen, resolver in deployments(timeout, memory)
+        if not 1 <= number(timeout, resolver) <= LAMBDA_MAX_TIMEOUT
+        or not LAMBDA_MEMORY_RANGE[0] <= number(memory, resolver) <= LAMBDA_MEMORY_RANGE[1]
+    }
+
+    assert refused == {}
+
+
+@pytest.mark.parametrize("queue_id", sorted(resources_of_type(TRANSFORMED, "AWS::SQS::Queue")))
+def test_every_queue_hides_a_message_no_longer_than_sqs_allows(queue_id: str) -> None:
+    visibility = RESOURCES[queue_id]["Properties"].get(
+        "VisibilityTimeout", SQS_DEFAULT_VISIBILITY_TIMEOUT
+    )
+    refused = {
+        str(chosen): number(visibility, resolver)
+        for chosen, resolver in deployments(visibility)
+        if not 0 <= number(visibility, resolver) <= SQS_MAX_VISIBILITY_TIMEOUT
+    }
+
+    assert refused == {}
