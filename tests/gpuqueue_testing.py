@@ -22,6 +22,15 @@ EVENTS = Path(__file__).resolve().parents[1] / "events"
 
 
 @dataclass
+class User:
+    """A signed-in caller as the API's authorizer passes them on (Cognito's sub and name)."""
+
+    sub: str
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
 class FakeLambdaContext:
     """Enough of LambdaContext for Powertools; remaining time follows the given timeout."""
 

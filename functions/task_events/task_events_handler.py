@@ -1,7 +1,7 @@
 """The tasks table's stream: what follows each task's transition into a final state (its
 owner's active-task share is released; its webhook delivery is queued; it is counted in
-the last hour's outcomes). Partial batch
-responses: a record that fails is retried from there on; one that keeps failing goes to the
+the last hour's outcomes), aggregated per batch. A batch whose effects fail is retried
+whole; the mapping bisects it, so a record that keeps failing is isolated and goes to the
 stream's dead-letter queue.
 """
 
@@ -11,13 +11,11 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    process_partial_response,
-)
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
-from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBRecord
+from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import (
+    DynamoDBRecord,
+    DynamoDBStreamEvent,
+)
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
@@ -33,7 +31,6 @@ from gpuqueue.webhooks import SqsDeliverySender, WebhookNotifier
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
-processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
 
 
 @cache
@@ -59,21 +56,22 @@ def task_events() -> TaskEvents:
     return TaskEvents(share=share, listeners=listeners, positions=QueuePositions(limits))
 
 
-def record_handler(record: DynamoDBRecord) -> None:
+def transition_of(record: DynamoDBRecord) -> TaskTransition | None:
     stream = record.dynamodb
     if stream is None:
-        return
-    transition = TaskTransition.of(stream.old_image, stream.new_image)
-    if transition is None:
-        return
-    correlate_task(logger, transition.task_id)
-    task_events().handle(transition)
+        return None
+    return TaskTransition.of(stream.old_image, stream.new_image)
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    return process_partial_response(
-        event=event, record_handler=record_handler, processor=processor, context=context
-    )
+    event_batch = DynamoDBStreamEvent(event)
+    transitions = [t for r in event_batch.records if (t := transition_of(r)) is not None]
+    if len(transitions) == 1:
+        correlate_task(logger, transitions[0].task_id)
+    # Raises on failure: the whole batch comes back (bisected), its effects being safe to
+    # repeat; no record is reported on its own, as none is handled on its own.
+    task_events().handle_batch(transitions)
+    return {"batchItemFailures": []}

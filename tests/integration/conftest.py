@@ -43,7 +43,7 @@ from gpuqueue_local.provision import LocalStack, provision
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
 from gpuqueue_local.template import load_template
-from gpuqueue_testing import FakeLambdaContext, load_event
+from gpuqueue_testing import FakeLambdaContext, User, load_event
 
 HANDLER_MODULES = (
     "auth_handler",
@@ -183,13 +183,6 @@ class Response:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-@dataclass
-class User:
-    sub: str
-    username: str
-    groups: tuple[str, ...] = ()
 
 
 @dataclass

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
 from gpuqueue import aws_clients
+from gpuqueue_testing import User
 
 
 def _queued_messages(h) -> int:
@@ -85,6 +90,38 @@ def test_full_queue_refuses_with_503_and_retry_after(make_stack, alice):
     assert refused.json()["code"] == "QUEUE_FULL"
     assert _queued_messages(h) == 2
     assert len(_task_rows(h)) == 2
+
+
+def test_concurrent_submits_at_the_capacity_never_overshoot_it(make_stack):
+    # A depth read then a send let 45 of 40 in under `make load`; the bound is now the
+    # condition on the lane's own ticket write.
+    capacity = 5
+    h = make_stack(parameters={"QueueCapacity": str(capacity)})
+    users = [User(sub=str(uuid.uuid4()), username=f"racer{i}") for i in range(12)]
+    start = threading.Barrier(len(users))
+
+    def submit(user: User) -> int:
+        start.wait(timeout=10)
+        return h.submit(user).status
+
+    with ThreadPoolExecutor(max_workers=len(users)) as pool:
+        statuses = list(pool.map(submit, users))
+
+    assert sorted(statuses) == [202] * capacity + [503] * (len(users) - capacity)
+    assert _queued_messages(h) == capacity
+    assert sorted(r["status"] for r in _task_rows(h)) == ["QUEUED"] * capacity
+
+
+def test_a_full_lane_admits_again_once_a_task_leaves_its_line(make_stack, alice):
+    h = make_stack(parameters={"QueueCapacity": "2"})
+    first, _ = (h.submit(alice).json()["task_id"] for _ in range(2))
+    assert h.submit(alice).status == 503
+
+    assert h.cancel(alice, first).status == 200
+    h.pump_task_events()  # the stream counts its departure from the waiting line
+
+    assert h.submit(alice).status == 202
+    assert h.submit(alice).status == 503
 
 
 def test_queue_send_failure_is_503_and_leaves_no_queued_orphan(make_stack, alice):

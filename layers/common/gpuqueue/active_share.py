@@ -15,8 +15,8 @@ tasks (not yet DONE, FAILED, CANCELED or EXPIRED) as a string set.
   two writes), then the take is tried once more. So a refusal always means K tasks that
   really are active, and a counter can never leak a share for good.
 
-Cost: 1 write per take and per release; a refusal at the limit adds 1 read of the row and
-1 BatchGetItem over its K tasks.
+Cost: 1 write per take, and 1 per owner per stream batch of releases; a refusal at the
+limit adds 1 read of the row and 1 BatchGetItem over its K tasks.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ class ActiveTaskShare:
     def release(self, owner: str, task_id: str) -> None:
         """Stop counting the task. Releasing an id that is not counted does nothing."""
         self._remove(owner, {task_id})
+
+    def release_many(self, owner: str, task_ids: Set[str]) -> None:
+        """Stop counting several of the owner's tasks: one write."""
+        if task_ids:
+            self._remove(owner, task_ids)
 
     def active(self, owner: str) -> set[str]:
         item = self._table.get_item(

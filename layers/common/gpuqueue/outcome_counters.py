@@ -4,8 +4,9 @@ Rolling counters that scale. One DynamoDB item takes about 1,000 writes a second
 single counter row would cap the whole system's throughput; the counts are spread instead:
 
 - time is cut into 5-minute buckets; each bucket has N shard rows in the limits table,
-  key `outcomes#<bucket start>#<shard>`; a task's end is one UpdateItem ADD on the shard
-  its id hashes to (N shards take N x 1,000 ends a second);
+  key `outcomes#<bucket start>#<shard>`; a stream batch's ends are one UpdateItem ADD per
+  bucket, on the shard its first task id hashes to (N shards take N x 1,000 batches a
+  second);
 - reading the last hour is one BatchGetItem of its 13 buckets x N shards (N <= 7 keeps it
   within one call's 100 keys), whatever the number of tasks: no Scan, no Query;
 - rows carry `expires_at`, so the table's TTL deletes buckets once they leave the window.
@@ -19,7 +20,7 @@ paying for a per-task dedupe write.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,14 @@ _OUTCOME_FIELDS = {
     TaskStatus.CANCELED: "canceled",
     TaskStatus.EXPIRED: "expired",
 }
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    task_id: str
+    outcome: TaskStatus
+    at: float  # epoch seconds
+    processing_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,23 +124,35 @@ class OutcomeCounters:
         processing_seconds: float | None = None,
     ) -> None:
         """Count one task's end (in the bucket of `at`, on the shard its id hashes to)."""
-        field = _OUTCOME_FIELDS.get(outcome)
-        if field is None:
-            raise ValueError(f"{outcome} is not a final state")
-        bucket = bucket_start(at)
-        adds = {field: 1}
-        if processing_seconds is not None and processing_seconds >= 0:
-            adds |= {"processing_ms": round(processing_seconds * 1000), "processed": 1}
-        self._table.update_item(
-            Key={"pk": self.key(bucket, zlib.crc32(task_id.encode()) % self.shards)},
-            # Names through placeholders: some (`processed`) are DynamoDB reserved words.
-            UpdateExpression="ADD "
-            + ", ".join(f"#{name} :{name}" for name in adds)
-            + " SET expires_at = if_not_exists(expires_at, :expires)",
-            ExpressionAttributeNames={f"#{name}": name for name in adds},
-            ExpressionAttributeValues={f":{name}": value for name, value in adds.items()}
-            | {":expires": bucket + WINDOW_SECONDS + 2 * BUCKET_SECONDS},
-        )
+        self.record_many([TaskEnd(task_id, outcome, at, processing_seconds)])
+
+    def record_many(self, ends: Sequence[TaskEnd]) -> None:
+        """Count a stream batch's ends: one write per 5-minute bucket they fall in (on the
+        shard the bucket's first task id hashes to), not one per task."""
+        sums: dict[int, tuple[str, dict[str, int]]] = {}
+        for end in ends:
+            field = _OUTCOME_FIELDS.get(end.outcome)
+            if field is None:
+                raise ValueError(f"{end.outcome} is not a final state")
+            bucket = bucket_start(end.at)
+            _, adds = sums.setdefault(bucket, (end.task_id, {}))
+            adds[field] = adds.get(field, 0) + 1
+            if end.processing_seconds is not None and end.processing_seconds >= 0:
+                adds["processing_ms"] = adds.get("processing_ms", 0) + round(
+                    end.processing_seconds * 1000
+                )
+                adds["processed"] = adds.get("processed", 0) + 1
+        for bucket, (first_id, adds) in sums.items():
+            self._table.update_item(
+                Key={"pk": self.key(bucket, zlib.crc32(first_id.encode()) % self.shards)},
+                # Names through placeholders: some (`processed`) are DynamoDB reserved words.
+                UpdateExpression="ADD "
+                + ", ".join(f"#{name} :{name}" for name in adds)
+                + " SET expires_at = if_not_exists(expires_at, :expires)",
+                ExpressionAttributeNames={f"#{name}": name for name in adds},
+                ExpressionAttributeValues={f":{name}": value for name, value in adds.items()}
+                | {":expires": bucket + WINDOW_SECONDS + 2 * BUCKET_SECONDS},
+            )
 
     def last_hour(self, now: float) -> OutcomeStats:
         """One BatchGetItem over every shard of every bucket in the window."""
@@ -167,12 +188,19 @@ class OutcomeRecorder:
     def __init__(self, counters: OutcomeCounters) -> None:
         self._counters = counters
 
+    def tasks_ended(self, tasks: Sequence[Task]) -> None:
+        ends = [end for end in map(_end_of, tasks) if end is not None]
+        if ends:
+            self._counters.record_many(ends)
+
     def task_ended(self, task: Task) -> None:
-        ended = _epoch(task.updated_at)
-        if ended is None:
-            return
-        started = _epoch(task.started_at)
-        processing = (
-            ended - started if task.status is TaskStatus.DONE and started is not None else None
-        )
-        self._counters.record(task.task_id, task.status, at=ended, processing_seconds=processing)
+        self.tasks_ended([task])
+
+
+def _end_of(task: Task) -> TaskEnd | None:
+    ended = _epoch(task.updated_at)
+    if ended is None:
+        return None
+    started = _epoch(task.started_at)
+    processing = ended - started if task.status is TaskStatus.DONE and started is not None else None
+    return TaskEnd(task.task_id, task.status, ended, processing)

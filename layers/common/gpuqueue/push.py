@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
@@ -151,23 +151,40 @@ class PushNotifier:
         self._connections = connections
         self._api = api
 
+    def tasks_ended(self, tasks: Sequence[Task]) -> None:
+        """Each owner's connections read once for all their tasks in the batch."""
+        by_owner: dict[str, list[Task]] = {}
+        for task in tasks:
+            by_owner.setdefault(task.user_id, []).append(task)
+        for owner, owned in by_owner.items():
+            self._push(owner, owned)
+
     def task_ended(self, task: Task) -> None:
+        self._push(task.user_id, [task])
+
+    def _push(self, owner: str, tasks: Sequence[Task]) -> None:
         try:
-            connection_ids = self._connections.by_user(task.user_id)
+            connection_ids = self._connections.by_user(owner)
         except (ClientError, BotoCoreError):
             logger.warning("push skipped: connections not readable", exc_info=True)
             return
         if not connection_ids:
             return
-        data = json.dumps(push_message(task), separators=(",", ":")).encode()
-        sent = 0
-        for connection_id in connection_ids:
-            if self._post(connection_id, data):
-                sent += 1
-        logger.info(
-            "task pushed",
-            extra={"status": task.status.value, "connections": len(connection_ids), "sent": sent},
-        )
+        for task in tasks:
+            data = json.dumps(push_message(task), separators=(",", ":")).encode()
+            sent = 0
+            for connection_id in connection_ids:
+                if self._post(connection_id, data):
+                    sent += 1
+            logger.info(
+                "task pushed",
+                extra={
+                    "task_id": task.task_id,
+                    "status": task.status.value,
+                    "connections": len(connection_ids),
+                    "sent": sent,
+                },
+            )
 
     def _post(self, connection_id: str, data: bytes) -> bool:
         try:

@@ -1,10 +1,13 @@
 """Queue position and ETA of a waiting task, in O(1) per status request.
 
-Each lane keeps two counters in the limits table (row `lane#<priority>`):
+Each lane keeps three counters in the limits table (row `lane#<priority>`):
 - `issued`: a ticket number taken by every task when it is queued (one atomic ADD);
 - `left`: how many of them have left the waiting line (started for the first time, or ended
   before starting: canceled, expired, failed). The tasks table's stream counts them
-  (TaskEventsFunction), so no code path that moves a task can forget to.
+  (TaskEventsFunction), so no code path that moves a task can forget to; one write per
+  lane per stream batch, however many left in it;
+- `waiting`: issued minus left, kept beside them so that the ticket's write can carry the
+  lane's capacity as its condition (QueueCapacity: an exact bound, never overshot).
 
 A task's position is the number of tasks queued before it that are still waiting:
 `ticket - left - 1`, at least 0. It is exact when tasks start in the order they were queued;
@@ -23,6 +26,7 @@ lane's share of the slots. Still an estimate: new endpoints or a burst of retrie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from gpuqueue.dynamodb_conditions import is_conditional_failure
+from gpuqueue.dynamodb_conditions import is_conditional_failure, refused_item
 from gpuqueue.endpoint_registry import Fleet
 from gpuqueue.models import Priority, Task, TaskStatus
 
@@ -55,57 +59,116 @@ class QueueEstimate:
     eta_seconds: float | None  # until it is done; None until call times are measured
 
 
+class LaneFull(Exception):
+    """The lane's waiting line is at its capacity."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} tasks waiting")
+        self.waiting = waiting
+
+
+def _number(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
 class QueuePositions:
     def __init__(self, table: Table) -> None:
         self._table = table
 
-    def take_ticket(self, lane: Priority) -> int:
-        answer = self._table.update_item(
-            Key={"pk": KEY_PREFIX + lane.value},
-            UpdateExpression="ADD issued :one",
-            ExpressionAttributeValues={":one": 1},
-            ReturnValues="UPDATED_NEW",
-        )
+    def take_ticket(self, lane: Priority, *, capacity: int | None = None) -> int:
+        """A ticket in the lane's waiting line; with `capacity`, only while fewer than that
+        many tasks wait (LaneFull otherwise). Count and bound are one conditional write, so
+        concurrent submits can never overshoot it (a depth read, then a send, could)."""
+        request: dict[str, Any] = {
+            "Key": {"pk": KEY_PREFIX + lane.value},
+            "UpdateExpression": "ADD issued :one, waiting :one",
+            "ExpressionAttributeValues": {":one": 1},
+            "ReturnValues": "UPDATED_NEW",
+        }
+        if capacity is not None:
+            request["ConditionExpression"] = "attribute_not_exists(waiting) OR waiting < :cap"
+            request["ExpressionAttributeValues"][":cap"] = capacity
+            request["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        try:
+            answer = self._table.update_item(**request)
+        except ClientError as error:
+            if is_conditional_failure(error):
+                old = refused_item(error) or {}
+                raise LaneFull(_number(old.get("waiting"))) from error
+            raise
         return int(answer["Attributes"]["issued"])  # type: ignore[arg-type]
+
+    def waiting(self, lane: Priority) -> int:
+        """How many tasks wait in the lane's line (queued, never started)."""
+        item = self._table.get_item(Key={"pk": KEY_PREFIX + lane.value}, ConsistentRead=True).get(
+            "Item"
+        )
+        return _number((item or {}).get("waiting"))
 
     def left(self, lane: Priority, *, at: float | None = None) -> None:
         """One queued task stopped waiting at `at` (epoch seconds; None: a ticket never used,
         which counts without timing anything)."""
+        self.left_many(lane, [at])
+
+    def left_many(self, lane: Priority, times: Sequence[float | None]) -> None:
+        """Several tasks stopped waiting (a stream batch's departures): one read and one
+        write for all of them, their gaps folded into the EWMA in time order."""
+        if not times:
+            return
         key = {"pk": KEY_PREFIX + lane.value}
-        if at is not None:
+        timed = sorted(at for at in times if at is not None)
+        if timed:
             for _ in range(GAP_ROUNDS):
-                if self._left_timed(key, at):
+                if self._left_timed(key, len(times), timed):
                     return
+        self._count_left(key, len(times))
+
+    def _count_left(self, key: dict[str, str], count: int) -> None:
         self._table.update_item(
             Key=key,
-            UpdateExpression="ADD #left :one",
+            UpdateExpression="ADD #left :n, waiting :minus",
             ExpressionAttributeNames={"#left": "left"},
-            ExpressionAttributeValues={":one": 1},
+            ExpressionAttributeValues={":n": count, ":minus": -count},
         )
 
-    def _left_timed(self, key: dict[str, str], at: float) -> bool:
-        """Count the departure and fold its gap into the EWMA, if nobody wrote meanwhile."""
+    def _left_timed(self, key: dict[str, str], count: int, timed: list[float]) -> bool:
+        """Count the departures and fold their gaps into the EWMA, if nobody wrote meanwhile."""
         item: dict[str, Any] = self._table.get_item(Key=key, ConsistentRead=True).get("Item") or {}
         last = item.get("last_left_at")
-        # Did this departure empty the line? Then the next gap includes idle time.
-        waiting_after = int(item.get("issued", 0)) - int(item.get("left", 0)) - 1
+        latest = None if last is None else float(last)
+        emptied = bool(item.get("emptied", False))
+        old_gap = item.get("gap_seconds")
+        gap = None if old_gap is None else float(old_gap)
+        # Did a departure empty the line? Then the next gap includes idle time.
+        waiting = _number(item.get("issued")) - _number(item.get("left"))
+        moved = False
+        for at in timed:
+            if latest is not None:
+                between = at - latest
+                if between < 0:
+                    continue  # older than the last recorded (another shard's): counted only
+                if between <= MAX_GAP_SECONDS and not emptied:
+                    gap = (
+                        between
+                        if gap is None
+                        else GAP_EWMA_ALPHA * between + (1 - GAP_EWMA_ALPHA) * gap
+                    )
+            waiting -= 1
+            latest, emptied, moved = at, waiting <= 0, True
+        if not moved:
+            self._count_left(key, count)
+            return True
         sets = ["last_left_at = :at", "emptied = :emptied"]
         values: dict[str, Any] = {
-            ":one": 1,
-            ":at": Decimal(str(round(at, 3))),
-            ":emptied": waiting_after <= 0,
+            ":n": count,
+            ":minus": -count,
+            ":at": Decimal(str(round(latest, 3))),  # type: ignore[arg-type]
+            ":emptied": emptied,
         }
+        if gap is not None and gap != (None if old_gap is None else float(old_gap)):
+            sets.append("gap_seconds = :gap")
+            values[":gap"] = Decimal(str(round(gap, 4)))
         if last is not None:
-            gap = at - float(last)
-            if gap < 0:
-                return False  # an older departure arriving late: count it only
-            if gap <= MAX_GAP_SECONDS and not item.get("emptied", False):
-                old = item.get("gap_seconds")
-                new = (
-                    gap if old is None else GAP_EWMA_ALPHA * gap + (1 - GAP_EWMA_ALPHA) * float(old)
-                )
-                sets.append("gap_seconds = :gap")
-                values[":gap"] = Decimal(str(round(new, 4)))
             values[":last"] = last
             condition = "last_left_at = :last"
         else:
@@ -113,7 +176,7 @@ class QueuePositions:
         try:
             self._table.update_item(
                 Key=key,
-                UpdateExpression="SET " + ", ".join(sets) + " ADD #left :one",
+                UpdateExpression="SET " + ", ".join(sets) + " ADD #left :n, waiting :minus",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#left": "left"},
                 ExpressionAttributeValues=values,

@@ -51,9 +51,9 @@ class SubmitLimitsSettings(_Settings):
     task_retention_days: int = Field(default=7, ge=1)
     queue_full_retry_after_seconds: int = Field(default=10, ge=1)
     queue_ttl_seconds: int = Field(default=3600, ge=1, le=345_600)
-    # Per-user token buckets, active-task shares (and Idempotency-Key records); None: no
-    # per-user limits.
-    limits_table: str | None = None
+    # Per-user token buckets, active-task shares, the lanes' counters that bound the queue
+    # (and Idempotency-Key records).
+    limits_table: str
     submit_rate_per_second: float = Field(default=1.0, gt=0)
     submit_burst: int = Field(default=20, ge=1)
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)

@@ -22,7 +22,7 @@ from gpuqueue.models import (
     TaskStatus,
     WebhookEvent,
 )
-from gpuqueue.queue_position import QueuePositions
+from gpuqueue.queue_position import LaneFull, QueuePositions
 from gpuqueue.rate_limiter import RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_ids import new_task_id
@@ -58,7 +58,7 @@ class SubmissionService:
         priority_queue: TaskQueue | None = None,
         webhook_allow_loopback: bool = False,
         resolve: Resolver = resolve_host,
-        positions: QueuePositions | None = None,
+        positions: QueuePositions | None = None,  # the lanes: positions, and the capacity bound
     ) -> None:
         self._positions = positions
         self._webhook_allow_loopback = webhook_allow_loopback
@@ -81,7 +81,7 @@ class SubmissionService:
             dynamodb.Table(settings.tasks_table),
             retention=timedelta(days=settings.task_retention_days),
         )
-        limits = dynamodb.Table(settings.limits_table) if settings.limits_table else None
+        limits = dynamodb.Table(settings.limits_table)
         return cls(
             tasks=tasks,
             queue=TaskQueue(aws_clients.sqs(), settings.task_queue_url),
@@ -93,26 +93,18 @@ class SubmissionService:
             capacity=settings.queue_capacity,
             retry_after_seconds=settings.queue_full_retry_after_seconds,
             default_queue_ttl_seconds=settings.queue_ttl_seconds,
-            limiter=(
-                RateLimiter(
-                    limits,
-                    rate_per_second=settings.submit_rate_per_second,
-                    burst=settings.submit_burst,
-                )
-                if limits is not None
-                else None
+            limiter=RateLimiter(
+                limits,
+                rate_per_second=settings.submit_rate_per_second,
+                burst=settings.submit_burst,
             ),
-            share=(
-                ActiveTaskShare(
-                    limits,
-                    limit=settings.max_active_tasks_per_user,
-                    find_inactive=tasks.inactive_among,
-                )
-                if limits is not None
-                else None
+            share=ActiveTaskShare(
+                limits,
+                limit=settings.max_active_tasks_per_user,
+                find_inactive=tasks.inactive_among,
             ),
             webhook_allow_loopback=settings.webhook_allow_loopback,
-            positions=QueuePositions(limits) if limits is not None else None,
+            positions=QueuePositions(limits),
         )
 
     @property
@@ -160,13 +152,21 @@ class SubmissionService:
                 raise InvalidInput("priority: this stack has no priority lane", field="priority")
         return self._lanes[priority]
 
-    def _check_capacity(self, lane: TaskQueue) -> None:
-        queued = lane.depth().queued
-        if queued >= self._capacity:
-            raise QueueFull(
-                f"queue is full ({queued}/{self._capacity} tasks waiting); retry later",
-                retry_after_seconds=self._retry_after,
-            )
+    def _check_capacity(self, priority: Priority) -> None:
+        """Refuse at once a task that could not be queued now: one announced to be queued
+        later (its upload), whose ticket is taken then, when a landed upload is always
+        queued."""
+        if self._positions is None:
+            return
+        waiting = self._positions.waiting(priority)
+        if waiting >= self._capacity:
+            raise self._full(waiting)
+
+    def _full(self, waiting: int) -> QueueFull:
+        return QueueFull(
+            f"queue is full ({waiting}/{self._capacity} tasks waiting); retry later",
+            retry_after_seconds=self._retry_after,
+        )
 
     def _with_share(self, owner: str, task_id: str, create: Callable[[], Task]) -> Task:
         """Create the task under one of the owner's active-task shares (ActiveTaskLimit when
@@ -197,14 +197,15 @@ class SubmissionService:
         self, owner: str, request: ImageRequest, *, groups: Collection[str] = ()
     ) -> Task:
         self._check_webhook(request.webhook_url)
-        self._check_capacity(self._lane(request.priority, groups))
+        self._lane(request.priority, groups)
         task_id = new_task_id()
         task = self._with_share(
             owner,
             task_id,
             lambda: self._with_ticket(
                 request.priority,
-                lambda ticket: self._tasks.create_image_task(
+                capacity=self._capacity,
+                queue=lambda ticket: self._tasks.create_image_task(
                     owner,
                     request,
                     queue_ttl_seconds=self._queue_ttl,
@@ -216,12 +217,18 @@ class SubmissionService:
         self._enqueue(task)
         return task
 
-    def _with_ticket(self, lane: Priority, queue: Callable[[int | None], T]) -> T:
-        """Queue the task under a ticket of its lane's waiting line (for its queue position);
-        a ticket left unused counts as having left the line, so later positions stay right."""
+    def _with_ticket(
+        self, lane: Priority, *, queue: Callable[[int | None], T], capacity: int | None = None
+    ) -> T:
+        """Queue the task under a ticket of its lane's waiting line (its queue position; with
+        `capacity`, QueueFull when the line is full); a ticket left unused counts as having
+        left the line, so later positions stay right."""
         if self._positions is None:
             return queue(None)
-        ticket = self._positions.take_ticket(lane)
+        try:
+            ticket = self._positions.take_ticket(lane, capacity=capacity)
+        except LaneFull as full:
+            raise self._full(full.waiting) from full
         try:
             task = queue(ticket)
         except BaseException:
@@ -248,7 +255,8 @@ class SubmissionService:
         """A long-audio task: AWAITING_UPLOAD now, queued when the upload lands. It holds a
         share of the owner's active tasks from now (it will be queued)."""
         self._check_webhook(webhook_url)
-        self._check_capacity(self._lane(priority, groups))
+        self._lane(priority, groups)
+        self._check_capacity(priority)
         return self._with_share(
             owner,
             task_id,
@@ -286,7 +294,7 @@ class SubmissionService:
             )
             return None
         queued = self._with_ticket(
-            task.priority, lambda ticket: self._tasks.mark_uploaded(task, ticket=ticket)
+            task.priority, queue=lambda ticket: self._tasks.mark_uploaded(task, ticket=ticket)
         )
         if queued is None:
             return None  # canceled meanwhile, or another event got there first

@@ -39,10 +39,9 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
-from gpuqueue.dynamodb_conditions import is_conditional_failure
+from gpuqueue.dynamodb_conditions import is_conditional_failure, refused_item
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
     ImageRequest,
@@ -737,7 +736,7 @@ class TaskStore:
             )
         except ClientError as error:
             if is_conditional_failure(error):
-                raise _ConditionFailed(_old_item(error)) from error
+                raise _ConditionFailed(refused_item(error)) from error
             raise
         return Task.model_validate(result["Attributes"])
 
@@ -746,17 +745,6 @@ class _ConditionFailed(Exception):
     def __init__(self, item: dict[str, Any] | None = None) -> None:
         super().__init__("condition failed")
         self.item = item
-
-
-_DESERIALIZER = TypeDeserializer()
-
-
-def _old_item(error: ClientError) -> dict[str, Any] | None:
-    """The item a refused write found (DynamoDB's wire format even through a resource)."""
-    raw = error.response.get("Item")
-    if not isinstance(raw, dict) or not raw:
-        return None
-    return {k: _DESERIALIZER.deserialize(v) for k, v in raw.items()}
 
 
 def _encode_cursor(key: dict[str, Any]) -> str:

@@ -158,6 +158,10 @@ class WebhookNotifier:
     def __init__(self, sender: MessageSender) -> None:
         self._sender = sender
 
+    def tasks_ended(self, tasks: Sequence[Task]) -> None:
+        for task in tasks:
+            self.task_ended(task)
+
     def task_ended(self, task: Task) -> None:
         event = WebhookEvent.for_status(task.status)
         if not task.wants_webhook(event):
