@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -47,10 +48,16 @@ USERS = 24
 # Operators weight endpoints by throughput (capacity / latency): 3:3:1 here.
 WEIGHTS = (3, 3, 1)
 RUN_DEADLINE_SECONDS = 150.0
+SETTLE_SECONDS = 30.0  # for the last invocations to end after the last task
 SUBMITTERS = 4  # clients pushing the tasks, one warm submit worker each
-# A worker beyond the fleet's slots waits on a slot, so a freed one is taken at once. More
-# spares would poll the endpoints table harder than moto (one core, ~20 ms a Query) carries.
-SPARE_WORKERS = 1
+# GPU calls per dispatcher invocation (CallsPerWorker, the template's default): the pool is
+# sized to the fleet's slots, WorkerPoolSize x CallsPerWorker = 12.
+CALLS_PER_WORKER = 4
+
+
+def pool_size(slots: int) -> int:
+    """Invocations whose calls cover every slot (SQS's MaximumConcurrency is 2 at least)."""
+    return max(2, math.ceil(slots / CALLS_PER_WORKER))
 
 
 @dataclass
@@ -69,6 +76,14 @@ class RunResult:
     capacity: list[int]
     utilisation: list[float]
     optimal_makespan_s: float | None = None
+    # Dispatcher invocations' summed durations (what Lambda bills) and the GPUs' summed busy
+    # slot-seconds over the run: their ratio is the calls one billed second carries.
+    dispatcher_billed_s: float = 0.0
+    gpu_busy_s: float = 0.0
+
+    @property
+    def calls_per_billed_second(self) -> float | None:
+        return self.gpu_busy_s / self.dispatcher_billed_s if self.dispatcher_billed_s else None
 
     @property
     def efficiency(self) -> float | None:
@@ -129,7 +144,8 @@ def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) 
             image_latency_s=0.0,
             schedule_speedup=10.0,
             parameters={
-                "WorkerPoolSize": str(capacity * endpoints + SPARE_WORKERS),
+                "WorkerPoolSize": str(pool_size(capacity * endpoints)),
+                "CallsPerWorker": str(CALLS_PER_WORKER),
                 "QueueCapacity": str(max(100, tasks)),
                 "DispatchStrategy": strategy,
             },
@@ -168,7 +184,8 @@ def run(
 ) -> RunResult:
     for server in stack.image_servers:
         server.reset_stats()
-    return _measure(
+    billed_before = stack.functions["DispatcherFunction"].billed_seconds
+    result = _measure(
         stack,
         tokens,
         label,
@@ -178,6 +195,14 @@ def run(
         kill_after=kill_after,
         ideal_known=ideal_known,
     )
+    # Invocations still finishing their last writes are counted when they end: wait for
+    # none to be running, bounded.
+    dispatcher = stack.functions["DispatcherFunction"]
+    settle_by = time.monotonic() + SETTLE_SECONDS
+    while dispatcher.in_flight and time.monotonic() < settle_by:
+        time.sleep(0.1)
+    billed = dispatcher.billed_seconds - billed_before
+    return dataclasses.replace(result, dispatcher_billed_s=billed)
 
 
 def _measure(
@@ -258,6 +283,7 @@ def _measure(
             s["busy_slot_seconds"] / (capacity * makespan) if makespan > 0 else 0.0 for s in stats
         ],
         optimal_makespan_s=optimal,
+        gpu_busy_s=sum(s["busy_slot_seconds"] for s in stats),
     )
 
 
@@ -278,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ideal = sum(CAPACITY / latency for latency in LATENCIES)
     print(
         f"scenario: {args.tasks} tasks from {USERS} users; endpoints latency {LATENCIES} s, "
-        f"{CAPACITY} slots and weights {WEIGHTS}, {CAPACITY * len(LATENCIES) + SPARE_WORKERS} "
-        f"dispatcher workers; ideal {ideal:.2f} tasks/s",
+        f"{CAPACITY} slots and weights {WEIGHTS}, {pool_size(CAPACITY * len(LATENCIES))} "
+        f"dispatcher invocations x {CALLS_PER_WORKER} calls; ideal {ideal:.2f} tasks/s",
         flush=True,
     )
     began = time.monotonic()
@@ -331,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "runs": [
                         r.__dict__
-                        | {"efficiency": r.efficiency, "makespan_ratio": r.makespan_ratio}
+                        | {
+                            "efficiency": r.efficiency,
+                            "makespan_ratio": r.makespan_ratio,
+                            "calls_per_billed_second": r.calls_per_billed_second,
+                        }
                         for r in results
                     ],
                     "dispatcher_max_memory_mb": dispatcher_memory_mb,

@@ -215,7 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(requests, indent=2), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.md").write_text(benchmarks_markdown(requests, imports, fleet, date))
-    (args.out / "cost.md").write_text(cost_model.markdown(requests, date=date))
+    least_loaded = next(
+        (r for r in fleet.get("runs", []) if r.get("label") == "least-loaded"), None
+    )
+    (args.out / "cost.md").write_text(
+        cost_model.markdown(
+            requests,
+            date=date,
+            calls_per_billed_second=(least_loaded or {}).get("calls_per_billed_second"),
+        )
+    )
     print(f"wrote {args.out / 'benchmarks.md'} and {args.out / 'cost.md'}")
     return 0
 

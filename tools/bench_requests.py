@@ -138,6 +138,7 @@ class InProcessStack:
         self._stream = StreamReader(streams_client(), arn, "TRIM_HORIZON")
         self._sqs = boto3.client("sqs")
         self.user = str(uuid.uuid4())
+        self.stream_batches = 0  # task-events invocations so far
 
     def http(
         self, module: str, sample: str, *, body: Any = None, path_task: str | None = None
@@ -186,9 +187,14 @@ class InProcessStack:
         props = self.stack.template["Resources"]["TaskEventsFunction"]["Properties"]
         filters = props["Events"]["TaskTransitions"]["Properties"].get("FilterCriteria")
         passed = filter_records(filters, records, stream_arn=self._stream.stream_arn, region=REGION)
-        if passed:
+        # In batches of the mapping's BatchSize, as Lambda would hand them over.
+        size = int(props["Events"]["TaskTransitions"]["Properties"]["BatchSize"])
+        for start in range(0, len(passed), size):
+            self.stream_batches += 1
             importlib.import_module("task_events_handler").lambda_handler(
-                dynamodb_stream_event(passed, self._stream.stream_arn, REGION),
+                dynamodb_stream_event(
+                    passed[start : start + size], self._stream.stream_arn, REGION
+                ),
                 _context("task_events"),
             )
         return len(passed)
@@ -240,6 +246,7 @@ def _under_load(stack: InProcessStack, counter: CallCounter, tasks: int) -> dict
         while messages := stack.receive():
             invocations += 1
             stack.run_sqs_function("dispatcher_handler", "TaskQueue", messages)
+    batches_before = stack.stream_batches
     with counter.in_phase("load:task_events"):
         stack.pump_stream()
     done = sum(stack.status(task_id)["status"] == "DONE" for task_id in ids)
@@ -256,6 +263,8 @@ def _under_load(stack: InProcessStack, counter: CallCounter, tasks: int) -> dict
         "invocations": invocations,
         # The mapping's ReceiveMessage and DeleteMessage for each message it delivered.
         "mapping_requests_per_task": round(2 * invocations / tasks, 2),
+        "dispatcher_invocations_per_task": round(invocations / tasks, 3),
+        "stream_invocations_per_task": round((stack.stream_batches - batches_before) / tasks, 3),
         "requests_per_task": per_task,
     }
 

@@ -79,8 +79,12 @@ def _count(requests: dict[str, float], prefix: str) -> float:
     return sum(n for op, n in requests.items() if op.startswith(prefix))
 
 
-def per_million(bench: dict[str, Any]) -> dict[str, Any]:
-    """The cost lines for one million image tasks, from bench_requests' figures."""
+def per_million(
+    bench: dict[str, Any], *, calls_per_billed_second: float | None = None
+) -> dict[str, Any]:
+    """The cost lines for one million image tasks, from bench_requests' figures and, when
+    the fleet bench measured it, how many GPU calls one billed dispatcher second carried
+    (several calls per invocation); without it, one."""
     # Under load (tasks queued at once, as a busy fleet sees them) when measured: workers
     # take their next tasks themselves, and the mapping delivers only some of the messages.
     load = bench.get("under_load")
@@ -94,22 +98,28 @@ def per_million(bench: dict[str, Any]) -> dict[str, Any]:
     wru, rru = _dynamodb(core, tasks_table_writes=3)
     m = 1e6
     dispatcher_gb = dispatcher_memory_gb()
-    gb_s = MEMORY_GB * (
-        HANDLER_SECONDS["submit"] + STREAM_INVOCATIONS * HANDLER_SECONDS["task_events"]
-    ) + dispatcher_gb * (GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"])
-    invocations = 2 + STREAM_INVOCATIONS
+    stream_invocations = load["stream_invocations_per_task"] if load else STREAM_INVOCATIONS
+    dispatch_invocations = load["dispatcher_invocations_per_task"] if load else 1.0
+    sharing = max(1.0, calls_per_billed_second or 1.0)
+    gb_s = (
+        MEMORY_GB
+        * (HANDLER_SECONDS["submit"] + stream_invocations * HANDLER_SECONDS["task_events"])
+        + dispatcher_gb * (GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"]) / sharing
+    )
+    invocations = 1 + dispatch_invocations + stream_invocations
     sqs = _count(core, "sqs:") + mapping_sqs
     lines = [
         Line("API Gateway", "1 HTTP request (submit)", PRICE["apigw_http_per_request"] * m),
         Line(
             "Lambda",
-            f"{invocations} invocations (submit, dispatch, {STREAM_INVOCATIONS} stream batches)",
+            f"{invocations:.2f} invocations (submit 1, dispatch {dispatch_invocations:g}, "
+            f"stream batches {stream_invocations:g})",
             invocations * PRICE["lambda_per_request"] * m,
         ),
         Line(
             "Lambda",
             f"{gb_s:.2f} GB-s: the dispatcher ({dispatcher_gb * 1024:.0f} MB) waits "
-            f"{GENERATION_SECONDS:.0f} s for the GPU",
+            f"{GENERATION_SECONDS:.0f} s for the GPU, {sharing:.2f} calls per billed second",
             gb_s * PRICE["lambda_per_gb_second_arm64"] * m,
         ),
         Line(
@@ -176,13 +186,20 @@ def per_million(bench: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown(bench: dict[str, Any], *, date: str) -> str:
-    cost = per_million(bench)
+def markdown(
+    bench: dict[str, Any], *, date: str, calls_per_billed_second: float | None = None
+) -> str:
+    cost = per_million(bench, calls_per_billed_second=calls_per_billed_second)
     prefer_wait = MEMORY_GB * 15 * PRICE["lambda_per_gb_second_arm64"] * 1e6
     polling = f"${cost['seed_polling']:,.2f} ({POLLS_SEED_CLIENT} x ${cost['one_poll']:,.2f})"
     rows = "\n".join(
         f"| {line.service} | {line.what} | ${line.dollars_per_million:,.2f} |"
         for line in cost["lines"]
+    )
+    sharing_text = (
+        f"{calls_per_billed_second:.2f} GPU calls per billed dispatcher second, least-loaded"
+        if calls_per_billed_second
+        else "not measured here: one assumed"
     )
     return f"""# Cost model
 
@@ -197,9 +214,11 @@ the prices before relying on them. Cost per **1 million image tasks**, GPU time 
 
 **Against the GPU**: a {GENERATION_SECONDS:.0f} s generation on a {GPU_NAME} at
 ${PRICE["gpu_per_hour"]}/h costs ${cost["gpu"]:,.0f} per million images; the queue around it
-is **{cost["share_of_gpu"]:.1%}** of that. The largest line is the dispatcher's Lambda time
-spent waiting for the GPU's answer (a synchronous call); an endpoint that called back
-would remove it, at the price of a callback route.
+is **{cost["share_of_gpu"]:.1%}** of that. The dispatcher's Lambda time is spent waiting
+for the GPU's answer (a synchronous call); one invocation runs several calls at once
+(`CallsPerWorker`), so a billed second carries as many calls as `make bench`'s fleet run
+measured ({sharing_text}); an endpoint that called back would remove the wait, at the price
+of a callback route.
 
 **How clients wait changes it** (per 1 M tasks):
 
@@ -213,7 +232,8 @@ would remove it, at the price of a callback route.
 Assumptions (not measurable on moto): {MEMORY_GB} GB functions on arm64; handler times
 {HANDLER_SECONDS}; {TASK_WRITE_WRU} WRU per tasks-table write (the table and its two
 indexes); {IMAGE_MB} MB images kept {RETENTION_DAYS} days; {LOG_KB_PER_TASK:.0f} KB of logs per
-task; X-Ray's default sampling; {STREAM_INVOCATIONS} stream invocations per task (no batching
-— batching lowers it). Fixed monthly costs (custom metrics $0.30 each, alarms $0.10 each,
-the dashboard $3, Secrets Manager $0.40) are not per task and are left out.
+task; X-Ray's default sampling; stream and dispatcher invocations per task as measured
+under load (the stream's batches aggregate their writes). Fixed monthly costs (custom
+metrics $0.30 each, alarms $0.10 each, the dashboard $3, Secrets Manager $0.40) are not per
+task and are left out.
 """

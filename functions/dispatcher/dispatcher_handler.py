@@ -1,8 +1,11 @@
 """SQS-triggered worker: a message, a GPU slot, and the next messages on that slot while a
-whole call fits in the invocation's time; partial batch responses."""
+whole call fits in the invocation's time; up to CallsPerWorker such calls at once in one
+invocation (a WorkerGroup); partial batch responses."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -30,12 +33,13 @@ from gpuqueue.gpu_client import image_generators
 from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.image_store import ImageStore
 from gpuqueue.jobs import ImageJob, SpeechJob
-from gpuqueue.log_context import correlate_task
+from gpuqueue.log_context import correlate_task, correlate_thread
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
 from gpuqueue.speech_client import OpenAITranscriptionClient
 from gpuqueue.task_queue import DELETE_BATCH, TaskQueue
 from gpuqueue.task_store import TaskStore
+from gpuqueue.worker_group import WorkerGroup
 
 logger = Logger()
 tracer = Tracer()
@@ -49,6 +53,7 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 class Deps:
     dispatcher: TaskDispatcher
     queue: TaskQueue
+    calls_per_worker: int
 
 
 @cache
@@ -68,6 +73,7 @@ def deps() -> Deps:
         slot_poll_seconds=settings.slot_poll_seconds,
         no_slot_delay_seconds=settings.no_slot_delay_seconds,
         priority_lane_slots=settings.priority_lane_slots,
+        fleet_view_max_age_seconds=settings.fleet_view_max_age_seconds,
     )
     queue = TaskQueue(aws_clients.sqs(), settings.task_queue_url)
     credentials = GpuCredentials(
@@ -96,6 +102,7 @@ def deps() -> Deps:
             observer=DispatchMetrics(metrics),
         ),
         queue=queue,
+        calls_per_worker=settings.calls_per_worker,
     )
 
 
@@ -105,9 +112,19 @@ class QueuePuller:
     settles a record: deleted once its task's state is durable (in batches, at the end),
     sent back later on RetryLater, left to come back on any other error."""
 
-    def __init__(self, queue: TaskQueue) -> None:
+    def __init__(self, queue: TaskQueue, *, on_pulled: Callable[[], None] | None = None) -> None:
         self._queue = queue
         self._done: list[str] = []
+        self._lock = threading.Lock()  # the group's workers settle side by side
+        self._taken: set[str] = set()
+        self.on_pulled = on_pulled
+
+    def take(self, task_id: str) -> bool:
+        with self._lock:
+            if task_id in self._taken:
+                return False
+            self._taken.add(task_id)
+            return True
 
     def pull(self) -> Pulled | None:
         received = self._queue.receive_one()
@@ -120,17 +137,17 @@ class QueuePuller:
             # Left alone: it comes back until its receive count sends it to the DLQ.
             logger.warning("unreadable message left for the dead-letter queue")
             return None
+        if self.on_pulled is not None:
+            self.on_pulled()
         return Pulled(message=message, receipt=receipt)
 
     def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
         if isinstance(result, Outcome):
             count(result)
-            self._done.append(pulled.receipt)
-            if len(self._done) >= DELETE_BATCH:
-                self.flush()
+            self._delete_later(pulled.receipt)
         elif isinstance(result, RetryLater):
             if return_later(result, pulled.message, pulled.receipt):
-                self._done.append(pulled.receipt)
+                self._delete_later(pulled.receipt)
         else:
             logger.error(
                 "pulled task failed; its message comes back",
@@ -138,9 +155,17 @@ class QueuePuller:
                 exc_info=result,
             )
 
+    def _delete_later(self, receipt: str) -> None:
+        with self._lock:
+            self._done.append(receipt)
+            full = len(self._done) >= DELETE_BATCH
+        if full:
+            self.flush()
+
     def flush(self) -> None:
-        self._queue.delete(self._done)
-        self._done.clear()
+        with self._lock:
+            done, self._done = self._done, []
+        self._queue.delete(done)
 
 
 def return_later(retry: RetryLater, message: QueueMessage, receipt: str) -> bool:
@@ -170,12 +195,43 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     message = QueueMessage.model_validate_json(record.body)
     correlate_task(logger, message.task_id)
     puller = QueuePuller(deps().queue)
+    dispatcher = deps().dispatcher
+
+    def remaining_seconds() -> float:
+        return lambda_context.get_remaining_time_in_millis() / 1000
+
+    def start_one() -> Callable[[], None] | None:
+        pulled = puller.pull()
+        if pulled is None:
+            return None
+
+        def work() -> None:
+            correlate_thread(logger, pulled.message.task_id)
+            try:
+                result: Outcome | Exception = dispatcher.dispatch(
+                    pulled.message, remaining_seconds=remaining_seconds, next_tasks=puller
+                )
+            except Exception as error:
+                result = error
+            finally:
+                logger.thread_safe_clear_keys()
+            puller.settle(pulled, result)
+
+        return work
+
+    group = WorkerGroup(
+        size=deps().calls_per_worker,
+        start_one=start_one,
+        has_room=dispatcher.has_free_slot,
+        remaining_seconds=remaining_seconds,
+        min_seconds=dispatcher.seconds_for_a_call,
+    )
+    puller.on_pulled = group.backlog_seen
     try:
-        outcome = deps().dispatcher.dispatch(
-            message,
-            remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
-            next_tasks=puller,
-        )
+        with group:
+            outcome = dispatcher.dispatch(
+                message, remaining_seconds=remaining_seconds, next_tasks=puller
+            )
     except RetryLater as retry:
         if return_later(retry, message, record.receipt_handle):
             return  # returning normally deletes this one

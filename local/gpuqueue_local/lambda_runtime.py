@@ -204,6 +204,9 @@ class FunctionRuntime:
     errors: int = 0
     # The largest Max Memory Used of any invocation (what sizes MemorySize on Lambda).
     peak_memory_mb: int = 0
+    # Every invocation's duration summed: what Lambda bills (times MemorySize).
+    billed_seconds: float = 0.0
+    in_flight: int = 0  # invocations running now
     _idle: list[_Worker] = field(default_factory=list)
     _all: list[_Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -232,6 +235,7 @@ class FunctionRuntime:
         timeout = min(timeout_seconds or self.spec.timeout_seconds, self.spec.timeout_seconds)
         with self._slots:
             with self._lock:
+                self.in_flight += 1
                 worker = self._idle.pop() if self._idle else None
                 if worker is not None and not worker.alive:
                     self._all = [w for w in self._all if w is not worker]
@@ -246,7 +250,9 @@ class FunctionRuntime:
                     ok=False, error_type="Runtime.ExitError", error_message=str(error)
                 )
             with self._lock:
+                self.in_flight -= 1
                 self.invocations += 1
+                self.billed_seconds += result.duration_s
                 if not result.ok:
                     self.errors += 1
                 if result.max_memory_mb is not None:

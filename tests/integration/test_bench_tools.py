@@ -56,8 +56,15 @@ def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
 
     report = benchmarks_markdown(figures, {"submit": 700.0}, {}, "today")
     assert "billed requests per image task under load" in report
-    assert "| submit | 6 |" in report  # billed requests of the submit phase, as counted
+    # Billed requests of the submit phase, as counted: rate limit, share, the lane's ticket
+    # (which is the capacity bound), the task row, the message.
+    assert "| submit | 5 |" in report
     cost = cost_model.per_million(figures)
+    shared = cost_model.per_million(figures, calls_per_billed_second=4.0)
+    waiting = [line.dollars_per_million for line in cost["lines"] if "GB-s" in line.what]
+    waiting_shared = [line.dollars_per_million for line in shared["lines"] if "GB-s" in line.what]
+    # Four calls per billed second: the dispatcher's wait (most of the line) costs a quarter.
+    assert waiting[0] / 4 < waiting_shared[0] < waiting[0] / 3
     assert cost["total"] > 0
     assert 0 < cost["share_of_gpu"] < 1
     assert cost["seed_polling"] > cost["webhook"] > cost["push"]

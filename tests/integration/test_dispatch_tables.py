@@ -65,16 +65,24 @@ def healthy(registry: EndpointRegistry, *endpoint_ids: str) -> None:
 class ScriptedJob:
     """Each call takes the next outcome: an exception to raise, or the output."""
 
+    waits_for_memory = False
+
     def __init__(self, *outcomes: Any, registry: EndpointRegistry | None = None) -> None:
         self.outcomes = list(outcomes)
         self.calls: list[tuple[str, int, float]] = []
         self.in_flight_seen: list[int] = []
         self._registry = registry
+        self.prepared = 0
+        self.released = 0
 
     def prepare(self, task: Task) -> Any:
         if task.prompt == "unusable":
             raise InvalidTaskInput("the input is gone")
+        self.prepared += 1
         return None
+
+    def release(self, job_input: Any) -> None:
+        self.released += 1
 
     def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
         self.calls.append((endpoint.endpoint_id, task.attempt, timeout_seconds))
@@ -405,6 +413,7 @@ class Queue:
         self.waiting = [QueueMessage(task_id=t.task_id) for t in tasks]
         self.pulls = 0
         self.settled: list[tuple[str, Any, TaskStatus | None]] = []
+        self.taken: set[str] = set()
 
     def pull(self) -> Pulled | None:
         self.pulls += 1
@@ -418,6 +427,12 @@ class Queue:
         self.settled.append(
             (pulled.message.task_id, result, task.status if task is not None else None)
         )
+
+    def take(self, task_id: str) -> bool:
+        if task_id in self.taken:
+            return False
+        self.taken.add(task_id)
+        return True
 
 
 def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> Outcome:
@@ -553,3 +568,51 @@ def test_a_duplicate_of_a_task_this_worker_just_ran_is_skipped_not_sent_back(
 
     assert len(job.calls) == 1
     assert [(t, r) for t, r, _ in queue.settled] == [(first.task_id, Outcome.SKIPPED)]
+
+
+# --- a prepared input is always released (a speech task's audio holds memory) -------------
+
+
+def test_every_prepared_input_is_released_however_its_task_ends(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png", GpuError("HTTP 400"), RetryableGpuError("timeout"))
+    d = dispatcher(store, registry, job)
+
+    assert dispatch(d, submitted(store)) is Outcome.DONE
+    assert dispatch(d, submitted(store)) is Outcome.FAILED
+    with pytest.raises(RetryLater):  # no time for a second call: back to the queue
+        dispatch(d, submitted(store), left=TIMEOUT + 4)
+    registry.take_slot(  # the one slot held by another worker: no call at all
+        registry.endpoints(TaskKind.IMAGE)[0], 0, task_id="other", lease_seconds=60, now=time.time()
+    )
+    with pytest.raises(RetryLater):
+        dispatch(d, submitted(store))
+
+    assert job.prepared == 4
+    assert job.released == job.prepared
+
+
+def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_first(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png", b"png", b"png")
+    first, *rest = (submitted(store, f"p{i}") for i in range(3))
+    queue = Queue(store, *rest)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert [result for _, result, _ in queue.settled] == [Outcome.DONE, Outcome.DONE]
+    assert job.released == job.prepared == 3
+
+    # A job that may wait for memory is never prepared onto a kept slot: it goes the usual
+    # way (the slot given back, then taken again), so no claimed task waits on memory.
+    job = ScriptedJob(b"png", b"png")
+    job.waits_for_memory = True  # type: ignore[misc]
+    first, second = (submitted(store, f"q{i}") for i in range(2))
+    queue = Queue(store, second)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert [result for _, result, _ in queue.settled] == [Outcome.DONE]
+    assert job.released == job.prepared == 2

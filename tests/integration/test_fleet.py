@@ -129,7 +129,7 @@ def test_open_circuit_half_opens_on_a_good_check_and_closes_on_a_good_call(make_
 def test_killed_endpoint_is_abandoned_at_once_and_every_task_still_finishes(make_stack, alice):
     h = make_stack(
         endpoints=[ImageServerKnobs(latency_s=0.05), ImageServerKnobs(latency_s=0.05)],
-        parameters={"DispatchStrategy": "round-robin"},
+        parameters={"DispatchStrategy": "round-robin", "CallsPerWorker": "1"},
     )
     victim, survivor = h.image_servers
     h.run_checker()
@@ -245,8 +245,12 @@ def test_a_finished_call_teaches_the_fleet_the_endpoints_speed(make_stack, alice
 
 
 def _fast_and_slow(make_stack):
-    """A fast endpoint (0.2 s calls) and a slow one (3 s), one slot each, speeds measured."""
-    h = make_stack(endpoints=[ImageServerKnobs(latency_s=0.2), ImageServerKnobs(latency_s=3.0)])
+    """A fast endpoint (0.2 s calls) and a slow one (3 s), one slot each, speeds measured;
+    one call per invocation, so each test follows one worker's choices."""
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=0.2), ImageServerKnobs(latency_s=3.0)],
+        env={"CALLS_PER_WORKER": "1"},
+    )
     fast, slow = h.image_servers
     h.run_checker()
     for server, seconds in ((fast, 0.2), (slow, 3.0)):

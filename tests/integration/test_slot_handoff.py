@@ -96,7 +96,8 @@ def test_the_slot_goes_back_when_a_high_priority_task_waits_for_one(make_stack, 
 def test_strategies_that_choose_per_task_keep_no_slot(make_stack, alice, strategy):
     h = make_stack(
         endpoints=[ImageServerKnobs(), ImageServerKnobs()],
-        env={"TASK_TIMEOUT_SECONDS": "10", "DISPATCH_STRATEGY": strategy},
+        # One call per invocation: what is checked is that its slot is not kept.
+        env={"TASK_TIMEOUT_SECONDS": "10", "DISPATCH_STRATEGY": strategy, "CALLS_PER_WORKER": "1"},
     )
     h.run_checker()
     ids = [h.submit(alice).json()["task_id"] for _ in range(2)]
@@ -121,3 +122,55 @@ def test_a_pulled_task_that_fails_for_good_ends_failed_and_the_next_still_runs(m
     assert [t["status"] for t in tasks] == ["FAILED"] * 3
     assert all("HTTP 400" in t["error"] for t in tasks)
     assert _queue_counts(h) == (0, 0, 0)
+
+
+# --- several calls in one invocation (CallsPerWorker) --------------------------------------
+
+
+def _with_capacity(h, capacity: int) -> None:
+    registry = EndpointRegistry(boto3.resource("dynamodb").Table(h.stack.ref("EndpointsTable")))
+    for endpoint in registry.endpoints(TaskKind.IMAGE):
+        registry.put(endpoint.model_copy(update={"capacity": capacity}))
+
+
+def test_one_invocation_fills_every_free_slot_and_runs_the_backlog_on_them(make_stack, alice):
+    h = make_stack(
+        endpoints=[
+            ImageServerKnobs(latency_s=0.3, capacity=2),
+            ImageServerKnobs(latency_s=0.3, capacity=2),
+        ],
+        env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "4"},
+    )
+    h.run_checker()
+    _with_capacity(h, 2)
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(12)]
+
+    assert h.deliver(h.receive(), timeout_seconds=180) == []
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 12
+    stats = [server.stats() for server in h.image_servers]
+    assert sum(s["calls"] for s in stats) == 12  # each task once
+    assert [s["max_in_flight"] for s in stats] == [2, 2]  # all four slots, none over
+    assert _queue_counts(h) == (0, 0, 0)
+    assert _live_leases(h) == []
+    images = boto3.client("s3").list_objects_v2(
+        Bucket=h.stack.ref("ImagesBucket"), Prefix="results/"
+    )
+    assert sorted(o["Key"] for o in images.get("Contents", [])) == sorted(
+        f"results/{i}.png" for i in ids
+    )
+
+
+def test_calls_per_invocation_never_exceed_calls_per_worker(make_stack, alice):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=0.3, capacity=4)],
+        env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "2"},
+    )
+    h.run_checker()
+    _with_capacity(h, 4)
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(6)]
+
+    assert h.deliver(h.receive(), timeout_seconds=180) == []
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 6
+    assert h.image_servers[0].stats()["max_in_flight"] == 2  # 4 slots free, 2 calls at most

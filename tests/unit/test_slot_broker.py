@@ -624,3 +624,53 @@ def test_at_the_tail_a_slow_endpoints_slot_goes_back_when_faster_ones_clear_the_
     assert not _keeper(fleet, backlog=1).worth_keeping(_held_on(slow), priority=Priority.NORMAL)
     # A deep queue: every slot is worth its work.
     assert _keeper(fleet, backlog=50).worth_keeping(_held_on(slow), priority=Priority.NORMAL)
+
+
+# --- is there room for another call? (a worker group's scout asks) -----------------------
+
+
+def idle_fleet() -> Fleet:
+    return Fleet(endpoints=[endpoint()], leases={}, call_seconds={})
+
+
+class CountingRegistry(FakeRegistry):
+    def __init__(self, fleets: list[Fleet]) -> None:
+        super().__init__(fleets)
+        self.reads = 0
+
+    def fleet(self, kind: TaskKind) -> Fleet:
+        self.reads += 1
+        return super().fleet(kind)
+
+
+def test_a_recent_read_of_the_fleet_answers_whether_a_slot_is_free() -> None:
+    clock = [NOW]
+    registry = CountingRegistry([idle_fleet(), busy_since(NOW - 1)])
+    slots = SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        clock=lambda: clock[0],
+    )
+
+    assert slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # read: one free
+    clock[0] += 1.5
+    assert slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # the same read
+    assert registry.reads == 1
+    clock[0] += 1.0
+    assert not slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # too old: read
+    assert registry.reads == 2
+
+
+def test_a_read_that_a_slot_was_taken_from_no_longer_stands() -> None:
+    # The read acquire chose from shows the slot it took as free: going by it, a scout would
+    # take a message no slot is left for.
+    registry = CountingRegistry([idle_fleet(), busy_since(NOW)])
+    slots = SlotBroker(registry, health_max_age_seconds=90, clock=lambda: NOW)  # type: ignore[arg-type]
+    slots.acquire(
+        SlotRequest(
+            kind=TaskKind.IMAGE, task_id="t-1", user_id="u", lease_seconds=60, wait_seconds=0
+        )
+    )
+
+    assert not slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=60.0)
+    assert registry.reads == 2

@@ -43,6 +43,8 @@ logger = Logger(child=True)
 SAFETY_MARGIN_SECONDS = 5.0
 # Below this much budget a GPU call is not worth starting.
 MIN_CALL_SECONDS = 1.0
+# A read of the fleet this recent tells whether a slot is free, for a worker with room.
+FLEET_VIEW_MAX_AGE = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class NextTasks(Protocol):
     def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
         """Done with `pulled`: delete it, send it back later (RetryLater), or leave it to
         come back (another exception)."""
+        ...
+
+    def take(self, task_id: str) -> bool:
+        """Note that this invocation drives the task; False if one of its workers already
+        does (or did): the message is a duplicate, which needs no read and must not wait
+        out the invocation's own lease as if it were another's."""
         ...
 
 
@@ -105,6 +113,9 @@ class DispatchPolicy:
     no_slot_delay_seconds: int = 2
     # Slots of a kind high-priority tasks may hold at once; None: no cap.
     priority_lane_slots: int | None = None
+    # How old a read of the fleet a worker keeping its slot may go by at a hand-off (its
+    # workers read it often under load); 0: read at every hand-off.
+    fleet_view_max_age_seconds: float = 0.0
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
         """Capped exponential backoff with jitter in [ceiling/2, ceiling], whole seconds up."""
@@ -143,9 +154,20 @@ class TaskDispatcher:
             priority_lane_slots=policy.priority_lane_slots,
             clock=clock,
             sleep=sleep,
+            view_max_age_seconds=policy.fleet_view_max_age_seconds,
         )
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+
+    @property
+    def seconds_for_a_call(self) -> float:
+        """The time a worker needs left to start another task: a whole call and its writes."""
+        return self._policy.task_timeout_seconds + SAFETY_MARGIN_SECONDS
+
+    def has_free_slot(self) -> bool:
+        """Whether some endpoint this dispatcher serves has a slot free (a recent read of
+        the fleet stands): worth taking another message for."""
+        return self._slots.has_free_slot(self._jobs.keys(), max_age_seconds=FLEET_VIEW_MAX_AGE)
 
     def dispatch(
         self,
@@ -163,6 +185,8 @@ class TaskDispatcher:
         result and marking it DONE run beside the next call; every pulled message is settled
         once its task's state is durable, and all before this returns.
         """
+        if next_tasks is not None and not next_tasks.take(message.task_id):
+            return Outcome.SKIPPED
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
             outcome, held = self._dispatch_one(
                 message, remaining_seconds, offered=None, keep=next_tasks is not None
@@ -174,7 +198,6 @@ class TaskDispatcher:
                     self._keep_serving(
                         held,
                         next_tasks,
-                        first_task_id=message.task_id,
                         remaining_seconds=remaining_seconds,
                         lane=lane,
                         finisher=finisher,
@@ -193,16 +216,12 @@ class TaskDispatcher:
         held: HeldSlot,
         next_tasks: NextTasks,
         *,
-        first_task_id: str,
         remaining_seconds: Callable[[], float],
         lane: Priority,
         finisher: ThreadPoolExecutor,
         pending: list[tuple[Pulled, Future[Outcome]]],
     ) -> None:
         slot: HeldSlot | None = held
-        # Tasks this invocation has run (or is finishing): a duplicate of one of their
-        # messages needs no read, and must not wait out our own lease as if it were another's.
-        ours = {first_task_id}
         try:
             while slot is not None:
                 if (
@@ -213,7 +232,7 @@ class TaskDispatcher:
                 pulled = next_tasks.pull()
                 if pulled is None:
                     return  # nothing waiting: the slot goes back
-                if pulled.message.task_id in ours:
+                if not next_tasks.take(pulled.message.task_id):
                     pending.append((pulled, _submit(finisher, Outcome.SKIPPED)))
                     continue
                 try:
@@ -223,7 +242,6 @@ class TaskDispatcher:
                 except Exception as error:
                     next_tasks.settle(pulled, error)
                     return
-                ours.add(pulled.message.task_id)
                 pending.append((pulled, _submit(finisher, outcome)))
         finally:
             if slot is not None:
@@ -275,7 +293,10 @@ class TaskDispatcher:
             self._tasks.fail_unclaimed(task, work)
             return Outcome.FAILED, None
         tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
-        return self._run(task, work, tried, remaining_seconds, keep=keep)
+        try:
+            return self._run(task, work, tried, remaining_seconds, keep=keep)
+        finally:
+            work.job.release(work.job_input)
 
     def _run_unread(
         self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]
@@ -283,6 +304,9 @@ class TaskDispatcher:
         """A pulled task on the slot this worker holds: the lease renewed for it, the task
         claimed without a read first (two writes). None: not on this slot after all (the
         lease was lost, too little time, or it is a retry of a call this endpoint failed)."""
+        job = self._jobs.get(message.kind)
+        if job is None or job.waits_for_memory:
+            return None  # prepared before a slot is held (it may wait for memory)
         budget = self._budget(remaining_seconds)
         if budget < MIN_CALL_SECONDS:
             return None
@@ -313,6 +337,23 @@ class TaskDispatcher:
         if isinstance(work, str):
             self._tasks.fail(claimed, error=work)
             return Outcome.FAILED, held
+        try:
+            return self._call_unread(
+                claimed, work, held, budget=budget, now=now, remaining_seconds=remaining_seconds
+            )
+        finally:
+            work.job.release(work.job_input)
+
+    def _call_unread(
+        self,
+        claimed: Claim,
+        work: _Work,
+        held: HeldSlot,
+        *,
+        budget: float,
+        now: float,
+        remaining_seconds: Callable[[], float],
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         if self._observer is not None:
             self._observer.task_started(claimed.task, at=now)
         tried: set[str] = set()

@@ -7,6 +7,7 @@ the output after the slot is handed on.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,8 +33,17 @@ class Completion:
 
 
 class Job(Protocol):
+    # Whether `prepare` may wait for the invocation's memory (a speech task's audio, one at
+    # a time): such a task is prepared before a slot is taken or the task claimed, never
+    # straight onto a slot its worker kept.
+    waits_for_memory: bool
+
     def prepare(self, task: Task) -> Any:
-        """The call's input; raises InvalidTaskInput."""
+        """The call's input; raises InvalidTaskInput. Once it returns, `release` follows."""
+        ...
+
+    def release(self, job_input: Any) -> None:
+        """The input is no longer needed (the call ended, or never happened)."""
         ...
 
     def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
@@ -50,7 +60,12 @@ class ImageJob:
         self._generators = generators
         self._images = images
 
+    waits_for_memory = False
+
     def prepare(self, task: Task) -> None:
+        return None
+
+    def release(self, job_input: None) -> None:
         return None
 
     def run(
@@ -65,17 +80,39 @@ class ImageJob:
 
 
 class SpeechJob:
-    def __init__(self, transcriber: SpeechTranscriber, audio: AudioStore) -> None:
+    """A transcription. Its audio (up to the upload limit) is held in memory twice during
+    the call (the bytes and the multipart body), so an invocation running several calls at
+    once holds one audio at a time: the dispatcher's memory is sized for one."""
+
+    waits_for_memory = True
+
+    def __init__(
+        self,
+        transcriber: SpeechTranscriber,
+        audio: AudioStore,
+        *,
+        audio_in_memory: threading.Semaphore | None = None,
+    ) -> None:
         self._transcriber = transcriber
         self._audio = audio
+        self._permits = audio_in_memory or threading.BoundedSemaphore(1)
 
     def prepare(self, task: Task) -> bytes:
         if task.speech is None:
             raise InvalidTaskInput("speech task without audio")
-        audio = self._audio.get(task.speech.audio_key)
+        self._permits.acquire()
+        try:
+            audio = self._audio.get(task.speech.audio_key)
+        except BaseException:
+            self._permits.release()
+            raise
         if audio is None:
+            self._permits.release()
             raise InvalidTaskInput("the uploaded audio is gone")
         return audio
+
+    def release(self, job_input: bytes) -> None:
+        self._permits.release()
 
     def run(
         self, endpoint: Endpoint, task: Task, job_input: bytes, *, timeout_seconds: float

@@ -204,6 +204,11 @@ class DispatcherSettings(GpuCredentialSettings):
     # Slots of a kind the high-priority lane may hold at once (PriorityLaneWorkers); None:
     # no cap. Its dispatcher may run more workers than this (SQS needs 2 at least).
     priority_lane_slots: int | None = Field(default=None, ge=1)
+    # GPU calls one invocation runs at once (CallsPerWorker): its wait is billed once.
+    calls_per_worker: int = Field(default=1, ge=1, le=10)
+    # A read of the fleet this recent (by a worker of the same invocation) stands at a
+    # hand-off: a high-priority waiter or a circuit that opened is seen this much later.
+    fleet_view_max_age_seconds: float = Field(default=1.0, ge=0, le=30)
 
     @property
     def health_max_age_seconds(self) -> float:

@@ -19,7 +19,7 @@ every waiting task sooner (`balancer.worth_taking`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
@@ -198,7 +198,10 @@ class SlotBroker:
         priority_lane_slots: int | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        view_max_age_seconds: float = 0.0,
     ) -> None:
+        """`view_max_age_seconds`: how old a read of the fleet a worker keeping its slot
+        may go by (0: it reads the fleet at every hand-off)."""
         if priority_lane_slots is not None and priority_lane_slots < 1:
             raise ValueError("priority_lane_slots must be at least 1 (None: no cap)")
         self._registry = registry
@@ -213,23 +216,35 @@ class SlotBroker:
         self._backlog = _Backlog(backlog, clock)
         self._clock = clock
         self._sleep = sleep
+        # The latest read of each kind's fleet and when it was made (by any worker here).
+        self._views: dict[TaskKind, tuple[Fleet, float]] = {}
+        self._view_max_age = view_max_age_seconds
+
+    def _fleet(self, kind: TaskKind) -> Fleet:
+        fleet = self._registry.fleet(kind)
+        self._views[kind] = (fleet, self._clock())
+        return fleet
 
     def acquire(self, request: SlotRequest) -> HeldSlot:
         """Lease a slot on the best endpoint, waiting up to `wait_seconds` for one."""
         if request.priority is not Priority.HIGH:
-            return self._acquire(request, waiter=None)
-        waiter = _PriorityWait(self._registry, request)
-        try:
-            return self._acquire(request, waiter=waiter)
-        finally:
-            waiter.withdraw()
+            held = self._acquire(request, waiter=None)
+        else:
+            waiter = _PriorityWait(self._registry, request)
+            try:
+                held = self._acquire(request, waiter=waiter)
+            finally:
+                waiter.withdraw()
+        # The read it chose from shows that slot free: no one here may go by it any more.
+        self._views.pop(request.kind, None)
+        return held
 
     def _acquire(self, request: SlotRequest, *, waiter: _PriorityWait | None) -> HeldSlot:
         give_up_at = self._clock() + request.wait_seconds
         backlog = self._backlog
         while True:
             now = self._clock()
-            fleet = self._registry.fleet(request.kind)
+            fleet = self._fleet(request.kind)
             routable = fleet.routable(now, self._max_age)
             if not routable:
                 raise NoRoutableEndpoint(f"no healthy {request.kind.value} endpoint")
@@ -272,7 +287,8 @@ class SlotBroker:
 
     def worth_keeping(self, held: HeldSlot, *, priority: Priority) -> bool:
         """Whether a worker holding `held` after a finished call should take its next task on
-        it (one read of the fleet) rather than give it back: the strategy is least-loaded (the
+        it (one read of the fleet, or a read made here within the view's age) rather than
+        give it back: the strategy is least-loaded (the
         others choose an endpoint per task), the endpoint is still routable, no high-priority
         task waits for a slot a normal one would take, a lane seat is not involved, and the
         tail rule does not leave this endpoint for faster ones."""
@@ -284,7 +300,7 @@ class SlotBroker:
             return False
         now = self._clock()
         endpoint = held.endpoint
-        fleet = self._registry.fleet(endpoint.kind)
+        fleet = self._recent_fleet(endpoint.kind, self._view_max_age)
         routable = fleet.routable(now, self._max_age)
         if all(e.endpoint_id != endpoint.endpoint_id for e in routable):
             return False  # draining, disabled, unhealthy or its circuit open
@@ -301,6 +317,25 @@ class SlotBroker:
         return self._worth_taking(
             candidate, routable, fleet, now, self._backlog, holding_task=False
         )
+
+    def has_free_slot(self, kinds: Iterable[TaskKind], *, max_age_seconds: float) -> bool:
+        """Whether a routable endpoint of one of these kinds has a slot nobody holds: a
+        worker with room for another call looks before it takes another message, which
+        would otherwise wait and come back. A read of the fleet made here (by any worker)
+        within `max_age_seconds` stands; under load the hand-offs keep it fresh."""
+        now = self._clock()
+        for kind in kinds:
+            fleet = self._recent_fleet(kind, max_age_seconds)
+            if any(fleet.free_slots(e, now) for e in fleet.routable(now, self._max_age)):
+                return True
+        return False
+
+    def _recent_fleet(self, kind: TaskKind, max_age_seconds: float) -> Fleet:
+        """The fleet as read here within `max_age_seconds` (by any worker), else read now."""
+        view = self._views.get(kind)
+        if view is not None and self._clock() - view[1] <= max_age_seconds:
+            return view[0]
+        return self._fleet(kind)
 
     def _lane_has_room(self, fleet: Fleet, now: float) -> bool:
         return self._lane_slots is None or bool(fleet.free_priority_seats(now, self._lane_slots))

@@ -1,0 +1,192 @@
+"""WorkerGroup: how many calls one invocation runs at once, and when it looks for more."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from gpuqueue.worker_group import WorkerGroup
+
+DEADLINE = 10.0
+
+
+class Backlog:
+    """Messages waiting; each worker's work holds a 'call' open until the test lets it end,
+    then (like a worker keeping its slot) takes the next message itself."""
+
+    def __init__(self, messages: int, *, room: bool = True, keeps: bool = True) -> None:
+        self.keeps = keeps  # a worker takes its next message itself (least-loaded keeps slots)
+        self.waiting = list(range(messages))
+        self.room = room
+        self.looks = 0
+        self.done: list[int] = []
+        self.running = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        self.release = threading.Event()
+        self.group: WorkerGroup | None = None
+
+    def has_room(self) -> bool:
+        return self.room
+
+    def pull(self) -> int | None:
+        with self._lock:
+            if not self.waiting:
+                return None
+            message = self.waiting.pop(0)
+        if self.group is not None and self.waiting:
+            self.group.backlog_seen()  # as the handler's puller does
+        return message
+
+    def start_one(self) -> Callable[[], None] | None:
+        self.looks += 1
+        message = self.pull()
+        if message is None:
+            return None
+        return lambda: self.serve(message)
+
+    def serve(self, message: int | None) -> None:
+        while message is not None:
+            with self._lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            assert self.release.wait(DEADLINE)
+            with self._lock:
+                self.running -= 1
+                self.done.append(message)
+            message = self.pull() if self.keeps else None
+
+
+def group_for(backlog: Backlog, size: int, *, remaining: float = 900.0) -> WorkerGroup:
+    group = WorkerGroup(
+        size=size,
+        start_one=backlog.start_one,
+        has_room=backlog.has_room,
+        remaining_seconds=lambda: remaining,
+        min_seconds=125.0,
+    )
+    backlog.group = group
+    return group
+
+
+def run_first(backlog: Backlog, group: WorkerGroup, *, let_go: Callable[[], bool]) -> None:
+    """The invocation's own first task, inside the group, with the calls held until
+    `let_go()` holds (checked against a deadline), then released."""
+    first = backlog.pull()
+    releaser = threading.Thread(target=_release_when, args=(backlog, let_go))
+    releaser.start()
+    with group:
+        backlog.serve(first)
+    releaser.join(DEADLINE)
+
+
+def _release_when(backlog: Backlog, condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not (condition() or backlog.release.is_set()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    backlog.release.set()
+
+
+def test_a_backlog_fills_the_group_to_its_size_and_no_further():
+    backlog = Backlog(messages=9)
+    group = group_for(backlog, size=3)
+
+    run_first(backlog, group, let_go=lambda: backlog.running == 3)
+
+    assert backlog.peak == 3
+    assert sorted(backlog.done) == list(range(9))  # every message, each once
+    assert group.started == 2  # the first task and two more workers
+
+
+def test_workers_that_end_after_one_task_are_replaced_while_messages_wait():
+    # The strategies that choose an endpoint per task keep no slot: each worker runs one.
+    backlog = Backlog(messages=7, keeps=False)
+    group = group_for(backlog, size=3)
+    first = backlog.pull()
+
+    with group:
+        backlog.release.set()
+        backlog.serve(first)
+        _wait_until(lambda: len(backlog.done) == 7)
+
+    assert sorted(backlog.done) == list(range(7))
+    assert backlog.peak <= 3
+    assert group.started == 6
+
+
+def test_one_call_per_invocation_never_looks_for_more():
+    backlog = Backlog(messages=4)
+    group = group_for(backlog, size=1)
+
+    run_first(backlog, group, let_go=lambda: backlog.running == 1)
+
+    assert backlog.looks == 0
+    assert backlog.peak == 1
+    assert sorted(backlog.done) == [0, 1, 2, 3]  # the one worker still takes the rest
+
+
+def test_without_a_free_slot_in_the_fleet_no_message_is_taken():
+    backlog = Backlog(messages=4, room=False)
+    group = group_for(backlog, size=4)
+
+    run_first(backlog, group, let_go=lambda: backlog.running == 1)
+
+    assert backlog.looks == 0
+    assert backlog.peak == 1
+
+
+def test_without_time_for_a_whole_call_no_worker_is_started():
+    backlog = Backlog(messages=4)
+    group = group_for(backlog, size=4, remaining=100.0)  # < min_seconds (125)
+
+    run_first(backlog, group, let_go=lambda: backlog.running == 1)
+
+    assert group.started == 0
+    assert backlog.peak == 1
+
+
+def test_an_idle_queue_costs_one_look_per_invocation():
+    backlog = Backlog(messages=1)
+    group = group_for(backlog, size=4)
+
+    run_first(backlog, group, let_go=lambda: backlog.looks >= 1)
+
+    assert backlog.looks == 1
+    assert group.started == 0
+
+
+def test_the_group_ends_only_when_every_worker_has():
+    backlog = Backlog(messages=3)
+    group = group_for(backlog, size=3)
+    backlog.pull()  # the first task's message: its work ends at once below
+    releaser = threading.Thread(target=_release_when, args=(backlog, lambda: backlog.running == 2))
+    releaser.start()
+
+    with group:
+        _wait_until(lambda: group.started == 2)
+    running_when_the_invocation_ended = backlog.running
+    releaser.join(DEADLINE)
+
+    assert running_when_the_invocation_ended == 0
+    assert sorted(backlog.done) == [1, 2]
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_a_group_of_no_calls_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        WorkerGroup(
+            size=0,
+            start_one=lambda: None,
+            has_room=lambda: True,
+            remaining_seconds=lambda: 900.0,
+            min_seconds=1.0,
+        )
