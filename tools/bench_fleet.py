@@ -146,7 +146,9 @@ def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) 
             parameters={
                 "WorkerPoolSize": str(pool_size(capacity * endpoints)),
                 "CallsPerWorker": str(CALLS_PER_WORKER),
-                "QueueCapacity": str(max(100, tasks)),
+                # Room for a run's tasks and the previous run's stragglers: the bound is
+                # exact now, so a full lane refuses the 101st.
+                "QueueCapacity": str(max(100, 2 * tasks)),
                 "DispatchStrategy": strategy,
             },
             demo_user=False,

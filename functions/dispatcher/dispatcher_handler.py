@@ -126,6 +126,10 @@ class QueuePuller:
             self._taken.add(task_id)
             return True
 
+    def give_back(self, task_id: str) -> None:
+        with self._lock:
+            self._taken.discard(task_id)
+
     def pull(self) -> Pulled | None:
         received = self._queue.receive_one()
         if received is None:
@@ -208,14 +212,11 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
         def work() -> None:
             correlate_thread(logger, pulled.message.task_id)
             try:
-                result: Outcome | Exception = dispatcher.dispatch(
-                    pulled.message, remaining_seconds=remaining_seconds, next_tasks=puller
+                dispatcher.serve_pulled(
+                    pulled, remaining_seconds=remaining_seconds, next_tasks=puller
                 )
-            except Exception as error:
-                result = error
             finally:
                 logger.thread_safe_clear_keys()
-            puller.settle(pulled, result)
 
         return work
 

@@ -434,6 +434,9 @@ class Queue:
         self.taken.add(task_id)
         return True
 
+    def give_back(self, task_id: str) -> None:
+        self.taken.discard(task_id)
+
 
 def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> Outcome:
     return d.dispatch(
@@ -616,3 +619,22 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
     assert [result for _, result, _ in queue.settled] == [Outcome.DONE]
     assert job.released == job.prepared == 2
+
+
+def test_a_pulled_task_sent_back_is_not_taken_for_a_duplicate_when_its_copy_comes(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    # A worker group skips a message for a task one of its workers drives; a task that went
+    # back to the queue is driven by no one here, so its copy must run, not be deleted.
+    healthy(registry, "gpu-a")
+    first, elsewhere = submitted(store, "p0"), submitted(store, "p1")
+    assert store.claim(elsewhere, lease_seconds=60, now=time.time(), endpoint_id="gpu-b")
+    queue = Queue(store, elsewhere)
+
+    assert serve(dispatcher(store, registry, ScriptedJob(b"png")), first, queue) is Outcome.DONE
+
+    [(task_id, result, _)] = queue.settled
+    assert task_id == elsewhere.task_id
+    assert isinstance(result, RetryLater)  # running elsewhere: back to the queue
+    assert queue.take(elsewhere.task_id)  # its copy is not a duplicate
+    assert not queue.take(first.task_id)  # the one this worker finished is

@@ -79,6 +79,11 @@ class NextTasks(Protocol):
         out the invocation's own lease as if it were another's."""
         ...
 
+    def give_back(self, task_id: str) -> None:
+        """The invocation did not drive the task to a durable state (it went back to the
+        queue, or failed here): a later message for it is not a duplicate."""
+        ...
+
 
 def _submit(
     finisher: ThreadPoolExecutor, outcome: Outcome | Callable[[], Outcome]
@@ -169,6 +174,18 @@ class TaskDispatcher:
         the fleet stands): worth taking another message for."""
         return self._slots.has_free_slot(self._jobs.keys(), max_age_seconds=FLEET_VIEW_MAX_AGE)
 
+    def serve_pulled(
+        self, pulled: Pulled, *, remaining_seconds: Callable[[], float], next_tasks: NextTasks
+    ) -> None:
+        """A message a worker took itself (a worker group's): driven, then settled."""
+        try:
+            result: Outcome | Exception = self.dispatch(
+                pulled.message, remaining_seconds=remaining_seconds, next_tasks=next_tasks
+            )
+        except Exception as error:
+            result = error
+        next_tasks.settle(pulled, result)
+
     def dispatch(
         self,
         message: QueueMessage,
@@ -185,8 +202,23 @@ class TaskDispatcher:
         result and marking it DONE run beside the next call; every pulled message is settled
         once its task's state is durable, and all before this returns.
         """
-        if next_tasks is not None and not next_tasks.take(message.task_id):
+        if next_tasks is None:
+            return self._serve(message, remaining_seconds, None, lane)
+        if not next_tasks.take(message.task_id):
             return Outcome.SKIPPED
+        try:
+            return self._serve(message, remaining_seconds, next_tasks, lane)
+        except BaseException:
+            next_tasks.give_back(message.task_id)
+            raise
+
+    def _serve(
+        self,
+        message: QueueMessage,
+        remaining_seconds: Callable[[], float],
+        next_tasks: NextTasks | None,
+        lane: Priority,
+    ) -> Outcome:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
             outcome, held = self._dispatch_one(
                 message, remaining_seconds, offered=None, keep=next_tasks is not None
@@ -208,6 +240,7 @@ class TaskDispatcher:
                     try:
                         next_tasks.settle(pulled, result.result())  # type: ignore[union-attr]
                     except Exception as error:
+                        next_tasks.give_back(pulled.message.task_id)  # type: ignore[union-attr]
                         next_tasks.settle(pulled, error)  # type: ignore[union-attr]
             return first.result()
 
@@ -240,6 +273,7 @@ class TaskDispatcher:
                         pulled.message, remaining_seconds, offered=slot, keep=True
                     )
                 except Exception as error:
+                    next_tasks.give_back(pulled.message.task_id)
                     next_tasks.settle(pulled, error)
                     return
                 pending.append((pulled, _submit(finisher, outcome)))
