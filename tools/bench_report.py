@@ -162,10 +162,12 @@ event source mapping's own receive and delete (2 SQS requests per message) come 
 **{before_polls:g} billed requests per image task before polls; the target is
 {TARGET_REQUESTS}: this {verdict} it.** Beyond the seed's minimum (task write, send, read,
 claim, image, complete: 6) come the features: the rate limit (1 write), the per-user share
-(1 write on submit, 1 on release), the queue position ticket and departure (1 write each, 1
-read), the queue-capacity check (1 GetQueueAttributes), the GPU slot lease and release (2
-writes, 1 fleet query), the push-connections lookup (1 query), the stats' last-hour outcome
-counter (1 write). Each is one request; none is a scan.
+(1 write on submit, 1 on release), the queue position ticket, which is also the exact
+queue-capacity bound, and the departure (1 write each, 1 read), the GPU slot lease and
+release (2 writes, 1 fleet query), the push-connections lookup (1 query), the stats'
+last-hour outcome counter (1 write). Each is one request; none is a scan. The stream's
+writes (releases, departures, counters, push lookups) are per batch, not per task: one at
+a time they cost a task each, under load a fraction.
 
 ### Under load
 
