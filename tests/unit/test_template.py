@@ -228,7 +228,13 @@ def test_the_priority_dispatcher_is_the_dispatcher_on_its_own_queue() -> None:
     same = {k: v for k, v in normal.items() if k not in LANE_DIFFERENCES}
 
     assert {k: v for k, v in high.items() if k not in LANE_DIFFERENCES} == same
-    env = dict(normal["Environment"]["Variables"], TASK_QUEUE_URL={"Ref": "PriorityQueue"})
+    # Its own queue, and one call per invocation: the lane may hold only its seats, so more
+    # calls would only queue as high-priority waiters that normal workers yield to.
+    env = dict(
+        normal["Environment"]["Variables"],
+        TASK_QUEUE_URL={"Ref": "PriorityQueue"},
+        CALLS_PER_WORKER="1",
+    )
     assert high["Environment"]["Variables"] == env
     event = _sqs_event("PriorityDispatcherFunction")
     assert ref_name(event["Queue"]) == "PriorityQueue"
