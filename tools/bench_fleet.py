@@ -246,7 +246,7 @@ def _measure(
     deadline = started + RUN_DEADLINE_SECONDS
     rows: list[dict[str, Any]] = []
     while time.time() < deadline:
-        rows = read_tasks(table, ids)
+        rows = read_tasks(table, ids, ("status",))
         finished = [r for r in rows if r["status"] in ("DONE", "FAILED", "CANCELED", "EXPIRED")]
         if kill_after is not None and not killed and len(finished) >= kill_after * tasks:
             # Killed mid-run: the process is gone, its port refuses connections.
@@ -255,6 +255,7 @@ def _measure(
         if len(finished) == tasks:
             break
         time.sleep(0.5)
+    rows = read_tasks(table, ids)  # whole rows once: their times
     done = [r for r in rows if r["status"] == "DONE"]
     failed = [r for r in rows if r["status"] == "FAILED"]
     end = max((_parse(str(r["updated_at"])) for r in done + failed), default=time.time())

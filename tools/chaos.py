@@ -203,7 +203,7 @@ def run_chaos(tasks: int, deadline_seconds: float, *, progress: bool = False) ->
         deadline = time.monotonic() + deadline_seconds
         rows: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            rows = read_tasks(table, ids)
+            rows = read_tasks(table, ids, ("status",))
             ended = sum(1 for r in rows if r["status"] in FINAL)
             if crashes_due and ended >= crashes_due[0] * tasks:
                 crashes_due.pop(0)
@@ -220,7 +220,7 @@ def run_chaos(tasks: int, deadline_seconds: float, *, progress: bool = False) ->
                 print(f"{time.monotonic() - began:5.0f} s: {states}", flush=True)
             time.sleep(0.5)
         report.seconds = time.monotonic() - began
-        _check(report, stack, rows, prompts)
+        _check(report, stack, read_tasks(table, ids), prompts)
     finally:
         hanging.knobs.hang = False
         stack.stop()

@@ -638,3 +638,114 @@ def test_a_pulled_task_sent_back_is_not_taken_for_a_duplicate_when_its_copy_come
     assert isinstance(result, RetryLater)  # running elsewhere: back to the queue
     assert queue.take(elsewhere.task_id)  # its copy is not a duplicate
     assert not queue.take(first.task_id)  # the one this worker finished is
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class EarlyReceiveJob(ScriptedJob):
+    """A call on a kept slot that waits (bounded) for the worker to receive its next message
+    while the call still runs: what each call saw of the queue's receives by its end."""
+
+    def __init__(self, *outcomes: Any, queue: Queue, registry: EndpointRegistry) -> None:
+        super().__init__(*outcomes, registry=registry)
+        self.queue = queue
+        self.received_during: list[bool] = []
+        self.at_call_end: Callable[[int], None] = lambda call: None
+
+    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+        before = self.queue.pulls
+        call = len(self.calls)
+        try:
+            return super().run(endpoint, task, job_input, timeout_seconds=timeout_seconds)
+        finally:
+            if call > 0:  # the first call on a new slot has no measured time to receive by
+                self.received_during.append(_wait_for(lambda: self.queue.pulls > before))
+            self.at_call_end(call)
+
+
+def test_a_kept_slot_receives_its_next_message_while_its_call_runs(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    job = EarlyReceiveJob(b"1", b"2", b"3", queue=queue, registry=registry)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    # The second and third calls each found their successor's receive done before they
+    # ended (the third's found the queue empty): the hand-off did not wait on a receive.
+    assert job.received_during == [True, True]
+    assert queue.pulls == 3  # no receive twice for one hand-off
+    assert [s[:2] for s in queue.settled] == [
+        (second.task_id, Outcome.DONE),
+        (third.task_id, Outcome.DONE),
+    ]
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_message_received_early_goes_back_at_once_when_no_call_fits_after_all(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    job = EarlyReceiveJob(b"1", b"2", queue=queue, registry=registry)
+    left = [PLENTY]
+
+    def invocation_runs_short(call: int) -> None:
+        if call == 1:  # the third's message is in hand: now the invocation's time is short
+            left[0] = TIMEOUT
+
+    job.at_call_end = invocation_runs_short
+    d = dispatcher(store, registry, job)
+    d.dispatch(
+        QueueMessage(task_id=first.task_id), remaining_seconds=lambda: left[0], next_tasks=queue
+    )
+
+    assert job.received_during == [True]
+    [(result, status)] = [(r, st) for t, r, st in queue.settled if t == third.task_id]
+    assert isinstance(result, RetryLater)
+    assert result.delay_seconds == 0  # visible again at once, for another worker
+    assert not result.requeue
+    assert status is TaskStatus.QUEUED
+    assert [c[1] for c in job.calls] == [1, 1]  # the third never reached a GPU here
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_task_claimed_as_its_slots_lease_is_lost_takes_a_slot_afresh(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second = submitted(store), submitted(store)
+    queue = Queue(store, second)
+    job = ScriptedJob(b"1", b"2", registry=registry)
+    run_first = job.run
+
+    def lease_lost_during_the_call(
+        endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float
+    ) -> Any:
+        output = run_first(endpoint, task, job_input, timeout_seconds=timeout_seconds)
+        if task.task_id == first.task_id:
+            # The worker stalled past its lease: the slot is no longer its own.
+            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
+            registry.release_slot(lease)
+        return output
+
+    job.run = lease_lost_during_the_call  # type: ignore[method-assign]
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    # The renewal failed beside a claim that won: the task ran on a slot leased afresh,
+    # as its next attempt, never two calls on the one-slot endpoint.
+    assert [c[1] for c in job.calls] == [1, 2]
+    assert job.in_flight_seen == [1, 1]
+    assert store.get(second.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
+    assert in_flight(registry, "gpu-a") == 0

@@ -406,3 +406,22 @@ def test_least_loaded_prefers_the_measured_faster_endpoint_on_equal_load() -> No
     fast = Candidate(endpoint=endpoint("b-fast"), in_flight=0, free_slots=1, service_seconds=4.0)
 
     assert [c.endpoint.endpoint_id for c in Balancer().order([slow, fast])] == ["b-fast", "a-slow"]
+
+
+def test_near_the_tail_a_fresh_count_decides_not_the_cached_one() -> None:
+    # Two fast slots finish 6 tasks by the slow slot's 12 s. A cached count of 7 (read a
+    # second ago) says take; read again it is 6 (a task started since): leave it.
+    fast = [(0.0, 4.0), (0.0, 4.0)]
+    reads: list[int] = []
+
+    def fresh() -> int:
+        reads.append(6)
+        return 6
+
+    assert not worth_taking(12.0, fast, lambda: 7, fresh)
+    assert reads == [6]
+    # Far from the tail (more waiting than one per faster slot beyond): no new read.
+    assert worth_taking(12.0, fast, lambda: 9, fresh)
+    # A cached count that already says leave it needs no new read either.
+    assert not worth_taking(12.0, fast, lambda: 6, fresh)
+    assert reads == [6]

@@ -56,17 +56,28 @@ def tasks_done_by(deadline: float, slots: Iterable[tuple[float, float]]) -> int:
 
 
 def worth_taking(
-    finish_at: float, other_slots: Sequence[tuple[float, float]], backlog: Callable[[], int]
+    finish_at: float,
+    other_slots: Sequence[tuple[float, float]],
+    backlog: Callable[[], int],
+    fresh_backlog: Callable[[], int] | None = None,
 ) -> bool:
     """Whether a task should take a free slot that finishes it at `finish_at`.
 
     Yes unless the other slots (free or about to be) would finish every task not yet
     started, this one included, by then: then a slower endpoint would only stretch the
     tail. The backlog is asked for only when that question arises (a slower slot is free
-    while faster ones could do better), so a homogeneous fleet never pays for it.
+    while faster ones could do better), so a homogeneous fleet never pays for it. A
+    cached count overstates it by the tasks started since it was read: when it says yes
+    by no more than one task per faster slot (the tail is near), `fresh_backlog` (a new
+    read) decides.
     """
     better = tasks_done_by(finish_at, other_slots)
-    return better == 0 or backlog() > better
+    if better == 0:
+        return True
+    waiting = backlog()
+    if fresh_backlog is not None and better < waiting <= better + len(other_slots):
+        waiting = fresh_backlog()
+    return waiting > better
 
 
 def _point(value: str) -> int:

@@ -34,6 +34,7 @@ from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
 from gpuqueue.models import CircuitState, Priority, QueueMessage, Task, TaskKind, TaskStatus
+from gpuqueue.next_message import NextMessage
 from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
 from gpuqueue.task_store import Claim, ClaimRefused, TaskStore
 
@@ -45,6 +46,9 @@ SAFETY_MARGIN_SECONDS = 5.0
 MIN_CALL_SECONDS = 1.0
 # A read of the fleet this recent tells whether a slot is free, for a worker with room.
 FLEET_VIEW_MAX_AGE = 2.0
+# A worker keeping its slot receives its next message this long before its call should end
+# (NextMessage): more than a receive takes, little against a call.
+RECEIVE_LEAD_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ class TaskDispatcher:
         )
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        # A hand-off's slot renewal runs beside its claim (two writes, one round trip).
+        self._beside = ThreadPoolExecutor(thread_name_prefix="renew")
 
     @property
     def seconds_for_a_call(self) -> float:
@@ -219,50 +225,81 @@ class TaskDispatcher:
         next_tasks: NextTasks | None,
         lane: Priority,
     ) -> Outcome:
+        if next_tasks is None:
+            outcome, _ = self._dispatch_one(message, remaining_seconds, offered=None, keep=None)
+            return outcome if isinstance(outcome, Outcome) else outcome()
+
+        def wanted(slot: HeldSlot) -> bool:
+            # Asked just before a call should end: another call fits, and the slot is worth
+            # keeping (else nothing is received early; the worker decides after its call).
+            return remaining_seconds() - SAFETY_MARGIN_SECONDS - RECEIVE_LEAD_SECONDS >= (
+                self._policy.task_timeout_seconds
+            ) and self._slots.worth_keeping(slot, priority=lane)
+
+        ahead: NextMessage[HeldSlot] = NextMessage(
+            next_tasks.pull, lead_seconds=RECEIVE_LEAD_SECONDS, wanted=wanted
+        )
+        pending: list[tuple[Pulled, Future[Outcome]]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
-            outcome, held = self._dispatch_one(
-                message, remaining_seconds, offered=None, keep=next_tasks is not None
-            )
-            first = _submit(finisher, outcome)
-            pending: list[tuple[Pulled, Future[Outcome]]] = []
             try:
-                if held is not None and next_tasks is not None:
-                    self._keep_serving(
-                        held,
-                        next_tasks,
-                        remaining_seconds=remaining_seconds,
-                        lane=lane,
-                        finisher=finisher,
-                        pending=pending,
-                    )
+                outcome, held = self._dispatch_one(
+                    message, remaining_seconds, offered=None, keep=ahead
+                )
+                first = _submit(finisher, outcome)
+                self._keep_serving(
+                    held,
+                    next_tasks,
+                    ahead,
+                    remaining_seconds=remaining_seconds,
+                    lane=lane,
+                    finisher=finisher,
+                    pending=pending,
+                )
             finally:
+                unused = ahead.unused()
+                if unused is not None:
+                    # Received early for a call that did not come: visible again at once.
+                    next_tasks.settle(unused, RetryLater("not served here", delay_seconds=0))
                 for pulled, result in pending:
                     try:
-                        next_tasks.settle(pulled, result.result())  # type: ignore[union-attr]
+                        next_tasks.settle(pulled, result.result())
                     except Exception as error:
-                        next_tasks.give_back(pulled.message.task_id)  # type: ignore[union-attr]
-                        next_tasks.settle(pulled, error)  # type: ignore[union-attr]
+                        next_tasks.give_back(pulled.message.task_id)
+                        next_tasks.settle(pulled, error)
             return first.result()
 
     def _keep_serving(
         self,
-        held: HeldSlot,
+        held: HeldSlot | None,
         next_tasks: NextTasks,
+        ahead: NextMessage[HeldSlot],
         *,
         remaining_seconds: Callable[[], float],
         lane: Priority,
         finisher: ThreadPoolExecutor,
         pending: list[tuple[Pulled, Future[Outcome]]],
     ) -> None:
-        slot: HeldSlot | None = held
+        slot = held
         try:
-            while slot is not None:
-                if (
+            while True:
+                if slot is not None and (
                     remaining_seconds() - SAFETY_MARGIN_SECONDS < self._policy.task_timeout_seconds
                     or not self._slots.worth_keeping(slot, priority=lane)
                 ):
-                    return
-                pulled = next_tasks.pull()
+                    slot.release()
+                    slot = None
+                if slot is not None:
+                    pulled = ahead.take()
+                else:
+                    # The slot is gone: a message received early for it is served the usual
+                    # way (a slot of its own), if a call still fits; else it goes back.
+                    pulled = ahead.unused()
+                    if pulled is not None and (
+                        remaining_seconds() - SAFETY_MARGIN_SECONDS
+                        < self._policy.task_timeout_seconds
+                    ):
+                        next_tasks.settle(pulled, RetryLater("not served here", delay_seconds=0))
+                        return
                 if pulled is None:
                     return  # nothing waiting: the slot goes back
                 if not next_tasks.take(pulled.message.task_id):
@@ -270,7 +307,7 @@ class TaskDispatcher:
                     continue
                 try:
                     outcome, slot = self._dispatch_one(
-                        pulled.message, remaining_seconds, offered=slot, keep=True
+                        pulled.message, remaining_seconds, offered=slot, keep=ahead
                     )
                 except Exception as error:
                     next_tasks.give_back(pulled.message.task_id)
@@ -287,10 +324,11 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         *,
         offered: HeldSlot | None,
-        keep: bool,
+        keep: NextMessage[HeldSlot] | None,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
-        """One task: its outcome (or the work that finishes it), and the slot if `keep` and
-        its call ended with the GPU free. An offered slot is used or released, never leaked."""
+        """One task: its outcome (or the work that finishes it), and the slot if `keep` (the
+        worker's next message, received early while it keeps its slot) and its call ended
+        with the GPU free. An offered slot is used or released, never leaked."""
         try:
             return self._prepare_and_run(message, remaining_seconds, offered=offered, keep=keep)
         except BaseException:
@@ -304,11 +342,11 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         *,
         offered: HeldSlot | None,
-        keep: bool,
+        keep: NextMessage[HeldSlot] | None,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         if offered is not None:
-            if offered.endpoint.kind is message.kind:
-                ran = self._run_unread(message, offered, remaining_seconds)
+            if keep is not None and offered.endpoint.kind is message.kind:
+                ran = self._run_unread(message, offered, remaining_seconds, keep)
                 if ran is not None:
                     return ran
             # Not for this slot (another kind, or a retry this endpoint failed): the usual way.
@@ -333,11 +371,15 @@ class TaskDispatcher:
             work.job.release(work.job_input)
 
     def _run_unread(
-        self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]
+        self,
+        message: QueueMessage,
+        held: HeldSlot,
+        remaining_seconds: Callable[[], float],
+        keep: NextMessage[HeldSlot],
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
-        """A pulled task on the slot this worker holds: the lease renewed for it, the task
-        claimed without a read first (two writes). None: not on this slot after all (the
-        lease was lost, too little time, or it is a retry of a call this endpoint failed)."""
+        """A pulled task on the slot this worker holds: the lease renewed for it and the task
+        claimed without a read first (two writes, side by side). None: not on this slot
+        after all (too little time, or a retry of a call this endpoint failed)."""
         job = self._jobs.get(message.kind)
         if job is None or job.waits_for_memory:
             return None  # prepared before a slot is held (it may wait for memory)
@@ -346,35 +388,68 @@ class TaskDispatcher:
             return None
         lease_seconds = budget + SAFETY_MARGIN_SECONDS
         now = self._clock()
-        if not held.renew_for(message.task_id, lease_seconds=lease_seconds, now=now):
-            return None
-        endpoint_id = held.endpoint.endpoint_id
-        claimed = self._tasks.claim_unread(
-            message.task_id,
-            lease_seconds=lease_seconds,
-            now=now,
-            endpoint_id=endpoint_id,
-            max_attempts=self._policy.max_attempts,
+        renewal = self._beside.submit(
+            held.renew_for, message.task_id, lease_seconds=lease_seconds, now=now
         )
+        try:
+            claimed = self._tasks.claim_unread(
+                message.task_id,
+                lease_seconds=lease_seconds,
+                now=now,
+                endpoint_id=held.endpoint.endpoint_id,
+                max_attempts=self._policy.max_attempts,
+            )
+        finally:
+            renewed = renewal.result()
+        if not renewed:
+            # The slot's lease was lost meanwhile (the worker stalled past it).
+            if isinstance(claimed, ClaimRefused):
+                return None
+            return self._run_claimed_elsewhere(claimed, remaining_seconds, keep)
         if isinstance(claimed, ClaimRefused):
-            task = claimed.task
-            if task is None:
-                logger.warning(
-                    "message for a task that does not exist", extra={"task_id": message.task_id}
-                )
-                return Outcome.SKIPPED, held
-            ended = self._end_if_unrunnable(task, now)
-            if ended is not None:
-                return ended, held
-            return None  # claimable, but not here: it last failed on this endpoint
+            ended = self._refused(claimed, message, now)
+            return None if ended is None else (ended, held)
         work = self._work_for(claimed.task)
         if isinstance(work, str):
             self._tasks.fail(claimed, error=work)
             return Outcome.FAILED, held
         try:
             return self._call_unread(
-                claimed, work, held, budget=budget, now=now, remaining_seconds=remaining_seconds
+                claimed,
+                work,
+                held,
+                budget=budget,
+                now=now,
+                remaining_seconds=remaining_seconds,
+                keep=keep,
             )
+        finally:
+            work.job.release(work.job_input)
+
+    def _refused(self, refused: ClaimRefused, message: QueueMessage, now: float) -> Outcome | None:
+        """How a task this worker could not claim ends here; None: claimable, but not on
+        this slot (it last failed on this endpoint)."""
+        if refused.task is None:
+            logger.warning(
+                "message for a task that does not exist", extra={"task_id": message.task_id}
+            )
+            return Outcome.SKIPPED
+        return self._end_if_unrunnable(refused.task, now)
+
+    def _run_claimed_elsewhere(
+        self,
+        claimed: Claim,
+        remaining_seconds: Callable[[], float],
+        keep: NextMessage[HeldSlot],
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+        """A task claimed for a slot whose lease was lost: it takes a slot afresh, as a retry
+        in the same invocation would (its next attempt)."""
+        work = self._work_for(claimed.task)
+        if isinstance(work, str):
+            self._tasks.fail(claimed, error=work)
+            return Outcome.FAILED, None
+        try:
+            return self._run(claimed.task, work, set(), remaining_seconds, keep=keep, claim=claimed)
         finally:
             work.job.release(work.job_input)
 
@@ -387,6 +462,7 @@ class TaskDispatcher:
         budget: float,
         now: float,
         remaining_seconds: Callable[[], float],
+        keep: NextMessage[HeldSlot],
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         if self._observer is not None:
             self._observer.task_started(claimed.task, at=now)
@@ -399,7 +475,7 @@ class TaskDispatcher:
                 budget=budget,
                 tried=tried,
                 remaining_seconds=remaining_seconds,
-                keep=True,
+                keep=keep,
             )
         except BaseException:
             held.release()
@@ -412,7 +488,7 @@ class TaskDispatcher:
             work,
             tried,
             remaining_seconds,
-            keep=True,
+            keep=keep,
             claim=claimed,
             last_error=last_error,
         )
@@ -476,7 +552,7 @@ class TaskDispatcher:
         tried: set[str],
         remaining_seconds: Callable[[], float],
         *,
-        keep: bool = False,
+        keep: NextMessage[HeldSlot] | None = None,
         claim: Claim | None = None,
         last_error: str | None = None,  # the failed attempt this invocation moves on from
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
@@ -505,8 +581,8 @@ class TaskDispatcher:
                 )
                 if claim is None:
                     # Another delivery won the race; it owns the task. The slot is still ours.
-                    kept = keep
-                    return Outcome.SKIPPED, slot if keep else None
+                    kept = keep is not None
+                    return Outcome.SKIPPED, slot if kept else None
                 if self._observer is not None:
                     self._observer.task_started(claim.task, at=now)
                 outcome, last_error = self._call(
@@ -519,7 +595,7 @@ class TaskDispatcher:
                     keep=keep,
                 )
                 if outcome is not Outcome.RETRY:
-                    kept = keep and slot.held
+                    kept = keep is not None and slot.held
                     return outcome, slot if kept else None
             finally:
                 if not kept:
@@ -583,7 +659,7 @@ class TaskDispatcher:
         budget: float,
         tried: set[str],
         remaining_seconds: Callable[[], float],
-        keep: bool = False,
+        keep: NextMessage[HeldSlot] | None = None,
     ) -> tuple[Outcome | Callable[[], Outcome], str | None]:
         """One GPU call; RETRY comes with the error the next attempt records. A good call
         gives the work that stores its output and marks the task DONE (run beside the next
@@ -594,6 +670,8 @@ class TaskDispatcher:
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
         logger.info("dispatching", extra=log)
         started = self._clock()
+        if keep is not None:
+            keep.arm(slot, slot.expected_call_seconds)
         try:
             output = work.job.run(endpoint, task, work.job_input, timeout_seconds=budget)
         except GpuError as error:
@@ -633,7 +711,7 @@ class TaskDispatcher:
         # The GPU is free once it has answered: the slot goes to the next task (ours, when
         # kept; else whoever takes it) before the output is stored.
         call_seconds = self._clock() - started
-        if keep:
+        if keep is not None:
             slot.note_call(call_seconds)
             # What the success write below makes true: the next call on this slot need not
             # write it again.

@@ -71,6 +71,7 @@ class HeldSlot:
         self.seat = seat
         self._released = False
         self._call_seconds: float | None = None  # the last good call's, not yet written
+        self._last_call_seconds: float | None = None
 
     @property
     def held(self) -> bool:
@@ -81,6 +82,15 @@ class HeldSlot:
         """A call on this slot ended well after `seconds`: folded into the slot's EWMA at the
         next renewal or release."""
         self._call_seconds = seconds
+        self._last_call_seconds = seconds
+
+    @property
+    def expected_call_seconds(self) -> float | None:
+        """How long a call on this slot should take: its last call's time, else the slot's
+        measured average when it was leased (None: never measured)."""
+        if self._last_call_seconds is not None:
+            return self._last_call_seconds
+        return self.lease.call_seconds_ewma
 
     def renew_for(self, task_id: str, *, lease_seconds: float, now: float) -> bool:
         """Keep the slot for another task (one write). False if the lease was lost meanwhile:
@@ -162,10 +172,11 @@ class _Backlog:
     def known(self) -> bool:
         return self._source is not None
 
-    def count(self) -> int:
+    def count(self, *, fresh: bool = False) -> int:
+        """The count read within the last second, or (`fresh`) read now."""
         now = self._clock()
         if self._source is not None and (
-            self._read_at is None or now - self._read_at >= BACKLOG_TTL_SECONDS
+            fresh or self._read_at is None or now - self._read_at >= BACKLOG_TTL_SECONDS
         ):
             self._value = self._source()
             self._read_at = now
@@ -418,12 +429,12 @@ class SlotBroker:
             for free_at in fleet.slot_free_times(e, now)
         ]
 
-        def waiting() -> int:
+        def waiting(*, fresh: bool = False) -> int:
             # The tasks not started yet: the messages no worker holds (visible or delayed),
             # and the one in hand when a worker is placing its own task.
-            return max(1, backlog.count() + (1 if holding_task else 0))
+            return max(1, backlog.count(fresh=fresh) + (1 if holding_task else 0))
 
-        return worth_taking(now + service, others, waiting)
+        return worth_taking(now + service, others, waiting, lambda: waiting(fresh=True))
 
     def _poll_delay(
         self, eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float

@@ -1,0 +1,141 @@
+"""NextMessage: the next message received shortly before a kept slot's call should end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from gpuqueue.dispatch import Pulled
+from gpuqueue.models import QueueMessage
+from gpuqueue.next_message import NextMessage
+
+
+class Receives:
+    def __init__(self, *task_ids: str | None, fail_first: bool = False) -> None:
+        self.waiting = list(task_ids)
+        self.count = 0
+        self.fail_first = fail_first
+        self.done = threading.Event()
+
+    def __call__(self) -> Pulled | None:
+        self.count += 1
+        self.done.set()
+        if self.fail_first and self.count == 1:
+            raise ConnectionError("queue unreachable")
+        task_id = self.waiting.pop(0) if self.waiting else None
+        if task_id is None:
+            return None
+        return Pulled(message=QueueMessage(task_id=task_id), receipt=f"r-{task_id}")
+
+
+def ahead(receive: Receives, wanted: Callable[[str], bool] = lambda slot: True) -> NextMessage[str]:
+    return NextMessage(receive, lead_seconds=0.5, wanted=wanted)
+
+
+def test_a_message_due_before_the_call_ends_is_received_early_and_taken_once() -> None:
+    receive = Receives("t1", "t2")
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 0.1)  # due at once: 0.1 s call, 0.5 s lead
+    assert receive.done.wait(5)
+
+    pulled = nxt.take()
+    assert pulled is not None
+    assert pulled.message.task_id == "t1"
+    assert receive.count == 1  # the take used the early receive
+    assert nxt.unused() is None
+
+
+def test_a_call_that_ends_before_the_receive_is_due_receives_then() -> None:
+    receive = Receives("t1")
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 600.0)  # not due for ten minutes
+    pulled = nxt.take()
+
+    assert pulled is not None
+    assert pulled.message.task_id == "t1"
+    assert receive.count == 1
+    assert nxt.unused() is None  # the early receive was called off
+
+
+def test_an_unmeasured_slot_receives_after_its_call() -> None:
+    receive = Receives("t1")
+    nxt = ahead(receive)
+
+    nxt.arm("slot", None)
+
+    assert receive.count == 0
+    assert nxt.take() is not None
+    assert receive.count == 1
+
+
+def test_a_slot_not_worth_keeping_receives_nothing_early() -> None:
+    asked: list[str] = []
+    receive = Receives("t1")
+
+    def wanted(slot: str) -> bool:
+        asked.append(slot)
+        return False
+
+    nxt = ahead(receive, wanted)
+    nxt.arm("slow-slot", 0.0)
+    deadline = time.monotonic() + 5
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert asked == ["slow-slot"]
+    assert receive.count == 0
+    assert nxt.unused() is None
+
+
+def test_an_empty_queue_at_the_early_receive_stands_for_the_hand_off() -> None:
+    receive = Receives()
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 0.0)
+    assert receive.done.wait(5)
+
+    assert nxt.take() is None
+    assert receive.count == 1  # not asked again
+
+
+def test_a_failed_early_receive_is_made_again_after_the_call() -> None:
+    receive = Receives("t1", fail_first=True)
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 0.0)
+    assert receive.done.wait(5)
+    pulled = nxt.take()
+
+    assert pulled is not None
+    assert pulled.message.task_id == "t1"
+    assert receive.count == 2
+
+
+def test_a_message_received_early_and_not_taken_is_handed_over_once() -> None:
+    receive = Receives("t1")
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 0.0)
+    assert receive.done.wait(5)
+
+    left = nxt.unused()
+    assert left is not None
+    assert left.message.task_id == "t1"
+    assert nxt.unused() is None
+
+
+def test_one_receive_is_due_at_a_time() -> None:
+    receive = Receives("t1", "t2")
+    nxt = ahead(receive)
+
+    nxt.arm("slot", 0.0)
+    assert receive.done.wait(5)
+    nxt.arm("slot", 0.0)  # a message is in hand: nothing more is received
+
+    pulled = nxt.take()
+    assert pulled is not None
+    assert pulled.message.task_id == "t1"
+    assert receive.count == 1
