@@ -47,9 +47,14 @@ CAPACITY = 4
 USERS = 24
 # Operators weight endpoints by throughput (capacity / latency): 3:3:1 here.
 WEIGHTS = (3, 3, 1)
-RUN_DEADLINE_SECONDS = 150.0
+RUN_DEADLINE_SECONDS = 150.0  # per 100 tasks
 SETTLE_SECONDS = 30.0  # for the last invocations to end after the last task
 SUBMITTERS = 4  # clients pushing the tasks, one warm submit worker each
+# The second heterogeneous fleet (issue 16's targets): three speeds, none a multiple of
+# another's share of the work (optimal makespan 42 s for 100 tasks).
+SECOND_LATENCIES = (3.0, 6.0, 9.0)
+# The long run: the default scenario with this many tasks (BENCH_LONG_TASKS; 0 skips it).
+LONG_TASKS = 300
 # GPU calls per dispatcher invocation (CallsPerWorker, the template's default): the pool is
 # sized to the fleet's slots, WorkerPoolSize x CallsPerWorker = 12.
 CALLS_PER_WORKER = 4
@@ -136,7 +141,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) -> RunningStack:
+def start_bench_stack(
+    tasks: int, endpoints: int, capacity: int, strategy: str, *, most_tasks: int | None = None
+) -> RunningStack:
     return start_stack(
         StackOptions(
             port=0,
@@ -148,7 +155,7 @@ def start_bench_stack(tasks: int, endpoints: int, capacity: int, strategy: str) 
                 "CallsPerWorker": str(CALLS_PER_WORKER),
                 # Room for a run's tasks and the previous run's stragglers: the bound is
                 # exact now, so a full lane refuses the 101st.
-                "QueueCapacity": str(max(100, 2 * tasks)),
+                "QueueCapacity": str(max(100, 2 * max(tasks, most_tasks or 0))),
                 "DispatchStrategy": strategy,
             },
             demo_user=False,
@@ -243,7 +250,7 @@ def _measure(
         source.resume()
 
     killed = False
-    deadline = started + RUN_DEADLINE_SECONDS
+    deadline = started + RUN_DEADLINE_SECONDS * max(1.0, tasks / 100)
     rows: list[dict[str, Any]] = []
     while time.time() < deadline:
         rows = read_tasks(table, ids, ("status",))
@@ -300,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         default="round-robin,user-hash,weighted,least-loaded",
         help="comma-separated",
     )
+    parser.add_argument(
+        "--long-tasks",
+        type=int,
+        default=int(os.environ.get("BENCH_LONG_TASKS", str(LONG_TASKS))),
+        help="least-loaded on the default scenario with this many tasks (0: not run)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     use_local_aws()
@@ -314,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     strategies = args.strategies.split(",")
     results: list[RunResult] = []
-    stack = start_bench_stack(args.tasks, len(LATENCIES), CAPACITY, strategies[0])
+    stack = start_bench_stack(
+        args.tasks, len(LATENCIES), CAPACITY, strategies[0], most_tasks=args.long_tasks
+    )
     try:
         stack.functions["SubmitFunction"].warm(SUBMITTERS - 1)
         tokens = register_users(stack.api_url, "bench", USERS)
@@ -337,6 +352,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(ceiling)
         print(ceiling.line(), flush=True)
+        second = run(
+            stack,
+            tokens,
+            f"least-loaded, second fleet {SECOND_LATENCIES} s",
+            latencies=SECOND_LATENCIES,
+            **common,
+        )
+        results.append(second)
+        print(second.line(), flush=True)
+        if args.long_tasks:
+            long = run(
+                stack,
+                tokens,
+                f"least-loaded, {args.long_tasks} tasks",
+                latencies=LATENCIES,
+                tasks=args.long_tasks,
+                capacity=CAPACITY,
+            )
+            results.append(long)
+            print(long.line(), flush=True)
         killed = run(
             stack,
             tokens,

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ def _latency_row(label: str, figures: dict[str, float]) -> str:
 
 FLEET_HEADER = (
     "| run | done | failed | makespan s | optimal s | makespan / optimal | tasks/s | efficiency"
-    " | queue wait p50 / p95 s | peak in-flight |\n|---|---|---|---|---|---|---|---|---|---|"
+    " | queue wait p50 / p95 s | peak in-flight | GPU calls per billed dispatcher second |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -106,7 +108,11 @@ def _ratio(value: float | None) -> str:
 
 
 def benchmarks_markdown(
-    requests: dict[str, Any], imports: dict[str, float], fleet_run: dict[str, Any], date: str
+    requests: dict[str, Any],
+    imports: dict[str, float],
+    fleet_run: dict[str, Any],
+    date: str,
+    seconds: float | None = None,
 ) -> str:
     fleet: list[dict[str, Any]] = fleet_run.get("runs", [])
     table, before_polls = _requests_table(requests)
@@ -129,7 +135,8 @@ def benchmarks_markdown(
         f"| {r['label']} | {r['done']}/{r['tasks']} | {r['failed']} | {r['makespan_s']:.1f} | "
         f"{r.get('optimal_makespan_s') or ''} | {_ratio(r.get('makespan_ratio'))} | "
         f"{r['throughput']:.2f} | {_percent(r.get('efficiency'))} | "
-        f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} | {r['max_in_flight']} |"
+        f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} | {r['max_in_flight']} | "
+        f"{_ratio(r.get('calls_per_billed_second'))} |"
         for r in fleet
     )
     memory = fleet_run.get("dispatcher_max_memory_mb")
@@ -142,9 +149,10 @@ def benchmarks_markdown(
         if fleet
         else "Not run this time (`make bench` without `BENCH_FLEET=0` runs it)."
     )
+    took = f", in {seconds / 60:.1f} min (the target is 6)" if seconds else ""
     return f"""# Benchmarks
 
-Written by `make bench` on {date}, on {machine()}. Figures from moto and the local stack
+Written by `make bench` on {date}, on {machine()}{took}. Figures from moto and the local stack
 on this machine: compare them with each other and over time, not with AWS's latencies.
 
 ## AWS requests per image task
@@ -210,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_local_aws()
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    began = time.monotonic()
     imports = bench_imports.measure(repeat=3)
     print(json.dumps({"cold_import_ms": imports}, indent=2), flush=True)
     fleet = {} if args.no_fleet else _fleet(args.fleet_tasks)
     requests = bench_requests.measure(args.tasks, args.latency_calls)
     print(json.dumps(requests, indent=2), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks.md").write_text(benchmarks_markdown(requests, imports, fleet, date))
+    (args.out / "benchmarks.md").write_text(
+        benchmarks_markdown(requests, imports, fleet, date, time.monotonic() - began)
+    )
     least_loaded = next(
         (r for r in fleet.get("runs", []) if r.get("label") == "least-loaded"), None
     )

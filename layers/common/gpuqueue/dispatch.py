@@ -284,7 +284,9 @@ class TaskDispatcher:
             while True:
                 if slot is not None and (
                     remaining_seconds() - SAFETY_MARGIN_SECONDS < self._policy.task_timeout_seconds
-                    or not self._slots.worth_keeping(slot, priority=lane)
+                    or not self._slots.worth_keeping(
+                        slot, priority=lane, holding_task=ahead.in_hand
+                    )
                 ):
                     slot.release()
                     slot = None

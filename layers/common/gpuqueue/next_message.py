@@ -70,6 +70,14 @@ class NextMessage(Generic[Slot]):
             self._timer = timer
         timer.start()
 
+    @property
+    def in_hand(self) -> bool:
+        """A message was received early and waits for the worker (after waiting out a
+        receive under way)."""
+        with self._lock:
+            self._ready.wait_for(lambda: self._state is not _State.RECEIVING)
+            return self._pulled is not None
+
     def take(self) -> Pulled | None:
         """The message for the next task: the one received early, or one received now."""
         with self._lock:

@@ -296,13 +296,17 @@ class SlotBroker:
                     waiter.announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
 
-    def worth_keeping(self, held: HeldSlot, *, priority: Priority) -> bool:
+    def worth_keeping(
+        self, held: HeldSlot, *, priority: Priority, holding_task: bool = False
+    ) -> bool:
         """Whether a worker holding `held` after a finished call should take its next task on
         it (one read of the fleet, or a read made here within the view's age) rather than
         give it back: the strategy is least-loaded (the
         others choose an endpoint per task), the endpoint is still routable, no high-priority
         task waits for a slot a normal one would take, a lane seat is not involved, and the
-        tail rule does not leave this endpoint for faster ones."""
+        tail rule does not leave this endpoint for faster ones. `holding_task`: the worker
+        has its next message in hand already (received early), one the queue's depth no
+        longer counts."""
         if not held.held or held.seat is not None:
             return False
         if self._balancer.strategy is not Strategy.LEAST_LOADED:
@@ -326,7 +330,7 @@ class SlotBroker:
             service_seconds=fleet.service_seconds(endpoint),
         )
         return self._worth_taking(
-            candidate, routable, fleet, now, self._backlog, holding_task=False
+            candidate, routable, fleet, now, self._backlog, holding_task=holding_task
         )
 
     def has_free_slot(self, kinds: Iterable[TaskKind], *, max_age_seconds: float) -> bool:
