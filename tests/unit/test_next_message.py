@@ -37,7 +37,7 @@ def test_a_message_due_before_the_call_ends_is_received_early_and_taken_once() -
     receive = Receives("t1", "t2")
     nxt = ahead(receive)
 
-    nxt.arm("slot", 0.1)  # due at once: 0.1 s call, 0.5 s lead
+    nxt.arm("slot", 1.1)  # due in 0.6 s: a 1.1 s call, 0.5 s lead
     assert receive.done.wait(5)
 
     pulled = nxt.take()
@@ -60,12 +60,14 @@ def test_a_call_that_ends_before_the_receive_is_due_receives_then() -> None:
     assert nxt.unused() is None  # the early receive was called off
 
 
-def test_an_unmeasured_slot_receives_after_its_call() -> None:
+def test_an_unmeasured_slot_or_a_short_call_receives_after_its_call() -> None:
     receive = Receives("t1")
     nxt = ahead(receive)
 
     nxt.arm("slot", None)
+    nxt.arm("slot", 1.0)  # no more than twice the lead
 
+    assert nxt.unused() is None
     assert receive.count == 0
     assert nxt.take() is not None
     assert receive.count == 1
@@ -80,7 +82,7 @@ def test_a_slot_not_worth_keeping_receives_nothing_early() -> None:
         return False
 
     nxt = ahead(receive, wanted)
-    nxt.arm("slow-slot", 0.0)
+    nxt.arm("slow-slot", 1.1)
     deadline = time.monotonic() + 5
     while not asked and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -94,7 +96,7 @@ def test_an_empty_queue_at_the_early_receive_stands_for_the_hand_off() -> None:
     receive = Receives()
     nxt = ahead(receive)
 
-    nxt.arm("slot", 0.0)
+    nxt.arm("slot", 1.1)
     assert receive.done.wait(5)
 
     assert nxt.take() is None
@@ -105,7 +107,7 @@ def test_a_failed_early_receive_is_made_again_after_the_call() -> None:
     receive = Receives("t1", fail_first=True)
     nxt = ahead(receive)
 
-    nxt.arm("slot", 0.0)
+    nxt.arm("slot", 1.1)
     assert receive.done.wait(5)
     pulled = nxt.take()
 
@@ -118,7 +120,7 @@ def test_a_message_received_early_and_not_taken_is_handed_over_once() -> None:
     receive = Receives("t1")
     nxt = ahead(receive)
 
-    nxt.arm("slot", 0.0)
+    nxt.arm("slot", 1.1)
     assert receive.done.wait(5)
 
     left = nxt.unused()
@@ -131,9 +133,9 @@ def test_one_receive_is_due_at_a_time() -> None:
     receive = Receives("t1", "t2")
     nxt = ahead(receive)
 
-    nxt.arm("slot", 0.0)
+    nxt.arm("slot", 1.1)
     assert receive.done.wait(5)
-    nxt.arm("slot", 0.0)  # a message is in hand: nothing more is received
+    nxt.arm("slot", 1.1)  # a message is in hand: nothing more is received
 
     pulled = nxt.take()
     assert pulled is not None
