@@ -131,19 +131,23 @@ class QueuePuller:
             self._taken.discard(task_id)
 
     def pull(self) -> Pulled | None:
-        received = self._queue.receive_one()
-        if received is None:
-            return None
-        body, receipt = received
-        try:
-            message = QueueMessage.model_validate_json(body)
-        except ValidationError:
-            # Left alone: it comes back until its receive count sends it to the DLQ.
-            logger.warning("unreadable message left for the dead-letter queue")
-            return None
-        if self.on_pulled is not None:
+        pulled = self.pull_many(1)
+        return pulled[0] if pulled else None
+
+    def pull_many(self, count: int) -> list[Pulled]:
+        """Up to `count` messages, in one receive."""
+        pulled: list[Pulled] = []
+        for body, receipt in self._queue.receive(count):
+            try:
+                message = QueueMessage.model_validate_json(body)
+            except ValidationError:
+                # Left alone: it comes back until its receive count sends it to the DLQ.
+                logger.warning("unreadable message left for the dead-letter queue")
+                continue
+            pulled.append(Pulled(message=message, receipt=receipt))
+        if pulled and self.on_pulled is not None:
             self.on_pulled()
-        return Pulled(message=message, receipt=receipt)
+        return pulled
 
     def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
         if isinstance(result, Outcome):
@@ -204,11 +208,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     def remaining_seconds() -> float:
         return lambda_context.get_remaining_time_in_millis() / 1000
 
-    def start_one() -> Callable[[], None] | None:
-        pulled = puller.pull()
-        if pulled is None:
-            return None
-
+    def work_on(pulled: Pulled) -> Callable[[], None]:
         def work() -> None:
             correlate_thread(logger, pulled.message.task_id)
             try:
@@ -220,10 +220,13 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
 
         return work
 
+    def start_some(count: int) -> list[Callable[[], None]]:
+        return [work_on(pulled) for pulled in puller.pull_many(count)]
+
     group = WorkerGroup(
         size=deps().calls_per_worker,
-        start_one=start_one,
-        has_room=dispatcher.has_free_slot,
+        start_some=start_some,
+        free_slots=dispatcher.free_slots,
         remaining_seconds=remaining_seconds,
         min_seconds=dispatcher.seconds_for_a_call,
     )

@@ -652,12 +652,12 @@ def test_a_recent_read_of_the_fleet_answers_whether_a_slot_is_free() -> None:
         clock=lambda: clock[0],
     )
 
-    assert slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # read: one free
+    assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=2.0) == 1  # read: one free
     clock[0] += 1.5
-    assert slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # the same read
+    assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=2.0) == 1  # the same read
     assert registry.reads == 1
     clock[0] += 1.0
-    assert not slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=2.0)  # too old: read
+    assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=2.0) == 0  # too old: read
     assert registry.reads == 2
 
 
@@ -672,5 +672,5 @@ def test_a_read_that_a_slot_was_taken_from_no_longer_stands() -> None:
         )
     )
 
-    assert not slots.has_free_slot([TaskKind.IMAGE], max_age_seconds=60.0)
+    assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=60.0) == 0
     assert registry.reads == 2

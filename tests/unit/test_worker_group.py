@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +18,11 @@ class Backlog:
     """Messages waiting; each worker's work holds a 'call' open until the test lets it end,
     then (like a worker keeping its slot) takes the next message itself."""
 
-    def __init__(self, messages: int, *, room: bool = True, keeps: bool = True) -> None:
+    def __init__(self, messages: int, *, slots: int = 100, keeps: bool = True) -> None:
         self.keeps = keeps  # a worker takes its next message itself (least-loaded keeps slots)
         self.waiting = list(range(messages))
-        self.room = room
+        self.slots = slots  # free in the fleet
+        self.asked: list[int] = []  # how many messages each look asked for
         self.looks = 0
         self.done: list[int] = []
         self.running = 0
@@ -29,8 +31,8 @@ class Backlog:
         self.release = threading.Event()
         self.group: WorkerGroup | None = None
 
-    def has_room(self) -> bool:
-        return self.room
+    def free_slots(self) -> int:
+        return self.slots
 
     def pull(self) -> int | None:
         with self._lock:
@@ -41,12 +43,14 @@ class Backlog:
             self.group.backlog_seen()  # as the handler's puller does
         return message
 
-    def start_one(self) -> Callable[[], None] | None:
+    def start_some(self, count: int) -> list[Callable[[], None]]:
         self.looks += 1
-        message = self.pull()
-        if message is None:
-            return None
-        return lambda: self.serve(message)
+        self.asked.append(count)
+        with self._lock:
+            taken, self.waiting = self.waiting[:count], self.waiting[count:]
+        if taken and self.waiting and self.group is not None:
+            self.group.backlog_seen()
+        return [functools.partial(self.serve, message) for message in taken]
 
     def serve(self, message: int | None) -> None:
         while message is not None:
@@ -63,8 +67,8 @@ class Backlog:
 def group_for(backlog: Backlog, size: int, *, remaining: float = 900.0) -> WorkerGroup:
     group = WorkerGroup(
         size=size,
-        start_one=backlog.start_one,
-        has_room=backlog.has_room,
+        start_some=backlog.start_some,
+        free_slots=backlog.free_slots,
         remaining_seconds=lambda: remaining,
         min_seconds=125.0,
     )
@@ -99,6 +103,17 @@ def test_a_backlog_fills_the_group_to_its_size_and_no_further():
     assert backlog.peak == 3
     assert sorted(backlog.done) == list(range(9))  # every message, each once
     assert group.started == 2  # the first task and two more workers
+    assert backlog.asked[0] == 2  # both in one receive
+
+
+def test_a_look_takes_no_more_messages_than_the_fleet_has_free_slots():
+    backlog = Backlog(messages=9, slots=1)
+    group = group_for(backlog, size=4)
+
+    run_first(backlog, group, let_go=lambda: backlog.looks >= 1)
+
+    assert backlog.asked[0] == 1
+    assert max(backlog.asked) == 1
 
 
 def test_workers_that_end_after_one_task_are_replaced_while_messages_wait():
@@ -129,7 +144,7 @@ def test_one_call_per_invocation_never_looks_for_more():
 
 
 def test_without_a_free_slot_in_the_fleet_no_message_is_taken():
-    backlog = Backlog(messages=4, room=False)
+    backlog = Backlog(messages=4, slots=0)
     group = group_for(backlog, size=4)
 
     run_first(backlog, group, let_go=lambda: backlog.running == 1)
@@ -185,8 +200,8 @@ def test_a_group_of_no_calls_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         WorkerGroup(
             size=0,
-            start_one=lambda: None,
-            has_room=lambda: True,
+            start_some=lambda count: [],
+            free_slots=lambda: 1,
             remaining_seconds=lambda: 900.0,
             min_seconds=1.0,
         )

@@ -175,10 +175,10 @@ class TaskDispatcher:
         """The time a worker needs left to start another task: a whole call and its writes."""
         return self._policy.task_timeout_seconds + SAFETY_MARGIN_SECONDS
 
-    def has_free_slot(self) -> bool:
-        """Whether some endpoint this dispatcher serves has a slot free (a recent read of
-        the fleet stands): worth taking another message for."""
-        return self._slots.has_free_slot(self._jobs.keys(), max_age_seconds=FLEET_VIEW_MAX_AGE)
+    def free_slots(self) -> int:
+        """How many slots the endpoints this dispatcher serves have free (a recent read of
+        the fleet stands): as many messages are worth taking at once."""
+        return self._slots.free_slot_count(self._jobs.keys(), max_age_seconds=FLEET_VIEW_MAX_AGE)
 
     def serve_pulled(
         self, pulled: Pulled, *, remaining_seconds: Callable[[], float], next_tasks: NextTasks

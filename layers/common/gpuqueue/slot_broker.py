@@ -333,17 +333,17 @@ class SlotBroker:
             candidate, routable, fleet, now, self._backlog, holding_task=holding_task
         )
 
-    def has_free_slot(self, kinds: Iterable[TaskKind], *, max_age_seconds: float) -> bool:
-        """Whether a routable endpoint of one of these kinds has a slot nobody holds: a
-        worker with room for another call looks before it takes another message, which
-        would otherwise wait and come back. A read of the fleet made here (by any worker)
-        within `max_age_seconds` stands; under load the hand-offs keep it fresh."""
+    def free_slot_count(self, kinds: Iterable[TaskKind], *, max_age_seconds: float) -> int:
+        """How many slots nobody holds on the routable endpoints of these kinds, by a read
+        of the fleet made here within `max_age_seconds`: a worker with room for another
+        call looks before it takes more messages, which would otherwise wait and come back.
+        Under load the hand-offs keep the read fresh."""
         now = self._clock()
+        count = 0
         for kind in kinds:
             fleet = self._recent_fleet(kind, max_age_seconds)
-            if any(fleet.free_slots(e, now) for e in fleet.routable(now, self._max_age)):
-                return True
-        return False
+            count += sum(len(fleet.free_slots(e, now)) for e in fleet.routable(now, self._max_age))
+        return count
 
     def _recent_fleet(self, kind: TaskKind, max_age_seconds: float) -> Fleet:
         """The fleet as read here within `max_age_seconds` (by any worker), else read now."""

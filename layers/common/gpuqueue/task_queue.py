@@ -56,14 +56,13 @@ class TaskQueue:
         )
         return response["MessageId"]
 
-    def receive_one(self) -> tuple[str, str] | None:
-        """The next visible message's body and receipt handle, without waiting for one."""
+    def receive(self, count: int) -> list[tuple[str, str]]:
+        """Up to `count` (at most 10) visible messages' bodies and receipt handles, in one
+        request, without waiting for any."""
         messages = self._sqs.receive_message(
-            QueueUrl=self._url, MaxNumberOfMessages=1, WaitTimeSeconds=0
+            QueueUrl=self._url, MaxNumberOfMessages=max(1, min(count, 10)), WaitTimeSeconds=0
         ).get("Messages", [])
-        if not messages:
-            return None
-        return messages[0]["Body"], messages[0]["ReceiptHandle"]
+        return [(m["Body"], m["ReceiptHandle"]) for m in messages]
 
     def delete(self, receipts: Sequence[str]) -> None:
         """Delete received messages, ten to a request."""

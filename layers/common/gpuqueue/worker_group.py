@@ -4,8 +4,10 @@ A dispatcher invocation is billed for its whole life, and its life is mostly wai
 GPU's answer. One invocation per call pays that wait once per call; a group pays it once
 for up to `size` calls. The invocation's first task runs as before; beside it a scout
 starts more workers, each on a message it receives itself, while the group has room, the
-fleet has a free slot and messages are waiting. Each worker keeps its slot for its next task
-(TaskDispatcher's one-step hand-off); when every worker has ended, the group ends.
+fleet has a free slot and messages are waiting: as many at once as both allow, in one
+receive, so the group's calls start together rather than one receive after another.
+Each worker keeps its slot for its next task (TaskDispatcher's one-step hand-off); when
+every worker has ended, the group ends.
 
 The scout looks when the invocation starts, whenever a worker finds a message waiting at a
 hand-off, and when a worker ends while messages were last seen waiting; never on a timer,
@@ -31,19 +33,19 @@ class WorkerGroup:
         self,
         *,
         size: int,
-        start_one: Callable[[], Callable[[], None] | None],
-        has_room: Callable[[], bool],
+        start_some: Callable[[int], list[Callable[[], None]]],
+        free_slots: Callable[[], int],
         remaining_seconds: Callable[[], float],
         min_seconds: float,
     ) -> None:
-        """`start_one()` receives a message (not waiting for one) and gives the work that
-        drives it, or None; `has_room()` tells whether the fleet has a free slot; no new work
-        starts with less than `min_seconds` left."""
+        """`start_some(n)` receives up to n messages (not waiting for one) and gives the work
+        that drives each (none: the queue was empty); `free_slots()` tells how many slots
+        the fleet has free; no new work starts with less than `min_seconds` left."""
         if size < 1:
             raise ValueError("size must be at least 1")
         self._size = size
-        self._start_one = start_one
-        self._has_room = has_room
+        self._start_some = start_some
+        self._free_slots = free_slots
         self._remaining = remaining_seconds
         self._min_seconds = min_seconds
         self._changed = threading.Condition()
@@ -96,19 +98,21 @@ class WorkerGroup:
                 if self._running == 0:
                     return
                 self._look = False
+                room = self._size - self._running
             if self._remaining() < self._min_seconds:
                 return  # too late to start another call; the workers finish theirs
             try:
-                if not self._has_room():
+                wanted = min(room, self._free_slots())
+                if wanted < 1:
                     continue  # every slot taken: a worker that ends, or a backlog, wakes it
-                work = self._start_one()
+                works = self._start_some(wanted)
             except Exception:
                 logger.exception("scout could not start a worker")
-                work = None
-            if work is None:
+                works = []
+            if not works:
                 with self._changed:
                     self._backlog = False
-            else:
+            for work in works:
                 self._start(work)
 
     def _start(self, work: Callable[[], None]) -> None:
