@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-import boto3
 from moto.iam.aws_managed_policies import aws_managed_policies_data
 
+from gpuqueue_local.operator_clients import operator_client
 from gpuqueue_local.sam_transform import function_role, transform
 
 # IAM user names are at most 64 characters.
@@ -66,6 +66,37 @@ def _transformed(template_json: str, parameters_json: str, region: str) -> dict[
     )
 
 
+# Where a parameter can only end up in a function's environment, never in its role.
+_ENVIRONMENT_ONLY = ("Environment",)
+
+
+def _parameter_names(node: Any, names: frozenset[str], found: set[str]) -> None:
+    """Collect the parameters `node` references (Ref, or ${Name} in a Sub), skipping
+    function environments."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ENVIRONMENT_ONLY:
+                continue
+            if key == "Ref" and value in names:
+                found.add(value)
+            elif key == "Fn::Sub":
+                text = value[0] if isinstance(value, list) else value
+                found.update(n for n in names if isinstance(text, str) and f"${{{n}}}" in text)
+            _parameter_names(value, names, found)
+    elif isinstance(node, list):
+        for item in node:
+            _parameter_names(item, names, found)
+
+
+def parameters_roles_can_use(template: dict[str, Any]) -> frozenset[str]:
+    """The parameters that may change what SAM's transform writes into a role: every one
+    referenced outside a function's environment (in a condition, a policy, an event...)."""
+    names = frozenset(template.get("Parameters", {}))
+    found: set[str] = set()
+    _parameter_names({k: v for k, v in template.items() if k != "Parameters"}, names, found)
+    return frozenset(found)
+
+
 def role_documents(role: dict[str, Any], resolve: Any) -> list[tuple[str, dict[str, Any]]]:
     """(name, document) for every policy of a transformed role, intrinsics resolved."""
     documents: list[tuple[str, dict[str, Any]]] = []
@@ -94,12 +125,18 @@ def provision_identities(
     parameters: dict[str, str],
     resolve: Any,
     region: str,
+    iam: Any = None,
 ) -> dict[str, FunctionIdentity]:
-    """An IAM user per function carrying its role's policies, and its access key."""
+    """An IAM user per function carrying its role's policies, and its access key. `iam`:
+    what makes the three calls (default: an IAM client on AWS_ENDPOINT_URL)."""
+    # Tests provision hundreds of stacks that differ only in values no role reads (the GPU
+    # servers' URLs, limits): those left out, the transform runs once per distinct role set.
+    used = parameters_roles_can_use(template)
+    relevant = {name: value for name, value in parameters.items() if name in used}
     transformed = _transformed(
-        json.dumps(template, sort_keys=True), json.dumps(parameters, sort_keys=True), region
+        json.dumps(template, sort_keys=True), json.dumps(relevant, sort_keys=True), region
     )
-    iam = boto3.client("iam", region_name=region)
+    iam = iam or operator_client("iam", region)
     identities = {}
     for logical_id, resource in sorted(template.get("Resources", {}).items()):
         if resource.get("Type") != "AWS::Serverless::Function":

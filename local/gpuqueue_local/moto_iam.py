@@ -444,6 +444,44 @@ def seed_admin(
         key.secret_access_key = secret_access_key
 
 
+class InProcessIam:
+    """The three IAM calls a stack's identities need (`function_identities`), made on moto's
+    IAM backend in this process: the same users, policies and keys as over HTTP, without a
+    request each (a stack has ~50; tests provision hundreds of stacks on an in-process
+    server). Same arguments and answers as boto3's IAM client."""
+
+    def __init__(self, region: str = "us-east-1") -> None:
+        self._region = region
+
+    @property
+    def _backend(self) -> Any:
+        return iam_backends[ACCOUNT_ID][PARTITION]
+
+    def create_user(self, *, UserName: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        user = self._backend.create_user(region_name=self._region, user_name=UserName)
+        return {"User": {"UserName": user.name, "Arn": user.arn}}
+
+    def put_user_policy(
+        self,
+        *,
+        UserName: str,  # noqa: N803
+        PolicyName: str,  # noqa: N803
+        PolicyDocument: str,  # noqa: N803
+    ) -> dict[str, Any]:
+        self._backend.put_user_policy(UserName, PolicyName, PolicyDocument)
+        return {}
+
+    def create_access_key(self, *, UserName: str) -> dict[str, Any]:  # noqa: N803
+        key = self._backend.create_access_key(UserName)
+        return {
+            "AccessKey": {
+                "UserName": UserName,
+                "AccessKeyId": key.access_key_id,
+                "SecretAccessKey": key.secret_access_key,
+            }
+        }
+
+
 def _patch_reset() -> None:
     original = MotoAPIBackend.reset
     if getattr(original, _MARK, False):

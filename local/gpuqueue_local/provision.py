@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
-
 from gpuqueue_local.function_identities import FunctionIdentity, provision_identities
+from gpuqueue_local.operator_clients import operator_client
 from gpuqueue_local.template import (
     Resolver,
     UnresolvedReference,
@@ -86,7 +85,7 @@ def _placeholder_ref(stack: str, logical_id: str, resource: Mapping[str, Any]) -
 def _create_table(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    ddb = boto3.client("dynamodb", region_name=region)
+    ddb = operator_client("dynamodb", region)
     name = props.get("TableName") or physical_name(stack, logical_id)
     kwargs: dict[str, Any] = {
         "TableName": name,
@@ -120,7 +119,7 @@ _QUEUE_ATTRIBUTES = (
 def _create_queue(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    sqs = boto3.client("sqs", region_name=region)
+    sqs = operator_client("sqs", region)
     fifo = bool(props.get("FifoQueue"))
     name = props.get("QueueName") or physical_name(stack, logical_id) + (".fifo" if fifo else "")
     attributes: dict[str, Any] = {k: str(props[k]) for k in _QUEUE_ATTRIBUTES if k in props}
@@ -134,7 +133,7 @@ def _create_queue(
                 "maxReceiveCount": int(redrive["maxReceiveCount"]),
             }
         )
-    created = sqs.create_queue(QueueName=name, Attributes=attributes)  # type: ignore[arg-type]
+    created = sqs.create_queue(QueueName=name, Attributes=attributes)
     url = created["QueueUrl"]
     arn = f"arn:aws:sqs:{region}:{ACCOUNT_ID}:{name}"
     return {"Ref": url, "Arn": arn, "QueueName": name, "QueueUrl": url}
@@ -155,12 +154,12 @@ def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
 def _create_bucket(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    s3 = boto3.client("s3", region_name=region)
+    s3 = operator_client("s3", region)
     name = props.get("BucketName") or physical_name(stack, logical_id).lower()
     if region == "us-east-1":
         s3.create_bucket(Bucket=name)
     else:
-        s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+        s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
     if "PublicAccessBlockConfiguration" in props:
         s3.put_public_access_block(
             Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
@@ -182,7 +181,7 @@ def _create_bucket(
     if rules:
         s3.put_bucket_lifecycle_configuration(
             Bucket=name,
-            LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]},  # type: ignore[misc]
+            LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]},
         )
     return {"Ref": name, "Arn": f"arn:aws:s3:::{name}"}
 
@@ -190,7 +189,7 @@ def _create_bucket(
 def _create_user_pool(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    cognito = boto3.client("cognito-idp", region_name=region)
+    cognito = operator_client("cognito-idp", region)
     kwargs: dict[str, Any] = {
         "PoolName": props.get("UserPoolName", physical_name(stack, logical_id))
     }
@@ -204,7 +203,7 @@ def _create_user_pool(
 def _create_user_pool_client(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    cognito = boto3.client("cognito-idp", region_name=region)
+    cognito = operator_client("cognito-idp", region)
     kwargs: dict[str, Any] = {
         "UserPoolId": props["UserPoolId"],
         "ClientName": props.get("ClientName", physical_name(stack, logical_id)),
@@ -227,7 +226,7 @@ def _create_user_pool_client(
 def _create_user_pool_group(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
-    cognito = boto3.client("cognito-idp", region_name=region)
+    cognito = operator_client("cognito-idp", region)
     kwargs: dict[str, Any] = {
         "UserPoolId": props["UserPoolId"],
         "GroupName": props.get("GroupName", physical_name(stack, logical_id)),
@@ -244,7 +243,7 @@ def _create_secret(
     stack: str, logical_id: str, props: dict[str, Any], region: str
 ) -> dict[str, str]:
     """A Secrets Manager secret; GenerateSecretString's length and punctuation rule apply."""
-    client = boto3.client("secretsmanager", region_name=region)
+    secretsmanager = operator_client("secretsmanager", region)
     generate = props.get("GenerateSecretString") or {}
     alphabet = string.ascii_letters + string.digits
     if not generate.get("ExcludePunctuation"):
@@ -252,7 +251,7 @@ def _create_secret(
     value = props.get("SecretString") or "".join(
         secrets.choice(alphabet) for _ in range(int(generate.get("PasswordLength", 32)))
     )
-    created = client.create_secret(
+    created = secretsmanager.create_secret(
         Name=props.get("Name", physical_name(stack, logical_id)),
         Description=props.get("Description", ""),
         SecretString=value,
@@ -281,9 +280,11 @@ def provision(
     parameters: Mapping[str, str] | None = None,
     template: dict[str, Any] | None = None,
     identities: bool = True,
+    iam: Any = None,
 ) -> LocalStack:
     """Create every supported resource of the template, in dependency order, and (with
-    `identities`) an IAM user per function holding its role's policies."""
+    `identities`) an IAM user per function holding its role's policies (made through `iam`,
+    by default an IAM client)."""
     template = template or load_template()
     resolver = Resolver.for_template(
         template,
@@ -328,6 +329,6 @@ def provision(
             raise UnresolvedReference(f"cannot order resources: {sorted(pending)}")
     if identities:
         stack.identities = provision_identities(
-            stack_name, template, resolver.parameters, resolver.resolve, region
+            stack_name, template, resolver.parameters, resolver.resolve, region, iam
         )
     return stack

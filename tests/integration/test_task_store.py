@@ -64,7 +64,7 @@ def _row(table: Any, task_id: str) -> dict[str, Any]:
     return dict(table.get_item(Key={"task_id": task_id}, ConsistentRead=True)["Item"])
 
 
-def _awaiting_upload(store: TaskStore, *, window: int = 600) -> Task:
+def _awaiting_upload(store: TaskStore, *, window: int = 600, created: float | None = None) -> Task:
     return store.create_speech_task(
         OWNER,
         SpeechInput(audio_key="audio/x", filename="x.wav", content_type="audio/wav", size_bytes=4),
@@ -72,6 +72,7 @@ def _awaiting_upload(store: TaskStore, *, window: int = 600) -> Task:
         task_id=new_task_id(),
         queue_ttl_seconds=120,
         upload_window_seconds=window,
+        now=None if created is None else datetime.fromtimestamp(created, UTC),
     )
 
 
@@ -440,8 +441,9 @@ def test_inactive_among_names_ended_gone_and_lapsed_upload_tasks(
     assert store.fail_unclaimed(done, "x")
     crashed_submit = new_task_id(now - UNWRITTEN_GRACE_SECONDS - 1)
     being_written = new_task_id(now - UNWRITTEN_GRACE_SECONDS + 5)
-    upload_open = _awaiting_upload(store, window=600).task_id
-    upload_lapsed = _awaiting_upload(store, window=1).task_id
+    # Windows measured from the test's clock, not from when the writes happen to run.
+    upload_open = _awaiting_upload(store, window=600, created=now).task_id
+    upload_lapsed = _awaiting_upload(store, window=1, created=now).task_id
 
     asked = [running, waiting, done.task_id, crashed_submit, being_written, upload_open]
     asked += [upload_lapsed, done.task_id]  # a repeated id is read once
