@@ -106,6 +106,16 @@ def moto_url() -> Iterator[str]:
     server.stop()
 
 
+@functools.cache
+def _operator_dynamodb(moto_url: str) -> Any:
+    # One per process: a new Session loads the service models again (~0.3 s a test).
+    return boto3.Session(
+        aws_access_key_id=moto_iam.ADMIN_ACCESS_KEY_ID,
+        aws_secret_access_key=moto_iam.ADMIN_SECRET_ACCESS_KEY,
+        region_name="us-east-1",
+    ).resource("dynamodb", endpoint_url=moto_url)
+
+
 @pytest.fixture
 def template_table(
     moto_url: str, monkeypatch: pytest.MonkeyPatch
@@ -117,16 +127,12 @@ def template_table(
     # The operator's own session (never the process's default one, whose keys another test
     # may have changed) and its key re-seeded: these tests are about the table, not IAM.
     moto_iam.seed_admin()
-    operator = boto3.Session(
-        aws_access_key_id=moto_iam.ADMIN_ACCESS_KEY_ID,
-        aws_secret_access_key=moto_iam.ADMIN_SECRET_ACCESS_KEY,
-        region_name="us-east-1",
-    )
+    dynamodb = _operator_dynamodb(moto_url)
 
     def make(logical_id: str) -> Any:
         props = load_template()["Resources"][logical_id]["Properties"]
         indexes = {k: v for k, v in props.items() if k == "GlobalSecondaryIndexes"}
-        table = operator.resource("dynamodb", endpoint_url=moto_url).create_table(
+        table = dynamodb.create_table(
             TableName=f"{logical_id}-{uuid.uuid4().hex[:8]}",
             AttributeDefinitions=props["AttributeDefinitions"],
             KeySchema=props["KeySchema"],

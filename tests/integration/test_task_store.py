@@ -535,14 +535,16 @@ def test_inactive_among_counts_what_stays_unread_as_active(
 def test_inactive_among_reads_every_id_of_a_batch_beyond_the_first(
     store: TaskStore, queued: Callable[..., Task], table: Any
 ) -> None:
-    ended = [queued() for _ in range(BATCH_GET_LIMIT + 2)]
-    for task in ended:
-        assert store.fail_unclaimed(task, "x")
+    ended = queued()
+    assert store.fail_unclaimed(ended, "x")
+    # Submits that crashed before writing, long ago: inactive, and no row to write for each.
+    gone = [new_task_id(time.time() - UNWRITTEN_GRACE_SECONDS - 1) for _ in range(BATCH_GET_LIMIT)]
+    live = queued().task_id  # in the second batch: read, and still active
     counting = ThrottledReads(table, rounds=0)
 
-    inactive = TaskStore(counting).inactive_among([t.task_id for t in ended])
+    inactive = TaskStore(counting).inactive_among([*gone, ended.task_id, live])
 
-    assert inactive == {t.task_id for t in ended}
+    assert inactive == {*gone, ended.task_id}
     assert counting.calls == [BATCH_GET_LIMIT, 2]
 
 

@@ -197,7 +197,7 @@ def _wait_until(condition: Callable[[], bool]) -> None:
 
 
 def test_a_group_of_no_calls_is_refused():
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="^size must be at least 1$"):
         WorkerGroup(
             size=0,
             start_some=lambda count: [],
@@ -205,3 +205,142 @@ def test_a_group_of_no_calls_is_refused():
             remaining_seconds=lambda: 900.0,
             min_seconds=1.0,
         )
+
+
+class Scripted:
+    """A fleet and a queue the test scripts: `free_slots` answers from `free` (its last
+    answer repeated), each look starts up to `per_look` works, and each work runs until the
+    test ends it."""
+
+    def __init__(self, *, free: list[int], per_look: int = 1) -> None:
+        self.free = list(free)
+        self.per_look = per_look
+        self.fleet_reads = 0
+        self.looks = 0
+        self.ends: list[threading.Event] = []
+        self.changed = threading.Condition()
+
+    def free_slots(self) -> int:
+        with self.changed:
+            self.fleet_reads += 1
+            answer = self.free.pop(0) if len(self.free) > 1 else self.free[0]
+            self.changed.notify_all()
+            return answer
+
+    def start_some(self, count: int) -> list[Callable[[], None]]:
+        with self.changed:
+            self.looks += 1
+            events = [threading.Event() for _ in range(min(count, self.per_look))]
+            self.ends.extend(events)
+            self.changed.notify_all()
+        return [functools.partial(self._work, end) for end in events]
+
+    @staticmethod
+    def _work(end: threading.Event) -> None:
+        assert end.wait(DEADLINE)
+
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        with self.changed:
+            assert self.changed.wait_for(condition, DEADLINE)
+
+    def end_all(self) -> None:
+        for end in list(self.ends):
+            end.set()
+
+    def group(self, size: int, *, remaining: float = 900.0) -> WorkerGroup:
+        return WorkerGroup(
+            size=size,
+            start_some=self.start_some,
+            free_slots=self.free_slots,
+            remaining_seconds=lambda: remaining,
+            min_seconds=125.0,
+        )
+
+
+def test_a_group_of_two_runs_a_second_call():
+    script = Scripted(free=[1, 0])
+
+    with script.group(size=2):
+        script.wait_for(lambda: script.looks == 1)
+        script.end_all()
+
+    assert len(script.ends) == 1
+
+
+def test_starting_a_worker_looks_again_at_once_while_the_group_has_room():
+    script = Scripted(free=[1, 1, 0])
+
+    with script.group(size=3):
+        script.wait_for(lambda: script.looks == 2)  # no worker has ended, no backlog seen
+        script.end_all()
+
+    assert len(script.ends) == 2
+
+
+def test_a_worker_ending_after_a_look_that_found_work_makes_the_scout_look_again():
+    # Look 1 starts a worker; look 2 finds every slot taken. When the worker ends, messages
+    # were last seen waiting, so its place is looked at again (look 3 starts another).
+    script = Scripted(free=[1, 0, 1, 0])
+
+    with script.group(size=3):
+        script.wait_for(lambda: script.fleet_reads == 2)
+        script.ends[0].set()
+        script.wait_for(lambda: script.looks == 2)
+        script.end_all()
+
+    assert len(script.ends) == 2
+
+
+def test_a_backlog_seen_while_every_slot_was_taken_wakes_the_scout():
+    script = Scripted(free=[0, 1, 0])
+
+    with script.group(size=3) as group:
+        script.wait_for(lambda: script.fleet_reads == 1)  # no free slot: nothing taken
+        assert script.looks == 0
+        group.backlog_seen()  # a worker found a message waiting at its hand-off
+        script.wait_for(lambda: script.looks == 1)
+        script.end_all()
+
+    assert len(script.ends) == 1
+
+
+def test_a_full_group_does_not_read_the_fleet_again():
+    script = Scripted(free=[1, 0])
+
+    with script.group(size=2):
+        script.wait_for(lambda: script.looks == 1)  # the group is full now
+        # Nothing is due to happen: a read within the next moments would be a wasted query.
+        with script.changed:
+            read_again = script.changed.wait_for(lambda: script.fleet_reads > 1, 0.3)
+        script.end_all()
+
+    assert not read_again
+
+
+def test_a_call_that_fits_the_time_left_exactly_is_started():
+    script = Scripted(free=[1, 0])
+
+    with script.group(size=2, remaining=125.0):  # min_seconds is 125
+        script.wait_for(lambda: script.looks == 1)
+        script.end_all()
+
+    assert len(script.ends) == 1
+
+
+def test_a_look_that_fails_starts_nothing_and_the_invocation_goes_on():
+    def failing(count: int) -> list[Callable[[], None]]:
+        raise RuntimeError("ReceiveMessage failed")
+
+    reads: list[int] = []
+    group = WorkerGroup(
+        size=3,
+        start_some=failing,
+        free_slots=lambda: reads.append(1) or 2,
+        remaining_seconds=lambda: 900.0,
+        min_seconds=125.0,
+    )
+
+    with group:
+        _wait_until(lambda: len(reads) == 1)
+
+    assert group.started == 0

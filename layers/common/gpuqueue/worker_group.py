@@ -58,7 +58,9 @@ class WorkerGroup:
 
     def __enter__(self) -> WorkerGroup:
         if self._size > 1:
+            # pragma: no mutate start (names are for stack dumps; every thread is joined)
             self._scout = threading.Thread(target=self._scout_loop, name="scout", daemon=True)
+            # pragma: no mutate end
             self._scout.start()
         return self
 
@@ -129,6 +131,8 @@ class WorkerGroup:
             finally:
                 self._ended()
 
+        # pragma: no mutate start (names are for stack dumps; every thread is joined)
         worker = threading.Thread(target=run, name=f"worker-{self.started}", daemon=True)
+        # pragma: no mutate end
         self._workers.append(worker)
         worker.start()
