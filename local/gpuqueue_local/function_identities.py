@@ -125,6 +125,7 @@ def provision_identities(
     parameters: dict[str, str],
     resolve: Any,
     region: str,
+    *,
     iam: Any = None,
 ) -> dict[str, FunctionIdentity]:
     """An IAM user per function carrying its role's policies, and its access key. `iam`:

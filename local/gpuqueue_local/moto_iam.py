@@ -457,21 +457,21 @@ class InProcessIam:
     def _backend(self) -> Any:
         return iam_backends[ACCOUNT_ID][PARTITION]
 
-    def create_user(self, *, UserName: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+    def create_user(self, *, UserName: str) -> dict[str, Any]:
         user = self._backend.create_user(region_name=self._region, user_name=UserName)
         return {"User": {"UserName": user.name, "Arn": user.arn}}
 
     def put_user_policy(
         self,
         *,
-        UserName: str,  # noqa: N803
-        PolicyName: str,  # noqa: N803
-        PolicyDocument: str,  # noqa: N803
+        UserName: str,
+        PolicyName: str,
+        PolicyDocument: str,
     ) -> dict[str, Any]:
         self._backend.put_user_policy(UserName, PolicyName, PolicyDocument)
         return {}
 
-    def create_access_key(self, *, UserName: str) -> dict[str, Any]:  # noqa: N803
+    def create_access_key(self, *, UserName: str) -> dict[str, Any]:
         key = self._backend.create_access_key(UserName)
         return {
             "AccessKey": {

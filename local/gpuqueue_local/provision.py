@@ -329,6 +329,6 @@ def provision(
             raise UnresolvedReference(f"cannot order resources: {sorted(pending)}")
     if identities:
         stack.identities = provision_identities(
-            stack_name, template, resolver.parameters, resolver.resolve, region, iam
+            stack_name, template, resolver.parameters, resolver.resolve, region, iam=iam
         )
     return stack

@@ -197,7 +197,7 @@ def _wait_until(condition: Callable[[], bool]) -> None:
 
 
 def test_a_group_of_no_calls_is_refused():
-    with pytest.raises(ValueError, match="^size must be at least 1$"):
+    with pytest.raises(ValueError, match=r"^size must be at least 1$"):
         WorkerGroup(
             size=0,
             start_some=lambda count: [],
