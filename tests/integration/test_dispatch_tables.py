@@ -726,6 +726,59 @@ def test_a_message_received_early_goes_back_at_once_when_no_call_fits_after_all(
     assert in_flight(registry, "gpu-a") == 0
 
 
+def _lose_the_lease_during(job: ScriptedJob, registry: EndpointRegistry, task: Task) -> None:
+    """The worker stalls past its slot's lease during `task`'s call: the slot is no longer its
+    own when the call ends."""
+    run_first = job.run
+
+    def run(endpoint: Endpoint, ran: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+        output = run_first(endpoint, ran, job_input, timeout_seconds=timeout_seconds)
+        if ran.task_id == task.task_id:
+            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
+            registry.release_slot(lease)
+        return output
+
+    job.run = run  # type: ignore[method-assign]
+
+
+def test_after_a_lost_lease_the_fresh_slot_is_kept_for_the_next_task_and_inputs_released(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    job = ScriptedJob(b"1", b"2", b"3", registry=registry)
+    _lose_the_lease_during(job, registry, first)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    # The second ran as its next attempt on a slot leased afresh, which the worker kept
+    # for the third (no third attempt, no other worker needed).
+    assert [c[1] for c in job.calls] == [1, 2, 1]
+    assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
+    assert job.released == job.prepared == 3  # every prepared input let go
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_an_unusable_task_claimed_as_the_slots_lease_is_lost_fails_saying_why(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second = submitted(store), submitted(store, prompt="unusable")
+    queue = Queue(store, second)
+    job = ScriptedJob(b"1", registry=registry)
+    _lose_the_lease_during(job, registry, first)
+
+    serve(dispatcher(store, registry, job), first, queue)
+
+    failed = store.get(second.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "the input is gone"
+    assert len(job.calls) == 1  # it never reached a GPU
+    assert in_flight(registry, "gpu-a") == 0
+
+
 def test_a_task_claimed_as_its_slots_lease_is_lost_takes_a_slot_afresh(
     store: TaskStore, registry: EndpointRegistry
 ) -> None:

@@ -394,6 +394,35 @@ def test_cancel_of_a_running_task_is_a_conflict_naming_its_state(
     assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
 
 
+class RivalBeforeWrite:
+    """A tasks table on which `rival` runs once, just before the store's next write."""
+
+    def __init__(self, table: Any, rival: Callable[[], object]) -> None:
+        self._table = table
+        self._rival: Callable[[], object] | None = rival
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        rival, self._rival = self._rival, None
+        if rival is not None:
+            rival()
+        return self._table.update_item(**kwargs)
+
+
+def test_a_cancel_that_loses_to_a_claim_names_the_state_it_lost_to(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()  # read as QUEUED by the cancel, then claimed before its write
+    racing = TaskStore(RivalBeforeWrite(table, lambda: _claimed(store, task)))
+
+    with pytest.raises(TaskStateConflict) as raised:
+        racing.cancel(task.task_id, OWNER)
+
+    assert raised.value.message.startswith(f"task {task.task_id} is RUNNING;")
+
+
 # --- uploads ----------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from gpuqueue.balancer import Balancer, Strategy
 from gpuqueue.endpoint_registry import Fleet
 from gpuqueue.models import CircuitState, Endpoint, EndpointState, Priority, SlotLease, TaskKind
 from gpuqueue.slot_broker import (
+    BACKLOG_TTL_SECONDS,
     MAX_POLL_SECONDS,
     WAITER_ROW_SECONDS,
     HeldSlot,
@@ -19,6 +20,8 @@ from gpuqueue.slot_broker import (
     NoRoutableEndpoint,
     SlotBroker,
     SlotRequest,
+    _Backlog,
+    _PriorityWait,
 )
 
 NOW = 1_800_000_000.0
@@ -226,6 +229,7 @@ class SeatRegistry(RecordingRegistry):
     def __init__(self, fleets: list[Fleet], *, slot_taken: bool = True) -> None:
         super().__init__(fleets)
         self.seats_taken: list[int] = []
+        self.seat_asked_at: list[float] = []
         self.released: list[str] = []
         self._slot_taken = slot_taken
 
@@ -234,6 +238,7 @@ class SeatRegistry(RecordingRegistry):
 
     def take_priority_seat(self, kind: TaskKind, seat: int, **kwargs: Any) -> SlotLease:
         self.seats_taken.append(seat)
+        self.seat_asked_at.append(kwargs["now"])
         return SlotLease(
             endpoint_id=f"{kind.value}#priority-lane",
             slot=seat,
@@ -674,3 +679,133 @@ def test_a_read_that_a_slot_was_taken_from_no_longer_stands() -> None:
 
     assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=60.0) == 0
     assert registry.reads == 2
+
+
+def test_a_seat_is_leased_as_of_the_brokers_clock() -> None:
+    registry = SeatRegistry([Fleet(endpoints=[endpoint(capacity=2)])])
+
+    lane_broker(registry, clock=[NOW + 7]).acquire(high())
+
+    assert registry.seat_asked_at == [NOW + 7]
+
+
+def test_a_waiter_never_sleeps_past_the_moment_it_gives_up() -> None:
+    # The busy call is due in 2 s, but the request gives up in 0.3 s: it sleeps 0.3 s, reads
+    # once more, and gives up; not a whole poll (1 s) past its deadline.
+    sleeps: list[float] = []
+    clock = [NOW]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    slots = SlotBroker(
+        FakeRegistry([busy_since(NOW - 2.0)] * 5),  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        poll_seconds=0.1,
+        clock=lambda: clock[0],
+        sleep=sleep,
+    )
+
+    with pytest.raises(NoFreeSlot):
+        slots.acquire(request(wait=0.3))
+
+    assert sleeps == [pytest.approx(0.3)]
+
+
+class KindRegistry(FakeRegistry):
+    """A fleet per kind (a kind it does not have is a KeyError)."""
+
+    def __init__(self, fleets: dict[TaskKind, Fleet]) -> None:
+        super().__init__([])
+        self.fleets = fleets
+
+    def fleet(self, kind: TaskKind) -> Fleet:
+        return self.fleets[kind]
+
+
+def test_free_slots_are_counted_over_every_kind_asked() -> None:
+    speech = endpoint(capacity=1).model_copy(update={"endpoint_id": "stt", "kind": TaskKind.SPEECH})
+    registry = KindRegistry(
+        {
+            TaskKind.IMAGE: Fleet(endpoints=[endpoint(capacity=2)]),
+            TaskKind.SPEECH: Fleet(endpoints=[speech]),
+        }
+    )
+    slots = SlotBroker(registry, health_max_age_seconds=90, clock=lambda: NOW)  # type: ignore[arg-type]
+
+    assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=0) == 2
+    assert slots.free_slot_count([TaskKind.IMAGE, TaskKind.SPEECH], max_age_seconds=0) == 3
+
+
+# --- the waiter row and the backlog count, on their own --------------------------------
+
+
+class WaiterRows:
+    def __init__(self) -> None:
+        self.written: list[tuple[TaskKind, str, float]] = []
+        self.removed: list[tuple[TaskKind, str]] = []
+
+    def wait_with_priority(self, kind: TaskKind, task_id: str, *, until: float) -> None:
+        self.written.append((kind, task_id, until))
+
+    def stop_waiting(self, kind: TaskKind, task_id: str) -> None:
+        self.removed.append((kind, task_id))
+
+
+def test_a_waiter_row_is_written_once_then_renewed_only_in_the_second_half_of_its_life() -> None:
+    rows = WaiterRows()
+    wait = _PriorityWait(rows, high())  # type: ignore[arg-type]
+    half = WAITER_ROW_SECONDS / 2
+
+    wait.announce(NOW)
+    wait.announce(NOW + 0.1)  # early in its life: nothing written
+    wait.announce(NOW + half)  # exactly half its life left: still nothing
+    wait.announce(NOW + half + 0.25)  # less than half left: renewed
+    wait.withdraw()
+    wait.withdraw()  # once only
+
+    assert rows.written == [
+        (TaskKind.IMAGE, "vip", NOW + WAITER_ROW_SECONDS),
+        (TaskKind.IMAGE, "vip", NOW + half + 0.25 + WAITER_ROW_SECONDS),
+    ]
+    assert rows.removed == [(TaskKind.IMAGE, "vip")]
+
+
+def test_a_wait_never_announced_withdraws_nothing() -> None:
+    rows = WaiterRows()
+
+    _PriorityWait(rows, high()).withdraw()  # type: ignore[arg-type]
+
+    assert rows.removed == []
+
+
+def test_the_backlog_is_read_at_most_once_per_ttl_unless_asked_fresh() -> None:
+    reads: list[float] = []
+    clock = [NOW]
+    depth = [7]
+
+    def source() -> int:
+        reads.append(clock[0])
+        return depth[0]
+
+    backlog = _Backlog(source, lambda: clock[0])
+
+    assert backlog.count() == 7
+    depth[0] = 3
+    clock[0] = NOW + BACKLOG_TTL_SECONDS - 0.5  # (times exact in binary: the bound is exact)
+    assert backlog.count() == 7  # still within its TTL: the count read then
+    assert backlog.count(fresh=True) == 3  # asked fresh: read now
+    clock[0] = NOW + BACKLOG_TTL_SECONDS - 0.5 + BACKLOG_TTL_SECONDS  # exactly a TTL later
+    depth[0] = 1
+    assert backlog.count() == 1
+
+    assert len(reads) == 3
+
+
+def test_without_a_depth_source_the_backlog_is_unknown_and_zero() -> None:
+    backlog = _Backlog(None, lambda: NOW)
+
+    assert backlog.known is False
+    assert backlog.count() == 0
+    assert backlog.count(fresh=True) == 0
