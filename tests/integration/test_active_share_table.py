@@ -62,8 +62,7 @@ def test_k_tasks_are_taken_and_the_next_is_refused_naming_the_limit(table: Any) 
     assert refused.value.field == "active_tasks"
     assert refused.value.headers == {"X-ActiveTasks-Limit": "2"}
     assert refused.value.message == (
-        "at most 2 active (queued or running) tasks per user; wait for one to finish or "
-        "cancel one"
+        "at most 2 active (queued or running) tasks per user; wait for one to finish or cancel one"
     )
     assert share.active("alice") == {"t1", "t2"}
 
