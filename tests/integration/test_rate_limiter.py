@@ -21,6 +21,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from gpuqueue import rate_limiter
 from gpuqueue.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
 
 if TYPE_CHECKING:
@@ -388,3 +389,97 @@ def test_a_new_users_parallel_submits_all_pass_on_a_real_clock(
     # older than the `now` that started the bucket (threads read the clock, then race).
     assert min(d.remaining for d, _ in results) >= 178
     assert all(r["write"] == 1 and r["failed_write"] <= 1 and not r["read"] for _, r in results)
+
+
+def _in_turn(counting: Counting, *rivals: Callable[[], object]) -> None:
+    """Each of `rivals` runs just before one of the next writes, in turn."""
+    pending = list(rivals)
+
+    def next_rival() -> None:
+        rival = pending.pop(0)
+        if pending:
+            counting.before_write = next_rival
+        rival()
+
+    counting.before_write = next_rival
+
+
+def test_the_limiter_tells_its_rate_and_burst(make_table: Callable[[], Table]) -> None:
+    limiter = RateLimiter(make_table(), rate_per_second=2.5, burst=7, clock=FakeClock())
+
+    assert (limiter.rate_per_second, limiter.burst) == (2.5, 7)
+
+
+def test_three_lost_writes_ending_on_a_deleted_row_fail_closed_and_drop_the_hint(
+    make_table: Callable[[], Table],
+) -> None:
+    counting = Counting(make_table())
+    clock = FakeClock()
+    limiter = _limiter(counting, clock)
+    assert limiter.take("alice").allowed  # the hint: busy at now + 1
+    delete = lambda: counting.table.delete_item(Key={"pk": "rate#alice"})  # noqa: E731
+    rival = lambda: _limiter(counting.table, clock).take("alice")  # noqa: E731
+    # Busy write: row gone. Idle write: a rival's row. Busy write: row gone again.
+    _in_turn(counting, delete, rival, delete)
+
+    decision = limiter.take("alice")
+
+    # Fail closed, as if idle: no token spent, the minimum Retry-After.
+    assert decision == RateDecision(
+        allowed=False, limit=5, remaining=5, retry_after_seconds=1, reset_seconds=0
+    )
+    # The last write found no row: the hint is dropped, so the next take writes idle at once.
+    counting.reset()
+    assert limiter.take("alice").allowed
+    assert counting.totals()["failed_write"] == 0
+
+
+def test_three_lost_writes_ending_on_a_rivals_row_fail_closed_as_of_that_row(
+    make_table: Callable[[], Table],
+) -> None:
+    counting = Counting(make_table())
+    clock = FakeClock()
+    limiter = _limiter(counting, clock)
+    delete = lambda: counting.table.delete_item(Key={"pk": "rate#alice"})  # noqa: E731
+    rival = lambda: _limiter(counting.table, clock).take("alice")  # noqa: E731
+    # Idle write: a rival's row (tat now + 1). Busy write: row gone. Idle: a rival's row again.
+    _in_turn(counting, rival, delete, rival)
+
+    decision = limiter.take("alice")
+
+    assert decision == RateDecision(
+        allowed=False, limit=5, remaining=4, retry_after_seconds=1, reset_seconds=1
+    )
+
+
+def test_a_lost_write_on_a_row_with_no_tat_reads_as_no_row(make_table: Callable[[], Table]) -> None:
+    counting = Counting(make_table())
+    limiter = _limiter(counting, FakeClock())
+    assert limiter.take("alice").allowed  # the hint: busy
+    # The row is replaced by one without a tat (the old token bucket's): the busy write fails.
+    counting.before_write = lambda: counting.table.put_item(
+        Item={"pk": "rate#alice", "tokens": Decimal(3)}
+    )
+
+    decision = limiter.take("alice")
+
+    assert (decision.allowed, decision.remaining) == (True, 4)
+
+
+def test_the_hints_kept_are_bounded_and_never_go_back_in_time(
+    make_table: Callable[[], Table], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rate_limiter, "HINTS_KEPT", 3)
+    limiter = _limiter(make_table(), FakeClock())
+    for user in ("a", "b", "c"):
+        limiter.take(user)
+    limiter.take("a")  # a known user when full: nothing dropped
+    assert set(limiter._hints) == {"rate#a", "rate#b", "rate#c"}
+
+    limiter.take("d")  # a new one when full: the hints start afresh
+
+    assert set(limiter._hints) == {"rate#d"}
+    # Of two sightings of a tat, the later (higher) one stays, whatever order they come in.
+    limiter._remember("rate#d", Decimal(NOW + 50))
+    limiter._remember("rate#d", Decimal(NOW + 20))
+    assert limiter._hints["rate#d"] == Decimal(NOW + 50)

@@ -295,3 +295,34 @@ def test_a_run_asks_the_index_only_for_what_is_due_so_it_reads_nothing_else(
     assert reaper(store, lanes, at=at).run().total == 0
 
     assert store.reads == []  # not read: the index query left them out
+
+
+class FirstReadGone:
+    """The store, except that the first task it is asked for is gone (its row deleted by TTL
+    between the index read and the read of the row)."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self._store = store
+        self.gone: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def get(self, task_id: str) -> Task | None:
+        if self.gone is None:
+            self.gone = task_id
+            return None
+        return self._store.get(task_id)
+
+
+def test_a_due_task_whose_row_is_gone_is_skipped_and_the_others_are_still_handled(
+    store: TaskStore, lanes: dict[Priority, Lane]
+) -> None:
+    tasks = [queued(store), queued(store)]
+    latest = max(store.get(t.task_id).reap_at for t in tasks)  # type: ignore[union-attr,type-var]
+    gone = FirstReadGone(store)
+
+    report = reaper(gone, lanes, at=latest + REQUEUE_AFTER + 1).run()  # type: ignore[arg-type]
+
+    assert gone.gone in {t.task_id for t in tasks}
+    assert report.resent == [t.task_id for t in tasks if t.task_id != gone.gone]

@@ -809,3 +809,49 @@ def test_without_a_depth_source_the_backlog_is_unknown_and_zero() -> None:
     assert backlog.known is False
     assert backlog.count() == 0
     assert backlog.count(fresh=True) == 0
+
+
+class RenewingRegistry:
+    """Renews a slot lease (or has lost it), recording what each renewal carried."""
+
+    def __init__(self, *, lost: bool = False) -> None:
+        self.lost = lost
+        self.renewals: list[tuple[str, float | None]] = []
+        self.released: list[str] = []
+
+    def renew_slot(self, lease: SlotLease, *, task_id: str, call_seconds: float | None, **_: Any):  # type: ignore[no-untyped-def]
+        self.renewals.append((task_id, call_seconds))
+        return None if self.lost else lease.model_copy(update={"task_id": task_id})
+
+    def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
+        self.released.append(lease.lease_id)
+
+
+def _held(registry: RenewingRegistry) -> HeldSlot:
+    lease = SlotLease(
+        endpoint_id="gpu-a", slot=0, lease_id="mine", task_id="t1", lease_until=NOW + 60
+    )
+    return HeldSlot(registry, lease, endpoint(), seat=None)  # type: ignore[arg-type]
+
+
+def test_a_renewal_carries_the_last_calls_time_once() -> None:
+    registry = RenewingRegistry()
+    held = _held(registry)
+    held.note_call(3.5)
+
+    assert held.renew_for("t2", lease_seconds=60, now=NOW)
+    assert held.renew_for("t3", lease_seconds=60, now=NOW)
+
+    assert registry.renewals == [("t2", 3.5), ("t3", None)]  # folded into the EWMA once
+    assert held.lease.task_id == "t3"
+
+
+def test_a_slot_whose_renewal_was_lost_is_never_released_by_this_worker() -> None:
+    registry = RenewingRegistry(lost=True)
+    held = _held(registry)
+
+    assert not held.renew_for("t2", lease_seconds=60, now=NOW)
+    held.release(call_seconds=1.0)
+
+    assert not held.held
+    assert registry.released == []  # the lease may be someone else's now
