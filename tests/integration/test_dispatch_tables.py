@@ -808,3 +808,55 @@ def test_a_task_claimed_as_its_slots_lease_is_lost_takes_a_slot_afresh(
     assert job.in_flight_seen == [1, 1]
     assert store.get(second.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
     assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endpoint(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second = submitted(store), submitted(store)
+    queue = Queue(store, second)
+    job = ScriptedJob(b"1", RetryableGpuError("HTTP 503"), b"2", registry=registry)
+    d = dispatcher(store, registry, job)
+    job_run = job.run
+
+    def add_gpu_b_after_the_failure(
+        endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float
+    ) -> Any:
+        try:
+            return job_run(endpoint, task, job_input, timeout_seconds=timeout_seconds)
+        finally:
+            if len(job.calls) == 2:  # the second call failed: another GPU joins the fleet
+                healthy(registry, "gpu-b")
+
+    job.run = add_gpu_b_after_the_failure  # type: ignore[method-assign]
+
+    assert serve(d, first, queue) is Outcome.DONE
+
+    # The failed call's task moved on as its next attempt, on the endpoint it had not tried,
+    # with the failure recorded as its last error.
+    assert [(c[0], c[1]) for c in job.calls] == [("gpu-a", 1), ("gpu-a", 1), ("gpu-b", 2)]
+    done = store.get(second.task_id)
+    assert done is not None
+    assert done.status is TaskStatus.DONE
+    assert job.released == job.prepared == 2
+    assert in_flight(registry, "gpu-a") == in_flight(registry, "gpu-b") == 0
+
+
+def test_an_unusable_task_pulled_onto_a_kept_slot_fails_saying_why_and_the_slot_goes_on(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, bad, third = submitted(store), submitted(store, prompt="unusable"), submitted(store)
+    queue = Queue(store, bad, third)
+    job = ScriptedJob(b"1", b"3", registry=registry)
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    failed = store.get(bad.task_id)
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == "the input is gone"
+    assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
+    assert [c[0] for c in job.calls] == ["gpu-a", "gpu-a"]
+    assert in_flight(registry, "gpu-a") == 0
