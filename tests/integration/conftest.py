@@ -107,13 +107,25 @@ def moto_url() -> Iterator[str]:
 
 
 @functools.cache
-def _operator_dynamodb(moto_url: str) -> Any:
+def _operator_session() -> boto3.Session:
     # One per process: a new Session loads the service models again (~0.3 s a test).
     return boto3.Session(
         aws_access_key_id=moto_iam.ADMIN_ACCESS_KEY_ID,
         aws_secret_access_key=moto_iam.ADMIN_SECRET_ACCESS_KEY,
         region_name="us-east-1",
-    ).resource("dynamodb", endpoint_url=moto_url)
+    )
+
+
+@functools.cache
+def _operator_dynamodb(moto_url: str) -> Any:
+    return _operator_session().resource("dynamodb", endpoint_url=moto_url)
+
+
+@pytest.fixture
+def operator_dynamodb_client(moto_url: str) -> Any:
+    """A plain DynamoDB client signing as the operator (not a function)."""
+    moto_iam.seed_admin()
+    return _operator_session().client("dynamodb", endpoint_url=moto_url)
 
 
 @pytest.fixture

@@ -786,19 +786,7 @@ def test_a_task_claimed_as_its_slots_lease_is_lost_takes_a_slot_afresh(
     first, second = submitted(store), submitted(store)
     queue = Queue(store, second)
     job = ScriptedJob(b"1", b"2", registry=registry)
-    run_first = job.run
-
-    def lease_lost_during_the_call(
-        endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float
-    ) -> Any:
-        output = run_first(endpoint, task, job_input, timeout_seconds=timeout_seconds)
-        if task.task_id == first.task_id:
-            # The worker stalled past its lease: the slot is no longer its own.
-            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
-            registry.release_slot(lease)
-        return output
-
-    job.run = lease_lost_during_the_call  # type: ignore[method-assign]
+    _lose_the_lease_during(job, registry, first)
 
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
 

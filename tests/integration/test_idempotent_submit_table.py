@@ -11,12 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import boto3
 import pytest
 
 from gpuqueue.errors import IdempotencyConflict, InvalidInput, TaskStateConflict
 from gpuqueue.idempotent_submit import MAX_KEY_LENGTH, IdempotentSubmitter, validate_key
-from gpuqueue_local import moto_iam
 from gpuqueue_testing import FakeLambdaContext
 
 TTL = 600
@@ -44,14 +42,9 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def client(moto_url: str) -> Any:
-    """A plain DynamoDB client as the operator (a resource's own client would re-serialise
-    Powertools' typed values)."""
-    return boto3.Session(
-        aws_access_key_id=moto_iam.ADMIN_ACCESS_KEY_ID,
-        aws_secret_access_key=moto_iam.ADMIN_SECRET_ACCESS_KEY,
-        region_name="us-east-1",
-    ).client("dynamodb", endpoint_url=moto_url)
+def client(operator_dynamodb_client: Any) -> Any:
+    # A plain client: a resource's own client would re-serialise Powertools' typed values.
+    return operator_dynamodb_client
 
 
 @pytest.fixture
