@@ -28,6 +28,7 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
+from gpuqueue.slot_broker import LEASE_TAIL_SECONDS
 from gpuqueue.task_store import TaskStore
 
 TIMEOUT = 10.0
@@ -99,7 +100,12 @@ class ScriptedJob:
 
 
 def dispatcher(
-    store: TaskStore, registry: EndpointRegistry, job: ScriptedJob, **policy: Any
+    store: TaskStore,
+    registry: EndpointRegistry,
+    job: ScriptedJob,
+    *,
+    clock: Callable[[], float] = time.time,
+    **policy: Any,
 ) -> TaskDispatcher:
     return TaskDispatcher(
         tasks=store,
@@ -114,6 +120,7 @@ def dispatcher(
                 **policy,
             }
         ),
+        clock=clock,
         sleep=lambda seconds: None,
         rng=random.Random(7),
     )
@@ -177,6 +184,62 @@ def test_without_time_for_a_call_the_task_is_not_claimed(
     assert raised.value.delay_seconds == 0
     assert job.calls == []
     assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
+
+
+class StallingClaims(TaskStore):
+    """A task store whose claim stalls the clock by `stall` seconds (a worker descheduled, a
+    slow control plane): the slot's lease, set before it, has that much less left."""
+
+    def __init__(self, table: Any, stall: float) -> None:
+        super().__init__(table)
+        self.stall = stall
+        self.offset = 0.0
+
+    def clock(self) -> float:
+        return time.time() + self.offset
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        claimed = super().claim(*args, **kwargs)
+        self.offset += self.stall
+        return claimed
+
+
+def test_a_call_after_a_slow_claim_still_ends_inside_its_slots_lease(
+    tables: tuple[Any, Any], registry: EndpointRegistry
+) -> None:
+    """A call outliving its slot's lease would share the GPU with the next lease's call."""
+    store = StallingClaims(tables[0], stall=7.0)
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png")
+    task = submitted(store)
+    d = dispatcher(store, registry, job, clock=store.clock)
+
+    assert dispatch(d, task) is Outcome.DONE
+
+    # Leased for 10 + 5 s; 7 s gone claiming; half a second kept back: 7.5 s, not 10.
+    ((_, _, timeout),) = job.calls
+    assert 7.3 < timeout <= 15.0 - 7.0 - LEASE_TAIL_SECONDS
+
+
+def test_a_claim_that_stalls_past_most_of_the_lease_gives_the_task_back_uncalled(
+    tables: tuple[Any, Any], registry: EndpointRegistry
+) -> None:
+    store = StallingClaims(tables[0], stall=14.0)
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store)
+    d = dispatcher(store, registry, job, clock=store.clock)
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(d, task)
+
+    assert raised.value.delay_seconds == 0
+    assert job.calls == []
+    again = store.get(task.task_id)
+    assert again is not None
+    assert again.status is TaskStatus.QUEUED
+    assert again.error == "the call could not start within its slot's lease"
+    assert in_flight(registry, "gpu-a") == 0
 
 
 def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation(

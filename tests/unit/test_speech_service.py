@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from gpuqueue.errors import RetryableGpuError, UpstreamFailed
-from gpuqueue.models import Endpoint, TaskKind
-from gpuqueue.slot_broker import NoRoutableEndpoint, SlotRequest
+from gpuqueue.models import Endpoint, SlotLease, TaskKind
+from gpuqueue.slot_broker import LEASE_TAIL_SECONDS, HeldSlot, NoRoutableEndpoint, SlotRequest
 from gpuqueue.speech_client import Transcript
 from gpuqueue.speech_service import AudioClip, SpeechService
 
@@ -29,22 +29,29 @@ def speech_endpoint(endpoint_id: str) -> Endpoint:
 
 
 @dataclass
-class Slot:
-    endpoint: Endpoint
-
-    def release(self, **_: Any) -> None:
-        return None
-
-
-@dataclass
 class Slots:
-    endpoints: list[str]
+    """Lends the first untried endpoint's slot, the real `HeldSlot` with its lease; taking it
+    costs `take_seconds` of the clock after the lease's start (a slow control plane)."""
 
-    def acquire(self, request: SlotRequest) -> Slot:
+    endpoints: list[str]
+    clock: Clock
+    take_seconds: float = 0.0
+    lease_seconds: list[float] = field(default_factory=list)
+
+    def acquire(self, request: SlotRequest) -> HeldSlot:
         untried = [e for e in self.endpoints if e not in request.tried]
         if not untried:
             raise NoRoutableEndpoint("no other healthy speech endpoint")
-        return Slot(speech_endpoint(untried[0]))
+        self.lease_seconds.append(request.lease_seconds)
+        lease = SlotLease(
+            endpoint_id=untried[0],
+            slot=0,
+            lease_id=f"lease-{len(self.lease_seconds)}",
+            task_id=request.task_id,
+            lease_until=self.clock.now + request.lease_seconds,
+        )
+        self.clock.now += self.take_seconds
+        return HeldSlot(Registry(), lease, speech_endpoint(untried[0]))  # type: ignore[arg-type]
 
 
 class Registry:
@@ -52,6 +59,9 @@ class Registry:
         return False
 
     def record_dispatch_success(self, *_: Any) -> None:
+        return None
+
+    def release_slot(self, *_: Any, **__: Any) -> None:
         return None
 
 
@@ -70,10 +80,12 @@ class SlowThenOk:
         return Transcript(text="hello world")
 
 
-def service(clock: Clock, transcriber: Any, endpoints: list[str]) -> SpeechService:
+def service(
+    clock: Clock, transcriber: Any, endpoints: list[str], *, take_seconds: float = 0.0
+) -> SpeechService:
     return SpeechService(
         registry=Registry(),  # type: ignore[arg-type]
-        slots=Slots(endpoints),  # type: ignore[arg-type]
+        slots=Slots(endpoints, clock, take_seconds),  # type: ignore[arg-type]
         transcriber=transcriber,
         timeout_seconds=20,
         slot_wait_seconds=2,
@@ -109,3 +121,18 @@ def test_with_no_other_endpoint_the_failure_is_reported_not_retried() -> None:
         )
 
     assert len(transcriber.timeouts) == 1
+
+
+def test_a_slow_take_shortens_the_call_to_what_is_left_of_the_slots_lease() -> None:
+    """The lease starts before the writes that take the slot; when they are slow, the call
+    still ends inside it (a call outliving its lease shares the GPU with the next one)."""
+    clock = Clock()
+    transcriber = SlowThenOk(clock)
+
+    service(clock, transcriber, ["a", "b"], take_seconds=7.0).transcribe(
+        CLIP, user_id="u", remaining_seconds=lambda: 100.0 - clock.now
+    )
+
+    # Lease 20 + 5 s from the request; 7 s gone taking it; the tail kept back.
+    first_lease = 25.0
+    assert transcriber.timeouts[0] == pytest.approx(first_lease - 7.0 - LEASE_TAIL_SECONDS)

@@ -35,7 +35,14 @@ from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
 from gpuqueue.models import CircuitState, Priority, QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.next_message import NextMessage
-from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
+from gpuqueue.slot_broker import (
+    LEASE_TAIL_SECONDS,
+    HeldSlot,
+    NoFreeSlot,
+    NoRoutableEndpoint,
+    SlotBroker,
+    SlotRequest,
+)
 from gpuqueue.task_store import Claim, ClaimRefused, TaskStore
 
 logger = Logger(child=True)
@@ -652,6 +659,16 @@ class TaskDispatcher:
                 str(error), delay_seconds=self._policy.no_slot_delay_seconds, requeue=True
             ) from error
 
+    @staticmethod
+    def _call_window(slot: HeldSlot, claim: Claim, now: float) -> float:
+        """The longest a call starting at `now` may run: it must end inside its slot's lease
+        (a call outliving it shares the GPU with the next lease's) and its task's (the
+        reaper would hand the task to another worker, a second call)."""
+        window = slot.seconds_for_a_call(now)
+        if claim.task.lease_until is not None:
+            window = min(window, claim.task.lease_until - LEASE_TAIL_SECONDS - now)
+        return window
+
     def _call(
         self,
         claim: Claim,
@@ -670,8 +687,16 @@ class TaskDispatcher:
         endpoint = slot.endpoint
         attempt = task.attempt
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
-        logger.info("dispatching", extra=log)
         started = self._clock()
+        budget = min(budget, self._call_window(slot, claim, started))
+        if budget < MIN_CALL_SECONDS:
+            # The writes before the call took most of the leases' margin (a stalled worker).
+            logger.warning("leases ran short before the call", extra=log)
+            self._tasks.release_for_retry(
+                claim, error="the call could not start within its slot's lease", endpoint_id=None
+            )
+            raise RetryLater("the slot's lease ran short before the call", delay_seconds=0)
+        logger.info("dispatching", extra=log)
         if keep is not None:
             keep.arm(slot, slot.expected_call_seconds)
         try:

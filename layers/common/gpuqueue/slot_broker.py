@@ -43,6 +43,9 @@ FASTER_MIN_SECONDS = 0.25
 # A high-priority waiter's row stands this long; it is renewed at every read of the fleet
 # (at least once per MAX_POLL_SECONDS), so only a crashed waiter's row lapses.
 WAITER_ROW_SECONDS = 3.0
+# A call ends this long before its slot's lease at the latest: time for the client's close to
+# reach the GPU server, and for two machines' clocks to disagree.
+LEASE_TAIL_SECONDS = 0.5
 
 
 class NoRoutableEndpoint(Exception):
@@ -91,6 +94,14 @@ class HeldSlot:
         if self._last_call_seconds is not None:
             return self._last_call_seconds
         return self.lease.call_seconds_ewma
+
+    def seconds_for_a_call(self, now: float) -> float:
+        """How long a call starting at `now` may run and still end inside this slot's lease
+        (and its lane seat's): a call outliving its lease shares the GPU with the call that
+        takes the slot next. The lease was set before the control-plane writes that come
+        ahead of the call; when they were slow, this is less than the lease asked for."""
+        ends = min(lease.lease_until for lease in (self.lease, self.seat) if lease is not None)
+        return ends - LEASE_TAIL_SECONDS - now
 
     def renew_for(self, task_id: str, *, lease_seconds: float, now: float) -> bool:
         """Keep the slot for another task (one write). False if the lease was lost meanwhile:

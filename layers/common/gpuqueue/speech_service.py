@@ -106,8 +106,13 @@ class SpeechService:
             except NoFreeSlot as error:
                 raise ServiceUnavailable(str(error), retry_after_seconds=1) from error
             endpoint = slot.endpoint
-            # The wait for the slot came out of the same budget.
-            timeout = min(timeout, remaining_seconds() - MARGIN_SECONDS)
+            # The wait for the slot came out of the same budget, and the call must end inside
+            # the slot's lease (set before the wait).
+            timeout = min(
+                timeout,
+                remaining_seconds() - MARGIN_SECONDS,
+                slot.seconds_for_a_call(self._clock()),
+            )
             if timeout < MIN_CALL_SECONDS:
                 slot.release()
                 raise UpstreamTimeout("no time left for a transcription call")
