@@ -96,6 +96,7 @@ class NextTasks(Protocol):
         ...
 
 
+# pragma: no mutate start (the hand-off, not the claim: docs/mutation.md)
 def _submit(
     finisher: ThreadPoolExecutor, outcome: Outcome | Callable[[], Outcome]
 ) -> Future[Outcome]:
@@ -105,6 +106,9 @@ def _submit(
     done: Future[Outcome] = Future()
     done.set_result(outcome)
     return done
+
+
+# pragma: no mutate end
 
 
 class Outcome(StrEnum):
@@ -142,6 +146,7 @@ class DispatchPolicy:
 
 
 class TaskDispatcher:
+    # pragma: no mutate start (wiring, and the worker group's entry points: docs/mutation.md)
     def __init__(
         self,
         *,
@@ -199,6 +204,8 @@ class TaskDispatcher:
             result = error
         next_tasks.settle(pulled, result)
 
+    # pragma: no mutate end
+
     def dispatch(
         self,
         message: QueueMessage,
@@ -225,6 +232,7 @@ class TaskDispatcher:
             next_tasks.give_back(message.task_id)
             raise
 
+    # pragma: no mutate start (the kept slot's hand-off, issue 16: docs/mutation.md)
     def _serve(
         self,
         message: QueueMessage,
@@ -344,6 +352,8 @@ class TaskDispatcher:
             if offered is not None:
                 offered.release()
             raise
+
+    # pragma: no mutate end
 
     def _prepare_and_run(
         self,

@@ -170,6 +170,7 @@ class _PriorityWait:
             self._registry.stop_waiting(self._request.kind, self._request.task_id)
 
 
+# pragma: no mutate start (the tail rule's queue depth, not a lease: docs/mutation.md)
 class _Backlog:
     """The number of messages in the task queues, read lazily and at most once a second."""
 
@@ -194,6 +195,9 @@ class _Backlog:
         return self._value
 
 
+# pragma: no mutate end
+
+
 @dataclass(frozen=True)
 class SlotRequest:
     kind: TaskKind
@@ -209,6 +213,7 @@ class SlotRequest:
 
 
 class SlotBroker:
+    # pragma: no mutate start (wiring: docs/mutation.md)
     def __init__(
         self,
         registry: EndpointRegistry,
@@ -241,6 +246,8 @@ class SlotBroker:
         # The latest read of each kind's fleet and when it was made (by any worker here).
         self._views: dict[TaskKind, tuple[Fleet, float]] = {}
         self._view_max_age = view_max_age_seconds
+
+    # pragma: no mutate end
 
     def _fleet(self, kind: TaskKind) -> Fleet:
         fleet = self._registry.fleet(kind)
@@ -307,6 +314,7 @@ class SlotBroker:
                     waiter.announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
 
+    # pragma: no mutate start (the kept slot's hand-off, issue 16: docs/mutation.md)
     def worth_keeping(
         self, held: HeldSlot, *, priority: Priority, holding_task: bool = False
     ) -> bool:
@@ -363,6 +371,8 @@ class SlotBroker:
             return view[0]
         return self._fleet(kind)
 
+    # pragma: no mutate end
+
     def _lane_has_room(self, fleet: Fleet, now: float) -> bool:
         return self._lane_slots is None or bool(fleet.free_priority_seats(now, self._lane_slots))
 
@@ -416,6 +426,7 @@ class SlotBroker:
                 return lease
         return None
 
+    # pragma: no mutate start (the tail rule, not a lease: docs/mutation.md)
     def _worth_taking(
         self,
         candidate: Candidate,
@@ -450,6 +461,8 @@ class SlotBroker:
             return max(1, backlog.count(fresh=fresh) + (1 if holding_task else 0))
 
         return worth_taking(now + service, others, waiting, lambda: waiting(fresh=True))
+
+    # pragma: no mutate end
 
     def _poll_delay(
         self, eligible: list[Endpoint], fleet: Fleet, now: float, give_up_at: float
