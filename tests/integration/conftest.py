@@ -86,7 +86,8 @@ class UntracedMotoServer(ThreadedMotoServer):
             self._ip_address, self._port, app, True, request_handler=_UntracedRequestHandler
         )
         self._server_ready_event.set()
-        self._server.serve_forever()
+        # Stopping waits out one poll: 0.5 s by default, every session (a mutant's run too).
+        self._server.serve_forever(poll_interval=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -73,17 +73,22 @@ class ScriptedJob:
         self.calls: list[tuple[str, int, float]] = []
         self.in_flight_seen: list[int] = []
         self._registry = registry
-        self.prepared = 0
-        self.released = 0
+        self.prepared: list[str] = []  # each input handed out, once
+        self.released: list[Any] = []  # each input let go
 
     def prepare(self, task: Task) -> Any:
         if task.prompt == "unusable":
             raise InvalidTaskInput("the input is gone")
-        self.prepared += 1
-        return None
+        job_input = f"input {len(self.prepared)} of {task.task_id}"
+        self.prepared.append(job_input)
+        return job_input
 
     def release(self, job_input: Any) -> None:
-        self.released += 1
+        self.released.append(job_input)
+
+    def released_all(self, count: int) -> bool:
+        """`count` inputs prepared, and each of them (not another) released exactly once."""
+        return len(self.prepared) == count and sorted(self.released) == sorted(self.prepared)
 
     def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
         self.calls.append((endpoint.endpoint_id, task.attempt, timeout_seconds))
@@ -99,12 +104,40 @@ class ScriptedJob:
         return Completion(result_key=f"results/{task.task_id}.png")
 
 
+class Observed:
+    """The dispatcher's observer (its metrics), recording what it was told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def task_started(self, task: Task, *, at: float) -> None:
+        self.events.append(("started", task.task_id, task.attempt, task.status, at))
+
+    def gpu_call_failed(self, task: Task, *, endpoint_id: str, retryable: bool) -> None:
+        self.events.append(("failed", task.task_id, endpoint_id, retryable))
+
+    def task_done(self, task: Task, *, call_seconds: float, at: float) -> None:
+        self.events.append(("done", task.task_id, call_seconds, at))
+
+
+class SteppingClock:
+    """A clock that moves one second at every reading, from now."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def dispatcher(
     store: TaskStore,
     registry: EndpointRegistry,
     job: ScriptedJob,
     *,
     clock: Callable[[], float] = time.time,
+    observer: Observed | None = None,
     **policy: Any,
 ) -> TaskDispatcher:
     return TaskDispatcher(
@@ -123,6 +156,7 @@ def dispatcher(
         clock=clock,
         sleep=lambda seconds: None,
         rng=random.Random(7),
+        observer=observer,
     )
 
 
@@ -240,6 +274,31 @@ def test_a_claim_that_stalls_past_most_of_the_lease_gives_the_task_back_uncalled
     assert again.status is TaskStatus.QUEUED
     assert again.error == "the call could not start within its slot's lease"
     assert in_flight(registry, "gpu-a") == 0
+
+
+def test_the_observer_hears_each_start_failure_and_done_as_of_the_dispatchers_clock(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png")
+    task = submitted(store)
+    seen = Observed()
+    clock = SteppingClock()
+
+    assert dispatch(dispatcher(store, registry, job, clock=clock, observer=seen), task) is (
+        Outcome.DONE
+    )
+
+    first, second = (call[0] for call in job.calls)
+    started_1, failed, started_2, done = seen.events
+    assert started_1[:4] == ("started", task.task_id, 1, TaskStatus.RUNNING)
+    assert failed == ("failed", task.task_id, first, True)
+    assert started_2[:4] == ("started", task.task_id, 2, TaskStatus.RUNNING)
+    assert done[:2] == ("done", task.task_id)
+    # Each as of the dispatcher's clock, in order; the good call took whole clock steps.
+    assert started_1[4] < started_2[4] < done[3] <= clock.now
+    assert done[2] >= 1.0
+    assert second != first
 
 
 def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation(
@@ -531,10 +590,18 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
     first, second, third = (submitted(store) for _ in range(3))
     job = LeaseWatchingJob(b"1", b"2", b"3", registry=registry)
     queue = Queue(store, second, third)
+    seen = Observed()
+    before = time.time()
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job, observer=seen), first, queue) is Outcome.DONE
 
-    assert [c[0] for c in job.calls] == ["gpu-a"] * 3
+    # Each call had the whole task timeout, pulled ones too.
+    assert job.calls == [("gpu-a", 1, TIMEOUT)] * 3
+    starts = [e for e in seen.events if e[0] == "started"]
+    assert [e[1:4] for e in starts] == [
+        (t.task_id, 1, TaskStatus.RUNNING) for t in (first, second, third)
+    ]
+    assert before <= starts[0][4] <= starts[1][4] <= starts[2][4] <= time.time()
     assert job.in_flight_seen == [1, 1, 1]
     # One lease, renewed for each task in turn: the slot was never given back meanwhile.
     lease_ids = {entry.split(":")[0] for entry in job.leases}
@@ -656,8 +723,7 @@ def test_every_prepared_input_is_released_however_its_task_ends(
     with pytest.raises(RetryLater):
         dispatch(d, submitted(store))
 
-    assert job.prepared == 4
-    assert job.released == job.prepared
+    assert job.released_all(4)
 
 
 def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_first(
@@ -670,7 +736,7 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
 
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
     assert [result for _, result, _ in queue.settled] == [Outcome.DONE, Outcome.DONE]
-    assert job.released == job.prepared == 3
+    assert job.released_all(3)
 
     # A job that may wait for memory is never prepared onto a kept slot: it goes the usual
     # way (the slot given back, then taken again), so no claimed task waits on memory.
@@ -681,7 +747,7 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
 
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
     assert [result for _, result, _ in queue.settled] == [Outcome.DONE]
-    assert job.released == job.prepared == 2
+    assert job.released_all(2)
 
 
 def test_a_pulled_task_sent_back_is_not_taken_for_a_duplicate_when_its_copy_comes(
@@ -819,7 +885,7 @@ def test_after_a_lost_lease_the_fresh_slot_is_kept_for_the_next_task_and_inputs_
     # for the third (no third attempt, no other worker needed).
     assert [c[1] for c in job.calls] == [1, 2, 1]
     assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
-    assert job.released == job.prepared == 3  # every prepared input let go
+    assert job.released_all(3)  # every prepared input let go
     assert in_flight(registry, "gpu-a") == 0
 
 
@@ -890,7 +956,7 @@ def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endp
     done = store.get(second.task_id)
     assert done is not None
     assert done.status is TaskStatus.DONE
-    assert job.released == job.prepared == 2
+    assert job.released_all(2)
     assert in_flight(registry, "gpu-a") == in_flight(registry, "gpu-b") == 0
 
 

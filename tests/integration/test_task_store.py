@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -74,6 +75,35 @@ def _awaiting_upload(store: TaskStore, *, window: int = 600, created: float | No
         upload_window_seconds=window,
         now=None if created is None else datetime.fromtimestamp(created, UTC),
     )
+
+
+# A time with digits below the millisecond: stored times keep three decimals, no more, no less.
+SUB_MS = 1_765_000_000.123456
+
+
+def test_deadlines_leases_and_reap_times_are_kept_to_the_millisecond(
+    store: TaskStore, table: Any
+) -> None:
+    image = store.create_image_task(
+        OWNER,
+        ImageRequest(prompt="a fox"),
+        queue_ttl_seconds=60,
+        now=datetime.fromtimestamp(SUB_MS, UTC),
+    )
+    speech = _awaiting_upload(store, window=600, created=SUB_MS)
+
+    assert image.queue_deadline == round(SUB_MS + 60, 3)
+    assert _row(table, image.task_id)["queue_deadline"] == Decimal(str(round(SUB_MS + 60, 3)))
+    assert _row(table, image.task_id)["reap_at"] == Decimal(str(round(SUB_MS, 3)))
+    assert speech.upload_deadline == round(SUB_MS + 600, 3)
+    assert _row(table, speech.task_id)["upload_deadline"] == Decimal(str(round(SUB_MS + 600, 3)))
+    assert _row(table, speech.task_id)["reap_at"] == Decimal(str(round(SUB_MS + 600, 3)))
+
+    claim = store.claim(image, lease_seconds=2.5, now=SUB_MS)
+
+    assert claim is not None
+    assert claim.task.lease_until == round(SUB_MS + 2.5, 3)
+    assert _row(table, image.task_id)["lease_until"] == Decimal(str(round(SUB_MS + 2.5, 3)))
 
 
 # --- claim ------------------------------------------------------------------------------

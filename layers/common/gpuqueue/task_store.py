@@ -96,8 +96,17 @@ def reap_shard(task_id: str, state: ReapState) -> str:
     return f"{state.value}#{zlib.crc32(task_id.encode()) % REAP_SHARDS}"
 
 
+def _to_the_ms(seconds: float) -> float:
+    """A time (epoch seconds) as a task holds it: to the millisecond."""
+    return round(seconds, 3)
+
+
+def _stored_time(seconds: float) -> Decimal:
+    return Decimal(str(_to_the_ms(seconds)))
+
+
 def _reap_fields(task_id: str, state: ReapState, at: float) -> dict[str, Any]:
-    return {"reap_shard": reap_shard(task_id, state), "reap_at": Decimal(str(round(at, 3)))}
+    return {"reap_shard": reap_shard(task_id, state), "reap_at": _stored_time(at)}
 
 
 _REAP_ATTRIBUTES = ("reap_shard", "reap_at")
@@ -150,17 +159,12 @@ class TaskStore:
             updated_at=iso(now),
             expires_at=int((now + self._retention).timestamp()),
             queue_ttl_seconds=ttl,
-            queue_deadline=round(now.timestamp() + ttl, 3),
+            queue_deadline=_to_the_ms(now.timestamp() + ttl),
             webhook_url=request.webhook_url,
             webhook_events=request.webhook_events,
             ticket=ticket,
         )
-        item = task.model_dump(mode="json", exclude_none=True)
-        item["params"] = task.params.model_dump(exclude_none=True)
-        item["queue_deadline"] = Decimal(str(task.queue_deadline))
-        item.update(_reap_fields(task.task_id, ReapState.QUEUED, now.timestamp()))
-        self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
-        return task
+        return self._put_new(task, reap=ReapState.QUEUED, reap_at=now.timestamp())
 
     def create_speech_task(
         self,
@@ -191,13 +195,22 @@ class TaskStore:
             updated_at=iso(now),
             expires_at=int((now + self._retention).timestamp()),
             queue_ttl_seconds=queue_ttl_seconds,
-            upload_deadline=round(now.timestamp() + upload_window_seconds, 3),
+            upload_deadline=_to_the_ms(now.timestamp() + upload_window_seconds),
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
+        return self._put_new(
+            task, reap=ReapState.WAITING, reap_at=now.timestamp() + upload_window_seconds
+        )
+
+    def _put_new(self, task: Task, *, reap: ReapState, reap_at: float) -> Task:
+        """Write a task that must not exist yet; the reaper looks at it at `reap_at`."""
         item = task.model_dump(mode="json", exclude_none=True)
-        item["upload_deadline"] = Decimal(str(task.upload_deadline))
-        item.update(_reap_fields(task.task_id, ReapState.WAITING, task.upload_deadline or 0))
+        # JSON numbers come out as floats, which DynamoDB refuses: the deadlines as Decimals.
+        for deadline in ("queue_deadline", "upload_deadline"):
+            if (at := getattr(task, deadline)) is not None:
+                item[deadline] = _stored_time(at)
+        item.update(_reap_fields(task.task_id, reap, reap_at))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -211,7 +224,7 @@ class TaskStore:
         if ticket is not None:
             updates["ticket"] = ticket
         if task.queue_ttl_seconds:
-            updates["queue_deadline"] = Decimal(str(round(now + task.queue_ttl_seconds, 3)))
+            updates["queue_deadline"] = _stored_time(now + task.queue_ttl_seconds)
         try:
             return self._transition(
                 task.task_id,
@@ -377,7 +390,7 @@ class TaskStore:
             "status": TaskStatus.RUNNING.value,
             "started_at": iso(utc_now()),
             "lease_id": lease_id,
-            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "lease_until": _stored_time(now + lease_seconds),
             "attempt": task.attempt + 1,
         }
         if endpoint_id:
@@ -393,7 +406,7 @@ class TaskStore:
                     ":seen": task.attempt,
                     ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
-                    ":now": Decimal(str(round(now, 3))),
+                    ":now": _stored_time(now),
                 },
             )
         except _ConditionFailed:
@@ -420,7 +433,7 @@ class TaskStore:
             "status": TaskStatus.RUNNING.value,
             "started_at": iso(utc_now()),
             "lease_id": lease_id,
-            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "lease_until": _stored_time(now + lease_seconds),
             "endpoint_id": endpoint_id,
         }
         try:
@@ -438,7 +451,7 @@ class TaskStore:
                     ":max": max_attempts,
                     ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
-                    ":now": Decimal(str(round(now, 3))),
+                    ":now": _stored_time(now),
                     ":never": 0,
                     ":here": endpoint_id,
                 },
@@ -465,7 +478,7 @@ class TaskStore:
         lease_id = str(uuid.uuid4())
         updates: dict[str, Any] = {
             "lease_id": lease_id,
-            "lease_until": Decimal(str(round(now + lease_seconds, 3))),
+            "lease_until": _stored_time(now + lease_seconds),
             "attempt": claim.task.attempt + 1,
             "endpoint_id": endpoint_id,
         }
@@ -562,7 +575,7 @@ class TaskStore:
                     ":queued": TaskStatus.QUEUED.value,
                     ":waiting": TaskStatus.AWAITING_UPLOAD.value,
                     ":running": TaskStatus.RUNNING.value,
-                    ":now": Decimal(str(round(now, 3))),
+                    ":now": _stored_time(now),
                 },
                 removes=("lease_until",),
             )
@@ -585,7 +598,7 @@ class TaskStore:
                 IndexName=REAP_INDEX,
                 KeyConditionExpression="reap_shard = :shard AND reap_at < :before",
                 ExpressionAttributeValues={
-                    ":before": Decimal(str(round(before, 3))),
+                    ":before": _stored_time(before),
                     ":shard": f"{state.value}#{n}",
                 },
                 Limit=limit - len(found),
@@ -614,7 +627,7 @@ class TaskStore:
                 values={
                     ":running": TaskStatus.RUNNING.value,
                     ":lease": task.lease_id or "",
-                    ":now": Decimal(str(round(now, 3))),
+                    ":now": _stored_time(now),
                 },
                 removes=("lease_until",),
             )
@@ -631,8 +644,8 @@ class TaskStore:
                 ConditionExpression="#s = :queued AND reap_at = :seen",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={
-                    ":until": Decimal(str(round(until, 3))),
-                    ":seen": Decimal(str(round(seen_reap_at, 3))),
+                    ":until": _stored_time(until),
+                    ":seen": _stored_time(seen_reap_at),
                     ":queued": TaskStatus.QUEUED.value,
                     ":one": 1,
                 },
