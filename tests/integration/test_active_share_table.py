@@ -180,7 +180,7 @@ def test_a_take_is_one_write(table: Any) -> None:
 
 
 def test_a_limit_below_one_is_refused(table: Any) -> None:
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"^limit must be at least 1$"):
         ActiveTaskShare(table, limit=0)
     assert ActiveTaskShare(table, limit=1).limit == 1
 

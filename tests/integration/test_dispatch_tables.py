@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
 from gpuqueue.jobs import Completion, InvalidTaskInput
 from gpuqueue.models import (
+    CircuitState,
     Endpoint,
     HealthResult,
     ImageRequest,
@@ -68,13 +70,23 @@ class ScriptedJob:
 
     waits_for_memory = False
 
-    def __init__(self, *outcomes: Any, registry: EndpointRegistry | None = None) -> None:
+    def __init__(
+        self,
+        *outcomes: Any,
+        registry: EndpointRegistry | None = None,
+        rows: TaskStore | None = None,
+    ) -> None:
         self.outcomes = list(outcomes)
         self.calls: list[tuple[str, int, float]] = []
         self.in_flight_seen: list[int] = []
         self._registry = registry
+        # With `rows`: the task's row as a reader saw it during each call.
+        self._rows = rows
+        self.rows_seen: list[tuple[TaskStatus, str | None, str | None, int]] = []
         self.prepared: list[str] = []  # each input handed out, once
         self.released: list[Any] = []  # each input let go
+        self.inputs_run: list[Any] = []  # the input each call was given
+        self.stored: list[tuple[str, Any]] = []  # (task id, output) for each stored result
 
     def prepare(self, task: Task) -> Any:
         if task.prompt == "unusable":
@@ -86,22 +98,36 @@ class ScriptedJob:
     def release(self, job_input: Any) -> None:
         self.released.append(job_input)
 
+    def also(self, *outcomes: Any) -> ScriptedJob:
+        """The same job with more outcomes to give."""
+        self.outcomes += outcomes
+        return self
+
     def released_all(self, count: int) -> bool:
         """`count` inputs prepared, and each of them (not another) released exactly once."""
         return len(self.prepared) == count and sorted(self.released) == sorted(self.prepared)
 
     def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
         self.calls.append((endpoint.endpoint_id, task.attempt, timeout_seconds))
+        self.inputs_run.append(job_input)
         if self._registry is not None:
             fleet = self._registry.fleet(TaskKind.IMAGE)
             self.in_flight_seen.append(fleet.in_flight(endpoint.endpoint_id, time.time()))
+        if self._rows is not None:
+            row = self._rows.get(task.task_id)
+            assert row is not None
+            self.rows_seen.append((row.status, row.endpoint_id, row.error, row.attempt))
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
     def store(self, task: Task, output: Any) -> Completion:
-        return Completion(result_key=f"results/{task.task_id}.png")
+        self.stored.append((task.task_id, output))
+        # An extra attribute for the row, as the speech job's transcript preview is.
+        return Completion(
+            result_key=f"results/{task.task_id}.png", fields={"transcript_text": f"of {output!r}"}
+        )
 
 
 class Observed:
@@ -178,13 +204,20 @@ def test_a_task_runs_in_a_slot_and_ends_done_with_the_slot_free_again(
     store: TaskStore, registry: EndpointRegistry
 ) -> None:
     healthy(registry, "gpu-a")
-    job = ScriptedJob(b"png", registry=registry)
+    job = ScriptedJob(b"png", registry=registry, rows=store)
     task = submitted(store)
 
     assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
 
     assert job.calls == [("gpu-a", 1, TIMEOUT)]
     assert job.in_flight_seen == [1]  # the call held the endpoint's one slot
+    # While it ran, a reader saw the task RUNNING on gpu-a (the reaper names it if lost).
+    assert job.rows_seen == [(TaskStatus.RUNNING, "gpu-a", None, 1)]
+    # The call got the prepared input; its output was stored, with the job's own fields.
+    assert job.inputs_run == job.prepared
+    assert job.stored == [(task.task_id, b"png")]
+    # The call's time went into the slot's average as the slot went back.
+    assert "gpu-a" in registry.fleet(TaskKind.IMAGE).call_seconds
     assert in_flight(registry, "gpu-a") == 0
     done = store.get(task.task_id)
     assert done is not None
@@ -192,6 +225,7 @@ def test_a_task_runs_in_a_slot_and_ends_done_with_the_slot_free_again(
     assert done.result_key == f"results/{task.task_id}.png"
     assert done.endpoint_id == "gpu-a"
     assert done.attempt == 1
+    assert done.transcript_text == "of b'png'"
 
 
 def test_the_call_gets_at_most_what_is_left_of_the_invocation(
@@ -203,6 +237,9 @@ def test_the_call_gets_at_most_what_is_left_of_the_invocation(
     dispatch(dispatcher(store, registry, job), submitted(store), left=8.0)
 
     assert job.calls == [("gpu-a", 1, 3.0)]  # 8 s left less the 5 s kept for the writes
+    # With exactly the shortest call left (1 s), it still runs.
+    dispatch(dispatcher(store, registry, job.also(b"png")), submitted(store), left=6.0)
+    assert job.calls[1] == ("gpu-a", 1, 1.0)
 
 
 def test_without_time_for_a_call_the_task_is_not_claimed(
@@ -224,13 +261,16 @@ class StallingClaims(TaskStore):
     """A task store whose claim stalls the clock by `stall` seconds (a worker descheduled, a
     slow control plane): the slot's lease, set before it, has that much less left."""
 
-    def __init__(self, table: Any, stall: float) -> None:
+    def __init__(self, table: Any, stall: float, *, frozen: bool = False) -> None:
         super().__init__(table)
         self.stall = stall
         self.offset = 0.0
+        # frozen: time moves only by the stall (from a whole second), so windows are exact.
+        self._frozen_at = float(int(time.time())) if frozen else None
 
     def clock(self) -> float:
-        return time.time() + self.offset
+        base = time.time() if self._frozen_at is None else self._frozen_at
+        return base + self.offset
 
     def claim(self, *args: Any, **kwargs: Any) -> Any:
         claimed = super().claim(*args, **kwargs)
@@ -268,6 +308,7 @@ def test_a_claim_that_stalls_past_most_of_the_lease_gives_the_task_back_uncalled
         dispatch(d, task)
 
     assert raised.value.delay_seconds == 0
+    assert str(raised.value) == "the slot's lease ran short before the call"
     assert job.calls == []
     again = store.get(task.task_id)
     assert again is not None
@@ -301,16 +342,123 @@ def test_the_observer_hears_each_start_failure_and_done_as_of_the_dispatchers_cl
     assert second != first
 
 
-def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation(
+def test_a_call_whose_leases_leave_exactly_the_shortest_call_still_runs(
+    tables: tuple[Any, Any], registry: EndpointRegistry
+) -> None:
+    # Leased for 10 + 5 s; 13.5 s gone claiming; half a second kept back: 1 s, the minimum.
+    store = StallingClaims(tables[0], stall=13.5, frozen=True)
+    healthy(registry, "gpu-a")
+    job = ScriptedJob(b"png")
+
+    assert dispatch(dispatcher(store, registry, job, clock=store.clock), submitted(store)) is (
+        Outcome.DONE
+    )
+    assert job.calls == [("gpu-a", 1, 1.0)]
+
+
+def test_a_failed_call_is_counted_against_its_endpoint_and_can_open_its_circuit(
     store: TaskStore, registry: EndpointRegistry
 ) -> None:
     healthy(registry, "gpu-a", "gpu-b")
     job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png")
+    clock = SteppingClock()
+    d = dispatcher(store, registry, job, clock=clock, circuit_failure_threshold=1)
+
+    assert dispatch(d, submitted(store)) is Outcome.DONE
+
+    failed_on, done_on = (call[0] for call in job.calls)
+    failed = registry.get(failed_on)
+    assert failed is not None
+    assert (failed.consecutive_failures, failed.circuit) == (1, CircuitState.OPEN)
+    assert failed.opened_at is not None
+    assert clock.now - 10 < failed.opened_at <= clock.now  # as of the dispatcher's clock
+    healthy_one = registry.get(done_on)
+    assert healthy_one is not None
+    assert (healthy_one.consecutive_failures, healthy_one.circuit) == (0, CircuitState.CLOSED)
+
+
+def test_with_exactly_a_full_call_left_after_a_failure_the_retry_runs_here(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png")
+    readings = iter([16.0])
+
+    def remaining() -> float:
+        # 16 s at the start; then exactly one call (10 s) and its margin (5 s) left.
+        return next(readings, 15.0)
+
+    task = submitted(store)
+    outcome = dispatcher(store, registry, job).dispatch(
+        QueueMessage(task_id=task.task_id), remaining_seconds=remaining
+    )
+
+    assert outcome is Outcome.DONE
+    assert [call[1] for call in job.calls] == [1, 2]
+
+
+def test_a_retry_with_too_little_time_left_goes_back_queued_with_its_last_error(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"))
+    # 16 s at the start; 15 s after the failure (a retry fits); then a stall: 5.5 s.
+    readings = iter([16.0, 15.0])
+
+    task = submitted(store)
+    with pytest.raises(RetryLater) as raised:
+        dispatcher(store, registry, job).dispatch(
+            QueueMessage(task_id=task.task_id), remaining_seconds=lambda: next(readings, 5.5)
+        )
+
+    assert str(raised.value) == "not enough time left in this invocation"
+    assert raised.value.delay_seconds == 0
+    again = store.get(task.task_id)
+    assert again is not None
+    failed_on = job.calls[0][0]
+    assert (again.status, again.attempt, again.error) == (
+        TaskStatus.QUEUED,
+        1,
+        f"attempt 1 on {failed_on}: HTTP 503",
+    )
+    assert in_flight(registry, "gpu-a") == in_flight(registry, "gpu-b") == 0
+
+
+def test_a_high_priority_task_runs_on_a_seat_of_the_lane(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    seats_free: list[list[int]] = []
+    job = ScriptedJob(b"png")
+    run = job.run
+
+    def run_watching_the_lane(*args: Any, **kwargs: Any) -> Any:
+        seats_free.append(registry.fleet(TaskKind.IMAGE).free_priority_seats(time.time(), 1))
+        return run(*args, **kwargs)
+
+    job.run = run_watching_the_lane  # type: ignore[method-assign]
+    vip = submitted(store, priority="high")
+
+    assert dispatch(dispatcher(store, registry, job, priority_lane_slots=1), vip) is Outcome.DONE
+    assert seats_free == [[]]  # the lane's one seat was the call's
+    assert registry.fleet(TaskKind.IMAGE).free_priority_seats(time.time(), 1) == [0]
+
+
+def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png", rows=store)
     task = submitted(store)
 
     assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
 
     first, second = job.calls
+    # The second attempt's row names its endpoint and the first attempt's failure.
+    assert job.rows_seen == [
+        (TaskStatus.RUNNING, first[0], None, 1),
+        (TaskStatus.RUNNING, second[0], f"attempt 1 on {first[0]}: HTTP 503", 2),
+    ]
     assert first[1:] == (1, TIMEOUT)
     assert second[1:] == (2, TIMEOUT)
     assert second[0] != first[0]  # the other endpoint
@@ -370,6 +518,7 @@ def test_without_time_for_another_full_call_the_task_is_queued_again_after_a_bac
 
     assert 2 <= raised.value.delay_seconds <= 4  # attempt 1: jittered within [base/2, base]
     assert not raised.value.requeue
+    assert str(raised.value) == "attempt 1 on gpu-a: timeout"
     again = store.get(task.task_id)
     assert again is not None
     assert again.status is TaskStatus.QUEUED
@@ -504,6 +653,7 @@ def test_no_healthy_endpoint_sends_the_message_back_without_spending_an_attempt(
 
     assert raised.value.requeue
     assert raised.value.delay_seconds == 7
+    assert str(raised.value) == "no healthy image endpoint"
     assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
 
 
@@ -521,6 +671,7 @@ def test_no_free_slot_sends_the_message_back_without_spending_an_attempt(
 
     assert raised.value.requeue
     assert raised.value.delay_seconds == 3
+    assert str(raised.value) == "every image GPU slot is busy"
     assert store.get(task.task_id).attempt == 0  # type: ignore[union-attr]
 
 
@@ -569,8 +720,10 @@ def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY)
 class LeaseWatchingJob(ScriptedJob):
     """Also records the slot lease each call ran under."""
 
-    def __init__(self, *outcomes: Any, registry: EndpointRegistry) -> None:
-        super().__init__(*outcomes, registry=registry)
+    def __init__(
+        self, *outcomes: Any, registry: EndpointRegistry, rows: TaskStore | None = None
+    ) -> None:
+        super().__init__(*outcomes, registry=registry, rows=rows)
         self.leases: list[str] = []
         self._leases_of = registry
 
@@ -588,15 +741,16 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
 ) -> None:
     healthy(registry, "gpu-a")
     first, second, third = (submitted(store) for _ in range(3))
-    job = LeaseWatchingJob(b"1", b"2", b"3", registry=registry)
+    job = LeaseWatchingJob(b"1", b"2", b"3", registry=registry, rows=store)
     queue = Queue(store, second, third)
     seen = Observed()
     before = time.time()
 
     assert serve(dispatcher(store, registry, job, observer=seen), first, queue) is Outcome.DONE
 
-    # Each call had the whole task timeout, pulled ones too.
+    # Each call had the whole task timeout, pulled ones too, each task RUNNING on gpu-a.
     assert job.calls == [("gpu-a", 1, TIMEOUT)] * 3
+    assert job.rows_seen == [(TaskStatus.RUNNING, "gpu-a", None, 1)] * 3
     starts = [e for e in seen.events if e[0] == "started"]
     assert [e[1:4] for e in starts] == [
         (t.task_id, 1, TaskStatus.RUNNING) for t in (first, second, third)
@@ -618,6 +772,40 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
     ]
     assert queue.pulls == 3
     assert in_flight(registry, "gpu-a") == 0
+
+
+class SuccessesHeard(EndpointRegistry):
+    """Records the endpoint state each success was reported with (a success on an endpoint
+    that shows no failures costs no write)."""
+
+    def __init__(self, table: Any) -> None:
+        super().__init__(table)
+        self.successes: list[tuple[int, CircuitState]] = []
+
+    def record_dispatch_success(self, endpoint: Endpoint) -> None:
+        self.successes.append((endpoint.consecutive_failures, endpoint.circuit))
+        super().record_dispatch_success(endpoint)
+
+
+def test_after_a_good_call_a_kept_slot_knows_its_endpoint_healthy_and_writes_that_once(
+    store: TaskStore, tables: tuple[Any, Any]
+) -> None:
+    registry = SuccessesHeard(tables[1])
+    healthy(registry, "gpu-a")
+    registry.record_dispatch_failure("gpu-a", threshold=5, now=time.time())  # one failure
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    job = ScriptedJob(b"1", b"2", b"3")
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    # The first success resets the count (a write); the slot's copy of the endpoint then
+    # says so, and the next successes on it need no write.
+    # (Each is reported as its task is finished, beside the next call: in any order.)
+    assert Counter(registry.successes) == {(1, CircuitState.CLOSED): 1, (0, CircuitState.CLOSED): 2}
+    gpu_a = registry.get("gpu-a")
+    assert gpu_a is not None
+    assert gpu_a.consecutive_failures == 0
 
 
 def test_no_next_task_is_pulled_without_time_for_a_whole_call(
@@ -740,7 +928,7 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
 
     # A job that may wait for memory is never prepared onto a kept slot: it goes the usual
     # way (the slot given back, then taken again), so no claimed task waits on memory.
-    job = ScriptedJob(b"png", b"png")
+    job = LeaseWatchingJob(b"png", b"png", registry=registry)
     job.waits_for_memory = True  # type: ignore[misc]
     first, second = (submitted(store, f"q{i}") for i in range(2))
     queue = Queue(store, second)
@@ -748,6 +936,8 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
     assert [result for _, result, _ in queue.settled] == [Outcome.DONE]
     assert job.released_all(2)
+    first_lease, second_lease = (entry.split(":")[0] for entry in job.leases)
+    assert first_lease != second_lease  # a lease of its own, taken once it was prepared
 
 
 def test_a_pulled_task_sent_back_is_not_taken_for_a_duplicate_when_its_copy_comes(
@@ -933,7 +1123,7 @@ def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endp
     healthy(registry, "gpu-a")
     first, second = submitted(store), submitted(store)
     queue = Queue(store, second)
-    job = ScriptedJob(b"1", RetryableGpuError("HTTP 503"), b"2", registry=registry)
+    job = ScriptedJob(b"1", RetryableGpuError("HTTP 503"), b"2", registry=registry, rows=store)
     d = dispatcher(store, registry, job)
     job_run = job.run
 
@@ -953,6 +1143,10 @@ def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endp
     # The failed call's task moved on as its next attempt, on the endpoint it had not tried,
     # with the failure recorded as its last error.
     assert [(c[0], c[1]) for c in job.calls] == [("gpu-a", 1), ("gpu-a", 1), ("gpu-b", 2)]
+    assert job.rows_seen[1:] == [
+        (TaskStatus.RUNNING, "gpu-a", None, 1),
+        (TaskStatus.RUNNING, "gpu-b", "attempt 1 on gpu-a: HTTP 503", 2),
+    ]
     done = store.get(second.task_id)
     assert done is not None
     assert done.status is TaskStatus.DONE

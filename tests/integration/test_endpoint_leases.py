@@ -131,6 +131,20 @@ def test_a_held_slot_is_renewed_for_the_next_task_only_while_its_lease_is_ours_a
     assert live.task_id == "t5"
 
 
+def test_a_never_measured_slot_renewed_without_a_call_time_stays_unmeasured(
+    registry: EndpointRegistry,
+) -> None:
+    gpu = _gpu_a(registry)
+    lease = registry.take_slot(gpu, 0, task_id="t1", lease_seconds=30, now=NOW)
+    assert lease is not None
+
+    renewed = registry.renew_slot(lease, task_id="t2", lease_seconds=20, now=NOW + 1)
+
+    assert renewed is not None
+    assert renewed.call_seconds_ewma is None
+    assert _fleet(registry).call_seconds == {}
+
+
 def test_the_fleet_read_returns_the_lanes_seats_and_waiters_beside_the_slots(
     registry: EndpointRegistry,
 ) -> None:

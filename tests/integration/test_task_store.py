@@ -189,6 +189,27 @@ def test_next_attempt_needs_the_current_lease_and_records_the_failed_attempt(
     assert nxt.task.lease_id == nxt.lease_id
     # The old lease is gone: the attempt it would start is not ours.
     assert store.next_attempt(claim, lease_seconds=LEASE, now=now + 6, endpoint_id="c") is None
+    # Each attempt's lease is its own: the third's makes the second's stale too.
+    third = store.next_attempt(nxt, lease_seconds=LEASE, now=now + 7, endpoint_id="gpu-a")
+    assert third is not None
+    assert third.lease_id not in (claim.lease_id, nxt.lease_id)
+    assert not store.complete(nxt, result_key="results/stale.png", endpoint_id="gpu-b")
+
+
+def test_a_retry_names_the_endpoint_that_failed_not_the_one_claimed_first(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    claim = _claimed(store, queued())  # on gpu-a
+
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-b")
+
+    again = store.get(claim.task.task_id)
+    assert again is not None
+    assert (again.status, again.endpoint_id, again.error) == (
+        TaskStatus.QUEUED,
+        "gpu-b",
+        "HTTP 503",
+    )
 
 
 def test_next_attempt_without_an_error_keeps_none(
@@ -549,7 +570,11 @@ class ThrottledReads:
         keys = request["Keys"]
         self.calls.append(len(keys))
         if not self.rounds:
-            return dict(self._client.batch_get_item(RequestItems=RequestItems))
+            answer = dict(self._client.batch_get_item(RequestItems=RequestItems))
+            if not answer.get("UnprocessedKeys"):
+                # Nothing left: the answer may leave the map out (moto sends it empty).
+                answer.pop("UnprocessedKeys", None)
+            return answer
         self.rounds -= 1
         served, left = keys[::2], keys[1::2]
         answer = dict(
@@ -589,6 +614,21 @@ def test_inactive_among_counts_what_stays_unread_as_active(
     assert throttled.calls == [16, 8, 4, 2]
     assert len(inactive) == 15
     assert inactive < {t.task_id for t in ended}
+
+
+def test_an_id_left_unread_counts_as_active_even_with_no_row_behind_it(
+    table: Any, store: TaskStore
+) -> None:
+    # Crashed submits, long ago: inactive when read (no row); the one the throttled rounds
+    # leave unread is not known to be gone, so it counts as active.
+    gone = [new_task_id(time.time() - UNWRITTEN_GRACE_SECONDS - 1) for _ in range(16)]
+    throttled = ThrottledReads(table, rounds=BATCH_GET_ROUNDS)
+
+    inactive = TaskStore(throttled).inactive_among(gone)
+
+    assert throttled.calls == [16, 8, 4, 2]
+    assert len(inactive) == 15
+    assert inactive < set(gone)
 
 
 def test_inactive_among_reads_every_id_of_a_batch_beyond_the_first(
@@ -691,6 +731,30 @@ def test_due_finds_open_tasks_by_state_and_reap_time(
     assert store.due(ReapState.RUNNING, before=lease_end + 1, limit=10) == [running.task_id]
 
 
+def test_due_finds_no_more_than_its_limit_in_one_shard_or_across_two(store: TaskStore) -> None:
+    by_shard: dict[int, list[str]] = {}
+    for _ in range(400):  # bounded: ids until two shards hold three each
+        task_id = new_task_id()
+        shard = int(reap_shard(task_id, ReapState.QUEUED).split("#")[1])
+        by_shard.setdefault(shard, []).append(task_id)
+    first, second = sorted(n for n, ids in by_shard.items() if len(ids) >= 3)[:2]
+    lower, upper = by_shard[first][:3], by_shard[second][:3]
+    for task_id in lower + upper:
+        store.create_image_task(
+            OWNER, ImageRequest(prompt="a fox"), queue_ttl_seconds=3600, task_id=task_id
+        )
+    before = time.time() + 1
+
+    within_one = store.due(ReapState.QUEUED, before=before, limit=2)
+    across_two = store.due(ReapState.QUEUED, before=before, limit=4)
+
+    assert len(within_one) == 2
+    assert set(within_one) < set(lower)
+    # The shards are read in order, each for what is still missing: 3 here, then 1 more.
+    assert len(across_two) == 4
+    assert set(lower) < set(across_two)
+
+
 def test_a_task_created_now_is_queued_in_the_reaper_index(
     store: TaskStore, table: Any, queued: Callable[..., Task]
 ) -> None:
@@ -750,6 +814,8 @@ def test_claim_unread_takes_a_queued_task_in_one_write_and_returns_it(
     assert isinstance(claim, Claim)
     assert (claim.task.status, claim.task.attempt) == (TaskStatus.RUNNING, 1)
     assert claim.task.prompt == "a fox"  # the whole task, not only what the write set
+    assert claim.task.started_at is not None
+    assert claim.task.lease_id == claim.lease_id
     row = _row(table, task.task_id)
     assert (row["endpoint_id"], row["lease_id"]) == ("gpu-a", claim.lease_id)
     assert float(row["lease_until"]) == pytest.approx(now + LEASE, abs=0.01)
@@ -793,6 +859,25 @@ def test_claim_unread_takes_over_only_a_lease_that_ended(
     taken = _claim_unread(store, task.task_id, now=lease_end + 0.01)
     assert isinstance(taken, Claim)
     assert taken.task.attempt == 2
+    # The lease is the taker's own: the first holder's writes no longer land.
+    assert taken.lease_id != first.lease_id
+    assert not store.complete(first, result_key="results/late.png", endpoint_id="gpu-a")
+
+
+def test_two_unread_claims_hold_leases_of_their_own(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    now = time.time()
+    first = _claim_unread(store, task.task_id, now=now)
+    assert isinstance(first, Claim)
+
+    second = _claim_unread(store, task.task_id, now=now + LEASE + 1)  # the first's lease over
+
+    assert isinstance(second, Claim)
+    assert second.lease_id != first.lease_id
+    assert not store.complete(first, result_key="results/late.png", endpoint_id="gpu-a")
+    assert store.complete(second, result_key="results/x.png", endpoint_id="gpu-a")
 
 
 def test_claim_unread_leaves_a_task_out_of_attempts_or_past_its_queue_deadline(
@@ -817,6 +902,16 @@ def test_claim_unread_leaves_a_task_out_of_attempts_or_past_its_queue_deadline(
     assert isinstance(refused, ClaimRefused)
     assert refused.task is not None
     assert refused.task.status is TaskStatus.QUEUED
+    # The queue deadline bounds the wait to start, not a retry: once started, a task past
+    # it is still taken for its next attempt.
+    started = queued()
+    first = store.claim(started, lease_seconds=LEASE, now=time.time(), endpoint_id="gpu-b")
+    assert first is not None
+    assert store.release_for_retry(first, error="HTTP 503", endpoint_id="gpu-b")
+    assert started.queue_deadline is not None
+    retried = _claim_unread(store, started.task_id, now=started.queue_deadline + 3600)
+    assert isinstance(retried, Claim)
+    assert retried.task.attempt == 2
 
 
 def test_claim_unread_does_not_send_a_retry_back_to_the_endpoint_that_failed_it(

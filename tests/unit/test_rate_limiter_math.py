@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from decimal import Decimal
 from fractions import Fraction
 
@@ -87,12 +88,21 @@ def test_the_interval_is_one_over_the_rate_to_the_microsecond() -> None:
     assert Gcra.for_rate(0.5, 5).tolerance == Decimal(10)
 
 
+def test_a_million_a_second_is_the_fastest_rate_one_microsecond_apart() -> None:
+    assert Gcra.for_rate(1_000_000, 1).interval == Decimal("0.000001")
+
+
 @pytest.mark.parametrize(
-    ("rate", "burst", "match"),
-    [(0, 5, "rate"), (-1, 5, "rate"), (2e6, 5, "rate"), (1, 0, "burst")],
+    ("rate", "burst", "message"),
+    [
+        (0, 5, "rate_per_second must be positive"),
+        (-1, 5, "rate_per_second must be positive"),
+        (2e6, 5, "rate_per_second must be at most a million"),
+        (1, 0, "burst must be at least 1"),
+    ],
 )
-def test_bad_parameters(rate: float, burst: int, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_parameters(rate: float, burst: int, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Gcra.for_rate(rate, burst)
 
 

@@ -15,6 +15,8 @@ def test_resends_back_off_doubling_up_to_the_cap():
     policy = ReaperPolicy(max_attempts=3, requeue_after_seconds=900)
     waits = [policy.wait_after_resend(n) for n in range(1, 6)]
     assert waits == [1800, 3600, 3600, 3600, 3600]
+    # Before any re-send: the first wait itself.
+    assert policy.wait_after_resend(0) == 900
 
 
 def test_a_task_stays_in_one_shard_per_state():

@@ -13,6 +13,7 @@ from gpuqueue.endpoint_registry import Fleet
 from gpuqueue.models import CircuitState, Endpoint, EndpointState, Priority, SlotLease, TaskKind
 from gpuqueue.slot_broker import (
     BACKLOG_TTL_SECONDS,
+    LEASE_TAIL_SECONDS,
     MAX_POLL_SECONDS,
     WAITER_ROW_SECONDS,
     HeldSlot,
@@ -818,6 +819,7 @@ class RenewingRegistry:
         self.lost = lost
         self.renewals: list[tuple[str, float | None]] = []
         self.released: list[str] = []
+        self.release_times: list[float | None] = []
 
     def renew_slot(self, lease: SlotLease, *, task_id: str, call_seconds: float | None, **_: Any):  # type: ignore[no-untyped-def]
         self.renewals.append((task_id, call_seconds))
@@ -825,6 +827,7 @@ class RenewingRegistry:
 
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         self.released.append(lease.lease_id)
+        self.release_times.append(call_seconds)
 
 
 def _held(registry: RenewingRegistry) -> HeldSlot:
@@ -844,6 +847,29 @@ def test_a_renewal_carries_the_last_calls_time_once() -> None:
 
     assert registry.renewals == [("t2", 3.5), ("t3", None)]  # folded into the EWMA once
     assert held.lease.task_id == "t3"
+
+
+def test_a_kept_slot_given_back_carries_its_last_calls_time_and_expects_it_next() -> None:
+    registry = RenewingRegistry()
+    held = _held(registry)
+    held.lease = held.lease.model_copy(update={"call_seconds_ewma": 9.0})
+    assert held.expected_call_seconds == 9.0  # no call yet: the slot's average
+
+    held.note_call(3.5)
+
+    assert held.expected_call_seconds == 3.5  # the last call's own time
+    held.release()
+    assert registry.release_times == [3.5]  # folded into the EWMA as the slot goes back
+
+
+def test_a_call_may_run_until_half_a_second_before_the_first_of_its_leases_ends() -> None:
+    held = _held(RenewingRegistry())  # the slot's lease ends at NOW + 60
+    assert held.seconds_for_a_call(NOW + 20) == 60 - 20 - LEASE_TAIL_SECONDS
+
+    held.seat = SlotLease(
+        endpoint_id="lane", slot=0, lease_id="seat", task_id="t1", lease_until=NOW + 30
+    )
+    assert held.seconds_for_a_call(NOW + 20) == 30 - 20 - LEASE_TAIL_SECONDS
 
 
 def test_a_slot_whose_renewal_was_lost_is_never_released_by_this_worker() -> None:

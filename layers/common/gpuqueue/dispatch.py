@@ -35,14 +35,7 @@ from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
 from gpuqueue.jobs import InvalidTaskInput, Job
 from gpuqueue.models import CircuitState, Priority, QueueMessage, Task, TaskKind, TaskStatus
 from gpuqueue.next_message import NextMessage
-from gpuqueue.slot_broker import (
-    LEASE_TAIL_SECONDS,
-    HeldSlot,
-    NoFreeSlot,
-    NoRoutableEndpoint,
-    SlotBroker,
-    SlotRequest,
-)
+from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, NoRoutableEndpoint, SlotBroker, SlotRequest
 from gpuqueue.task_store import Claim, ClaimRefused, TaskStore
 
 logger = Logger(child=True)
@@ -669,16 +662,6 @@ class TaskDispatcher:
                 str(error), delay_seconds=self._policy.no_slot_delay_seconds, requeue=True
             ) from error
 
-    @staticmethod
-    def _call_window(slot: HeldSlot, claim: Claim, now: float) -> float:
-        """The longest a call starting at `now` may run: it must end inside its slot's lease
-        (a call outliving it shares the GPU with the next lease's) and its task's (the
-        reaper would hand the task to another worker, a second call)."""
-        window = slot.seconds_for_a_call(now)
-        if claim.task.lease_until is not None:
-            window = min(window, claim.task.lease_until - LEASE_TAIL_SECONDS - now)
-        return window
-
     def _call(
         self,
         claim: Claim,
@@ -698,7 +681,10 @@ class TaskDispatcher:
         attempt = task.attempt
         log = {"task_id": task.task_id, "endpoint_id": endpoint.endpoint_id, "attempt": attempt}
         started = self._clock()
-        budget = min(budget, self._call_window(slot, claim, started))
+        # The call must end inside its slot's lease (set before the writes ahead of it): a
+        # call outliving it shares the GPU with the next lease's. (The task's own lease is
+        # set later, for as long: it ends after the slot's.)
+        budget = min(budget, slot.seconds_for_a_call(started))
         if budget < MIN_CALL_SECONDS:
             # The writes before the call took most of the leases' margin (a stalled worker).
             logger.warning("leases ran short before the call", extra=log)
@@ -731,7 +717,8 @@ class TaskDispatcher:
             if opened:
                 logger.warning("circuit opened", extra=log)
             if not error.retryable or attempt >= self._policy.max_attempts:
-                self._tasks.fail(claim, error=reason, endpoint_id=endpoint.endpoint_id)
+                # (The row names this endpoint already: the claim for this call wrote it.)
+                self._tasks.fail(claim, error=reason)
                 logger.warning("task failed", extra={**log, "error": reason})
                 return Outcome.FAILED, reason
             # Another full call must fit in what is left of this invocation.
@@ -739,7 +726,7 @@ class TaskDispatcher:
                 # Straight to another endpoint, in this invocation.
                 logger.warning("retrying on another endpoint", extra={**log, "error": reason})
                 return Outcome.RETRY, reason
-            self._tasks.release_for_retry(claim, error=reason, endpoint_id=endpoint.endpoint_id)
+            self._tasks.release_for_retry(claim, error=reason, endpoint_id=None)
             logger.warning("task will be retried", extra={**log, "error": reason})
             raise RetryLater(
                 reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)

@@ -282,7 +282,7 @@ class TaskStore:
                         }
                     }
                 )
-                for item in answer.get("Responses", {}).get(self._table.name, []):
+                for item in answer["Responses"].get(self._table.name, []):
                     found[str(item["task_id"])] = dict(item)
                 keys = list(
                     answer.get("UnprocessedKeys", {}).get(self._table.name, {}).get("Keys", [])
@@ -603,7 +603,7 @@ class TaskStore:
                 },
                 Limit=limit - len(found),
             )
-            found.extend(str(item["task_id"]) for item in page.get("Items", []))
+            found.extend(str(item["task_id"]) for item in page["Items"])
         return found
 
     def requeue_abandoned(self, task: Task, *, now: float, error: str) -> Task | None:
