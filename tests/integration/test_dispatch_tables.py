@@ -502,6 +502,7 @@ def test_a_permanent_failure_ends_the_task_at_once(
     assert failed.status is TaskStatus.FAILED
     assert failed.error == "attempt 1 on gpu-a: HTTP 400: bad prompt"
     assert failed.endpoint_id == "gpu-a"
+    assert in_flight(registry, "gpu-a") == 0  # the slot given back with the task ended
 
 
 def test_without_time_for_another_full_call_the_task_is_queued_again_after_a_backoff(
@@ -546,6 +547,45 @@ def test_a_task_whose_attempts_are_used_up_fails_without_a_gpu_call(
     assert failed.error == "gave up after 1 attempts; last error: HTTP 503"
 
 
+def test_a_task_whose_worker_was_lost_on_its_last_attempt_fails_saying_so(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    job = ScriptedJob()
+    task = submitted(store)
+    assert store.claim(task, lease_seconds=1, now=time.time() - 60) is not None  # lapsed
+
+    assert dispatch(dispatcher(store, registry, job, max_attempts=1), task) is Outcome.FAILED
+
+    failed = store.get(task.task_id)
+    assert failed is not None
+    assert failed.error == "gave up after 1 attempts; last error: the worker's lease expired"
+
+
+def test_a_retry_that_finds_no_free_slot_goes_back_queued_with_its_last_error(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    gpu_b = next(e for e in registry.fleet(TaskKind.IMAGE).endpoints if e.endpoint_id == "gpu-b")
+    assert registry.take_slot(gpu_b, 0, task_id="other", lease_seconds=60, now=time.time())
+    job = ScriptedJob(RetryableGpuError("HTTP 503"))  # on gpu-a, the only free slot
+    task = submitted(store)
+
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job), task)
+
+    assert raised.value.requeue
+    again = store.get(task.task_id)
+    assert again is not None
+    assert (again.status, again.attempt, again.error, again.endpoint_id) == (
+        TaskStatus.QUEUED,
+        1,
+        "attempt 1 on gpu-a: HTTP 503",
+        "gpu-a",
+    )
+    assert in_flight(registry, "gpu-a") == 0
+
+
 def test_a_task_with_attempts_left_after_a_failure_is_claimed_again(
     store: TaskStore, registry: EndpointRegistry
 ) -> None:
@@ -566,15 +606,21 @@ def test_a_live_lease_sends_the_message_back_until_it_would_end(
 ) -> None:
     healthy(registry, "gpu-a")
     task = submitted(store)
-    assert store.claim(task, lease_seconds=30, now=time.time()) is not None
+    now = float(int(time.time()))
+    assert store.claim(task, lease_seconds=30, now=now) is not None
     job = ScriptedJob()
 
     with pytest.raises(RetryLater) as raised:
-        dispatch(dispatcher(store, registry, job), task)
+        dispatch(dispatcher(store, registry, job, clock=lambda: now), task)
 
     assert raised.value.requeue
-    assert 29 <= raised.value.delay_seconds <= 31
+    assert raised.value.delay_seconds == 31  # the lease's 30 s, and a second past its end
+    assert str(raised.value) == "task is running elsewhere"
     assert job.calls == []
+    # At the very instant the lease ends it is still the holder's (as the claim's condition).
+    with pytest.raises(RetryLater) as raised:
+        dispatch(dispatcher(store, registry, job, clock=lambda: now + 30), task)
+    assert raised.value.delay_seconds == 1
 
 
 def test_an_expired_lease_is_claimed_again_by_a_redelivery(
@@ -624,6 +670,14 @@ def test_a_task_past_its_queue_deadline_expires_without_a_gpu_call(
 
     assert job.calls == []
     expired = store.get(task.task_id)
+    # At its deadline exactly a task is still in time.
+    on_time = submitted(store, queue_ttl_seconds=60)
+    assert on_time.queue_deadline is not None
+    deadline = on_time.queue_deadline
+    assert (
+        dispatch(dispatcher(store, registry, job.also(b"png"), clock=lambda: deadline), on_time)
+        is Outcome.DONE
+    )
     assert expired is not None
     assert expired.status is TaskStatus.EXPIRED
     assert expired.error == "not started within its queue deadline (1 s)"
@@ -792,7 +846,12 @@ def test_after_a_good_call_a_kept_slot_knows_its_endpoint_healthy_and_writes_tha
 ) -> None:
     registry = SuccessesHeard(tables[1])
     healthy(registry, "gpu-a")
-    registry.record_dispatch_failure("gpu-a", threshold=5, now=time.time())  # one failure
+    # On trial after a failure: one more good call closes its circuit.
+    tables[1].update_item(
+        Key={"endpoint_id": "gpu-a"},
+        UpdateExpression="SET circuit = :trial, consecutive_failures = :one",
+        ExpressionAttributeValues={":trial": CircuitState.HALF_OPEN.value, ":one": 1},
+    )
     first, second, third = (submitted(store) for _ in range(3))
     queue = Queue(store, second, third)
     job = ScriptedJob(b"1", b"2", b"3")
@@ -802,10 +861,13 @@ def test_after_a_good_call_a_kept_slot_knows_its_endpoint_healthy_and_writes_tha
     # The first success resets the count (a write); the slot's copy of the endpoint then
     # says so, and the next successes on it need no write.
     # (Each is reported as its task is finished, beside the next call: in any order.)
-    assert Counter(registry.successes) == {(1, CircuitState.CLOSED): 1, (0, CircuitState.CLOSED): 2}
+    assert Counter(registry.successes) == {
+        (1, CircuitState.HALF_OPEN): 1,
+        (0, CircuitState.CLOSED): 2,
+    }
     gpu_a = registry.get("gpu-a")
     assert gpu_a is not None
-    assert gpu_a.consecutive_failures == 0
+    assert (gpu_a.consecutive_failures, gpu_a.circuit) == (0, CircuitState.CLOSED)
 
 
 def test_no_next_task_is_pulled_without_time_for_a_whole_call(

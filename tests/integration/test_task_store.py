@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -104,6 +104,44 @@ def test_deadlines_leases_and_reap_times_are_kept_to_the_millisecond(
     assert claim is not None
     assert claim.task.lease_until == round(SUB_MS + 2.5, 3)
     assert _row(table, image.task_id)["lease_until"] == Decimal(str(round(SUB_MS + 2.5, 3)))
+
+
+def test_an_image_task_is_stored_with_everything_it_was_given(store: TaskStore, table: Any) -> None:
+    created = int(time.time())
+    now = datetime.fromtimestamp(created, UTC)
+    request = ImageRequest(
+        prompt="a fox",
+        negative_prompt="blurry",
+        webhook_url="https://example.com/hook",
+    )
+
+    task = store.create_image_task(OWNER, request, queue_ttl_seconds=60, now=now)
+
+    stored = store.get(task.task_id)
+    assert stored is not None
+    for seen in (task, stored):
+        assert (seen.kind, seen.status, seen.user_id) == (TaskKind.IMAGE, TaskStatus.QUEUED, OWNER)
+        assert (seen.negative_prompt, seen.webhook_url) == ("blurry", "https://example.com/hook")
+        assert seen.expires_at == created + 7 * 24 * 3600  # the store's retention
+    assert _row(table, task.task_id)["kind"] == TaskKind.IMAGE.value
+
+
+def test_a_task_past_its_retention_reads_as_gone(table: Any) -> None:
+    store = TaskStore(table, retention=timedelta(seconds=-1))
+    task = store.create_image_task(OWNER, ImageRequest(prompt="a fox"), queue_ttl_seconds=60)
+
+    assert store.get(task.task_id) is None  # the table's TTL may not have removed it yet
+
+
+def test_every_transition_stamps_the_time_it_was_made(store: TaskStore) -> None:
+    an_hour_ago = datetime.fromtimestamp(time.time() - 3600, UTC)
+    task = store.create_image_task(
+        OWNER, ImageRequest(prompt="a fox"), queue_ttl_seconds=7200, now=an_hour_ago
+    )
+
+    claim = _claimed(store, task)
+
+    assert datetime.fromisoformat(claim.task.updated_at) > an_hour_ago + timedelta(minutes=59)
 
 
 # --- claim ------------------------------------------------------------------------------
@@ -574,6 +612,9 @@ class ThrottledReads:
             if not answer.get("UnprocessedKeys"):
                 # Nothing left: the answer may leave the map out (moto sends it empty).
                 answer.pop("UnprocessedKeys", None)
+            if not answer["Responses"].get(self.name):
+                # Nothing found: the table may be left out of the answer (moto names it).
+                answer["Responses"].pop(self.name, None)
             return answer
         self.rounds -= 1
         served, left = keys[::2], keys[1::2]
