@@ -85,6 +85,11 @@ class RunResult:
     # slot-seconds over the run: their ratio is the calls one billed second carries.
     dispatcher_billed_s: float = 0.0
     gpu_busy_s: float = 0.0
+    # Where GPU time went: seconds from the start until every slot had its first call, and
+    # the idle time between one call's end and the next call's start on an endpoint.
+    all_busy_after_s: float | None = None
+    handoff_gap_p50_ms: float | None = None
+    handoff_gap_p95_ms: float | None = None
 
     @property
     def calls_per_billed_second(self) -> float | None:
@@ -115,7 +120,9 @@ class RunResult:
             f"wait p50 {self.wait_p50_s:.1f}s p95 {self.wait_p95_s:.1f}s "
             f"done {self.done}/{self.tasks} failed {self.failed} submit {self.submit_s:.1f}s "
             f"peak in-flight {self.max_in_flight} (capacity {self.capacity}) "
-            f"slot utilisation {[round(u, 2) for u in self.utilisation]}"
+            f"slot utilisation {[round(u, 2) for u in self.utilisation]} "
+            f"all slots busy after {self.all_busy_after_s}s "
+            f"hand-off gap p50/p95 {self.handoff_gap_p50_ms}/{self.handoff_gap_p95_ms} ms"
         )
 
 
@@ -128,6 +135,25 @@ def optimal_makespan(tasks: int, latencies: tuple[float, ...], capacity: int) ->
         if sum(capacity * int(t / latency + 1e-9) for latency in latencies) >= tasks:
             return t
     raise ValueError("no endpoint")
+
+
+def first_full(changes: list[list[float]], capacity: int, started: float) -> float | None:
+    """Seconds from `started` until the endpoint first had a call on every slot."""
+    return next((at - started for at, n in changes if n >= capacity), None)
+
+
+def handoff_gaps(changes: list[list[float]]) -> list[float]:
+    """Seconds each slot stood idle between a call's end and the next call's start, on one
+    endpoint (its in-flight count over time): a call ending opens a gap, the next start
+    closes the oldest one. Calls that ended with no next call (the run's end) are not gaps."""
+    gaps: list[float] = []
+    opened: list[float] = []
+    for (at, n), (_, before) in zip(changes[1:], changes, strict=False):
+        if n < before:
+            opened.append(at)
+        elif opened:
+            gaps.append(at - opened.pop(0))
+    return gaps
 
 
 def _parse(ts: str) -> float:
@@ -275,6 +301,8 @@ def _measure(
     ideal = sum(capacity / latency for latency in latencies) if ideal_known else None
     optimal = optimal_makespan(tasks, latencies, capacity) if ideal_known else None
     stats = [server.stats() for server in stack.image_servers]
+    fulls = [first_full(s["in_flight_changes"], capacity, started) for s in stats]
+    gaps = sorted(g for s in stats for g in handoff_gaps(s["in_flight_changes"]))
     return RunResult(
         label=label,
         tasks=tasks,
@@ -294,6 +322,13 @@ def _measure(
         ],
         optimal_makespan_s=optimal,
         gpu_busy_s=sum(s["busy_slot_seconds"] for s in stats),
+        all_busy_after_s=(
+            round(max(f for f in fulls if f is not None), 2)
+            if kill_after is None and all(f is not None for f in fulls)
+            else None
+        ),
+        handoff_gap_p50_ms=round(1000 * _percentile(gaps, 0.5)) if gaps else None,
+        handoff_gap_p95_ms=round(1000 * _percentile(gaps, 0.95)) if gaps else None,
     )
 
 

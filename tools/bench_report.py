@@ -98,9 +98,14 @@ def _latency_row(label: str, figures: dict[str, float]) -> str:
 
 FLEET_HEADER = (
     "| run | done | failed | makespan s | optimal s | makespan / optimal | tasks/s | efficiency"
-    " | queue wait p50 / p95 s | peak in-flight | GPU calls per billed dispatcher second |"
-    "\n|---|---|---|---|---|---|---|---|---|---|---|"
+    " | queue wait p50 / p95 s | peak in-flight | GPU calls per billed dispatcher second"
+    " | every slot busy after s | hand-off gap p50 / p95 ms |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def _blank(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
 
 
 def _ratio(value: float | None) -> str:
@@ -136,14 +141,18 @@ def benchmarks_markdown(
         f"{r.get('optimal_makespan_s') or ''} | {_ratio(r.get('makespan_ratio'))} | "
         f"{r['throughput']:.2f} | {_percent(r.get('efficiency'))} | "
         f"{r['wait_p50_s']:.1f} / {r['wait_p95_s']:.1f} | {r['max_in_flight']} | "
-        f"{_ratio(r.get('calls_per_billed_second'))} |"
+        f"{_ratio(r.get('calls_per_billed_second'))} | {_blank(r.get('all_busy_after_s'))} | "
+        f"{_blank(r.get('handoff_gap_p50_ms'))} / {_blank(r.get('handoff_gap_p95_ms'))} |"
         for r in fleet
     )
     memory = fleet_run.get("dispatcher_max_memory_mb")
     fleet_part = (
         f"{FLEET_HEADER}\n{fleet_rows}\n\n"
         "Optimal makespan: the least T with sum(capacity * floor(T / latency)) >= tasks (every "
-        "slot busy from the start, no gap); the target is makespan <= 1.05 x optimal. "
+        "slot busy from the start, no gap); the target is makespan <= 1.05 x optimal. Where "
+        "the rest went: the time until every slot had its first call (the burst's start: "
+        "moto's latency under the whole burst at once), and the idle time between a call's "
+        "end and the next call on an endpoint (the hand-off). "
         f"Dispatcher Max Memory Used (the largest of any invocation, as Lambda reports it): "
         f"{memory} MB."
         if fleet

@@ -497,12 +497,13 @@ def test_a_permanent_failure_ends_the_task_at_once(
     assert dispatch(dispatcher(store, registry, job, max_attempts=5), task) is Outcome.FAILED
 
     assert len(job.calls) == 1
+    called = job.calls[0][0]
     failed = store.get(task.task_id)
     assert failed is not None
     assert failed.status is TaskStatus.FAILED
-    assert failed.error == "attempt 1 on gpu-a: HTTP 400: bad prompt"
-    assert failed.endpoint_id == "gpu-a"
-    assert in_flight(registry, "gpu-a") == 0  # the slot given back with the task ended
+    assert failed.error == f"attempt 1 on {called}: HTTP 400: bad prompt"
+    assert failed.endpoint_id == called
+    assert in_flight(registry, called) == 0  # the slot given back with the task ended
 
 
 def test_without_time_for_another_full_call_the_task_is_queued_again_after_a_backoff(
@@ -519,13 +520,14 @@ def test_without_time_for_another_full_call_the_task_is_queued_again_after_a_bac
 
     assert 2 <= raised.value.delay_seconds <= 4  # attempt 1: jittered within [base/2, base]
     assert not raised.value.requeue
-    assert str(raised.value) == "attempt 1 on gpu-a: timeout"
+    called = job.calls[0][0]
+    assert str(raised.value) == f"attempt 1 on {called}: timeout"
     again = store.get(task.task_id)
     assert again is not None
     assert again.status is TaskStatus.QUEUED
     assert again.attempt == 1
-    assert again.error == "attempt 1 on gpu-a: timeout"
-    assert in_flight(registry, "gpu-a") == 0
+    assert again.error == f"attempt 1 on {called}: timeout"
+    assert in_flight(registry, called) == 0
 
 
 def test_a_task_whose_attempts_are_used_up_fails_without_a_gpu_call(
@@ -1076,6 +1078,62 @@ def test_a_kept_slot_receives_its_next_message_while_its_call_runs(
         (third.task_id, Outcome.DONE),
     ]
     assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_kept_slots_next_task_is_claimed_and_its_slot_renewed_while_the_call_before_runs(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    job = EarlyReceiveJob(b"1", b"2", b"3", queue=queue, registry=registry)
+    at_second_end: list[tuple[TaskStatus, str | None]] = []
+
+    def look(call: int) -> None:
+        if call == 1:  # the second task's call, ending: the third is already under way
+            row = store.get(third.task_id)
+            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
+            at_second_end.append((row.status, lease.task_id))  # type: ignore[union-attr]
+
+    job.at_call_end = look
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    # The hand-off's two writes were made before the call ended: the next call starts at
+    # once, on the same slot, under the lease renewed for it.
+    assert at_second_end == [(TaskStatus.RUNNING, third.task_id)]
+    assert [c[:2] for c in job.calls] == [("gpu-a", 1)] * 3
+    assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_task_claimed_ahead_goes_back_uncalled_when_the_slot_it_was_for_is_given_up(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", "gpu-b")
+    first, second, third = (submitted(store) for _ in range(3))
+    queue = Queue(store, second, third)
+    # The second call fails and moves to the other endpoint, giving its slot up: the third
+    # had been claimed for that slot.
+    job = EarlyReceiveJob(
+        b"1", RetryableGpuError("HTTP 503"), b"2", b"3", queue=queue, registry=registry
+    )
+    seen: list[TaskStatus] = []
+    job.at_call_end = lambda call: seen.append(store.get(third.task_id).status)  # type: ignore[union-attr]
+
+    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+
+    assert seen[1] is TaskStatus.RUNNING  # claimed ahead, as the second's first call ended
+    failed_on, moved_to = job.calls[1][0], job.calls[2][0]
+    assert failed_on != moved_to
+    # Handed back QUEUED (its attempt counted) and claimed again for the slot the worker
+    # kept: never called on the given-up slot under the claim made for it.
+    assert job.calls[3][:2] == (moved_to, 2)
+    done = store.get(third.task_id)
+    assert done is not None
+    assert done.status is TaskStatus.DONE
+    assert done.endpoint_id == moved_to
+    assert [t for t, _, _ in queue.settled].count(third.task_id) == 1
+    assert in_flight(registry, "gpu-a") == in_flight(registry, "gpu-b") == 0
 
 
 def test_a_message_received_early_goes_back_at_once_when_no_call_fits_after_all(

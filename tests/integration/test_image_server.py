@@ -341,6 +341,7 @@ def test_stats_and_reset(server: ImageServer) -> None:
     openai(server, prompt="", size="64x64")  # bad request still counts as a call
     stats = requests.get(server.url + "/stats", timeout=TIMEOUT).json()
     busy = stats.pop("busy_slot_seconds")
+    changes = stats.pop("in_flight_changes")
     assert stats == {
         "calls": 3,
         "in_flight": 0,
@@ -348,7 +349,10 @@ def test_stats_and_reset(server: ImageServer) -> None:
         "prompts": ["one", "two"],
         "refused": 0,
     }
-    assert server.stats() == stats | {"busy_slot_seconds": busy}
+    # Each admitted call in, then out (the bad request never held a slot), in time order.
+    assert [n for _, n in changes] == [1, 0, 1, 0]
+    assert [t for t, _ in changes] == sorted(t for t, _ in changes)
+    assert server.stats() == stats | {"busy_slot_seconds": busy, "in_flight_changes": changes}
 
     health = requests.get(server.url + "/health", timeout=TIMEOUT).json()
     assert health["calls"] == 3
@@ -362,6 +366,7 @@ def test_stats_and_reset(server: ImageServer) -> None:
         "busy_slot_seconds": 0.0,
         "prompts": [],
         "refused": 0,
+        "in_flight_changes": [],
     }
     assert resp.json() == empty
     assert server.stats() == empty

@@ -312,6 +312,31 @@ def test_a_retry_after_an_error_completes_without_the_error(
     assert "error" not in _row(table, claim.task.task_id)
 
 
+def test_a_claim_handed_back_uncalled_is_queued_again_without_an_error(
+    store: TaskStore, table: Any, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    claim = _claimed(store, task)
+    before = time.time()
+
+    assert store.hand_back(claim)
+
+    row = _row(table, task.task_id)
+    assert row["status"] == TaskStatus.QUEUED.value
+    assert "error" not in row
+    assert "lease_until" not in row
+    # The attempt stays counted: back to 0, its next claim would count as a first departure.
+    assert int(row["attempt"]) == 1
+    assert row["reap_shard"] == reap_shard(task.task_id, ReapState.QUEUED)
+    assert before - 1 <= float(row["reap_at"]) <= time.time() + 1
+    # Given back: the claim can do nothing more, nor can a stale one hand it back.
+    assert not store.complete(claim, result_key="results/late.png", endpoint_id="gpu-a")
+    assert not store.hand_back(claim)
+    again = store.claim(store.get(task.task_id), lease_seconds=LEASE, now=time.time())  # type: ignore[arg-type]
+    assert again is not None
+    assert again.task.attempt == 2
+
+
 def test_release_for_retry_queues_it_again_with_the_error(
     store: TaskStore, table: Any, queued: Callable[..., Task]
 ) -> None:

@@ -141,3 +141,57 @@ def test_one_receive_is_due_at_a_time() -> None:
     assert pulled is not None
     assert pulled.message.task_id == "t1"
     assert receive.count == 1
+
+
+class Prepares:
+    def __init__(self, *, fail: bool = False) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def __call__(self, slot: str, pulled: Pulled) -> None:
+        self.seen.append((slot, pulled.message.task_id))
+        if self.fail:
+            raise ConnectionError("table unreachable")
+
+
+def test_the_hand_off_for_an_early_message_is_prepared_before_the_worker_can_take_it() -> None:
+    receive = Receives("t1")
+    prepare = Prepares()
+    nxt = NextMessage(receive, lead_seconds=0.5, wanted=lambda slot: True, prepare=prepare)
+
+    nxt.arm("slot-3", 1.1)
+    assert receive.done.wait(5)
+    pulled = nxt.take()  # waits for the preparation under way, if any
+
+    assert pulled is not None
+    assert prepare.seen == [("slot-3", "t1")]
+
+
+def test_a_failed_preparation_still_hands_the_message_over() -> None:
+    receive = Receives("t1")
+    prepare = Prepares(fail=True)
+    nxt = NextMessage(receive, lead_seconds=0.5, wanted=lambda slot: True, prepare=prepare)
+
+    nxt.arm("slot", 1.1)
+    assert receive.done.wait(5)
+    pulled = nxt.take()
+
+    assert pulled is not None
+    assert pulled.message.task_id == "t1"
+    assert receive.count == 1  # not received again: the worker prepares it itself
+    assert prepare.seen == [("slot", "t1")]
+
+
+def test_nothing_is_prepared_for_an_empty_queue_nor_for_a_receive_after_the_call() -> None:
+    empty, prepare = Receives(), Prepares()
+    nxt = NextMessage(empty, lead_seconds=0.5, wanted=lambda slot: True, prepare=prepare)
+    nxt.arm("slot", 1.1)
+    assert empty.done.wait(5)
+    assert nxt.take() is None
+
+    late = Receives("t1")
+    after = NextMessage(late, lead_seconds=0.5, wanted=lambda slot: True, prepare=prepare)
+    after.arm("slot", 30.0)  # the call ends long before the receive is due
+    assert after.take() is not None
+
+    assert prepare.seen == []

@@ -424,7 +424,7 @@ def retry(*, tried: set[str], untried_only: bool = False, wait: float = 0.0) -> 
 
 
 def test_the_slot_is_leased_for_the_task_for_the_requests_lease_time() -> None:
-    registry = LeaseRegistry([Fleet(endpoints=[named("gpu-a", capacity=2)])])
+    registry = LeaseRegistry([Fleet(endpoints=[named("gpu-a", capacity=1)])])
 
     held = lease_broker(registry).acquire(retry(tried=set()))
 
@@ -667,10 +667,10 @@ def test_a_recent_read_of_the_fleet_answers_whether_a_slot_is_free() -> None:
     assert registry.reads == 2
 
 
-def test_a_read_that_a_slot_was_taken_from_no_longer_stands() -> None:
-    # The read acquire chose from shows the slot it took as free: going by it, a scout would
-    # take a message no slot is left for.
-    registry = CountingRegistry([idle_fleet(), busy_since(NOW)])
+def test_a_read_that_a_slot_was_taken_from_shows_it_taken() -> None:
+    # The read acquire chose from showed the slot it took as free: going by it, a scout would
+    # take a message no slot is left for. It stands, with that slot taken (no second read).
+    registry = CountingRegistry([idle_fleet()])
     slots = SlotBroker(registry, health_max_age_seconds=90, clock=lambda: NOW)  # type: ignore[arg-type]
     slots.acquire(
         SlotRequest(
@@ -679,7 +679,7 @@ def test_a_read_that_a_slot_was_taken_from_no_longer_stands() -> None:
     )
 
     assert slots.free_slot_count([TaskKind.IMAGE], max_age_seconds=60.0) == 0
-    assert registry.reads == 2
+    assert registry.reads == 1
 
 
 def test_a_seat_is_leased_as_of_the_brokers_clock() -> None:
@@ -881,3 +881,91 @@ def test_a_slot_whose_renewal_was_lost_is_never_released_by_this_worker() -> Non
 
     assert not held.held
     assert registry.released == []  # the lease may be someone else's now
+
+
+class RefusingRegistry(LeaseRegistry):
+    """Every take fails (another worker got there first), so the order of the tries shows."""
+
+    def take_slot(self, e: Endpoint, slot: int, **kwargs: Any) -> SlotLease | None:  # type: ignore[override]
+        self.asked.append({"endpoint_id": e.endpoint_id, "slot": slot})
+        return None
+
+
+def tried_order(
+    fleet: Fleet, task_id: str, strategy: Strategy = Strategy.LEAST_LOADED
+) -> list[tuple[str, int]]:
+    registry = RefusingRegistry([fleet])
+    slots = SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        balancer=Balancer(strategy),
+        clock=lambda: NOW,
+        sleep=lambda seconds: None,
+    )
+    request = SlotRequest(
+        kind=TaskKind.IMAGE, task_id=task_id, user_id="u", lease_seconds=42, wait_seconds=0
+    )
+    with pytest.raises(NoFreeSlot):
+        slots.acquire(request)
+    return [(asked["endpoint_id"], asked["slot"]) for asked in registry.asked]
+
+
+def four_slot_fleet(call_seconds: dict[str, float]) -> Fleet:
+    return Fleet(
+        endpoints=[named(e, capacity=4) for e in call_seconds],
+        call_seconds={e: dict.fromkeys(range(4), s) for e, s in call_seconds.items()},
+    )
+
+
+def test_a_bursts_workers_reading_the_same_idle_fleet_try_different_slots_first() -> None:
+    # Twelve workers that read the same idle fleet at once: in one fixed order, eleven of
+    # them would fail their first take on the same slot.
+    fleet = four_slot_fleet({"gpu-a": 4.0, "gpu-b": 4.1, "gpu-c": 3.9})
+
+    firsts = [tried_order(fleet, f"task-{n}")[0] for n in range(120)]
+
+    assert len(set(firsts)) == 12  # every slot is someone's first choice
+    assert max(firsts.count(first) for first in set(firsts)) <= 25  # none draws a crowd
+
+
+def test_a_task_tries_every_free_slot_once_in_an_order_its_id_fixes() -> None:
+    fleet = four_slot_fleet({"gpu-a": 4.0, "gpu-b": 4.0})
+
+    order = tried_order(fleet, "task-1")
+
+    assert sorted(order) == [(e, s) for e in ("gpu-a", "gpu-b") for s in range(4)]
+    assert tried_order(fleet, "task-1") == order
+    assert any(tried_order(fleet, f"task-{n}") != order for n in range(2, 6))
+
+
+def test_least_loaded_tries_a_slower_endpoints_slots_after_the_faster_ones_alike_loaded() -> None:
+    fleet = four_slot_fleet({"gpu-fast": 4.0, "gpu-slow": 12.0, "gpu-fast2": 4.2})
+
+    for n in range(20):
+        order = tried_order(fleet, f"task-{n}")
+        assert {e for e, _ in order[:8]} == {"gpu-fast", "gpu-fast2"}
+        assert {e for e, _ in order[8:]} == {"gpu-slow"}
+
+
+def test_least_loaded_tries_a_less_loaded_endpoints_slots_first() -> None:
+    fleet = four_slot_fleet({"gpu-a": 4.0, "gpu-b": 4.0})
+    fleet = Fleet(
+        endpoints=fleet.endpoints,
+        leases={"gpu-a": [busy("gpu-a")]},
+        call_seconds=fleet.call_seconds,
+    )
+
+    for n in range(20):
+        order = tried_order(fleet, f"task-{n}")
+        assert [e for e, _ in order] == ["gpu-b"] * 4 + ["gpu-a"] * 3
+
+
+def test_round_robin_keeps_its_endpoint_order_and_mixes_only_each_endpoints_slots() -> None:
+    fleet = four_slot_fleet({"gpu-a": 4.0, "gpu-b": 4.0})
+
+    orders = [tried_order(fleet, f"task-{n}", Strategy.ROUND_ROBIN) for n in range(8)]
+
+    for order in orders:
+        endpoints = [e for e, _ in order]
+        assert endpoints in (["gpu-a"] * 4 + ["gpu-b"] * 4, ["gpu-b"] * 4 + ["gpu-a"] * 4)
+    assert len({tuple(order[:4]) for order in orders}) > 2

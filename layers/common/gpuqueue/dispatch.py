@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
+from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue.balancer import Balancer
 from gpuqueue.dispatch_metrics import DispatchObserver
@@ -55,6 +56,18 @@ RECEIVE_LEAD_SECONDS = 0.5
 class _Work:
     job: Job
     job_input: Any
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """A kept slot's writes for its next task: the slot renewed for it and the task claimed
+    (made side by side; ahead of the hand-off when the next message came early)."""
+
+    slot: HeldSlot
+    claimed: Claim | ClaimRefused
+    renewed: bool
+    budget: float
+    now: float
 
 
 @dataclass(frozen=True)
@@ -244,8 +257,24 @@ class TaskDispatcher:
                 self._policy.task_timeout_seconds
             ) and self._slots.worth_keeping(slot, priority=lane)
 
+        # The hand-off written while the call before it ran, by the message's receipt.
+        ready: dict[str, _Handoff] = {}
+
+        def prepare(slot: HeldSlot, pulled: Pulled) -> None:
+            if slot.endpoint.kind is not pulled.message.kind:
+                return
+            handoff = self._hand_over(pulled.message, slot, remaining_seconds)
+            if handoff is None:
+                return
+            if isinstance(handoff.claimed, Claim):
+                if handoff.renewed:
+                    ready[pulled.receipt] = handoff
+                else:
+                    self._hand_back(handoff)  # the slot is not ours any more
+            # Refused: the worker finds out why at the hand-off, the usual way.
+
         ahead: NextMessage[HeldSlot] = NextMessage(
-            next_tasks.pull, lead_seconds=RECEIVE_LEAD_SECONDS, wanted=wanted
+            next_tasks.pull, lead_seconds=RECEIVE_LEAD_SECONDS, wanted=wanted, prepare=prepare
         )
         pending: list[tuple[Pulled, Future[Outcome]]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
@@ -258,6 +287,7 @@ class TaskDispatcher:
                     held,
                     next_tasks,
                     ahead,
+                    ready,
                     remaining_seconds=remaining_seconds,
                     lane=lane,
                     finisher=finisher,
@@ -267,6 +297,7 @@ class TaskDispatcher:
                 unused = ahead.unused()
                 if unused is not None:
                     # Received early for a call that did not come: visible again at once.
+                    self._drop_handoff(ready, unused)
                     next_tasks.settle(unused, RetryLater("not served here", delay_seconds=0))
                 for pulled, result in pending:
                     try:
@@ -281,6 +312,7 @@ class TaskDispatcher:
         held: HeldSlot | None,
         next_tasks: NextTasks,
         ahead: NextMessage[HeldSlot],
+        ready: dict[str, _Handoff],
         *,
         remaining_seconds: Callable[[], float],
         lane: Priority,
@@ -292,9 +324,7 @@ class TaskDispatcher:
             while True:
                 if slot is not None and (
                     remaining_seconds() - SAFETY_MARGIN_SECONDS < self._policy.task_timeout_seconds
-                    or not self._slots.worth_keeping(
-                        slot, priority=lane, holding_task=ahead.in_hand
-                    )
+                    or not self._still_worth_keeping(slot, ahead, ready, lane)
                 ):
                     slot.release()
                     slot = None
@@ -304,6 +334,8 @@ class TaskDispatcher:
                     # The slot is gone: a message received early for it is served the usual
                     # way (a slot of its own), if a call still fits; else it goes back.
                     pulled = ahead.unused()
+                    if pulled is not None:
+                        self._drop_handoff(ready, pulled)
                     if pulled is not None and (
                         remaining_seconds() - SAFETY_MARGIN_SECONDS
                         < self._policy.task_timeout_seconds
@@ -312,12 +344,23 @@ class TaskDispatcher:
                         return
                 if pulled is None:
                     return  # nothing waiting: the slot goes back
+                handoff = ready.get(pulled.receipt)
+                if handoff is not None and handoff.slot is not slot:
+                    # Written for the slot a failed call gave up (its task moved on to
+                    # another endpoint): not this one's.
+                    self._drop_handoff(ready, pulled)
+                handoff = ready.pop(pulled.receipt, None)
                 if not next_tasks.take(pulled.message.task_id):
+                    self._hand_back(handoff)
                     pending.append((pulled, _submit(finisher, Outcome.SKIPPED)))
                     continue
                 try:
                     outcome, slot = self._dispatch_one(
-                        pulled.message, remaining_seconds, offered=slot, keep=ahead
+                        pulled.message,
+                        remaining_seconds,
+                        offered=slot,
+                        keep=ahead,
+                        handoff=handoff,
                     )
                 except Exception as error:
                     next_tasks.give_back(pulled.message.task_id)
@@ -328,6 +371,36 @@ class TaskDispatcher:
             if slot is not None:
                 slot.release()
 
+    def _still_worth_keeping(
+        self,
+        slot: HeldSlot,
+        ahead: NextMessage[HeldSlot],
+        ready: dict[str, _Handoff],
+        lane: Priority,
+    ) -> bool:
+        # A hand-off written ahead for this slot was decided then (the same check, on a read
+        # of the fleet as recent): the next call starts now.
+        if ahead.in_hand and any(handoff.slot is slot for handoff in ready.values()):
+            return True
+        return self._slots.worth_keeping(slot, priority=lane, holding_task=ahead.in_hand)
+
+    def _drop_handoff(self, ready: dict[str, _Handoff], pulled: Pulled) -> None:
+        """The slot a hand-off was written for is gone: its task goes back, uncalled."""
+        self._hand_back(ready.pop(pulled.receipt, None))
+
+    def _hand_back(self, handoff: _Handoff | None) -> None:
+        if handoff is None or not isinstance(handoff.claimed, Claim):
+            return
+        try:
+            self._tasks.hand_back(handoff.claimed)
+        except (ClientError, BotoCoreError):
+            # Its lease ends it: the message, back in the queue, finds it claimable then.
+            logger.warning(
+                "hand-back failed; the task's lease lapses",
+                extra={"task_id": handoff.claimed.task.task_id},
+                exc_info=True,
+            )
+
     def _dispatch_one(
         self,
         message: QueueMessage,
@@ -335,12 +408,16 @@ class TaskDispatcher:
         *,
         offered: HeldSlot | None,
         keep: NextMessage[HeldSlot] | None,
+        handoff: _Handoff | None = None,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         """One task: its outcome (or the work that finishes it), and the slot if `keep` (the
         worker's next message, received early while it keeps its slot) and its call ended
-        with the GPU free. An offered slot is used or released, never leaked."""
+        with the GPU free. An offered slot is used or released, never leaked; `handoff`, the
+        writes for it made ahead on `offered`."""
         try:
-            return self._prepare_and_run(message, remaining_seconds, offered=offered, keep=keep)
+            return self._prepare_and_run(
+                message, remaining_seconds, offered=offered, keep=keep, handoff=handoff
+            )
         except BaseException:
             if offered is not None:
                 offered.release()
@@ -355,10 +432,11 @@ class TaskDispatcher:
         *,
         offered: HeldSlot | None,
         keep: NextMessage[HeldSlot] | None,
+        handoff: _Handoff | None = None,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
         if offered is not None:
             if keep is not None and offered.endpoint.kind is message.kind:
-                ran = self._run_unread(message, offered, remaining_seconds, keep)
+                ran = self._run_unread(message, offered, remaining_seconds, keep, handoff)
                 if ran is not None:
                     return ran
             # Not for this slot (another kind, or a retry this endpoint failed): the usual way.
@@ -388,31 +466,21 @@ class TaskDispatcher:
         held: HeldSlot,
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot],
+        handoff: _Handoff | None = None,
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
         """A pulled task on the slot this worker holds: the lease renewed for it and the task
-        claimed without a read first (two writes, side by side). None: not on this slot
+        claimed without a read first (`handoff`, when made ahead). None: not on this slot
         after all (too little time, or a retry of a call this endpoint failed)."""
-        job = self._jobs.get(message.kind)
-        if job is None or job.waits_for_memory:
-            return None  # prepared before a slot is held (it may wait for memory)
-        budget = self._budget(remaining_seconds)
-        if budget < MIN_CALL_SECONDS:
-            return None
-        lease_seconds = budget + SAFETY_MARGIN_SECONDS
-        now = self._clock()
-        renewal = self._beside.submit(
-            held.renew_for, message.task_id, lease_seconds=lease_seconds, now=now
+        if handoff is None:
+            handoff = self._hand_over(message, held, remaining_seconds)
+            if handoff is None:
+                return None
+        claimed, renewed, budget, now = (
+            handoff.claimed,
+            handoff.renewed,
+            handoff.budget,
+            handoff.now,
         )
-        try:
-            claimed = self._tasks.claim_unread(
-                message.task_id,
-                lease_seconds=lease_seconds,
-                now=now,
-                endpoint_id=held.endpoint.endpoint_id,
-                max_attempts=self._policy.max_attempts,
-            )
-        finally:
-            renewed = renewal.result()
         if not renewed:
             # The slot's lease was lost meanwhile (the worker stalled past it).
             if isinstance(claimed, ClaimRefused):
@@ -437,6 +505,35 @@ class TaskDispatcher:
             )
         finally:
             work.job.release(work.job_input)
+
+    def _hand_over(
+        self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]
+    ) -> _Handoff | None:
+        """The slot renewed for the message's task and the task claimed without a read first
+        (two writes, side by side). None: not for this slot (its job prepares its input
+        before a slot is held, or too little time is left)."""
+        job = self._jobs.get(message.kind)
+        if job is None or job.waits_for_memory:
+            return None  # prepared before a slot is held (it may wait for memory)
+        budget = self._budget(remaining_seconds)
+        if budget < MIN_CALL_SECONDS:
+            return None
+        lease_seconds = budget + SAFETY_MARGIN_SECONDS
+        now = self._clock()
+        renewal = self._beside.submit(
+            held.renew_for, message.task_id, lease_seconds=lease_seconds, now=now
+        )
+        try:
+            claimed = self._tasks.claim_unread(
+                message.task_id,
+                lease_seconds=lease_seconds,
+                now=now,
+                endpoint_id=held.endpoint.endpoint_id,
+                max_attempts=self._policy.max_attempts,
+            )
+        finally:
+            renewed = renewal.result()
+        return _Handoff(slot=held, claimed=claimed, renewed=renewed, budget=budget, now=now)
 
     def _refused(self, refused: ClaimRefused, message: QueueMessage, now: float) -> Outcome | None:
         """How a task this worker could not claim ends here; None: claimable, but not on

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +142,14 @@ class Fleet:
         return sorted([now] * free + busy)
 
     # pragma: no mutate end
+    def with_lease(self, lease: SlotLease) -> Fleet:
+        """This read as it would be with `lease` taken since."""
+        leases = {
+            **self.leases,
+            lease.endpoint_id: [*self.leases.get(lease.endpoint_id, []), lease],
+        }
+        return replace(self, leases=leases)
+
     def live_leases(self, endpoint_id: str, now: float) -> list[SlotLease]:
         return [lease for lease in self.leases.get(endpoint_id, []) if lease.is_live(now)]
 

@@ -7,6 +7,10 @@ after the call, the GPU waits for the receive. So it is received `lead_seconds` 
 slot's measured call time runs out, and only when the worker means to keep the slot; a
 call that ends first receives it then, as before. A message received but not served is
 handed back by the worker (never dropped).
+
+With `prepare`, the writes that hand the slot to that message's task (the slot's renewal,
+the task's claim) are made then too, while the call still runs: when it ends, the next
+call starts at once.
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ class NextMessage(Generic[Slot]):
         *,
         lead_seconds: float,
         wanted: Callable[[Slot], bool],
+        prepare: Callable[[Slot, Pulled], None] | None = None,
     ) -> None:
         """`receive()` takes a message from the queue (None: none waiting); `wanted(slot)`,
         asked just before an early receive, tells whether the worker would keep `slot`
-        for another task."""
+        for another task; `prepare(slot, pulled)` runs after an early receive, before the
+        worker can take the message (a failure is logged: the worker does it after)."""
         self._receive = receive
+        self._prepare = prepare
         self._lead = lead_seconds
         self._wanted = wanted
         self._lock = threading.Lock()
@@ -122,6 +129,8 @@ class NextMessage(Generic[Slot]):
                     self._ready.notify_all()
                 return
             pulled = self._receive()  # None, the queue was empty, stands for the hand-off
+            if pulled is not None and self._prepare is not None:
+                self._prepare_quietly(slot, pulled)
         except Exception:
             logger.warning("early receive failed; the worker receives after it", exc_info=True)
             with self._lock:
@@ -132,3 +141,10 @@ class NextMessage(Generic[Slot]):
             self._pulled = pulled
             self._state = _State.RECEIVED
             self._ready.notify_all()
+
+    def _prepare_quietly(self, slot: Slot, pulled: Pulled) -> None:
+        assert self._prepare is not None
+        try:
+            self._prepare(slot, pulled)
+        except Exception:
+            logger.warning("early hand-off failed; the worker makes it after", exc_info=True)

@@ -18,6 +18,7 @@ every waiting task sooner (`balancer.worth_taking`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -46,6 +47,17 @@ WAITER_ROW_SECONDS = 3.0
 # A call ends this long before its slot's lease at the latest: time for the client's close to
 # reach the GPU server, and for two machines' clocks to disagree.
 LEASE_TAIL_SECONDS = 0.5
+
+
+def _mix(task_id: str, endpoint_id: str, slot: int) -> int:
+    """A stable pseudo-random rank of a slot for a task."""
+    digest = hashlib.blake2b(f"{task_id}#{endpoint_id}#{slot}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big")
+
+
+def _slower(service: float, *, than: float) -> bool:
+    """Whether calls taking `service` seconds are meaningfully slower than `than`."""
+    return than * FASTER_RATIO < service and service - than > FASTER_MIN_SECONDS
 
 
 class NoRoutableEndpoint(Exception):
@@ -264,16 +276,24 @@ class SlotBroker:
                 held = self._acquire(request, waiter=waiter)
             finally:
                 waiter.withdraw()
-        # The read it chose from shows that slot free: no one here may go by it any more.
-        self._views.pop(request.kind, None)
+        # The read it chose from shows that slot free: the view here shows it taken now,
+        # so the other workers here go by it without trying that slot.
+        view = self._views.get(request.kind)
+        if view is not None:
+            self._views[request.kind] = (view[0].with_lease(held.lease), view[1])
         return held
 
     def _acquire(self, request: SlotRequest, *, waiter: _PriorityWait | None) -> HeldSlot:
         give_up_at = self._clock() + request.wait_seconds
         backlog = self._backlog
+        # First from a read made here within the view's age (a burst's workers start on
+        # the read that found them free slots: one query less each); a take that fails
+        # on it reads afresh at once. Takes are conditional, so a stale read costs a
+        # failed take, never a slot over capacity.
+        recent = self._view_max_age > 0
         while True:
             now = self._clock()
-            fleet = self._fleet(request.kind)
+            fleet, recent = self._fleet_to_try(request.kind, now, recent=recent)
             routable = fleet.routable(now, self._max_age)
             if not routable:
                 raise NoRoutableEndpoint(f"no healthy {request.kind.value} endpoint")
@@ -305,6 +325,9 @@ class SlotBroker:
                 )
                 if held is not None:
                     return held
+            if recent:
+                recent = False
+                continue
             if self._clock() >= give_up_at:
                 raise NoFreeSlot(f"every {request.kind.value} GPU slot is busy")
             if waiter is not None:
@@ -313,6 +336,15 @@ class SlotBroker:
                 else:
                     waiter.announce(now)
             self._sleep(self._poll_delay(eligible, fleet, now, give_up_at))
+
+    def _fleet_to_try(self, kind: TaskKind, now: float, *, recent: bool) -> tuple[Fleet, bool]:
+        """The read to try a take on: a recent one here if `recent` and it has a routable
+        endpoint (and True), else a fresh one (and False)."""
+        if recent:
+            fleet = self._recent_fleet(kind, self._view_max_age)
+            if fleet.routable(now, self._max_age):
+                return fleet, True
+        return self._fleet(kind), False
 
     # pragma: no mutate start (the kept slot's hand-off, issue 16: docs/mutation.md)
     def worth_keeping(
@@ -353,15 +385,29 @@ class SlotBroker:
         )
 
     def free_slot_count(self, kinds: Iterable[TaskKind], *, max_age_seconds: float) -> int:
-        """How many slots nobody holds on the routable endpoints of these kinds, by a read
-        of the fleet made here within `max_age_seconds`: a worker with room for another
-        call looks before it takes more messages, which would otherwise wait and come back.
-        Under load the hand-offs keep the read fresh."""
+        """How many slots nobody holds on the routable endpoints of these kinds, and that a
+        task would take now (not a slower endpoint's the tail rule leaves for faster ones),
+        by a read of the fleet made here within `max_age_seconds`: a worker with room for
+        another call looks before it takes more messages, which would otherwise wait (for
+        a slot whose own worker then finds the queue empty) and come back. Under load the
+        hand-offs keep the read fresh."""
         now = self._clock()
         count = 0
         for kind in kinds:
             fleet = self._recent_fleet(kind, max_age_seconds)
-            count += sum(len(fleet.free_slots(e, now)) for e in fleet.routable(now, self._max_age))
+            routable = fleet.routable(now, self._max_age)
+            for endpoint in routable:
+                free = len(fleet.free_slots(endpoint, now))
+                candidate = Candidate(
+                    endpoint=endpoint,
+                    in_flight=fleet.in_flight(endpoint.endpoint_id, now),
+                    free_slots=free,
+                    service_seconds=fleet.service_seconds(endpoint),
+                )
+                if free and self._worth_taking(
+                    candidate, routable, fleet, now, self._backlog, holding_task=False
+                ):
+                    count += free
         return count
 
     def _recent_fleet(self, kind: TaskKind, max_age_seconds: float) -> Fleet:
@@ -390,26 +436,67 @@ class SlotBroker:
         lane cap takes one of the lane's seats first (and gives it back if no slot comes)."""
         lane_slots = self._lane_slots if request.priority is Priority.HIGH else None
         seat: SlotLease | None = None
-        for candidate in ordered:
-            if not self._worth_taking(candidate, eligible, fleet, now, backlog):
+        worth = {
+            c.endpoint.endpoint_id: self._worth_taking(c, eligible, fleet, now, backlog)
+            for c in ordered
+        }
+        for candidate, slot in self._slots_to_try(ordered, fleet, now, request.task_id):
+            if not worth[candidate.endpoint.endpoint_id]:
                 continue
             if seat is None and lane_slots is not None:
                 seat = self._take_seat(request, fleet, now, lane_slots)
                 if seat is None:
                     return None  # another high-priority call took the last seat meanwhile
-            for slot in fleet.free_slots(candidate.endpoint, now):
-                lease = self._registry.take_slot(
-                    candidate.endpoint,
-                    slot,
-                    task_id=request.task_id,
-                    lease_seconds=request.lease_seconds,
-                    now=now,
-                )
-                if lease is not None:
-                    return HeldSlot(self._registry, lease, candidate.endpoint, seat=seat)
+            lease = self._registry.take_slot(
+                candidate.endpoint,
+                slot,
+                task_id=request.task_id,
+                lease_seconds=request.lease_seconds,
+                now=now,
+            )
+            if lease is not None:
+                return HeldSlot(self._registry, lease, candidate.endpoint, seat=seat)
         if seat is not None:
             self._registry.release_slot(seat)
         return None
+
+    def _slots_to_try(
+        self, ordered: list[Candidate], fleet: Fleet, now: float, task_id: str
+    ) -> list[tuple[Candidate, int]]:
+        """The candidates' free slots in the order to try them: the balancer's order, each
+        endpoint's slots mixed, and under least-loaded the slots of alike endpoints mixed
+        together, in an order drawn from the task's id (each task its own, and the same
+        every time). Workers that read the fleet at the same moment (a burst's first
+        tasks) would otherwise all try the same slot first: each take but one fails, and
+        a burst of n workers costs ~n²/2 takes."""
+        pairs = sorted(
+            (
+                (candidate, slot)
+                for candidate in ordered
+                for slot in fleet.free_slots(candidate.endpoint, now)
+            ),
+            key=lambda pair: _mix(task_id, pair[0].endpoint.endpoint_id, pair[1]),
+        )
+        if self._balancer.strategy is Strategy.LEAST_LOADED:
+            # Alike: as loaded, and not slower than the fastest as loaded (the tail rule's
+            # sense of slower); sorted is stable, so the order among alike ones is random.
+            fastest: dict[float, float] = {}
+            for c in ordered:
+                if c.service_seconds is not None:
+                    fastest[c.load] = min(fastest.get(c.load, c.service_seconds), c.service_seconds)
+
+            def rank(pair: tuple[Candidate, int]) -> tuple[float, bool]:
+                candidate = pair[0]
+                best = fastest.get(candidate.load)
+                return candidate.load, (
+                    best is not None
+                    and candidate.service_seconds is not None
+                    and _slower(candidate.service_seconds, than=best)
+                )
+
+            return sorted(pairs, key=rank)
+        order = {id(candidate): i for i, candidate in enumerate(ordered)}
+        return sorted(pairs, key=lambda pair: order[id(pair[0])])
 
     def _take_seat(
         self, request: SlotRequest, fleet: Fleet, now: float, seats: int
@@ -450,8 +537,7 @@ class SlotBroker:
             for e in eligible
             if e.endpoint_id != candidate.endpoint.endpoint_id
             and (other_service := fleet.service_seconds(e)) is not None
-            and other_service * FASTER_RATIO < service
-            and service - other_service > FASTER_MIN_SECONDS
+            and _slower(service, than=other_service)
             for free_at in fleet.slot_free_times(e, now)
         ]
 

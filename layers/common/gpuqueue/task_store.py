@@ -520,6 +520,14 @@ class TaskStore:
             updates["endpoint_id"] = endpoint_id
         return self._while_holding(claim, updates=updates, removes=("lease_until",))
 
+    def hand_back(self, claim: Claim) -> bool:
+        """A task claimed ahead of its call (a kept slot's next task), given back uncalled
+        because the slot went away: QUEUED again, for any worker. The attempt stays counted
+        (its number may not go back: the stream tells a first departure by attempt 0)."""
+        return self._while_holding(
+            claim, updates={"status": TaskStatus.QUEUED.value}, removes=("lease_until",)
+        )
+
     def fail(self, claim: Claim, *, error: str, endpoint_id: str | None = None) -> bool:
         updates: dict[str, Any] = {"status": TaskStatus.FAILED.value, "error": error}
         if endpoint_id:

@@ -523,6 +523,8 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
         # Integral of in_flight over time: slot-seconds spent generating (utilisation).
         self._busy_slot_seconds = 0.0
         self._changed_at = time.monotonic()
+        # (wall-clock time, calls in flight from then): where a run's GPU time went.
+        self._in_flight_changes: list[tuple[float, int]] = []
         self._prompts: list[str] = []
         self._httpd = _HTTPServer((host, port), self)
 
@@ -535,6 +537,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
                 "busy_slot_seconds": round(self._busy_time(), 3),
                 "prompts": list(self._prompts),
                 "refused": self._refused,
+                "in_flight_changes": [[at, n] for at, n in self._in_flight_changes],
             }
 
     def reset_stats(self) -> None:
@@ -546,6 +549,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
             self._max_in_flight = self._in_flight
             self._busy_time()
             self._busy_slot_seconds = 0.0
+            self._in_flight_changes.clear()
 
     # -- internal bookkeeping used by the handler
 
@@ -565,6 +569,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
                 return False, False
             self._busy_time()
             self._in_flight += 1
+            self._in_flight_changes.append((time.time(), self._in_flight))
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             if knobs.failure_seed != self._rng_seed:
                 # Knob mutated directly on the dataclass: pick up the new seed.
@@ -578,6 +583,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
         with self._lock:
             self._busy_time()
             self._in_flight -= 1
+            self._in_flight_changes.append((time.time(), self._in_flight))
 
     def _busy_time(self) -> float:
         """Bring the busy integral up to now (call with the lock held) and return it."""
