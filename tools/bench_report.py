@@ -96,6 +96,15 @@ def _latency_row(label: str, figures: dict[str, float]) -> str:
     )
 
 
+# The figures before issue 16's dispatch protocol (the waiting path: a freed slot's next
+# task polled for it), from `make bench` on 2026-12-06 and issue 4's last run, kept beside
+# the new ones.
+PREVIOUS_FLEET = """Before the one-step hand-off (`make bench`, 2026-12-06): least-loaded
+48.2 s on the default scenario, 1.095 x optimal (issue 4: 53.8 s, 1.22 x); the second fleet
+(3, 6, 9) s at 100 tasks 45.8 s, 1.090 x; the default scenario at 300 tasks 142.7 s, 1.081 x;
+round-robin 1.155 x, weighted 1.157 x, user-hash 1.538 x. `make bench` took 11.4 min with
+every strategy compared; it now compares them with `BENCH_STRATEGIES=all`."""
+
 FLEET_HEADER = (
     "| run | done | failed | makespan s | optimal s | makespan / optimal | tasks/s | efficiency"
     " | queue wait p50 / p95 s | peak in-flight | GPU calls per billed dispatcher second"
@@ -147,7 +156,7 @@ def benchmarks_markdown(
     )
     memory = fleet_run.get("dispatcher_max_memory_mb")
     fleet_part = (
-        f"{FLEET_HEADER}\n{fleet_rows}\n\n"
+        f"{FLEET_HEADER}\n{fleet_rows}\n\n{PREVIOUS_FLEET}\n\n"
         "Optimal makespan: the least T with sum(capacity * floor(T / latency)) >= tasks (every "
         "slot busy from the start, no gap); the target is makespan <= 1.05 x optimal. Where "
         "the rest went: the time until every slot had its first call (the burst's start: "
@@ -217,8 +226,8 @@ clients: [load.md](load.md) (`make load`).
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=50)
-    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--latency-calls", type=int, default=60)
     parser.add_argument(
         "--fleet-tasks", type=int, default=int(os.environ.get("BENCH_TASKS", "100"))
     )

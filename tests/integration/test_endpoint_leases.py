@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.endpoint_registry import EWMA_ALPHA, EndpointRegistry, Fleet
+from gpuqueue.endpoint_registry import EWMA_ALPHA, EndpointRegistry, Fleet, _ewma
 from gpuqueue.models import Endpoint, TaskKind
 
 NOW = 1_900_000_000.0
@@ -116,10 +116,10 @@ def test_a_held_slot_is_renewed_for_the_next_task_only_while_its_lease_is_ours_a
     assert _fleet(registry).call_seconds == {"gpu-a": {0: 12.0}}
     # Renewed again with another call's time: folded into the EWMA, as a release does.
     again = registry.renew_slot(
-        renewed, task_id="t3", lease_seconds=20, now=NOW + 20, call_seconds=2.0
+        renewed, task_id="t3", lease_seconds=20, now=NOW + 20, call_seconds=6.0
     )
     assert again is not None
-    assert again.call_seconds_ewma == round(EWMA_ALPHA * 2.0 + (1 - EWMA_ALPHA) * 12.0, 3)
+    assert again.call_seconds_ewma == round(EWMA_ALPHA * 6.0 + (1 - EWMA_ALPHA) * 12.0, 3)
 
     # A lease that ended is not renewed (another worker may have the slot by now)...
     assert registry.renew_slot(again, task_id="t4", lease_seconds=20, now=NOW + 40) is None
@@ -217,3 +217,14 @@ def test_lease_times_are_kept_to_the_millisecond(registry: EndpointRegistry) -> 
 
     assert lease is not None
     assert (lease.leased_at, lease.lease_until) == (NOW, NOW + 30)
+
+
+def test_a_call_four_times_off_the_slots_average_restarts_it() -> None:
+    # Another model or GPU behind the same endpoint: its first call's time stands, or the
+    # tail rule and the early receive would go by the old speed for several calls.
+    assert _ewma(0.05, 6.0) == 6.0  # a zero-latency stand-in, then a 6 s GPU
+    assert _ewma(12.0, 2.0) == 2.0
+    assert _ewma(4.0, 16.0) == EWMA_ALPHA * 16.0 + (1 - EWMA_ALPHA) * 4.0  # 4x: still noise
+    assert _ewma(4.0, 1.0) == EWMA_ALPHA * 1.0 + (1 - EWMA_ALPHA) * 4.0
+    assert _ewma(None, 3.0) == 3.0
+    assert _ewma(3.0, None) == 3.0

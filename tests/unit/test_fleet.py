@@ -238,3 +238,42 @@ def test_a_waiter_row_ending_now_no_longer_holds_a_slot_back() -> None:
     fleet = Fleet(endpoints=[], priority_waiters={"vip-1": NOW, "vip-2": NOW + 0.001})
     assert fleet.waiting_priority(NOW) == 1
     assert fleet.waiting_priority(NOW, besides="vip-2") == 0
+
+
+def _busy_since(leased_at: float, slot: int = 0) -> SlotLease:
+    return live(slot).model_copy(update={"leased_at": leased_at})
+
+
+def test_an_endpoints_service_time_is_its_slots_average_or_its_longest_call_under_way() -> None:
+    gpu = endpoint(capacity=2)
+    measured = {"gpu-a": {0: 2.0, 1: 4.0}}
+    quiet = Fleet(endpoints=[gpu], call_seconds=measured)
+    # A call that has run 9 s, on a slot measured at 2-4 s: the endpoint is slower now.
+    overrun = Fleet(
+        endpoints=[gpu], leases={"gpu-a": [_busy_since(NOW - 9)]}, call_seconds=measured
+    )
+    on_time = Fleet(
+        endpoints=[gpu], leases={"gpu-a": [_busy_since(NOW - 1)]}, call_seconds=measured
+    )
+
+    assert quiet.service_seconds(gpu) == quiet.service_seconds(gpu, NOW) == 3.0
+    assert overrun.service_seconds(gpu) == 3.0  # the measurement alone
+    assert overrun.service_seconds(gpu, NOW) == 9.0
+    assert on_time.service_seconds(gpu, NOW) == 3.0
+    # Never measured: unknown, however long a call runs.
+    assert (
+        Fleet(endpoints=[gpu], leases={"gpu-a": [_busy_since(NOW - 9)]}).service_seconds(gpu, NOW)
+        is None
+    )
+
+
+def test_a_slot_whose_call_overran_its_estimate_is_not_expected_free_now() -> None:
+    gpu = endpoint(capacity=1)
+    fleet = Fleet(
+        endpoints=[gpu], leases={"gpu-a": [_busy_since(NOW - 9)]}, call_seconds={"gpu-a": {0: 2.0}}
+    )
+
+    # By the 2 s average it should have ended 7 s ago; it still runs, so not before now + 0.
+    [free_at] = fleet.slot_free_times(gpu, NOW)
+    assert free_at >= NOW
+    assert fleet.busy_until(gpu, NOW) == [NOW]

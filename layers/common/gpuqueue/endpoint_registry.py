@@ -53,6 +53,10 @@ SEAT_ROW = "seat"
 NON_ENDPOINT_ROWS = frozenset({SLOT_ROW, WAITER_ROW, SEAT_ROW})
 # Latency EWMA weight of the newest sample.
 EWMA_ALPHA = 0.3
+# A call this many times slower or faster than a slot's average is a step change (another
+# model, another GPU), not noise: the average restarts from it, or the tail rule and the
+# early receive would go by the old speed for several calls.
+EWMA_STEP_RATIO = 4.0
 
 
 __all__ = ["EndpointRegistry", "Fleet", "endpoint_id_for"]
@@ -79,7 +83,13 @@ def _ewma(previous: float | None, sample: float | None) -> float | None:
     """A slot's call-duration EWMA after one more call (unchanged without a sample)."""
     if sample is None:
         return previous
-    return sample if previous is None else EWMA_ALPHA * sample + (1 - EWMA_ALPHA) * previous
+    if (
+        previous is None
+        or sample > EWMA_STEP_RATIO * previous
+        or previous > EWMA_STEP_RATIO * sample
+    ):
+        return sample
+    return EWMA_ALPHA * sample + (1 - EWMA_ALPHA) * previous
 
 
 # pragma: no mutate start (make mutate covers the lease parts only)
@@ -116,19 +126,32 @@ class Fleet:
         )
 
     # pragma: no mutate start (call times, not leases)
-    def service_seconds(self, endpoint: Endpoint) -> float | None:
-        """How long a call on this endpoint takes, as its slots have measured (None: unknown)."""
+    def service_seconds(self, endpoint: Endpoint, now: float | None = None) -> float | None:
+        """How long a call on this endpoint takes, as its slots have measured (None: unknown);
+        with `now`, at least as long as its longest call under way has run: a call past the
+        average says the endpoint is slower now (another model or GPU), and a slot whose
+        call overran must not count as free."""
         samples = [
             seconds
             for slot, seconds in self.call_seconds.get(endpoint.endpoint_id, {}).items()
             if slot < endpoint.capacity
         ]
-        return sum(samples) / len(samples) if samples else None
+        if not samples:
+            return None
+        measured = sum(samples) / len(samples)
+        if now is None:
+            return measured
+        running = [
+            now - lease.leased_at
+            for lease in self.live_leases(endpoint.endpoint_id, now)
+            if lease.leased_at is not None
+        ]
+        return max([measured, *running])
 
     def busy_until(self, endpoint: Endpoint, now: float) -> list[float]:
         """When each busy slot's call is expected to end: its lease start + the endpoint's
         service time (in the past for a call that overruns; `now` when nothing is known)."""
-        service = self.service_seconds(endpoint) or 0.0
+        service = self.service_seconds(endpoint, now) or 0.0
         return sorted(
             (lease.leased_at if lease.leased_at is not None else now) + service
             for lease in self.live_leases(endpoint.endpoint_id, now)

@@ -306,7 +306,7 @@ class SlotBroker:
                     endpoint=e,
                     in_flight=fleet.in_flight(e.endpoint_id, now),
                     free_slots=n,
-                    service_seconds=fleet.service_seconds(e),
+                    service_seconds=fleet.service_seconds(e, now),
                 )
                 for e in eligible
                 if (n := len(fleet.free_slots(e, now)))
@@ -378,7 +378,7 @@ class SlotBroker:
             endpoint=endpoint,
             in_flight=fleet.in_flight(endpoint.endpoint_id, now),
             free_slots=1,
-            service_seconds=fleet.service_seconds(endpoint),
+            service_seconds=fleet.service_seconds(endpoint, now),
         )
         return self._worth_taking(
             candidate, routable, fleet, now, self._backlog, holding_task=holding_task
@@ -402,7 +402,7 @@ class SlotBroker:
                     endpoint=endpoint,
                     in_flight=fleet.in_flight(endpoint.endpoint_id, now),
                     free_slots=free,
-                    service_seconds=fleet.service_seconds(endpoint),
+                    service_seconds=fleet.service_seconds(endpoint, now),
                 )
                 if free and self._worth_taking(
                     candidate, routable, fleet, now, self._backlog, holding_task=False
@@ -536,7 +536,7 @@ class SlotBroker:
             (free_at, other_service)
             for e in eligible
             if e.endpoint_id != candidate.endpoint.endpoint_id
-            and (other_service := fleet.service_seconds(e)) is not None
+            and (other_service := fleet.service_seconds(e, now)) is not None
             and _slower(service, than=other_service)
             for free_at in fleet.slot_free_times(e, now)
         ]
