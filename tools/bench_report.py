@@ -226,8 +226,8 @@ clients: [load.md](load.md) (`make load`).
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20)
-    parser.add_argument("--latency-calls", type=int, default=60)
+    parser.add_argument("--tasks", type=int, default=12)
+    parser.add_argument("--latency-calls", type=int, default=50)
     parser.add_argument(
         "--fleet-tasks", type=int, default=int(os.environ.get("BENCH_TASKS", "100"))
     )

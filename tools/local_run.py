@@ -7,6 +7,7 @@ import os
 import platform
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -34,13 +35,15 @@ def machine() -> str:
 
 def register_users(api: str, prefix: str, count: int) -> list[str]:
     """`count` new users' access tokens."""
-    tokens = []
-    for i in range(count):
+
+    def register(i: int) -> str:
         credentials = {"username": f"{prefix}{i}-{os.getpid()}", "password": f"{prefix}-pass-1"}
         response = requests.post(f"{api}/register", json=credentials, timeout=30)
         response.raise_for_status()
-        tokens.append(str(response.json()["token"]))
-    return tokens
+        return str(response.json()["token"])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(register, range(count)))
 
 
 def submit_image(api: str, token: str, prompt: str) -> str:
