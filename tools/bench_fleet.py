@@ -63,6 +63,8 @@ SECOND_LATENCIES = (3.0, 6.0, 9.0)
 LONG_TASKS = 300
 # The run with an endpoint killed at 30 %: none may fail (a count, not a speed).
 KILLED_TASKS = 30
+# Printed as the killed-endpoint run starts (bench_report starts the request counts then).
+KILLED_RUN_STARTS = "killed-endpoint run starts"
 # The strategies compared besides least-loaded (BENCH_STRATEGIES=all; least-loaded alone
 # by default, which keeps `make bench` within its 6 minutes).
 ALL_STRATEGIES = "round-robin,user-hash,weighted,least-loaded"
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(second)
         print(second.line(), flush=True)
+        # The request counts (bench_report) run beside this one: it counts failures, not time.
+        print(KILLED_RUN_STARTS, flush=True)
         killed = run(
             stack,
             tokens,

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
+import bench_fleet  # noqa: E402
 import bench_imports  # noqa: E402
 import bench_requests  # noqa: E402
 import cost_model  # noqa: E402
@@ -33,22 +35,49 @@ TARGET_REQUESTS = 8
 BILLED_SERVICES = ("dynamodb", "sqs", "s3", "secretsmanager")
 
 
-def _fleet(tasks: int) -> dict[str, Any]:
+def _fleet_and_requests(
+    fleet_tasks: int, tasks: int, latency_calls: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fleet runs (bench_fleet.py, a process of its own) and the request counts: the
+    counts run beside the fleet's last run, the killed-endpoint one (it counts failures, not
+    time; the counts are counts), and the handler latencies after it, on an idle machine."""
+    fleet_done = threading.Event()
+    figures: dict[str, Any] = {}
+
+    def count_requests() -> None:
+        try:
+            figures["requests"] = bench_requests.measure(
+                tasks, latency_calls, before_latency=fleet_done.wait
+            )
+        except BaseException as error:  # re-raised by the main thread
+            figures["error"] = error
+
+    counting = threading.Thread(target=count_requests, name="request-counts")
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "fleet.json"
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "tools" / "bench_fleet.py"),
-                "--tasks",
-                str(tasks),
-                "--json",
-                str(out),
-            ],
-            check=False,
-            timeout=1800,
-        )
-        return dict(json.loads(out.read_text())) if out.exists() else {}
+        command = [
+            sys.executable,
+            str(REPO / "tools" / "bench_fleet.py"),
+            "--tasks",
+            str(fleet_tasks),
+            "--json",
+            str(out),
+        ]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as fleet_run:
+            assert fleet_run.stdout is not None
+            for line in fleet_run.stdout:
+                print(line, end="", flush=True)
+                if line.strip() == bench_fleet.KILLED_RUN_STARTS and counting.ident is None:
+                    counting.start()
+            fleet_run.wait(timeout=1800)
+        fleet_done.set()
+        if counting.ident is None:  # the fleet never reached its last run
+            counting.start()
+        counting.join()
+        fleet = dict(json.loads(out.read_text())) if out.exists() else {}
+    if "error" in figures:
+        raise figures["error"]
+    return fleet, figures["requests"]
 
 
 def _requests_table(requests: dict[str, Any]) -> tuple[str, float]:
@@ -239,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     imports = bench_imports.measure(repeat=3)
     print(json.dumps({"cold_import_ms": imports}, indent=2), flush=True)
-    fleet = {} if args.no_fleet else _fleet(args.fleet_tasks)
-    requests = bench_requests.measure(args.tasks, args.latency_calls)
+    if args.no_fleet:
+        fleet: dict[str, Any] = {}
+        requests = bench_requests.measure(args.tasks, args.latency_calls)
+    else:
+        fleet, requests = _fleet_and_requests(args.fleet_tasks, args.tasks, args.latency_calls)
     print(json.dumps(requests, indent=2), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.md").write_text(

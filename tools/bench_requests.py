@@ -269,7 +269,14 @@ def _under_load(stack: InProcessStack, counter: CallCounter, tasks: int) -> dict
     }
 
 
-def measure(tasks: int, latency_calls: int, load_tasks: int = 100) -> dict[str, Any]:
+def measure(
+    tasks: int,
+    latency_calls: int,
+    load_tasks: int = 100,
+    before_latency: Callable[[], object] = lambda: None,
+) -> dict[str, Any]:
+    """The counts, then (after `before_latency()` returns: the machine otherwise idle) the
+    handler latencies."""
     moto_atomic.install()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -303,6 +310,7 @@ def measure(tasks: int, latency_calls: int, load_tasks: int = 100) -> dict[str, 
                     assert stack.status(task_id)["status"] == "DONE"
             webhooks_received = len(sink.received)
         under_load = _under_load(stack, counter, load_tasks)
+        before_latency()
         with counter.in_phase("latency"):
             submit_latency = _timed(
                 counter,
