@@ -49,6 +49,16 @@ WAITER_ROW_SECONDS = 3.0
 LEASE_TAIL_SECONDS = 0.5
 
 
+def _candidate(fleet: Fleet, endpoint: Endpoint, now: float, *, free_slots: int) -> Candidate:
+    """An endpoint as the balancer and the tail rule see it in this read of the fleet."""
+    return Candidate(
+        endpoint=endpoint,
+        in_flight=fleet.in_flight(endpoint.endpoint_id, now),
+        free_slots=free_slots,
+        service_seconds=fleet.service_seconds(endpoint, now),
+    )
+
+
 def _mix(task_id: str, endpoint_id: str, slot: int) -> int:
     """A stable pseudo-random rank of a slot for a task."""
     digest = hashlib.blake2b(f"{task_id}#{endpoint_id}#{slot}".encode(), digest_size=8)
@@ -302,12 +312,7 @@ class SlotBroker:
                 raise NoRoutableEndpoint(f"no other healthy {request.kind.value} endpoint")
             eligible = untried or routable
             candidates = [
-                Candidate(
-                    endpoint=e,
-                    in_flight=fleet.in_flight(e.endpoint_id, now),
-                    free_slots=n,
-                    service_seconds=fleet.service_seconds(e, now),
-                )
+                _candidate(fleet, e, now, free_slots=n)
                 for e in eligible
                 if (n := len(fleet.free_slots(e, now)))
             ]
@@ -374,12 +379,7 @@ class SlotBroker:
             free = 1 + sum(len(fleet.free_slots(e, now)) for e in routable)
             if free <= fleet.waiting_priority(now):
                 return False  # ours is one a high-priority waiter should have
-        candidate = Candidate(
-            endpoint=endpoint,
-            in_flight=fleet.in_flight(endpoint.endpoint_id, now),
-            free_slots=1,
-            service_seconds=fleet.service_seconds(endpoint, now),
-        )
+        candidate = _candidate(fleet, endpoint, now, free_slots=1)
         return self._worth_taking(
             candidate, routable, fleet, now, self._backlog, holding_task=holding_task
         )
@@ -398,14 +398,13 @@ class SlotBroker:
             routable = fleet.routable(now, self._max_age)
             for endpoint in routable:
                 free = len(fleet.free_slots(endpoint, now))
-                candidate = Candidate(
-                    endpoint=endpoint,
-                    in_flight=fleet.in_flight(endpoint.endpoint_id, now),
-                    free_slots=free,
-                    service_seconds=fleet.service_seconds(endpoint, now),
-                )
                 if free and self._worth_taking(
-                    candidate, routable, fleet, now, self._backlog, holding_task=False
+                    _candidate(fleet, endpoint, now, free_slots=free),
+                    routable,
+                    fleet,
+                    now,
+                    self._backlog,
+                    holding_task=False,
                 ):
                     count += free
         return count
