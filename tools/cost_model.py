@@ -41,7 +41,6 @@ GENERATION_SECONDS = 12.0  # the dispatcher waits for the GPU: billed Lambda tim
 HANDLER_SECONDS = {"submit": 0.08, "dispatch_overhead": 0.3, "task_events": 0.1, "poll": 0.05}
 TASK_WRITE_WRU = 3  # a tasks-table write also writes its two indexes (by-user ALL, by-reap)
 IMAGE_MB = 1.5  # a 1024x1024 PNG
-RETENTION_DAYS = 7
 LOG_KB_PER_TASK = 4.0  # ~6 JSON log lines and ~6 EMF blobs
 TRACES_PER_TASK = 3
 XRAY_SAMPLED = 0.05  # X-Ray's default rule past the first request each second
@@ -56,6 +55,11 @@ def dispatcher_memory_gb() -> float:
     props = template["Resources"]["DispatcherFunction"]["Properties"]
     mb = props.get("MemorySize", template["Globals"]["Function"]["MemorySize"])
     return float(mb) / 1024
+
+
+def image_retention_days() -> int:
+    """How long an image is kept: ImageRetentionDays' default in template.yaml."""
+    return int(load_template()["Parameters"]["ImageRetentionDays"]["Default"])
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def per_million(
     # Tasks-table writes per task: create, claim, complete (the rest are other tables).
     wru, rru = _dynamodb(core, tasks_table_writes=3)
     m = 1e6
+    days = image_retention_days()
     dispatcher_gb = dispatcher_memory_gb()
     stream_invocations = load["stream_invocations_per_task"] if load else STREAM_INVOCATIONS
     dispatch_invocations = load["dispatcher_invocations_per_task"] if load else 1.0
@@ -140,8 +145,8 @@ def per_million(
         ),
         Line(
             "S3",
-            f"storage: {IMAGE_MB} MB for {RETENTION_DAYS} days",
-            IMAGE_MB / 1024 * PRICE["s3_per_gb_month"] * RETENTION_DAYS / 30 * m,
+            f"storage: {IMAGE_MB} MB for {days} day{'s' if days != 1 else ''} (ImageRetentionDays)",
+            IMAGE_MB / 1024 * PRICE["s3_per_gb_month"] * days / 30 * m,
         ),
         Line(
             "CloudWatch Logs",
@@ -231,8 +236,9 @@ of a callback route.
 
 Assumptions (not measurable on moto): {MEMORY_GB} GB functions on arm64; handler times
 {HANDLER_SECONDS}; {TASK_WRITE_WRU} WRU per tasks-table write (the table and its two
-indexes); {IMAGE_MB} MB images kept {RETENTION_DAYS} days; {LOG_KB_PER_TASK:.0f} KB of logs per
-task; X-Ray's default sampling; stream and dispatcher invocations per task as measured
+indexes); {IMAGE_MB} MB images kept {image_retention_days()} day(s) (each more day
+${IMAGE_MB / 1024 * PRICE["s3_per_gb_month"] / 30 * 1e6:,.2f}); {LOG_KB_PER_TASK:.0f} KB of logs
+per task; X-Ray's default sampling; stream and dispatcher invocations per task as measured
 under load (the stream's batches aggregate their writes). Fixed monthly costs (custom
 metrics $0.30 each, alarms $0.10 each, the dashboard $3, Secrets Manager $0.40) are not per
 task and are left out.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -20,9 +21,9 @@ from gpuqueue import aws_clients, webhooks
 from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import TaskStateConflict
-from gpuqueue.image_store import ImageStore
+from gpuqueue.image_store import ImageStore, check_image_kept
 from gpuqueue.log_context import correlate_task
-from gpuqueue.models import Task, TaskStatus, TaskView
+from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
 from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
 from gpuqueue.queue_position import QueuePositions, estimate
 from gpuqueue.settings import TasksSettings
@@ -42,6 +43,7 @@ class Deps:
     tasks: TaskStore
     images: ImageStore
     url_ttl_seconds: int
+    image_kept: timedelta
     webhooks: SqsDeliverySender | None
     positions: QueuePositions | None
     fleet: EndpointRegistry | None
@@ -56,6 +58,7 @@ def deps() -> Deps:
         tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
         images=ImageStore(aws_clients.s3(), settings.images_bucket),
         url_ttl_seconds=settings.image_url_ttl_seconds,
+        image_kept=timedelta(days=settings.image_retention_days),
         webhooks=(
             SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url)
             if settings.webhook_queue_url
@@ -197,6 +200,9 @@ def cancel_task(task_id: TaskId) -> Response[str]:
     "/api/images/<task_id>",
     responses=documented(
         HTTPStatus.FOUND, "A short-lived presigned URL of the PNG in `Location` (and `url`)."
+    )
+    | documented(
+        HTTPStatus.GONE, "The image was deleted `ImageRetentionDays` after its task ended."
     ),
 )
 def get_image(task_id: TaskId) -> Response[str]:
@@ -206,6 +212,7 @@ def get_image(task_id: TaskId) -> Response[str]:
         raise TaskStateConflict(
             f"task {task_id} is {task.status.value}; no image yet", field="task_id"
         )
+    check_image_kept(datetime.fromisoformat(task.updated_at), kept=deps().image_kept, now=utc_now())
     url = deps().images.presigned_get(task.result_key, expires_in_seconds=deps().url_ttl_seconds)
     return Response(
         status_code=HTTPStatus.FOUND.value,

@@ -8,7 +8,7 @@ from datetime import timedelta
 import boto3
 import pytest
 
-from gpuqueue.models import ImageRequest, utc_now
+from gpuqueue.models import ImageRequest, iso, utc_now
 from gpuqueue.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
@@ -137,6 +137,28 @@ def test_image_of_an_unfinished_task_is_409(make_stack, alice):
     response = _image(h, alice, task_id)
     assert response.status == 409
     assert "QUEUED" in response.json()["error"]
+
+
+def test_an_image_past_its_retention_is_410_and_a_recent_one_redirects(make_stack, alice):
+    h = make_stack(parameters={"ImageRetentionDays": "2"})
+    h.run_checker()
+    old, recent = (h.submit(alice).json()["task_id"] for _ in range(2))
+    h.drain()
+    table = boto3.resource("dynamodb").Table(h.stack.ref("TasksTable"))
+    # Finished 2 days and a minute ago: the lifecycle rule may have deleted its image.
+    finished = iso(utc_now() - timedelta(days=2, minutes=1))
+    table.update_item(
+        Key={"task_id": old},
+        UpdateExpression="SET updated_at = :t",
+        ExpressionAttributeValues={":t": finished},
+    )
+
+    gone = _image(h, alice, old)
+    assert gone.status == 410
+    assert gone.json()["code"] == "GONE"
+    assert "2 days" in gone.json()["error"]
+    assert _image(h, alice, recent).status == 302
+    assert h.get_task(alice, old).json()["status"] == "DONE"  # the task itself is still kept
 
 
 def test_another_users_task_is_404_everywhere(make_stack, alice, bob):

@@ -544,16 +544,23 @@ def test_images_bucket_encrypts_objects_at_rest() -> None:
     assert all(r["ServerSideEncryptionByDefault"]["SSEAlgorithm"] for r in rules)
 
 
-def test_images_expire_after_the_task_retention_period() -> None:
+def _expiry_by_prefix() -> dict[str, Any]:
     rules = props("ImagesBucket")["LifecycleConfiguration"]["Rules"]
-    expiring = [
-        r
+    return {
+        r["Prefix"]: r["ExpirationInDays"]
         for r in rules
-        if r.get("Status") == "Enabled"
-        and r.get("ExpirationInDays") == {"Ref": "TaskRetentionDays"}
-    ]
+        if r.get("Status") == "Enabled" and "Prefix" in r and "ExpirationInDays" in r
+    }
 
-    assert expiring
+
+def test_images_expire_after_the_image_retention_period_and_transcripts_with_the_task() -> None:
+    expiry = _expiry_by_prefix()
+
+    assert expiry["results/"] == {"Ref": "ImageRetentionDays"}
+    assert expiry["transcripts/"] == {"Ref": "TaskRetentionDays"}
+    # The image route refuses what the rule may have deleted: it is told the same number.
+    tasks_env = props("TasksFunction")["Environment"]["Variables"]
+    assert tasks_env["IMAGE_RETENTION_DAYS"] == {"Ref": "ImageRetentionDays"}
 
 
 def test_images_bucket_refuses_requests_without_tls() -> None:

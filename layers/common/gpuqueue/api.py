@@ -38,6 +38,7 @@ STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.TaskNotFound: HTTPStatus.NOT_FOUND,
     errors.EndpointNotFound: HTTPStatus.NOT_FOUND,
     errors.TaskStateConflict: HTTPStatus.CONFLICT,
+    errors.ResultExpired: HTTPStatus.GONE,
     errors.EndpointConflict: HTTPStatus.CONFLICT,
     errors.UserAlreadyExists: HTTPStatus.CONFLICT,
     errors.QueueFull: HTTPStatus.SERVICE_UNAVAILABLE,

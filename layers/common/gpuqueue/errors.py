@@ -26,6 +26,12 @@ class TaskStateConflict(GpuqueueError):
     code = "CONFLICT"
 
 
+class ResultExpired(GpuqueueError):
+    """The task exists but its result was deleted by the retention rule."""
+
+    code = "GONE"
+
+
 class EndpointNotFound(GpuqueueError):
     code = "NOT_FOUND"
 

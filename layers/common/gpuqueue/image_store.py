@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
+
+from gpuqueue.errors import ResultExpired
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -16,6 +19,20 @@ logger = Logger(child=True)
 def result_key(task_id: str) -> str:
     """One key per task, written once (see `put_png`)."""
     return f"results/{task_id}.png"
+
+
+def check_image_kept(finished_at: datetime, *, kept: timedelta, now: datetime) -> None:
+    """ResultExpired once the bucket's lifecycle rule (ImageRetentionDays, counted from the
+    image's write, which is when its task finished) may have deleted the image: a clear 410
+    rather than a presigned URL that answers S3's 404, the same answer before and after S3
+    gets round to the deletion (lifecycle expiry is lazy)."""
+    if now >= finished_at + kept:
+        days = kept / timedelta(days=1)
+        raise ResultExpired(
+            f"the image was kept {days:g} day{'s' if days != 1 else ''} after its task "
+            "finished and has been deleted; submit the task again",
+            field="task_id",
+        )
 
 
 class ImageStore:

@@ -128,6 +128,7 @@ class TasksSettings(_Settings):
     endpoints_table: str | None = None
     health_check_period_seconds: float = Field(default=30, gt=0)
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
+    image_retention_days: int = Field(default=1, ge=1)  # the results/ lifecycle rule
 
 
 class StatsSettings(_Settings):
