@@ -214,11 +214,6 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
         language=request.language,
     )
     try:
-        rate_headers = deps().submissions.admit(caller.sub)
-    except RateLimited:
-        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
-        raise
-    try:
         task = deps().submissions.submit_speech_upload(
             caller.sub,
             speech,
@@ -234,6 +229,10 @@ def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]
     except ActiveTaskLimit:
         metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
         raise
+    except RateLimited:
+        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
+        raise
+    rate_headers = deps().submissions.rate_headers(caller.sub)
     correlate_task(logger, task.task_id)
     ttl = deps().upload_url_ttl_seconds
     url = deps().audio.presigned_put(

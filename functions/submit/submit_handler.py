@@ -42,6 +42,9 @@ def _submit(owner: str, body: dict[str, Any], groups: frozenset[str]) -> dict[st
     except ActiveTaskLimit:
         metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
         raise
+    except RateLimited:
+        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
+        raise
     correlate_task(logger, task.task_id)
     logger.info("task queued")
     metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
@@ -64,14 +67,6 @@ def idempotent() -> IdempotentSubmitter | None:
     )
 
 
-def _admit(owner: str) -> dict[str, str]:
-    try:
-        return submissions().admit(owner)
-    except RateLimited:
-        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
-        raise
-
-
 @app.post(
     "/api/v1/image/async",
     responses={
@@ -87,7 +82,6 @@ def _admit(owner: str) -> dict[str, str]:
 )
 def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
-    rate_headers = _admit(caller.sub)
     headers = app.current_event.headers
     key = headers.get(IDEMPOTENCY_KEY_HEADER)
     submitter = idempotent()
@@ -97,7 +91,10 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     else:
         answer = _submit(caller.sub, body, caller.groups)
     task_id = str(answer["task_id"])
-    response_headers = {"Location": f"/api/v1/tasks/{task_id}", **rate_headers}
+    response_headers = {
+        "Location": f"/api/v1/tasks/{task_id}",
+        **submissions().rate_headers(caller.sub),
+    }
     push_url = SubmitSettings().websocket_url
     if push_url:
         response_headers[PUSH_URL_HEADER] = push_url

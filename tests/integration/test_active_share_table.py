@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 
 from gpuqueue.active_share import KEY_PREFIX, ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
+from gpuqueue.rate_limiter import RateLimiter
 
 
 @pytest.fixture
@@ -225,3 +226,109 @@ def test_errors_other_than_a_full_set_reach_the_caller(table: Any) -> None:
         share.take("alice", "t1")
     with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
         share.release("alice", "t1")
+
+
+# --- with the rate limiter: one write takes the token and the share -------------------------
+
+
+class StoppedClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limiter(table: Any, *, burst: int = 5, rate: float = 0.5, clock: Any = None) -> RateLimiter:
+    return RateLimiter(
+        table,
+        rate_per_second=rate,
+        burst=burst,
+        clock=clock or StoppedClock(),
+        key_prefix=KEY_PREFIX,
+    )
+
+
+def test_a_submit_takes_its_token_and_its_share_in_one_write_on_one_row(table: Any) -> None:
+    counting = CountingTable(table)
+    limiter = _limiter(counting)
+    share = ActiveTaskShare(counting, limit=3)  # type: ignore[arg-type]
+
+    decisions = [share.take("alice", f"t{i}", rate=limiter) for i in range(3)]
+
+    assert counting.writes == 3
+    assert [d.remaining for d in decisions if d is not None] == [4, 3, 2]
+    row = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]
+    assert row["active"] == {"t0", "t1", "t2"}
+    assert "tat" in row
+    # TTL must never delete a row that still counts tasks.
+    assert "expires_at" not in row
+
+
+def test_a_full_share_refuses_without_spending_a_token(table: Any) -> None:
+    limiter = _limiter(table)
+    share = ActiveTaskShare(table, limit=1)
+    share.take("alice", "t1", rate=limiter)
+    tat = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]["tat"]
+
+    with pytest.raises(ActiveTaskLimit):
+        share.take("alice", "t2", rate=limiter)
+
+    row = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]
+    assert row["tat"] == tat
+    assert row["active"] == {"t1"}
+
+
+def test_a_rate_denial_takes_no_share(table: Any) -> None:
+    limiter = _limiter(table, burst=1, rate=0.1)
+    share = ActiveTaskShare(table, limit=5)
+    assert share.take("alice", "t1", rate=limiter).allowed  # type: ignore[union-attr]
+
+    denied = share.take("alice", "t2", rate=limiter)
+    # Another container, knowing nothing, writes and learns the same from the row.
+    cold = share.take("alice", "t3", rate=_limiter(table, burst=1, rate=0.1))
+
+    assert denied is not None
+    assert not denied.allowed
+    assert denied.retry_after_seconds == 10
+    assert cold is not None
+    assert not cold.allowed
+    assert share.active("alice") == {"t1"}
+
+
+def test_a_full_share_drops_ended_tasks_it_learned_from_the_failed_write(table: Any) -> None:
+    counting = CountingTable(table)
+    limiter = _limiter(counting)
+    finder = Finder({"t1"})
+    share = ActiveTaskShare(counting, limit=2, find_inactive=finder)  # type: ignore[arg-type]
+    share.take("alice", "t1", rate=limiter)
+    share.take("alice", "t2", rate=limiter)
+    reads: list[Any] = []
+    counting.get_item = lambda **kw: reads.append(kw)  # type: ignore[attr-defined]
+
+    decision = share.take("alice", "t3", rate=limiter)
+
+    assert decision is not None
+    assert decision.allowed
+    assert finder.asked == [["t1", "t2"]]  # the ids came back with the failed write
+    assert reads == []
+    assert ActiveTaskShare(table, limit=2).active("alice") == {"t2", "t3"}
+
+
+def test_racing_submits_with_the_rate_never_exceed_the_share_or_the_burst(table: Any) -> None:
+    limiter = _limiter(table, burst=6, rate=0.001)
+    share = ActiveTaskShare(table, limit=4)
+
+    def submit(i: int) -> str:
+        try:
+            decision = share.take("alice", f"t{i}", rate=limiter)
+        except ActiveTaskLimit:
+            return "share"
+        return "ok" if decision is not None and decision.allowed else "rate"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(submit, range(12)))
+
+    assert outcomes.count("ok") == 4
+    assert outcomes.count("share") == 8  # the rate would have admitted 6: the share is first hit
+    assert len(share.active("alice")) == 4

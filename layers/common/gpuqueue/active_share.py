@@ -16,7 +16,9 @@ tasks (not yet DONE, FAILED, CANCELED or EXPIRED) as a string set.
   really are active, and a counter can never leak a share for good.
 
 Cost: 1 write per take, and 1 per owner per stream batch of releases; a refusal at the
-limit adds 1 read of the row and 1 BatchGetItem over its K tasks.
+limit adds 1 read of the row and 1 BatchGetItem over its K tasks. With a RateLimiter
+(`take(..., rate=)`), that one write also takes the submit's rate token (the limiter's tat
+lives in this row): a submit is admitted in 1 request, not 2.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from botocore.exceptions import ClientError
 
 from gpuqueue.dynamodb_conditions import is_conditional_failure
 from gpuqueue.errors import ActiveTaskLimit
+from gpuqueue.rate_limiter import RateDecision, RateLimiter, ShareClause, ShareFull
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -50,16 +53,23 @@ class ActiveTaskShare:
         self.limit = limit
         self._find_inactive = find_inactive
 
-    def take(self, owner: str, task_id: str) -> None:
-        """Count `task_id` as one of the owner's active tasks, or raise ActiveTaskLimit."""
-        if self._try_add(owner, task_id):
-            return
-        active = self.active(owner)
+    def take(
+        self, owner: str, task_id: str, *, rate: RateLimiter | None = None
+    ) -> RateDecision | None:
+        """Count `task_id` as one of the owner's active tasks, or raise ActiveTaskLimit.
+        With `rate` (keyed on this row), the same write takes the rate token: its decision
+        is returned, and a denied one counted nothing."""
+        try:
+            return self._add(owner, task_id, rate)
+        except ShareFull as full:
+            active = full.active or self.active(owner)
         stale = set(self._find_inactive(sorted(active))) & active if self._find_inactive else set()
         if stale:
             self._remove(owner, stale)
-            if self._try_add(owner, task_id):
-                return
+            try:
+                return self._add(owner, task_id, rate)
+            except ShareFull:
+                pass
         raise ActiveTaskLimit(
             f"at most {self.limit} active (queued or running) tasks per user; wait for one "
             "to finish or cancel one",
@@ -80,6 +90,14 @@ class ActiveTaskShare:
             Key={"pk": KEY_PREFIX + owner}, ConsistentRead=True, ProjectionExpression="active"
         ).get("Item")
         return {str(task_id) for task_id in (item or {}).get("active", set())}  # type: ignore[union-attr]
+
+    def _add(self, owner: str, task_id: str, rate: RateLimiter | None) -> RateDecision | None:
+        """One write; ShareFull when the share is full (with the ids held, when known)."""
+        if rate is not None:
+            return rate.take(owner, share=ShareClause(task_id, self.limit))
+        if not self._try_add(owner, task_id):
+            raise ShareFull(set())
+        return None
 
     def _try_add(self, owner: str, task_id: str) -> bool:
         try:

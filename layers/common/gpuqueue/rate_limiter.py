@@ -76,8 +76,16 @@ as Decimal, which DynamoDB stores and adds exactly: the arithmetic has no float 
 Rows written by the earlier read-and-write token bucket (`tokens`, `updated_at`) have no
 tat: their next take sees a full bucket, and the old attributes stay until the row expires.
 
-Errors other than a lost condition (throttling, network) propagate: the caller chooses
-(the submit path fails open).
+Errors other than a lost condition (throttling, network) propagate: the caller chooses.
+
+With a share (`take(..., share=ShareClause(task_id, limit))`) the same write also counts the
+task among the user's active tasks (ActiveTaskShare's row, `active#<user id>`, which then
+holds tat too): `ADD active :id`, its condition `size(active) < limit` joined to the rate's
+with AND. One request admits a submit where two did (a rate write, then a share write), and
+a submit refused for its share no longer spends a token. A failed write's ALL_OLD tells
+which side failed: if the stored tat still admits the step that was tried, the share did
+(ShareFull, with the ids held). That row carries no expires_at: TTL must never delete ids
+that are still counted; a missing or old tat reads as a full bucket anyway.
 """
 
 from __future__ import annotations
@@ -212,12 +220,30 @@ class Gcra:
         return max(0, math.ceil(tat - now))
 
 
-class _Lost(Exception):
-    """A write's condition failed; `tat` is the stored one (None: no row)."""
+@dataclass(frozen=True)
+class ShareClause:
+    """Also count `task_id` among the user's active tasks, if fewer than `limit` are."""
 
-    def __init__(self, tat: Decimal | None) -> None:
+    task_id: str
+    limit: int
+
+
+class ShareFull(Exception):
+    """The rate admitted the take but the user's share was full: nothing was written."""
+
+    def __init__(self, active: set[str]) -> None:
+        super().__init__("active-task share full")
+        self.active = active
+
+
+class _Lost(Exception):
+    """A write's condition failed; `tat` is the stored one (None: no row), `active` the
+    ids the row counted."""
+
+    def __init__(self, tat: Decimal | None, active: set[str] | None = None) -> None:
         super().__init__("condition failed")
         self.tat = tat
+        self.active = active or set()
 
 
 class RateLimiter:
@@ -229,7 +255,10 @@ class RateLimiter:
         burst: int,
         clock: Callable[[], float] = time.time,
         key_attribute: str = "pk",
+        key_prefix: str = KEY_PREFIX,
     ) -> None:
+        """`key_prefix`: the rows' keys; ActiveTaskShare's when takes carry a share."""
+        self._prefix = key_prefix
         self._gcra = Gcra.for_rate(rate_per_second, burst)
         self._table = table
         self._rate = rate_per_second
@@ -249,11 +278,15 @@ class RateLimiter:
     def gcra(self) -> Gcra:
         return self._gcra
 
-    def take(self, user_id: str, *, cost: int = 1) -> RateDecision:
-        """Spend `cost` tokens from the user's bucket if they are there; never partially."""
+    def take(
+        self, user_id: str, *, cost: int = 1, share: ShareClause | None = None
+    ) -> RateDecision:
+        """Spend `cost` tokens from the user's bucket if they are there; never partially.
+        With `share`, in the same write count the task among the user's active tasks, or
+        raise ShareFull (no token spent); a denial takes no share."""
         if not 1 <= cost <= self._gcra.burst:
             raise ValueError(f"cost must be between 1 and the burst ({self._gcra.burst})")
-        key = KEY_PREFIX + user_id
+        key = self._prefix + user_id
         now = to_millis(self._clock())
         tat = self._hints.get(key)
         for _ in range(MAX_WRITES):
@@ -262,10 +295,12 @@ class RateLimiter:
                 assert tat is not None  # DENY implies a tat
                 return self._gcra.denied(tat, now, cost)
             try:
-                new_tat = self._write(step, key, now, cost)
+                new_tat = self._write(step, key, now, cost, share)
             except _Lost as lost:
                 tat = lost.tat
                 self._remember(key, tat)
+                if share is not None and self._gcra.step(tat, now, cost) is step:
+                    raise ShareFull(lost.active) from None  # the rate's side held
                 continue
             self._remember(key, new_tat)
             return self._gcra.allowed(new_tat, now)
@@ -273,7 +308,16 @@ class RateLimiter:
         # admit the take, so the Retry-After comes out at its minimum, 1 s.
         return self._gcra.denied(now if tat is None else tat, now, cost)
 
-    def _write(self, step: Step, key: str, now: Decimal, cost: int) -> Decimal:
+    def headers_hint(self, user_id: str) -> RateDecision:
+        """The bucket as this container last saw it (no request): the X-RateLimit-* numbers
+        for an answer that took no token (an Idempotency-Key replay)."""
+        now = to_millis(self._clock())
+        tat = self._hints.get(self._prefix + user_id)
+        return self._gcra.allowed(now if tat is None else tat, now)
+
+    def _write(
+        self, step: Step, key: str, now: Decimal, cost: int, share: ShareClause | None = None
+    ) -> Decimal:
         """One conditional UpdateItem: the new tat, or _Lost with the stored one."""
         increment = self._gcra.increment(cost)
         if step is Step.IDLE:
@@ -295,12 +339,24 @@ class RateLimiter:
                 # The new tat is at most now + tau: a bound, as it is unknown before the write.
                 ":exp": math.ceil(now + self._gcra.tolerance) + TTL_MARGIN_SECONDS,
             }
+        names = dict(_NAMES)
+        if share is not None:
+            # The row holds counted ids: no expires_at, so TTL never deletes them.
+            update = update.replace(", #exp = :exp", "") + " ADD #active :ids"
+            del names["#exp"], values[":exp"]
+            names["#active"] = "active"
+            values[":ids"] = {share.task_id}
+            values[":share_limit"] = share.limit
+            condition = (
+                f"({condition}) AND "
+                "(attribute_not_exists(#active) OR size(#active) < :share_limit)"
+            )
         try:
             response = self._table.update_item(
                 Key={self._key: key},
                 UpdateExpression=update,
                 ConditionExpression=condition,
-                ExpressionAttributeNames=_NAMES,
+                ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValues="UPDATED_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
@@ -308,7 +364,7 @@ class RateLimiter:
         except ClientError as error:
             if not is_conditional_failure(error):
                 raise
-            raise _Lost(self._stored_tat(error, key)) from None
+            raise _Lost(self._stored_tat(error, key), _stored_ids(error)) from None
         return Decimal(str(response["Attributes"]["tat"]))
 
     def _stored_tat(self, error: ClientError, key: str) -> Decimal | None:
@@ -336,3 +392,9 @@ class RateLimiter:
         known = self._hints.get(key)
         # tat only grows: of two sightings the higher is the later (threads may report late).
         self._hints[key] = tat if known is None else max(known, tat)
+
+
+def _stored_ids(error: ClientError) -> set[str]:
+    """The active ids in a failed write's ALL_OLD item (low-level format)."""
+    item = cast(dict[str, Any], error.response).get("Item") or {}
+    return set(item.get("active", {}).get("SS", []))

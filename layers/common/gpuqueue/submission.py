@@ -11,6 +11,7 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue import aws_clients
+from gpuqueue.active_share import KEY_PREFIX as SHARE_KEY_PREFIX
 from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
 from gpuqueue.models import (
@@ -23,7 +24,7 @@ from gpuqueue.models import (
     WebhookEvent,
 )
 from gpuqueue.queue_position import LaneFull, QueuePositions
-from gpuqueue.rate_limiter import RateLimiter
+from gpuqueue.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_queue import TaskQueue
@@ -97,6 +98,7 @@ class SubmissionService:
                 limits,
                 rate_per_second=settings.submit_rate_per_second,
                 burst=settings.submit_burst,
+                key_prefix=SHARE_KEY_PREFIX,  # one row per user: the tat beside the shares
             ),
             share=ActiveTaskShare(
                 limits,
@@ -115,31 +117,49 @@ class SubmissionService:
     def tasks(self) -> TaskStore:
         return self._tasks
 
-    def admit(self, owner: str) -> dict[str, str]:
-        """Take one submit from the owner's token bucket: the X-RateLimit-* headers, or
-        RateLimited. Without a limiter, or if its table cannot be read, the submit goes on
-        (the API's stage throttling still guards): a limiter outage must not stop work."""
+    def rate_headers(self, owner: str) -> dict[str, str]:
+        """The X-RateLimit-* headers of the owner's bucket as this container last saw it
+        (its own take, just made): no request."""
         if self._limiter is None:
             return {}
-        try:
-            decision = self._limiter.take(owner)
-        except (ClientError, BotoCoreError):
-            logger.exception("rate limiter unavailable; submit admitted")
-            return {}
-        headers = {
+        return self._headers(self._limiter.headers_hint(owner))
+
+    @staticmethod
+    def _headers(decision: RateDecision) -> dict[str, str]:
+        return {
             "X-RateLimit-Limit": str(decision.limit),
             "X-RateLimit-Remaining": str(decision.remaining),
             "X-RateLimit-Reset": str(decision.reset_seconds),
         }
-        if not decision.allowed:
-            raise RateLimited(
-                f"rate limited: at most {decision.limit} submits in a burst, then "
-                f"{self._limiter.rate_per_second:g} a second; retry in "
-                f"{decision.retry_after_seconds} s",
-                retry_after_seconds=decision.retry_after_seconds,
-                headers=headers,
-            )
-        return headers
+
+    def _admit(self, owner: str, task_id: str) -> None:
+        """Take a token from the owner's bucket and one of their active-task shares, in one
+        write (the limiter's tat lives in the share's row): RateLimited or ActiveTaskLimit
+        when either is spent. Their table unreachable: ServiceUnavailable (the shares could
+        not be counted, so nothing may be admitted)."""
+        assert self._limiter is not None or self._share is not None
+        try:
+            if self._share is not None:
+                decision = self._share.take(owner, task_id, rate=self._limiter)
+            else:
+                assert self._limiter is not None
+                decision = self._limiter.take(owner)
+        except (ClientError, BotoCoreError) as error:
+            logger.exception("limits table unavailable", extra={"task_id": task_id})
+            raise ServiceUnavailable(
+                "the limits store is unavailable; the task was not accepted",
+                retry_after_seconds=self._retry_after,
+            ) from error
+        if decision is None or decision.allowed:
+            return
+        assert self._limiter is not None
+        raise RateLimited(
+            f"rate limited: at most {decision.limit} submits in a burst, then "
+            f"{self._limiter.rate_per_second:g} a second; retry in "
+            f"{decision.retry_after_seconds} s",
+            retry_after_seconds=decision.retry_after_seconds,
+            headers=self._headers(decision),
+        )
 
     def _lane(self, priority: Priority, groups: Collection[str]) -> TaskQueue:
         if priority is Priority.HIGH:
@@ -169,11 +189,14 @@ class SubmissionService:
         )
 
     def _with_share(self, owner: str, task_id: str, create: Callable[[], Task]) -> Task:
-        """Create the task under one of the owner's active-task shares (ActiveTaskLimit when
-        they have none left). The share is handed back if the task was never written."""
+        """Create the task under a rate token and one of the owner's active-task shares
+        (RateLimited / ActiveTaskLimit when either is spent). The share is handed back if
+        the task was never written."""
+        if self._share is None and self._limiter is None:
+            return create()
+        self._admit(owner, task_id)
         if self._share is None:
             return create()
-        self._share.take(owner, task_id)
         try:
             return create()
         except (ClientError, BotoCoreError) as error:
