@@ -57,6 +57,9 @@ REGION = "us-east-1"
 PHASES = ("submit", "dispatch", "task_events", "status_poll", "webhook")
 # The priority dispatcher shares the dispatcher's code; its env would clash in one process.
 SEPARATE_ENV = {"PriorityDispatcherFunction"}
+# The fleet bench's fleet (bench_fleet.py): endpoints, and slots each.
+FLEET_ENDPOINTS = 3
+FLEET_SLOTS = 4
 EVENTS = REPO / "events"
 
 
@@ -110,12 +113,13 @@ def _event(name: str) -> dict[str, Any]:
 class InProcessStack:
     """The template's functions as modules in this process, on a provisioned moto stack."""
 
-    def __init__(self, moto_url: str, image_url: str) -> None:
+    def __init__(self, moto_url: str, image_urls: list[str]) -> None:
         os.environ["AWS_ENDPOINT_URL"] = moto_url
+        fleet = [{"url": url, "capacity": FLEET_SLOTS} for url in image_urls]
         self.stack: LocalStack = provision(
             stack_name=f"bench-{uuid.uuid4().hex[:6]}",
             parameters={
-                "ImageEndpointUrls": image_url,
+                "ImageEndpoints": json.dumps(fleet),
                 # The bench measures requests per task, not the limits: keep them out of
                 # the way of a few hundred submits from one user.
                 "SubmitBurst": "1000",
@@ -281,13 +285,16 @@ def measure(
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    image = ImageServer(knobs=ImageServerKnobs(latency_s=0.0))
-    image.start()
+    # The fleet bench's fleet (3 endpoints x 4 slots), answering at once: the counts are
+    # the control plane's, and under load an invocation's workers hand off side by side.
+    images = [ImageServer(knobs=ImageServerKnobs(latency_s=0.0)) for _ in range(FLEET_ENDPOINTS)]
+    for image in images:
+        image.start()
     counter = CallCounter()
     try:
         # The harness's own clients (the ESM's receive/delete, the stream reads) are made
         # before the hook: only clients made after it, the handlers', are counted.
-        stack = InProcessStack(f"http://{host}:{port}", image.url)
+        stack = InProcessStack(f"http://{host}:{port}", [image.url for image in images])
         counter.install()
         importlib.import_module("checker_handler").lambda_handler(
             _event("checker_schedule"), _context("checker", 70)
@@ -320,7 +327,8 @@ def measure(
             probe = stack.submit({"prompt": "probe", "width": 64, "height": 64})
             status_latency = _timed(counter, latency_calls, lambda: stack.status(probe))
     finally:
-        image.stop()
+        for image in images:
+            image.stop()
         server.stop()
     per_task = {
         phase: {

@@ -25,7 +25,15 @@ from pydantic import ValidationError
 from gpuqueue import aws_clients
 from gpuqueue.audio_store import AudioStore
 from gpuqueue.balancer import Balancer
-from gpuqueue.dispatch import DispatchPolicy, Outcome, Pulled, TaskDispatcher
+from gpuqueue.dispatch import (
+    SHARED_RECEIVE_DRY_SECONDS,
+    SHARED_RECEIVE_HOLD_SECONDS,
+    SHARED_RECEIVE_WINDOW_SECONDS,
+    DispatchPolicy,
+    Outcome,
+    Pulled,
+    TaskDispatcher,
+)
 from gpuqueue.dispatch_metrics import DispatchMetrics
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.errors import RetryLater
@@ -36,6 +44,7 @@ from gpuqueue.jobs import ImageJob, SpeechJob
 from gpuqueue.log_context import correlate_task, correlate_thread
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
+from gpuqueue.shared_receive import SharedReceive
 from gpuqueue.speech_client import OpenAITranscriptionClient
 from gpuqueue.task_queue import DELETE_BATCH, TaskQueue
 from gpuqueue.task_store import TaskStore
@@ -114,6 +123,13 @@ class QueuePuller:
 
     def __init__(self, queue: TaskQueue, *, on_pulled: Callable[[], None] | None = None) -> None:
         self._queue = queue
+        self._shared: SharedReceive[Pulled] = SharedReceive(
+            self._receive,
+            lambda pulled: queue.release([p.receipt for p in pulled]),
+            window_seconds=SHARED_RECEIVE_WINDOW_SECONDS,
+            hold_seconds=SHARED_RECEIVE_HOLD_SECONDS,
+            dry_seconds=SHARED_RECEIVE_DRY_SECONDS,
+        )
         self._done: list[str] = []
         self._lock = threading.Lock()  # the group's workers settle side by side
         self._taken: set[str] = set()
@@ -130,12 +146,22 @@ class QueuePuller:
         with self._lock:
             self._taken.discard(task_id)
 
+    def expect(self, worker: object, at: float | None) -> None:
+        self._shared.expect(worker, at)
+
     def pull(self) -> Pulled | None:
         pulled = self.pull_many(1)
         return pulled[0] if pulled else None
 
     def pull_many(self, count: int) -> list[Pulled]:
-        """Up to `count` messages, in one receive."""
+        """Up to `count` messages: ones received for this invocation's workers due now, then
+        one receive (SharedReceive)."""
+        pulled = self._shared.pull(count)
+        if pulled and self.on_pulled is not None:
+            self.on_pulled()
+        return pulled
+
+    def _receive(self, count: int) -> list[Pulled]:
         pulled: list[Pulled] = []
         for body, receipt in self._queue.receive(count):
             try:
@@ -145,8 +171,6 @@ class QueuePuller:
                 logger.warning("unreadable message left for the dead-letter queue")
                 continue
             pulled.append(Pulled(message=message, receipt=receipt))
-        if pulled and self.on_pulled is not None:
-            self.on_pulled()
         return pulled
 
     def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
@@ -171,6 +195,8 @@ class QueuePuller:
             self.flush()
 
     def flush(self) -> None:
+        """The invocation ends: delete what is done, hand back what no worker took."""
+        self._shared.close()
         with self._lock:
             done, self._done = self._done, []
         self._queue.delete(done)

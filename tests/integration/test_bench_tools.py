@@ -46,19 +46,20 @@ def test_request_bench_counts_each_phase_and_finds_no_scan(tmp_path):
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
         assert 0 <= latency["aws_share"] <= 1
 
-    # Under load: every task done, the dispatch phase without a read before the claim for the
-    # tasks a worker took itself (one GetItem, for the message the mapping delivered).
+    # Under load: every task done by one invocation. On the 12-slot fleet, its four workers
+    # each start on a message read before its claim (the mapping's, and the three the scout
+    # received at once for the group); a task a worker takes after its call is not read.
     load = figures["under_load"]
     assert (load["tasks"], load["done"], load["invocations"]) == (4, 4, 1)
     assert load["mapping_requests_per_task"] == 0.5
-    assert load["requests_per_task"]["dispatch"]["dynamodb:GetItem"] == 0.25
+    assert load["requests_per_task"]["dispatch"]["dynamodb:GetItem"] == 1.0
     assert load["requests_per_task"]["dispatch"]["s3:PutObject"] == 1.0
 
     report = benchmarks_markdown(figures, {"submit": 700.0}, {}, "today")
     assert "billed requests per image task under load" in report
-    # Billed requests of the submit phase, as counted: rate limit, share, the lane's ticket
-    # (which is the capacity bound), the task row, the message.
-    assert "| submit | 5 |" in report
+    # Billed requests of the submit phase, as counted: the rate token and the share (one
+    # write), the lane's ticket (which is the capacity bound), the task row, the message.
+    assert "| submit | 4 |" in report
     cost = cost_model.per_million(figures)
     shared = cost_model.per_million(figures, calls_per_billed_second=4.0)
     waiting = [line.dollars_per_million for line in cost["lines"] if "GB-s" in line.what]

@@ -766,6 +766,9 @@ class Queue:
     def give_back(self, task_id: str) -> None:
         self.taken.discard(task_id)
 
+    def expect(self, worker: object, at: float | None) -> None:
+        pass  # one message a pull: nothing to batch
+
 
 def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> Outcome:
     return d.dispatch(

@@ -16,6 +16,7 @@ import pytest
 
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import TaskKind
+from gpuqueue.task_queue import TaskQueue
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import wait_for
 
@@ -174,3 +175,35 @@ def test_calls_per_invocation_never_exceed_calls_per_worker(make_stack, alice):
 
     assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 6
     assert h.image_servers[0].stats()["max_in_flight"] == 2  # 4 slots free, 2 calls at most
+
+
+def test_workers_whose_calls_end_together_share_one_receive(make_stack, alice, monkeypatch):
+    h = make_stack(
+        endpoints=[ImageServerKnobs(latency_s=0.3, capacity=4)],
+        env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "4"},
+    )
+    h.run_checker()
+    _with_capacity(h, 4)
+    ids = [h.submit(alice, {"prompt": f"p{i}"}).json()["task_id"] for i in range(16)]
+    receives: list[int] = []
+    receive = TaskQueue.receive
+
+    def counted(queue: TaskQueue, count: int) -> list[tuple[str, str]]:
+        got = receive(queue, count)
+        receives.append(len(got))
+        return got
+
+    monkeypatch.setattr(TaskQueue, "receive", counted)
+
+    assert h.deliver(h.receive(), timeout_seconds=180) == []
+
+    assert [h.get_task(alice, i).json()["status"] for i in ids] == ["DONE"] * 16
+    assert h.image_servers[0].stats()["calls"] == 16
+    assert h.image_servers[0].stats()["max_in_flight"] == 4
+    # 15 messages pulled by the invocation's four workers: one receive each would be 15
+    # (and the empty ones that end them); together, several come in one receive.
+    assert sum(receives) == 15
+    assert len(receives) <= 10, receives
+    assert max(receives) > 1
+    assert _queue_counts(h) == (0, 0, 0)  # none left hidden: every message deleted
+    assert _live_leases(h) == []

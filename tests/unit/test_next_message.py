@@ -195,3 +195,35 @@ def test_nothing_is_prepared_for_an_empty_queue_nor_for_a_receive_after_the_call
     assert after.take() is not None
 
     assert prepare.seen == []
+
+
+def test_the_worker_announces_when_it_will_want_its_next_message() -> None:
+    receive = Receives("t1", "t2")
+    announced: list[float | None] = []
+    nxt: NextMessage[str] = NextMessage(
+        receive, lead_seconds=0.5, wanted=lambda slot: True, announce=announced.append
+    )
+    nxt.arm("slot", 0.2)  # a short call: received after it, but announced all the same
+    start = time.monotonic()
+    assert announced[0] is not None
+    assert abs(announced[0] - (start + 0.2)) < 0.05
+
+    assert nxt.take() is not None
+    # Received: the next want is after another call like it (re-announced when it starts).
+    assert announced[1] is not None
+    assert abs(announced[1] - (time.monotonic() + 0.2)) < 0.05
+
+    assert nxt.unused() is None
+    assert announced[-1] is None  # done: it wants nothing more
+
+
+def test_an_unmeasured_slot_announces_nothing() -> None:
+    receive = Receives("t1")
+    announced: list[float | None] = []
+    nxt: NextMessage[str] = NextMessage(
+        receive, lead_seconds=0.5, wanted=lambda slot: True, announce=announced.append
+    )
+    nxt.arm("slot", None)
+
+    assert nxt.take() is not None
+    assert announced == [None]

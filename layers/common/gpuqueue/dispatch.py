@@ -50,6 +50,13 @@ FLEET_VIEW_MAX_AGE = 2.0
 # A worker keeping its slot receives its next message this long before its call should end
 # (NextMessage): more than a receive takes, little against a call.
 RECEIVE_LEAD_SECONDS = 0.5
+# One receive serves the invocation's workers due within this (SharedReceive): a worker's
+# early receive and those of the calls ending just after it.
+SHARED_RECEIVE_WINDOW_SECONDS = 2 * RECEIVE_LEAD_SECONDS
+# A message received for a worker that has not come for it by then goes back to the queue.
+SHARED_RECEIVE_HOLD_SECONDS = SHARED_RECEIVE_WINDOW_SECONDS + 1.0
+# After a receive found the queue drained, workers ending this soon after end without asking.
+SHARED_RECEIVE_DRY_SECONDS = RECEIVE_LEAD_SECONDS
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,11 @@ class NextTasks(Protocol):
     def give_back(self, task_id: str) -> None:
         """The invocation did not drive the task to a durable state (it went back to the
         queue, or failed here): a later message for it is not a duplicate."""
+        ...
+
+    def expect(self, worker: object, at: float | None) -> None:
+        """`worker` will pull its next message at about monotonic time `at` (None: it has
+        it, or is done): one receive may fetch the messages of all workers due together."""
         ...
 
 
@@ -273,8 +285,13 @@ class TaskDispatcher:
                     self._hand_back(handoff)  # the slot is not ours any more
             # Refused: the worker finds out why at the hand-off, the usual way.
 
+        worker = object()
         ahead: NextMessage[HeldSlot] = NextMessage(
-            next_tasks.pull, lead_seconds=RECEIVE_LEAD_SECONDS, wanted=wanted, prepare=prepare
+            next_tasks.pull,
+            lead_seconds=RECEIVE_LEAD_SECONDS,
+            wanted=wanted,
+            prepare=prepare,
+            announce=lambda at: next_tasks.expect(worker, at),
         )
         pending: list[tuple[Pulled, Future[Outcome]]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:

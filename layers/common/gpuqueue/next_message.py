@@ -11,11 +11,16 @@ handed back by the worker (never dropped).
 With `prepare`, the writes that hand the slot to that message's task (the slot's renewal,
 the task's claim) are made then too, while the call still runs: when it ends, the next
 call starts at once.
+
+With `announce`, the worker tells its queue when it will want its next message (its call's
+expected end; None once it has it), so one receive can fetch the messages of every worker
+in the invocation due about then (QueuePuller).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -45,11 +50,14 @@ class NextMessage(Generic[Slot]):
         lead_seconds: float,
         wanted: Callable[[Slot], bool],
         prepare: Callable[[Slot, Pulled], None] | None = None,
+        announce: Callable[[float | None], None] | None = None,
     ) -> None:
         """`receive()` takes a message from the queue (None: none waiting); `wanted(slot)`,
         asked just before an early receive, tells whether the worker would keep `slot`
         for another task; `prepare(slot, pulled)` runs after an early receive, before the
-        worker can take the message (a failure is logged: the worker does it after)."""
+        worker can take the message (a failure is logged: the worker does it after);
+        `announce(at)` is told the monotonic time the worker will want its next message."""
+        self._announce = announce
         self._receive = receive
         self._prepare = prepare
         self._lead = lead_seconds
@@ -59,11 +67,15 @@ class NextMessage(Generic[Slot]):
         self._state = _State.IDLE
         self._pulled: Pulled | None = None
         self._timer: threading.Timer | None = None
+        self._expected: float | None = None  # the last call's expected seconds
 
     def arm(self, slot: Slot, expected_call_seconds: float | None) -> None:
         """A call started on `slot`: receive the next message `lead_seconds` before the call
         should end, if the worker then still wants to keep the slot. Unmeasured slots (no
         call time yet) and short calls (up to twice the lead) receive after their call."""
+        self._expected = expected_call_seconds
+        if self._announce is not None and expected_call_seconds is not None:
+            self._announce(time.monotonic() + expected_call_seconds)
         if expected_call_seconds is None or expected_call_seconds <= 2 * self._lead:
             # A short call: receiving early would save little, and its check and its
             # thread would cost as much (an unloaded control plane's ceiling fell 40 %).
@@ -94,9 +106,19 @@ class NextMessage(Generic[Slot]):
             if self._state is _State.RECEIVED:
                 pulled, self._pulled = self._pulled, None
                 self._state = _State.IDLE
-                return pulled
+                return pulled  # its announcement was withdrawn when it was received
             self._state = _State.IDLE
-        return self._receive()
+        try:
+            return self._receive()
+        finally:
+            self._announce_next()
+
+    def _announce_next(self, after: float = 0.0) -> None:
+        """Received: the worker's next want is after `after` s and another call like its
+        last (re-announced when that call starts); unknown, no want announced."""
+        if self._announce is not None:
+            expected = self._expected
+            self._announce(None if expected is None else time.monotonic() + after + expected)
 
     def unused(self) -> Pulled | None:
         """The worker is done: a message received early and not served (for the worker to
@@ -105,6 +127,8 @@ class NextMessage(Generic[Slot]):
             self._disarm()
             pulled, self._pulled = self._pulled, None
             self._state = _State.IDLE
+        if self._announce is not None:
+            self._announce(None)  # done: it wants no more
         return pulled
 
     def _disarm(self) -> None:
@@ -128,7 +152,10 @@ class NextMessage(Generic[Slot]):
                     self._state = _State.IDLE
                     self._ready.notify_all()
                 return
-            pulled = self._receive()  # None, the queue was empty, stands for the hand-off
+            try:
+                pulled = self._receive()  # None, the queue was empty, stands for the hand-off
+            finally:
+                self._announce_next(after=self._lead)
             if pulled is not None and self._prepare is not None:
                 self._prepare_quietly(slot, pulled)
         except Exception:

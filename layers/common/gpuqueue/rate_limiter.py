@@ -348,8 +348,7 @@ class RateLimiter:
             values[":ids"] = {share.task_id}
             values[":share_limit"] = share.limit
             condition = (
-                f"({condition}) AND "
-                "(attribute_not_exists(#active) OR size(#active) < :share_limit)"
+                f"({condition}) AND (attribute_not_exists(#active) OR size(#active) < :share_limit)"
             )
         try:
             response = self._table.update_item(

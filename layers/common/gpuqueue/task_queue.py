@@ -88,6 +88,21 @@ class TaskQueue:
             delayed=int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
         )
 
+    def release(self, receipts: Sequence[str]) -> None:
+        """Make received messages visible again at once, ten to a request."""
+        for start in range(0, len(receipts), DELETE_BATCH):
+            batch = receipts[start : start + DELETE_BATCH]
+            failed = self._sqs.change_message_visibility_batch(
+                QueueUrl=self._url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": 0}
+                    for i, r in enumerate(batch)
+                ],
+            ).get("Failed", [])
+            if failed:
+                # Such a message comes back when its visibility timeout ends instead.
+                logger.warning("messages not released", extra={"failed": failed})
+
     def retry_after(self, receipt_handle: str, delay_seconds: int) -> None:
         """Make a received message visible again after a delay (backoff without a re-send)."""
         self._sqs.change_message_visibility(
