@@ -816,13 +816,15 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
     ]
     assert before <= starts[0][4] <= starts[1][4] <= starts[2][4] <= time.time()
     assert job.in_flight_seen == [1, 1, 1]
-    # One lease, renewed for each task in turn: the slot was never given back meanwhile.
+    # One lease, kept across the tasks: the slot was never given back meanwhile. Renewed
+    # for the second (the first hand-off says the slot is kept), and not for the third:
+    # it covered that call, and readers reckon the calls right from the row.
     lease_ids = {entry.split(":")[0] for entry in job.leases}
     assert len(lease_ids) == 1
     assert [entry.split(":")[1] for entry in job.leases] == [
         first.task_id,
         second.task_id,
-        third.task_id,
+        second.task_id,
     ]
     # Settled only once DONE was written; the queue asked until it was empty.
     assert queue.settled == [
@@ -1090,20 +1092,22 @@ def test_a_kept_slots_next_task_is_claimed_and_its_slot_renewed_while_the_call_b
     first, second, third = (submitted(store) for _ in range(3))
     queue = Queue(store, second, third)
     job = EarlyReceiveJob(b"1", b"2", b"3", queue=queue, registry=registry)
-    at_second_end: list[tuple[TaskStatus, str | None]] = []
+    at_second_end: list[tuple[TaskStatus, bool, bool]] = []
 
     def look(call: int) -> None:
         if call == 1:  # the second task's call, ending: the third is already under way
             row = store.get(third.task_id)
-            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
-            at_second_end.append((row.status, lease.task_id))  # type: ignore[union-attr]
+            now = time.time()
+            [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", now)
+            covers = lease.lease_until - now > TIMEOUT  # a whole call from now
+            at_second_end.append((row.status, lease.kept, covers))  # type: ignore[union-attr]
 
     job.at_call_end = look
     assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
 
-    # The hand-off's two writes were made before the call ended: the next call starts at
-    # once, on the same slot, under the lease renewed for it.
-    assert at_second_end == [(TaskStatus.RUNNING, third.task_id)]
+    # The hand-off was made before the call ended: the third task claimed, the slot's lease
+    # (kept across calls) covering its call. The next call starts at once, on the same slot.
+    assert at_second_end == [(TaskStatus.RUNNING, True, True)]
     assert [c[:2] for c in job.calls] == [("gpu-a", 1)] * 3
     assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
     assert in_flight(registry, "gpu-a") == 0

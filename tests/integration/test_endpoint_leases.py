@@ -131,6 +131,39 @@ def test_a_held_slot_is_renewed_for_the_next_task_only_while_its_lease_is_ours_a
     assert live.task_id == "t5"
 
 
+def test_a_renewed_slot_reads_as_kept_until_it_is_taken_afresh_and_its_lease_only_shortens(
+    registry: EndpointRegistry,
+) -> None:
+    gpu = _gpu_a(registry)
+    lease = registry.take_slot(gpu, 0, task_id="t1", lease_seconds=30, now=NOW)
+    assert lease is not None
+    assert not lease.kept
+    renewed = registry.renew_slot(lease, task_id="t2", lease_seconds=90, now=NOW + 4)
+    assert renewed is not None
+    [live] = _fleet(registry).live_leases("gpu-a", NOW + 5)
+    assert live.kept
+
+    # A timed-out call's kept lease is cut to the margin, never lengthened.
+    assert registry.cut_lease(renewed, until=NOW + 20)
+    assert not registry.cut_lease(renewed, until=NOW + 50)
+    [live] = _fleet(registry).live_leases("gpu-a", NOW + 5)
+    assert live.lease_until == NOW + 20
+
+    # Released, then taken afresh: one call's lease again, not kept.
+    registry.release_slot(renewed)
+    fresh = registry.take_slot(gpu, 0, task_id="t3", lease_seconds=30, now=NOW + 21)
+    assert fresh is not None
+    [live] = _fleet(registry).live_leases("gpu-a", NOW + 22)
+    assert not live.kept
+    # A lapsed kept lease taken by another holder is not kept either.
+    again = registry.renew_slot(fresh, task_id="t4", lease_seconds=5, now=NOW + 22)
+    assert again is not None
+    other = registry.take_slot(gpu, 0, task_id="t5", lease_seconds=30, now=NOW + 28)
+    assert other is not None
+    [live] = _fleet(registry).live_leases("gpu-a", NOW + 29)
+    assert (live.task_id, live.kept) == ("t5", False)
+
+
 def test_a_never_measured_slot_renewed_without_a_call_time_stays_unmeasured(
     registry: EndpointRegistry,
 ) -> None:

@@ -234,6 +234,17 @@ def test_an_overrunning_call_counts_as_freeing_now() -> None:
     assert fleet.slot_free_times(e, NOW) == [NOW]
 
 
+def test_a_kept_slot_is_reckoned_as_back_to_back_calls_from_its_row() -> None:
+    e = endpoint(capacity=1)
+    # Written 9 s ago by a holder running 4 s calls back to back: the third call, 1 s in.
+    kept = lease(0, until=NOW + 100).model_copy(update={"leased_at": NOW - 9.0, "kept": True})
+    fleet = Fleet(endpoints=[e], leases={"gpu-a": [kept]}, call_seconds={"gpu-a": {0: 4.0}})
+
+    assert fleet.slot_free_times(e, NOW) == [NOW + 3.0]
+    # Its row's age is no call overrunning: the endpoint is as fast as measured.
+    assert fleet.service_seconds(e, NOW) == 4.0
+
+
 def test_a_waiter_row_ending_now_no_longer_holds_a_slot_back() -> None:
     fleet = Fleet(endpoints=[], priority_waiters={"vip-1": NOW, "vip-2": NOW + 0.001})
     assert fleet.waiting_priority(NOW) == 1

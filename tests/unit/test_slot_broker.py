@@ -969,3 +969,143 @@ def test_round_robin_keeps_its_endpoint_order_and_mixes_only_each_endpoints_slot
         endpoints = [e for e, _ in order]
         assert endpoints in (["gpu-a"] * 4 + ["gpu-b"] * 4, ["gpu-b"] * 4 + ["gpu-a"] * 4)
     assert len({tuple(order[:4]) for order in orders}) > 2
+
+
+# --- a slot kept across calls: its row is written only when readers would misjudge it ----
+
+
+class RenewRegistry:
+    """renew_slot as the table does it (kept, leased now, EWMA folded), counting writes."""
+
+    def __init__(self) -> None:
+        self.renewals: list[float] = []
+        self.cuts: list[float] = []
+
+    def renew_slot(
+        self,
+        lease: SlotLease,
+        *,
+        task_id: str,
+        lease_seconds: float,
+        now: float,
+        call_seconds: float | None = None,
+    ) -> SlotLease:
+        self.renewals.append(now)
+        ewma = call_seconds if call_seconds is not None else lease.call_seconds_ewma
+        return lease.model_copy(
+            update={
+                "task_id": task_id,
+                "lease_until": now + lease_seconds,
+                "leased_at": now,
+                "call_seconds_ewma": ewma,
+                "kept": True,
+            }
+        )
+
+    def cut_lease(self, lease: SlotLease, *, until: float) -> bool:
+        self.cuts.append(until)
+        return True
+
+
+def kept_slot(registry: RenewRegistry, *, ewma: float = 4.0, seat: bool = False) -> HeldSlot:
+    lease = SlotLease(
+        endpoint_id="gpu",
+        slot=0,
+        lease_id="mine",
+        task_id="t0",
+        lease_until=NOW + 20,
+        leased_at=NOW,
+        call_seconds_ewma=ewma,
+    )
+    return HeldSlot(
+        registry,  # type: ignore[arg-type]
+        lease,
+        endpoint(),
+        seat=seat_held_by("t0") if seat else None,
+    )
+
+
+def run_calls(slot: HeldSlot, starts: list[float], seconds: float, needed: float = 15.0) -> None:
+    """Back-to-back calls starting at `starts`, each renewing for the next at its end."""
+    for i, start in enumerate(starts):
+        slot.note_start(start)
+        slot.note_call(seconds)
+        slot.renew_for(f"t{i + 1}", lease_seconds=needed, now=start + seconds)
+
+
+def test_a_kept_slot_writes_its_row_once_then_not_while_calls_run_as_the_row_says() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+
+    run_calls(slot, [NOW + 4 * i for i in range(10)], 4.0)
+
+    # The first hand-off writes (the row did not say kept); the lease then covers the next
+    # calls (15 s needed + 60 s slack), and readers reckon them right from the row.
+    assert registry.renewals == [NOW + 4]
+    assert slot.renewals_skipped == 9
+    assert slot.lease.kept
+
+
+def test_a_kept_slot_writes_again_when_its_lease_would_not_cover_the_next_call() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+
+    run_calls(slot, [NOW + 4 * i for i in range(30)], 4.0)
+
+    # 4 + 75 s of lease: the call starting past 4 + 60 s would not fit it.
+    assert len(registry.renewals) == 2
+    assert registry.renewals[1] - registry.renewals[0] > 60 - 4
+
+
+def test_a_kept_slot_writes_when_its_calls_drift_from_the_reckoning() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+
+    # 0.1 s between calls: readers reckoning 4 s calls from the row drift 0.1 s a call.
+    run_calls(slot, [NOW + 4.1 * i for i in range(8)], 4.0)
+
+    assert len(registry.renewals) == 3  # first, then each time the drift passed 0.25 s
+    assert registry.renewals[1] == pytest.approx(NOW + 4.1 * 3 + 4.0)
+
+
+def test_a_kept_slot_writes_when_a_call_is_off_the_rows_average() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+    run_calls(slot, [NOW, NOW + 4], 4.0)
+    assert len(registry.renewals) == 1
+
+    slot.note_start(NOW + 8)
+    slot.note_call(6.0)  # the endpoint got slower: the row's 4 s would mislead
+    slot.renew_for("t9", lease_seconds=15.0, now=NOW + 14)
+
+    assert len(registry.renewals) == 2
+    assert slot.lease.call_seconds_ewma == 6.0
+
+
+def test_a_slot_with_a_lane_seat_writes_every_time() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry, seat=True)
+
+    run_calls(slot, [NOW + 4 * i for i in range(4)], 4.0)
+
+    assert len(registry.renewals) == 4
+
+
+def test_a_timed_out_call_on_a_kept_slot_cuts_the_lease_to_the_margin() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+    run_calls(slot, [NOW], 4.0)
+
+    slot.keep_until_lease_ends(now=NOW + 30, margin=5.0)
+
+    assert registry.cuts == [NOW + 35]
+    assert not slot.held
+
+
+def test_a_fresh_lease_timing_out_is_left_to_lapse() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry)
+
+    slot.keep_until_lease_ends(now=NOW + 10, margin=5.0)
+
+    assert registry.cuts == []  # its lease is one call's: it ends on time

@@ -538,7 +538,11 @@ class TaskDispatcher:
         lease_seconds = budget + SAFETY_MARGIN_SECONDS
         now = self._clock()
         renewal = self._beside.submit(
-            held.renew_for, message.task_id, lease_seconds=lease_seconds, now=now
+            held.renew_for,
+            message.task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+            starts_at=held.call_ends_at,  # ahead of the call's end: the next starts then
         )
         try:
             claimed = self._tasks.claim_unread(
@@ -807,6 +811,7 @@ class TaskDispatcher:
             )
             raise RetryLater("the slot's lease ran short before the call", delay_seconds=0)
         logger.info("dispatching", extra=log)
+        slot.note_start(started)
         if keep is not None:
             keep.arm(slot, slot.expected_call_seconds)
         try:
@@ -818,7 +823,7 @@ class TaskDispatcher:
                 # The GPU may still be generating: its slot stays taken until the lease ends
                 # (the margin past the timeout), so the endpoint never gets more than its
                 # capacity of calls.
-                slot.keep_until_lease_ends()
+                slot.keep_until_lease_ends(now=self._clock(), margin=SAFETY_MARGIN_SECONDS)
             if self._observer is not None:
                 self._observer.gpu_call_failed(
                     task, endpoint_id=endpoint.endpoint_id, retryable=error.retryable

@@ -16,6 +16,7 @@ index returns a kind's whole fleet state:
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import defaultdict
@@ -99,6 +100,17 @@ def _credentials_item(credentials: CredentialRef) -> dict[str, str]:
 
 
 # pragma: no mutate end
+def call_started(lease: SlotLease, service: float, now: float) -> float:
+    """When the slot's current call started, as its row tells: the lease's start; for a
+    slot kept across calls (whose holder writes only now and then), the start of the call
+    that back-to-back calls of `service` seconds from the lease's start would be in now.
+    The holder writes the row again before that reckoning drifts (HeldSlot.renew_for)."""
+    start = lease.leased_at if lease.leased_at is not None else now
+    if lease.kept and service > 0 and now > start:
+        start += service * math.floor((now - start) / service)
+    return start
+
+
 @dataclass
 class Fleet:
     """A kind's endpoints and their live slot leases, read in one query."""
@@ -142,18 +154,18 @@ class Fleet:
         if now is None:
             return measured
         running = [
-            now - lease.leased_at
+            now - call_started(lease, measured, now)
             for lease in self.live_leases(endpoint.endpoint_id, now)
             if lease.leased_at is not None
         ]
         return max([measured, *running])
 
     def busy_until(self, endpoint: Endpoint, now: float) -> list[float]:
-        """When each busy slot's call is expected to end: its lease start + the endpoint's
-        service time (in the past for a call that overruns; `now` when nothing is known)."""
+        """When each busy slot's call is expected to end: its start + the endpoint's service
+        time (in the past for a call that overruns; `now` when nothing is known)."""
         service = self.service_seconds(endpoint, now) or 0.0
         return sorted(
-            (lease.leased_at if lease.leased_at is not None else now) + service
+            call_started(lease, service, now) + service
             for lease in self.live_leases(endpoint.endpoint_id, now)
         )
 
@@ -562,7 +574,8 @@ class EndpointRegistry:
                 Key={"endpoint_id": _slot_key(owner, slot)},
                 UpdateExpression=(
                     "SET row_type = :row_type, kind = :kind, slot_of = :of, slot = :slot, "
-                    "lease_id = :lease, task_id = :task, lease_until = :until, leased_at = :now"
+                    "lease_id = :lease, task_id = :task, lease_until = :until, leased_at = :now "
+                    "REMOVE kept"
                 ),
                 # <= : a lease ending exactly now is over, as SlotLease.is_live says.
                 ConditionExpression="attribute_not_exists(lease_until) OR lease_until <= :now",
@@ -602,17 +615,19 @@ class EndpointRegistry:
         now: float,
         call_seconds: float | None = None,
     ) -> SlotLease | None:
-        """Keep a held slot for its holder's next task, in one write: the lease, still ours
-        and live, now names that task and ends `lease_seconds` from now; the finished call's
-        duration is folded into the slot's EWMA as `release_slot` does. None if the lease was
-        lost (it lapsed, or another holder has the slot): take a slot afresh then."""
+        """Keep a held slot for its holder's next tasks, in one write: the lease, still ours
+        and live, now names that task, starts now (`kept`: calls back to back from here) and
+        ends `lease_seconds` from now; the finished call's duration is folded into the slot's
+        EWMA as `release_slot` does. None if the lease was lost (it lapsed, or another holder
+        has the slot): take a slot afresh then."""
         ewma = _ewma(lease.call_seconds_ewma, call_seconds)
-        sets = "SET task_id = :task, lease_until = :until, leased_at = :now"
+        sets = "SET task_id = :task, lease_until = :until, leased_at = :now, kept = :kept"
         values: dict[str, Any] = {
             ":mine": lease.lease_id,
             ":task": task_id,
             ":until": _num(now + lease_seconds),
             ":now": _num(now),
+            ":kept": True,
         }
         if ewma is not None and call_seconds is not None:
             sets += ", call_seconds_ewma = :ewma"
@@ -634,8 +649,24 @@ class EndpointRegistry:
                 "lease_until": float(_num(now + lease_seconds)),
                 "leased_at": float(_num(now)),
                 "call_seconds_ewma": None if ewma is None else float(_num(ewma)),  # as stored
+                "kept": True,
             }
         )
+
+    def cut_lease(self, lease: SlotLease, *, until: float) -> bool:
+        """End a lease of ours sooner (never later): at `until`. False if it is not ours."""
+        try:
+            self._table.update_item(
+                Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
+                UpdateExpression="SET lease_until = :until",
+                ConditionExpression="lease_id = :mine AND lease_until > :until",
+                ExpressionAttributeValues={":mine": lease.lease_id, ":until": _num(until)},
+            )
+        except ClientError as error:
+            if is_conditional_failure(error):
+                return False
+            raise
+        return True
 
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         """Free the slot now, but only if the lease is still ours; fold a successful call's
@@ -649,7 +680,7 @@ class EndpointRegistry:
         try:
             self._table.update_item(
                 Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
-                UpdateExpression="REMOVE lease_id, task_id, lease_until, leased_at" + sets,
+                UpdateExpression="REMOVE lease_id, task_id, lease_until, leased_at, kept" + sets,
                 ConditionExpression="lease_id = :mine",
                 ExpressionAttributeValues=values,
             )

@@ -475,6 +475,9 @@ class SlotLease(BaseModel):
     leased_at: float | None = None
     # The slot's call-duration EWMA as it stood when the lease was taken (None: no call yet).
     call_seconds_ewma: float | None = None
+    # Kept across calls: its holder runs calls back to back and writes the row only now and
+    # then (a renewal), so `leased_at` is the start of the first of them (Fleet.busy_until).
+    kept: bool = False
 
     @field_validator("slot", mode="before")
     @classmethod

@@ -47,6 +47,15 @@ WAITER_ROW_SECONDS = 3.0
 # A call ends this long before its slot's lease at the latest: time for the client's close to
 # reach the GPU server, and for two machines' clocks to disagree.
 LEASE_TAIL_SECONDS = 0.5
+# A slot kept across calls is leased this much longer than its next call needs, so its holder
+# need not write the row before every call (HeldSlot.renew_for); a crashed holder's slot
+# comes back this much later.
+KEPT_LEASE_SLACK_SECONDS = 60.0
+# ... as long as readers reckoning its calls back to back from the row (call_started) are
+# this close to when the next call really starts, and its call time to the row's average
+# (within this fraction, or the drift for calls so short that it hardly matters).
+KEPT_DRIFT_SECONDS = 0.25
+KEPT_SERVICE_TOLERANCE = 0.25
 
 
 def _candidate(fleet: Fleet, endpoint: Endpoint, now: float, *, free_slots: int) -> Candidate:
@@ -97,11 +106,25 @@ class HeldSlot:
         self._released = False
         self._call_seconds: float | None = None  # the last good call's, not yet written
         self._last_call_seconds: float | None = None
+        self._call_started: float | None = None
+        self.renewals_skipped = 0
 
     @property
     def held(self) -> bool:
         """Still leased by us and not given back (nor left to lapse)."""
         return not self._released
+
+    def note_start(self, at: float) -> None:
+        """A call started on this slot at `at`."""
+        self._call_started = at
+
+    @property
+    def call_ends_at(self) -> float | None:
+        """When the call under way should end (None: unknown)."""
+        expected = self.expected_call_seconds
+        if self._call_started is None or expected is None:
+            return None
+        return self._call_started + expected
 
     def note_call(self, seconds: float) -> None:
         """A call on this slot ended well after `seconds`: folded into the slot's EWMA at the
@@ -125,13 +148,23 @@ class HeldSlot:
         ends = min(lease.lease_until for lease in (self.lease, self.seat) if lease is not None)
         return ends - LEASE_TAIL_SECONDS - now
 
-    def renew_for(self, task_id: str, *, lease_seconds: float, now: float) -> bool:
-        """Keep the slot for another task (one write). False if the lease was lost meanwhile:
-        the slot is no longer ours, take one afresh."""
+    def renew_for(
+        self, task_id: str, *, lease_seconds: float, now: float, starts_at: float | None = None
+    ) -> bool:
+        """Keep the slot for another task, whose call starts at `starts_at` (now if None) and
+        needs `lease_seconds` of lease. One write, leasing the slot KEPT_LEASE_SLACK_SECONDS
+        longer, unless the row need not change: the lease already covers that call, it says
+        the slot is kept, readers reckoning back-to-back calls from it put this call's start
+        within KEPT_DRIFT_SECONDS, and the last call took about the row's average. False if
+        the lease was lost meanwhile: the slot is no longer ours, take one afresh."""
+        start = now if starts_at is None else max(now, starts_at)
+        if self._row_still_true(start, lease_seconds):
+            self.renewals_skipped += 1
+            return True
         lease = self._registry.renew_slot(
             self.lease,
             task_id=task_id,
-            lease_seconds=lease_seconds,
+            lease_seconds=lease_seconds + KEPT_LEASE_SLACK_SECONDS,
             now=now,
             call_seconds=self._call_seconds,
         )
@@ -142,11 +175,39 @@ class HeldSlot:
         self._call_seconds = None
         return True
 
-    def keep_until_lease_ends(self) -> None:
+    # pragma: no mutate start (how often the row is written, not what it says: tested apart)
+    def _row_still_true(self, start: float, lease_seconds: float) -> bool:
+        lease = self.lease
+        service = lease.call_seconds_ewma
+        last = self._last_call_seconds
+        if (
+            self.seat is not None  # a lane seat's lease is not renewed with it: as before
+            or not lease.kept
+            or lease.leased_at is None
+            or service is None
+            or last is None
+            or lease.lease_until - start < lease_seconds
+            or abs(last - service) > max(KEPT_SERVICE_TOLERANCE * service, KEPT_DRIFT_SECONDS)
+        ):
+            return False
+        if service <= 0:
+            return True  # calls under the row's millisecond: nothing to reckon
+        calls = round((start - lease.leased_at) / service)
+        return abs(start - (lease.leased_at + calls * service)) <= KEPT_DRIFT_SECONDS
+
+    # pragma: no mutate end
+
+    def keep_until_lease_ends(self, *, now: float | None = None, margin: float = 0.0) -> None:
         """Give the slot back by letting its lease lapse, not now (a later `release` is a
         no-op): for a call that may still be running on the GPU. The seat lapses with it
-        (same lease end): the lane still holds that slot."""
+        (same lease end): the lane still holds that slot. A kept slot's lease, longer than
+        one call, is cut to `margin` from `now` (if given) so the slot is not lost longer."""
         self._released = True
+        if now is not None and self.lease.kept:
+            try:
+                self._registry.cut_lease(self.lease, until=now + margin)
+            except (ClientError, BotoCoreError):
+                logger.warning("lease cut failed; it lapses at its end", exc_info=True)
 
     def release(self, *, call_seconds: float | None = None) -> None:
         """Hand the slot (and seat) back. A write that fails leaves the lease to lapse at its
