@@ -25,6 +25,7 @@ from gpuqueue.models import (
     Endpoint,
     HealthResult,
     ImageRequest,
+    Priority,
     QueueMessage,
     Task,
     TaskKind,
@@ -1298,3 +1299,79 @@ def test_an_unusable_task_pulled_onto_a_kept_slot_fails_saying_why_and_the_slot_
     assert store.get(third.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
     assert [c[0] for c in job.calls] == ["gpu-a", "gpu-a"]
     assert in_flight(registry, "gpu-a") == 0
+
+
+class ReadCountingStore(TaskStore):
+    """The task store, counting reads of a task before its claim."""
+
+    gets = 0
+
+    def get(self, task_id: str) -> Task | None:
+        ReadCountingStore.gets += 1
+        return super().get(task_id)
+
+
+def _counting(store: TaskStore) -> ReadCountingStore:
+    counting = ReadCountingStore.__new__(ReadCountingStore)
+    counting.__dict__.update(store.__dict__)
+    ReadCountingStore.gets = 0
+    return counting
+
+
+def test_a_workers_first_normal_task_is_claimed_on_a_fresh_slot_without_a_read(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    task = submitted(store)
+    counting = _counting(store)
+    job = ScriptedJob(b"png", registry=registry)
+
+    outcome = dispatcher(counting, registry, job).dispatch(
+        QueueMessage(task_id=task.task_id, priority=Priority.NORMAL),
+        remaining_seconds=lambda: PLENTY,
+        next_tasks=Queue(store),
+    )
+
+    assert outcome is Outcome.DONE
+    assert ReadCountingStore.gets == 0
+    assert [c[:2] for c in job.calls] == [("gpu-a", 1)]
+    assert store.get(task.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_first_message_for_a_canceled_task_ends_there_and_gives_its_fresh_slot_back(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    task = submitted(store)
+    store.cancel(task.task_id, "alice")
+    job = ScriptedJob(b"png", registry=registry)
+
+    outcome = dispatcher(store, registry, job).dispatch(
+        QueueMessage(task_id=task.task_id, priority=Priority.NORMAL),
+        remaining_seconds=lambda: PLENTY,
+        next_tasks=Queue(store),
+    )
+
+    assert outcome is Outcome.SKIPPED
+    assert job.calls == []
+    assert store.get(task.task_id).status is TaskStatus.CANCELED  # type: ignore[union-attr]
+    assert in_flight(registry, "gpu-a") == 0
+
+
+def test_a_message_that_does_not_say_its_priority_is_read_first(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a")
+    task = submitted(store)
+    counting = _counting(store)
+    job = ScriptedJob(b"png", registry=registry)
+
+    outcome = dispatcher(counting, registry, job).dispatch(
+        QueueMessage(task_id=task.task_id),  # sent before messages carried it
+        remaining_seconds=lambda: PLENTY,
+        next_tasks=Queue(store),
+    )
+
+    assert outcome is Outcome.DONE
+    assert ReadCountingStore.gets == 1

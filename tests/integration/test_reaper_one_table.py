@@ -258,7 +258,9 @@ def test_without_a_lane_of_its_own_a_task_goes_back_on_the_normal_lane_with_its_
 
     reaper(store, {Priority.NORMAL: normal}, at=task.lease_until + GRACE + 1).run()
 
-    assert normal.sent == [QueueMessage(task_id=task.task_id, kind=TaskKind.SPEECH)]
+    assert normal.sent == [
+        QueueMessage(task_id=task.task_id, kind=TaskKind.SPEECH, priority=task.priority)
+    ]
 
 
 class ReadCounting(TaskStore):

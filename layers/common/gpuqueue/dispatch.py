@@ -431,6 +431,10 @@ class TaskDispatcher:
         worker's next message, received early while it keeps its slot) and its call ended
         with the GPU free. An offered slot is used or released, never leaked; `handoff`, the
         writes for it made ahead on `offered`."""
+        if offered is None and keep is not None and message.priority is Priority.NORMAL:
+            ran = self._run_first_unread(message, remaining_seconds, keep)
+            if ran is not None:
+                return ran
         try:
             return self._prepare_and_run(
                 message, remaining_seconds, offered=offered, keep=keep, handoff=handoff
@@ -522,6 +526,53 @@ class TaskDispatcher:
             )
         finally:
             work.job.release(work.job_input)
+
+    def _run_first_unread(
+        self,
+        message: QueueMessage,
+        remaining_seconds: Callable[[], float],
+        keep: NextMessage[HeldSlot],
+    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
+        """A worker's first task, when nothing about the task but its kind picks the slot
+        (least-loaded, a normal-priority task whose input needs no memory reserved first): a
+        slot taken, then the task claimed without a read (the claim returns it), as a kept
+        slot's next task is. A read and a write fewer on every worker's first task, the
+        start of every burst. None: the usual way (a read first), with no slot held."""
+        job = self._jobs.get(message.kind)
+        if job is None or job.waits_for_memory or not self._slots.keeps_slots:
+            return None
+        budget = self._budget(remaining_seconds)
+        if budget < MIN_CALL_SECONDS:
+            return None
+        lease_seconds = budget + SAFETY_MARGIN_SECONDS
+        request = SlotRequest(
+            kind=message.kind,
+            task_id=message.task_id,
+            user_id="",  # least-loaded does not look at it
+            lease_seconds=lease_seconds,
+            wait_seconds=0.0,  # none free now: the usual way, which waits, decides
+        )
+        try:
+            held = self._slots.acquire(request)
+        except (NoRoutableEndpoint, NoFreeSlot):
+            return None  # the usual way decides (and sends the message back) with the task
+        try:
+            now = self._clock()
+            claimed = self._tasks.claim_unread(
+                message.task_id,
+                lease_seconds=lease_seconds,
+                now=now,
+                endpoint_id=held.endpoint.endpoint_id,
+                max_attempts=self._policy.max_attempts,
+            )
+            handoff = _Handoff(slot=held, claimed=claimed, renewed=True, budget=budget, now=now)
+            ran = self._run_unread(message, held, remaining_seconds, keep, handoff)
+        except BaseException:
+            held.release()
+            raise
+        if ran is None:
+            held.release()  # it last failed on this endpoint: the usual way finds another
+        return ran
 
     def _hand_over(
         self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]

@@ -329,6 +329,9 @@ class QueueMessage(BaseModel):
 
     task_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     kind: TaskKind = TaskKind.IMAGE
+    # The task's priority, so a worker may pick its slot before reading the task (None: a
+    # message sent before it was carried; the task is read first).
+    priority: Priority | None = None
 
 
 # --- Endpoints (the health table) -----------------------------------------------------------

@@ -151,4 +151,4 @@ class Reaper:
 
     def _send(self, task: Task) -> None:
         lane = self._lanes.get(task.priority, self._lanes[Priority.NORMAL])
-        lane.send(QueueMessage(task_id=task.task_id, kind=task.kind))
+        lane.send(QueueMessage(task_id=task.task_id, kind=task.kind, priority=task.priority))

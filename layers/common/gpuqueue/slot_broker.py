@@ -413,6 +413,12 @@ class SlotBroker:
         return self._fleet(kind), False
 
     # pragma: no mutate start (the kept slot's hand-off, issue 16: docs/mutation.md)
+    @property
+    def keeps_slots(self) -> bool:
+        """Whether a worker may keep its slot across tasks: least-loaded only (the other
+        strategies choose an endpoint per task)."""
+        return self._balancer.strategy is Strategy.LEAST_LOADED
+
     def worth_keeping(
         self, held: HeldSlot, *, priority: Priority, holding_task: bool = False
     ) -> bool:

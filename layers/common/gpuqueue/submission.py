@@ -328,7 +328,7 @@ class SubmissionService:
         # A lane this stack no longer has: the normal one (no task is ever stranded).
         lane = self._lanes.get(task.priority, self._lanes[Priority.NORMAL])
         try:
-            lane.send(QueueMessage(task_id=task.task_id, kind=task.kind))
+            lane.send(QueueMessage(task_id=task.task_id, kind=task.kind, priority=task.priority))
         except (ClientError, BotoCoreError) as error:
             # No orphan: a task the queue never got must not sit QUEUED forever.
             logger.exception("queue send failed", extra={"task_id": task.task_id})
