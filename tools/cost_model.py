@@ -191,6 +191,12 @@ def per_million(
     }
 
 
+# The totals before, for the figures above to be read against (the same model).
+PREVIOUS_COST = """Before: $114.51 when issue 16 was filed (the waiting dispatch path, the
+dispatcher at 512 MB); $43.76 on 2026-12-07 03:57 (one-step hand-off, 384 MB, images kept
+7 days, 10.72 requests per task under load)."""
+
+
 def markdown(
     bench: dict[str, Any], *, date: str, calls_per_billed_second: float | None = None
 ) -> str:
@@ -216,6 +222,8 @@ the prices before relying on them. Cost per **1 million image tasks**, GPU time 
 |---|---|---|
 {rows}
 | **total** | | **${cost["total"]:,.2f}** |
+
+{PREVIOUS_COST}
 
 **Against the GPU**: a {GENERATION_SECONDS:.0f} s generation on a {GPU_NAME} at
 ${PRICE["gpu_per_hour"]}/h costs ${cost["gpu"]:,.0f} per million images; the queue around it

@@ -1037,10 +1037,10 @@ def test_a_kept_slot_writes_its_row_once_then_not_while_calls_run_as_the_row_say
     registry = RenewRegistry()
     slot = kept_slot(registry)
 
-    run_calls(slot, [NOW + 4 * i for i in range(10)], 4.0)
+    run_calls(slot, [NOW + 4 * i for i in range(10)], 4.0, needed=155.0)
 
     # The first hand-off writes (the row did not say kept); the lease then covers the next
-    # calls (15 s needed + 60 s slack), and readers reckon them right from the row.
+    # calls (155 s needed + 60 s slack), and readers reckon them right from the row.
     assert registry.renewals == [NOW + 4]
     assert slot.renewals_skipped == 9
     assert slot.lease.kept
@@ -1050,9 +1050,9 @@ def test_a_kept_slot_writes_again_when_its_lease_would_not_cover_the_next_call()
     registry = RenewRegistry()
     slot = kept_slot(registry)
 
-    run_calls(slot, [NOW + 4 * i for i in range(30)], 4.0)
+    run_calls(slot, [NOW + 4 * i for i in range(30)], 4.0, needed=155.0)
 
-    # 4 + 75 s of lease: the call starting past 4 + 60 s would not fit it.
+    # 4 + 215 s of lease: the call starting past 4 + 60 s would not fit it.
     assert len(registry.renewals) == 2
     assert registry.renewals[1] - registry.renewals[0] > 60 - 4
 
@@ -1109,3 +1109,15 @@ def test_a_fresh_lease_timing_out_is_left_to_lapse() -> None:
     slot.keep_until_lease_ends(now=NOW + 10, margin=5.0)
 
     assert registry.cuts == []  # its lease is one call's: it ends on time
+
+
+def test_a_kept_slots_slack_is_at_most_what_its_call_needs() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry, ewma=0.3)
+
+    # Calls of 0.3 s needing 8 s of lease (a 3 s timeout and its margin): 16 s leased, so a
+    # crashed holder's slot comes back within twice a call's lease, not a minute later.
+    run_calls(slot, [NOW + 0.3 * i for i in range(40)], 0.3, needed=8.0)
+
+    assert slot.lease.lease_until - registry.renewals[-1] == pytest.approx(16.0)
+    assert len(registry.renewals) == 2  # 8 s of slack covers 26 calls

@@ -47,9 +47,9 @@ WAITER_ROW_SECONDS = 3.0
 # A call ends this long before its slot's lease at the latest: time for the client's close to
 # reach the GPU server, and for two machines' clocks to disagree.
 LEASE_TAIL_SECONDS = 0.5
-# A slot kept across calls is leased this much longer than its next call needs, so its holder
-# need not write the row before every call (HeldSlot.renew_for); a crashed holder's slot
-# comes back this much later.
+# A slot kept across calls is leased this much longer than its next call needs (at most as
+# long again), so its holder need not write the row before every call (HeldSlot.renew_for);
+# a crashed holder's slot comes back that much later.
 KEPT_LEASE_SLACK_SECONDS = 60.0
 # ... as long as readers reckoning its calls back to back from the row (call_started) are
 # this close to when the next call really starts, and its call time to the row's average
@@ -153,9 +153,10 @@ class HeldSlot:
     ) -> bool:
         """Keep the slot for another task, whose call starts at `starts_at` (now if None) and
         needs `lease_seconds` of lease. One write, leasing the slot KEPT_LEASE_SLACK_SECONDS
-        longer, unless the row need not change: the lease already covers that call, it says
-        the slot is kept, readers reckoning back-to-back calls from it put this call's start
-        within KEPT_DRIFT_SECONDS, and the last call took about the row's average. False if
+        longer (at most twice what the call needs), unless the row need not change: the
+        lease already covers that call, it says the slot is kept, readers reckoning
+        back-to-back calls from it put this call's start within KEPT_DRIFT_SECONDS, and the
+        last call took about the row's average. False if
         the lease was lost meanwhile: the slot is no longer ours, take one afresh."""
         start = now if starts_at is None else max(now, starts_at)
         if self._row_still_true(start, lease_seconds):
@@ -164,7 +165,7 @@ class HeldSlot:
         lease = self._registry.renew_slot(
             self.lease,
             task_id=task_id,
-            lease_seconds=lease_seconds + KEPT_LEASE_SLACK_SECONDS,
+            lease_seconds=lease_seconds + min(KEPT_LEASE_SLACK_SECONDS, lease_seconds),
             now=now,
             call_seconds=self._call_seconds,
         )
