@@ -1140,3 +1140,15 @@ def test_a_renewal_written_ahead_of_the_call_dates_the_lease_from_the_calls_star
     # the calls after it right, so only the first hand-off writes.
     assert registry.renewals == [NOW + 3.5]
     assert slot.lease.leased_at == NOW + 4.0
+
+
+def test_a_short_calls_jitter_under_a_second_writes_nothing() -> None:
+    registry = RenewRegistry()
+    slot = kept_slot(registry, ewma=0.05)
+    run_calls(slot, [NOW, NOW + 0.05], 0.05)  # the first hand-off marks the row kept
+
+    slot.note_start(NOW + 0.1)
+    slot.note_call(0.7)  # a loaded worker's slow moment, not another model
+    slot.renew_for("t9", lease_seconds=15.0, now=NOW + 0.8)
+
+    assert len(registry.renewals) == 1

@@ -53,9 +53,11 @@ LEASE_TAIL_SECONDS = 0.5
 KEPT_LEASE_SLACK_SECONDS = 60.0
 # ... as long as readers reckoning its calls back to back from the row (call_started) are
 # this close to when the next call really starts, and its call time to the row's average
-# (within this fraction, or the drift for calls so short that it hardly matters).
+# (within this fraction, or this many seconds for calls so short that it hardly matters: a
+# loaded worker's jitter; a real change shows as drift at the next call anyway).
 KEPT_DRIFT_SECONDS = 0.25
 KEPT_SERVICE_TOLERANCE = 0.25
+KEPT_SERVICE_FLOOR_SECONDS = 1.0
 
 
 def _candidate(fleet: Fleet, endpoint: Endpoint, now: float, *, free_slots: int) -> Candidate:
@@ -190,7 +192,8 @@ class HeldSlot:
             or service is None
             or last is None
             or lease.lease_until - start < lease_seconds
-            or abs(last - service) > max(KEPT_SERVICE_TOLERANCE * service, KEPT_DRIFT_SECONDS)
+            or abs(last - service)
+            > max(KEPT_SERVICE_TOLERANCE * service, KEPT_SERVICE_FLOOR_SECONDS)
         ):
             return False
         if service <= 0:
