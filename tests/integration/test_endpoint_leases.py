@@ -261,24 +261,3 @@ def test_a_call_four_times_off_the_slots_average_restarts_it() -> None:
     assert _ewma(4.0, 1.0) == EWMA_ALPHA * 1.0 + (1 - EWMA_ALPHA) * 4.0
     assert _ewma(None, 3.0) == 3.0
     assert _ewma(3.0, None) == 3.0
-
-
-def test_a_renewal_written_ahead_dates_the_lease_from_the_next_calls_start(
-    registry: EndpointRegistry,
-) -> None:
-    gpu = _gpu_a(registry)
-    lease = registry.take_slot(gpu, 0, task_id="t1", lease_seconds=30, now=NOW)
-    assert lease is not None
-
-    ahead = registry.renew_slot(
-        lease, task_id="t2", lease_seconds=30, now=NOW + 3.5, starts_at=NOW + 4
-    )
-    assert ahead is not None
-    [live] = _fleet(registry).live_leases("gpu-a", NOW + 3.6)
-    assert (live.leased_at, live.lease_until) == (NOW + 4, NOW + 33.5)
-    # Never dated before the write: a start already past is the write's time.
-    late = registry.renew_slot(
-        ahead, task_id="t3", lease_seconds=30, now=NOW + 9, starts_at=NOW + 8
-    )
-    assert late is not None
-    assert late.leased_at == NOW + 9

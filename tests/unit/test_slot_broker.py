@@ -989,7 +989,6 @@ class RenewRegistry:
         lease_seconds: float,
         now: float,
         call_seconds: float | None = None,
-        starts_at: float | None = None,
     ) -> SlotLease:
         self.renewals.append(now)
         ewma = call_seconds if call_seconds is not None else lease.call_seconds_ewma
@@ -997,7 +996,7 @@ class RenewRegistry:
             update={
                 "task_id": task_id,
                 "lease_until": now + lease_seconds,
-                "leased_at": now if starts_at is None else max(now, starts_at),
+                "leased_at": now,
                 "call_seconds_ewma": ewma,
                 "kept": True,
             }
@@ -1122,24 +1121,6 @@ def test_a_kept_slots_slack_is_at_most_what_its_call_needs() -> None:
 
     assert slot.lease.lease_until - registry.renewals[-1] == pytest.approx(16.0)
     assert len(registry.renewals) == 2  # 8 s of slack covers 26 calls
-
-
-def test_a_renewal_written_ahead_of_the_call_dates_the_lease_from_the_calls_start() -> None:
-    registry = RenewRegistry()
-    slot = kept_slot(registry)
-    # Each hand-off written 0.5 s before the call before it ends (the early receive).
-    for i in range(6):
-        start = NOW + 4 * i
-        slot.note_start(start)
-        slot.note_call(4.0)
-        slot.renew_for(
-            f"t{i + 1}", lease_seconds=155.0, now=start + 3.5, starts_at=slot.call_ends_at
-        )
-
-    # The row says the next call starts at the call's end, not 0.5 s early: readers reckon
-    # the calls after it right, so only the first hand-off writes.
-    assert registry.renewals == [NOW + 3.5]
-    assert slot.lease.leased_at == NOW + 4.0
 
 
 def test_a_short_calls_jitter_under_a_second_writes_nothing() -> None:

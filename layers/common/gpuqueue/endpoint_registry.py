@@ -614,23 +614,19 @@ class EndpointRegistry:
         lease_seconds: float,
         now: float,
         call_seconds: float | None = None,
-        starts_at: float | None = None,
     ) -> SlotLease | None:
         """Keep a held slot for its holder's next tasks, in one write: the lease, still ours
-        and live, now names that task, starts when its call does (`starts_at`, not before
-        now; `kept`: calls back to back from there) and ends `lease_seconds` from now; the
-        finished call's duration is folded into the slot's EWMA as `release_slot` does.
-        None if the lease was lost (it lapsed, or another holder has the slot): take a slot
-        afresh then."""
+        and live, now names that task, starts now (`kept`: calls back to back from here) and
+        ends `lease_seconds` from now; the finished call's duration is folded into the slot's
+        EWMA as `release_slot` does. None if the lease was lost (it lapsed, or another holder
+        has the slot): take a slot afresh then."""
         ewma = _ewma(lease.call_seconds_ewma, call_seconds)
-        start = now if starts_at is None else max(now, starts_at)
-        sets = "SET task_id = :task, lease_until = :until, leased_at = :start, kept = :kept"
+        sets = "SET task_id = :task, lease_until = :until, leased_at = :now, kept = :kept"
         values: dict[str, Any] = {
             ":mine": lease.lease_id,
             ":task": task_id,
             ":until": _num(now + lease_seconds),
             ":now": _num(now),
-            ":start": _num(start),
             ":kept": True,
         }
         if ewma is not None and call_seconds is not None:
@@ -651,7 +647,7 @@ class EndpointRegistry:
             update={
                 "task_id": task_id,
                 "lease_until": float(_num(now + lease_seconds)),
-                "leased_at": float(_num(start)),
+                "leased_at": float(_num(now)),
                 "call_seconds_ewma": None if ewma is None else float(_num(ewma)),  # as stored
                 "kept": True,
             }

@@ -170,8 +170,6 @@ class HeldSlot:
             lease_seconds=lease_seconds + min(KEPT_LEASE_SLACK_SECONDS, lease_seconds),
             now=now,
             call_seconds=self._call_seconds,
-            # Written ahead of the call (the early hand-off): readers reckon from its start.
-            starts_at=start,
         )
         if lease is None:
             self._released = True
