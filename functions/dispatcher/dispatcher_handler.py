@@ -195,11 +195,15 @@ class QueuePuller:
             self.flush()
 
     def flush(self) -> None:
-        """The invocation ends: delete what is done, hand back what no worker took."""
-        self._shared.close()
+        """Delete the messages whose tasks are done (a batch at a time, and at the end)."""
         with self._lock:
             done, self._done = self._done, []
         self._queue.delete(done)
+
+    def close(self) -> None:
+        """The invocation ends: hand back what no worker took, delete what is done."""
+        self._shared.close()
+        self.flush()
 
 
 def return_later(retry: RetryLater, message: QueueMessage, receipt: str) -> bool:
@@ -267,7 +271,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
             return  # returning normally deletes this one
         raise
     finally:
-        puller.flush()
+        puller.close()
     count(outcome)
 
 

@@ -194,6 +194,14 @@ def test_workers_whose_calls_end_together_share_one_receive(make_stack, alice, m
         return got
 
     monkeypatch.setattr(TaskQueue, "receive", counted)
+    released: list[int] = []
+    release = TaskQueue.release
+
+    def recorded(queue: TaskQueue, receipts: list[str]) -> None:
+        released.append(len(receipts))
+        release(queue, receipts)
+
+    monkeypatch.setattr(TaskQueue, "release", recorded)
 
     assert h.deliver(h.receive(), timeout_seconds=180) == []
 
@@ -206,4 +214,7 @@ def test_workers_whose_calls_end_together_share_one_receive(make_stack, alice, m
     assert len(receives) <= 10, receives
     assert max(receives) > 1
     assert _queue_counts(h) == (0, 0, 0)  # none left hidden: every message deleted
+    # Every message received for a worker was taken by it: none went back (a batch of
+    # deletes mid-invocation does not hand back what was received for workers due).
+    assert released == []
     assert _live_leases(h) == []
