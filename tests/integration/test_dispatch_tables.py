@@ -1318,6 +1318,17 @@ def _counting(store: TaskStore) -> ReadCountingStore:
     return counting
 
 
+def first_message(
+    d: TaskDispatcher, store: TaskStore, task: Task, priority: Priority | None
+) -> Outcome:
+    """A worker's first message (as the queue's trigger hands it over), saying `priority`."""
+    return d.dispatch(
+        QueueMessage(task_id=task.task_id, priority=priority),
+        remaining_seconds=lambda: PLENTY,
+        next_tasks=Queue(store),
+    )
+
+
 def test_a_workers_first_normal_task_is_claimed_on_a_fresh_slot_without_a_read(
     store: TaskStore, registry: EndpointRegistry
 ) -> None:
@@ -1326,11 +1337,7 @@ def test_a_workers_first_normal_task_is_claimed_on_a_fresh_slot_without_a_read(
     counting = _counting(store)
     job = ScriptedJob(b"png", registry=registry)
 
-    outcome = dispatcher(counting, registry, job).dispatch(
-        QueueMessage(task_id=task.task_id, priority=Priority.NORMAL),
-        remaining_seconds=lambda: PLENTY,
-        next_tasks=Queue(store),
-    )
+    outcome = first_message(dispatcher(counting, registry, job), store, task, Priority.NORMAL)
 
     assert outcome is Outcome.DONE
     assert ReadCountingStore.gets == 0
@@ -1347,11 +1354,7 @@ def test_a_first_message_for_a_canceled_task_ends_there_and_gives_its_fresh_slot
     store.cancel(task.task_id, "alice")
     job = ScriptedJob(b"png", registry=registry)
 
-    outcome = dispatcher(store, registry, job).dispatch(
-        QueueMessage(task_id=task.task_id, priority=Priority.NORMAL),
-        remaining_seconds=lambda: PLENTY,
-        next_tasks=Queue(store),
-    )
+    outcome = first_message(dispatcher(store, registry, job), store, task, Priority.NORMAL)
 
     assert outcome is Outcome.SKIPPED
     assert job.calls == []
@@ -1367,11 +1370,8 @@ def test_a_message_that_does_not_say_its_priority_is_read_first(
     counting = _counting(store)
     job = ScriptedJob(b"png", registry=registry)
 
-    outcome = dispatcher(counting, registry, job).dispatch(
-        QueueMessage(task_id=task.task_id),  # sent before messages carried it
-        remaining_seconds=lambda: PLENTY,
-        next_tasks=Queue(store),
-    )
+    # Sent before messages carried it.
+    outcome = first_message(dispatcher(counting, registry, job), store, task, None)
 
     assert outcome is Outcome.DONE
     assert ReadCountingStore.gets == 1

@@ -35,9 +35,14 @@ class Queue:
         self.waiting = list(messages) + self.waiting
 
 
-def shared(queue: Queue, clock: Clock) -> SharedReceive[str]:
+def shared(queue: Queue, clock: Clock, *, dry: float = 0.0) -> SharedReceive[str]:
     return SharedReceive(
-        queue.receive, queue.release, window_seconds=1.0, hold_seconds=2.0, clock=clock
+        queue.receive,
+        queue.release,
+        window_seconds=1.0,
+        hold_seconds=2.0,
+        dry_seconds=dry,
+        clock=clock,
     )
 
 
@@ -177,14 +182,7 @@ def test_hold_must_cover_the_window() -> None:
 
 def test_workers_ending_together_end_on_one_empty_receive() -> None:
     queue, clock = Queue(0), Clock()
-    receiver = SharedReceive(
-        queue.receive,
-        queue.release,
-        window_seconds=1.0,
-        hold_seconds=2.0,
-        dry_seconds=0.5,
-        clock=clock,
-    )
+    receiver = shared(queue, clock, dry=0.5)
 
     assert [receiver.pull() for _ in range(4)] == [[], [], [], []]
     assert len(queue.asked) == 1
@@ -197,14 +195,7 @@ def test_workers_ending_together_end_on_one_empty_receive() -> None:
 
 def test_a_short_answer_is_not_taken_for_a_drained_queue() -> None:
     queue, clock = Queue(1), Clock()
-    receiver = SharedReceive(
-        queue.receive,
-        queue.release,
-        window_seconds=1.0,
-        hold_seconds=2.0,
-        dry_seconds=0.5,
-        clock=clock,
-    )
+    receiver = shared(queue, clock, dry=0.5)
     for _ in range(3):
         receiver.expect(object(), clock.now)
 

@@ -557,6 +557,8 @@ def test_images_expire_after_the_image_retention_period_and_transcripts_with_the
     expiry = _expiry_by_prefix()
 
     assert expiry["results/"] == {"Ref": "ImageRetentionDays"}
+    # S3 takes a whole number of days, at least 1.
+    assert PARAMETERS["ImageRetentionDays"]["MinValue"] >= 1
     assert expiry["transcripts/"] == {"Ref": "TaskRetentionDays"}
     # The image route refuses what the rule may have deleted: it is told the same number.
     tasks_env = props("TasksFunction")["Environment"]["Variables"]

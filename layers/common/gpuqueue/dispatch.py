@@ -558,13 +558,7 @@ class TaskDispatcher:
             return None  # the usual way decides (and sends the message back) with the task
         try:
             now = self._clock()
-            claimed = self._tasks.claim_unread(
-                message.task_id,
-                lease_seconds=lease_seconds,
-                now=now,
-                endpoint_id=held.endpoint.endpoint_id,
-                max_attempts=self._policy.max_attempts,
-            )
+            claimed = self._claim_unread(message, held, lease_seconds=lease_seconds, now=now)
             handoff = _Handoff(slot=held, claimed=claimed, renewed=True, budget=budget, now=now)
             ran = self._run_unread(message, held, remaining_seconds, keep, handoff)
         except BaseException:
@@ -573,6 +567,18 @@ class TaskDispatcher:
         if ran is None:
             held.release()  # it last failed on this endpoint: the usual way finds another
         return ran
+
+    def _claim_unread(
+        self, message: QueueMessage, held: HeldSlot, *, lease_seconds: float, now: float
+    ) -> Claim | ClaimRefused:
+        """The message's task claimed for `held`'s endpoint without a read first."""
+        return self._tasks.claim_unread(
+            message.task_id,
+            lease_seconds=lease_seconds,
+            now=now,
+            endpoint_id=held.endpoint.endpoint_id,
+            max_attempts=self._policy.max_attempts,
+        )
 
     def _hand_over(
         self, message: QueueMessage, held: HeldSlot, remaining_seconds: Callable[[], float]
@@ -596,13 +602,7 @@ class TaskDispatcher:
             starts_at=held.call_ends_at,  # ahead of the call's end: the next starts then
         )
         try:
-            claimed = self._tasks.claim_unread(
-                message.task_id,
-                lease_seconds=lease_seconds,
-                now=now,
-                endpoint_id=held.endpoint.endpoint_id,
-                max_attempts=self._policy.max_attempts,
-            )
+            claimed = self._claim_unread(message, held, lease_seconds=lease_seconds, now=now)
         finally:
             renewed = renewal.result()
         return _Handoff(slot=held, claimed=claimed, renewed=renewed, budget=budget, now=now)
