@@ -41,7 +41,9 @@ def test_a_task_not_started_before_its_deadline_expires_without_a_gpu_call(make_
 def test_a_task_started_in_time_is_not_expired_when_retried_later(make_stack, alice):
     h = make_stack(endpoints=[ImageServerKnobs(failure_rate=1.0, failure_seed=1)])
     h.run_checker()
-    task_id = h.submit(alice, {"prompt": "p", "queue_ttl_seconds": 1}).json()["task_id"]
+    # 3 s: the first attempt must start in time (a worker's first claim checks the deadline
+    # when it claims, after taking its slot) even on a loaded machine.
+    task_id = h.submit(alice, {"prompt": "p", "queue_ttl_seconds": 3}).json()["task_id"]
     # Attempt 1 fails; too little time left for another call: QUEUED again, started once.
     h.deliver(h.receive(), timeout_seconds=60)
     assert h.task_row(task_id)["status"] == "QUEUED"
