@@ -229,9 +229,10 @@ event source mapping's own receive and delete (2 SQS requests per message) come 
 claim, image, complete: 6) come the features: the rate limit and the per-user share (1
 write on submit, the token and the share on one row; 1 on release), the queue position
 ticket, which is also the exact queue-capacity bound, and the departure (1 write each, 1
-read), the GPU slot lease and release (2 writes, 1 fleet query; a slot kept across calls
-writes its lease only now and then), the push-connections lookup (1 query), the stats'
-last-hour outcome counter (1 write). Each is one request; none is a scan. The stream's
+read), the GPU slot lease and release (2 writes, 1 fleet read: a strongly consistent scan
+of the small endpoints table, one page; a slot kept across calls writes its lease only now
+and then), the push-connections lookup (1 query), the stats' last-hour outcome counter (1
+write). Each is one request; no table of tasks or users is ever scanned. The stream's
 writes (releases, departures, counters, push lookups) are per batch, not per task: one at
 a time they cost a task each, under load a fraction.
 

@@ -178,8 +178,9 @@ def test_a_never_measured_slot_renewed_without_a_call_time_stays_unmeasured(
     assert _fleet(registry).call_seconds == {}
 
 
+@pytest.mark.parametrize("consistent", [False, True], ids=["index", "base-table"])
 def test_the_fleet_read_returns_the_lanes_seats_and_waiters_beside_the_slots(
-    registry: EndpointRegistry,
+    registry: EndpointRegistry, consistent: bool
 ) -> None:
     gpu = _gpu_a(registry)
     assert registry.take_slot(gpu, 1, task_id="t1", lease_seconds=30, now=NOW) is not None
@@ -194,8 +195,11 @@ def test_the_fleet_read_returns_the_lanes_seats_and_waiters_beside_the_slots(
     registry.wait_with_priority(TaskKind.IMAGE, "vip-2", until=NOW + 3)
     # Another kind's rows are not this kind's.
     registry.wait_with_priority(TaskKind.SPEECH, "vip-3", until=NOW + 3)
+    registry.put(
+        Endpoint(endpoint_id="asr-a", url="http://asr-a:8000", kind=TaskKind.SPEECH, capacity=1)
+    )
 
-    fleet = _fleet(registry)
+    fleet = registry.fleet(TaskKind.IMAGE, consistent=consistent)
 
     assert [e.endpoint_id for e in fleet.endpoints] == ["gpu-a"]
     assert [(lease.slot, lease.task_id) for lease in fleet.live_leases("gpu-a", NOW)] == [(1, "t1")]
@@ -209,24 +213,31 @@ def test_the_fleet_read_returns_the_lanes_seats_and_waiters_beside_the_slots(
 
     registry.stop_waiting(TaskKind.IMAGE, "vip-2")
     registry.release_slot(seat)
-    fleet = _fleet(registry)
+    fleet = registry.fleet(TaskKind.IMAGE, consistent=consistent)
     assert fleet.priority_waiters == {}
     assert fleet.free_priority_seats(NOW, 2) == [0, 1]
 
 
 class PagedTable:
-    """A table whose query answers in two pages (DynamoDB pages at 1 MB)."""
+    """A table whose query or scan answers in two pages (DynamoDB pages at 1 MB)."""
 
     def __init__(self, pages: list[dict[str, Any]]) -> None:
         self._pages = pages
-        self.asked: list[dict[str, Any]] = []
+        self.asked: list[tuple[str, dict[str, Any]]] = []
 
-    def query(self, **kwargs: Any) -> dict[str, Any]:
-        self.asked.append(kwargs)
+    def _page(self, how: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.asked.append((how, kwargs))
         return self._pages[len(self.asked) - 1]
 
+    def query(self, **kwargs: Any) -> dict[str, Any]:
+        return self._page("query", kwargs)
 
-def test_the_fleet_read_follows_every_page() -> None:
+    def scan(self, **kwargs: Any) -> dict[str, Any]:
+        return self._page("scan", kwargs)
+
+
+@pytest.mark.parametrize("consistent", [False, True], ids=["index", "base-table"])
+def test_the_fleet_read_follows_every_page(consistent: bool) -> None:
     row = {"url": "http://x", "kind": "image", "row_type": "endpoint"}
     table = PagedTable(
         [
@@ -238,11 +249,18 @@ def test_the_fleet_read_follows_every_page() -> None:
         ]
     )
 
-    fleet = EndpointRegistry(table).fleet(TaskKind.IMAGE)  # type: ignore[arg-type]
+    registry = EndpointRegistry(table)  # type: ignore[arg-type]
+    fleet = registry.fleet(TaskKind.IMAGE, consistent=consistent)
 
     assert [e.endpoint_id for e in fleet.endpoints] == ["gpu-a", "gpu-b"]
-    assert table.asked[1]["ExclusiveStartKey"] == {"endpoint_id": "gpu-a"}
-    assert "ExclusiveStartKey" not in table.asked[0]
+    assert table.asked[1][1]["ExclusiveStartKey"] == {"endpoint_id": "gpu-a"}
+    assert "ExclusiveStartKey" not in table.asked[0][1]
+    if consistent:
+        # The base table, strongly consistent (the index can only be read eventually so).
+        assert [how for how, _ in table.asked] == ["scan", "scan"]
+        assert all(kw["ConsistentRead"] is True and "IndexName" not in kw for _, kw in table.asked)
+    else:
+        assert [kw["IndexName"] for _, kw in table.asked] == ["by-kind", "by-kind"]
 
 
 def test_lease_times_are_kept_to_the_millisecond(registry: EndpointRegistry) -> None:

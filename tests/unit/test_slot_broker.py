@@ -58,8 +58,10 @@ class FakeRegistry:
 
     def __init__(self, fleets: list[Fleet]) -> None:
         self._fleets: Iterator[Fleet] = iter(fleets)
+        self.inconsistent_reads = 0
 
-    def fleet(self, kind: TaskKind) -> Fleet:
+    def fleet(self, kind: TaskKind, *, consistent: bool = False) -> Fleet:
+        self.inconsistent_reads += not consistent
         return next(self._fleets)
 
     def take_slot(self, e: Endpoint, slot: int, **kwargs: Any) -> SlotLease:
@@ -98,6 +100,24 @@ def test_a_waiter_sleeps_until_the_busy_call_is_due_then_polls_briskly() -> None
     # Due in 0.5 s: sleep 0.5; due in 3 s: at most MAX_POLL; overdue: the poll interval.
     assert sleeps == [pytest.approx(0.5), MAX_POLL_SECONDS, 0.1]
     assert held.lease.slot == 0
+
+
+def test_every_fleet_read_a_slot_is_chosen_from_is_strongly_consistent() -> None:
+    # An eventually consistent read may not show a lease just taken (a failed take) or
+    # released (a free slot missed): the broker reads the base table.
+    registry = FakeRegistry([busy_since(NOW - 3.5), Fleet(endpoints=[endpoint()])])
+    broker_ = SlotBroker(
+        registry,  # type: ignore[arg-type]
+        health_max_age_seconds=90,
+        poll_seconds=0.1,
+        clock=lambda: NOW,
+        sleep=lambda _: None,
+    )
+
+    broker_.acquire(request())
+
+    assert next(registry._fleets, None) is None  # both reads made
+    assert registry.inconsistent_reads == 0
 
 
 def test_a_waiter_gives_up_when_its_wait_is_over() -> None:
@@ -644,9 +664,9 @@ class CountingRegistry(FakeRegistry):
         super().__init__(fleets)
         self.reads = 0
 
-    def fleet(self, kind: TaskKind) -> Fleet:
+    def fleet(self, kind: TaskKind, *, consistent: bool = False) -> Fleet:
         self.reads += 1
-        return super().fleet(kind)
+        return super().fleet(kind, consistent=consistent)
 
 
 def test_a_recent_read_of_the_fleet_answers_whether_a_slot_is_free() -> None:
@@ -721,7 +741,8 @@ class KindRegistry(FakeRegistry):
         super().__init__([])
         self.fleets = fleets
 
-    def fleet(self, kind: TaskKind) -> Fleet:
+    def fleet(self, kind: TaskKind, *, consistent: bool = False) -> Fleet:
+        self.inconsistent_reads += not consistent
         return self.fleets[kind]
 
 

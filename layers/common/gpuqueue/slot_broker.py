@@ -337,7 +337,7 @@ class SlotBroker:
     # pragma: no mutate end
 
     def _fleet(self, kind: TaskKind) -> Fleet:
-        fleet = self._registry.fleet(kind)
+        fleet = self._registry.fleet(kind, consistent=True)
         self._views[kind] = (fleet, self._clock())
         return fleet
 
