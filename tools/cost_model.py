@@ -41,6 +41,9 @@ GENERATION_SECONDS = 12.0  # the dispatcher waits for the GPU: billed Lambda tim
 HANDLER_SECONDS = {"submit": 0.08, "dispatch_overhead": 0.3, "task_events": 0.1, "poll": 0.05}
 TASK_WRITE_WRU = 3  # a tasks-table write also writes its two indexes (by-user ALL, by-reap)
 IMAGE_MB = 1.5  # a 1024x1024 PNG
+# The dispatcher's consistent fleet read scans the endpoints table: ~300 bytes a row, 1 RRU
+# per 4 KB strongly consistent; 2 for the bench's fleet (3 endpoints, 12 slots, every kind).
+FLEET_SCAN_RRU = 2
 LOG_KB_PER_TASK = 4.0  # ~6 JSON log lines and ~6 EMF blobs
 TRACES_PER_TASK = 3
 XRAY_SAMPLED = 0.05  # X-Ray's default rule past the first request each second
@@ -74,7 +77,7 @@ def _dynamodb(requests: dict[str, float], *, tasks_table_writes: float) -> tuple
     writes = sum(n for op, n in requests.items() if op.split(":")[1] in {"PutItem", "UpdateItem"})
     reads = sum(
         n for op, n in requests.items() if op.split(":")[1] in {"GetItem", "Query", "BatchGetItem"}
-    )
+    ) + FLEET_SCAN_RRU * sum(n for op, n in requests.items() if op == "dynamodb:Scan")
     other_writes = max(0.0, writes - tasks_table_writes)
     return tasks_table_writes * TASK_WRITE_WRU + other_writes, reads
 

@@ -42,6 +42,7 @@ from gpuqueue.gpu_credentials import GpuCredentials
 from gpuqueue.image_store import ImageStore
 from gpuqueue.jobs import ImageJob, SpeechJob
 from gpuqueue.log_context import correlate_task, correlate_thread
+from gpuqueue.memory_budget import MemoryBudget
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
 from gpuqueue.shared_receive import SharedReceive
@@ -91,6 +92,10 @@ def deps() -> Deps:
         parameters=aws_clients.ssm,
         ttl_seconds=settings.gpu_credential_ttl_seconds,
     )
+    # Measured once the runtime, the SDK and the clients are up: what is left is the answers'.
+    memory_mb = settings.aws_lambda_function_memory_size
+    memory = MemoryBudget.of_function(memory_mb) if memory_mb else MemoryBudget(None)
+    logger.info("memory for GPU answers", extra={"memory_budget_bytes": memory.total})
     return Deps(
         dispatcher=TaskDispatcher(
             tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
@@ -99,10 +104,12 @@ def deps() -> Deps:
                 TaskKind.IMAGE: ImageJob(
                     image_generators(credentials=credentials),
                     ImageStore(s3, settings.images_bucket),
+                    memory=memory,
                 ),
                 TaskKind.SPEECH: SpeechJob(
                     OpenAITranscriptionClient(credentials=credentials),
                     AudioStore(s3, settings.images_bucket),
+                    memory=memory,
                 ),
             },
             policy=policy,

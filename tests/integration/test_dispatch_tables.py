@@ -69,7 +69,7 @@ def healthy(registry: EndpointRegistry, *endpoint_ids: str) -> None:
 class ScriptedJob:
     """Each call takes the next outcome: an exception to raise, or the output."""
 
-    waits_for_memory = False
+    checks_input_first = False
 
     def __init__(
         self,
@@ -996,10 +996,10 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
     assert [result for _, result, _ in queue.settled] == [Outcome.DONE, Outcome.DONE]
     assert job.released_all(3)
 
-    # A job that may wait for memory is never prepared onto a kept slot: it goes the usual
-    # way (the slot given back, then taken again), so no claimed task waits on memory.
+    # A job that checks its input first is never prepared onto a kept slot: it goes the
+    # usual way (the slot given back, then taken again), so a missing input holds no slot.
     job = LeaseWatchingJob(b"png", b"png", registry=registry)
-    job.waits_for_memory = True  # type: ignore[misc]
+    job.checks_input_first = True  # type: ignore[misc]
     first, second = (submitted(store, f"q{i}") for i in range(2))
     queue = Queue(store, second)
 

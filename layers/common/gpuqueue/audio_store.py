@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from gpuqueue.speech_client import Transcript
+from gpuqueue.speech_client import AudioStream, Transcript
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -56,12 +56,27 @@ class AudioStore:
         )
 
     def get(self, key: str) -> bytes | None:
+        stream = self.stream(key)
+        return None if stream is None else stream.reader.read()
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes (a HEAD: nothing read), None when there is none."""
         try:
-            return self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+            return self._s3.head_object(Bucket=self._bucket, Key=key)["ContentLength"]
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(error):
                 return None
             raise
+
+    def stream(self, key: str) -> AudioStream | None:
+        """The object to read as it is sent (never held whole), None when there is none."""
+        try:
+            answer = self._s3.get_object(Bucket=self._bucket, Key=key)
+        except ClientError as error:
+            if _missing(error):
+                return None
+            raise
+        return AudioStream(size=answer["ContentLength"], reader=answer["Body"])
 
     def put_transcript(self, task_id: str, transcript: Transcript) -> str:
         key = transcript_key(task_id)
@@ -77,3 +92,7 @@ class AudioStore:
     def get_transcript(self, task_id: str) -> Transcript | None:
         body = self.get(transcript_key(task_id))
         return None if body is None else Transcript.model_validate_json(body)
+
+
+def _missing(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")

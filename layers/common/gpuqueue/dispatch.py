@@ -534,12 +534,12 @@ class TaskDispatcher:
         keep: NextMessage[HeldSlot],
     ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
         """A worker's first task, when nothing about the task but its kind picks the slot
-        (least-loaded, a normal-priority task whose input needs no memory reserved first): a
+        (least-loaded, a normal-priority task whose input needs no check first): a
         slot taken, then the task claimed without a read (the claim returns it), as a kept
         slot's next task is. A read and a write fewer on every worker's first task, the
         start of every burst. None: the usual way (a read first), with no slot held."""
         job = self._jobs.get(message.kind)
-        if job is None or job.waits_for_memory or not self._slots.keeps_slots:
+        if job is None or job.checks_input_first or not self._slots.keeps_slots:
             return None
         budget = self._budget(remaining_seconds)
         if budget < MIN_CALL_SECONDS:
@@ -587,8 +587,8 @@ class TaskDispatcher:
         (two writes, side by side). None: not for this slot (its job prepares its input
         before a slot is held, or too little time is left)."""
         job = self._jobs.get(message.kind)
-        if job is None or job.waits_for_memory:
-            return None  # prepared before a slot is held (it may wait for memory)
+        if job is None or job.checks_input_first:
+            return None  # prepared before a slot is held (its input may be missing)
         budget = self._budget(remaining_seconds)
         if budget < MIN_CALL_SECONDS:
             return None

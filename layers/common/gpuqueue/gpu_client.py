@@ -15,18 +15,43 @@ from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
 from gpuqueue.gpu_credentials import GpuCredentials
-from gpuqueue.http_deadline import post_within
-from gpuqueue.models import Endpoint, EndpointProtocol, Task
+from gpuqueue.http_deadline import AnswerOverLimit, post_within
+from gpuqueue.memory_budget import MIB, AnswerTooLarge, MemoryHold
+from gpuqueue.models import Endpoint, EndpointProtocol, ImageParams, Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONNECT_TIMEOUT_SECONDS = 3.0
 # Responses a GPU server gives when it is busy or sick, not when our request is wrong.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# An image answer in memory while read and decoded: the body, the base64 text parsed out of
+# it, the PNG decoded from that (1 + 1 + 3/4 of the body), rounded up.
+IMAGE_ANSWER_IN_MEMORY = 3.0
+# Uncompressed answers: their Content-Length says what to reserve before the body is read
+# (gzip would hide it, and saves little on base64 PNG inside a VPC).
+IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def image_answer_limit(params: ImageParams) -> int:
+    """The largest answer a well-behaved server sends for one image of this size: the
+    largest PNG of it (RGBA, incompressible: 4 bytes a pixel, a filter byte a row, zlib's
+    and the chunks' overhead) as base64, and 1 MB for the answer's other fields."""
+    pixels = params.width * params.height
+    png = pixels * 4 + params.height + pixels * 4 // 100 + 64 * 1024
+    return 4 * -(-png // 3) + MIB
 
 
 class ImageGenerator(Protocol):
-    def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
-        """Return PNG bytes, or raise RetryableGpuError / PermanentGpuError."""
+    def generate(
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        *,
+        timeout_seconds: float,
+        hold: MemoryHold | None = None,
+    ) -> bytes:
+        """Return PNG bytes, or raise RetryableGpuError / PermanentGpuError. With `hold`,
+        the answer's memory is reserved from it as the answer arrives, and the PNG's
+        bytes stay held when it returns (the caller releases them once stored)."""
         ...
 
 
@@ -46,8 +71,19 @@ def _post(
     *,
     timeout: float,
     credentials: GpuCredentials,
+    params: ImageParams,
+    hold: MemoryHold | None,
 ) -> requests.Response:
     url = f"{endpoint.url.rstrip('/')}{path}"
+    limit = image_answer_limit(params)
+
+    def reserve(size: int | None, seconds_left: float) -> int | None:
+        if hold is None:
+            return None
+        return hold.for_answer(
+            size, limit=limit, factor=IMAGE_ANSWER_IN_MEMORY, within=seconds_left
+        )
+
     try:
         return credentials.send(
             endpoint,
@@ -56,10 +92,16 @@ def _post(
                 url,
                 seconds=timeout,
                 connect_seconds=CONNECT_TIMEOUT_SECONDS,
+                max_bytes=limit,
+                on_answer=reserve,
                 json=body,
-                headers=dict(headers),
+                headers=dict(headers) | IDENTITY,
             ),
         )
+    except AnswerTooLarge as error:  # more than this dispatcher can hold: so on any GPU
+        raise PermanentGpuError(f"endpoint {endpoint.endpoint_id}: {error}") from error
+    except AnswerOverLimit as error:  # more than any PNG of that size: a broken server
+        raise RetryableGpuError(f"endpoint {endpoint.endpoint_id} sent {error}") from error
     except requests.ConnectTimeout as error:  # the request never reached the GPU
         raise RetryableGpuError(
             f"endpoint {endpoint.endpoint_id} unreachable: {type(error).__name__}"
@@ -85,7 +127,14 @@ class OpenAIImageClient:
         self._session = session or requests.Session()
         self._credentials = credentials or GpuCredentials()
 
-    def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
+    def generate(
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        *,
+        timeout_seconds: float,
+        hold: MemoryHold | None = None,
+    ) -> bytes:
         params = task.params
         body: dict[str, object] = {
             "prompt": task.prompt,
@@ -105,8 +154,13 @@ class OpenAIImageClient:
             body,
             timeout=timeout_seconds,
             credentials=self._credentials,
+            params=params,
+            hold=hold,
         )
-        return decode_png(endpoint, response)
+        png = decode_png(endpoint, response)
+        if hold is not None:
+            hold.keep_only(len(png))
+        return png
 
 
 class _A1111Response(BaseModel):
@@ -124,7 +178,14 @@ class A1111ImageClient:
         self._session = session or requests.Session()
         self._credentials = credentials or GpuCredentials()
 
-    def generate(self, endpoint: Endpoint, task: Task, *, timeout_seconds: float) -> bytes:
+    def generate(
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        *,
+        timeout_seconds: float,
+        hold: MemoryHold | None = None,
+    ) -> bytes:
         params = task.params
         body: dict[str, object] = {
             "prompt": task.prompt,
@@ -143,6 +204,8 @@ class A1111ImageClient:
             body,
             timeout=timeout_seconds,
             credentials=self._credentials,
+            params=params,
+            hold=hold,
         )
         _raise_for_status(endpoint, response)
         try:
@@ -152,6 +215,8 @@ class A1111ImageClient:
             raise PermanentGpuError(
                 f"endpoint {endpoint.endpoint_id} returned an unreadable image response"
             ) from None
+        if hold is not None:
+            hold.keep_only(len(png))
         return _check_png(endpoint, png)
 
 

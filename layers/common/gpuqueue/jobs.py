@@ -7,14 +7,15 @@ the output after the slot is handed on.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gpuqueue.audio_store import AudioStore
+from gpuqueue.errors import PermanentGpuError
 from gpuqueue.gpu_client import ImageGenerator
 from gpuqueue.image_store import ImageStore
+from gpuqueue.memory_budget import MemoryBudget, MemoryHold
 from gpuqueue.models import Endpoint, EndpointProtocol, Task
 from gpuqueue.speech_client import SpeechTranscriber, Transcript
 
@@ -33,10 +34,10 @@ class Completion:
 
 
 class Job(Protocol):
-    # Whether `prepare` may wait for the invocation's memory (a speech task's audio, one at
-    # a time): such a task is prepared before a slot is taken or the task claimed, never
-    # straight onto a slot its worker kept.
-    waits_for_memory: bool
+    # Whether `prepare` reads something that may be missing (a speech task's upload): such
+    # a task is prepared before a slot is taken or the task claimed, so a missing input
+    # fails it with no slot held, never straight onto a slot its worker kept.
+    checks_input_first: bool
 
     def prepare(self, task: Task) -> Any:
         """The call's input; raises InvalidTaskInput. Once it returns, `release` follows."""
@@ -53,14 +54,30 @@ class Job(Protocol):
     def store(self, task: Task, output: Any) -> Completion: ...
 
 
+@dataclass(frozen=True)
+class HeldPng:
+    """A call's image and its share of the memory budget, given back once stored."""
+
+    png: bytes
+    hold: MemoryHold
+
+
 class ImageJob:
+    """An image: its answer's memory is reserved as it arrives (memory_budget.py), the PNG
+    stays counted until stored."""
+
+    checks_input_first = False
+
     def __init__(
-        self, generators: Mapping[EndpointProtocol, ImageGenerator], images: ImageStore
+        self,
+        generators: Mapping[EndpointProtocol, ImageGenerator],
+        images: ImageStore,
+        *,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self._generators = generators
         self._images = images
-
-    waits_for_memory = False
+        self._memory = memory or MemoryBudget(None)
 
     def prepare(self, task: Task) -> None:
         return None
@@ -70,63 +87,72 @@ class ImageJob:
 
     def run(
         self, endpoint: Endpoint, task: Task, job_input: None, *, timeout_seconds: float
-    ) -> bytes:
-        return self._generators[endpoint.protocol].generate(
-            endpoint, task, timeout_seconds=timeout_seconds
-        )
+    ) -> HeldPng:
+        hold = self._memory.hold()
+        try:
+            png = self._generators[endpoint.protocol].generate(
+                endpoint, task, timeout_seconds=timeout_seconds, hold=hold
+            )
+        except BaseException:
+            hold.release()
+            raise
+        return HeldPng(png, hold)
 
-    def store(self, task: Task, output: bytes) -> Completion:
-        return Completion(result_key=self._images.put_png(task.task_id, output))
+    def store(self, task: Task, output: HeldPng) -> Completion:
+        try:
+            return Completion(result_key=self._images.put_png(task.task_id, output.png))
+        finally:
+            output.hold.release()
 
 
 class SpeechJob:
-    """A transcription. Its audio (up to the upload limit) is held in memory twice during
-    the call (the bytes and the multipart body), so an invocation running several calls at
-    once holds one audio at a time: the dispatcher's memory is sized for one."""
+    """A transcription. Its audio (up to the upload limit) is streamed from S3 into the
+    request as it is sent, never held whole, so calls side by side cost the answers only."""
 
-    waits_for_memory = True
+    checks_input_first = True
 
     def __init__(
         self,
         transcriber: SpeechTranscriber,
         audio: AudioStore,
         *,
-        audio_in_memory: threading.Semaphore | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self._transcriber = transcriber
         self._audio = audio
-        self._permits = audio_in_memory or threading.BoundedSemaphore(1)
+        self._memory = memory or MemoryBudget(None)
 
-    def prepare(self, task: Task) -> bytes:
+    def prepare(self, task: Task) -> None:
         if task.speech is None:
             raise InvalidTaskInput("speech task without audio")
-        self._permits.acquire()
-        try:
-            audio = self._audio.get(task.speech.audio_key)
-        except BaseException:
-            self._permits.release()
-            raise
-        if audio is None:
-            self._permits.release()
+        if self._audio.size(task.speech.audio_key) is None:
             raise InvalidTaskInput("the uploaded audio is gone")
-        return audio
 
-    def release(self, job_input: bytes) -> None:
-        self._permits.release()
+    def release(self, job_input: None) -> None:
+        return None
 
     def run(
-        self, endpoint: Endpoint, task: Task, job_input: bytes, *, timeout_seconds: float
+        self, endpoint: Endpoint, task: Task, job_input: None, *, timeout_seconds: float
     ) -> Transcript:
         assert task.speech is not None  # prepare() checked
-        return self._transcriber.transcribe(
-            endpoint,
-            job_input,
-            filename=task.speech.filename,
-            content_type=task.speech.content_type,
-            language=task.speech.language,
-            prompt=task.prompt or None,
-            timeout_seconds=timeout_seconds,
-        )
+        audio = self._audio.stream(task.speech.audio_key)
+        if audio is None:  # deleted since prepare() saw it
+            raise PermanentGpuError("the uploaded audio is gone")
+        try:
+            return self._transcriber.transcribe(
+                endpoint,
+                audio,
+                filename=task.speech.filename,
+                content_type=task.speech.content_type,
+                language=task.speech.language,
+                prompt=task.prompt or None,
+                timeout_seconds=timeout_seconds,
+                hold=self._memory.hold(),
+            )
+        finally:
+            close = getattr(audio.reader, "close", None)
+            if close is not None:
+                close()
 
     def store(self, task: Task, output: Transcript) -> Completion:
         return Completion(

@@ -210,6 +210,9 @@ class DispatcherSettings(GpuCredentialSettings):
     # A read of the fleet this recent (by a worker of the same invocation) stands at a
     # hand-off: a high-priority waiter or a circuit that opened is seen this much later.
     fleet_view_max_age_seconds: float = Field(default=1.0, ge=0, le=30)
+    # Set by Lambda (the function's MemorySize): what bounds the GPU answers held at once
+    # (memory_budget.py). Unset (in-process tests): no bound.
+    aws_lambda_function_memory_size: int | None = Field(default=None, ge=128, le=10240)
 
     @property
     def health_max_age_seconds(self) -> float:

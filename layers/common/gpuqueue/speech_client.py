@@ -15,20 +15,26 @@ permanent, and a call the endpoint accepted but did not answer in time raises
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import requests
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from urllib3.fields import RequestField
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
-from gpuqueue.gpu_client import CONNECT_TIMEOUT_SECONDS, RETRYABLE_STATUSES
+from gpuqueue.gpu_client import CONNECT_TIMEOUT_SECONDS, IDENTITY, RETRYABLE_STATUSES
 from gpuqueue.gpu_credentials import GpuCredentials
-from gpuqueue.http_deadline import post_within
+from gpuqueue.http_deadline import AnswerOverLimit, post_within
+from gpuqueue.memory_budget import MIB, AnswerTooLarge, MemoryHold
 from gpuqueue.models import Endpoint
 
 __all__ = [
     "DEFAULT_MODEL",
     "TRANSCRIPTIONS_PATH",
+    "AudioStream",
+    "MultipartBody",
     "OpenAITranscriptionClient",
     "SpeechTranscriber",
     "Transcript",
@@ -40,6 +46,82 @@ __all__ = [
 TRANSCRIPTIONS_PATH: Final = "/v1/audio/transcriptions"
 # The name OpenAI's API uses; self-hosted servers map it to their default model.
 DEFAULT_MODEL: Final = "whisper-1"
+# A transcription answer: verbose_json's segments run ~150 bytes per ~5 s of speech, so a
+# few hundred KB for hours of audio. More than this is a broken server.
+TRANSCRIPT_ANSWER_LIMIT: Final = 8 * MIB
+# Its body and the parsed transcript in memory while it is read.
+TRANSCRIPT_ANSWER_IN_MEMORY: Final = 3.0
+
+
+class Readable(Protocol):
+    def read(self, amt: int | None = ..., /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    """Audio read as it is sent (S3's body, say), never held whole: its size, known
+    beforehand so the request has a Content-Length, and where to read it from."""
+
+    size: int
+    reader: Readable
+
+
+class MultipartBody:
+    """A multipart/form-data body read piece by piece as it is sent: the fields, then the
+    file from its reader. `requests` sends a body with `read` and `__len__` in blocks with
+    its Content-Length, so a 100 MB audio costs 64 KB of memory at a time, not two copies."""
+
+    def __init__(
+        self,
+        fields: dict[str, str],
+        *,
+        name: str,
+        filename: str,
+        content_type: str,
+        data: bytes | AudioStream,
+    ) -> None:
+        self.boundary = uuid.uuid4().hex
+        dash = f"--{self.boundary}\r\n".encode()
+        head = b""
+        for key, value in fields.items():
+            field = RequestField(name=key, data=value)
+            field.make_multipart()
+            head += dash + field.render_headers().encode() + value.encode() + b"\r\n"
+        file = RequestField(name=name, data=b"", filename=filename)
+        file.make_multipart(content_type=content_type)
+        head += dash + file.render_headers().encode()
+        tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._size = len(data) if isinstance(data, bytes) else data.size
+        self._parts: list[bytes | AudioStream] = [head, data, tail]
+        self._length = len(head) + self._size + len(tail)
+        self._part = 0
+        self._offset = 0  # into the current part
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, amt: int | None = -1) -> bytes:
+        want = self._length if amt is None or amt < 0 else amt
+        out = b""
+        while len(out) < want and self._part < len(self._parts):
+            part = self._parts[self._part]
+            if isinstance(part, bytes):
+                piece = part[self._offset : self._offset + want - len(out)]
+            else:
+                piece = part.reader.read(min(want - len(out), self._size - self._offset))
+                if not piece and self._offset < self._size:
+                    # The promised length cannot be sent: fail the request, not pad it.
+                    raise OSError(f"the audio ended after {self._offset} of {self._size} bytes")
+            out += piece
+            self._offset += len(piece)
+            if self._offset >= (len(part) if isinstance(part, bytes) else self._size):
+                self._part += 1
+                self._offset = 0
+        return out
 
 
 class TranscriptSegment(BaseModel):
@@ -68,15 +150,18 @@ class SpeechTranscriber(Protocol):
     def transcribe(
         self,
         endpoint: Endpoint,
-        audio: bytes,
+        audio: bytes | AudioStream,
         *,
         filename: str,
         content_type: str,
         language: str | None,
         prompt: str | None,
         timeout_seconds: float,
+        hold: MemoryHold | None = None,
     ) -> Transcript:
-        """Return the transcript, or raise GpuTimeout / RetryableGpuError / PermanentGpuError."""
+        """Return the transcript, or raise GpuTimeout / RetryableGpuError / PermanentGpuError.
+        With `hold`, the answer's memory is reserved from it as the answer arrives (and
+        given back once parsed)."""
         ...
 
 
@@ -118,13 +203,14 @@ class OpenAITranscriptionClient:
     def transcribe(
         self,
         endpoint: Endpoint,
-        audio: bytes,
+        audio: bytes | AudioStream,
         *,
         filename: str,
         content_type: str,
         language: str | None,
         prompt: str | None,
         timeout_seconds: float,
+        hold: MemoryHold | None = None,
     ) -> Transcript:
         fields: dict[str, str] = {"model": self._model, "response_format": "verbose_json"}
         if language:
@@ -132,6 +218,20 @@ class OpenAITranscriptionClient:
         if prompt:
             fields["prompt"] = prompt
         url = f"{endpoint.url.rstrip('/')}{TRANSCRIPTIONS_PATH}"
+        body = MultipartBody(
+            fields, name="file", filename=filename, content_type=content_type, data=audio
+        )
+
+        def reserve(size: int | None, seconds_left: float) -> int | None:
+            if hold is None:
+                return None
+            return hold.for_answer(
+                size,
+                limit=TRANSCRIPT_ANSWER_LIMIT,
+                factor=TRANSCRIPT_ANSWER_IN_MEMORY,
+                within=seconds_left,
+            )
+
         try:
             response = self._credentials.send(
                 endpoint,
@@ -140,11 +240,18 @@ class OpenAITranscriptionClient:
                     url,
                     seconds=timeout_seconds,
                     connect_seconds=CONNECT_TIMEOUT_SECONDS,
-                    data=fields,
-                    files={"file": (filename, audio, content_type)},
-                    headers=dict(headers),
+                    max_bytes=TRANSCRIPT_ANSWER_LIMIT,
+                    on_answer=reserve,
+                    data=body,
+                    headers=dict(headers) | IDENTITY | {"Content-Type": body.content_type},
                 ),
             )
+        except AnswerTooLarge as error:
+            raise PermanentGpuError(f"speech endpoint {endpoint.endpoint_id}: {error}") from error
+        except AnswerOverLimit as error:
+            raise RetryableGpuError(
+                f"speech endpoint {endpoint.endpoint_id} sent {error}"
+            ) from error
         # ConnectTimeout is both a ConnectionError and a Timeout: catch it as "unreachable"
         # first, so only a read timeout (the server has the audio but is slow) is a timeout.
         except requests.ConnectionError as error:
@@ -159,7 +266,11 @@ class OpenAITranscriptionClient:
             raise RetryableGpuError(
                 f"speech endpoint {endpoint.endpoint_id} failed: {type(error).__name__}"
             ) from error
-        return parse_transcription(endpoint, response)
+        try:
+            return parse_transcription(endpoint, response)
+        finally:
+            if hold is not None:
+                hold.release()  # the transcript is small next to its answer
 
 
 def parse_transcription(endpoint: Endpoint, response: requests.Response) -> Transcript:
