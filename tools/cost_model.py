@@ -57,6 +57,8 @@ def dispatcher_memory_gb() -> float:
     template = load_template()
     props = template["Resources"]["DispatcherFunction"]["Properties"]
     mb = props.get("MemorySize", template["Globals"]["Function"]["MemorySize"])
+    if isinstance(mb, dict):  # a Ref to a parameter: its default
+        mb = template["Parameters"][mb["Ref"]]["Default"]
     return float(mb) / 1024
 
 

@@ -168,6 +168,20 @@ class _Worker:
                 duration_s=duration,
             )
         memory = reply.get("max_memory_mb")
+        if memory is not None and memory > self.spec.memory_mb:
+            # Lambda kills a function that goes past its MemorySize: the invocation fails
+            # and its sandbox goes, so a function sized too small fails here as there.
+            self.kill()
+            return InvocationResult(
+                ok=False,
+                error_type="Runtime.OutOfMemory",
+                error_message=(
+                    f"Runtime exited with error: signal: killed (Max Memory Used {memory} MB "
+                    f"of its MemorySize {self.spec.memory_mb} MB)"
+                ),
+                duration_s=duration,
+                max_memory_mb=memory,
+            )
         if "error" in reply:
             return InvocationResult(
                 ok=False,

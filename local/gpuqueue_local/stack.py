@@ -218,7 +218,9 @@ def function_specs(
                 **_role_keys(stack, logical_id),
             },
             timeout_seconds=float(function_property(template, logical_id, "Timeout") or 3),
-            memory_mb=int(function_property(template, logical_id, "MemorySize") or 128),
+            memory_mb=int(
+                stack.resolver.resolve(function_property(template, logical_id, "MemorySize") or 128)
+            ),
             reserved_concurrency=_int(stack.resolver.resolve(reserved)) if reserved else None,
         )
     return specs

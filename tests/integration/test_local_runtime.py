@@ -132,6 +132,7 @@ def make_function(code_dir: Path, log_sink: LogSink) -> Iterator[Callable[..., F
         timeout_seconds: float = 10.0,
         reserved_concurrency: int | None = None,
         env: dict[str, str] | None = None,
+        memory_mb: int = 512,
     ) -> FunctionRuntime:
         spec = FunctionSpec(
             logical_id=logical_id,
@@ -140,7 +141,7 @@ def make_function(code_dir: Path, log_sink: LogSink) -> Iterator[Callable[..., F
             layer_dirs=(),
             env={"MY_VAR": "x", **(env or {})},
             timeout_seconds=timeout_seconds,
-            memory_mb=128,
+            memory_mb=memory_mb,
             reserved_concurrency=reserved_concurrency,
         )
         runtime = FunctionRuntime(
@@ -357,6 +358,24 @@ def test_each_invocation_reports_the_workers_peak_memory_as_lambda_does(
     assert large.max_memory_mb is not None
     assert large.max_memory_mb >= small.max_memory_mb + 60  # the 64 MB it held
     assert function.peak_memory_mb == large.max_memory_mb
+
+
+def test_an_invocation_past_the_functions_memory_size_is_killed_as_lambda_does(
+    make_function: Callable[..., FunctionRuntime],
+) -> None:
+    small = make_function().invoke({})
+    assert small.max_memory_mb is not None
+    # Room for what the runtime takes, not for 64 MB more.
+    function = make_function(memory_mb=small.max_memory_mb + 32)
+
+    assert function.invoke({}).ok
+    killed = function.invoke({"action": "allocate", "mb": 64})
+
+    assert not killed.ok
+    assert killed.error_type == "Runtime.OutOfMemory"
+    assert "Max Memory Used" in (killed.error_message or "")
+    # The next invocation gets a fresh sandbox, as on Lambda.
+    assert function.invoke({}).ok
 
 
 # --- SqsEventSource against moto --------------------------------------------------------

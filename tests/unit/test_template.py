@@ -18,8 +18,10 @@ from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
 from gpuqueue.admin_settings import AdminSettings
-from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
-from gpuqueue.models import TERMINAL_STATUSES
+from gpuqueue.gpu_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit
+from gpuqueue.memory_budget import HEADROOM_MB, MIB
+from gpuqueue.models import TERMINAL_STATUSES, ImageParams
+from gpuqueue.speech_client import TRANSCRIPT_ANSWER_IN_MEMORY, TRANSCRIPT_ANSWER_LIMIT
 from gpuqueue.submission import PRIORITY_GROUPS
 from gpuqueue_local.template import (
     Resolver,
@@ -639,9 +641,25 @@ def test_template_sets_every_required_setting_of_the_function(
     assert required - environment_keys(logical_id) == set()
 
 
-def test_the_dispatcher_has_memory_for_the_longest_audio_it_may_send() -> None:
-    memory_mb = number(
-        props("DispatcherFunction").get("MemorySize", TEMPLATE["Globals"]["Function"]["MemorySize"])
+# A dispatcher's Max Memory Used with every call's answer given back (make bench measures
+# 86 MB on the fleet bench), rounded up.
+DISPATCHER_RUNTIME_MB = 90
+
+
+@pytest.mark.parametrize("logical_id", ["DispatcherFunction", "PriorityDispatcherFunction"])
+def test_a_dispatcher_has_room_for_its_runtime_and_any_1024_image_or_transcript_answer(
+    logical_id: str,
+) -> None:
+    assert props(logical_id)["MemorySize"] == {"Ref": "DispatcherMemorySize"}
+    parameter = TEMPLATE["Parameters"]["DispatcherMemorySize"]
+    # Lambda's bounds on MemorySize.
+    assert 128 <= number(parameter["MinValue"]) <= number(parameter["Default"])
+    assert number(parameter["MaxValue"]) <= 10240
+    # The largest answer a 1024x1024 image or a transcript may have, decoded, fits in what
+    # the budget leaves (the audio is streamed: it takes no room).
+    largest = max(
+        IMAGE_ANSWER_IN_MEMORY * image_answer_limit(ImageParams(width=1024, height=1024)),
+        TRANSCRIPT_ANSWER_IN_MEMORY * TRANSCRIPT_ANSWER_LIMIT,
     )
-    # The audio, the multipart body built from it, and the runtime itself.
-    assert memory_mb * 1024 * 1024 >= 2 * ASYNC_AUDIO_MAX_BYTES + 150_000_000
+    room = (number(parameter["Default"]) - DISPATCHER_RUNTIME_MB - HEADROOM_MB) * MIB
+    assert room >= largest
