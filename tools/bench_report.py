@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             requests,
             date=date,
             calls_per_billed_second=(least_loaded or {}).get("calls_per_billed_second"),
+            dispatcher_max_memory_mb=fleet.get("dispatcher_max_memory_mb"),
         )
     )
     print(f"wrote {args.out / 'benchmarks.md'} and {args.out / 'cost.md'}")

@@ -199,13 +199,29 @@ def per_million(
 # The totals before, for the figures above to be read against (the same model).
 PREVIOUS_COST = """Before: $114.51 when issue 16 was filed (the waiting dispatch path, the
 dispatcher at 512 MB); $43.76 on 2026-12-07 03:57 (one-step hand-off, 384 MB, images kept
-7 days, 10.72 requests per task under load)."""
+7 days, 10.72 requests per task under load); $35.68 on 2026-12-07 06:57 (images kept 1 day,
+the dispatcher still at 384 MB: $17.70 of it waiting on the GPU)."""
 
 
 def markdown(
-    bench: dict[str, Any], *, date: str, calls_per_billed_second: float | None = None
+    bench: dict[str, Any],
+    *,
+    date: str,
+    calls_per_billed_second: float | None = None,
+    dispatcher_max_memory_mb: float | None = None,
 ) -> str:
     cost = per_million(bench, calls_per_billed_second=calls_per_billed_second)
+    measured = (
+        f"; `make bench` measured {dispatcher_max_memory_mb:.0f} MB Max Memory Used"
+        if dispatcher_max_memory_mb
+        else ""
+    )
+    memory_text = (
+        f"The dispatcher runs at {dispatcher_memory_gb() * 1024:.0f} MB (DispatcherMemorySize's "
+        f"default{measured}): its runtime and the answers being decoded, which reserve room "
+        "as they arrive; the audio is streamed. It was 384 MB (two copies of the longest "
+        "audio) and 512 MB before that."
+    )
     prefer_wait = MEMORY_GB * 15 * PRICE["lambda_per_gb_second_arm64"] * 1e6
     polling = f"${cost['seed_polling']:,.2f} ({POLLS_SEED_CLIENT} x ${cost['one_poll']:,.2f})"
     rows = "\n".join(
@@ -236,7 +252,7 @@ is **{cost["share_of_gpu"]:.1%}** of that. The dispatcher's Lambda time is spent
 for the GPU's answer (a synchronous call); one invocation runs several calls at once
 (`CallsPerWorker`), so a billed second carries as many calls as `make bench`'s fleet run
 measured ({sharing_text}); an endpoint that called back would remove the wait, at the price
-of a callback route.
+of a callback route. {memory_text}
 
 **How clients wait changes it** (per 1 M tasks):
 

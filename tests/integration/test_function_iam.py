@@ -73,8 +73,11 @@ def test_the_dispatcher_may_do_what_its_role_grants_and_no_more(make_stack, refu
     dynamodb = _client(h, "DispatcherFunction", "dynamodb")
     tasks, limits = h.stack.ref("TasksTable"), h.stack.ref("LimitsTable")
 
-    # Granted: reading a task (absent here) answers normally.
+    # Granted: reading a task (absent here) answers normally; so does the consistent read
+    # of the fleet (a scan of the endpoints table, the only table it may scan).
     assert "Item" not in dynamodb.get_item(TableName=tasks, Key={"task_id": {"S": "none"}})
+    endpoints = h.stack.ref("EndpointsTable")
+    assert dynamodb.scan(TableName=endpoints, ConsistentRead=True)["Count"] >= 0
     # Not granted: the limits table (rate limits, shares) is not the dispatcher's business.
     with pytest.raises(ClientError) as refused:
         dynamodb.get_item(TableName=limits, Key={"pk": {"S": "x"}})
