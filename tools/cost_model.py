@@ -111,10 +111,17 @@ def per_million(
     stream_invocations = load["stream_invocations_per_task"] if load else STREAM_INVOCATIONS
     dispatch_invocations = load["dispatcher_invocations_per_task"] if load else 1.0
     sharing = max(1.0, calls_per_billed_second or 1.0)
+    # Measured, the ratio of GPU-busy to billed dispatcher seconds already holds the
+    # dispatcher's own time (its writes, receives, waits and idle tail); assumed, add it.
+    dispatcher_seconds = (
+        GENERATION_SECONDS / sharing
+        if calls_per_billed_second
+        else GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"]
+    )
     gb_s = (
         MEMORY_GB
         * (HANDLER_SECONDS["submit"] + stream_invocations * HANDLER_SECONDS["task_events"])
-        + dispatcher_gb * (GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"]) / sharing
+        + dispatcher_gb * dispatcher_seconds
     )
     invocations = 1 + dispatch_invocations + stream_invocations
     sqs = _count(core, "sqs:") + mapping_sqs
