@@ -178,8 +178,11 @@ def test_calls_per_invocation_never_exceed_calls_per_worker(make_stack, alice):
 
 
 def test_workers_whose_calls_end_together_share_one_receive(make_stack, alice, monkeypatch):
+    # Calls of 0.8 s: long enough that the four workers, started one after another, all
+    # run at once on a loaded machine (0.3 s was not, once); short enough (under twice the
+    # receive lead) that each receives after its call, the path measured here.
     h = make_stack(
-        endpoints=[ImageServerKnobs(latency_s=0.3, capacity=4)],
+        endpoints=[ImageServerKnobs(latency_s=0.8, capacity=4)],
         env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "4"},
     )
     h.run_checker()
