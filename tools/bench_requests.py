@@ -278,9 +278,12 @@ def measure(
     latency_calls: int,
     load_tasks: int = 100,
     before_latency: Callable[[], object] = lambda: None,
+    load_call_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """The counts, then (after `before_latency()` returns: the machine otherwise idle) the
-    handler latencies."""
+    handler latencies. `load_call_seconds`: the stand-ins' call time under load (0: they
+    answer at once, the control plane's own count; a GPU's seconds: what a kept slot's
+    hand-offs cost when they are seconds apart)."""
     moto_atomic.install()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -316,7 +319,10 @@ def measure(
                 with counter.in_phase("status_poll"):
                     assert stack.status(task_id)["status"] == "DONE"
             webhooks_received = len(sink.received)
+        for image in images:
+            image.knobs.latency_s = load_call_seconds
         under_load = _under_load(stack, counter, load_tasks)
+        under_load["call_seconds"] = load_call_seconds
         before_latency()
         with counter.in_phase("latency"):
             submit_latency = _timed(
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--latency-calls", type=int, default=200)
     parser.add_argument("--load-tasks", type=int, default=100, help="queued at once")
+    parser.add_argument(
+        "--load-call-seconds", type=float, default=0.0, help="the stand-ins' call time under load"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     for name, value in (
@@ -361,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         ("AWS_DEFAULT_REGION", REGION),
     ):
         os.environ.setdefault(name, value)
-    figures = measure(args.tasks, args.latency_calls, args.load_tasks)
+    figures = measure(
+        args.tasks, args.latency_calls, args.load_tasks, load_call_seconds=args.load_call_seconds
+    )
     text = json.dumps(figures, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
