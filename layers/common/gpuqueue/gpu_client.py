@@ -76,14 +76,7 @@ def _post(
 ) -> requests.Response:
     url = f"{endpoint.url.rstrip('/')}{path}"
     limit = image_answer_limit(params)
-
-    def reserve(size: int | None, seconds_left: float) -> int | None:
-        if hold is None:
-            return None
-        return hold.for_answer(
-            size, limit=limit, factor=IMAGE_ANSWER_IN_MEMORY, within=seconds_left
-        )
-
+    reserve = hold.reserver(limit=limit, factor=IMAGE_ANSWER_IN_MEMORY) if hold else None
     try:
         return credentials.send(
             endpoint,

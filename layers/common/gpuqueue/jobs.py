@@ -150,9 +150,7 @@ class SpeechJob:
                 hold=self._memory.hold(),
             )
         finally:
-            close = getattr(audio.reader, "close", None)
-            if close is not None:
-                close()
+            audio.close()
 
     def store(self, task: Task, output: Transcript) -> Completion:
         return Completion(

@@ -138,6 +138,10 @@ class MemoryHold:
         self.reserve(want, within=within)
         return limit
 
+    def reserver(self, *, limit: int, factor: float) -> Callable[[int | None, float], int]:
+        """`for_answer` with this limit and factor: what `post_within(on_answer=)` calls."""
+        return lambda size, within: self.for_answer(size, limit=limit, factor=factor, within=within)
+
     def keep_only(self, nbytes: int) -> None:
         """Give back all but `nbytes` (what the decoded output still takes)."""
         extra = self._held[0] - max(nbytes, 0)

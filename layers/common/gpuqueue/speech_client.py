@@ -65,6 +65,12 @@ class AudioStream:
     size: int
     reader: Readable
 
+    def close(self) -> None:
+        """Let the source go (S3's body has a connection to give back)."""
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
+
 
 class MultipartBody:
     """A multipart/form-data body read piece by piece as it is sent: the fields, then the
@@ -221,16 +227,11 @@ class OpenAITranscriptionClient:
         body = MultipartBody(
             fields, name="file", filename=filename, content_type=content_type, data=audio
         )
-
-        def reserve(size: int | None, seconds_left: float) -> int | None:
-            if hold is None:
-                return None
-            return hold.for_answer(
-                size,
-                limit=TRANSCRIPT_ANSWER_LIMIT,
-                factor=TRANSCRIPT_ANSWER_IN_MEMORY,
-                within=seconds_left,
-            )
+        reserve = (
+            hold.reserver(limit=TRANSCRIPT_ANSWER_LIMIT, factor=TRANSCRIPT_ANSWER_IN_MEMORY)
+            if hold
+            else None
+        )
 
         try:
             response = self._credentials.send(
