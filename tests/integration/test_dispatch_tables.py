@@ -291,9 +291,10 @@ def test_a_call_after_a_slow_claim_still_ends_inside_its_slots_lease(
 
     assert dispatch(d, task) is Outcome.DONE
 
-    # Leased for 10 + 5 s; 7 s gone claiming; half a second kept back: 7.5 s, not 10.
+    # Leased for 10 + 5 s; 7 s gone claiming; half a second kept back: 7.5 s, not 10 (less
+    # the real time the writes took: up to 0.3 s seen on a loaded machine, so 1 s allowed).
     ((_, _, timeout),) = job.calls
-    assert 7.3 < timeout <= 15.0 - 7.0 - LEASE_TAIL_SECONDS
+    assert 6.5 < timeout <= 15.0 - 7.0 - LEASE_TAIL_SECONDS
 
 
 def test_a_claim_that_stalls_past_most_of_the_lease_gives_the_task_back_uncalled(
