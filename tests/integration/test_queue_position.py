@@ -11,8 +11,8 @@ import pytest
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import Priority, TaskKind
 from gpuqueue.queue_position import (
-    GAP_EWMA_ALPHA,
     GAP_ROUNDS,
+    GAP_WINDOW,
     LaneState,
     QueuePositions,
     departure_time,
@@ -211,11 +211,47 @@ def test_a_departure_written_meanwhile_is_counted_and_ours_timed_against_it(make
     QueuePositions(racing).left(Priority.NORMAL, at=1003.0)
 
     assert racing.pending == 0
-    # Three departures counted, and the gaps measured in order: 2 s, then our 1 s.
+    # Three departures counted, and timed in order: 2 s, then our 1 s apart.
     lane = positions.lane(Priority.NORMAL)
     assert lane.left == 3
-    assert lane.gap_seconds == pytest.approx(GAP_EWMA_ALPHA * 1.0 + (1 - GAP_EWMA_ALPHA) * 2.0)
+    assert lane.gap_seconds == pytest.approx(1.5)
     assert _position(h, alice, ids[-1]) == 2
+
+
+def test_departures_in_bunches_measure_the_fleets_pace_wherever_it_is_read(make_stack, alice):
+    # Two slots of 1 s calls: tasks leave in pairs, 0.05 s then 0.95 s apart. Read after a
+    # short gap or a long one, the gap is the pace the line drains at (0.5 s a task); a
+    # moving average of single gaps (the EWMA this replaced) said 0.42 s or 0.58 s.
+    h = make_stack(endpoints=[])
+    positions = QueuePositions(_lane_table(h))
+    for _ in range(40):
+        positions.take_ticket(Priority.NORMAL)
+    times = [1000.0 + pair + offset for pair in range(12) for offset in (0.0, 0.05)]
+
+    seen = []
+    for at in times:
+        positions.left(Priority.NORMAL, at=at)
+        seen.append(positions.lane(Priority.NORMAL).gap_seconds)
+
+    # Once the window holds eight pairs, every reading is within 7 % of 0.5 s.
+    assert all(gap == pytest.approx(0.5, rel=0.07) for gap in seen[15:]), seen[15:]
+
+
+def test_the_gap_forgets_departures_before_the_line_last_emptied(make_stack, alice):
+    h = make_stack(endpoints=[])
+    positions = QueuePositions(_lane_table(h))
+    for _ in range(2):
+        positions.take_ticket(Priority.NORMAL)
+    positions.left_many(Priority.NORMAL, [1000.0, 1004.0])  # 4 s apart; the line is empty
+    for _ in range(GAP_WINDOW + 2):
+        positions.take_ticket(Priority.NORMAL)
+    # Then a busy line: a departure a second, after 50 s of idleness.
+    positions.left_many(Priority.NORMAL, [1054.0 + i for i in range(GAP_WINDOW + 2)])
+
+    # Neither the idle 50 s nor the old 4 s gap in it; the window keeps its last 32.
+    item = _lane_table(h).get_item(Key={"pk": "lane#normal"})["Item"]
+    assert positions.lane(Priority.NORMAL).gap_seconds == pytest.approx(1.0)
+    assert len(item["recent_left_at"]) == GAP_WINDOW
 
 
 def test_a_departure_that_keeps_losing_the_race_is_still_counted(make_stack, alice):

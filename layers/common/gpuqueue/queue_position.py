@@ -14,10 +14,10 @@ A task's position is the number of tasks queued before it that are still waiting
 SQS (standard) delivers roughly in that order, and a task leaving out of order (a cancel)
 makes the estimate low by one for those queued before it. The stream runs ~0.25 s behind.
 
-ETA: the lane's measured departure rate - an EWMA of the time between two tasks leaving
-its waiting line (`gap_seconds`, kept with the counters; a gap after a departure that left
-the line empty, or over 2 minutes, measures idleness, not service, and is left out) - times
-the position, plus one call of the task's own
+ETA: the lane's measured departure rate - the mean time between tasks leaving its waiting
+line over its last 32 departures (`gap_seconds`, kept with the counters and the window's
+times; a departure that left the line empty, or a gap over 2 minutes, measures idleness, not
+service, and starts the window again) - times the position, plus one call of the task's own
 (the fleet's measured call time). Before any gap is measured, the fleet's rate stands in:
 its healthy endpoints finish `sum(capacity / call seconds)` tasks a second. Measuring
 departures includes what call times miss: the work around each call, retries, the other
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 KEY_PREFIX = "lane#"
-GAP_EWMA_ALPHA = 0.3
+GAP_WINDOW = 32  # departures the gap is averaged over: several bunches of a large fleet
 MAX_GAP_SECONDS = 120.0  # a longer gap between departures: the line was empty
 GAP_ROUNDS = 3  # optimistic-concurrency tries for the gap; then only the count is kept
 
@@ -112,7 +112,7 @@ class QueuePositions:
 
     def left_many(self, lane: Priority, times: Sequence[float | None]) -> None:
         """Several tasks stopped waiting (a stream batch's departures): one read and one
-        write for all of them, their gaps folded into the EWMA in time order."""
+        write for all of them, their times added to the window in time order."""
         if not times:
             return
         key = {"pk": KEY_PREFIX + lane.value}
@@ -132,39 +132,40 @@ class QueuePositions:
         )
 
     def _left_timed(self, key: dict[str, str], count: int, timed: list[float]) -> bool:
-        """Count the departures and fold their gaps into the EWMA, if nobody wrote meanwhile."""
+        """Count the departures and fold their times into the window, if nobody wrote
+        meanwhile."""
         item: dict[str, Any] = self._table.get_item(Key=key, ConsistentRead=True).get("Item") or {}
         last = item.get("last_left_at")
-        latest = None if last is None else float(last)
+        window = [float(at) for at in item.get("recent_left_at") or []]
+        if not window and last is not None:
+            window = [float(last)]  # a row written before the window was kept
         emptied = bool(item.get("emptied", False))
         old_gap = item.get("gap_seconds")
-        gap = None if old_gap is None else float(old_gap)
         # Did a departure empty the line? Then the next gap includes idle time.
         waiting = _number(item.get("issued")) - _number(item.get("left"))
         moved = False
         for at in timed:
-            if latest is not None:
-                between = at - latest
+            if window:
+                between = at - window[-1]
                 if between < 0:
                     continue  # older than the last recorded (another shard's): counted only
-                if between <= MAX_GAP_SECONDS and not emptied:
-                    gap = (
-                        between
-                        if gap is None
-                        else GAP_EWMA_ALPHA * between + (1 - GAP_EWMA_ALPHA) * gap
-                    )
+                if between > MAX_GAP_SECONDS or emptied:
+                    window = []  # idle time between them: the window starts again
+            window = [*window, at][-GAP_WINDOW:]
             waiting -= 1
-            latest, emptied, moved = at, waiting <= 0, True
+            emptied, moved = waiting <= 0, True
         if not moved:
             self._count_left(key, count)
             return True
-        sets = ["last_left_at = :at", "emptied = :emptied"]
+        sets = ["last_left_at = :at", "emptied = :emptied", "recent_left_at = :recent"]
         values: dict[str, Any] = {
             ":n": count,
             ":minus": -count,
-            ":at": Decimal(str(round(latest, 3))),  # type: ignore[arg-type]
+            ":at": _seconds(window[-1]),
             ":emptied": emptied,
+            ":recent": [_seconds(at) for at in window],
         }
+        gap = window_gap(window)
         if gap is not None and gap != (None if old_gap is None else float(old_gap)):
             sets.append("gap_seconds = :gap")
             values[":gap"] = Decimal(str(round(gap, 4)))
@@ -202,6 +203,20 @@ class QueuePositions:
             return None
         state = state or self.lane(task.priority)
         return max(0, task.ticket - state.left - 1)
+
+
+def _seconds(at: float) -> Decimal:
+    return Decimal(str(round(at, 3)))
+
+
+def window_gap(window: Sequence[float]) -> float | None:
+    """The mean time between departures over a window of them (None: fewer than two).
+    The span over the count, not an average of each gap: slots that finish together leave
+    in bunches, and a moving average of single gaps swings with where it was read (after a
+    bunch's short gaps it promises a drain faster than the fleet's)."""
+    if len(window) < 2:
+        return None
+    return (window[-1] - window[0]) / (len(window) - 1)
 
 
 def departure_time(updated_at: str) -> float | None:
