@@ -9,10 +9,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from gpuqueue.errors import InvalidCredentials, InvalidInput
-from gpuqueue.models import Credentials
+from gpuqueue.models import Credentials, Registration
 from gpuqueue.user_directory import UserDirectory
 
-CREDENTIALS = Credentials(username="user1", password="pass1234")
+CREDENTIALS = Credentials(username="user1", password="pass1234word")
+REGISTRATION = Registration(username="user1", password="pass1234word")
 TOKENS = {"AuthenticationResult": {"AccessToken": "access-token", "ExpiresIn": 3600}}
 
 
@@ -55,7 +56,7 @@ def test_a_username_cognito_refuses_is_invalid_input_naming_the_username_with_it
     )
 
     with pytest.raises(InvalidInput) as refused:
-        _directory(cognito).register(CREDENTIALS)
+        _directory(cognito).register(REGISTRATION)
 
     assert refused.value.field == "username"
     assert refused.value.message == "Username should be an email."
@@ -66,7 +67,7 @@ def test_an_invalid_parameter_without_a_message_still_names_the_username():
     cognito = FakeCognito(sign_up=[_refusal("InvalidParameterException")])
 
     with pytest.raises(InvalidInput) as refused:
-        _directory(cognito).register(CREDENTIALS)
+        _directory(cognito).register(REGISTRATION)
 
     assert (refused.value.field, refused.value.message) == ("username", "invalid username")
 
@@ -98,8 +99,10 @@ def test_a_cognito_fault_stays_a_server_fault_not_a_client_error(operation, answ
     # Not a 4xx blaming the caller's input: the error goes up as it came (a 5xx).
     cognito = FakeCognito(**answers)
 
+    body = REGISTRATION if operation == "register" else CREDENTIALS
+
     with pytest.raises(ClientError):
-        getattr(_directory(cognito), operation)(CREDENTIALS)
+        getattr(_directory(cognito), operation)(body)
 
 
 def test_an_unconfirmed_account_is_confirmed_once_then_logged_in():
