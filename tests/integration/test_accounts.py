@@ -159,11 +159,15 @@ def test_email_sign_up_is_confirmed_by_the_code_and_then_signs_in(make_stack):
 
     # Not confirmed yet: the right password is told to confirm, and confirms nothing itself
     before = _post(h, "/login", credentials)
+    pool = h.stack.ref("UserPool")
+    user = boto3.client("cognito-idp").admin_get_user(UserPoolId=pool, Username="heidi")
+    assert user["UserStatus"] == "UNCONFIRMED"
     confirmed = _post(h, "/register/confirm", {**credentials, "code": "123456"})
     after = _post(h, "/login", credentials)
 
     assert before.status == 403
     assert before.json()["code"] == "ACCOUNT_NOT_CONFIRMED"
+    assert "/register/confirm" in before.json()["error"]
     assert confirmed.status == 200
     assert confirmed.json()["token_type"] == "Bearer"
     assert after.status == 200

@@ -8,8 +8,9 @@ from typing import Any, cast
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.errors import InvalidCredentials, InvalidInput
-from gpuqueue.models import Credentials, Registration
+from gpuqueue.account_policy import SignUpVerification
+from gpuqueue.errors import InvalidConfirmationCode, InvalidCredentials, InvalidInput
+from gpuqueue.models import Credentials, Registration, SignUpConfirmation
 from gpuqueue.user_directory import UserDirectory
 
 CREDENTIALS = Credentials(username="user1", password="pass1234word")
@@ -44,6 +45,9 @@ class FakeCognito:
 
     def initiate_auth(self, **_: Any) -> Any:
         return self._answer("initiate_auth")
+
+    def confirm_sign_up(self, **_: Any) -> Any:
+        return self._answer("confirm_sign_up")
 
 
 def _directory(cognito: FakeCognito) -> UserDirectory:
@@ -129,3 +133,34 @@ def test_an_account_still_unconfirmed_after_confirming_is_not_retried_forever():
     with pytest.raises(ClientError):
         _directory(cognito).login(CREDENTIALS)
     assert cognito.calls == ["initiate_auth", "admin_confirm_sign_up", "initiate_auth"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "CodeMismatchException",
+        "ExpiredCodeException",
+        "NotAuthorizedException",  # AWS: "User cannot be confirmed. Current status is CONFIRMED"
+        "UserNotFoundException",
+    ],
+)
+def test_a_confirmed_or_unknown_user_at_confirm_answers_like_a_wrong_code(refusal):
+    # moto confirms any code: these are AWS's refusals. One answer for all of them, so
+    # /register/confirm does not tell which names exist either.
+    cognito = FakeCognito(confirm_sign_up=[_refusal(refusal, "told", "ConfirmSignUp")])
+    directory = UserDirectory(
+        cast(Any, cognito),
+        user_pool_id="pool",
+        client_id="client",
+        verification=SignUpVerification.EMAIL,
+    )
+    confirmation = SignUpConfirmation(username="user1", password="pass1234word", code="123456")
+
+    with pytest.raises(InvalidConfirmationCode) as refused:
+        directory.confirm(confirmation)
+
+    assert (refused.value.field, refused.value.message) == (
+        "code",
+        "code: wrong or expired confirmation code",
+    )
+    assert cognito.calls == ["confirm_sign_up"]  # nobody logged in
