@@ -37,7 +37,7 @@ def register_users(api: str, prefix: str, count: int) -> list[str]:
     """`count` new users' access tokens."""
 
     def register(i: int) -> str:
-        credentials = {"username": f"{prefix}{i}-{os.getpid()}", "password": f"{prefix}-pass-1"}
+        credentials = {"username": f"{prefix}{i}-{os.getpid()}", "password": f"{prefix}-pass-1234"}
         response = requests.post(f"{api}/register", json=credentials, timeout=30)
         response.raise_for_status()
         return str(response.json()["token"])

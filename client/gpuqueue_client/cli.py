@@ -185,14 +185,42 @@ def register(
         str,
         typer.Option("--password", "-p", prompt=True, hide_input=True, confirmation_prompt=True),
     ],
+    email: Annotated[
+        str | None,
+        typer.Option("--email", help="Where the code goes, on a stack that verifies sign-ups."),
+    ] = None,
 ) -> None:
-    """Create a user and log in as it."""
+    """Create a user and log in as it (or, where sign-ups are verified by e-mail, have a code
+    sent for `confirm`)."""
     state = _state(ctx)
     client = state.anonymous_client()
     with friendly_errors(state, logging_in=True):
-        token = client.register(username, password)
+        token = client.register(username, password, email=email)
+    if token is None:
+        state.out.print(
+            "if the name was free, a code is on its way by e-mail: "
+            f"gpuqueue confirm -u {username} --code CODE",
+            soft_wrap=True,
+        )
+        return
     _authenticate(state, username, token, client.expires_at)
     state.out.print(f"registered; logged in as {username}", soft_wrap=True)
+
+
+@app.command()
+def confirm(
+    ctx: typer.Context,
+    username: UsernameOption,
+    password: Annotated[str, typer.Option("--password", "-p", prompt=True, hide_input=True)],
+    code: Annotated[str, typer.Option("--code", prompt=True, help="The code from the e-mail.")],
+) -> None:
+    """Confirm an e-mailed sign-up code and log in."""
+    state = _state(ctx)
+    client = state.anonymous_client()
+    with friendly_errors(state, logging_in=True):
+        token = client.confirm_registration(username, password, code)
+    _authenticate(state, username, token, client.expires_at)
+    state.out.print(f"confirmed; logged in as {username}", soft_wrap=True)
 
 
 @app.command()

@@ -176,20 +176,31 @@ class GpuqueueClient:
 
     # -- auth -----------------------------------------------------------------------------
 
-    def register(self, username: str, password: str) -> str:
-        """Create the user and return its access token (201)."""
-        return self._authenticate("/register", username, password)
+    def register(self, username: str, password: str, *, email: str | None = None) -> str | None:
+        """Create the user and return its access token (201), or None where the stack verifies
+        sign-ups by e-mail (202: a code is on its way; `confirm_registration` takes it)."""
+        body = {"username": username, "password": password}
+        if email is not None:
+            body["email"] = email
+        response = self._request("POST", "/register", json=body, auth=False)
+        if response.status_code == 202:
+            return None
+        return self._take_token("/register", self._json(response))
+
+    def confirm_registration(self, username: str, password: str, code: str) -> str:
+        """Confirm an e-mailed sign-up code and return the new user's access token."""
+        body = {"username": username, "password": password, "code": code}
+        response = self._request("POST", "/register/confirm", json=body, auth=False)
+        return self._take_token("/register/confirm", self._json(response))
 
     def login(self, username: str, password: str) -> str:
         """Return a fresh access token for an existing user."""
-        return self._authenticate("/login", username, password)
-
-    def _authenticate(self, path: str, username: str, password: str) -> str:
-        body = self._json(
-            self._request(
-                "POST", path, json={"username": username, "password": password}, auth=False
-            )
+        body = {"username": username, "password": password}
+        return self._take_token(
+            "/login", self._json(self._request("POST", "/login", json=body, auth=False))
         )
+
+    def _take_token(self, path: str, body: Any) -> str:
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise ApiError(502, "BAD_RESPONSE", f"no token in the answer to {path}")

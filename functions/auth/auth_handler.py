@@ -1,4 +1,6 @@
-"""POST /register and POST /login: username + password -> Bearer token (Cognito underneath)."""
+"""POST /register, /register/confirm and /login: username + password -> Bearer token (Cognito
+underneath; where the stack verifies sign-ups by e-mail, /register answers 202 and the code
+goes to /register/confirm)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api import build_resolver, documented
-from gpuqueue.models import Credentials, TokenResponse
+from gpuqueue.models import (
+    Credentials,
+    Registration,
+    SignUpConfirmation,
+    SignUpPending,
+    TokenResponse,
+)
 from gpuqueue.settings import AuthSettings
 from gpuqueue.user_directory import UserDirectory
 
@@ -30,21 +38,38 @@ def directory() -> UserDirectory:
         aws_clients.cognito(),
         user_pool_id=settings.user_pool_id,
         client_id=settings.user_pool_client_id,
+        password_policy=settings.password_policy,
+        verification=settings.sign_up_verification,
     )
 
 
 @app.post(
     "/register",
-    responses=documented(HTTPStatus.CREATED, "Registered and signed in.", TokenResponse),
+    responses={
+        **documented(HTTPStatus.CREATED, "Registered and signed in.", TokenResponse),
+        **documented(
+            HTTPStatus.ACCEPTED,
+            "SignUpVerification=email: a code was e-mailed if the name was free (the same "
+            "answer either way); confirm it at POST /register/confirm.",
+            SignUpPending,
+        ),
+    },
 )
-def register(credentials: Annotated[Credentials, Body()]) -> Response[str]:
-    token = directory().register(credentials)
-    logger.info("user registered", extra={"username": credentials.username})
+def register(registration: Annotated[Registration, Body()]) -> Response[str]:
+    result = directory().register(registration)
+    status = HTTPStatus.ACCEPTED if isinstance(result, SignUpPending) else HTTPStatus.CREATED
+    if status is HTTPStatus.CREATED:
+        logger.info("user registered", extra={"username": registration.username})
     return Response(
-        status_code=HTTPStatus.CREATED.value,
+        status_code=status.value,
         content_type=content_types.APPLICATION_JSON,
-        body=token.model_dump_json(),
+        body=result.model_dump_json(),
     )
+
+
+@app.post("/register/confirm")
+def confirm_registration(confirmation: Annotated[SignUpConfirmation, Body()]) -> TokenResponse:
+    return directory().confirm(confirmation)
 
 
 @app.post("/login")

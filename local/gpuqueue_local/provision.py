@@ -193,9 +193,18 @@ def _create_user_pool(
     kwargs: dict[str, Any] = {
         "PoolName": props.get("UserPoolName", physical_name(stack, logical_id))
     }
-    for key in ("Policies", "UsernameConfiguration", "AdminCreateUserConfig"):
+    for key in (
+        "Policies",
+        "UsernameConfiguration",
+        "AdminCreateUserConfig",
+        "AutoVerifiedAttributes",
+    ):
         if key in props:
             kwargs[key] = props[key]
+    # A Number parameter's Ref is a string; CloudFormation converts it, boto3 wants an int.
+    password_policy = kwargs.get("Policies", {}).get("PasswordPolicy", {})
+    if "MinimumLength" in password_policy:
+        password_policy["MinimumLength"] = int(password_policy["MinimumLength"])
     pool = cognito.create_user_pool(**kwargs)["UserPool"]
     return {"Ref": pool["Id"], "Arn": pool["Arn"], "ProviderName": pool.get("Name", "")}
 

@@ -45,10 +45,10 @@ from gpuqueue_local.websocket_gateway import WebSocketGateway, websocket_api
 
 HOST = "127.0.0.1"
 DEMO_USER = "demo"
-DEMO_PASSWORD = "demo-pass-1"  # noqa: S105 - the documented local demo account
+DEMO_PASSWORD = "try-gpuqueue-1"  # noqa: S105 - the documented local demo account
 # An operator: member of the template's AdminGroup, so it may use /api/v1/admin.
 ADMIN_USER = "admin"
-ADMIN_PASSWORD = "admin-pass-1"  # noqa: S105 - the documented local operator account
+ADMIN_PASSWORD = "operate-gpuqueue-1"  # noqa: S105 - the documented local operator account
 ADMIN_GROUP = "admin"
 # Same template, same Cognito ids on every start (and in events/env.local.json).
 MOTO_DETERMINISTIC_IDS = {

@@ -23,7 +23,7 @@ def _post(h, route, body=None, raw_body=None):
 
 def test_register_returns_an_access_token_for_the_api_client(make_stack):
     h = make_stack()
-    response = _post(h, "/register", {"username": "user1", "password": "pass1234"})
+    response = _post(h, "/register", {"username": "user1", "password": "pass1234word"})
     assert response.status == 201
     body = response.json()
     assert body["token_type"] == "Bearer"
@@ -36,16 +36,16 @@ def test_register_returns_an_access_token_for_the_api_client(make_stack):
 
 def test_login_after_register_gives_a_token_for_the_same_user(make_stack):
     h = make_stack()
-    registered = _post(h, "/register", {"username": "user1", "password": "pass1234"}).json()
-    login = _post(h, "/login", {"username": "user1", "password": "pass1234"})
+    registered = _post(h, "/register", {"username": "user1", "password": "pass1234word"}).json()
+    login = _post(h, "/login", {"username": "user1", "password": "pass1234word"})
     assert login.status == 200
     assert _claims(login.json()["token"])["sub"] == _claims(registered["token"])["sub"]
 
 
 def test_duplicate_username_is_409(make_stack):
     h = make_stack()
-    assert _post(h, "/register", {"username": "user1", "password": "pass1234"}).status == 201
-    again = _post(h, "/register", {"username": "user1", "password": "other5678"})
+    assert _post(h, "/register", {"username": "user1", "password": "pass1234word"}).status == 201
+    again = _post(h, "/register", {"username": "user1", "password": "other5678word"})
     assert again.status == 409
     assert again.json()["code"] == "USER_EXISTS"
     assert again.json()["field"] == "username"
@@ -63,14 +63,14 @@ def test_weak_password_is_400_with_the_reason(make_stack):
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [("user1", "wrong-pass1"), ("nobody", "pass1234")],
+    [("user1", "wrong-pass1234"), ("nobody", "pass1234word")],
     ids=["wrong-password", "unknown-user"],
 )
 def test_bad_credentials_are_401_without_saying_which_part_was_wrong(
     make_stack, username, password
 ):
     h = make_stack()
-    _post(h, "/register", {"username": "user1", "password": "pass1234"})
+    _post(h, "/register", {"username": "user1", "password": "pass1234word"})
     response = _post(h, "/login", {"username": username, "password": password})
     assert response.status == 401
     assert response.json() == {
@@ -82,10 +82,10 @@ def test_bad_credentials_are_401_without_saying_which_part_was_wrong(
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"password": "pass1234"}, "username"),
+        ({"password": "pass1234word"}, "username"),
         ({"username": "user1"}, "password"),
-        ({"username": "ab", "password": "pass1234"}, "username"),
-        ({"username": "bad name!", "password": "pass1234"}, "username"),
+        ({"username": "ab", "password": "pass1234word"}, "username"),
+        ({"username": "bad name!", "password": "pass1234word"}, "username"),
     ],
 )
 def test_invalid_credentials_body_is_400_naming_the_field(make_stack, body, field):
@@ -113,9 +113,11 @@ def test_an_account_created_with_a_temporary_password_gets_a_401_naming_the_miss
     # (NEW_PASSWORD_REQUIRED) before it hands out tokens, a step this API does not offer
     h = make_stack(endpoints=[])
     cognito, pool, _ = _cognito_client(h)
-    cognito.admin_create_user(UserPoolId=pool, Username="invited", TemporaryPassword="temp-pass-1")
+    cognito.admin_create_user(
+        UserPoolId=pool, Username="invited", TemporaryPassword="temp-pass-1234"
+    )
 
-    response = _post(h, "/login", {"username": "invited", "password": "temp-pass-1"})
+    response = _post(h, "/login", {"username": "invited", "password": "temp-pass-1234"})
 
     assert response.status == 401
     body = response.json()
@@ -129,26 +131,26 @@ def test_an_account_left_unconfirmed_by_an_interrupted_register_can_still_log_in
     # (the API has no e-mail step: the stack confirms every account itself)
     h = make_stack(endpoints=[])
     cognito, _, client_id = _cognito_client(h)
-    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234")
-    assert _post(h, "/register", {"username": "user1", "password": "pass1234"}).status == 409
+    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234word")
+    assert _post(h, "/register", {"username": "user1", "password": "pass1234word"}).status == 409
 
     # When the user logs in with the password they registered
-    response = _post(h, "/login", {"username": "user1", "password": "pass1234"})
+    response = _post(h, "/login", {"username": "user1", "password": "pass1234word"})
 
     # Then they get their token (was: an unhandled UserNotConfirmedException, a 500)
     assert response.status == 200
     assert _claims(response.json()["token"])["token_use"] == "access"
     # and a wrong password is still the same 401 as ever
-    wrong = _post(h, "/login", {"username": "user1", "password": "wrong-pass1"})
+    wrong = _post(h, "/login", {"username": "user1", "password": "wrong-pass1234"})
     assert wrong.status == 401
 
 
 def test_an_unconfirmed_account_is_not_confirmed_by_a_wrong_password(make_stack):
     h = make_stack(endpoints=[])
     cognito, pool, client_id = _cognito_client(h)
-    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234")
+    cognito.sign_up(ClientId=client_id, Username="user1", Password="pass1234word")
 
-    response = _post(h, "/login", {"username": "user1", "password": "wrong-pass1"})
+    response = _post(h, "/login", {"username": "user1", "password": "wrong-pass1234"})
 
     assert response.status == 401
     assert response.json()["code"] == "INVALID_CREDENTIALS"

@@ -41,6 +41,7 @@ from gpuqueue_client import credentials as creds  # noqa: E402
 from gpuqueue_client.cli import app, describe_error  # noqa: E402
 
 PASSWORD = "correct horse battery"
+EMAILED_CODE = "246810"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST_POLL = ["--poll-interval", "0.01"]
 
@@ -141,6 +142,9 @@ class FakeApi:
     submitted: list[dict[str, Any]] = field(default_factory=list)
     seen_auth: list[str | None] = field(default_factory=list)
     queue_full: bool = False
+    # SignUpVerification=email: /register answers 202, /register/confirm takes CODE.
+    verify_by_email: bool = False
+    unconfirmed: dict[str, str] = field(default_factory=dict)
     stats_broken: bool = False
     # The admin API: users in the Cognito group `admin`, the endpoints, the PUT bodies.
     admins: set[str] = field(default_factory=lambda: {"ops"})
@@ -179,7 +183,7 @@ class FakeApi:
 
     def _route(self, request: Request) -> Reply:  # noqa: PLR0911 - one return per route
         method, path = request.method, request.path
-        if method == "POST" and path in ("/register", "/login"):
+        if method == "POST" and path in ("/register", "/register/confirm", "/login"):
             return self._auth(path, request.json())
         authorization = request.headers.get("Authorization")
         self.seen_auth.append(authorization)
@@ -202,7 +206,15 @@ class FakeApi:
 
     def _auth(self, path: str, body: dict[str, Any]) -> Reply:
         username, password = str(body.get("username", "")), str(body.get("password", ""))
-        if path == "/register":
+        if path == "/register" and self.verify_by_email:
+            if username not in self.users:
+                self.unconfirmed[username] = password
+            return reply(202, {"status": "CONFIRMATION_PENDING", "message": "check your e-mail"})
+        if path == "/register/confirm":
+            if body.get("code") != EMAILED_CODE or self.unconfirmed.get(username) != password:
+                return api_error(400, "code: wrong or expired confirmation code", "INVALID_CODE")
+            self.users[username] = self.unconfirmed.pop(username)
+        elif path == "/register":
             if username in self.users:
                 return api_error(409, "user already exists", "CONFLICT", "username")
             if len(password) < 8:
@@ -535,6 +547,25 @@ def test_register_logs_in(cli: Invoke, api: FakeApi) -> None:
     assert "logged in as bob" in result.stdout
     assert api.users["bob"] == "long enough"
     assert creds.load(api.url) is not None
+
+
+def test_register_where_sign_ups_are_verified_by_email_then_confirm_logs_in(
+    cli: Invoke, api: FakeApi
+) -> None:
+    api.verify_by_email = True
+
+    registered = cli("register", "-u", "bob", "-p", "long enough", "--email", "b@example.com")
+
+    assert registered.exit_code == 0, registered.stderr
+    assert "gpuqueue confirm -u bob --code CODE" in registered.stdout
+    assert creds.load(api.url) is None  # no token yet
+
+    confirmed = cli("confirm", "-u", "bob", "-p", "long enough", "--code", EMAILED_CODE)
+
+    assert confirmed.exit_code == 0, confirmed.stderr
+    assert creds.load(api.url) is not None
+    assert "confirmed; logged in as bob" in confirmed.stdout
+    assert api.users["bob"] == "long enough"
 
 
 def test_register_weak_password_names_the_field(cli: Invoke) -> None:

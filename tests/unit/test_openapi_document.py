@@ -184,7 +184,7 @@ def test_register_and_login_are_the_only_public_operations(committed: dict[str, 
         if "security" not in operation
     }
 
-    assert public == {("POST", "/register"), ("POST", "/login")}
+    assert public == {("POST", "/register"), ("POST", "/register/confirm"), ("POST", "/login")}
 
 
 def test_errors_are_documented_as_the_error_body_the_api_answers(
@@ -220,6 +220,8 @@ def test_request_bodies_come_from_the_pydantic_models(committed: dict[str, Any])
         ("POST", "/api/v1/image/async", "202", "SubmitResponse"),
         ("POST", "/api/v1/image/async", "200", "TaskView"),
         ("POST", "/register", "201", "TokenResponse"),
+        ("POST", "/register", "202", "SignUpPending"),
+        ("POST", "/register/confirm", "200", "TokenResponse"),
         ("GET", "/api/v1/tasks/{task_id}", "200", "TaskView"),
         ("DELETE", "/api/v1/tasks/{task_id}", "200", "TaskView"),
         ("POST", "/api/v1/speech/async", "202", "SpeechUploadResponse"),

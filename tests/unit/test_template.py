@@ -54,6 +54,7 @@ SAM_POLICY_TEMPLATES: dict[str, Any] = json.loads(
 # Login, and the API's documentation (its OpenAPI document and Swagger UI: no user data).
 PUBLIC_ROUTES = {
     ("POST", "/register"),
+    ("POST", "/register/confirm"),
     ("POST", "/login"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),

@@ -8,11 +8,13 @@ from typing import Any, cast
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.errors import InvalidCredentials, InvalidInput
-from gpuqueue.models import Credentials
+from gpuqueue.account_policy import SignUpVerification
+from gpuqueue.errors import InvalidConfirmationCode, InvalidCredentials, InvalidInput
+from gpuqueue.models import Credentials, Registration, SignUpConfirmation
 from gpuqueue.user_directory import UserDirectory
 
-CREDENTIALS = Credentials(username="user1", password="pass1234")
+CREDENTIALS = Credentials(username="user1", password="pass1234word")
+REGISTRATION = Registration(username="user1", password="pass1234word")
 TOKENS = {"AuthenticationResult": {"AccessToken": "access-token", "ExpiresIn": 3600}}
 
 
@@ -44,6 +46,9 @@ class FakeCognito:
     def initiate_auth(self, **_: Any) -> Any:
         return self._answer("initiate_auth")
 
+    def confirm_sign_up(self, **_: Any) -> Any:
+        return self._answer("confirm_sign_up")
+
 
 def _directory(cognito: FakeCognito) -> UserDirectory:
     return UserDirectory(cast(Any, cognito), user_pool_id="pool", client_id="client")
@@ -55,7 +60,7 @@ def test_a_username_cognito_refuses_is_invalid_input_naming_the_username_with_it
     )
 
     with pytest.raises(InvalidInput) as refused:
-        _directory(cognito).register(CREDENTIALS)
+        _directory(cognito).register(REGISTRATION)
 
     assert refused.value.field == "username"
     assert refused.value.message == "Username should be an email."
@@ -66,7 +71,7 @@ def test_an_invalid_parameter_without_a_message_still_names_the_username():
     cognito = FakeCognito(sign_up=[_refusal("InvalidParameterException")])
 
     with pytest.raises(InvalidInput) as refused:
-        _directory(cognito).register(CREDENTIALS)
+        _directory(cognito).register(REGISTRATION)
 
     assert (refused.value.field, refused.value.message) == ("username", "invalid username")
 
@@ -98,8 +103,10 @@ def test_a_cognito_fault_stays_a_server_fault_not_a_client_error(operation, answ
     # Not a 4xx blaming the caller's input: the error goes up as it came (a 5xx).
     cognito = FakeCognito(**answers)
 
+    body = REGISTRATION if operation == "register" else CREDENTIALS
+
     with pytest.raises(ClientError):
-        getattr(_directory(cognito), operation)(CREDENTIALS)
+        getattr(_directory(cognito), operation)(body)
 
 
 def test_an_unconfirmed_account_is_confirmed_once_then_logged_in():
@@ -126,3 +133,34 @@ def test_an_account_still_unconfirmed_after_confirming_is_not_retried_forever():
     with pytest.raises(ClientError):
         _directory(cognito).login(CREDENTIALS)
     assert cognito.calls == ["initiate_auth", "admin_confirm_sign_up", "initiate_auth"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "CodeMismatchException",
+        "ExpiredCodeException",
+        "NotAuthorizedException",  # AWS: "User cannot be confirmed. Current status is CONFIRMED"
+        "UserNotFoundException",
+    ],
+)
+def test_a_confirmed_or_unknown_user_at_confirm_answers_like_a_wrong_code(refusal):
+    # moto confirms any code: these are AWS's refusals. One answer for all of them, so
+    # /register/confirm does not tell which names exist either.
+    cognito = FakeCognito(confirm_sign_up=[_refusal(refusal, "told", "ConfirmSignUp")])
+    directory = UserDirectory(
+        cast(Any, cognito),
+        user_pool_id="pool",
+        client_id="client",
+        verification=SignUpVerification.EMAIL,
+    )
+    confirmation = SignUpConfirmation(username="user1", password="pass1234word", code="123456")
+
+    with pytest.raises(InvalidConfirmationCode) as refused:
+        directory.confirm(confirmation)
+
+    assert (refused.value.field, refused.value.message) == (
+        "code",
+        "code: wrong or expired confirmation code",
+    )
+    assert cognito.calls == ["confirm_sign_up"]  # nobody logged in

@@ -33,6 +33,8 @@ STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.InvalidInput: HTTPStatus.BAD_REQUEST,
     errors.WeakPassword: HTTPStatus.BAD_REQUEST,
     errors.InvalidCredentials: HTTPStatus.UNAUTHORIZED,
+    errors.AccountNotConfirmed: HTTPStatus.FORBIDDEN,
+    errors.InvalidConfirmationCode: HTTPStatus.BAD_REQUEST,
     errors.Unauthenticated: HTTPStatus.UNAUTHORIZED,
     errors.Forbidden: HTTPStatus.FORBIDDEN,
     errors.TaskNotFound: HTTPStatus.NOT_FOUND,

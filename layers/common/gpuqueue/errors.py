@@ -54,6 +54,18 @@ class InvalidCredentials(GpuqueueError):
     code = "INVALID_CREDENTIALS"
 
 
+class AccountNotConfirmed(GpuqueueError):
+    """The right password for an account whose e-mailed code was never confirmed."""
+
+    code = "ACCOUNT_NOT_CONFIRMED"
+
+
+class InvalidConfirmationCode(GpuqueueError):
+    """One answer for a wrong, expired or spent code, and for an unknown or confirmed user."""
+
+    code = "INVALID_CODE"
+
+
 class Unauthenticated(GpuqueueError):
     code = "UNAUTHENTICATED"
 

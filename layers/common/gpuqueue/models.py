@@ -7,12 +7,21 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     field_validator,
     model_validator,
+)
+
+from gpuqueue.account_policy import (
+    USERNAME_MAX_LENGTH,
+    USERNAME_MIN_LENGTH,
+    check_new_username,
+    normalize_username,
 )
 
 
@@ -63,9 +72,27 @@ def iso(ts: datetime) -> str:
 
 # --- API bodies -----------------------------------------------------------------------------
 
+# Any username, folded (NFKC, case-folded) so `Alice` and its fullwidth form are `alice`.
+# Login keeps today's wider alphabet: accounts registered before names were restricted.
 Username = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=3, max_length=64, pattern=r"^[\w.@+-]+$"),
+    BeforeValidator(normalize_username),
+    StringConstraints(
+        min_length=USERNAME_MIN_LENGTH, max_length=USERNAME_MAX_LENGTH, pattern=r"^[\w.@+-]+$"
+    ),
+]
+# A name registered now: folded, then plain ASCII (no look-alikes from other scripts).
+NewUsername = Annotated[
+    str,
+    BeforeValidator(normalize_username),
+    StringConstraints(min_length=USERNAME_MIN_LENGTH, max_length=USERNAME_MAX_LENGTH),
+    AfterValidator(check_new_username),
+]
+Password = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# Cognito's limits on an e-mail attribute (2048) are wider than any mailbox (RFC 5321: 254).
+Email = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
 ]
 
 
@@ -73,7 +100,44 @@ class Credentials(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     username: Username
-    password: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    password: Password
+
+
+class Registration(BaseModel):
+    """POST /register. `email` is needed where the stack verifies sign-ups by e-mail."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    username: NewUsername
+    password: Password
+    email: Email | None = None
+
+    def credentials(self) -> Credentials:
+        return Credentials(username=self.username, password=self.password)
+
+
+class SignUpConfirmation(BaseModel):
+    """POST /register/confirm: the code Cognito e-mailed, and the password to sign in with."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    username: Username
+    password: Password
+    code: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^\S{1,2048}$")]
+
+    def credentials(self) -> Credentials:
+        return Credentials(username=self.username, password=self.password)
+
+
+class SignUpPending(BaseModel):
+    """/register's answer where sign-ups are verified by e-mail: the same whether the name was
+    free or taken, so it tells no one which names exist."""
+
+    status: str = "CONFIRMATION_PENDING"
+    message: str = (
+        "if the username was free, a confirmation code was sent to the e-mail address: "
+        "POST /register/confirm with the username, password and code"
+    )
 
 
 class TokenResponse(BaseModel):

@@ -10,6 +10,11 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gpuqueue.account_policy import (
+    DEFAULT_PASSWORD_MINIMUM_LENGTH,
+    PasswordPolicy,
+    SignUpVerification,
+)
 from gpuqueue.balancer import Strategy
 from gpuqueue.gpu_credentials import DEFAULT_TTL_SECONDS, CredentialScope
 
@@ -38,6 +43,13 @@ class GpuCredentialSettings(_Settings):
 class AuthSettings(_Settings):
     user_pool_id: str
     user_pool_client_id: str
+    # The PasswordMinimumLength parameter (the pool enforces it too; Cognito allows 6-99).
+    password_minimum_length: int = Field(default=DEFAULT_PASSWORD_MINIMUM_LENGTH, ge=6, le=99)
+    sign_up_verification: SignUpVerification = SignUpVerification.NONE
+
+    @property
+    def password_policy(self) -> PasswordPolicy:
+        return PasswordPolicy(minimum_length=self.password_minimum_length)
 
 
 class SubmitLimitsSettings(_Settings):

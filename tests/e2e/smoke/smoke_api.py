@@ -33,9 +33,10 @@ def new_username() -> str:
 
 def new_password() -> str:
     """Long and random, plus one character of every class a Cognito password policy can
-    require (lower, upper, digit, symbol): it meets template.yaml's PasswordPolicy, and a
-    stricter one on a stack deployed from another revision."""
-    return f"{secrets.token_urlsafe(24)}aQ7!"
+    require (lower, upper, digit, symbol): it meets template.yaml's PasswordPolicy with any
+    PasswordMinimumLength (99 at most), and a stricter one on a stack deployed from another
+    revision."""
+    return f"{secrets.token_urlsafe(72)}aQ7!"
 
 
 @dataclass
