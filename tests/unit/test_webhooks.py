@@ -132,7 +132,11 @@ def test_the_checked_target_keeps_every_address_the_host_resolved_to():
     )
 
     assert target.addresses == ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c")
-    assert (target.host, target.port, target.request_target) == ("hooks.example.com", 8443, "/x?y=1")
+    assert (target.host, target.port, target.request_target) == (
+        "hooks.example.com",
+        8443,
+        "/x?y=1",
+    )
     assert target.host_header == "hooks.example.com:8443"
 
 
