@@ -26,6 +26,7 @@ from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
 from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
 from gpuqueue.queue_position import QueuePositions, estimate
+from gpuqueue.redelivery import Redeliveries
 from gpuqueue.settings import TasksSettings
 from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import SqsDeliverySender
@@ -44,7 +45,7 @@ class Deps:
     images: ImageStore
     url_ttl_seconds: int
     image_kept: timedelta
-    webhooks: SqsDeliverySender | None
+    redeliveries: Redeliveries | None
     positions: QueuePositions | None
     fleet: EndpointRegistry | None
     health_max_age_seconds: float
@@ -59,9 +60,13 @@ def deps() -> Deps:
         images=ImageStore(aws_clients.s3(), settings.images_bucket),
         url_ttl_seconds=settings.image_url_ttl_seconds,
         image_kept=timedelta(days=settings.image_retention_days),
-        webhooks=(
-            SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url)
-            if settings.webhook_queue_url
+        redeliveries=(
+            Redeliveries.on_table(
+                SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url),
+                aws_clients.dynamodb().Table(settings.limits_table),
+                per_user_per_hour=settings.redeliveries_per_user_per_hour,
+            )
+            if settings.webhook_queue_url and settings.limits_table
             else None
         ),
         positions=(
@@ -163,24 +168,27 @@ def get_deliveries(task_id: TaskId) -> Response[str]:
 
 @app.post(
     "/api/v1/tasks/<task_id>/deliveries/redeliver",
-    responses=documented(HTTPStatus.ACCEPTED, "A new delivery of the final event is queued."),
+    responses=documented(
+        HTTPStatus.ACCEPTED,
+        "A new delivery of the final event is queued, or (`coalesced`) the one still being "
+        "retried is named; 429 + Retry-After past the task's or the caller's redelivery limit.",
+    ),
 )
 def redeliver(task_id: TaskId) -> Response[str]:
     """Send the task's final event to its webhook again (a new delivery id)."""
     owner = current_caller(app).sub
     task = deps().tasks.get_for_owner(task_id, owner)
-    sender = deps().webhooks
-    if task.webhook_url is None or sender is None:
+    redeliveries = deps().redeliveries
+    if redeliveries is None:
         raise TaskStateConflict(f"task {task_id} has no webhook_url", field="task_id")
-    if not task.status.is_terminal:
-        raise TaskStateConflict(
-            f"task {task_id} is {task.status.value}; webhooks are sent for final states",
-            field="task_id",
-        )
-    message = webhooks.new_delivery(task)
-    sender.send(message)
-    logger.info("webhook redelivery queued", extra={"task_id": task_id})
-    body = {"task_id": task_id, "delivery_id": message.delivery_id, "event": message.event}
+    queued = redeliveries.request(task)
+    logger.info("webhook redelivery", extra={"task_id": task_id, "coalesced": queued.coalesced})
+    body = {
+        "task_id": task_id,
+        "delivery_id": queued.delivery_id,
+        "event": queued.event,
+        "coalesced": queued.coalesced,
+    }
     return Response(HTTPStatus.ACCEPTED.value, content_types.APPLICATION_JSON, json.dumps(body))
 
 

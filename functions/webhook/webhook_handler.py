@@ -25,7 +25,7 @@ from gpuqueue.task_store import TaskStore
 from gpuqueue.webhooks import (
     DeliveryMessage,
     Outcome,
-    RequestsPoster,
+    PinnedPoster,
     SigningSecrets,
     WebhookDeliverer,
 )
@@ -50,7 +50,7 @@ def deliverer() -> WebhookDeliverer:
     config = settings()
     return WebhookDeliverer(
         tasks=TaskStore(aws_clients.dynamodb().Table(config.tasks_table)),
-        poster=RequestsPoster(),
+        poster=PinnedPoster(),
         secrets=SigningSecrets(aws_clients.secretsmanager(), config.webhook_secret_arn),
         allow_loopback=config.webhook_allow_loopback,
         max_attempts=config.webhook_max_attempts,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import samtranslator
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
@@ -664,3 +665,29 @@ def test_a_dispatcher_has_room_for_its_runtime_and_any_1024_image_or_transcript_
     )
     room = (number(parameter["Default"]) - DISPATCHER_RUNTIME_MB - HEADROOM_MB) * MIB
     assert room >= largest
+
+
+# --- webhook redelivery limits ---------------------------------------------------------------
+
+
+def test_every_allowed_hourly_redelivery_limit_is_one_the_tasks_function_accepts() -> None:
+    parameter = PARAMETERS["RedeliveriesPerUserPerHour"]
+    env = props("TasksFunction")["Environment"]["Variables"]
+    assert env["REDELIVERIES_PER_USER_PER_HOUR"] == {"Ref": "RedeliveriesPerUserPerHour"}
+    low, high = int(parameter["MinValue"]), int(parameter["MaxValue"])
+
+    def accepted(value: int) -> bool:
+        try:
+            settings.TasksSettings(
+                tasks_table="t", images_bucket="b", redeliveries_per_user_per_hour=value
+            )
+        except ValidationError:
+            return False
+        return True
+
+    # Any value the stack takes starts the function (a bucket needs a positive rate): a value
+    # it would refuse is refused by CloudFormation at deploy, not by every redelivery.
+    assert low >= 1
+    assert accepted(low)
+    assert accepted(high)
+    assert accepted(int(parameter["Default"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import random
 
@@ -19,8 +20,11 @@ from gpuqueue.webhooks import (
     Outcome,
     WebhookDeliverer,
     WebhookNotifier,
+    WebhookTarget,
     check_webhook_url,
+    checked_webhook_target,
     delivery_id_for,
+    embedded_ipv4,
     retry_delay_seconds,
     retry_schedule_floor,
     sign,
@@ -74,6 +78,66 @@ def test_a_host_resolving_to_a_non_public_address_is_refused(address):
         )
 
     assert refused.value.field == "webhook_url"
+
+
+# Each IPv6 form that carries an IPv4 address, for the IPv4 addresses an attacker wants.
+EMBEDDED_FORMS = {
+    "127.0.0.1": [
+        "::127.0.0.1",  # IPv4-compatible
+        "::ffff:127.0.0.1",  # IPv4-mapped
+        "64:ff9b::127.0.0.1",  # NAT64, well-known prefix
+        "64:ff9b:1::7f00:1",  # NAT64, local-use prefix
+        "2002:7f00:1::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    ],
+    "10.0.0.1": [
+        "::10.0.0.1",
+        "::ffff:10.0.0.1",
+        "64:ff9b::10.0.0.1",
+        "64:ff9b:1::a00:1",
+        "2002:a00:1::1",
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+    ],
+    "169.254.169.254": [
+        "::169.254.169.254",
+        "::ffff:169.254.169.254",
+        "64:ff9b::169.254.169.254",
+        "64:ff9b:1::a9fe:a9fe",
+        "2002:a9fe:a9fe::1",
+        "2001:0:4136:e378:8000:63bf:5601:5601",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("inner", "address"),
+    [(inner, form) for inner, forms in EMBEDDED_FORMS.items() for form in forms],
+)
+def test_an_ipv6_form_embedding_a_private_ipv4_address_is_refused(inner, address):
+    assert inner in {str(a) for a in embedded_ipv4(ipaddress.IPv6Address(address))}
+
+    with pytest.raises(InvalidInput) as refused:
+        check_webhook_url(
+            "https://hooks.example.com/x", allow_loopback=False, resolve=resolver(address)
+        )
+
+    assert refused.value.field == "webhook_url"
+
+
+def test_the_checked_target_keeps_every_address_the_host_resolved_to():
+    target = checked_webhook_target(
+        "https://hooks.example.com:8443/x?y=1",
+        allow_loopback=False,
+        resolve=resolver("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"),
+    )
+
+    assert target.addresses == ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c")
+    assert (target.host, target.port, target.request_target) == (
+        "hooks.example.com",
+        8443,
+        "/x?y=1",
+    )
+    assert target.host_header == "hooks.example.com:8443"
 
 
 def test_one_private_address_among_public_ones_is_enough_to_refuse():
@@ -156,7 +220,7 @@ class ScriptedPoster:
         self.statuses = list(statuses)
         self.calls: list[dict[str, str]] = []
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
+    def post(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> HttpAnswer:
         self.calls.append(headers)
         status = self.statuses.pop(0)
         return HttpAnswer(status_code=status, error=None if status else "ConnectTimeout")
@@ -224,8 +288,8 @@ class RecordingPoster:
     def __init__(self) -> None:
         self.requests: list[tuple[str, bytes, dict[str, str]]] = []
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
-        self.requests.append((url, body, headers))
+    def post(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> HttpAnswer:
+        self.requests.append((target.url, body, headers))
         return HttpAnswer(status_code=204)
 
 

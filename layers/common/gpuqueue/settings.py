@@ -141,6 +141,9 @@ class TasksSettings(_Settings):
     health_check_period_seconds: float = Field(default=30, gt=0)
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
     image_retention_days: int = Field(default=1, ge=1)  # the results/ lifecycle rule
+    # Webhook redeliveries a user may ask for in any hour (the per-task limit is fixed:
+    # gpuqueue.redelivery).
+    redeliveries_per_user_per_hour: int = Field(default=20, ge=1, le=1000)
 
 
 class StatsSettings(_Settings):

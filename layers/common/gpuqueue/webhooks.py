@@ -12,8 +12,10 @@ dispatcher's hot path.
   after a capped exponential backoff with jitter; the schedule spans more than an hour, then
   the delivery is dead-lettered. Every attempt is logged on the task (`deliveries`).
 - SSRF guard: the URL must be https and every address its host resolves to must be global
-  (not private, loopback, link-local, multicast or reserved), checked at submit and again
-  before each attempt. The local stack's flag allows http and loopback, nothing else.
+  (not private, loopback, link-local, multicast or reserved; an IPv6 form embedding IPv4 -
+  mapped, compatible, NAT64, 6to4, Teredo - is judged by the IPv4 inside), checked at submit
+  and again before each attempt, whose connection goes to the addresses that check saw
+  (pinned: no second lookup to rebind). The local stack's flag allows http and loopback.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import urllib3
 from aws_lambda_powertools import Logger
 from pydantic import BaseModel
 
@@ -62,8 +65,88 @@ def resolve_host(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def check_webhook_url(url: str, *, allow_loopback: bool, resolve: Resolver = resolve_host) -> str:
-    """The URL if a delivery may go there, else InvalidInput naming `webhook_url`."""
+# IPv6 prefixes that carry an IPv4 address in their low 32 bits: NAT64 (RFC 6052's
+# well-known prefix and RFC 8215's local-use one) and the deprecated IPv4-compatible form.
+# A connection there reaches the IPv4 address, so that address is the one judged.
+NAT64_PREFIXES = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+)
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address stands for: IPv4-mapped, IPv4-compatible, NAT64,
+    6to4 and Teredo (server and client); () for a plain IPv6 address."""
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address.sixtofour is not None:
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return address.teredo
+    low = ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    if any(address in prefix for prefix in NAT64_PREFIXES):
+        return (low,)
+    # :: and ::1 are IPv6's own unspecified and loopback addresses, not IPv4-compatible.
+    if address in IPV4_COMPATIBLE and int(address) > 1:
+        return (low,)
+    return ()
+
+
+def is_public(address: IpAddress) -> bool:
+    """Global unicast. The explicit flags back up `is_global`, whose tables changed between
+    Python releases."""
+    return address.is_global and not (
+        address.is_multicast
+        or address.is_private
+        or address.is_reserved
+        or address.is_link_local
+        or address.is_loopback
+        or address.is_unspecified
+    )
+
+
+def address_allowed(text: str, *, allow_loopback: bool) -> bool:
+    """May a webhook connect to this address? An IPv6 form embedding IPv4 is judged by the
+    IPv4 address(es) it embeds; any other address by itself."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    judged: tuple[IpAddress, ...] = (address,)
+    if isinstance(address, ipaddress.IPv6Address):
+        judged = embedded_ipv4(address) or judged
+    return all(is_public(a) or (allow_loopback and a.is_loopback) for a in judged)
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A webhook URL as checked: the addresses its host resolved to, every one allowed. A
+    delivery connects to these addresses, never to a fresh resolution of the name (which
+    could answer otherwise: DNS rebinding)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+    @property
+    def request_target(self) -> str:
+        parts = urlsplit(self.url)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def checked_webhook_target(
+    url: str, *, allow_loopback: bool, resolve: Resolver = resolve_host
+) -> WebhookTarget:
+    """The URL and the addresses a delivery may connect to (one resolution, every answer
+    allowed), else InvalidInput naming `webhook_url`."""
 
     def refuse(reason: str) -> InvalidInput:
         return InvalidInput(f"webhook_url: {reason}", field="webhook_url")
@@ -78,25 +161,31 @@ def check_webhook_url(url: str, *, allow_loopback: bool, resolve: Resolver = res
         raise refuse("must be an https URL")
     if not parts.hostname or parts.username or parts.password:
         raise refuse("needs a host and no credentials")
+    port = port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = resolve(parts.hostname, port or (443 if parts.scheme == "https" else 80))
+        addresses = tuple(resolve(parts.hostname, port))
     except (OSError, UnicodeError):
         raise refuse(f"the host {parts.hostname} does not resolve") from None
     if not addresses:
         raise refuse(f"the host {parts.hostname} does not resolve")
     for text in addresses:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if address.is_global and not address.is_multicast:
-            continue
-        if allow_loopback and address.is_loopback:
-            continue
-        raise refuse(
-            f"the host resolves to {address}, a private, loopback, link-local or reserved "
-            "address; webhooks go to public addresses only"
-        )
-    return url
+        try:
+            allowed = address_allowed(text, allow_loopback=allow_loopback)
+        except ValueError:
+            raise refuse(f"the host {parts.hostname} resolves to {text!r}") from None
+        if not allowed:
+            raise refuse(
+                f"the host resolves to {text}, a private, loopback, link-local or reserved "
+                "address (or an IPv6 form embedding one); webhooks go to public addresses only"
+            )
+    return WebhookTarget(
+        url=url, scheme=parts.scheme, host=parts.hostname, port=port, addresses=addresses
+    )
+
+
+def check_webhook_url(url: str, *, allow_loopback: bool, resolve: Resolver = resolve_host) -> str:
+    """The URL if a delivery may go there, else InvalidInput naming `webhook_url`."""
+    return checked_webhook_target(url, allow_loopback=allow_loopback, resolve=resolve).url
 
 
 # pragma: no mutate end
@@ -190,7 +279,7 @@ class HttpAnswer:
 
 
 class WebhookPoster(Protocol):
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer: ...
+    def post(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> HttpAnswer: ...
 
 
 class DeliveryLog(Protocol):
@@ -278,8 +367,11 @@ class WebhookDeliverer:
     def _attempt(self, task: Task, message: DeliveryMessage, now: float) -> HttpAnswer:
         url = task.webhook_url or ""
         try:
-            # Again at delivery: the name may resolve elsewhere now (DNS rebinding).
-            check_webhook_url(url, allow_loopback=self._allow_loopback, resolve=self._resolve)
+            # Again at delivery, and the poster connects to exactly the addresses checked
+            # here: the name may resolve elsewhere now, or on the next lookup (DNS rebinding).
+            target = checked_webhook_target(
+                url, allow_loopback=self._allow_loopback, resolve=self._resolve
+            )
         except InvalidInput as refused:
             return HttpAnswer(status_code=None, error=refused.message)
         body = payload(task, message)
@@ -290,7 +382,7 @@ class WebhookDeliverer:
             EVENT_HEADER: message.event.value,
             DELIVERY_HEADER: message.delivery_id,
         }
-        return self._poster.post(url, body, headers)
+        return self._poster.post(target, body, headers)
 
 
 # pragma: no mutate start (make mutate covers the signing only)
@@ -316,33 +408,75 @@ def as_log(task: Task) -> dict[str, Any]:
 # --- AWS and HTTP adapters ------------------------------------------------------------------
 
 
-class RequestsPoster:
-    """POST with a timeout, no redirects followed (a 3xx counts as a failure: the receiver
-    must answer at the URL it gave), answers read no further than their status."""
+class PinnedPoster:
+    """POST to the addresses the guard checked, never to a new resolution of the name: http
+    connects to the address and sends the name in Host; https connects to the address with
+    the name as SNI and verifies the certificate against the name. No redirects followed (a
+    3xx counts as a failure: the receiver must answer at the URL it gave), no retries here
+    (the queue retries), answers read no further than their status. An address that refuses
+    the connection hands over to the next checked one within the same time budget."""
 
-    def __init__(self, session: Any | None = None, timeout: float = REQUEST_TIMEOUT_SECONDS):
-        import requests  # noqa: PLC0415 - only the webhook function needs it
+    def __init__(
+        self,
+        *,
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+        ca_certs: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import certifi  # noqa: PLC0415 - only the webhook function needs it
 
-        self._requests = requests
-        self._session = session or requests.Session()
         self._timeout = timeout
+        self._ca_certs = ca_certs or certifi.where()  # the bundle requests used
+        self._clock = clock
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
-        try:
-            with self._session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                status = int(response.status_code)
-        except self._requests.RequestException as error:
-            return HttpAnswer(status_code=None, error=f"{type(error).__name__}: {error}")
-        if 200 <= status < 300:
-            return HttpAnswer(status_code=status)
-        return HttpAnswer(status_code=status, error=f"the receiver answered HTTP {status}")
+    def pool(self, target: WebhookTarget, address: str) -> urllib3.HTTPConnectionPool:
+        """A one-connection pool to `address`, speaking to the target's host name."""
+        host = address.split("%", 1)[0]
+        if target.scheme == "https":
+            return urllib3.HTTPSConnectionPool(
+                host,
+                target.port,
+                maxsize=1,
+                retries=False,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=self._ca_certs,
+                server_hostname=target.host,  # SNI
+                assert_hostname=target.host,  # the certificate names the host, not the IP
+            )
+        return urllib3.HTTPConnectionPool(host, target.port, maxsize=1, retries=False)
+
+    def post(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> HttpAnswer:
+        deadline = self._clock() + self._timeout
+        sent = {**headers, "Host": target.host_header}
+        error = "no address to connect to"
+        for address in target.addresses:
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            with self.pool(target, address) as pool:
+                try:
+                    response = pool.urlopen(
+                        "POST",
+                        target.request_target,
+                        body=body,
+                        headers=sent,
+                        redirect=False,
+                        retries=False,
+                        timeout=urllib3.Timeout(total=left),
+                        preload_content=False,
+                        assert_same_host=False,
+                    )
+                except urllib3.exceptions.NewConnectionError as failed:
+                    error = f"{type(failed).__name__}: {failed}"
+                    continue  # nothing was sent: the next checked address may answer
+                except urllib3.exceptions.HTTPError as failed:
+                    return HttpAnswer(status_code=None, error=f"{type(failed).__name__}: {failed}")
+                status = int(response.status)
+                response.close()
+            if 200 <= status < 300:
+                return HttpAnswer(status_code=status)
+            return HttpAnswer(status_code=status, error=f"the receiver answered HTTP {status}")
+        return HttpAnswer(status_code=None, error=error)
 
 
 class SqsDeliverySender:

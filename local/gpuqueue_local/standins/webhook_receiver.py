@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class WebhookReceiver:
     """An HTTP receiver on 127.0.0.1 (a free port) recording every POST; it answers the
-    statuses in `script` in turn, then 200. Use as a context manager."""
+    statuses in `script` in turn, then 200; with `tls`, HTTPS under that server context.
+    Use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.script: list[int] = []
         self.received: list[tuple[dict[str, str], bytes, int]] = []
         self._lock = threading.Lock()
@@ -31,7 +33,11 @@ class WebhookReceiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks/gpuqueue"
+        self.port = int(self._server.server_address[1])
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/hooks/gpuqueue"
 
     def __enter__(self) -> WebhookReceiver:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
