@@ -66,7 +66,10 @@ def test_forty_wrong_passwords_then_the_right_one_gets_429_not_a_token(make_stac
     assert {r.status for r in wrong[USERNAME_BURST:]} == {429}
     assert right.status == 429
     assert "token" not in right.json()
-    assert right.json() == {"error": "too many failed logins: try again later", "code": "RATE_LIMITED"}
+    assert right.json() == {
+        "error": "too many failed logins: try again later",
+        "code": "RATE_LIMITED",
+    }
     # One more failure is allowed once a token has come back: 300 s at the default.
     assert right.headers["retry-after"] == str(USERNAME_REFILL)
 
