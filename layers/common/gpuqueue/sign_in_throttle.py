@@ -82,9 +82,7 @@ def source_key(address: str) -> str:
     return str(parsed)
 
 
-def client_address(
-    source_ip: str, headers: Mapping[str, str], *, origin_secret: str | None
-) -> str:
+def client_address(source_ip: str, headers: Mapping[str, str], *, origin_secret: str | None) -> str:
     """The address the limits count against. With `origin_secret` (the API is behind
     CloudFront), a request without the secret is refused and the viewer header is trusted."""
     if origin_secret is None:
