@@ -23,7 +23,8 @@ from gpuqueue.models import (
     SignUpPending,
     TokenResponse,
 )
-from gpuqueue.settings import AuthSettings
+from gpuqueue.settings import AuthSettings, SignInThrottleSettings
+from gpuqueue.sign_in_throttle import BucketSpec, SignInThrottle, client_address
 from gpuqueue.user_directory import UserDirectory
 
 logger = Logger()
@@ -43,6 +44,39 @@ def directory() -> UserDirectory:
     )
 
 
+@cache
+def throttle_settings() -> SignInThrottleSettings:
+    return SignInThrottleSettings()
+
+
+@cache
+def throttle() -> SignInThrottle:
+    settings = throttle_settings()
+    return SignInThrottle(
+        aws_clients.dynamodb().Table(settings.limits_table),
+        login_per_username=BucketSpec(
+            settings.login_username_failure_burst, settings.login_username_failure_refill_seconds
+        ),
+        login_per_source=BucketSpec(
+            settings.login_source_failure_burst, settings.login_source_failure_refill_seconds
+        ),
+        register_per_source=BucketSpec(
+            settings.register_source_burst, settings.register_source_refill_seconds
+        ),
+    )
+
+
+def caller_address() -> str:
+    """The address the per-source limits count (the client's, also behind CloudFront)."""
+    event = app.current_event
+    secret = throttle_settings().origin_verify_secret
+    return client_address(
+        event.request_context.http.source_ip,
+        event.headers,
+        origin_secret=None if secret is None else secret.get_secret_value(),
+    )
+
+
 @app.post(
     "/register",
     responses={
@@ -56,7 +90,7 @@ def directory() -> UserDirectory:
     },
 )
 def register(registration: Annotated[Registration, Body()]) -> Response[str]:
-    result = directory().register(registration)
+    result = throttle().register(caller_address(), lambda: directory().register(registration))
     status = HTTPStatus.ACCEPTED if isinstance(result, SignUpPending) else HTTPStatus.CREATED
     if status is HTTPStatus.CREATED:
         logger.info("user registered", extra={"username": registration.username})
@@ -74,7 +108,9 @@ def confirm_registration(confirmation: Annotated[SignUpConfirmation, Body()]) ->
 
 @app.post("/login")
 def login(credentials: Annotated[Credentials, Body()]) -> TokenResponse:
-    return directory().login(credentials)
+    return throttle().login(
+        credentials.username, caller_address(), lambda: directory().login(credentials)
+    )
 
 
 @logger.inject_lambda_context(

@@ -64,6 +64,8 @@ class LocalStack:
         return {
             name: str(self.resolver.resolve(spec["Value"]))
             for name, spec in self.template.get("Outputs", {}).items()
+            # An output whose Condition is false is not there, as in CloudFormation.
+            if self.resolver.resource_exists(spec)
         }
 
 

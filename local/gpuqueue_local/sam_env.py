@@ -37,6 +37,7 @@ def sam_env_vars(stack: LocalStack, moto_url: str) -> dict[str, dict[str, str]]:
     secrets = {
         stack.ref(logical_id): physical_name(stack.name, logical_id)
         for logical_id in resources_of_type(stack.template, "AWS::SecretsManager::Secret")
+        if logical_id in stack.resolver.refs  # not one whose Condition is false
     }
     result = {}
     for function in stack.functions():

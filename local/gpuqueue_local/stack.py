@@ -62,6 +62,15 @@ SPEECH_PORT_BASE_FOR_DOCKER = 8101
 # The template parameters the stand-ins' URLs go into (comma-separated).
 IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
+# Every client of the local stack comes from 127.0.0.1: per-source limits sized for one
+# address on the internet would make the e2e suite, `make load` and the bench one client.
+# `--param` still sets them (the per-username limit stays at the template's default).
+LOCAL_PARAMETERS = {
+    "LoginSourceFailureBurst": "100000",
+    "LoginSourceFailureRefillSeconds": "1",
+    "RegisterSourceBurst": "100000",
+    "RegisterSourceRefillSeconds": "1",
+}
 # Lambda scales an SQS mapping without MaximumConcurrency to 1,000; locally we stop earlier.
 LOCAL_MAX_CONCURRENCY = 32
 # The shortest health-check period a speed-up compresses to (see local_function_env).
@@ -618,7 +627,11 @@ def start_stack(options: StackOptions) -> RunningStack:
     stack = provision(
         stack_name=options.stack_name,
         region=options.region,
-        parameters={**endpoint_parameters, **options.parameters},
+        parameters={
+            **{k: v for k, v in LOCAL_PARAMETERS.items() if k in template.get("Parameters", {})},
+            **endpoint_parameters,
+            **options.parameters,
+        },
         template=template,
         identities=options.iam,
     )

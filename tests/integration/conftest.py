@@ -251,6 +251,7 @@ class Harness:
         path_params: dict[str, str] | None = None,
         user: User | None = None,
         headers: dict[str, str] | None = None,
+        source_ip: str | None = None,
     ) -> Response:
         sample = "auth_login" if user is None else "submit_image"
         event = load_event(sample)
@@ -275,6 +276,8 @@ class Harness:
         elif body is not None:
             event["body"] = json.dumps(body)
         event["headers"].update(headers or {})
+        if source_ip is not None:
+            event["requestContext"]["http"]["sourceIp"] = source_ip
         if user is not None:
             claims = event["requestContext"]["authorizer"]["jwt"]["claims"]
             claims.update({"sub": user.sub, "username": user.username})

@@ -483,3 +483,50 @@ def test_the_hints_kept_are_bounded_and_never_go_back_in_time(
     limiter._remember("rate#d", Decimal(NOW + 50))
     limiter._remember("rate#d", Decimal(NOW + 20))
     assert limiter._hints["rate#d"] == Decimal(NOW + 50)
+
+
+# --- refunds (the sign-in throttle counts failures only) -------------------------------------
+
+
+def _refundable(table: Any, clock: FakeClock, *, burst: int = 3) -> RateLimiter:
+    return RateLimiter(table, rate_per_second=1, burst=burst, clock=clock, refundable=True)
+
+
+def test_a_refund_hands_back_exactly_the_token_a_take_spent(
+    make_table: Callable[[], Table],
+) -> None:
+    clock = FakeClock()
+    limiter = _refundable(make_table(), clock)
+    assert [limiter.take("alice").allowed for _ in range(3)] == [True] * 3
+
+    limiter.give_back("alice")
+
+    assert limiter.take("alice").allowed
+    assert not limiter.take("alice").allowed
+
+
+def test_a_refund_in_another_container_is_seen_by_one_that_saw_the_bucket_empty(
+    make_table: Callable[[], Table],
+) -> None:
+    # Given a container that took the last token (it remembers the bucket as empty)
+    table, clock = Counting(make_table()), FakeClock()
+    here, elsewhere = _refundable(table, clock), _refundable(table, clock)
+    assert all(here.take("alice").allowed for _ in range(3))
+    assert not here.take("alice").allowed
+
+    # When another container hands a token back
+    elsewhere.give_back("alice")
+
+    # Then this one asks the table instead of denying from memory, and gets it
+    assert here.take("alice").allowed
+    assert not here.take("alice").allowed
+
+
+def test_a_refund_of_a_row_gone_is_a_no_op_and_only_refundable_limiters_refund(
+    make_table: Callable[[], Table],
+) -> None:
+    table, clock = make_table(), FakeClock()
+    _refundable(table, clock).give_back("nobody")
+    assert "Item" not in table.get_item(Key={"pk": KEY_PREFIX + "nobody"})
+    with pytest.raises(ValueError, match="refundable"):
+        _limiter(table, clock).give_back("alice")

@@ -86,6 +86,15 @@ a submit refused for its share no longer spends a token. A failed write's ALL_OL
 which side failed: if the stored tat still admits the step that was tried, the share did
 (ShareFull, with the ids held). That row carries no expires_at: TTL must never delete ids
 that are still counted; a missing or old tat reads as a full bucket anyway.
+
+Refunds (`give_back`): a limiter built `refundable=True` may hand back tokens a take spent on
+an attempt that turned out not to count (a login that succeeded: only failures are limited).
+Spending first and refunding after, rather than checking first and spending after a failure,
+keeps the bound exact under concurrency: N parallel attempts spend N tokens before any of
+them reaches the guarded call. A refund is one UpdateItem, `SET tat = tat - c*T`: tat then no
+longer only grows, so such a limiter treats a remembered tat past the limit as a guess and
+confirms it with a write (a denial costs 1 failed write, never none) instead of denying from
+memory: another container's refund may have lowered it.
 """
 
 from __future__ import annotations
@@ -256,9 +265,12 @@ class RateLimiter:
         clock: Callable[[], float] = time.time,
         key_attribute: str = "pk",
         key_prefix: str = KEY_PREFIX,
+        refundable: bool = False,
     ) -> None:
-        """`key_prefix`: the rows' keys; ActiveTaskShare's when takes carry a share."""
+        """`key_prefix`: the rows' keys; ActiveTaskShare's when takes carry a share.
+        `refundable`: `give_back` may lower a tat, so no denial comes from memory alone."""
         self._prefix = key_prefix
+        self._refundable = refundable
         self._gcra = Gcra.for_rate(rate_per_second, burst)
         self._table = table
         self._rate = rate_per_second
@@ -289,14 +301,19 @@ class RateLimiter:
         key = self._prefix + user_id
         now = to_millis(self._clock())
         tat = self._hints.get(key)
+        # A refund elsewhere may have lowered the stored tat under a remembered one.
+        confirmed = tat is None or not self._refundable
         for _ in range(MAX_WRITES):
             step = self._gcra.step(tat, now, cost)
             if step is Step.DENY:
                 assert tat is not None  # DENY implies a tat
-                return self._gcra.denied(tat, now, cost)
+                if confirmed:
+                    return self._gcra.denied(tat, now, cost)
+                step = Step.BUSY  # its failure brings back the stored tat
             try:
                 new_tat = self._write(step, key, now, cost, share)
             except _Lost as lost:
+                confirmed = True
                 tat = lost.tat
                 self._remember(key, tat)
                 if share is not None and self._gcra.step(tat, now, cost) is step:
@@ -307,6 +324,29 @@ class RateLimiter:
         # The row was deleted under this take twice: fail closed. The last tat seen would
         # admit the take, so the Retry-After comes out at its minimum, 1 s.
         return self._gcra.denied(now if tat is None else tat, now, cost)
+
+    def give_back(self, user_id: str, *, cost: int = 1) -> None:
+        """Return `cost` tokens a take of this limiter spent (only for `refundable=True`).
+        A row that is gone has nothing to return: the bucket reads as full already."""
+        if not self._refundable:
+            raise ValueError("give_back needs a limiter built with refundable=True")
+        key = self._prefix + user_id
+        try:
+            response = self._table.update_item(
+                Key={self._key: key},
+                UpdateExpression="SET #tat = #tat - :dec",
+                ConditionExpression="attribute_exists(#tat)",
+                ExpressionAttributeNames={"#tat": "tat"},
+                ExpressionAttributeValues={":dec": self._gcra.increment(cost)},
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as error:
+            if not is_conditional_failure(error):
+                raise
+            self._hints.pop(key, None)
+            return
+        # Not _remember: its max() assumes tat only grows, which a refund breaks.
+        self._hints[key] = Decimal(str(response["Attributes"]["tat"]))
 
     def headers_hint(self, user_id: str) -> RateDecision:
         """The bucket as this container last saw it (no request): the X-RateLimit-* numbers
@@ -390,7 +430,8 @@ class RateLimiter:
             self._hints.clear()
         known = self._hints.get(key)
         # tat only grows: of two sightings the higher is the later (threads may report late).
-        self._hints[key] = tat if known is None else max(known, tat)
+        # Not with refunds: the latest sighting is the best guess.
+        self._hints[key] = tat if known is None or self._refundable else max(known, tat)
 
 
 def _stored_ids(error: ClientError) -> set[str]:
