@@ -123,7 +123,7 @@ class _ApiResolver(APIGatewayHttpResolver):
     def resolve(self, event: Mapping[str, Any], context: LambdaContext) -> dict[str, Any]:
         answer = super().resolve(event, context)
         # Every body is JSON or says its type: a browser must not guess another (HTML).
-        answer.setdefault("headers", {})["X-Content-Type-Options"] = "nosniff"
+        answer["headers"] = {**(answer.get("headers") or {}), "X-Content-Type-Options": "nosniff"}
         return answer
 
 
