@@ -27,6 +27,7 @@ from gpuqueue.errors import Forbidden
 from gpuqueue.fleet_admin import EndpointSpec, EndpointView, FleetAdmin
 from gpuqueue.gpu_credentials import CredentialScope
 from gpuqueue.models import TaskKind
+from gpuqueue.request_body import body_bytes
 
 logger = Logger()
 tracer = Tracer()
@@ -73,7 +74,7 @@ def _invalid(exc: ValidationError, *where: str) -> RequestValidationError:
 
 def _body(model: type[M]) -> M:
     try:
-        return model.model_validate_json(app.current_event.decoded_body or "")
+        return model.model_validate_json(body_bytes(app.current_event))
     except ValidationError as exc:
         raise _invalid(exc, "body") from None
 

@@ -19,12 +19,14 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue.api import build_resolver
-from gpuqueue.api_docs import swagger_page
+from gpuqueue.api_docs import swagger_page, swagger_page_headers
 
 logger = Logger()
 app = build_resolver()
 
 OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
+# Relative to /docs, so the page works under any stage or base path.
+DOCUMENT_URL = "openapi.json"
 # The document changes only with a deploy; browsers may keep it a few minutes.
 CACHE_CONTROL = "public, max-age=300"
 
@@ -47,13 +49,12 @@ def get_openapi_document() -> Response[str]:
 
 @app.get("/docs", include_in_schema=False, compress=True)
 def get_docs() -> Response[str]:
-    # Relative to /docs, so the page works under any stage or base path.
-    page = swagger_page("openapi.json", title="gpuqueue API")
+    page = swagger_page(DOCUMENT_URL, title="gpuqueue API")
     return Response(
         status_code=HTTPStatus.OK.value,
         content_type="text/html; charset=utf-8",
         body=page,
-        headers={"Cache-Control": CACHE_CONTROL},
+        headers={"Cache-Control": CACHE_CONTROL, **swagger_page_headers(DOCUMENT_URL)},
     )
 
 

@@ -101,6 +101,17 @@ def test_the_api_docs_are_public_and_serve_the_committed_document(local_stack):
     assert "openapi.json" in page.text
 
 
+def test_the_docs_page_sends_its_security_headers(local_stack):
+    page = requests.get(f"{local_stack.api}/docs", timeout=30)
+
+    assert page.status_code == 200, page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

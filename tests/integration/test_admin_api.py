@@ -240,6 +240,17 @@ def test_put_refuses_a_body_that_is_not_json(make_stack, operator):
     assert (response.json()["code"], response.json()["field"]) == ("INVALID_JSON", "body")
 
 
+def test_put_refuses_a_binary_body_that_is_not_utf8(make_stack, operator):
+    h = make_stack(endpoints=[])
+
+    # API Gateway hands it to Lambda base64-encoded (was: UnicodeDecodeError, a 500)
+    response = put(h, operator, "gpu-1", binary_body=b'{"url": "\xff\xfe", "kind": "image"}')
+
+    assert response.status == 400
+    assert (response.json()["code"], response.json()["field"]) == ("INVALID_JSON", "body")
+    assert list_endpoints(h, operator).json() == []
+
+
 def test_put_changes_an_admin_endpoint_and_keeps_its_health(make_stack, operator):
     h = make_stack()
     [server] = h.image_servers

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,45 @@ def test_the_docs_page_loads_nothing_from_elsewhere():
     # Swagger UI's script and stylesheet are inlined (from Powertools, in the layer).
     assert "<script src" not in body
     assert "<link" not in body
+
+
+def _policy(headers: dict[str, str]) -> dict[str, list[str]]:
+    directives = [d.split() for d in headers["content-security-policy"].split(";") if d.strip()]
+    return {name: sources for name, *sources in directives}
+
+
+def test_the_docs_page_may_not_be_framed_sniffed_or_leak_its_address():
+    _, headers, _ = _invoke(_docs_page_event())
+
+    assert headers["x-frame-options"] == "DENY"
+    assert _policy(headers)["frame-ancestors"] == ["'none'"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_the_docs_pages_policy_runs_its_own_scripts_and_nothing_else():
+    _, headers, body = _invoke(_docs_page_event())
+    policy = _policy(headers)
+    scripts = re.findall(r"<script>(.*?)</script>", body, flags=re.DOTALL)
+    hashes = {
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+        for s in scripts
+    }
+
+    assert len(scripts) == 2  # Swagger UI, and the call that starts it
+    assert set(policy["script-src"]) == hashes  # no 'unsafe-inline', no 'unsafe-eval'
+    assert policy["default-src"] == ["'none'"]
+    assert policy["connect-src"] == ["'self'"]  # the document and "Try it out": this API
+    assert policy["base-uri"] == ["'none'"]
+    sources = [source for values in policy.values() for source in values]
+    assert not [s for s in sources if "://" in s or s in ("*", "http:", "https:")]
+
+
+def test_the_docs_page_sends_nothing_to_the_online_validator():
+    _, _, body = _invoke(_docs_page_event())
+
+    # Swagger UI's default would send the document's URL to validator.swagger.io
+    assert '"validatorUrl": null' in body
 
 
 def test_an_unknown_path_is_the_apis_json_404():

@@ -5,6 +5,7 @@ Every error leaves as JSON `{"error": message, "code": CODE, "field"?: name}`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -20,9 +21,11 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import errors
 from gpuqueue.models import ErrorBody
+from gpuqueue.request_body import json_body
 
 logger = Logger(child=True)
 
@@ -31,6 +34,7 @@ PUSH_URL_HEADER = "X-Push-Url"
 
 STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.InvalidInput: HTTPStatus.BAD_REQUEST,
+    errors.InvalidJson: HTTPStatus.BAD_REQUEST,
     errors.WeakPassword: HTTPStatus.BAD_REQUEST,
     errors.InvalidCredentials: HTTPStatus.UNAUTHORIZED,
     errors.AccountNotConfirmed: HTTPStatus.FORBIDDEN,
@@ -108,9 +112,25 @@ class _JsonBodyValidation(OpenAPIRequestValidationMiddleware):
         body: dict[str, Any] = super()._get_body(app)
         return body
 
+    def _parse_json_data(self, app: Any) -> Any:
+        # Not json.loads: oversize integers, deep nesting and bad UTF-8 raised past its
+        # handler (500s); this refuses every unparsable body as INVALID_JSON.
+        return json_body(app.current_event)
+
+
+class _ApiResolver(APIGatewayHttpResolver):
+    """The resolver, with headers every answer carries (errors and 404s included, which
+    Powertools' middlewares never see)."""
+
+    def resolve(self, event: Mapping[str, Any], context: LambdaContext) -> dict[str, Any]:
+        answer = super().resolve(event, context)
+        # Every body is JSON or says its type: a browser must not guess another (HTML).
+        answer["headers"] = {**(answer.get("headers") or {}), "X-Content-Type-Options": "nosniff"}
+        return answer
+
 
 def build_resolver() -> APIGatewayHttpResolver:
-    app = APIGatewayHttpResolver(enable_validation=True)
+    app = _ApiResolver(enable_validation=True)
     # The resolver made Powertools' own in __init__; every route reads it from here.
     app._request_validation_middleware = _JsonBodyValidation()  # type: ignore[no-untyped-call]
 

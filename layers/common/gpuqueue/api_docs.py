@@ -3,10 +3,15 @@
 The page inlines the Swagger UI script and stylesheet that ship inside Powertools (in the
 layer), so it loads nothing from a CDN: it works on an offline laptop against `make up`,
 and the browser runs no third-party code. Swagger UI then fetches the document itself.
+
+The page's headers hold it to that: a Content-Security-Policy that runs only these two
+scripts (by hash), connects only to its own origin, and lets no other site frame it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 from functools import cache
@@ -28,9 +33,8 @@ def _asset(name: str) -> str:
 
 
 @cache
-def swagger_page(document_url: str, *, title: str) -> str:
-    """A Swagger UI page that loads the OpenAPI document from `document_url` (relative to
-    the page, so it works under any stage or base path)."""
+def _scripts(document_url: str) -> tuple[str, str]:
+    """The page's two inline scripts: Swagger UI, then the call that starts it."""
     options = {
         "url": document_url,
         "dom_id": "#swagger-ui",
@@ -39,7 +43,52 @@ def swagger_page(document_url: str, *, title: str) -> str:
         "filter": True,
         # The bearer token stays in the page only; a reload asks for it again.
         "persistAuthorization": False,
+        # Swagger UI's default sends the document's URL to validator.swagger.io for a badge.
+        "validatorUrl": None,
     }
+    start = f"""
+    window.ui = SwaggerUIBundle(Object.assign({json.dumps(options)}, {{
+      presets: [SwaggerUIBundle.presets.apis],
+      layout: "BaseLayout"
+    }}));
+  """
+    return _asset(SWAGGER_UI_SCRIPT), start
+
+
+def _sha256_source(text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+@cache
+def swagger_page_headers(document_url: str) -> dict[str, str]:
+    """Security headers for the page `swagger_page(document_url, ...)` builds."""
+    policy = {
+        "default-src": "'none'",
+        # Exactly the page's inline scripts: an injected one (no hash) never runs.
+        "script-src": " ".join(_sha256_source(script) for script in _scripts(document_url)),
+        # Swagger UI styles elements from script as well as from its stylesheet. Styles run
+        # no code, and img-src/connect-src below leave them nowhere to send anything.
+        "style-src": "'unsafe-inline'",
+        "img-src": "'self' data:",  # the stylesheet's icons are data: URIs
+        "connect-src": "'self'",  # the document, and "Try it out" calls to this API
+        "base-uri": "'none'",
+        "form-action": "'none'",
+        "frame-ancestors": "'none'",
+    }
+    return {
+        "Content-Security-Policy": "; ".join(f"{k} {v}" for k, v in policy.items()),
+        "X-Frame-Options": "DENY",  # frame-ancestors, for browsers without CSP level 2
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+@cache
+def swagger_page(document_url: str, *, title: str) -> str:
+    """A Swagger UI page that loads the OpenAPI document from `document_url` (relative to
+    the page, so it works under any stage or base path)."""
+    bundle, start = _scripts(document_url)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -50,13 +99,8 @@ def swagger_page(document_url: str, *, title: str) -> str:
 </head>
 <body>
   <div id="swagger-ui">Loading {html.escape(document_url)}...</div>
-  <script>{_asset(SWAGGER_UI_SCRIPT)}</script>
-  <script>
-    window.ui = SwaggerUIBundle(Object.assign({json.dumps(options)}, {{
-      presets: [SwaggerUIBundle.presets.apis],
-      layout: "BaseLayout"
-    }}));
-  </script>
+  <script>{bundle}</script>
+  <script>{start}</script>
 </body>
 </html>
 """

@@ -18,6 +18,12 @@ class InvalidInput(GpuqueueError):
     code = "INVALID_INPUT"
 
 
+class InvalidJson(InvalidInput):
+    """The request body cannot be parsed as JSON (its bytes, not its fields)."""
+
+    code = "INVALID_JSON"
+
+
 class TaskNotFound(GpuqueueError):
     code = "NOT_FOUND"
 
