@@ -79,6 +79,8 @@ class SubmitLimitsSettings(_Settings):
 
 class SubmitSettings(SubmitLimitsSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+    # `Prefer: wait` requests held at once across the stack (seats in the limits table).
+    prefer_wait_seats: int = Field(default=40, ge=0, le=1000)
     websocket_url: str | None = None  # sent as X-Push-Url
 
 
@@ -145,6 +147,8 @@ class TasksSettings(_Settings):
     health_check_period_seconds: float = Field(default=30, gt=0)
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
     image_retention_days: int = Field(default=1, ge=1)  # the results/ lifecycle rule
+    # `Prefer: wait` requests held at once across the stack (seats in the limits table).
+    prefer_wait_seats: int = Field(default=40, ge=0, le=1000)
 
 
 class StatsSettings(_Settings):
