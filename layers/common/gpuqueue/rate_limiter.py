@@ -84,8 +84,10 @@ holds tat too): `ADD active :id`, its condition `size(active) < limit` joined to
 with AND. One request admits a submit where two did (a rate write, then a share write), and
 a submit refused for its share no longer spends a token. A failed write's ALL_OLD tells
 which side failed: if the stored tat still admits the step that was tried, the share did
-(ShareFull, with the ids held). That row carries no expires_at: TTL must never delete ids
-that are still counted; a missing or old tat reads as a full bucket anyway.
+(ShareFull, with the ids held). A clause with a Probation also sets `first_seen` (if_not_exists)
+and lets a user first seen within its hours hold only its lower limit, chosen in the condition.
+That row carries no expires_at: TTL must never delete ids that are still counted; a missing
+or old tat reads as a full bucket anyway.
 """
 
 from __future__ import annotations
