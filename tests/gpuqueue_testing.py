@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
+# Stack parameters for tests where one user stands for many (a lane filled, many tasks
+# queued by one caller): no per-user share of the capacity, no new-account limit.
+# tests/integration/test_admission.py tests those at their defaults.
+ONE_USER_MAY_FILL_THE_QUEUE = {"UserQueueSharePercent": "100", "NewAccountHours": "0"}
 
 
 @dataclass

@@ -195,6 +195,9 @@ def start_bench_stack(
                 # Room for a run's tasks and the previous run's stragglers: the bound is
                 # exact now, so a full lane refuses the 101st.
                 "QueueCapacity": str(max(100, 2 * max(tasks, most_tasks or 0))),
+                # A few fresh users submit every task: no per-user share, no new-account limit.
+                "UserQueueSharePercent": "100",
+                "NewAccountHours": "0",
                 "DispatchStrategy": strategy,
             },
             demo_user=False,

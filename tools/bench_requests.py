@@ -126,6 +126,8 @@ class InProcessStack:
                 "SubmitRatePerSecond": "1000",
                 "MaxActiveTasksPerUser": "1000",
                 "QueueCapacity": "100000",
+                "UserQueueSharePercent": "100",
+                "NewAccountHours": "0",
             },
         )
         for function in self.stack.functions():

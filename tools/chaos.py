@@ -133,6 +133,9 @@ def start_chaos_stack(tasks: int) -> RunningStack:
                 "QueueCapacity": str(max(100, tasks)),
                 "MaxAttempts": str(MAX_ATTEMPTS),
                 "MaxActiveTasksPerUser": "1000",
+                # One user submits every task: no per-user share, no new-account limit.
+                "UserQueueSharePercent": "100",
+                "NewAccountHours": "0",
                 "SubmitBurst": "1000",
                 "SubmitRatePerSecond": "1000",
                 # A task queued this long with no claim gets its message re-sent (a crash

@@ -100,6 +100,10 @@ def start_load_stack() -> RunningStack:
                 "QueueCapacity": str(QUEUE_CAPACITY),
                 "SubmitRatePerSecond": "5",
                 "SubmitBurst": "20",
+                # The run fills the queue with 10 fresh users: no per-user share of it, no
+                # new-account limit (their own tests are tests/integration/test_admission.py).
+                "UserQueueSharePercent": "100",
+                "NewAccountHours": "0",
             },
             demo_user=False,
             quiet=True,

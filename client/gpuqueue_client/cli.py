@@ -104,7 +104,7 @@ def describe_error(exc: ApiError, *, logging_in: bool = False) -> str:
     """One friendly line for an API error."""
     if exc.status == 401 and not logging_in:
         return f"error: {LOGIN_HINT}"
-    if exc.status == 429 and exc.code == "ACTIVE_TASK_LIMIT":
+    if exc.status == 429 and exc.code in {"ACTIVE_TASK_LIMIT", "NEW_ACCOUNT_LIMIT"}:
         return f"error: too many active tasks; wait for one to finish or cancel one ({exc.message})"
     if exc.status == 429 and exc.retry_after is not None:
         return f"error: rate limited, retry in {exc.retry_after} s ({exc.message})"

@@ -20,7 +20,7 @@ from gpuqueue.errors import ActiveTaskLimit, RateLimited
 from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
-from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
 from gpuqueue.settings import SubmitSettings
 from gpuqueue.submission import SubmissionService
 
@@ -52,6 +52,13 @@ def _submit(owner: str, body: dict[str, Any], groups: frozenset[str]) -> dict[st
         task_id=task.task_id, status=task.status, message="task submitted successfully"
     )
     return answer.model_dump(mode="json")
+
+
+@cache
+def wait_seats() -> WaitSeats:
+    settings = SubmitSettings()
+    table = aws_clients.dynamodb().Table(settings.limits_table)
+    return WaitSeats(table, seats=settings.prefer_wait_seats)
 
 
 @cache
@@ -100,12 +107,15 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
         response_headers[PUSH_URL_HEADER] = push_url
     wait = requested_wait(headers.get("prefer"))
     if wait is not None:
-        response_headers["Preference-Applied"] = f"wait={wait}"
-        remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
-        task = wait_until_final(
+        waited = wait_if_worthwhile(
             lambda: submissions().tasks.get_for_owner(task_id, caller.sub),
-            wait_budget(wait, remaining),
+            requested=wait,
+            remaining_seconds=app.lambda_context.get_remaining_time_in_millis() / 1000,
+            seats=wait_seats(),
         )
+        if waited.applied:
+            response_headers["Preference-Applied"] = f"wait={wait}"
+        task = waited.task
         if task.status.is_terminal:
             # Finished within the wait: the task itself, as a status call would answer.
             return Response(

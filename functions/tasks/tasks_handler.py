@@ -24,7 +24,7 @@ from gpuqueue.errors import TaskStateConflict
 from gpuqueue.image_store import ImageStore, check_image_kept
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
-from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
 from gpuqueue.queue_position import QueuePositions, estimate
 from gpuqueue.redelivery import Redeliveries
 from gpuqueue.settings import TasksSettings
@@ -50,6 +50,7 @@ class Deps:
     fleet: EndpointRegistry | None
     health_max_age_seconds: float
     push_url: str | None
+    wait_seats: WaitSeats | None
 
 
 @cache
@@ -81,6 +82,14 @@ def deps() -> Deps:
         ),
         health_max_age_seconds=3.0 * settings.health_check_period_seconds,
         push_url=settings.websocket_url,
+        wait_seats=(
+            WaitSeats(
+                aws_clients.dynamodb().Table(settings.limits_table),
+                seats=settings.prefer_wait_seats,
+            )
+            if settings.limits_table
+            else None
+        ),
     )
 
 
@@ -138,17 +147,19 @@ def get_or_list_tasks(
 def _status(task_id: str, owner: str) -> Response[str]:
     """The task; with `Prefer: wait=N`, once it is final or N seconds have passed."""
     wait = requested_wait(app.current_event.headers.get("prefer"))
-    task = deps().tasks.get_for_owner(task_id, owner)
     push_url = deps().push_url
     headers = {PUSH_URL_HEADER: push_url} if push_url else {}
     if wait is None:
-        return _json(view(task).model_dump_json(), headers)
-    remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
-    task = wait_until_final(
-        lambda: deps().tasks.get_for_owner(task_id, owner), wait_budget(wait, remaining)
+        return _json(view(deps().tasks.get_for_owner(task_id, owner)).model_dump_json(), headers)
+    waited = wait_if_worthwhile(
+        lambda: deps().tasks.get_for_owner(task_id, owner),
+        requested=wait,
+        remaining_seconds=app.lambda_context.get_remaining_time_in_millis() / 1000,
+        seats=deps().wait_seats,
     )
-    headers["Preference-Applied"] = f"wait={wait}"
-    return _json(view(task).model_dump_json(), headers)
+    if waited.applied:
+        headers["Preference-Applied"] = f"wait={wait}"
+    return _json(view(waited.task).model_dump_json(), headers)
 
 
 @app.get(

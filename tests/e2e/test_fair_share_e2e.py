@@ -49,6 +49,11 @@ def lane_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStackP
         "SubmitBurst=200",
         "--param",
         "SubmitRatePerSecond=50",
+        # Fresh users queue many tasks each here: no per-user share, no new-account limit.
+        "--param",
+        "UserQueueSharePercent=100",
+        "--param",
+        "NewAccountHours=0",
     ) as stack:
         yield stack
 

@@ -22,6 +22,11 @@ def fleet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         "0.5",
         "--param",
         "WorkerPoolSize=4",
+        # One fresh user queues 12 tasks at once: no per-user share, no new-account limit.
+        "--param",
+        "UserQueueSharePercent=100",
+        "--param",
+        "NewAccountHours=0",
     ) as stack:
         yield stack
 

@@ -691,6 +691,20 @@ def test_a_submit_past_the_active_task_share_says_what_to_do() -> None:
     )
 
 
+def test_a_submit_past_a_new_accounts_limit_says_what_to_do() -> None:
+    refused = ApiError(
+        429,
+        "NEW_ACCOUNT_LIMIT",
+        "new accounts may have at most 5 active (queued or running) tasks",
+        field="active_tasks",
+        retry_after=10,
+    )
+
+    assert describe_error(refused).startswith(
+        "error: too many active tasks; wait for one to finish or cancel one (new accounts"
+    )
+
+
 def test_a_rate_limited_submit_says_when_to_retry() -> None:
     refused = ApiError(
         429, "RATE_LIMITED", "rate limited: at most 20 submits in a burst", retry_after=3

@@ -18,7 +18,7 @@ from gpuqueue.queue_position import (
     departure_time,
 )
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-from gpuqueue_testing import RacingTable
+from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, RacingTable
 
 
 def _status(h, user, task_id, headers=None):
@@ -199,7 +199,7 @@ def _lane_with_waiting_tasks(h, alice, count: int) -> list[str]:
 
 
 def test_a_departure_written_meanwhile_is_counted_and_ours_timed_against_it(make_stack, alice):
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     ids = _lane_with_waiting_tasks(h, alice, 6)
     positions = QueuePositions(_lane_table(h))
     positions.left(Priority.NORMAL, at=1000.0)
@@ -222,7 +222,7 @@ def test_departures_in_bunches_measure_the_fleets_pace_wherever_it_is_read(make_
     # Two slots of 1 s calls: tasks leave in pairs, 0.05 s then 0.95 s apart. Read after a
     # short gap or a long one, the gap is the pace the line drains at (0.5 s a task); a
     # moving average of single gaps (the EWMA this replaced) said 0.42 s or 0.58 s.
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     positions = QueuePositions(_lane_table(h))
     for _ in range(40):
         positions.take_ticket(Priority.NORMAL)
@@ -238,7 +238,7 @@ def test_departures_in_bunches_measure_the_fleets_pace_wherever_it_is_read(make_
 
 
 def test_the_gap_forgets_departures_before_the_line_last_emptied(make_stack, alice):
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     positions = QueuePositions(_lane_table(h))
     for _ in range(2):
         positions.take_ticket(Priority.NORMAL)
@@ -255,7 +255,7 @@ def test_the_gap_forgets_departures_before_the_line_last_emptied(make_stack, ali
 
 
 def test_a_departure_that_keeps_losing_the_race_is_still_counted(make_stack, alice):
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     ids = _lane_with_waiting_tasks(h, alice, 8)
     positions = QueuePositions(_lane_table(h))
     positions.left(Priority.NORMAL, at=1000.0)
@@ -277,7 +277,7 @@ def test_a_departure_that_keeps_losing_the_race_is_still_counted(make_stack, ali
 def test_a_departure_older_than_the_last_recorded_is_counted_but_not_timed(make_stack, alice):
     # Stream records of different tasks come through different shards, so a departure can
     # be counted after a later one.
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     ids = _lane_with_waiting_tasks(h, alice, 5)
     positions = QueuePositions(_lane_table(h))
     positions.left(Priority.NORMAL, at=1000.0)
@@ -294,7 +294,7 @@ def test_a_departure_older_than_the_last_recorded_is_counted_but_not_timed(make_
 
 
 def test_a_departure_without_a_readable_time_is_counted_without_timing(make_stack, alice):
-    h = make_stack(endpoints=[])
+    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
     ids = _lane_with_waiting_tasks(h, alice, 3)
     positions = QueuePositions(_lane_table(h))
 

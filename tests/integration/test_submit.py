@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from gpuqueue import aws_clients
-from gpuqueue_testing import User
+from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, User
 
 
 def _queued_messages(h) -> int:
@@ -82,7 +82,7 @@ def test_body_that_is_not_json_is_400(make_stack, alice):
 
 
 def test_full_queue_refuses_with_503_and_retry_after(make_stack, alice):
-    h = make_stack(parameters={"QueueCapacity": "2"})
+    h = make_stack(parameters={"QueueCapacity": "2", **ONE_USER_MAY_FILL_THE_QUEUE})
     assert [h.submit(alice).status for _ in range(2)] == [202, 202]
     refused = h.submit(alice)
     assert refused.status == 503
@@ -113,7 +113,7 @@ def test_concurrent_submits_at_the_capacity_never_overshoot_it(make_stack):
 
 
 def test_a_full_lane_admits_again_once_a_task_leaves_its_line(make_stack, alice):
-    h = make_stack(parameters={"QueueCapacity": "2"})
+    h = make_stack(parameters={"QueueCapacity": "2", **ONE_USER_MAY_FILL_THE_QUEUE})
     first, _ = (h.submit(alice).json()["task_id"] for _ in range(2))
     assert h.submit(alice).status == 503
 

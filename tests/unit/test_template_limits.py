@@ -263,3 +263,41 @@ def test_every_queue_hides_a_message_no_longer_than_sqs_allows(queue_id: str) ->
     }
 
     assert refused == {}
+
+
+# --- reserved concurrency: the API's functions and the account's unreserved pool ----------
+
+ACCOUNT_CONCURRENCY = 1000  # Lambda's default concurrent executions per account and Region
+MIN_UNRESERVED = 100  # AWS refuses a reservation that leaves the account less unreserved
+API_FUNCTIONS = {"AuthFunction", "SubmitFunction", "TasksFunction", "SpeechFunction"}
+
+
+def test_the_defaults_reserve_the_apis_concurrency_and_leave_the_account_its_unreserved_pool():
+    """A flood of one route (or of held `Prefer: wait` requests) cannot take the account's
+    concurrency from the others: each API function has its own reservation, and with the
+    dispatchers' they still leave at least 100 of a default 1,000 account unreserved."""
+    ((_, resolver),) = deployments()
+    reserved = {
+        function_id: number(value, resolver)
+        for function_id, resource in resources_of_type(TRANSFORMED, "AWS::Lambda::Function").items()
+        if (value := resource["Properties"].get("ReservedConcurrentExecutions")) is not None
+        and resolver.resolve(value) is not None
+    }
+
+    assert set(reserved) >= API_FUNCTIONS | {"DispatcherFunction", "PriorityDispatcherFunction"}
+    assert all(reserved[f] >= 1 for f in API_FUNCTIONS)
+    assert ACCOUNT_CONCURRENCY - sum(reserved.values()) >= MIN_UNRESERVED
+
+
+@pytest.mark.parametrize("function_id", sorted(API_FUNCTIONS))
+def test_an_api_reservation_of_zero_leaves_the_function_on_the_shared_pool(function_id: str):
+    """0 means no reservation (Lambda reads a reserved 0 as: never run)."""
+    name = function_id.removesuffix("Function") + "ReservedConcurrency"
+    value = RESOURCES[function_id]["Properties"]["ReservedConcurrentExecutions"]
+    resolver = Resolver(
+        parameters=parameter_values(TRANSFORMED, {name: "0"}),
+        pseudo={"AWS::Region": "us-east-1", "AWS::StackName": "gpuqueue"},
+        conditions=CONDITIONS,
+    )
+
+    assert resolver.resolve(value) is None

@@ -56,6 +56,7 @@ STATUS_BY_ERROR: dict[type[errors.GpuqueueError], HTTPStatus] = {
     errors.UpstreamTimeout: HTTPStatus.GATEWAY_TIMEOUT,
     errors.RateLimited: HTTPStatus.TOO_MANY_REQUESTS,
     errors.ActiveTaskLimit: HTTPStatus.TOO_MANY_REQUESTS,
+    errors.NewAccountLimit: HTTPStatus.TOO_MANY_REQUESTS,
     errors.IdempotencyConflict: HTTPStatus.UNPROCESSABLE_ENTITY,
 }
 

@@ -205,6 +205,13 @@ class ActiveTaskLimit(RateLimited):
         self.limit = limit
 
 
+class NewAccountLimit(ActiveTaskLimit):
+    """A new account already has its (lower) share of active tasks (HTTP 429, field
+    active_tasks): a few fresh accounts cannot fill the queue."""
+
+    code = "NEW_ACCOUNT_LIMIT"
+
+
 class IdempotencyConflict(GpuqueueError):
     """An Idempotency-Key reused with another body (HTTP 422)."""
 

@@ -84,8 +84,10 @@ holds tat too): `ADD active :id`, its condition `size(active) < limit` joined to
 with AND. One request admits a submit where two did (a rate write, then a share write), and
 a submit refused for its share no longer spends a token. A failed write's ALL_OLD tells
 which side failed: if the stored tat still admits the step that was tried, the share did
-(ShareFull, with the ids held). That row carries no expires_at: TTL must never delete ids
-that are still counted; a missing or old tat reads as a full bucket anyway.
+(ShareFull, with the ids held). A clause with a Probation also sets `first_seen` (if_not_exists)
+and lets a user first seen within its hours hold only its lower limit, chosen in the condition.
+That row carries no expires_at: TTL must never delete ids that are still counted; a missing
+or old tat reads as a full bucket anyway.
 
 Refunds (`give_back`): a limiter built `refundable=True` may hand back tokens a take spent on
 an attempt that turned out not to count (a login that succeeded: only failures are limited).
@@ -230,29 +232,65 @@ class Gcra:
 
 
 @dataclass(frozen=True)
+class Probation:
+    """A user first seen less than `seconds` ago may hold at most `limit` active tasks."""
+
+    limit: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ShareClause:
-    """Also count `task_id` among the user's active tasks, if fewer than `limit` are."""
+    """Also count `task_id` among the user's active tasks, if fewer than `limit` are (fewer
+    than the probation's limit while the user is new)."""
 
     task_id: str
     limit: int
+    probation: Probation | None = None
+
+    def expression(self, now: Decimal) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+        """(SET clause, condition, names, values) that count the task in the row. The row
+        records when its user was first seen (if_not_exists: the first take's time, no extra
+        request); a row without it predates probation and counts as established."""
+        names = {"#active": "active"}
+        values: dict[str, Any] = {":ids": {self.task_id}, ":share_limit": self.limit}
+        condition = "attribute_not_exists(#active) OR size(#active) < :share_limit"
+        if self.probation is None or self.probation.limit >= self.limit:
+            return "", condition, names, values
+        names["#first"] = "first_seen"
+        values[":now"] = now
+        values[":new_limit"] = self.probation.limit
+        values[":established"] = now - Decimal(str(self.probation.seconds))
+        condition = (
+            "attribute_not_exists(#active) OR size(#active) < :new_limit OR "
+            "(size(#active) < :share_limit AND "
+            "(attribute_not_exists(#first) OR #first <= :established))"
+        )
+        return "#first = if_not_exists(#first, :now)", condition, names, values
 
 
 class ShareFull(Exception):
-    """The rate admitted the take but the user's share was full: nothing was written."""
+    """The rate admitted the take but the user's share was full: nothing was written.
+    `first_seen`: when the row's user was first seen (None: unknown, or established before
+    it was recorded)."""
 
-    def __init__(self, active: set[str]) -> None:
+    def __init__(self, active: set[str], first_seen: Decimal | None = None) -> None:
         super().__init__("active-task share full")
         self.active = active
+        self.first_seen = first_seen
 
 
 class _Lost(Exception):
     """A write's condition failed; `tat` is the stored one (None: no row), `active` the
     ids the row counted."""
 
-    def __init__(self, tat: Decimal | None, active: set[str] | None = None) -> None:
+    def __init__(
+        self, tat: Decimal | None, active: set[str] | None = None, first_seen: Decimal | None = None
+    ) -> None:
         super().__init__("condition failed")
         self.tat = tat
         self.active = active or set()
+        self.first_seen = first_seen
 
 
 class RateLimiter:
@@ -317,7 +355,7 @@ class RateLimiter:
                 tat = lost.tat
                 self._remember(key, tat)
                 if share is not None and self._gcra.step(tat, now, cost) is step:
-                    raise ShareFull(lost.active) from None  # the rate's side held
+                    raise ShareFull(lost.active, lost.first_seen) from None  # the rate held
                 continue
             self._remember(key, new_tat)
             return self._gcra.allowed(new_tat, now)
@@ -382,14 +420,15 @@ class RateLimiter:
         names = dict(_NAMES)
         if share is not None:
             # The row holds counted ids: no expires_at, so TTL never deletes them.
-            update = update.replace(", #exp = :exp", "") + " ADD #active :ids"
+            update = update.replace(", #exp = :exp", "")
             del names["#exp"], values[":exp"]
-            names["#active"] = "active"
-            values[":ids"] = {share.task_id}
-            values[":share_limit"] = share.limit
-            condition = (
-                f"({condition}) AND (attribute_not_exists(#active) OR size(#active) < :share_limit)"
-            )
+            share_set, share_condition, share_names, share_values = share.expression(now)
+            if share_set:
+                update += ", " + share_set
+            update += " ADD #active :ids"
+            names.update(share_names)
+            values.update(share_values)
+            condition = f"({condition}) AND ({share_condition})"
         try:
             response = self._table.update_item(
                 Key={self._key: key},
@@ -403,7 +442,9 @@ class RateLimiter:
         except ClientError as error:
             if not is_conditional_failure(error):
                 raise
-            raise _Lost(self._stored_tat(error, key), _stored_ids(error)) from None
+            raise _Lost(
+                self._stored_tat(error, key), _stored_ids(error), _stored_first_seen(error)
+            ) from None
         return Decimal(str(response["Attributes"]["tat"]))
 
     def _stored_tat(self, error: ClientError, key: str) -> Decimal | None:
@@ -438,3 +479,10 @@ def _stored_ids(error: ClientError) -> set[str]:
     """The active ids in a failed write's ALL_OLD item (low-level format)."""
     item = cast(dict[str, Any], error.response).get("Item") or {}
     return set(item.get("active", {}).get("SS", []))
+
+
+def _stored_first_seen(error: ClientError) -> Decimal | None:
+    """When the user was first seen, from a failed write's ALL_OLD item (None: not recorded)."""
+    item = cast(dict[str, Any], error.response).get("Item") or {}
+    raw = item.get("first_seen", {}).get("N")
+    return None if raw is None else Decimal(raw)

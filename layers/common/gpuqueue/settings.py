@@ -69,12 +69,30 @@ class SubmitLimitsSettings(_Settings):
     submit_rate_per_second: float = Field(default=1.0, gt=0)
     submit_burst: int = Field(default=20, ge=1)
     max_active_tasks_per_user: int = Field(default=20, ge=1, le=1000)
+    # Fair admission: one user holds at most this percentage of a lane's capacity, and a
+    # new account (first submit less than new_account_hours ago) at most
+    # new_account_active_tasks; 0 hours: no probation.
+    user_queue_share_percent: int = Field(default=10, ge=1, le=100)
+    new_account_active_tasks: int = Field(default=5, ge=1, le=1000)
+    new_account_hours: float = Field(default=24, ge=0, le=720)
     # The local stack only: webhooks may go to http and loopback addresses.
     webhook_allow_loopback: bool = False
+
+    @property
+    def active_task_limit(self) -> int:
+        """A user's active tasks: MaxActiveTasksPerUser within their share of the capacity
+        (so no few accounts can fill a lane), at least 1. 100 %: no share (the lane's own
+        bound, 503 QUEUE_FULL, is the one that applies)."""
+        if self.user_queue_share_percent >= 100:
+            return self.max_active_tasks_per_user
+        share = self.queue_capacity * self.user_queue_share_percent // 100
+        return min(self.max_active_tasks_per_user, max(1, share))
 
 
 class SubmitSettings(SubmitLimitsSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+    # `Prefer: wait` requests held at once across the stack (seats in the limits table).
+    prefer_wait_seats: int = Field(default=40, ge=0, le=1000)
     websocket_url: str | None = None  # sent as X-Push-Url
 
 
@@ -144,6 +162,8 @@ class TasksSettings(_Settings):
     # Webhook redeliveries a user may ask for in any hour (the per-task limit is fixed:
     # gpuqueue.redelivery).
     redeliveries_per_user_per_hour: int = Field(default=20, ge=1, le=1000)
+    # `Prefer: wait` requests held at once across the stack (seats in the limits table).
+    prefer_wait_seats: int = Field(default=40, ge=0, le=1000)
 
 
 class StatsSettings(_Settings):

@@ -24,7 +24,7 @@ from gpuqueue.models import (
     WebhookEvent,
 )
 from gpuqueue.queue_position import LaneFull, QueuePositions
-from gpuqueue.rate_limiter import RateDecision, RateLimiter
+from gpuqueue.rate_limiter import Probation, RateDecision, RateLimiter
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.task_ids import new_task_id
 from gpuqueue.task_queue import TaskQueue
@@ -102,8 +102,12 @@ class SubmissionService:
             ),
             share=ActiveTaskShare(
                 limits,
-                limit=settings.max_active_tasks_per_user,
+                limit=settings.active_task_limit,
                 find_inactive=tasks.inactive_among,
+                probation=Probation(
+                    limit=settings.new_account_active_tasks,
+                    seconds=settings.new_account_hours * 3600,
+                ),
             ),
             webhook_allow_loopback=settings.webhook_allow_loopback,
             positions=QueuePositions(limits),
