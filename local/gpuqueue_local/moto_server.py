@@ -1,6 +1,7 @@
 """`python -m gpuqueue_local.moto_server [moto.server args]`: the local stack's moto server,
 as strict as AWS where moto is lax: DynamoDB's conditional writes atomic (`moto_atomic`) and
-IAM enforced per caller on the resource it touches (`moto_iam`). `GPUQUEUE_IAM=off` runs
+IAM enforced per caller on the resource it touches (`moto_iam`), and Cognito's password
+length as AWS's (`moto_cognito`). `GPUQUEUE_IAM=off` runs
 it without IAM enforcement (moto's default), for comparison or debugging.
 """
 
@@ -11,7 +12,7 @@ import sys
 
 from moto.server import main as moto_main
 
-from gpuqueue_local import moto_atomic, moto_iam
+from gpuqueue_local import moto_atomic, moto_cognito, moto_iam
 
 IAM_SWITCH_ENV = "GPUQUEUE_IAM"
 # A folder: each moto server started while it is set records its authorization decisions in
@@ -25,6 +26,7 @@ def iam_enforced() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     moto_atomic.install()
+    moto_cognito.install()
     moto_iam.install(enforce=iam_enforced())
     moto_main(argv if argv is not None else sys.argv[1:])
 

@@ -30,7 +30,7 @@ from werkzeug.serving import make_server
 
 import function_credentials
 from gpuqueue import aws_clients
-from gpuqueue_local import moto_atomic, moto_iam
+from gpuqueue_local import moto_atomic, moto_cognito, moto_iam
 from gpuqueue_local.dynamodb_streams import StreamReader, streams_client
 from gpuqueue_local.event_sources import (
     dynamodb_stream_event,
@@ -94,6 +94,7 @@ class UntracedMotoServer(ThreadedMotoServer):
 def moto_url() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto call otherwise
     moto_atomic.install()  # conditional writes atomic, as in DynamoDB
+    moto_cognito.install()  # passwords up to Cognito's 256 characters
     moto_iam.install()  # each function only what its role grants, as on AWS
     audit_dir = os.environ.get(AUDIT_DIR_ENV)
     if audit_dir:  # every decision, for the least-privilege report (docs/permissions.md)

@@ -37,6 +37,19 @@ def test_a_common_password_is_refused_even_where_the_length_allows_it(make_stack
     assert "common" in body["error"]
 
 
+def test_a_long_password_cognito_accepts_registers_and_signs_in(make_stack):
+    # Cognito takes passwords up to 256 characters (moto refused 99 and more: the local stack
+    # and this harness patch it, `moto_cognito`); a PasswordMinimumLength of 99 needs them.
+    h = make_stack(endpoints=[], parameters={"PasswordMinimumLength": "99"})
+    password = "tulip-kettle-42-" * 15  # 240 characters
+
+    registered = _post(h, "/register", {"username": "carol", "password": password})
+    signed_in = _post(h, "/login", {"username": "carol", "password": password})
+
+    assert registered.status == 201, registered.json()
+    assert signed_in.status == 200
+
+
 def test_a_common_password_of_twelve_characters_is_refused_by_default(make_stack):
     h = make_stack(endpoints=[])
 

@@ -10,7 +10,7 @@ import boto3
 from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import CircuitState, EndpointProtocol, EndpointState, TaskKind
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-from gpuqueue_testing import wait_for
+from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, wait_for
 
 
 def _registry(h) -> EndpointRegistry:
@@ -84,7 +84,11 @@ def test_a_slot_taken_by_a_crashed_worker_frees_itself_when_its_lease_ends(make_
 def test_failing_endpoint_opens_its_circuit_and_gets_no_more_work(make_stack, alice):
     h = make_stack(
         endpoints=[ImageServerKnobs(failure_rate=1.0), ImageServerKnobs()],
-        parameters={"DispatchStrategy": "round-robin", "CircuitFailureThreshold": "3"},
+        parameters={
+            **ONE_USER_MAY_FILL_THE_QUEUE,
+            "DispatchStrategy": "round-robin",
+            "CircuitFailureThreshold": "3",
+        },
     )
     failing, healthy = h.image_servers
     h.run_checker()
@@ -129,7 +133,11 @@ def test_open_circuit_half_opens_on_a_good_check_and_closes_on_a_good_call(make_
 def test_killed_endpoint_is_abandoned_at_once_and_every_task_still_finishes(make_stack, alice):
     h = make_stack(
         endpoints=[ImageServerKnobs(latency_s=0.05), ImageServerKnobs(latency_s=0.05)],
-        parameters={"DispatchStrategy": "round-robin", "CallsPerWorker": "1"},
+        parameters={
+            **ONE_USER_MAY_FILL_THE_QUEUE,
+            "DispatchStrategy": "round-robin",
+            "CallsPerWorker": "1",
+        },
     )
     victim, survivor = h.image_servers
     h.run_checker()
@@ -248,6 +256,7 @@ def _fast_and_slow(make_stack):
     """A fast endpoint (0.2 s calls) and a slow one (3 s), one slot each, speeds measured;
     one call per invocation, so each test follows one worker's choices."""
     h = make_stack(
+        parameters=ONE_USER_MAY_FILL_THE_QUEUE,
         endpoints=[ImageServerKnobs(latency_s=0.2), ImageServerKnobs(latency_s=3.0)],
         env={"CALLS_PER_WORKER": "1"},
     )

@@ -18,7 +18,7 @@ from gpuqueue.endpoint_registry import EndpointRegistry
 from gpuqueue.models import TaskKind
 from gpuqueue.task_queue import TaskQueue
 from gpuqueue_local.standins.image_server import ImageServerKnobs
-from gpuqueue_testing import wait_for
+from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, wait_for
 
 
 def _queue_counts(h) -> tuple[int, int, int]:
@@ -136,6 +136,7 @@ def _with_capacity(h, capacity: int) -> None:
 
 def test_one_invocation_fills_every_free_slot_and_runs_the_backlog_on_them(make_stack, alice):
     h = make_stack(
+        parameters=ONE_USER_MAY_FILL_THE_QUEUE,
         endpoints=[
             ImageServerKnobs(latency_s=0.3, capacity=2),
             ImageServerKnobs(latency_s=0.3, capacity=2),
@@ -164,6 +165,7 @@ def test_one_invocation_fills_every_free_slot_and_runs_the_backlog_on_them(make_
 
 def test_calls_per_invocation_never_exceed_calls_per_worker(make_stack, alice):
     h = make_stack(
+        parameters=ONE_USER_MAY_FILL_THE_QUEUE,
         endpoints=[ImageServerKnobs(latency_s=0.3, capacity=4)],
         env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "2"},
     )
@@ -182,6 +184,7 @@ def test_workers_whose_calls_end_together_share_one_receive(make_stack, alice, m
     # run at once on a loaded machine (0.3 s was not, once); short enough (under twice the
     # receive lead) that each receives after its call, the path measured here.
     h = make_stack(
+        parameters=ONE_USER_MAY_FILL_THE_QUEUE,
         endpoints=[ImageServerKnobs(latency_s=0.8, capacity=4)],
         env={"TASK_TIMEOUT_SECONDS": "10", "CALLS_PER_WORKER": "4"},
     )

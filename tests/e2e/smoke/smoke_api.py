@@ -35,7 +35,7 @@ def new_password() -> str:
     """Long and random, plus one character of every class a Cognito password policy can
     require (lower, upper, digit, symbol): it meets template.yaml's PasswordPolicy with any
     PasswordMinimumLength (99 at most), and a stricter one on a stack deployed from another
-    revision."""
+    revision (Cognito takes up to 256 characters; the local stack's moto too, `moto_cognito`)."""
     return f"{secrets.token_urlsafe(72)}aQ7!"
 
 
