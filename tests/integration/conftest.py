@@ -327,7 +327,7 @@ class Harness:
             user=user,
         )
 
-    def get_task(self, user: User, task_id: str) -> Response:
+    def get_task(self, user: User, task_id: str, headers: dict[str, str] | None = None) -> Response:
         return self.call(
             "tasks_handler",
             "GET",
@@ -335,6 +335,7 @@ class Harness:
             route="/api/v1/tasks/{task_id}",
             path_params={"task_id": task_id},
             user=user,
+            headers=headers,
         )
 
     def task_row(self, task_id: str) -> dict[str, Any]:

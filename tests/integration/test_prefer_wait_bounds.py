@@ -14,15 +14,7 @@ from gpuqueue.prefer_wait import SEAT_KEY_PREFIX
 
 
 def _status(h, user, task_id, wait: int):
-    return h.call(
-        "tasks_handler",
-        "GET",
-        f"/api/v1/tasks/{task_id}",
-        route="/api/v1/tasks/{task_id}",
-        path_params={"task_id": task_id},
-        user=user,
-        headers={"Prefer": f"wait={wait}"},
-    )
+    return h.get_task(user, task_id, headers={"Prefer": f"wait={wait}"})
 
 
 def _seat(h, index: int = 0) -> dict | None:

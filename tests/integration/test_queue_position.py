@@ -22,15 +22,7 @@ from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, RacingTable
 
 
 def _status(h, user, task_id, headers=None):
-    return h.call(
-        "tasks_handler",
-        "GET",
-        f"/api/v1/tasks/{task_id}",
-        route="/api/v1/tasks/{task_id}",
-        path_params={"task_id": task_id},
-        user=user,
-        headers=headers,
-    )
+    return h.get_task(user, task_id, headers=headers)
 
 
 def _position(h, user, task_id):
