@@ -264,7 +264,10 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     finally:
         lane_stack.knobs(0, latency_s=LATENCY_S)
 
-    assert first_look["queue_position"] >= 12  # a real queue: most are still waiting
+    # A real queue: most are still waiting. Two calls hang; each worker may also have claimed
+    # its next task half a second before its call was due to end (the early receive), so 11
+    # to 13 are ahead of the last.
+    assert first_look["queue_position"] >= 11
     assert positions == sorted(positions, reverse=True)
     # Positions count departures as the tasks stream reports them (~0.3 s behind), and SQS
     # hands out messages in roughly, not exactly, the order sent: with two workers taking

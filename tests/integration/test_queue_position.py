@@ -229,21 +229,28 @@ def test_departures_in_bunches_measure_the_fleets_pace_wherever_it_is_read(make_
     assert all(gap == pytest.approx(0.5, rel=0.07) for gap in seen[15:]), seen[15:]
 
 
-def test_the_gap_forgets_departures_before_the_line_last_emptied(make_stack, alice):
-    h = make_stack(endpoints=[], parameters=ONE_USER_MAY_FILL_THE_QUEUE)
+def test_the_gap_leaves_idle_time_out_and_keeps_the_last_32(make_stack, alice):
+    h = make_stack(endpoints=[])
     positions = QueuePositions(_lane_table(h))
     for _ in range(2):
         positions.take_ticket(Priority.NORMAL)
     positions.left_many(Priority.NORMAL, [1000.0, 1004.0])  # 4 s apart; the line is empty
-    for _ in range(GAP_WINDOW + 2):
+    for _ in range(3):
         positions.take_ticket(Priority.NORMAL)
-    # Then a busy line: a departure a second, after 50 s of idleness.
-    positions.left_many(Priority.NORMAL, [1054.0 + i for i in range(GAP_WINDOW + 2)])
+    # After 50 s of idleness a busy line again: a departure a second.
+    positions.left_many(Priority.NORMAL, [1054.0, 1055.0, 1056.0])
 
-    # Neither the idle 50 s nor the old 4 s gap in it; the window keeps its last 32.
+    # The busy gaps before the line emptied still count; the idle 50 s does not.
+    assert positions.lane(Priority.NORMAL).gap_seconds == pytest.approx((4 + 1 + 1) / 3)
+
+    for _ in range(GAP_WINDOW):
+        positions.take_ticket(Priority.NORMAL)
+    positions.left_many(Priority.NORMAL, [1057.0 + i for i in range(GAP_WINDOW)])
+
+    # The window keeps the last 32 gaps: the old 4 s has left it.
     item = _lane_table(h).get_item(Key={"pk": "lane#normal"})["Item"]
     assert positions.lane(Priority.NORMAL).gap_seconds == pytest.approx(1.0)
-    assert len(item["recent_left_at"]) == GAP_WINDOW
+    assert len(item["recent_gaps"]) == GAP_WINDOW
 
 
 def test_a_departure_that_keeps_losing_the_race_is_still_counted(make_stack, alice):

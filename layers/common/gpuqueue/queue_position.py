@@ -14,10 +14,10 @@ A task's position is the number of tasks queued before it that are still waiting
 SQS (standard) delivers roughly in that order, and a task leaving out of order (a cancel)
 makes the estimate low by one for those queued before it. The stream runs ~0.25 s behind.
 
-ETA: the lane's measured departure rate - the mean time between tasks leaving its waiting
-line over its last 32 departures (`gap_seconds`, kept with the counters and the window's
-times; a departure that left the line empty, or a gap over 2 minutes, measures idleness, not
-service, and starts the window again) - times the position, plus one call of the task's own
+ETA: the lane's measured departure rate - the mean of the last 32 gaps between tasks leaving
+its waiting line (`gap_seconds`, kept with the counters and the gaps, `recent_gaps`; a gap
+after a departure that left the line empty, or over 2 minutes, measures idleness, not
+service, and is left out) - times the position, plus one call of the task's own
 (the fleet's measured call time). Before any gap is measured, the fleet's rate stands in:
 its healthy endpoints finish `sum(capacity / call seconds)` tasks a second. Measuring
 departures includes what call times miss: the work around each call, retries, the other
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 KEY_PREFIX = "lane#"
-GAP_WINDOW = 32  # departures the gap is averaged over: several bunches of a large fleet
+GAP_WINDOW = 32  # gaps the lane's gap is the mean of: several bunches of a large fleet
 MAX_GAP_SECONDS = 120.0  # a longer gap between departures: the line was empty
 GAP_ROUNDS = 3  # optimistic-concurrency tries for the gap; then only the count is kept
 
@@ -112,7 +112,7 @@ class QueuePositions:
 
     def left_many(self, lane: Priority, times: Sequence[float | None]) -> None:
         """Several tasks stopped waiting (a stream batch's departures): one read and one
-        write for all of them, their times added to the window in time order."""
+        write for all of them, their gaps added to the window in time order."""
         if not times:
             return
         key = {"pk": KEY_PREFIX + lane.value}
@@ -132,40 +132,38 @@ class QueuePositions:
         )
 
     def _left_timed(self, key: dict[str, str], count: int, timed: list[float]) -> bool:
-        """Count the departures and fold their times into the window, if nobody wrote
-        meanwhile."""
+        """Count the departures and add their gaps to the window, if nobody wrote meanwhile."""
         item: dict[str, Any] = self._table.get_item(Key=key, ConsistentRead=True).get("Item") or {}
         last = item.get("last_left_at")
-        window = [float(at) for at in item.get("recent_left_at") or []]
-        if not window and last is not None:
-            window = [float(last)]  # a row written before the window was kept
+        latest = None if last is None else float(last)
+        gaps = [float(gap) for gap in item.get("recent_gaps") or []]
         emptied = bool(item.get("emptied", False))
         old_gap = item.get("gap_seconds")
         # Did a departure empty the line? Then the next gap includes idle time.
         waiting = _number(item.get("issued")) - _number(item.get("left"))
         moved = False
         for at in timed:
-            if window:
-                between = at - window[-1]
+            if latest is not None:
+                between = at - latest
                 if between < 0:
                     continue  # older than the last recorded (another shard's): counted only
-                if between > MAX_GAP_SECONDS or emptied:
-                    window = []  # idle time between them: the window starts again
-            window = [*window, at][-GAP_WINDOW:]
+                if between <= MAX_GAP_SECONDS and not emptied:
+                    gaps = [*gaps, between][-GAP_WINDOW:]
             waiting -= 1
-            emptied, moved = waiting <= 0, True
+            latest, emptied, moved = at, waiting <= 0, True
         if not moved:
             self._count_left(key, count)
             return True
-        sets = ["last_left_at = :at", "emptied = :emptied", "recent_left_at = :recent"]
+        assert latest is not None  # moved: at least one departure was timed
+        sets = ["last_left_at = :at", "emptied = :emptied", "recent_gaps = :gaps"]
         values: dict[str, Any] = {
             ":n": count,
             ":minus": -count,
-            ":at": _seconds(window[-1]),
+            ":at": _seconds(latest),
             ":emptied": emptied,
-            ":recent": [_seconds(at) for at in window],
+            ":gaps": [_seconds(gap) for gap in gaps],
         }
-        gap = window_gap(window)
+        gap = mean_gap(gaps)
         if gap is not None and gap != (None if old_gap is None else float(old_gap)):
             sets.append("gap_seconds = :gap")
             values[":gap"] = Decimal(str(round(gap, 4)))
@@ -209,14 +207,14 @@ def _seconds(at: float) -> Decimal:
     return Decimal(str(round(at, 3)))
 
 
-def window_gap(window: Sequence[float]) -> float | None:
-    """The mean time between departures over a window of them (None: fewer than two).
-    The span over the count, not an average of each gap: slots that finish together leave
-    in bunches, and a moving average of single gaps swings with where it was read (after a
-    bunch's short gaps it promises a drain faster than the fleet's)."""
-    if len(window) < 2:
+def mean_gap(gaps: Sequence[float]) -> float | None:
+    """The mean of the window's gaps (None: none yet). A plain mean over many, not a moving
+    average: slots that finish together leave in bunches, and an average weighted to the
+    latest gaps swings with where it was read (after a bunch's short gaps it promises a
+    drain faster than the fleet's)."""
+    if not gaps:
         return None
-    return (window[-1] - window[0]) / (len(window) - 1)
+    return sum(gaps) / len(gaps)
 
 
 def departure_time(updated_at: str) -> float | None:
