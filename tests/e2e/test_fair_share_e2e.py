@@ -271,10 +271,11 @@ def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     assert positions == sorted(positions, reverse=True)
     # Positions count departures as the tasks stream reports them (~0.3 s behind), and SQS
     # hands out messages in roughly, not exactly, the order sent: with two workers taking
-    # tasks side by side, the last task may start just before the one ahead of it. So its
-    # last reading before it starts is 0, 1 or 2 (the integration test checks each step
-    # exactly, on an ordered queue with the stream read at once).
-    assert positions[-1] <= 2
+    # tasks side by side, the last task may start just before the one ahead of it, and each
+    # worker claims its next task ahead of its call's end. So its last reading before it
+    # starts is 0 to 3 (the integration test checks each step exactly, on an ordered queue
+    # with the stream read at once).
+    assert positions[-1] <= 3
     actual = _time(done["updated_at"]).timestamp() - asked_at
     estimated = first_look["eta_seconds"]
     assert abs(estimated - actual) <= 0.2 * actual, (estimated, actual)
