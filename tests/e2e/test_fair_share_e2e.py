@@ -230,13 +230,18 @@ def test_k_plus_1_concurrent_submits_create_exactly_k_tasks_and_finishing_frees_
 def test_queue_position_falls_to_0_and_the_eta_is_within_20_percent(lane_stack):
     # Two slots and two normal workers, one each (as WorkerPoolSize should be sized: a
     # worker keeps its slot for the next task, so a spare one could only hand its message
-    # to the back of the queue), a GPU-like call (1 s: the work around each call is a small
+    # to the back of the queue), a GPU-like call (2 s: the work around each call is a small
     # part of it): a queue whose drain time is known.
     user = register_user(lane_stack)
-    lane_stack.knobs(0, latency_s=1.0)
+    lane_stack.knobs(0, latency_s=2.0)
     # The module's earlier tests hold calls for as long as their submits take: measured, one
     # such call would make this ETA's own call seconds long. The warm burst measures afresh.
     lane_stack.forget_call_times()
+    # Likewise the lane's gaps between departures: the earlier tests' calls were faster.
+    limits = lane_stack.aws_resource("dynamodb").Table(lane_stack.state["resources"]["LimitsTable"])
+    limits.update_item(
+        Key={"pk": "lane#normal"}, UpdateExpression="REMOVE recent_gaps, gap_seconds"
+    )
     try:
         # A burst first: the calls measure the endpoint, the departures the lane's pace.
         for task_id in [user.submit(f"warm {i}") for i in range(8)]:
