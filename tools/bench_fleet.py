@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "local"))
 sys.path.insert(0, str(REPO / "layers" / "common"))
 
-from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry  # noqa: E402
 from gpuqueue.models import TaskKind  # noqa: E402
 from gpuqueue_local.lambda_runtime import FunctionRuntime  # noqa: E402
 from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402

@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "local"))
 sys.path.insert(0, str(REPO / "layers" / "common"))
 
-from gpuqueue.endpoint_registry import EndpointRegistry  # noqa: E402
-from gpuqueue.image_store import result_key  # noqa: E402
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry  # noqa: E402
 from gpuqueue.models import TaskKind  # noqa: E402
+from gpuqueue.store.image_store import result_key  # noqa: E402
 from gpuqueue_local.stack import RunningStack, StackOptions, start_stack  # noqa: E402
 from local_run import (  # noqa: E402
     machine,

@@ -340,7 +340,7 @@ def merge(
         if documented_routes(schema):
             tags.append({"name": function.tag, "description": function.description})
     error_body = ErrorBody.model_json_schema(ref_template=SCHEMA_REF + "{model}")
-    components.add("schemas", ErrorBody.__name__, error_body, "gpuqueue.api")
+    components.add("schemas", ErrorBody.__name__, error_body, "gpuqueue.api.resolver")
     for name, scheme in schemes.items():
         components.add("securitySchemes", name, scheme, "template.yaml")
     document: dict[str, Any] = {

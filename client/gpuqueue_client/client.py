@@ -28,7 +28,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MESSAGE = 500
 
 # The API's cap on a synchronous speech request body, multipart framing included.
-# A copy of SYNC_AUDIO_MAX_BYTES in layers/common/gpuqueue/audio.py (whose docstring derives
+# A copy of SYNC_AUDIO_MAX_BYTES in layers/common/gpuqueue/speech/audio.py (whose docstring derives
 # it from API Gateway's and Lambda's payload limits): the client never imports the server's
 # layer, so keep the two in step. Bigger audio goes the async way (presigned S3 PUT).
 SYNC_AUDIO_MAX_BYTES = 4_000_000

@@ -21,13 +21,13 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.admin_settings import AdminSettings
-from gpuqueue.api import build_resolver, current_caller
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.api.request_body import body_bytes
+from gpuqueue.api.resolver import build_resolver, current_caller
 from gpuqueue.errors import Forbidden
-from gpuqueue.fleet_admin import EndpointSpec, EndpointView, FleetAdmin
-from gpuqueue.gpu_credentials import CredentialScope
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.fleet_admin import EndpointSpec, EndpointView, FleetAdmin
+from gpuqueue.gpu.credentials import CredentialScope
 from gpuqueue.models import TaskKind
-from gpuqueue.request_body import body_bytes
 
 logger = Logger()
 tracer = Tracer()

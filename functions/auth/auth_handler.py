@@ -15,7 +15,9 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver, documented
+from gpuqueue.api.resolver import build_resolver, documented
+from gpuqueue.auth.sign_in_throttle import BucketSpec, SignInThrottle, client_address
+from gpuqueue.auth.user_directory import UserDirectory
 from gpuqueue.models import (
     Credentials,
     Registration,
@@ -24,8 +26,6 @@ from gpuqueue.models import (
     TokenResponse,
 )
 from gpuqueue.settings import AuthSettings, SignInThrottleSettings
-from gpuqueue.sign_in_throttle import BucketSpec, SignInThrottle, client_address
-from gpuqueue.user_directory import UserDirectory
 
 logger = Logger()
 tracer = Tracer()

@@ -11,10 +11,10 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.endpoint_declarations import read_declarations
-from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.gpu_credentials import GpuCredentials
-from gpuqueue.health_check import HealthChecker, fleet_health
+from gpuqueue.fleet.endpoint_declarations import read_declarations
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.health_check import HealthChecker, fleet_health
+from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import TaskKind
 from gpuqueue.settings import CheckerSettings
 

@@ -14,8 +14,8 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.access_token import AccessTokenVerifier, InvalidToken, bearer_token
-from gpuqueue.push import ConnectEvent, ConnectionStore
+from gpuqueue.auth.access_token import AccessTokenVerifier, InvalidToken, bearer_token
+from gpuqueue.notify.push import ConnectEvent, ConnectionStore
 from gpuqueue.settings import ConnectSettings
 
 logger = Logger()

@@ -22,11 +22,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from gpuqueue import aws_clients
-from gpuqueue.dead_letters import DeadLetters, Settled
+from gpuqueue.lifecycle.dead_letters import DeadLetters, Settled
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage
 from gpuqueue.settings import DeadLetterSettings
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

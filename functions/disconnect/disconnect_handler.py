@@ -12,7 +12,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.push import ConnectionStore, DisconnectEvent
+from gpuqueue.notify.push import ConnectionStore, DisconnectEvent
 from gpuqueue.settings import DisconnectSettings
 
 logger = Logger()

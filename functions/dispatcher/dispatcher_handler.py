@@ -23,9 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from gpuqueue import aws_clients
-from gpuqueue.audio_store import AudioStore
-from gpuqueue.balancer import Balancer
-from gpuqueue.dispatch import (
+from gpuqueue.dispatch.dispatcher import (
     SHARED_RECEIVE_DRY_SECONDS,
     SHARED_RECEIVE_HOLD_SECONDS,
     SHARED_RECEIVE_WINDOW_SECONDS,
@@ -34,22 +32,24 @@ from gpuqueue.dispatch import (
     Pulled,
     TaskDispatcher,
 )
-from gpuqueue.dispatch_metrics import DispatchMetrics
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.dispatch.jobs import ImageJob, SpeechJob
+from gpuqueue.dispatch.metrics import DispatchMetrics
+from gpuqueue.dispatch.shared_receive import SharedReceive
+from gpuqueue.dispatch.worker_group import WorkerGroup
 from gpuqueue.errors import RetryLater
-from gpuqueue.gpu_client import image_generators
-from gpuqueue.gpu_credentials import GpuCredentials
-from gpuqueue.image_store import ImageStore
-from gpuqueue.jobs import ImageJob, SpeechJob
+from gpuqueue.fleet.balancer import Balancer
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu.credentials import GpuCredentials
+from gpuqueue.gpu.image_client import image_generators
+from gpuqueue.gpu.memory_budget import MemoryBudget
+from gpuqueue.gpu.speech_client import OpenAITranscriptionClient
 from gpuqueue.log_context import correlate_task, correlate_thread
-from gpuqueue.memory_budget import MemoryBudget
 from gpuqueue.models import QueueMessage, TaskKind
 from gpuqueue.settings import DispatcherSettings
-from gpuqueue.shared_receive import SharedReceive
-from gpuqueue.speech_client import OpenAITranscriptionClient
-from gpuqueue.task_queue import DELETE_BATCH, TaskQueue
-from gpuqueue.task_store import TaskStore
-from gpuqueue.worker_group import WorkerGroup
+from gpuqueue.speech.audio_store import AudioStore
+from gpuqueue.store.image_store import ImageStore
+from gpuqueue.store.task_queue import DELETE_BATCH, TaskQueue
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

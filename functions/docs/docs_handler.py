@@ -18,8 +18,8 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from gpuqueue.api import build_resolver
-from gpuqueue.api_docs import swagger_page, swagger_page_headers
+from gpuqueue.api.docs_page import swagger_page, swagger_page_headers
+from gpuqueue.api.resolver import build_resolver
 
 logger = Logger()
 app = build_resolver()

@@ -10,11 +10,11 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.lifecycle.reaper import Reaper, ReaperPolicy
 from gpuqueue.models import Priority
-from gpuqueue.reaper import Reaper, ReaperPolicy
 from gpuqueue.settings import ReaperSettings
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_queue import TaskQueue
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

@@ -24,17 +24,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver, current_caller, documented
-from gpuqueue.audio import (
-    ASYNC_AUDIO_MAX_BYTES,
-    HEAD_BYTES,
-    SYNC_AUDIO_MAX_BYTES,
-    audio_format,
-    pcm_to_wav,
-)
-from gpuqueue.audio_store import AudioStore, audio_key
-from gpuqueue.balancer import Balancer
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.api.multipart_form import parse_form
+from gpuqueue.api.resolver import build_resolver, current_caller, documented
 from gpuqueue.errors import (
     ActiveTaskLimit,
     InvalidInput,
@@ -43,7 +34,12 @@ from gpuqueue.errors import (
     TaskStateConflict,
     UnsupportedMediaType,
 )
-from gpuqueue.gpu_credentials import GpuCredentials
+from gpuqueue.fleet.balancer import Balancer
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.slot_broker import SlotBroker
+from gpuqueue.gpu.credentials import GpuCredentials
+from gpuqueue.gpu.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
+from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import (
     SpeechAsyncRequest,
@@ -52,14 +48,18 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
-from gpuqueue.multipart_form import parse_form
 from gpuqueue.settings import SpeechSettings
-from gpuqueue.slot_broker import SlotBroker
-from gpuqueue.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
-from gpuqueue.speech_service import AudioClip, SpeechService
-from gpuqueue.submission import SubmissionService
-from gpuqueue.task_ids import new_task_id
-from gpuqueue.task_store import TaskStore
+from gpuqueue.speech.audio import (
+    ASYNC_AUDIO_MAX_BYTES,
+    HEAD_BYTES,
+    SYNC_AUDIO_MAX_BYTES,
+    audio_format,
+    pcm_to_wav,
+)
+from gpuqueue.speech.audio_store import AudioStore, audio_key
+from gpuqueue.speech.speech_service import AudioClip, SpeechService
+from gpuqueue.store.task_ids import new_task_id
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

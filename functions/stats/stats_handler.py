@@ -12,13 +12,13 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import build_resolver, current_caller
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.api.resolver import build_resolver, current_caller
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.system_stats import Lane, queue_stats
+from gpuqueue.lifecycle.outcome_counters import OutcomeCounters
 from gpuqueue.models import Priority, QueueStats
-from gpuqueue.outcome_counters import OutcomeCounters
 from gpuqueue.settings import StatsSettings
-from gpuqueue.system_stats import Lane, queue_stats
-from gpuqueue.task_queue import TaskQueue
+from gpuqueue.store.task_queue import TaskQueue
 
 logger = Logger()
 tracer = Tracer()

@@ -15,14 +15,14 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller, documented
+from gpuqueue.api.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
+from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.errors import ActiveTaskLimit, RateLimited
-from gpuqueue.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
+from gpuqueue.intake.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
+from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
-from gpuqueue.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
 from gpuqueue.settings import SubmitSettings
-from gpuqueue.submission import SubmissionService
 
 logger = Logger()
 tracer = Tracer()

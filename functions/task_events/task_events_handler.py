@@ -19,14 +19,14 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.active_share import ActiveTaskShare
+from gpuqueue.intake.active_share import ActiveTaskShare
+from gpuqueue.intake.queue_position import QueuePositions
+from gpuqueue.lifecycle.outcome_counters import OutcomeCounters, OutcomeRecorder
+from gpuqueue.lifecycle.task_events import TaskEndListener, TaskEvents, TaskTransition
 from gpuqueue.log_context import correlate_task
-from gpuqueue.outcome_counters import OutcomeCounters, OutcomeRecorder
-from gpuqueue.push import ConnectionStore, PushNotifier, management_api
-from gpuqueue.queue_position import QueuePositions
+from gpuqueue.notify.push import ConnectionStore, PushNotifier, management_api
+from gpuqueue.notify.webhooks import SqsDeliverySender, WebhookNotifier
 from gpuqueue.settings import TaskEventsSettings
-from gpuqueue.task_events import TaskEndListener, TaskEvents, TaskTransition
-from gpuqueue.webhooks import SqsDeliverySender, WebhookNotifier
 
 logger = Logger()
 tracer = Tracer()

@@ -17,19 +17,20 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from gpuqueue import aws_clients, webhooks
-from gpuqueue.api import PUSH_URL_HEADER, build_resolver, current_caller, documented
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue import aws_clients
+from gpuqueue.api.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
+from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.errors import TaskStateConflict
-from gpuqueue.image_store import ImageStore, check_image_kept
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.intake.queue_position import QueuePositions, estimate
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
-from gpuqueue.prefer_wait import WaitSeats, requested_wait, wait_if_worthwhile
-from gpuqueue.queue_position import QueuePositions, estimate
-from gpuqueue.redelivery import Redeliveries
+from gpuqueue.notify import webhooks
+from gpuqueue.notify.redelivery import Redeliveries
+from gpuqueue.notify.webhooks import SqsDeliverySender
 from gpuqueue.settings import TasksSettings
-from gpuqueue.task_store import TaskStore
-from gpuqueue.webhooks import SqsDeliverySender
+from gpuqueue.store.image_store import ImageStore, check_image_kept
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

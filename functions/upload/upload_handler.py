@@ -19,14 +19,14 @@ from aws_lambda_powertools.utilities.data_classes import (
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.audio import ASYNC_AUDIO_MAX_BYTES
-from gpuqueue.audio_store import task_id_of_audio_key
+from gpuqueue.intake.queue_position import QueuePositions
+from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.log_context import correlate_task
-from gpuqueue.queue_position import QueuePositions
 from gpuqueue.settings import UploadSettings
-from gpuqueue.submission import SubmissionService
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
+from gpuqueue.speech.audio import ASYNC_AUDIO_MAX_BYTES
+from gpuqueue.speech.audio_store import task_id_of_audio_key
+from gpuqueue.store.task_queue import TaskQueue
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

@@ -20,15 +20,15 @@ from pydantic import ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.log_context import correlate_task
-from gpuqueue.settings import WebhookSettings
-from gpuqueue.task_store import TaskStore
-from gpuqueue.webhooks import (
+from gpuqueue.notify.webhooks import (
     DeliveryMessage,
     Outcome,
     PinnedPoster,
     SigningSecrets,
     WebhookDeliverer,
 )
+from gpuqueue.settings import WebhookSettings
+from gpuqueue.store.task_store import TaskStore
 
 logger = Logger()
 tracer = Tracer()

@@ -13,13 +13,13 @@ import boto3
 from botocore.exceptions import ClientError
 
 from gpuqueue import aws_clients
-from gpuqueue.active_share import ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
+from gpuqueue.intake.active_share import ActiveTaskShare
+from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.models import ImageRequest, TaskStatus
-from gpuqueue.submission import SubmissionService
-from gpuqueue.task_ids import new_task_id
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import UNWRITTEN_GRACE_SECONDS, TaskStore
+from gpuqueue.store.task_ids import new_task_id
+from gpuqueue.store.task_queue import TaskQueue
+from gpuqueue.store.task_store import UNWRITTEN_GRACE_SECONDS, TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 
 LIMITS = {"MaxActiveTasksPerUser": "2", "SubmitBurst": "100", "SubmitRatePerSecond": "50"}

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.active_share import KEY_PREFIX, ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
-from gpuqueue.rate_limiter import RateLimiter
+from gpuqueue.intake.active_share import KEY_PREFIX, ActiveTaskShare
+from gpuqueue.intake.rate_limiter import RateLimiter
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry, endpoint_id_for
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry, endpoint_id_for
 from gpuqueue.models import TaskKind
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 

@@ -11,13 +11,13 @@ from decimal import Decimal
 
 import boto3
 
-from gpuqueue.active_share import KEY_PREFIX, ActiveTaskShare
 from gpuqueue.errors import ActiveTaskLimit
+from gpuqueue.intake.active_share import KEY_PREFIX, ActiveTaskShare
+from gpuqueue.intake.rate_limiter import Probation
+from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.models import ImageRequest
-from gpuqueue.rate_limiter import Probation
-from gpuqueue.submission import SubmissionService
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_queue import TaskQueue
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_testing import User
 
 DAY = 86_400

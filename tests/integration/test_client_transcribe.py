@@ -35,9 +35,9 @@ import pytest
 import requests
 from typer.testing import CliRunner, Result
 
-from gpuqueue.audio import HEAD_BYTES, audio_format, pcm_to_wav
+from gpuqueue.api.multipart_form import parse_form
 from gpuqueue.errors import GpuqueueError, InvalidInput, UnsupportedMediaType
-from gpuqueue.multipart_form import parse_form
+from gpuqueue.speech.audio import HEAD_BYTES, audio_format, pcm_to_wav
 from gpuqueue_local.standins.speech_server import SpeechServer
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"

@@ -14,9 +14,9 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.dead_letters import DeadLetters, Settled
+from gpuqueue.lifecycle.dead_letters import DeadLetters, Settled
 from gpuqueue.models import ImageRequest, QueueMessage, TaskStatus
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_testing import RacingTable
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.dispatch import DispatchPolicy, Outcome, Pulled, TaskDispatcher
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.dispatch.dispatcher import DispatchPolicy, Outcome, Pulled, TaskDispatcher
+from gpuqueue.dispatch.jobs import Completion, InvalidTaskInput
 from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
-from gpuqueue.jobs import Completion, InvalidTaskInput
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.slot_broker import LEASE_TAIL_SECONDS
 from gpuqueue.models import (
     CircuitState,
     Endpoint,
@@ -31,8 +32,7 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
-from gpuqueue.slot_broker import LEASE_TAIL_SECONDS
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 
 TIMEOUT = 10.0
 PLENTY = 900.0  # seconds left in the invocation: room for several full calls

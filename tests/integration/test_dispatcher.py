@@ -8,11 +8,11 @@ import time
 import boto3
 from botocore.exceptions import ClientError
 
-from gpuqueue.dispatch import SAFETY_MARGIN_SECONDS
-from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.image_store import ImageStore
+from gpuqueue.dispatch.dispatcher import SAFETY_MARGIN_SECONDS
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import ImageRequest, TaskKind
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.image_store import ImageStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import wait_for
 

@@ -15,14 +15,19 @@ from collections.abc import Callable, Iterator
 import boto3
 import pytest
 
-from gpuqueue.dispatch import SAFETY_MARGIN_SECONDS, DispatchPolicy, Outcome, TaskDispatcher
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.dispatch.dispatcher import (
+    SAFETY_MARGIN_SECONDS,
+    DispatchPolicy,
+    Outcome,
+    TaskDispatcher,
+)
+from gpuqueue.dispatch.jobs import ImageJob
 from gpuqueue.errors import RetryLater
-from gpuqueue.gpu_client import image_generators
-from gpuqueue.image_store import ImageStore
-from gpuqueue.jobs import ImageJob
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu.image_client import image_generators
 from gpuqueue.models import QueueMessage, SpeechInput, TaskKind, TaskStatus
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.image_store import ImageStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServerKnobs
 from gpuqueue_testing import RacingTable

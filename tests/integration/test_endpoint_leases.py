@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.endpoint_registry import EWMA_ALPHA, EndpointRegistry, Fleet, _ewma
+from gpuqueue.fleet.endpoint_registry import EWMA_ALPHA, EndpointRegistry, Fleet, _ewma
 from gpuqueue.models import Endpoint, TaskKind
 
 NOW = 1_900_000_000.0

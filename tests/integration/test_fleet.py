@@ -7,7 +7,7 @@ import time
 
 import boto3
 
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import CircuitState, EndpointProtocol, EndpointState, TaskKind
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, wait_for

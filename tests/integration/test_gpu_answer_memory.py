@@ -19,13 +19,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from gpuqueue.dispatch.jobs import ImageJob
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
-from gpuqueue.gpu_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit, image_generators
-from gpuqueue.image_store import ImageStore
-from gpuqueue.jobs import ImageJob
-from gpuqueue.memory_budget import MemoryBudget
+from gpuqueue.gpu.image_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit, image_generators
+from gpuqueue.gpu.memory_budget import MemoryBudget
+from gpuqueue.gpu.speech_client import AudioStream, OpenAITranscriptionClient
 from gpuqueue.models import Endpoint, EndpointProtocol, ImageParams, Task, TaskKind, TaskStatus
-from gpuqueue.speech_client import AudioStream, OpenAITranscriptionClient
+from gpuqueue.store.image_store import ImageStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 3000
 DEADLINE = 10.0

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from gpuqueue.errors import GpuTimeout
-from gpuqueue.gpu_client import image_generators
+from gpuqueue.gpu.image_client import image_generators
+from gpuqueue.gpu.speech_client import OpenAITranscriptionClient
 from gpuqueue.models import Endpoint, EndpointProtocol, ImageParams, Task, TaskKind, TaskStatus
-from gpuqueue.speech_client import OpenAITranscriptionClient
 from gpuqueue_local.standins.fault_knobs import DRIP_PIECES
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs

@@ -15,7 +15,7 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import CircuitState, Endpoint, TaskKind
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs

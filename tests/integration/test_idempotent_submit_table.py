@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gpuqueue.errors import IdempotencyConflict, InvalidInput, TaskStateConflict
-from gpuqueue.idempotent_submit import MAX_KEY_LENGTH, IdempotentSubmitter, validate_key
+from gpuqueue.intake.idempotent_submit import MAX_KEY_LENGTH, IdempotentSubmitter, validate_key
 from gpuqueue_testing import FakeLambdaContext
 
 TTL = 600

@@ -8,7 +8,7 @@ import boto3
 import requests
 from PIL import Image
 
-from gpuqueue.image_store import result_key
+from gpuqueue.store.image_store import result_key
 
 
 def test_submitted_task_is_generated_stored_and_downloadable(make_stack, alice):

@@ -14,9 +14,9 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import EndpointState, ImageRequest, TaskKind
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 from gpuqueue_testing import FakeLambdaContext, load_event

@@ -10,8 +10,8 @@ import boto3
 import pytest
 
 from gpuqueue import aws_clients
+from gpuqueue.lifecycle.outcome_counters import KEY_PREFIX, WINDOW_SECONDS, OutcomeCounters
 from gpuqueue.models import TaskStatus
-from gpuqueue.outcome_counters import KEY_PREFIX, WINDOW_SECONDS, OutcomeCounters
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import dynamodb_operations
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import boto3
 
-from gpuqueue.prefer_wait import SEAT_KEY_PREFIX
+from gpuqueue.api.prefer_wait import SEAT_KEY_PREFIX
 
 
 def _status(h, user, task_id, wait: int):

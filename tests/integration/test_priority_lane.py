@@ -12,9 +12,9 @@ import uuid
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.slot_broker import HeldSlot, NoFreeSlot, SlotBroker, SlotRequest
 from gpuqueue.models import Priority, TaskKind
-from gpuqueue.slot_broker import HeldSlot, NoFreeSlot, SlotBroker, SlotRequest
 
 
 def _depth(h, lane: str) -> int:

@@ -23,7 +23,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from gpuqueue.push import ConnectionStore
+from gpuqueue.notify.push import ConnectionStore
 from gpuqueue_local.gateway import jwks_url
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.template import load_template

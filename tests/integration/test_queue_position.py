@@ -8,15 +8,15 @@ import time
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry
-from gpuqueue.models import Priority, TaskKind
-from gpuqueue.queue_position import (
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.intake.queue_position import (
     GAP_ROUNDS,
     GAP_WINDOW,
     LaneState,
     QueuePositions,
     departure_time,
 )
+from gpuqueue.models import Priority, TaskKind
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, RacingTable
 

@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
-from gpuqueue.rate_limiter import RateLimiter
+from gpuqueue.intake.rate_limiter import RateLimiter
 
 
 @pytest.fixture(autouse=True)

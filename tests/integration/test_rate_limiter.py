@@ -21,8 +21,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from gpuqueue import rate_limiter
-from gpuqueue.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
+from gpuqueue.intake import rate_limiter
+from gpuqueue.intake.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table

@@ -9,10 +9,10 @@ import boto3
 import pytest
 
 from gpuqueue import aws_clients
+from gpuqueue.lifecycle.reaper import Reaper, ReaperPolicy
 from gpuqueue.models import Priority, SpeechInput, TaskStatus
-from gpuqueue.reaper import Reaper, ReaperPolicy
-from gpuqueue.task_queue import TaskQueue
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_queue import TaskQueue
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import dynamodb_operations
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gpuqueue.lifecycle.reaper import Reaper, ReaperPolicy
 from gpuqueue.models import (
     ImageRequest,
     Priority,
@@ -21,9 +22,8 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
-from gpuqueue.reaper import Reaper, ReaperPolicy
-from gpuqueue.task_ids import new_task_id
-from gpuqueue.task_store import ReapState, TaskStore
+from gpuqueue.store.task_ids import new_task_id
+from gpuqueue.store.task_store import ReapState, TaskStore
 
 GRACE = 60.0
 REQUEUE_AFTER = 900.0

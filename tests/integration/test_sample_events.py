@@ -7,9 +7,9 @@ import importlib
 
 import boto3
 
-from gpuqueue.active_share import ActiveTaskShare
+from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.models import ImageRequest, Priority, TaskStatus
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_testing import FakeLambdaContext, load_event
 
 

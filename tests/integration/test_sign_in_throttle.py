@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.rate_limiter import RateLimiter
+from gpuqueue.intake.rate_limiter import RateLimiter
 
 PASSWORD = "correct-horse-battery-9"
 WRONG = "wrong-horse-battery-9"

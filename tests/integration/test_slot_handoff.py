@@ -14,9 +14,9 @@ import time
 import boto3
 import pytest
 
-from gpuqueue.endpoint_registry import EndpointRegistry
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import TaskKind
-from gpuqueue.task_queue import TaskQueue
+from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import ONE_USER_MAY_FILL_THE_QUEUE, wait_for
 

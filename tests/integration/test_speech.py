@@ -13,7 +13,7 @@ import boto3
 import pytest
 import requests
 
-from gpuqueue.audio import SYNC_AUDIO_MAX_BYTES
+from gpuqueue.speech.audio import SYNC_AUDIO_MAX_BYTES
 from gpuqueue_local.standins.speech_server import SpeechServerKnobs
 from gpuqueue_testing import FakeLambdaContext, load_event, speak_wav
 

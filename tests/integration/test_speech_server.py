@@ -25,10 +25,10 @@ import pytest
 import requests
 import soundfile
 
-from gpuqueue.audio import pcm_to_wav, wav_duration_seconds
 from gpuqueue.errors import PermanentGpuError
+from gpuqueue.gpu.speech_client import OpenAITranscriptionClient
 from gpuqueue.models import Endpoint, TaskKind
-from gpuqueue.speech_client import OpenAITranscriptionClient
+from gpuqueue.speech.audio import pcm_to_wav, wav_duration_seconds
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
 from gpuqueue_testing import speak_wav, wait_for
 

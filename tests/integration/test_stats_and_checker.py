@@ -6,7 +6,7 @@ import time
 
 import boto3
 
-from gpuqueue.endpoint_registry import EndpointRegistry, endpoint_id_for
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry, endpoint_id_for
 from gpuqueue.models import TaskKind
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 

@@ -25,8 +25,8 @@ from gpuqueue.models import (
     TaskStatus,
     WebhookEvent,
 )
-from gpuqueue.task_ids import issued_at, new_task_id
-from gpuqueue.task_store import (
+from gpuqueue.store.task_ids import issued_at, new_task_id
+from gpuqueue.store.task_store import (
     BATCH_GET_LIMIT,
     BATCH_GET_ROUNDS,
     UNWRITTEN_GRACE_SECONDS,

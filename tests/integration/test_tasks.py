@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from gpuqueue.models import ImageRequest, iso, utc_now
-from gpuqueue.task_store import TaskStore
+from gpuqueue.store.task_store import TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gpuqueue.models import Task, TaskStatus, WebhookAttempt, WebhookEvent
-from gpuqueue.webhooks import DeliveryMessage, Outcome, PinnedPoster, WebhookDeliverer
+from gpuqueue.notify.webhooks import DeliveryMessage, Outcome, PinnedPoster, WebhookDeliverer
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 
 PUBLIC = "93.184.215.14"  # global: the guard lets it through (no route here: fails at once)

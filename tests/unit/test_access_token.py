@@ -15,7 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gpuqueue.access_token import AccessTokenVerifier, InvalidToken, bearer_token
+from gpuqueue.auth.access_token import AccessTokenVerifier, InvalidToken, bearer_token
 
 ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
 CLIENT_ID = "4h5j6k7l8m9n0p1q2r3s4t5u6v"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.api import _field_name
+from gpuqueue.api.resolver import _field_name
 
 
 @pytest.mark.parametrize(

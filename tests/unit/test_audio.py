@@ -10,7 +10,8 @@ import wave
 
 import pytest
 
-from gpuqueue.audio import (
+from gpuqueue.errors import InvalidInput, UnsupportedMediaType
+from gpuqueue.speech.audio import (
     HEAD_BYTES,
     SUPPORTED_AUDIO,
     SYNC_AUDIO_MAX_BYTES,
@@ -20,7 +21,6 @@ from gpuqueue.audio import (
     validate_pcm,
     wav_duration_seconds,
 )
-from gpuqueue.errors import InvalidInput, UnsupportedMediaType
 
 LAMBDA_SYNC_PAYLOAD_BYTES = 6 * 1024 * 1024
 

@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 
 import pytest
 
-from gpuqueue.balancer import (
+from gpuqueue.fleet.balancer import (
     Balancer,
     Candidate,
     Strategy,

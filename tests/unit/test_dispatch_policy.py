@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gpuqueue.dispatch import DispatchPolicy
+from gpuqueue.dispatch.dispatcher import DispatchPolicy
 
 SEEDS = range(200)
 

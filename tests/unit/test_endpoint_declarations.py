@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.endpoint_declarations import DeclaredEndpoint, read_declarations
-from gpuqueue.endpoint_specs import endpoint_id_for
-from gpuqueue.gpu_credentials import CredentialScope
+from gpuqueue.fleet.endpoint_declarations import DeclaredEndpoint, read_declarations
+from gpuqueue.fleet.endpoint_specs import endpoint_id_for
+from gpuqueue.gpu.credentials import CredentialScope
 from gpuqueue.models import CredentialRef, EndpointProtocol, TaskKind
 
 SCOPE = CredentialScope(secret_prefix="prod/gpu/", parameter_prefix="/prod/gpu/")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.endpoint_registry import Fleet
+from gpuqueue.fleet.endpoint_registry import Fleet
 from gpuqueue.models import CircuitState, Endpoint, EndpointState, SlotLease, TaskKind
 
 NOW = 1_800_000_000.0

@@ -13,7 +13,7 @@ from PIL import Image
 from urllib3 import HTTPResponse
 
 from gpuqueue.errors import PermanentGpuError, RetryableGpuError
-from gpuqueue.gpu_client import (
+from gpuqueue.gpu.image_client import (
     A1111ImageClient,
     OpenAIImageClient,
     decode_png,

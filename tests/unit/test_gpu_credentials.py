@@ -20,9 +20,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from gpuqueue.errors import CredentialUnavailable, EndpointAuthRefused, RetryableGpuError
-from gpuqueue.gpu_client import A1111ImageClient, OpenAIImageClient
-from gpuqueue.gpu_credentials import CredentialScope, GpuCredentials
-from gpuqueue.health_check import probe
+from gpuqueue.fleet.health_check import probe
+from gpuqueue.gpu.credentials import CredentialScope, GpuCredentials
+from gpuqueue.gpu.image_client import A1111ImageClient, OpenAIImageClient
+from gpuqueue.gpu.speech_client import OpenAITranscriptionClient
 from gpuqueue.models import (
     CredentialRef,
     Endpoint,
@@ -32,7 +33,6 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
-from gpuqueue.speech_client import OpenAITranscriptionClient
 
 TOKEN = "sk-test-7f3a9c"
 SCOPE = CredentialScope(secret_prefix="stack/gpu/", parameter_prefix="/stack/gpu/")

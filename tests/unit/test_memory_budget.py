@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from gpuqueue import memory_budget
-from gpuqueue.memory_budget import (
+from gpuqueue.gpu import memory_budget
+from gpuqueue.gpu.memory_budget import (
     MIB,
     AnswerTooLarge,
     MemoryBudget,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from gpuqueue.api.multipart_form import parse_form
 from gpuqueue.errors import InvalidInput, UnsupportedMediaType
-from gpuqueue.multipart_form import parse_form
 
 FORM = "multipart/form-data; boundary=B"
 AUDIO = bytes(range(256)) + b"\r\n--B-not-a-boundary\r\n"  # every byte value, CRLFs, dashes

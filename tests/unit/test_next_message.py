@@ -6,9 +6,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from gpuqueue.dispatch import Pulled
+from gpuqueue.dispatch.dispatcher import Pulled
+from gpuqueue.dispatch.next_message import NextMessage
 from gpuqueue.models import QueueMessage
-from gpuqueue.next_message import NextMessage
 
 
 class Receives:

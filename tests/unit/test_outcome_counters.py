@@ -1,6 +1,6 @@
 import itertools
 
-from gpuqueue.outcome_counters import (
+from gpuqueue.lifecycle.outcome_counters import (
     BUCKET_SECONDS,
     MAX_SHARDS,
     WINDOW_SECONDS,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gpuqueue.endpoint_registry import Fleet
+from gpuqueue.api.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.fleet.endpoint_registry import Fleet
+from gpuqueue.intake.queue_position import estimate
 from gpuqueue.models import Endpoint, Task, TaskKind, TaskStatus
-from gpuqueue.prefer_wait import requested_wait, wait_budget, wait_until_final
-from gpuqueue.queue_position import estimate
 
 NOW = 1_800_000_000.0
 

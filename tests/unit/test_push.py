@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from gpuqueue.models import Task, TaskStatus, TaskView
-from gpuqueue.push import PushNotifier, push_message
+from gpuqueue.notify.push import PushNotifier, push_message
 
 ALICE = "alice-sub"
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
-from gpuqueue.push import USER_INDEX
+from gpuqueue.notify.push import USER_INDEX
 from gpuqueue_local.template import load_template, resources_of_type
 
 TEMPLATE = load_template()

@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import pytest
 
-from gpuqueue.rate_limiter import Gcra, RateDecision, Step, to_millis
+from gpuqueue.intake.rate_limiter import Gcra, RateDecision, Step, to_millis
 
 NOW = Decimal(1_800_000_000)
 NOW_MS = 1_800_000_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from gpuqueue.models import Task, TaskStatus, WebhookAttempt, WebhookEvent, iso
-from gpuqueue.redelivery import retrying_delivery
+from gpuqueue.notify.redelivery import retrying_delivery
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gpuqueue.balancer import Strategy
+from gpuqueue.fleet.balancer import Strategy
 from gpuqueue.settings import CheckerSettings, DispatcherSettings, StatsSettings
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gpuqueue.shared_receive import SharedReceive
+from gpuqueue.dispatch.shared_receive import SharedReceive
 
 
 class Clock:

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.balancer import Balancer, Strategy
-from gpuqueue.endpoint_registry import Fleet
-from gpuqueue.models import CircuitState, Endpoint, EndpointState, Priority, SlotLease, TaskKind
-from gpuqueue.slot_broker import (
+from gpuqueue.fleet.balancer import Balancer, Strategy
+from gpuqueue.fleet.endpoint_registry import Fleet
+from gpuqueue.fleet.slot_broker import (
     BACKLOG_TTL_SECONDS,
     LEASE_TAIL_SECONDS,
     MAX_POLL_SECONDS,
@@ -24,6 +23,7 @@ from gpuqueue.slot_broker import (
     _Backlog,
     _PriorityWait,
 )
+from gpuqueue.models import CircuitState, Endpoint, EndpointState, Priority, SlotLease, TaskKind
 
 NOW = 1_800_000_000.0
 

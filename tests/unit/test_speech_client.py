@@ -16,12 +16,12 @@ import pytest
 import requests
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
-from gpuqueue.models import Endpoint, TaskKind
-from gpuqueue.speech_client import (
+from gpuqueue.gpu.speech_client import (
     OpenAITranscriptionClient,
     Transcript,
     TranscriptSegment,
 )
+from gpuqueue.models import Endpoint, TaskKind
 
 AUDIO = b"RIFF\x00\x00\x00\x00WAVE" + bytes(range(256)) * 4 + b"\r\n--boundary\r\n"
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from gpuqueue.dispatch.jobs import InvalidTaskInput, SpeechJob
 from gpuqueue.errors import PermanentGpuError
-from gpuqueue.jobs import InvalidTaskInput, SpeechJob
-from gpuqueue.memory_budget import MemoryBudget, MemoryHold
+from gpuqueue.gpu.memory_budget import MemoryBudget, MemoryHold
+from gpuqueue.gpu.speech_client import AudioStream, Transcript
 from gpuqueue.models import SpeechInput, Task, TaskKind, TaskStatus
-from gpuqueue.speech_client import AudioStream, Transcript
 
 DEADLINE = 10.0
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from gpuqueue.errors import RetryableGpuError, UpstreamFailed
+from gpuqueue.fleet.slot_broker import LEASE_TAIL_SECONDS, HeldSlot, NoRoutableEndpoint, SlotRequest
+from gpuqueue.gpu.speech_client import Transcript
 from gpuqueue.models import Endpoint, SlotLease, TaskKind
-from gpuqueue.slot_broker import LEASE_TAIL_SECONDS, HeldSlot, NoRoutableEndpoint, SlotRequest
-from gpuqueue.speech_client import Transcript
-from gpuqueue.speech_service import AudioClip, SpeechService
+from gpuqueue.speech.speech_service import AudioClip, SpeechService
 
 LAMBDA_SECONDS = 29.0
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.task_events import TaskEvents, TaskTransition
+from gpuqueue.lifecycle.task_events import TaskEvents, TaskTransition
 
 
 def row(status: str | None) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 import time
 import uuid
 
-from gpuqueue.task_ids import issued_at, new_task_id
+from gpuqueue.store.task_ids import issued_at, new_task_id
 
 
 def test_task_ids_are_version_7_uuids_carrying_their_issue_time():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpuqueue.errors import InvalidInput
-from gpuqueue.task_store import _decode_cursor, _encode_cursor
+from gpuqueue.store.task_store import _decode_cursor, _encode_cursor
 
 KEY = {
     "task_id": "0b5c1f9e-7a34-4a8e-9d55-2a1e3b4c5d6f",

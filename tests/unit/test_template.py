@@ -19,11 +19,11 @@ from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
 from gpuqueue.admin_settings import AdminSettings
-from gpuqueue.gpu_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit
-from gpuqueue.memory_budget import HEADROOM_MB, MIB
+from gpuqueue.gpu.image_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit
+from gpuqueue.gpu.memory_budget import HEADROOM_MB, MIB
+from gpuqueue.gpu.speech_client import TRANSCRIPT_ANSWER_IN_MEMORY, TRANSCRIPT_ANSWER_LIMIT
+from gpuqueue.intake.submission import PRIORITY_GROUPS
 from gpuqueue.models import TERMINAL_STATUSES, ImageParams
-from gpuqueue.speech_client import TRANSCRIPT_ANSWER_IN_MEMORY, TRANSCRIPT_ANSWER_LIMIT
-from gpuqueue.submission import PRIORITY_GROUPS
 from gpuqueue_local.template import (
     Resolver,
     function_property,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpuqueue.account_policy import PasswordPolicy, SignUpVerification
+from gpuqueue.auth.account_policy import PasswordPolicy, SignUpVerification
 from gpuqueue.settings import AuthSettings
 from gpuqueue_local.template import load_template
 

@@ -31,7 +31,7 @@ def emitted_metric_names() -> set[str]:
     """Every metric name the code emits: `add_metric(name=...)` and `single_metric(name=...)`
     calls, and the dispatcher's per-kind latency names, read from the source."""
     names: set[str] = set()
-    sources = [*ROOT.glob("functions/*/*.py"), *ROOT.glob("layers/common/gpuqueue/*.py")]
+    sources = [*ROOT.glob("functions/*/*.py"), *ROOT.glob("layers/common/gpuqueue/**/*.py")]
     for path in sources:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gpuqueue.settings import SignInThrottleSettings
-from gpuqueue.sign_in_throttle import (
+from gpuqueue.auth.sign_in_throttle import (
     ORIGIN_VERIFY_HEADER,
     VIEWER_ADDRESS_HEADER,
     source_key,
     username_key,
 )
+from gpuqueue.settings import SignInThrottleSettings
 from gpuqueue_local.template import (
     Resolver,
     RuleViolation,

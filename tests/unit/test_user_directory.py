@@ -8,10 +8,10 @@ from typing import Any, cast
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.account_policy import SignUpVerification
+from gpuqueue.auth.account_policy import SignUpVerification
+from gpuqueue.auth.user_directory import UserDirectory
 from gpuqueue.errors import InvalidConfirmationCode, InvalidCredentials, InvalidInput
 from gpuqueue.models import Credentials, Registration, SignUpConfirmation
-from gpuqueue.user_directory import UserDirectory
 
 CREDENTIALS = Credentials(username="user1", password="pass1234word")
 REGISTRATION = Registration(username="user1", password="pass1234word")

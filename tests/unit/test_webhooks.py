@@ -13,7 +13,7 @@ from gpuqueue_client.webhooks import verify
 
 from gpuqueue.errors import InvalidInput
 from gpuqueue.models import Task, TaskStatus, TaskView, WebhookAttempt, WebhookEvent
-from gpuqueue.webhooks import (
+from gpuqueue.notify.webhooks import (
     MAX_ATTEMPTS,
     DeliveryMessage,
     HttpAnswer,

@@ -16,8 +16,8 @@ from aws_lambda_powertools.utilities.parser.models import (
 )
 from websockets.datastructures import Headers
 
-from gpuqueue.access_token import bearer_token
-from gpuqueue.push import ConnectEvent, DisconnectEvent
+from gpuqueue.auth.access_token import bearer_token
+from gpuqueue.notify.push import ConnectEvent, DisconnectEvent
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.template import load_template
 from gpuqueue_local.websocket_gateway import (

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gpuqueue.worker_group import WorkerGroup
+from gpuqueue.dispatch.worker_group import WorkerGroup
 
 # How long a test waits for the group to act (its threads act within milliseconds).
 DEADLINE = 10.0

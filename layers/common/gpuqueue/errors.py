@@ -1,4 +1,4 @@
-"""Domain errors. The HTTP layer maps these classes to status codes (gpuqueue.api)."""
+"""Domain errors. The HTTP layer maps these classes to status codes (gpuqueue.api.resolver)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpuqueue.account_policy import (
+from gpuqueue.auth.account_policy import (
     USERNAME_MAX_LENGTH,
     USERNAME_MIN_LENGTH,
     check_new_username,

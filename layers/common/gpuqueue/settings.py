@@ -10,13 +10,13 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpuqueue.account_policy import (
+from gpuqueue.auth.account_policy import (
     DEFAULT_PASSWORD_MINIMUM_LENGTH,
     PasswordPolicy,
     SignUpVerification,
 )
-from gpuqueue.balancer import Strategy
-from gpuqueue.gpu_credentials import DEFAULT_TTL_SECONDS, CredentialScope
+from gpuqueue.fleet.balancer import Strategy
+from gpuqueue.gpu.credentials import DEFAULT_TTL_SECONDS, CredentialScope
 
 
 class _Settings(BaseSettings):
@@ -160,7 +160,7 @@ class TasksSettings(_Settings):
     image_url_ttl_seconds: int = Field(default=300, ge=1, le=900)
     image_retention_days: int = Field(default=1, ge=1)  # the results/ lifecycle rule
     # Webhook redeliveries a user may ask for in any hour (the per-task limit is fixed:
-    # gpuqueue.redelivery).
+    # gpuqueue.notify.redelivery).
     redeliveries_per_user_per_hour: int = Field(default=20, ge=1, le=1000)
     # `Prefer: wait` requests held at once across the stack (seats in the limits table).
     prefer_wait_seats: int = Field(default=40, ge=0, le=1000)
@@ -281,7 +281,7 @@ class UploadSettings(_Settings):
 
 class SignInThrottleSettings(_Settings):
     """AuthFunction's limits on failed logins (per username, per source) and registrations
-    (per source): a burst, then one more every refill period (gpuqueue.sign_in_throttle)."""
+    (per source): a burst, then one more every refill period (gpuqueue.auth.sign_in_throttle)."""
 
     limits_table: str
     login_username_failure_burst: int = Field(default=5, ge=1, le=1000)

@@ -1,0 +1,145 @@
+"""Probe GPU endpoints' `/health` concurrently and record the results.
+
+Probes carry the endpoint's credentials like any call: a 401/403 (a wrong or missing key)
+or a credential that cannot be read makes the endpoint unhealthy, with the reason in
+`last_error`, so no work is sent where it would be refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+
+from gpuqueue.errors import GpuError
+from gpuqueue.fleet.endpoint_declarations import Declaration
+from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu.credentials import GpuCredentials
+from gpuqueue.models import Endpoint, EndpointState, HealthResult, TaskKind
+
+MAX_PROBE_THREADS = 16
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """A kind's endpoints as the healthy-endpoints alarm compares them."""
+
+    active: int  # state ACTIVE: should be serving, healthy or not
+    healthy: int  # may receive work now (active, healthy, circuit not open)
+
+
+def fleet_health(endpoints: Sequence[Endpoint], now: float) -> FleetHealth:
+    """Counted right after a check, so every row is fresh: age is not held against it."""
+    return FleetHealth(
+        active=sum(1 for e in endpoints if e.state is EndpointState.ACTIVE),
+        healthy=sum(1 for e in endpoints if e.is_routable(now, float("inf"))),
+    )
+
+
+def probe(
+    session: requests.Session,
+    endpoint: Endpoint,
+    *,
+    timeout_seconds: float,
+    credentials: GpuCredentials | None = None,
+) -> HealthResult:
+    started = time.monotonic()
+    error: str | None = None
+    url = f"{endpoint.url.rstrip('/')}/health"
+    timeout = (min(1.0, timeout_seconds), timeout_seconds)
+    try:
+        response = (credentials or GpuCredentials()).send(
+            endpoint, lambda headers: session.get(url, headers=dict(headers), timeout=timeout)
+        )
+        healthy = response.status_code == 200
+        if not healthy:
+            error = f"health check answered HTTP {response.status_code}"
+    except GpuError as exc:  # refused (401/403), or its credential could not be read
+        healthy = False
+        error = f"health check failed: {exc}"
+    except requests.RequestException as exc:
+        healthy = False
+        error = f"health check failed: {type(exc).__name__}"
+    return HealthResult(
+        endpoint_id=endpoint.endpoint_id,
+        healthy=healthy,
+        latency_ms=(time.monotonic() - started) * 1000,
+        checked_at=time.time(),
+        error=error,
+    )
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        session: requests.Session | None = None,
+        *,
+        timeout_seconds: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+        credentials: GpuCredentials | None = None,
+    ) -> None:
+        self._registry = registry
+        self._session = session or requests.Session()
+        self._timeout = timeout_seconds
+        self._sleep = sleep
+        self._credentials = credentials or GpuCredentials()
+
+    def run(
+        self,
+        declared: dict[TaskKind, Declaration],
+        *,
+        rounds: int = 1,
+        period_seconds: float = 30.0,
+        remaining_seconds: Callable[[], float] = lambda: float("inf"),
+    ) -> list[HealthResult]:
+        """Sync the declared endpoints, then probe every endpoint `rounds` times, a period apart.
+
+        Returns the last round's results. Stops early rather than run past the invocation.
+        """
+        for kind, declaration in declared.items():
+            # A refused entry removes nothing: its row (if any) stays as it was.
+            self._registry.sync_declared(
+                kind, declaration.endpoints, remove_undeclared=not declaration.errors
+            )
+        results: list[HealthResult] = []
+        for round_number in range(rounds):
+            if round_number:
+                if remaining_seconds() < period_seconds + 2 * self._timeout + 1:
+                    break
+                self._sleep(period_seconds)
+            results = self.check_once(list(declared))
+        return results
+
+    def check_once(self, kinds: Sequence[TaskKind]) -> list[HealthResult]:
+        """Probe every non-disabled endpoint of these kinds (declared or admin-added)."""
+        endpoints = [
+            e
+            for kind in kinds
+            for e in self._registry.endpoints(kind)
+            if e.state is not EndpointState.DISABLED
+        ]
+        results = self.probe_all(endpoints)
+        for endpoint, result in zip(endpoints, results, strict=True):
+            self._registry.record_health(result, endpoint)
+        return results
+
+    def probe_all(self, endpoints: Sequence[Endpoint]) -> list[HealthResult]:
+        if not endpoints:
+            return []
+        workers = min(MAX_PROBE_THREADS, len(endpoints))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(
+                pool.map(
+                    lambda e: probe(
+                        self._session,
+                        e,
+                        timeout_seconds=self._timeout,
+                        credentials=self._credentials,
+                    ),
+                    endpoints,
+                )
+            )

@@ -1,0 +1,160 @@
+"""What follows a task's change of state, driven by the tasks table's stream.
+
+The stream sees every write, whoever made it (the dispatcher, a cancel, the upload check, a
+queue deadline, a dead-lettered message once something ends it), so work that must follow
+each transition hangs here rather than on every code path that writes. Delivery is
+at-least-once: everything done here must be safe to repeat.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aws_lambda_powertools import Logger
+
+from gpuqueue.intake.active_share import ActiveTaskShare
+from gpuqueue.intake.queue_position import QueuePositions, departure_time
+from gpuqueue.models import Priority, Task, TaskStatus
+
+logger = Logger(child=True)
+
+
+def _status(image: Mapping[str, Any] | None) -> TaskStatus | None:
+    if not image or "status" not in image:
+        return None
+    try:
+        return TaskStatus(str(image["status"]))
+    except ValueError:
+        return None
+
+
+class TaskEndListener(Protocol):
+    """Told of the tasks that reached a final state, once per stream batch (at least once:
+    must be idempotent or tolerate a repeat)."""
+
+    def tasks_ended(self, tasks: Sequence[Task]) -> None: ...
+
+
+def _attempt(image: Mapping[str, Any] | None) -> int | None:
+    if not image:
+        return None
+    try:
+        return int(image.get("attempt", 0))
+    except (TypeError, ValueError):
+        return None
+
+
+def _lane(image: Mapping[str, Any]) -> Priority:
+    try:
+        return Priority(str(image.get("priority", Priority.NORMAL.value)))
+    except ValueError:
+        return Priority.NORMAL
+
+
+def _task(image: Mapping[str, Any] | None) -> Task | None:
+    if not image:
+        return None
+    try:
+        return Task.model_validate(dict(image))
+    except ValueError:
+        logger.warning("task row not readable", extra={"task_id": image.get("task_id")})
+        return None
+
+
+@dataclass(frozen=True)
+class TaskTransition:
+    task_id: str
+    user_id: str
+    before: TaskStatus | None  # None: the row is new
+    after: TaskStatus | None  # None: the row was deleted (TTL)
+    task: Task | None = None  # the row after the write (None when deleted or unreadable)
+    before_attempt: int | None = None
+    lane: Priority = Priority.NORMAL
+
+    @classmethod
+    def of(
+        cls, old_image: Mapping[str, Any] | None, new_image: Mapping[str, Any] | None
+    ) -> TaskTransition | None:
+        """The transition a stream record shows; None if it is not a task row."""
+        image = new_image or old_image
+        if not image or "task_id" not in image or "user_id" not in image:
+            return None
+        return cls(
+            task_id=str(image["task_id"]),
+            user_id=str(image["user_id"]),
+            before=_status(old_image),
+            after=_status(new_image),
+            task=_task(new_image),
+            before_attempt=_attempt(old_image),
+            lane=_lane(image),
+        )
+
+    @property
+    def left_waiting_line(self) -> bool:
+        """A task queued and never started stopped waiting (it started, or ended first)."""
+        return (
+            self.before is TaskStatus.QUEUED
+            and self.before_attempt == 0
+            and self.after is not TaskStatus.QUEUED
+        )
+
+    @property
+    def ended(self) -> bool:
+        """The task stopped being active with this write (it reached a final state)."""
+        was_active = self.before is None or not self.before.is_terminal
+        return was_active and self.after is not None and self.after.is_terminal
+
+
+class TaskEvents:
+    def __init__(
+        self,
+        *,
+        share: ActiveTaskShare | None,
+        listeners: Sequence[TaskEndListener] = (),
+        positions: QueuePositions | None = None,
+    ) -> None:
+        self._share = share
+        self._listeners = list(listeners)
+        self._positions = positions
+
+    def handle(self, transition: TaskTransition) -> None:
+        self.handle_batch([transition])
+
+    def handle_batch(self, transitions: Sequence[TaskTransition]) -> None:
+        """A stream batch's transitions, their effects aggregated: one share release per
+        owner, one listener call, one departure write per lane, whatever the batch's size
+        (per task, these rows were hot keys: the lane row took up to 7 requests a task).
+
+        Idempotent effects first, counts last: a failure has the whole batch retried, and
+        a repeated count is the only repeat that shows (a departure or an outcome counted
+        twice; releases, webhook deliveries and pushes are deduplicated)."""
+        departures: dict[Priority, list[float | None]] = defaultdict(list)
+        ended: dict[str, TaskTransition] = {}
+        for transition in transitions:
+            if transition.left_waiting_line:
+                task = transition.task
+                departures[transition.lane].append(
+                    departure_time(task.updated_at) if task is not None else None
+                )
+            if transition.ended:
+                ended[transition.task_id] = transition
+        if self._share is not None:
+            by_owner: dict[str, set[str]] = defaultdict(set)
+            for transition in ended.values():
+                by_owner[transition.user_id].add(transition.task_id)
+            for owner, task_ids in by_owner.items():
+                self._share.release_many(owner, task_ids)
+                logger.info(
+                    "active-task shares released",
+                    extra={"user_id": owner, "task_ids": sorted(task_ids)},
+                )
+        tasks = [t.task for t in ended.values() if t.task is not None]
+        if tasks:
+            for listener in self._listeners:
+                listener.tasks_ended(tasks)
+        if self._positions is not None:
+            for lane, times in departures.items():
+                self._positions.left_many(lane, times)
