@@ -28,7 +28,7 @@ ENV ?= default
 SAMCONFIG := $(CURDIR)/samconfig.toml
 BUILT_TEMPLATE := .aws-sam/build/template.yaml
 
-.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi permissions mutate coverage
+.PHONY: help venv system-packages test lint fmt unit integration build deploy validate clean up bench chaos load invoke-% openapi layout permissions mutate coverage
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -100,6 +100,9 @@ chaos: $(VENV)/.installed ## fault suite: 300 tasks through failing, killed and 
 
 load: $(VENV)/.installed ## load test: 50 clients submit and poll for 60 s on loopback -> docs/load.md (LOAD_CLIENTS, LOAD_SECONDS)
 	PYTHONPATH=local $(PY) tools/load.py --clients $(or $(LOAD_CLIENTS),50) --seconds $(or $(LOAD_SECONDS),60) --markdown docs/load.md --json docs/load.json
+
+layout: $(VENV)/.installed ## redraw the README's map of the layer from the tree
+	$(PY) tools/layer_layout.py --write
 
 openapi: $(VENV)/.installed ## regenerate openapi.json (and DocsFunction's copy) from the handlers' resolvers
 	$(PY) tools/openapi_document.py --write
