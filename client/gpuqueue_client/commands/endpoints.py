@@ -17,7 +17,6 @@ endpoints_app = typer.Typer(
     no_args_is_help=True,
 )
 
-
 ENDPOINT_STATE_STYLES = {"ACTIVE": "green", "DRAINING": "yellow", "DISABLED": "dim"}
 CIRCUIT_STYLES = {"CLOSED": "", "HALF_OPEN": "yellow", "OPEN": "red"}
 # What `endpoints put` carries over from the current row when an option is not given.

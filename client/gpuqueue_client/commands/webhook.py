@@ -16,7 +16,6 @@ webhook_app = typer.Typer(
     no_args_is_help=True,
 )
 
-
 SecretOption = Annotated[
     list[str],
     typer.Option(
