@@ -25,7 +25,7 @@ from gpuqueue.lifecycle.outcome_counters import OutcomeCounters, OutcomeRecorder
 from gpuqueue.lifecycle.task_events import TaskEndListener, TaskEvents, TaskTransition
 from gpuqueue.log_context import correlate_task
 from gpuqueue.notify.push import ConnectionStore, PushNotifier, management_api
-from gpuqueue.notify.webhooks import SqsDeliverySender, WebhookNotifier
+from gpuqueue.notify.webhook_messages import SqsDeliverySender, WebhookNotifier
 from gpuqueue.settings import TaskEventsSettings
 
 logger = Logger()

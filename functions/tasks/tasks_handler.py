@@ -25,9 +25,9 @@ from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.intake.queue_position import QueuePositions, estimate
 from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
-from gpuqueue.notify import webhooks
 from gpuqueue.notify.redelivery import Redeliveries
-from gpuqueue.notify.webhooks import SqsDeliverySender
+from gpuqueue.notify.webhook_delivery import as_log
+from gpuqueue.notify.webhook_messages import SqsDeliverySender
 from gpuqueue.settings import TasksSettings
 from gpuqueue.store.image_store import ImageStore, check_image_kept
 from gpuqueue.store.task_store import TaskStore
@@ -175,7 +175,7 @@ def get_task(task_id: TaskId) -> Response[str]:
 def get_deliveries(task_id: TaskId) -> Response[str]:
     """The task's webhook delivery log: every attempt, oldest first."""
     owner = current_caller(app).sub
-    return _json(json.dumps(webhooks.as_log(deps().tasks.get_for_owner(task_id, owner))))
+    return _json(json.dumps(as_log(deps().tasks.get_for_owner(task_id, owner))))
 
 
 @app.post(

@@ -20,13 +20,10 @@ from pydantic import ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.log_context import correlate_task
-from gpuqueue.notify.webhooks import (
-    DeliveryMessage,
-    Outcome,
-    PinnedPoster,
-    SigningSecrets,
-    WebhookDeliverer,
-)
+from gpuqueue.notify.pinned_poster import PinnedPoster
+from gpuqueue.notify.webhook_delivery import DeliveryOutcome, WebhookDeliverer
+from gpuqueue.notify.webhook_messages import DeliveryMessage
+from gpuqueue.notify.webhook_signing import SigningSecrets
 from gpuqueue.settings import WebhookSettings
 from gpuqueue.store.task_store import TaskStore
 
@@ -73,14 +70,14 @@ def record_handler(record: SQSRecord) -> None:
         "webhook attempt",
         extra={"outcome": result.outcome.value, "attempt": attempt, "event": message.event.value},
     )
-    if result.outcome is Outcome.DELIVERED:
+    if result.outcome is DeliveryOutcome.DELIVERED:
         metrics.add_metric(name="WebhooksDelivered", unit=MetricUnit.Count, value=1)
-    elif result.outcome is Outcome.GAVE_UP:
+    elif result.outcome is DeliveryOutcome.GAVE_UP:
         metrics.add_metric(name="WebhooksDeadLettered", unit=MetricUnit.Count, value=1)
         aws_clients.sqs().send_message(
             QueueUrl=settings().webhook_dead_letter_queue_url, MessageBody=record.body
         )
-    elif result.outcome is Outcome.RETRY:
+    elif result.outcome is DeliveryOutcome.RETRY:
         metrics.add_metric(name="WebhookRetries", unit=MetricUnit.Count, value=1)
         aws_clients.sqs().change_message_visibility(
             QueueUrl=settings().webhook_queue_url,

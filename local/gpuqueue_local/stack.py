@@ -607,23 +607,93 @@ def local_function_env(options: StackOptions, stack: LocalStack) -> dict[str, st
 
 
 def start_stack(options: StackOptions) -> RunningStack:
+    """The stack, up: moto and the GPU stand-ins; the template provisioned into moto; the
+    functions' runtimes warming while the gateways start listening (they answer 503 until
+    ready); then the schedules, the stand-ins registered, the event sources and the demo users."""
     started = time.monotonic()
     log = LogPrinter(quiet=options.quiet, raw=options.raw_logs)
     moto = MotoServer(options.moto_port, iam=options.iam)
     image_servers = _start_image_servers(options)
     speech_servers = _start_speech_servers(options)
     moto.wait_ready()
+    _use_moto(moto, options.region)
+
+    template = load_template()
+    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
+    speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
+    stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
+    if speech_servers and not speech_registered:
+        log.system(f"the template has no {SPEECH_URLS_PARAMETER}: speech stand-ins unregistered")
+
+    websocket = _start_websocket_gateway(stack, options, log)
+    functions = _function_runtimes(options, stack, moto, websocket, log)
+    sources = sqs_event_sources(stack, functions, log, options.region)
+    warmers = _start_warming(options, stack, functions, sources)
+    gateway = ApiGateway(routes=http_routes(stack, moto.url), functions=functions)
+    http_server = gateway.serve(HOST, options.port)
+    running = RunningStack(
+        options=options,
+        log=log,
+        moto=moto,
+        stack=stack,
+        image_servers=image_servers,
+        functions=functions,
+        gateway=gateway,
+        sources=sources,
+        schedules=scheduled_rules(stack, functions, log, options.schedule_speedup),
+        api_url=f"http://{HOST}:{http_server.server_address[1]}",
+        speech_servers=speech_servers,
+        s3_events=(
+            s3_event_bridge(
+                stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
+            )
+            if options.s3_events
+            else None
+        ),
+        stream_sources=stream_event_sources(stack, functions, log, options.region),
+        websocket=websocket,
+        _servers=[http_server],
+    )
+
+    for thread in warmers:
+        thread.join(timeout=60)
+    for schedule in running.schedules:
+        schedule.start(fire_now=True)
+    _register_stand_ins(running, speech_registered=speech_registered)
+    running.start_event_sources()
+    if running.s3_events is not None:
+        running.s3_events.start()
+    if options.demo_user:
+        running.demo_token = _demo_token(running.api_url)
+        running.admin_token = _admin_token(running.api_url, stack)
+    running._ready.set()
+    if options.state_file:
+        _write_atomically(options.state_file, json.dumps(running.state(), indent=2))
+    log.system(f"ready in {time.monotonic() - started:.1f}s")
+    return running
+
+
+def _use_moto(moto: MotoServer, region: str) -> None:
+    """This process's own AWS calls (provisioning, readiness, the demo users) go to moto."""
     os.environ.update(
         {
             "AWS_ENDPOINT_URL": moto.url,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": options.region,
+            "AWS_DEFAULT_REGION": region,
         }
     )
-    template = load_template()
-    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
-    speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
+
+
+def _provision_into_moto(
+    options: StackOptions,
+    template: dict[str, Any],
+    endpoint_parameters: dict[str, str],
+    moto: MotoServer,
+    log: LogPrinter,
+) -> LocalStack:
+    """The template's resources, created in moto. Parameters: the local defaults the template
+    declares, then the stand-ins' URLs, then `--param` (each wins over the one before)."""
     stack = provision(
         stack_name=options.stack_name,
         region=options.region,
@@ -636,9 +706,17 @@ def start_stack(options: StackOptions) -> RunningStack:
         identities=options.iam,
     )
     log.system(f"moto on {moto.url}; provisioned {len(stack.resolver.refs)} resources")
-    if speech_servers and not speech_registered:
-        log.system(f"the template has no {SPEECH_URLS_PARAMETER}: speech stand-ins unregistered")
+    return stack
 
+
+def _function_runtimes(
+    options: StackOptions,
+    stack: LocalStack,
+    moto: MotoServer,
+    websocket: WebSocketGateway | None,
+    log: LogPrinter,
+) -> dict[str, FunctionRuntime]:
+    """A runtime per function of the template, its environment as Lambda's plus moto's URL."""
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - only a fallback HOME
@@ -653,20 +731,29 @@ def start_stack(options: StackOptions) -> RunningStack:
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
     extra_env = local_function_env(options, stack)
-    websocket = _start_websocket_gateway(stack, options, log)
     specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket))
-    functions = {
+    return {
         name: FunctionRuntime(
             spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
         )
         for name, spec in specs.items()
     }
-    sources = sqs_event_sources(stack, functions, log, options.region)
-    # Queue consumers get a warm worker per concurrent batch (Lambda keeps them warm under
-    # steady load); every other function starts with one.
-    # Functions only requests reach (HTTP, WebSocket, S3 events) start cold, as on Lambda:
-    # each costs a second of imports, and a stack is ready sooner without the ones a run
-    # never calls (`--warm-all` warms them too).
+
+
+def _start_warming(
+    options: StackOptions,
+    stack: LocalStack,
+    functions: dict[str, FunctionRuntime],
+    sources: list[SqsEventSource],
+) -> list[threading.Thread]:
+    """Threads starting each function's warm workers (the stack is ready once they are done).
+
+    Queue consumers get a warm worker per concurrent batch (Lambda keeps them warm under
+    steady load); every other function starts with one.
+    Functions only requests reach (HTTP, WebSocket, S3 events) start cold, as on Lambda:
+    each costs a second of imports, and a stack is ready sooner without the ones a run
+    never calls (`--warm-all` warms them too).
+    """
     warm_counts = {
         name: 1 if options.warm_all or _event_driven(stack, name) else 0 for name in functions
     }
@@ -679,57 +766,20 @@ def start_stack(options: StackOptions) -> RunningStack:
     ]
     for thread in warmers:
         thread.start()
+    return warmers
 
-    gateway = ApiGateway(routes=http_routes(stack, moto.url), functions=functions)
-    http_server = gateway.serve(HOST, options.port)
-    api_url = f"http://{HOST}:{http_server.server_address[1]}"
 
-    schedules = scheduled_rules(stack, functions, log, options.schedule_speedup)
-    s3_events = (
-        s3_event_bridge(
-            stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
-        )
-        if options.s3_events
-        else None
-    )
-
-    running = RunningStack(
-        options=options,
-        log=log,
-        moto=moto,
-        stack=stack,
-        image_servers=image_servers,
-        functions=functions,
-        gateway=gateway,
-        sources=sources,
-        schedules=schedules,
-        api_url=api_url,
-        speech_servers=speech_servers,
-        s3_events=s3_events,
-        stream_sources=stream_event_sources(stack, functions, log, options.region),
-        websocket=websocket,
-        _servers=[http_server],
-    )
-    for thread in warmers:
-        thread.join(timeout=60)
-    for schedule in schedules:
-        schedule.start(fire_now=True)
-    expected = {"image": len(image_servers), "speech": len(speech_servers) * speech_registered}
-    if not _wait_for_endpoints(stack, expected):
-        log.system(f"not all stand-ins are healthy yet (wanted {expected}); going on")
-    if options.image_capacity:
-        _register_capacity(stack, "image", options.image_capacity)
-    running.start_event_sources()
-    if s3_events is not None:
-        s3_events.start()
-    if options.demo_user:
-        running.demo_token = _demo_token(api_url)
-        running.admin_token = _admin_token(api_url, stack)
-    running._ready.set()
-    if options.state_file:
-        _write_atomically(options.state_file, json.dumps(running.state(), indent=2))
-    log.system(f"ready in {time.monotonic() - started:.1f}s")
-    return running
+def _register_stand_ins(running: RunningStack, *, speech_registered: bool) -> None:
+    """Wait (a while) for the first health check to find the stand-ins routable, then give the
+    image ones their capacity."""
+    expected = {
+        "image": len(running.image_servers),
+        "speech": len(running.speech_servers) * speech_registered,
+    }
+    if not _wait_for_endpoints(running.stack, expected):
+        running.log.system(f"not all stand-ins are healthy yet (wanted {expected}); going on")
+    if running.options.image_capacity:
+        _register_capacity(running.stack, "image", running.options.image_capacity)
 
 
 def _wait_for_endpoints(stack: LocalStack, expected: dict[str, int], timeout: float = 20.0) -> bool:

@@ -38,7 +38,8 @@ if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .`
 
 from gpuqueue_client import ApiError, GpuqueueClient  # noqa: E402
 from gpuqueue_client import credentials as creds  # noqa: E402
-from gpuqueue_client.cli import app, describe_error  # noqa: E402
+from gpuqueue_client.cli import app  # noqa: E402
+from gpuqueue_client.commands.invocation import describe_error  # noqa: E402
 
 PASSWORD = "correct horse battery"
 EMAILED_CODE = "246810"

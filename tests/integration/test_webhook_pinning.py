@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gpuqueue.models import Task, TaskStatus, WebhookAttempt, WebhookEvent
-from gpuqueue.notify.webhooks import DeliveryMessage, Outcome, PinnedPoster, WebhookDeliverer
+from gpuqueue.notify.pinned_poster import PinnedPoster
+from gpuqueue.notify.webhook_delivery import DeliveryOutcome, WebhookDeliverer
+from gpuqueue.notify.webhook_messages import DeliveryMessage
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 
 PUBLIC = "93.184.215.14"  # global: the guard lets it through (no route here: fails at once)
@@ -59,7 +61,7 @@ class Rebinding:
 
 def deliver(
     url: str, resolve: Callable[[str, int], Sequence[str]], *, allow_loopback: bool, **poster
-) -> tuple[Outcome, Log]:
+) -> tuple[DeliveryOutcome, Log]:
     log = Log(url)
     deliverer = WebhookDeliverer(
         tasks=log,
@@ -72,7 +74,7 @@ def deliver(
     return deliver_once(deliverer, message), log
 
 
-def deliver_once(deliverer: WebhookDeliverer, message: DeliveryMessage) -> Outcome:
+def deliver_once(deliverer: WebhookDeliverer, message: DeliveryMessage) -> DeliveryOutcome:
     return deliverer.deliver(message, attempt=1).outcome
 
 
@@ -107,7 +109,7 @@ def test_a_name_checked_as_public_is_not_looked_up_again_and_never_reaches_loopb
     # Then it went to the checked public address only: nothing connected to loopback
     assert resolve.lookups == 1
     assert connections_to(listener) == 0
-    assert outcome is Outcome.RETRY
+    assert outcome is DeliveryOutcome.RETRY
     assert log.task.deliveries[0].ok is False
 
 
@@ -117,7 +119,7 @@ def test_an_http_delivery_connects_to_the_checked_address_and_names_the_host():
 
         outcome, _ = deliver(url, Rebinding(["127.0.0.1"]), allow_loopback=True)
 
-    assert outcome is Outcome.DELIVERED
+    assert outcome is DeliveryOutcome.DELIVERED
     [(headers, _, _)] = receiver.received
     assert headers["host"] == f"hooks.invalid:{receiver.port}"
 
@@ -131,7 +133,7 @@ def test_a_delivery_tries_the_next_checked_address_when_one_refuses_the_connecti
 
         outcome, _ = deliver(url, resolve, allow_loopback=True)
 
-    assert outcome is Outcome.DELIVERED
+    assert outcome is DeliveryOutcome.DELIVERED
     assert len(receiver.received) == 1
 
 
@@ -206,7 +208,7 @@ def test_an_https_delivery_sends_the_host_as_sni_and_verifies_its_certificate(tl
 
         outcome, _ = deliver(url, Rebinding(["127.0.0.1"]), allow_loopback=True, ca_certs=ca_file)
 
-    assert outcome is Outcome.DELIVERED
+    assert outcome is DeliveryOutcome.DELIVERED
     assert sni == ["hooks.test"]
     [(headers, _, _)] = receiver.received
     assert headers["host"] == f"hooks.test:{receiver.port}"
@@ -219,7 +221,7 @@ def test_an_https_receiver_whose_certificate_names_another_host_gets_nothing(tls
 
         outcome, log = deliver(url, Rebinding(["127.0.0.1"]), allow_loopback=True, ca_certs=ca_file)
 
-    assert outcome is Outcome.RETRY
+    assert outcome is DeliveryOutcome.RETRY
     assert receiver.received == []
     error = log.task.deliveries[0].error or ""
     assert error.startswith("SSLError")

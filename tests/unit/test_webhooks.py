@@ -13,22 +13,16 @@ from gpuqueue_client.webhooks import verify
 
 from gpuqueue.errors import InvalidInput
 from gpuqueue.models import Task, TaskStatus, TaskView, WebhookAttempt, WebhookEvent
-from gpuqueue.notify.webhooks import (
+from gpuqueue.notify.webhook_address_guard import embedded_ipv4
+from gpuqueue.notify.webhook_delivery import DeliveryOutcome, HttpAnswer, WebhookDeliverer
+from gpuqueue.notify.webhook_messages import DeliveryMessage, WebhookNotifier, delivery_id_for
+from gpuqueue.notify.webhook_retry_schedule import (
     MAX_ATTEMPTS,
-    DeliveryMessage,
-    HttpAnswer,
-    Outcome,
-    WebhookDeliverer,
-    WebhookNotifier,
-    WebhookTarget,
-    check_webhook_url,
-    checked_webhook_target,
-    delivery_id_for,
-    embedded_ipv4,
     retry_delay_seconds,
     retry_schedule_floor,
-    sign,
 )
+from gpuqueue.notify.webhook_signing import sign
+from gpuqueue.notify.webhook_target import WebhookTarget, check_webhook_url, checked_webhook_target
 
 
 def resolver(*addresses: str):
@@ -247,9 +241,9 @@ def test_a_failed_attempt_is_logged_and_retried_then_the_last_gives_up():
     first = deliverer.deliver(message, attempt=1)
     second = deliverer.deliver(message, attempt=2)
 
-    assert first.outcome is Outcome.RETRY
+    assert first.outcome is DeliveryOutcome.RETRY
     assert first.delay_seconds > 0
-    assert second.outcome is Outcome.GAVE_UP
+    assert second.outcome is DeliveryOutcome.GAVE_UP
     logged = [(a.attempt, a.ok, a.status_code, a.gave_up) for a in log.task.deliveries]
     assert logged == [(1, False, None, False), (2, False, 502, True)]
     assert log.task.deliveries[0].error == "ConnectTimeout"
@@ -262,8 +256,8 @@ def test_a_delivery_that_already_landed_is_not_sent_again():
     deliverer = _deliverer(log, poster)
     message = DeliveryMessage(task_id="t-1", event=WebhookEvent.DONE, delivery_id="d-1")
 
-    assert deliverer.deliver(message, attempt=1).outcome is Outcome.DELIVERED
-    assert deliverer.deliver(message, attempt=1).outcome is Outcome.SKIPPED
+    assert deliverer.deliver(message, attempt=1).outcome is DeliveryOutcome.DELIVERED
+    assert deliverer.deliver(message, attempt=1).outcome is DeliveryOutcome.SKIPPED
     assert len(poster.calls) == 1
 
 
@@ -277,7 +271,7 @@ def test_a_url_that_now_resolves_privately_is_not_called():
 
     result = deliverer.deliver(message, attempt=1)
 
-    assert result.outcome is Outcome.RETRY
+    assert result.outcome is DeliveryOutcome.RETRY
     assert poster.calls == []
     assert "private" in (log.task.deliveries[0].error or "")
 
@@ -305,7 +299,7 @@ def test_a_delivery_is_the_documented_body_signed_so_the_receivers_verify_accept
     )
     message = DeliveryMessage(task_id="t-1", event=WebhookEvent.DONE, delivery_id="d-7")
 
-    assert deliverer.deliver(message, attempt=1).outcome is Outcome.DELIVERED
+    assert deliverer.deliver(message, attempt=1).outcome is DeliveryOutcome.DELIVERED
 
     [(url, body, headers)] = poster.requests
     assert url == "https://h.example.com/hook"
@@ -333,7 +327,7 @@ def test_a_deliverer_refuses_loopback_unless_told_otherwise():
     refusing = WebhookDeliverer(
         tasks=FakeLog(task), poster=poster, secrets=lambda: ["s"], resolve=resolver("127.0.0.1")
     )
-    assert refusing.deliver(message, attempt=1).outcome is Outcome.RETRY
+    assert refusing.deliver(message, attempt=1).outcome is DeliveryOutcome.RETRY
     assert poster.requests == []
 
     allowing = WebhookDeliverer(
@@ -343,5 +337,5 @@ def test_a_deliverer_refuses_loopback_unless_told_otherwise():
         resolve=resolver("127.0.0.1"),
         allow_loopback=True,
     )
-    assert allowing.deliver(message, attempt=1).outcome is Outcome.DELIVERED
+    assert allowing.deliver(message, attempt=1).outcome is DeliveryOutcome.DELIVERED
     assert [r[0] for r in poster.requests] == ["http://127.0.0.1:8080/hook"]

@@ -25,7 +25,7 @@ from gpuqueue.models import (
     TaskStatus,
     WebhookEvent,
 )
-from gpuqueue.notify.webhooks import Resolver, check_webhook_url, resolve_host
+from gpuqueue.notify.webhook_target import Resolver, check_webhook_url, resolve_host
 from gpuqueue.settings import SubmitLimitsSettings
 from gpuqueue.store.task_ids import new_task_id
 from gpuqueue.store.task_queue import TaskQueue

@@ -24,7 +24,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gpuqueue.errors import RateLimited, ServiceUnavailable, TaskStateConflict
 from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.models import Task, WebhookEvent, utc_now
-from gpuqueue.notify.webhooks import RETRY_CAP_SECONDS, DeliveryMessage, MessageSender, new_delivery
+from gpuqueue.notify.webhook_messages import DeliveryMessage, MessageSender, new_delivery
+from gpuqueue.notify.webhook_retry_schedule import RETRY_CAP_SECONDS
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
