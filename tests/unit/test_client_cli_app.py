@@ -70,3 +70,20 @@ def test_a_grouped_command_gets_the_global_options(
 
     assert (first.exit_code, first.output.strip()) == (0, "logged out")
     assert (second.exit_code, second.output.strip()) == (0, "not logged in")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        *[[name] for name in ("register", "login", "generate", "tasks", "transcribe")],
+        *[["endpoints", name] for name in ("list", "put", "drain", "delete")],
+        *[["webhook", name] for name in ("verify", "sign")],
+    ],
+)
+def test_every_command_shows_its_help(command: list[str]) -> None:
+    # `endpoints put --help` crashed: its --url help's "[:port]" read as rich markup.
+    done = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert done.exit_code == 0, done.output
+    assert "Usage:" in done.output
+    if command == ["endpoints", "put"]:
+        assert "http(s)://host[:port][/path]" in done.output

@@ -150,7 +150,9 @@ def endpoints_put(
     ctx: typer.Context,
     endpoint_id: EndpointIdArgument,
     *,
-    url: Annotated[str | None, typer.Option(help="Base URL, http(s)://host[:port][/path].")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Base URL, http(s)://host\\[:port]\\[/path].")
+    ] = None,
     kind: Annotated[Kind | None, typer.Option(help="What it serves.")] = None,
     protocol: Annotated[Protocol | None, typer.Option(help="Its API.")] = None,
     capacity: Annotated[
