@@ -46,6 +46,17 @@ class AuthSettings(_Settings):
     # The PasswordMinimumLength parameter (the pool enforces it too; Cognito allows 6-99).
     password_minimum_length: int = Field(default=DEFAULT_PASSWORD_MINIMUM_LENGTH, ge=6, le=99)
     sign_up_verification: SignUpVerification = SignUpVerification.NONE
+    # Limits on failed logins (per username, per source) and registrations (per source): a
+    # burst, then one more every refill period (gpuqueue.auth.sign_in_throttle).
+    limits_table: str
+    login_username_failure_burst: int = Field(default=5, ge=1, le=1000)
+    login_username_failure_refill_seconds: float = Field(default=300, ge=1, le=86_400)
+    login_source_failure_burst: int = Field(default=30, ge=1, le=100_000)
+    login_source_failure_refill_seconds: float = Field(default=60, ge=1, le=86_400)
+    register_source_burst: int = Field(default=5, ge=1, le=100_000)
+    register_source_refill_seconds: float = Field(default=720, ge=1, le=86_400)
+    # Behind CloudFront (WafRateLimit > 0): the secret its origin header carries.
+    origin_verify_secret: SecretStr | None = None
 
     @property
     def password_policy(self) -> PasswordPolicy:
@@ -277,18 +288,3 @@ class UploadSettings(_Settings):
     task_queue_url: str
     priority_queue_url: str | None = None
     limits_table: str | None = None  # the lanes' ticket counters (queue positions)
-
-
-class SignInThrottleSettings(_Settings):
-    """AuthFunction's limits on failed logins (per username, per source) and registrations
-    (per source): a burst, then one more every refill period (gpuqueue.auth.sign_in_throttle)."""
-
-    limits_table: str
-    login_username_failure_burst: int = Field(default=5, ge=1, le=1000)
-    login_username_failure_refill_seconds: float = Field(default=300, ge=1, le=86_400)
-    login_source_failure_burst: int = Field(default=30, ge=1, le=100_000)
-    login_source_failure_refill_seconds: float = Field(default=60, ge=1, le=86_400)
-    register_source_burst: int = Field(default=5, ge=1, le=100_000)
-    register_source_refill_seconds: float = Field(default=720, ge=1, le=86_400)
-    # Behind CloudFront (WafRateLimit > 0): the secret its origin header carries.
-    origin_verify_secret: SecretStr | None = None
