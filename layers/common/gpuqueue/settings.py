@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.auth.account_policy import (
     DEFAULT_PASSWORD_MINIMUM_LENGTH,
     PasswordPolicy,
@@ -288,3 +289,27 @@ class UploadSettings(_Settings):
     task_queue_url: str
     priority_queue_url: str | None = None
     limits_table: str | None = None  # the lanes' ticket counters (queue positions)
+
+
+# Each function's settings model, by its handler module (template.yaml's Handler before the
+# dot; both dispatchers share one). Tests check that the template gives every function one
+# here, sets every env var its model requires and none it does not read. None: the function
+# reads no settings.
+SETTINGS_BY_HANDLER: dict[str, type[BaseSettings] | None] = {
+    "admin_handler": AdminSettings,
+    "auth_handler": AuthSettings,
+    "checker_handler": CheckerSettings,
+    "connect_handler": ConnectSettings,
+    "deadletter_handler": DeadLetterSettings,
+    "disconnect_handler": DisconnectSettings,
+    "dispatcher_handler": DispatcherSettings,
+    "docs_handler": None,
+    "reaper_handler": ReaperSettings,
+    "speech_handler": SpeechSettings,
+    "stats_handler": StatsSettings,
+    "submit_handler": SubmitSettings,
+    "task_events_handler": TaskEventsSettings,
+    "tasks_handler": TasksSettings,
+    "upload_handler": UploadSettings,
+    "webhook_handler": WebhookSettings,
+}
