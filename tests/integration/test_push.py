@@ -23,6 +23,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from fakes import FakeSpec
 from gpuqueue.notify.push import ConnectionStore
 from gpuqueue_local.gateway import jwks_url
 from gpuqueue_local.lambda_runtime import InvocationResult
@@ -41,11 +42,6 @@ class User:
 
 
 HANDLERS = {"ConnectFunction": "connect_handler", "DisconnectFunction": "disconnect_handler"}
-
-
-@dataclass
-class FakeSpec:
-    timeout_seconds: float = 10.0
 
 
 @dataclass

@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 from pydantic import ValidationError
 
+from fakes import FakeClock
 from gpuqueue.errors import CredentialUnavailable, EndpointAuthRefused, RetryableGpuError
 from gpuqueue.fleet.health_check import probe
 from gpuqueue.gpu.credentials import CredentialScope, GpuCredentials
@@ -89,19 +90,11 @@ class FakeParameters:
         return {"Parameter": {"Name": Name, "Value": self.values[Name]}}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def resolver(
     secrets: dict[str, str] | None = None,
     parameters: dict[str, str] | None = None,
     *,
-    clock: Clock | None = None,
+    clock: FakeClock | None = None,
     ttl: float = 300.0,
 ) -> tuple[GpuCredentials, FakeSecrets, FakeParameters]:
     fake_secrets = FakeSecrets(secrets or {})
@@ -111,7 +104,7 @@ def resolver(
         secrets=lambda: cast(Any, fake_secrets),
         parameters=lambda: cast(Any, fake_parameters),
         ttl_seconds=ttl,
-        clock=clock or Clock(),
+        clock=clock or FakeClock(),
     )
     return credentials, fake_secrets, fake_parameters
 
@@ -220,7 +213,7 @@ def test_surrounding_whitespace_and_a_stored_scheme_are_not_sent_twice(stored: s
 
 
 def test_a_value_is_read_once_per_ttl_then_again_so_a_rotation_is_picked_up() -> None:
-    clock = Clock()
+    clock = FakeClock()
     credentials, secrets, _ = resolver({"stack/gpu/a": "old"}, clock=clock, ttl=300)
     for _ in range(5):
         credentials.headers(endpoint(bearer_secret()))
