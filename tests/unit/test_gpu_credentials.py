@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import pytest
@@ -19,7 +16,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 from pydantic import ValidationError
 
-from fakes import FakeClock
+from fakes import FakeClock, Reply, Request, reply, serve
 from gpuqueue.errors import CredentialUnavailable, EndpointAuthRefused, RetryableGpuError
 from gpuqueue.fleet.health_check import probe
 from gpuqueue.gpu.credentials import CredentialScope, GpuCredentials
@@ -324,7 +321,7 @@ def _png_b64() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _handler(state: FakeGpu) -> type[BaseHTTPRequestHandler]:
+def _answers(state: FakeGpu) -> Callable[[Request], Reply]:
     answers = {
         "/v1/images/generations": {"data": [{"b64_json": _png_b64()}]},
         "/sdapi/v1/txt2img": {"images": [_png_b64()]},
@@ -332,41 +329,21 @@ def _handler(state: FakeGpu) -> type[BaseHTTPRequestHandler]:
         "/health": {"status": "ok"},
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    def answer(request: Request) -> Reply:
+        state.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}))
+        status = state.status
+        return reply(
+            status, answers[request.path] if status == 200 else {"error": f"bad key {TOKEN}"}
+        )
 
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            state.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()}))
-            status = state.status
-            body = answers[self.path] if status == 200 else {"error": f"bad key {TOKEN}"}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = _answer
-
-    return Handler
+    return answer
 
 
 @pytest.fixture
 def gpu() -> Iterator[tuple[FakeGpu, str]]:
     state = FakeGpu()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve(_answers(state)) as url:
+        yield state, url
 
 
 TASK = Task(
