@@ -25,7 +25,7 @@ from gpuqueue.models import (
     SignUpPending,
     TokenResponse,
 )
-from gpuqueue.settings import AuthSettings, SignInThrottleSettings
+from gpuqueue.settings import AuthSettings
 
 logger = Logger()
 tracer = Tracer()
@@ -33,8 +33,13 @@ app = build_resolver()
 
 
 @cache
+def auth_settings() -> AuthSettings:
+    return AuthSettings()
+
+
+@cache
 def directory() -> UserDirectory:
-    settings = AuthSettings()
+    settings = auth_settings()
     return UserDirectory(
         aws_clients.cognito(),
         user_pool_id=settings.user_pool_id,
@@ -45,13 +50,8 @@ def directory() -> UserDirectory:
 
 
 @cache
-def throttle_settings() -> SignInThrottleSettings:
-    return SignInThrottleSettings()
-
-
-@cache
 def throttle() -> SignInThrottle:
-    settings = throttle_settings()
+    settings = auth_settings()
     return SignInThrottle(
         aws_clients.dynamodb().Table(settings.limits_table),
         login_per_username=BucketSpec(
@@ -69,7 +69,7 @@ def throttle() -> SignInThrottle:
 def caller_address() -> str:
     """The address the per-source limits count (the client's, also behind CloudFront)."""
     event = app.current_event
-    secret = throttle_settings().origin_verify_secret
+    secret = auth_settings().origin_verify_secret
     return client_address(
         event.request_context.http.source_ip,
         event.headers,

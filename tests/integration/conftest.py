@@ -14,7 +14,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol, cast
 from urllib.parse import urlencode
 
 import boto3
@@ -44,28 +45,14 @@ from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnobs
 from gpuqueue_local.template import load_template
 from gpuqueue_testing import FakeLambdaContext, User, load_event
-
-HANDLER_MODULES = (
-    "auth_handler",
-    "submit_handler",
-    "tasks_handler",
-    "stats_handler",
-    "checker_handler",
-    "reaper_handler",
-    "dispatcher_handler",
-    "admin_handler",
-    "speech_handler",
-    "upload_handler",
-    "task_events_handler",
-    "deadletter_handler",
-    "webhook_handler",
-    "connect_handler",
-    "disconnect_handler",
+from template_functions import (
+    FUNCTION_BY_HANDLER_MODULE,
+    HANDLER_MODULE_BY_FUNCTION,
+    HANDLER_MODULES,
+    SEPARATE_ENV,
+    sqs_consumer,
 )
-# Functions whose environment would clash with another's in this one process (the priority
-# lane's dispatcher: the same code, TASK_QUEUE_URL the priority queue). `deliver(lane="high")`
-# runs the dispatcher with theirs.
-SEPARATE_ENV = {"PriorityDispatcherFunction"}
+
 LANE_QUEUES = {"normal": "TaskQueue", "high": "PriorityQueue"}
 
 
@@ -187,13 +174,22 @@ def refused_calls(request: pytest.FixtureRequest) -> Iterator[list[moto_iam.Deci
         pytest.fail(f"AWS would refuse these calls (the role lacks the grant): {calls}")
 
 
+class _Cached(Protocol):
+    def cache_clear(self) -> None: ...
+
+
+def _clear_caches(module: ModuleType) -> None:
+    """Forgets what the module's functools.cache'd functions (marked by their cache_info and
+    cache_clear) built on a first call: a container's clients and settings."""
+    for value in vars(module).values():
+        if callable(value) and not isinstance(value, type) and hasattr(value, "cache_info"):
+            cast(_Cached, value).cache_clear()
+
+
 def _reset_handler_caches() -> None:
     aws_clients.reset()
     for name in HANDLER_MODULES:
-        module = importlib.import_module(name)
-        for value in vars(module).values():
-            if isinstance(value, functools._lru_cache_wrapper):
-                value.cache_clear()
+        _clear_caches(importlib.import_module(name))
 
 
 @dataclass
@@ -221,13 +217,9 @@ class Harness:
     def function_of(self, module: str) -> str:
         """The template's function whose handler lives in `module` (the normal lane's for
         the dispatcher, which two functions share)."""
-        for logical_id in self.stack.functions():
-            if logical_id in SEPARATE_ENV:
-                continue
-            handler = self.stack.template["Resources"][logical_id]["Properties"]["Handler"]
-            if handler.split(".")[0] == module:
-                return logical_id
-        raise KeyError(f"no function in template.yaml has its handler in {module}")
+        if module not in FUNCTION_BY_HANDLER_MODULE:
+            raise KeyError(f"no function in template.yaml has its handler in {module}")
+        return FUNCTION_BY_HANDLER_MODULE[module]
 
     @contextlib.contextmanager
     def acting_as(self, logical_id: str) -> Iterator[None]:
@@ -383,22 +375,22 @@ class Harness:
         event = sqs_event(
             messages, queue_arn=self.stack.resolver.get_att(queue, "Arn"), region="us-east-1"
         )
-        module = importlib.import_module("dispatcher_handler")
+        function = sqs_consumer(queue)
+        module = importlib.import_module(HANDLER_MODULE_BY_FUNCTION[function])
         context = FakeLambdaContext("dispatcher", timeout_seconds=timeout_seconds)
-        function = "DispatcherFunction" if lane == "normal" else "PriorityDispatcherFunction"
         with self.acting_as(function):
-            if lane == "normal":
+            if function not in SEPARATE_ENV:
                 response = module.lambda_handler(event, context)
             else:
                 # The priority lane's function: the same code with its own environment.
                 with pytest.MonkeyPatch.context() as patch:
                     for name, value in self.stack.function_env(function).items():
                         patch.setenv(name, value)
-                    module.deps.cache_clear()
+                    _clear_caches(module)
                     try:
                         response = module.lambda_handler(event, context)
                     finally:
-                        module.deps.cache_clear()
+                        _clear_caches(module)
             # The event source mapping deletes what succeeded with the function's role.
             return settle_batch(boto3.client("sqs"), self.queue_url(lane), messages, response)
 
@@ -532,8 +524,8 @@ def make_stack(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
             for name, value in stack.function_env(function).items():
                 if name in merged and merged[name][1] != value:
                     raise AssertionError(
-                        f"{function} and {merged[name][0]} disagree on {name}: "
-                        "add one of them to SEPARATE_ENV"
+                        f"{function} and {merged[name][0]} disagree on {name}: the harness "
+                        "runs their handler modules in one process with one environment"
                     )
                 merged[name] = (function, value)
                 monkeypatch.setenv(name, value)

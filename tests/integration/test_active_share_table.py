@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from fakes import FakeClock
 from gpuqueue.errors import ActiveTaskLimit
 from gpuqueue.intake.active_share import KEY_PREFIX, ActiveTaskShare
 from gpuqueue.intake.rate_limiter import RateLimiter
@@ -231,20 +232,12 @@ def test_errors_other_than_a_full_set_reach_the_caller(table: Any) -> None:
 # --- with the rate limiter: one write takes the token and the share -------------------------
 
 
-class StoppedClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _limiter(table: Any, *, burst: int = 5, rate: float = 0.5, clock: Any = None) -> RateLimiter:
     return RateLimiter(
         table,
         rate_per_second=rate,
         burst=burst,
-        clock=clock or StoppedClock(),
+        clock=clock or FakeClock(),
         key_prefix=KEY_PREFIX,
     )
 

@@ -20,17 +20,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import pytest
 import requests
 from typer.testing import CliRunner, Result
+
+from fakes import Reply, Request, reply, serve
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
@@ -46,19 +45,9 @@ EMAILED_CODE = "246810"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST_POLL = ["--poll-interval", "0.01"]
 
-Reply = tuple[int, dict[str, str], bytes]
-
 
 def png_for(task_id: str) -> bytes:
     return PNG_MAGIC + b"fake image of task " + task_id.encode()
-
-
-def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Reply:
-    return (
-        status,
-        {"Content-Type": "application/json", **(headers or {})},
-        json.dumps(body).encode(),
-    )
 
 
 def api_error(status: int, message: str, code: str, fld: str | None = None) -> Reply:
@@ -115,20 +104,6 @@ STATS = {
     "dead_letter": 0,
     "workers": 2,
 }
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: Message
-    body: bytes
-
-    def json(self) -> dict[str, Any]:
-        loaded = json.loads(self.body or b"{}")
-        assert isinstance(loaded, dict)
-        return loaded
 
 
 @dataclass
@@ -373,48 +348,6 @@ class FakeS3:
         if "X-Amz-Signature" not in request.query:
             return xml_error(403, "AccessDenied")
         return 200, {"Content-Type": "image/png"}, png_for(match[1])
-
-
-@contextmanager
-def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
-    """A ThreadingHTTPServer on 127.0.0.1:0 answering with `handle`; yields its base URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def _dispatch(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            url = urlsplit(self.path)
-            request = Request(
-                method=self.command,
-                path=url.path,
-                query=parse_qs(url.query),
-                headers=self.headers,
-                body=self.rfile.read(length) if length else b"",
-            )
-            status, headers, payload = handle(request)
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _dispatch
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -18,10 +18,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,6 +31,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as WsRequest
 from websockets.http11 import Response as WsResponse
 from websockets.sync.server import ServerConnection, serve
+
+import fakes
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
@@ -126,42 +127,14 @@ class FakeApi:
             self.changed.notify_all()
 
 
-@contextmanager
-def serve_http(api: FakeApi) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def _dispatch(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            path = urlsplit(self.path).path
-            status, headers, payload = api.handle(
-                self.command, path, self.headers.get("Authorization")
-            )
-            self.send_response(status)
-            headers = {"Content-Type": "application/json", **headers}
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+def serve_http(api: FakeApi) -> AbstractContextManager[str]:
+    def handle(request: fakes.Request) -> fakes.Reply:
+        status, headers, payload = api.handle(
+            request.method, request.path, request.headers.get("Authorization")
+        )
+        return status, {"Content-Type": "application/json", **headers}, payload
 
-        do_GET = do_POST = _dispatch
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    return fakes.serve(handle)
 
 
 # -- the fake push endpoint ---------------------------------------------------------------------

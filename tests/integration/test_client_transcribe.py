@@ -23,18 +23,15 @@ import threading
 import uuid
 import wave
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from typer.testing import CliRunner, Result
 
+from fakes import Reply, Request, reply, serve
 from gpuqueue.api.multipart_form import parse_form
 from gpuqueue.errors import GpuqueueError, InvalidInput, UnsupportedMediaType
 from gpuqueue.speech.audio import HEAD_BYTES, audio_format, pcm_to_wav
@@ -52,61 +49,10 @@ HELLO = "hello world"
 TIMEOUT = 60.0  # a loaded 2-core machine decodes ~3x slower than an idle one
 FAST_POLL = ["--poll-interval", "0.05", "--timeout", str(TIMEOUT)]
 
-Reply = tuple[int, dict[str, str], bytes]
-
-
-def reply(status: int, body: object) -> Reply:
-    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
-
 
 def error_reply(status: int, exc: GpuqueueError) -> Reply:
     body = {"error": exc.message, "code": exc.code} | ({"field": exc.field} if exc.field else {})
     return reply(status, body)
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: Message
-    body: bytes
-
-
-@contextmanager
-def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def _dispatch(self) -> None:
-            url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            status, headers, payload = handle(
-                Request(self.command, url.path, parse_qs(url.query), self.headers, body)
-            )
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PUT = _dispatch
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @dataclass

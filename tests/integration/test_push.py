@@ -23,12 +23,14 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from fakes import FakeSpec
 from gpuqueue.notify.push import ConnectionStore
 from gpuqueue_local.gateway import jwks_url
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.template import load_template
 from gpuqueue_local.websocket_gateway import WebSocketGateway, websocket_api
 from gpuqueue_testing import FakeLambdaContext, load_event, wait_for
+from template_functions import HANDLER_MODULE_BY_FUNCTION
 
 
 @dataclass
@@ -38,14 +40,6 @@ class User:
     sub: str
     username: str
     groups: tuple[str, ...] = ()
-
-
-HANDLERS = {"ConnectFunction": "connect_handler", "DisconnectFunction": "disconnect_handler"}
-
-
-@dataclass
-class FakeSpec:
-    timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -117,7 +111,10 @@ def push(
     monkeypatch.setenv("JWKS_URL", jwks_url(moto_url, harness.stack.ref("UserPool")))
     api = websocket_api(load_template())
     assert api is not None
-    functions = {r.function: InProcessFunction(HANDLERS[r.function]) for r in api.routes.values()}
+    functions = {
+        r.function: InProcessFunction(HANDLER_MODULE_BY_FUNCTION[r.function])
+        for r in api.routes.values()
+    }
     gateway = WebSocketGateway(api, functions=functions)  # type: ignore[arg-type]
     gateway.start("127.0.0.1")
     monkeypatch.setenv("WEBSOCKET_MANAGEMENT_URL", gateway.management_url)

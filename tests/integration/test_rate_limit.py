@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
-from typing import Any
 
 import boto3
 import pytest
 
-from gpuqueue.intake.rate_limiter import RateLimiter
+from fakes import FakeClock, stop_rate_limiter_clocks
 
 
 @pytest.fixture(autouse=True)
-def stopped_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The handlers' rate limiters read a clock that stands still: a loaded machine taking
-    seconds between two submits must not refill the bucket under the test's expectations."""
-    now = [time.time()]
-    build = RateLimiter.__init__
-
-    def with_stopped_clock(self: RateLimiter, *args: Any, **kwargs: Any) -> None:
-        build(self, *args, **{**kwargs, "clock": lambda: now[0]})
-
-    monkeypatch.setattr(RateLimiter, "__init__", with_stopped_clock)
-    return now
+def stopped_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The handlers' rate limiters read a clock that stands still."""
+    return stop_rate_limiter_clocks(monkeypatch)
 
 
 def _tasks_of(h) -> int:

@@ -21,6 +21,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from fakes import FakeClock
 from gpuqueue.intake import rate_limiter
 from gpuqueue.intake.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
 
@@ -28,17 +29,6 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 NOW = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Counting:

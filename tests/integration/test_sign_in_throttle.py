@@ -4,12 +4,9 @@ the tests move by hand (no sleeps)."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import pytest
 
-from gpuqueue.intake.rate_limiter import RateLimiter
+from fakes import FakeClock, stop_rate_limiter_clocks
 
 PASSWORD = "correct-horse-battery-9"
 WRONG = "wrong-horse-battery-9"
@@ -22,16 +19,9 @@ REGISTER_BURST, REGISTER_REFILL = 5, 720
 
 
 @pytest.fixture(autouse=True)
-def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Every rate limiter reads this clock: it stands still unless a test moves it."""
-    now = [time.time()]
-    build = RateLimiter.__init__
-
-    def with_clock(self: RateLimiter, *args: Any, **kwargs: Any) -> None:
-        build(self, *args, **{**kwargs, "clock": lambda: now[0]})
-
-    monkeypatch.setattr(RateLimiter, "__init__", with_clock)
-    return now
+    return stop_rate_limiter_clocks(monkeypatch)
 
 
 def _register(h, username, *, source=ELSEWHERE, password=PASSWORD):
@@ -158,12 +148,12 @@ def test_the_limits_come_back_after_their_refill_period(make_stack, clock):
     assert _login(h, "patient1", PASSWORD).status == 429
     assert _register(h, "later9", source=ATTACKER).status == 429
 
-    clock[0] += USERNAME_REFILL - 1
+    clock.advance(USERNAME_REFILL - 1)
     assert _login(h, "patient1", PASSWORD).status == 429
-    clock[0] += 1
+    clock.advance(1)
     assert _login(h, "patient1", PASSWORD).status == 200
 
-    clock[0] += REGISTER_REFILL - USERNAME_REFILL
+    clock.advance(REGISTER_REFILL - USERNAME_REFILL)
     assert _register(h, "later9", source=ATTACKER).status == 201
     assert _register(h, "later10", source=ATTACKER).status == 429
 

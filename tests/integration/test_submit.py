@@ -95,13 +95,8 @@ def test_full_queue_refuses_with_503_and_retry_after(make_stack, alice):
 def test_concurrent_submits_at_the_capacity_never_overshoot_it(make_stack):
     # A depth read then a send let 45 of 40 in under `make load`; the bound is now the
     # condition on the lane's own ticket write.
-    # No per-user share: in this harness the threads run one handler module, and Powertools'
-    # resolver keeps the current event on its module-level app, so a racing request can be
-    # served as another racer (one request per container on Lambda: never there). With a
-    # share of 1 (10 % of 5) that read as the same user twice; the capacity bound is about
-    # the lane, whoever submits.
     capacity = 5
-    h = make_stack(parameters={"QueueCapacity": str(capacity), **ONE_USER_MAY_FILL_THE_QUEUE})
+    h = make_stack(parameters={"QueueCapacity": str(capacity)})
     users = [User(sub=str(uuid.uuid4()), username=f"racer{i}") for i in range(12)]
     start = threading.Barrier(len(users))
 

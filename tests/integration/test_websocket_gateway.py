@@ -4,9 +4,8 @@ as boto3's `apigatewaymanagementapi` client sees it. The functions are recording
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -15,6 +14,7 @@ from botocore.exceptions import ClientError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from fakes import RecordingFunction
 from gpuqueue_local.emulator_iam import EmulatorIam
 from gpuqueue_local.function_identities import FunctionIdentity
 from gpuqueue_local.lambda_runtime import InvocationResult
@@ -25,30 +25,6 @@ from gpuqueue_local.websocket_gateway import (
     WebSocketRoute,
 )
 from gpuqueue_testing import wait_for
-
-
-@dataclass
-class FakeSpec:
-    timeout_seconds: float = 10.0
-
-
-@dataclass
-class RecordingFunction:
-    """Answers `payload`; keeps every event it was invoked with."""
-
-    payload: Any = field(default_factory=lambda: {"statusCode": 200})
-    ok: bool = True
-    spec: FakeSpec = field(default_factory=FakeSpec)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def invoke(self, event: Any, *, timeout_seconds: float | None = None) -> InvocationResult:
-        with self._lock:
-            self.events.append(event)
-        if not self.ok:
-            return InvocationResult(ok=False, error_type="Runtime.ExitError")
-        return InvocationResult(ok=True, payload=self.payload)
-
 
 API = WebSocketApiSpec(
     logical_id="WebSocketApi",
@@ -90,7 +66,9 @@ def ws() -> Iterator[Running]:
         "Connect": RecordingFunction(),
         "Disconnect": RecordingFunction(),
         "Default": RecordingFunction(),
-        "Echo": RecordingFunction(payload={"statusCode": 200, "body": '{"echoed":true}'}),
+        "Echo": RecordingFunction(
+            result=InvocationResult(ok=True, payload={"statusCode": 200, "body": '{"echoed":true}'})
+        ),
     }
     gateway = WebSocketGateway(API, functions=functions)
     gateway.start("127.0.0.1")
@@ -116,7 +94,9 @@ def test_the_connect_function_sees_the_query_string_and_headers(ws: Running) -> 
 def test_a_connect_function_refusal_refuses_the_handshake_with_its_status(
     ws: Running, status: int
 ) -> None:
-    ws.functions["Connect"].payload = {"statusCode": status, "body": '{"message":"no"}'}
+    ws.functions["Connect"].result = InvocationResult(
+        ok=True, payload={"statusCode": status, "body": '{"message":"no"}'}
+    )
 
     with pytest.raises(InvalidStatus) as refused:
         connect(f"{ws.url}?token=bad")
@@ -127,7 +107,7 @@ def test_a_connect_function_refusal_refuses_the_handshake_with_its_status(
 
 
 def test_a_failing_connect_function_is_a_502(ws: Running) -> None:
-    ws.functions["Connect"].ok = False
+    ws.functions["Connect"].result = InvocationResult(ok=False, error_type="Runtime.ExitError")
 
     with pytest.raises(InvalidStatus) as refused:
         connect(ws.url)

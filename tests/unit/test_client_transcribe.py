@@ -9,8 +9,6 @@ signed headers and length the way S3 does, and tasks that move AWAITING_UPLOAD -
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import importlib.util
 import io
 import json
@@ -20,17 +18,15 @@ import threading
 import uuid
 import wave
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.message import EmailMessage, Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from typer.testing import CliRunner, Result
+
+from fakes import Reply, Request, reply, serve
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
@@ -61,94 +57,9 @@ TRANSCRIPT = {
 }
 SSE = {"x-amz-server-side-encryption": "AES256"}  # a signed header S3 insists on getting
 
-Reply = tuple[int, dict[str, str], bytes]
-
-
-def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Reply:
-    payload = json.dumps(body).encode()
-    return status, {"Content-Type": "application/json", **(headers or {})}, payload
-
 
 def api_error(status: int, message: str, code: str, fld: str | None = None) -> Reply:
     return reply(status, {"error": message, "code": code} | ({"field": fld} if fld else {}))
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: Message
-    body: bytes
-
-    def json(self) -> dict[str, Any]:
-        loaded = json.loads(self.body or b"{}")
-        assert isinstance(loaded, dict)
-        return loaded
-
-    def form(self) -> dict[str, EmailMessage]:
-        content_type = self.headers.get("Content-Type", "")
-        head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + self.body)
-        assert isinstance(message, EmailMessage)
-        parts: dict[str, EmailMessage] = {}
-        for part in message.iter_parts():
-            assert isinstance(part, EmailMessage)
-            name = part.get_param("name", header="content-disposition")
-            assert isinstance(name, str)
-            parts[name] = part
-        return parts
-
-
-@contextmanager
-def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
-    """A ThreadingHTTPServer on 127.0.0.1:0 answering with `handle`; yields its base URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def _dispatch(self) -> None:
-            url = urlsplit(self.path)
-            if self.headers.get("Transfer-Encoding"):
-                # S3 does not take chunked uploads (presigned PUTs need Content-Length).
-                self.close_connection = True
-                status, headers, payload = 501, {}, b"<Error><Code>NotImplemented</Code></Error>"
-            else:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                if len(body) < length:  # the client gave up mid-body: nothing to answer
-                    self.close_connection = True
-                    return
-                request = Request(
-                    method=self.command,
-                    path=url.path,
-                    query=parse_qs(url.query),
-                    headers=self.headers,
-                    body=body,
-                )
-                status, headers, payload = handle(request)
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PUT = _dispatch
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @dataclass

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import pytest
@@ -19,6 +16,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 from pydantic import ValidationError
 
+from fakes import FakeClock, Reply, Request, reply, serve
 from gpuqueue.errors import CredentialUnavailable, EndpointAuthRefused, RetryableGpuError
 from gpuqueue.fleet.health_check import probe
 from gpuqueue.gpu.credentials import CredentialScope, GpuCredentials
@@ -89,19 +87,11 @@ class FakeParameters:
         return {"Parameter": {"Name": Name, "Value": self.values[Name]}}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def resolver(
     secrets: dict[str, str] | None = None,
     parameters: dict[str, str] | None = None,
     *,
-    clock: Clock | None = None,
+    clock: FakeClock | None = None,
     ttl: float = 300.0,
 ) -> tuple[GpuCredentials, FakeSecrets, FakeParameters]:
     fake_secrets = FakeSecrets(secrets or {})
@@ -111,7 +101,7 @@ def resolver(
         secrets=lambda: cast(Any, fake_secrets),
         parameters=lambda: cast(Any, fake_parameters),
         ttl_seconds=ttl,
-        clock=clock or Clock(),
+        clock=clock or FakeClock(),
     )
     return credentials, fake_secrets, fake_parameters
 
@@ -220,7 +210,7 @@ def test_surrounding_whitespace_and_a_stored_scheme_are_not_sent_twice(stored: s
 
 
 def test_a_value_is_read_once_per_ttl_then_again_so_a_rotation_is_picked_up() -> None:
-    clock = Clock()
+    clock = FakeClock()
     credentials, secrets, _ = resolver({"stack/gpu/a": "old"}, clock=clock, ttl=300)
     for _ in range(5):
         credentials.headers(endpoint(bearer_secret()))
@@ -331,7 +321,7 @@ def _png_b64() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _handler(state: FakeGpu) -> type[BaseHTTPRequestHandler]:
+def _answers(state: FakeGpu) -> Callable[[Request], Reply]:
     answers = {
         "/v1/images/generations": {"data": [{"b64_json": _png_b64()}]},
         "/sdapi/v1/txt2img": {"images": [_png_b64()]},
@@ -339,41 +329,21 @@ def _handler(state: FakeGpu) -> type[BaseHTTPRequestHandler]:
         "/health": {"status": "ok"},
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    def answer(request: Request) -> Reply:
+        state.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}))
+        status = state.status
+        return reply(
+            status, answers[request.path] if status == 200 else {"error": f"bad key {TOKEN}"}
+        )
 
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            state.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()}))
-            status = state.status
-            body = answers[self.path] if status == 200 else {"error": f"bad key {TOKEN}"}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = _answer
-
-    return Handler
+    return answer
 
 
 @pytest.fixture
 def gpu() -> Iterator[tuple[FakeGpu, str]]:
     state = FakeGpu()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve(_answers(state)) as url:
+        yield state, url
 
 
 TASK = Task(

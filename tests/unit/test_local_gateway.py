@@ -13,6 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fakes import FakeSpec, RecordingFunction
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, JwtVerifier, Route, Unauthorized
 from gpuqueue_local.lambda_runtime import InvocationResult
 
@@ -28,35 +29,6 @@ AUTHORIZER = JwtAuthorizer(
 
 
 # --- Fakes -----------------------------------------------------------------------------
-
-
-@dataclass
-class FakeSpec:
-    timeout_seconds: float
-
-
-@dataclass
-class FakeFunction:
-    """FunctionRuntime's surface the gateway uses: records what it was asked to run."""
-
-    result: InvocationResult = field(
-        default_factory=lambda: InvocationResult(ok=True, payload={"statusCode": 200, "body": "{}"})
-    )
-    timeout_seconds: float = 10.0
-    calls: list[tuple[dict[str, Any], float | None]] = field(default_factory=list)
-
-    @property
-    def spec(self) -> FakeSpec:
-        return FakeSpec(self.timeout_seconds)
-
-    def invoke(self, event: Any, *, timeout_seconds: float | None = None) -> InvocationResult:
-        self.calls.append((event, timeout_seconds))
-        return self.result
-
-    @property
-    def event(self) -> dict[str, Any]:
-        assert len(self.calls) == 1, f"expected one invocation, got {len(self.calls)}"
-        return self.calls[0][0]
 
 
 @dataclass
@@ -85,11 +57,11 @@ def route(key: str, function: str = "Fn", *, authorizer: JwtAuthorizer | None = 
 
 def api(
     *routes: Route,
-    functions: dict[str, FakeFunction] | None = None,
+    functions: dict[str, RecordingFunction] | None = None,
     verifier: FakeVerifier | None = None,
     ready: Callable[[], bool] = lambda: True,
 ) -> ApiGateway:
-    fakes: Any = functions if functions is not None else {"Fn": FakeFunction()}
+    fakes: Any = functions if functions is not None else {"Fn": RecordingFunction()}
     checker: Any = verifier if verifier is not None else FakeVerifier()
     return ApiGateway(routes=list(routes), functions=fakes, verifier=checker, ready=ready)
 
@@ -117,7 +89,7 @@ def invoke_event(
     authorizer: JwtAuthorizer | None = None,
 ) -> dict[str, Any]:
     """The event one request hands the function."""
-    function = FakeFunction()
+    function = RecordingFunction()
     gw = api(route(route_key, authorizer=authorizer), functions={"Fn": function}, verifier=verifier)
     call(gw, method, raw_path, headers=headers, body=body)
     return function.event
@@ -127,7 +99,7 @@ def respond(
     result: InvocationResult, *, timeout_seconds: float = 10.0
 ) -> tuple[int, dict[str, str], bytes]:
     """The HTTP response the gateway gives for one invocation result."""
-    function = FakeFunction(result=result, timeout_seconds=timeout_seconds)
+    function = RecordingFunction(result=result, spec=FakeSpec(timeout_seconds))
     return call(api(route("GET /x"), functions={"Fn": function}), "GET", "/x")
 
 
@@ -373,7 +345,7 @@ def test_event_binary_body_is_base64_encoded() -> None:
 
 
 def test_protected_route_answers_401_when_the_token_is_refused() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     verifier = FakeVerifier(claims=None)
     gw = api(
         route("GET /secret", authorizer=AUTHORIZER), functions={"Fn": function}, verifier=verifier
@@ -400,7 +372,7 @@ def test_protected_route_hands_the_verifier_the_header_and_route_scopes() -> Non
 
 
 def test_public_route_skips_the_verifier() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     verifier = FakeVerifier(claims=None)
     gw = api(route("POST /login"), functions={"Fn": function}, verifier=verifier)
 
@@ -428,7 +400,7 @@ def test_health_answers_503_until_ready() -> None:
 
 
 def test_body_over_10_mb_answers_413_without_invoking() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     gw = api(route("POST /x"), functions={"Fn": function})
 
     status, _, _ = call(gw, "POST", "/x", body=b"x" * (10 * 1024 * 1024 + 1))
@@ -536,7 +508,7 @@ def test_invalid_status_code_answers_500() -> None:
 
 
 def test_integration_timeout_caps_a_long_function_timeout_at_30_seconds() -> None:
-    function = FakeFunction(timeout_seconds=900.0)
+    function = RecordingFunction(spec=FakeSpec(900.0))
 
     call(api(route("GET /x"), functions={"Fn": function}), "GET", "/x")
 
@@ -544,7 +516,7 @@ def test_integration_timeout_caps_a_long_function_timeout_at_30_seconds() -> Non
 
 
 def test_integration_timeout_is_the_function_timeout_when_shorter() -> None:
-    function = FakeFunction(timeout_seconds=5.0)
+    function = RecordingFunction(spec=FakeSpec(5.0))
 
     call(api(route("GET /x"), functions={"Fn": function}), "GET", "/x")
 
@@ -552,7 +524,7 @@ def test_integration_timeout_is_the_function_timeout_when_shorter() -> None:
 
 
 def test_request_reaches_the_function_its_route_names() -> None:
-    tasks, stats = FakeFunction(), FakeFunction()
+    tasks, stats = RecordingFunction(), RecordingFunction()
     gw = api(
         route("GET /api/v1/tasks", "Tasks"),
         route("GET /api/v1/system/stats", "Stats"),

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from fakes import RecordingFunction
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.scheduler import Schedule, rate_seconds, scheduled_event
 from gpuqueue_local.stack import MIN_HEALTH_PERIOD_SECONDS, StackOptions, local_function_env
 from gpuqueue_testing import wait_for
 
 
-@dataclass
-class FakeFunction:
-    """FunctionRuntime's invoke, recording events; answers with the given result."""
-
-    result: InvocationResult = field(default_factory=lambda: InvocationResult(ok=True))
-    events: list[Any] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def invoke(self, event: Any, *, timeout_seconds: float | None = None) -> InvocationResult:
-        with self._lock:
-            self.events.append(event)
-        return self.result
-
-
-def schedule(function: FakeFunction, **kwargs: Any) -> Schedule:
+def schedule(function: RecordingFunction, **kwargs: Any) -> Schedule:
     runtime: Any = function
     options: dict[str, Any] = {"rule_name": "stack-CheckerSchedule", "period_seconds": 60.0}
     options.update(kwargs)
@@ -112,16 +97,16 @@ def test_each_scheduled_event_has_its_own_id() -> None:
 
 
 def test_interval_is_the_period_without_speedup() -> None:
-    assert schedule(FakeFunction(), period_seconds=60.0).interval == 60.0
+    assert schedule(RecordingFunction(), period_seconds=60.0).interval == 60.0
 
 
 def test_speedup_divides_the_interval() -> None:
-    assert schedule(FakeFunction(), period_seconds=60.0, speedup=60.0).interval == 1.0
-    assert schedule(FakeFunction(), period_seconds=60.0, speedup=0.5).interval == 120.0
+    assert schedule(RecordingFunction(), period_seconds=60.0, speedup=60.0).interval == 1.0
+    assert schedule(RecordingFunction(), period_seconds=60.0, speedup=0.5).interval == 120.0
 
 
 def test_run_once_invokes_the_function_with_the_rules_scheduled_event() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     rule = schedule(function, rule_name="stack-CheckerSchedule")
 
     assert rule.run_once() is True
@@ -137,7 +122,7 @@ def test_run_once_invokes_the_function_with_the_rules_scheduled_event() -> None:
 def test_failed_run_is_logged_and_reported() -> None:
     failure = InvocationResult(ok=False, error_type="ValueError", error_message="boom")
     lines: list[str] = []
-    rule = schedule(FakeFunction(result=failure), rule_name="r", log=lines.append)
+    rule = schedule(RecordingFunction(result=failure), rule_name="r", log=lines.append)
 
     assert rule.run_once() is False
 
@@ -145,7 +130,7 @@ def test_failed_run_is_logged_and_reported() -> None:
 
 
 def test_started_schedule_fires_at_once_then_every_interval() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     rule = schedule(function, period_seconds=60.0, speedup=600.0)  # every 0.1 s
     rule.start(fire_now=True)
     try:
@@ -155,7 +140,7 @@ def test_started_schedule_fires_at_once_then_every_interval() -> None:
 
 
 def test_stop_ends_the_schedules_thread() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     rule = schedule(function, period_seconds=60.0, speedup=600.0)
     rule.start(fire_now=True)
     wait_for(lambda: function.events, timeout=5.0, what="the first scheduled run")
@@ -168,7 +153,7 @@ def test_stop_ends_the_schedules_thread() -> None:
 
 
 def test_schedule_started_without_fire_now_waits_one_interval() -> None:
-    function = FakeFunction()
+    function = RecordingFunction()
     rule = schedule(function, period_seconds=3600.0)
     rule.start(fire_now=False)
     try:

@@ -6,15 +6,8 @@ import threading
 
 import pytest
 
+from fakes import FakeClock
 from gpuqueue.dispatch.shared_receive import SharedReceive
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Queue:
@@ -35,7 +28,7 @@ class Queue:
         self.waiting = list(messages) + self.waiting
 
 
-def shared(queue: Queue, clock: Clock, *, dry: float = 0.0) -> SharedReceive[str]:
+def shared(queue: Queue, clock: FakeClock, *, dry: float = 0.0) -> SharedReceive[str]:
     return SharedReceive(
         queue.receive,
         queue.release,
@@ -47,7 +40,7 @@ def shared(queue: Queue, clock: Clock, *, dry: float = 0.0) -> SharedReceive[str
 
 
 def test_workers_due_together_share_one_receive() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     workers = [object() for _ in range(3)]
     for i, worker in enumerate(workers):
@@ -61,7 +54,7 @@ def test_workers_due_together_share_one_receive() -> None:
 
 
 def test_a_worker_due_later_than_the_window_is_not_received_for() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     now, later = object(), object()
     receiver.expect(now, clock.now)
@@ -73,7 +66,7 @@ def test_a_worker_due_later_than_the_window_is_not_received_for() -> None:
 
 
 def test_a_worker_that_has_its_message_is_not_counted() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     a, b = object(), object()
     receiver.expect(a, clock.now)
@@ -86,7 +79,7 @@ def test_a_worker_that_has_its_message_is_not_counted() -> None:
 
 
 def test_a_message_its_worker_did_not_come_for_goes_back_at_once() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     for _ in range(2):
         receiver.expect(object(), clock.now)
@@ -102,7 +95,7 @@ def test_a_message_its_worker_did_not_come_for_goes_back_at_once() -> None:
 
 
 def test_what_is_left_at_the_end_goes_back_in_one_release() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     for _ in range(4):
         receiver.expect(object(), clock.now)
@@ -116,7 +109,7 @@ def test_what_is_left_at_the_end_goes_back_in_one_release() -> None:
 
 
 def test_a_pull_for_several_takes_what_is_left_first() -> None:
-    queue, clock = Queue(10), Clock()
+    queue, clock = Queue(10), FakeClock()
     receiver = shared(queue, clock)
     workers = [object() for _ in range(3)]
     for worker in workers:
@@ -130,7 +123,7 @@ def test_a_pull_for_several_takes_what_is_left_first() -> None:
 
 
 def test_one_receive_asks_for_at_most_ten() -> None:
-    queue, clock = Queue(30), Clock()
+    queue, clock = Queue(30), FakeClock()
     receiver = shared(queue, clock)
     for _ in range(15):
         receiver.expect(object(), clock.now)
@@ -141,7 +134,7 @@ def test_one_receive_asks_for_at_most_ten() -> None:
 
 
 def test_an_empty_queue_costs_one_receive_and_leaves_nothing() -> None:
-    queue, clock = Queue(0), Clock()
+    queue, clock = Queue(0), FakeClock()
     receiver = shared(queue, clock)
     for _ in range(3):
         receiver.expect(object(), clock.now)
@@ -152,7 +145,7 @@ def test_an_empty_queue_costs_one_receive_and_leaves_nothing() -> None:
 
 
 def test_racing_pulls_never_receive_twice_for_the_same_workers() -> None:
-    queue, clock = Queue(100), Clock()
+    queue, clock = Queue(100), FakeClock()
     receiver = shared(queue, clock)
     for _ in range(8):
         receiver.expect(object(), clock.now)
@@ -181,7 +174,7 @@ def test_hold_must_cover_the_window() -> None:
 
 
 def test_workers_ending_together_end_on_one_empty_receive() -> None:
-    queue, clock = Queue(0), Clock()
+    queue, clock = Queue(0), FakeClock()
     receiver = shared(queue, clock, dry=0.5)
 
     assert [receiver.pull() for _ in range(4)] == [[], [], [], []]
@@ -194,7 +187,7 @@ def test_workers_ending_together_end_on_one_empty_receive() -> None:
 
 
 def test_a_short_answer_is_not_taken_for_a_drained_queue() -> None:
-    queue, clock = Queue(1), Clock()
+    queue, clock = Queue(1), FakeClock()
     receiver = shared(queue, clock, dry=0.5)
     for _ in range(3):
         receiver.expect(object(), clock.now)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from fakes import FakeClock
 from gpuqueue.errors import RetryableGpuError, UpstreamFailed
 from gpuqueue.fleet.slot_broker import LEASE_TAIL_SECONDS, HeldSlot, NoRoutableEndpoint, SlotRequest
 from gpuqueue.gpu.speech_client import Transcript
@@ -14,14 +15,6 @@ from gpuqueue.models import Endpoint, SlotLease, TaskKind
 from gpuqueue.speech.speech_service import AudioClip, SpeechService
 
 LAMBDA_SECONDS = 29.0
-
-
-@dataclass
-class Clock:
-    now: float = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def speech_endpoint(endpoint_id: str) -> Endpoint:
@@ -34,7 +27,7 @@ class Slots:
     costs `take_seconds` of the clock after the lease's start (a slow control plane)."""
 
     endpoints: list[str]
-    clock: Clock
+    clock: FakeClock
     take_seconds: float = 0.0
     lease_seconds: list[float] = field(default_factory=list)
 
@@ -69,7 +62,7 @@ class Registry:
 class SlowThenOk:
     """The first endpoint fails after 18 s; the next one answers."""
 
-    clock: Clock
+    clock: FakeClock
     timeouts: list[float] = field(default_factory=list)
 
     def transcribe(self, endpoint: Endpoint, audio: bytes, **kwargs: Any) -> Transcript:
@@ -81,7 +74,7 @@ class SlowThenOk:
 
 
 def service(
-    clock: Clock, transcriber: Any, endpoints: list[str], *, take_seconds: float = 0.0
+    clock: FakeClock, transcriber: Any, endpoints: list[str], *, take_seconds: float = 0.0
 ) -> SpeechService:
     return SpeechService(
         registry=Registry(),  # type: ignore[arg-type]
@@ -99,7 +92,7 @@ CLIP = AudioClip(data=b"RIFF", filename="a.wav", content_type="audio/wav")
 
 
 def test_the_retry_after_a_slow_failure_gets_only_the_time_that_is_left() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)  # seconds into the invocation
     transcriber = SlowThenOk(clock)
 
     transcript = service(clock, transcriber, ["a", "b"]).transcribe(
@@ -112,7 +105,7 @@ def test_the_retry_after_a_slow_failure_gets_only_the_time_that_is_left() -> Non
 
 
 def test_with_no_other_endpoint_the_failure_is_reported_not_retried() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)  # seconds into the invocation
     transcriber = SlowThenOk(clock)
 
     with pytest.raises(UpstreamFailed):
@@ -126,7 +119,7 @@ def test_with_no_other_endpoint_the_failure_is_reported_not_retried() -> None:
 def test_a_slow_take_shortens_the_call_to_what_is_left_of_the_slots_lease() -> None:
     """The lease starts before the writes that take the slot; when they are slow, the call
     still ends inside it (a call outliving its lease shares the GPU with the next one)."""
-    clock = Clock()
+    clock = FakeClock(0.0)  # seconds into the invocation
     transcriber = SlowThenOk(clock)
 
     service(clock, transcriber, ["a", "b"], take_seconds=7.0).transcribe(

@@ -15,10 +15,8 @@ from typing import Any
 import pytest
 import samtranslator
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
 
 from gpuqueue import settings
-from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.gpu.image_client import IMAGE_ANSWER_IN_MEMORY, image_answer_limit
 from gpuqueue.gpu.memory_budget import HEADROOM_MB, MIB
 from gpuqueue.gpu.speech_client import TRANSCRIPT_ANSWER_IN_MEMORY, TRANSCRIPT_ANSWER_LIMIT
@@ -30,6 +28,13 @@ from gpuqueue_local.template import (
     load_template,
     parameter_values,
     resources_of_type,
+)
+from template_functions import (
+    GLOBAL_ENV,
+    HANDLER_MODULE_BY_FUNCTION,
+    HANDLER_MODULES,
+    environment_keys,
+    settings_model,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,19 +74,6 @@ SEED_ROUTES = {
     ("DELETE", "/api/v1/tasks/{task_id}"),
     ("GET", "/api/images/{task_id}"),
     ("GET", "/api/v1/system/stats"),
-}
-SETTINGS_BY_FUNCTION: dict[str, type[BaseSettings]] = {
-    "AuthFunction": settings.AuthSettings,
-    "SubmitFunction": settings.SubmitSettings,
-    "TasksFunction": settings.TasksSettings,
-    "StatsFunction": settings.StatsSettings,
-    "CheckerFunction": settings.CheckerSettings,
-    "DispatcherFunction": settings.DispatcherSettings,
-    "AdminFunction": AdminSettings,
-    "PriorityDispatcherFunction": settings.DispatcherSettings,
-    "TaskEventsFunction": settings.TaskEventsSettings,
-    "DeadletterFunction": settings.DeadLetterSettings,
-    "WebhookFunction": settings.WebhookSettings,
 }
 
 
@@ -151,14 +143,6 @@ def policy_statements() -> Iterator[tuple[str, dict[str, Any]]]:
         for policy in resource["Properties"].get("Policies", []):
             for statement in as_list(policy["PolicyDocument"]["Statement"]):
                 yield logical_id, statement
-
-
-def environment_keys(logical_id: str) -> set[str]:
-    global_env = (
-        TEMPLATE.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
-    )
-    own_env = props(logical_id).get("Environment", {}).get("Variables", {})
-    return set(global_env) | set(own_env)
 
 
 # --- the queue and the worker pool ----------------------------------------------------------
@@ -624,23 +608,42 @@ def test_outputs_give_clients_and_e2e_tests_what_they_need() -> None:
 # --- configuration --------------------------------------------------------------------------
 
 
-def test_every_configured_function_exists_in_the_template() -> None:
-    assert set(SETTINGS_BY_FUNCTION) <= set(FUNCTIONS)
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_every_function_declares_the_settings_it_reads(logical_id: str) -> None:
+    module = HANDLER_MODULE_BY_FUNCTION[logical_id]
+
+    assert module in settings.SETTINGS_BY_HANDLER, (
+        f"{logical_id}: declare {module}'s settings model in gpuqueue.settings"
+    )
+
+
+def test_every_declared_settings_model_belongs_to_a_function_in_the_template() -> None:
+    assert set(settings.SETTINGS_BY_HANDLER) == set(HANDLER_MODULES)
 
 
 @pytest.mark.parametrize(
-    ("logical_id", "settings_model"),
-    [pytest.param(f, model, id=f) for f, model in sorted(SETTINGS_BY_FUNCTION.items())],
+    "logical_id",
+    [
+        f
+        for f in sorted(FUNCTIONS)
+        if settings.SETTINGS_BY_HANDLER.get(HANDLER_MODULE_BY_FUNCTION[f])
+    ],
 )
-def test_template_sets_every_required_setting_of_the_function(
-    logical_id: str, settings_model: type[BaseSettings]
-) -> None:
-    required = {
-        name.upper() for name, field in settings_model.model_fields.items() if field.is_required()
-    }
+def test_template_sets_every_required_setting_of_the_function(logical_id: str) -> None:
+    model = settings_model(logical_id)
+    assert model is not None
+    required = {name.upper() for name, field in model.model_fields.items() if field.is_required()}
 
     assert required
     assert required - environment_keys(logical_id) == set()
+
+
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_template_sets_no_env_var_the_function_does_not_read(logical_id: str) -> None:
+    model = settings_model(logical_id)
+    read = set() if model is None else {name.upper() for name in model.model_fields}
+
+    assert environment_keys(logical_id) - set(GLOBAL_ENV) - read == set()
 
 
 # A dispatcher's Max Memory Used with every call's answer given back (make bench measures

@@ -16,7 +16,7 @@ from gpuqueue.auth.sign_in_throttle import (
     source_key,
     username_key,
 )
-from gpuqueue.settings import SignInThrottleSettings
+from gpuqueue.settings import AuthSettings
 from gpuqueue_local.template import (
     Resolver,
     RuleViolation,
@@ -30,6 +30,8 @@ PARAMETERS: dict[str, dict[str, Any]] = TEMPLATE["Parameters"]
 EDGE = ["OriginVerifySecret", "ViewerAddressFunction", "ApiWebAcl", "ApiDistribution"]
 # AWS WAF's documented bounds for a rate-based rule's Limit (requests per 5 minutes).
 WAF_LIMIT_RANGE = (10, 2_000_000_000)
+# What AuthSettings needs besides the limits.
+AUTH_REQUIRED = {"user_pool_id": "p", "user_pool_client_id": "c", "limits_table": "t"}
 # Each limit's env var on AuthFunction -> its parameter.
 LIMIT_PARAMETERS = {
     "LOGIN_USERNAME_FAILURE_BURST": "LoginUsernameFailureBurst",
@@ -66,7 +68,7 @@ def test_auth_function_gets_every_limit_from_its_parameter_and_the_limits_table(
     for variable, parameter in LIMIT_PARAMETERS.items():
         assert env[variable] == str(PARAMETERS[parameter]["Default"])
     # The settings the function reads take the template's defaults as they are.
-    settings = SignInThrottleSettings.model_validate({k.lower(): v for k, v in env.items()})
+    settings = AuthSettings.model_validate({k.lower(): v for k, v in env.items()})
     assert settings.register_source_burst == 5
     assert settings.origin_verify_secret is None
 
@@ -77,11 +79,11 @@ def test_every_value_the_parameter_allows_is_one_the_function_accepts(variable: 
     low, high = spec["MinValue"], spec["MaxValue"]
     field = variable.lower()
     for value in (low, high, spec["Default"]):
-        SignInThrottleSettings.model_validate({"limits_table": "t", field: value})
+        AuthSettings.model_validate({**AUTH_REQUIRED, field: value})
     # and the function's bounds are the template's: nothing it would refuse deploys.
     for value in (low - 1, high + 1):
         with pytest.raises(ValidationError):
-            SignInThrottleSettings.model_validate({"limits_table": "t", field: value})
+            AuthSettings.model_validate({**AUTH_REQUIRED, field: value})
 
 
 @pytest.mark.parametrize("value", ["0", "10", "100", "2000", "999999999"])

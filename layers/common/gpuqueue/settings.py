@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gpuqueue.admin_settings import AdminSettings
 from gpuqueue.auth.account_policy import (
     DEFAULT_PASSWORD_MINIMUM_LENGTH,
     PasswordPolicy,
@@ -46,6 +47,17 @@ class AuthSettings(_Settings):
     # The PasswordMinimumLength parameter (the pool enforces it too; Cognito allows 6-99).
     password_minimum_length: int = Field(default=DEFAULT_PASSWORD_MINIMUM_LENGTH, ge=6, le=99)
     sign_up_verification: SignUpVerification = SignUpVerification.NONE
+    # Limits on failed logins (per username, per source) and registrations (per source): a
+    # burst, then one more every refill period (gpuqueue.auth.sign_in_throttle).
+    limits_table: str
+    login_username_failure_burst: int = Field(default=5, ge=1, le=1000)
+    login_username_failure_refill_seconds: float = Field(default=300, ge=1, le=86_400)
+    login_source_failure_burst: int = Field(default=30, ge=1, le=100_000)
+    login_source_failure_refill_seconds: float = Field(default=60, ge=1, le=86_400)
+    register_source_burst: int = Field(default=5, ge=1, le=100_000)
+    register_source_refill_seconds: float = Field(default=720, ge=1, le=86_400)
+    # Behind CloudFront (WafRateLimit > 0): the secret its origin header carries.
+    origin_verify_secret: SecretStr | None = None
 
     @property
     def password_policy(self) -> PasswordPolicy:
@@ -279,16 +291,25 @@ class UploadSettings(_Settings):
     limits_table: str | None = None  # the lanes' ticket counters (queue positions)
 
 
-class SignInThrottleSettings(_Settings):
-    """AuthFunction's limits on failed logins (per username, per source) and registrations
-    (per source): a burst, then one more every refill period (gpuqueue.auth.sign_in_throttle)."""
-
-    limits_table: str
-    login_username_failure_burst: int = Field(default=5, ge=1, le=1000)
-    login_username_failure_refill_seconds: float = Field(default=300, ge=1, le=86_400)
-    login_source_failure_burst: int = Field(default=30, ge=1, le=100_000)
-    login_source_failure_refill_seconds: float = Field(default=60, ge=1, le=86_400)
-    register_source_burst: int = Field(default=5, ge=1, le=100_000)
-    register_source_refill_seconds: float = Field(default=720, ge=1, le=86_400)
-    # Behind CloudFront (WafRateLimit > 0): the secret its origin header carries.
-    origin_verify_secret: SecretStr | None = None
+# Each function's settings model, by its handler module (template.yaml's Handler before the
+# dot; both dispatchers share one). Tests check that the template gives every function one
+# here, sets every env var its model requires and none it does not read. None: the function
+# reads no settings.
+SETTINGS_BY_HANDLER: dict[str, type[BaseSettings] | None] = {
+    "admin_handler": AdminSettings,
+    "auth_handler": AuthSettings,
+    "checker_handler": CheckerSettings,
+    "connect_handler": ConnectSettings,
+    "deadletter_handler": DeadLetterSettings,
+    "disconnect_handler": DisconnectSettings,
+    "dispatcher_handler": DispatcherSettings,
+    "docs_handler": None,
+    "reaper_handler": ReaperSettings,
+    "speech_handler": SpeechSettings,
+    "stats_handler": StatsSettings,
+    "submit_handler": SubmitSettings,
+    "task_events_handler": TaskEventsSettings,
+    "tasks_handler": TasksSettings,
+    "upload_handler": UploadSettings,
+    "webhook_handler": WebhookSettings,
+}

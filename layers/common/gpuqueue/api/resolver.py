@@ -5,10 +5,11 @@ Every error leaves as JSON `{"error": message, "code": CODE, "field"?: name}`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
@@ -21,6 +22,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import errors
@@ -119,11 +121,74 @@ class _JsonBodyValidation(OpenAPIRequestValidationMiddleware):
         return json_body(app.current_event)
 
 
+class _RequestState(threading.local):
+    """The request a thread is serving: what Powertools keeps on the resolver (the event and
+    Lambda context on its class, the route context and middleware frames on the instance)."""
+
+    def __init__(self) -> None:
+        self.event: APIGatewayProxyEventV2 | None = None
+        self.lambda_context: LambdaContext | None = None
+        self.context: dict[str, Any] = {}
+        self.processed_stack_frames: list[str] = []
+
+
 class _ApiResolver(APIGatewayHttpResolver):
     """The resolver, with headers every answer carries (errors and 404s included, which
-    Powertools' middlewares never see)."""
+    Powertools' middlewares never see), and its request state kept per thread.
+
+    Lambda serves one request per container at a time; threads calling one handler module
+    in one process (the integration tests) would otherwise read each other's caller, or
+    lose the route another request's end cleared (KeyError '_route').
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._request = _RequestState()  # before Powertools' __init__ sets context
+        super().__init__(**options)
+
+    # The HTTP API's event type, as APIGatewayHttpResolver declares it (BaseRouter's is wider).
+    @property  # type: ignore[override]
+    def current_event(self) -> APIGatewayProxyEventV2:
+        event = self._request.event
+        if event is None:
+            raise RuntimeError("no request is being resolved on this thread")
+        return event
+
+    @current_event.setter
+    def current_event(self, event: APIGatewayProxyEventV2) -> None:
+        self._request.event = event
+
+    @property
+    def lambda_context(self) -> LambdaContext:
+        context = self._request.lambda_context
+        if context is None:
+            raise RuntimeError("no request is being resolved on this thread")
+        return context
+
+    @lambda_context.setter
+    def lambda_context(self, context: LambdaContext) -> None:
+        self._request.lambda_context = context
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self._request.context
+
+    @context.setter
+    def context(self, value: dict[str, Any]) -> None:
+        self._request.context = value
+
+    @property
+    def processed_stack_frames(self) -> list[str]:
+        return self._request.processed_stack_frames
+
+    @processed_stack_frames.setter
+    def processed_stack_frames(self, value: list[str]) -> None:
+        self._request.processed_stack_frames = value
 
     def resolve(self, event: Mapping[str, Any], context: LambdaContext) -> dict[str, Any]:
+        # Powertools sets the event on its BaseRouter class (every resolver's, every
+        # thread's): this thread's own copy is what the routes and middlewares read.
+        self.current_event = cast(APIGatewayProxyEventV2, self._to_proxy_event(dict(event)))
+        self.lambda_context = context
         answer = super().resolve(event, context)
         # Every body is JSON or says its type: a browser must not guess another (HTML).
         answer["headers"] = {**(answer.get("headers") or {}), "X-Content-Type-Options": "nosniff"}
