@@ -1,5 +1,5 @@
 """SpeechTasks, the long-audio routes' domain calls, on in-memory rows: the announced task
-and its upload URL, and the refusals of the transcript route."""
+and its upload URL, its refusals (counted like a submit's), and the transcript route's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from typing import Any, cast
 
 import pytest
 
-from gpuqueue.errors import InvalidInput, PayloadTooLarge, TaskNotFound, TaskStateConflict
+from gpuqueue.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RateLimited,
+    TaskNotFound,
+    TaskStateConflict,
+)
+from gpuqueue.intake.intake_metrics import IntakeMetrics
+from gpuqueue.intake.rate_limiter import RateDecision
 from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.models import SpeechAsyncRequest, Task, TaskKind, TaskStatus
 from gpuqueue.speech.audio import ASYNC_AUDIO_MAX_BYTES
@@ -113,3 +121,42 @@ def test_a_transcript_is_only_a_done_speech_task_of_the_caller(task: Task, refus
 
     with pytest.raises(refusal):
         _speech_tasks(table).transcript("t1", "alice")
+
+
+class SpentBucket:
+    """A RateLimiter whose bucket is empty: every take is refused."""
+
+    rate_per_second = 0.5
+
+    def take(self, owner: str) -> RateDecision:
+        return RateDecision(
+            allowed=False, limit=5, remaining=0, retry_after_seconds=2, reset_seconds=10
+        )
+
+
+class MetricsRecorder:
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
+        self.added.append(name)
+
+
+def test_an_announcement_over_the_rate_is_refused_and_counted_like_a_submit():
+    table, recorder = RowTable(), MetricsRecorder()
+    submissions = SubmissionService(
+        tasks=TaskStore(cast(Any, table)),
+        queue=cast(Any, None),
+        capacity=10,
+        limiter=cast(Any, SpentBucket()),
+        metrics=IntakeMetrics(cast(Any, recorder)),
+    )
+    speech_tasks = SpeechTasks(
+        submissions, AudioStore(cast(Any, None), "bucket"), upload_url_ttl_seconds=900
+    )
+    request = SpeechAsyncRequest(filename="talk.mp3", size_bytes=1234)
+
+    with pytest.raises(RateLimited):
+        speech_tasks.start_upload("alice", request, groups=frozenset())
+    assert recorder.added == ["RateLimitHits"]
+    assert table.rows == {}
