@@ -16,6 +16,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.api.resolver import build_resolver, documented
+from gpuqueue.auth.accounts import Accounts
 from gpuqueue.auth.sign_in_throttle import BucketSpec, SignInThrottle, client_address
 from gpuqueue.auth.user_directory import UserDirectory
 from gpuqueue.models import (
@@ -38,30 +39,28 @@ def auth_settings() -> AuthSettings:
 
 
 @cache
-def directory() -> UserDirectory:
+def accounts() -> Accounts:
     settings = auth_settings()
-    return UserDirectory(
-        aws_clients.cognito(),
-        user_pool_id=settings.user_pool_id,
-        client_id=settings.user_pool_client_id,
-        password_policy=settings.password_policy,
-        verification=settings.sign_up_verification,
-    )
-
-
-@cache
-def throttle() -> SignInThrottle:
-    settings = auth_settings()
-    return SignInThrottle(
-        aws_clients.dynamodb().Table(settings.limits_table),
-        login_per_username=BucketSpec(
-            settings.login_username_failure_burst, settings.login_username_failure_refill_seconds
+    return Accounts(
+        UserDirectory(
+            aws_clients.cognito(),
+            user_pool_id=settings.user_pool_id,
+            client_id=settings.user_pool_client_id,
+            password_policy=settings.password_policy,
+            verification=settings.sign_up_verification,
         ),
-        login_per_source=BucketSpec(
-            settings.login_source_failure_burst, settings.login_source_failure_refill_seconds
-        ),
-        register_per_source=BucketSpec(
-            settings.register_source_burst, settings.register_source_refill_seconds
+        SignInThrottle(
+            aws_clients.dynamodb().Table(settings.limits_table),
+            login_per_username=BucketSpec(
+                settings.login_username_failure_burst,
+                settings.login_username_failure_refill_seconds,
+            ),
+            login_per_source=BucketSpec(
+                settings.login_source_failure_burst, settings.login_source_failure_refill_seconds
+            ),
+            register_per_source=BucketSpec(
+                settings.register_source_burst, settings.register_source_refill_seconds
+            ),
         ),
     )
 
@@ -90,7 +89,7 @@ def caller_address() -> str:
     },
 )
 def register(registration: Annotated[Registration, Body()]) -> Response[str]:
-    result = throttle().register(caller_address(), lambda: directory().register(registration))
+    result = accounts().register(registration, source=caller_address())
     status = HTTPStatus.ACCEPTED if isinstance(result, SignUpPending) else HTTPStatus.CREATED
     if status is HTTPStatus.CREATED:
         logger.info("user registered", extra={"username": registration.username})
@@ -103,14 +102,12 @@ def register(registration: Annotated[Registration, Body()]) -> Response[str]:
 
 @app.post("/register/confirm")
 def confirm_registration(confirmation: Annotated[SignUpConfirmation, Body()]) -> TokenResponse:
-    return directory().confirm(confirmation)
+    return accounts().confirm(confirmation)
 
 
 @app.post("/login")
 def login(credentials: Annotated[Credentials, Body()]) -> TokenResponse:
-    return throttle().login(
-        credentials.username, caller_address(), lambda: directory().login(credentials)
-    )
+    return accounts().login(credentials, source=caller_address())
 
 
 @logger.inject_lambda_context(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from functools import cache
 from typing import Any
 
@@ -13,7 +12,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.fleet.endpoint_declarations import read_declarations
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
-from gpuqueue.fleet.health_check import HealthChecker, fleet_health
+from gpuqueue.fleet.health_check import HealthChecker
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import TaskKind
 from gpuqueue.settings import CheckerSettings
@@ -71,17 +70,17 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
                 "error": str(error),
             },
         )
-    results = checker().run(
+    report = checker().check(
         declared,
         rounds=config.rounds_per_run,
         period_seconds=config.health_check_period_seconds,
         remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,
     )
+    results = report.results
     for result in results:
         if not result.healthy:
             logger.warning("endpoint unhealthy", extra=result.model_dump())
-    for kind in TaskKind:
-        fleet = fleet_health(registry().endpoints(kind), time.time())
+    for kind, fleet in report.fleets.items():
         # Two figures per kind (dimension Kind): the healthy-endpoints alarm fires when fewer
         # are healthy than min(2, active).
         with single_metric(

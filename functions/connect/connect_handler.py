@@ -14,8 +14,9 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
-from gpuqueue.auth.access_token import AccessTokenVerifier, InvalidToken, bearer_token
+from gpuqueue.auth.access_token import AccessTokenVerifier, InvalidToken
 from gpuqueue.notify.push import ConnectEvent, ConnectionStore
+from gpuqueue.notify.push_connections import PushConnections
 from gpuqueue.settings import ConnectSettings
 
 logger = Logger()
@@ -28,19 +29,18 @@ def settings() -> ConnectSettings:
 
 
 @cache
-def verifier() -> AccessTokenVerifier:
+def connections() -> PushConnections:
     config = settings()
-    return AccessTokenVerifier.for_user_pool(
-        issuer=config.token_issuer, client_id=config.user_pool_client_id, jwks_url=config.jwks_url
-    )
-
-
-@cache
-def connections() -> ConnectionStore:
-    config = settings()
-    return ConnectionStore(
-        aws_clients.dynamodb().Table(config.connections_table),
-        ttl_seconds=config.connection_ttl_seconds,
+    return PushConnections(
+        AccessTokenVerifier.for_user_pool(
+            issuer=config.token_issuer,
+            client_id=config.user_pool_client_id,
+            jwks_url=config.jwks_url,
+        ),
+        ConnectionStore(
+            aws_clients.dynamodb().Table(config.connections_table),
+            ttl_seconds=config.connection_ttl_seconds,
+        ),
     )
 
 
@@ -51,15 +51,13 @@ def connections() -> ConnectionStore:
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = ConnectEvent.model_validate(event)
     connection_id = request.request_context.connection_id
-    token = bearer_token(request.headers, request.query_string_parameters)
     try:
-        claims = verifier().verify(token)
+        claims = connections().open(request)
     except InvalidToken as error:
         logger.info("connection refused", extra={"reason": str(error)})
         return {
             "statusCode": HTTPStatus.UNAUTHORIZED.value,
             "body": json.dumps({"message": "Unauthorized"}),
         }
-    connections().put(connection_id, claims.sub, request.request_context.connected_at)
     logger.info("connected", extra={"connection_id": connection_id, "user_id": claims.sub})
     return {"statusCode": HTTPStatus.OK.value}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -26,40 +25,21 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from gpuqueue import aws_clients
 from gpuqueue.api.multipart_form import parse_form
 from gpuqueue.api.resolver import build_resolver, current_caller, documented
-from gpuqueue.errors import (
-    ActiveTaskLimit,
-    InvalidInput,
-    PayloadTooLarge,
-    RateLimited,
-    TaskStateConflict,
-    UnsupportedMediaType,
-)
+from gpuqueue.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from gpuqueue.fleet.balancer import Balancer
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import SlotBroker
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
+from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.log_context import correlate_task
-from gpuqueue.models import (
-    SpeechAsyncRequest,
-    SpeechInput,
-    SpeechUploadResponse,
-    TaskKind,
-    TaskStatus,
-)
+from gpuqueue.models import SpeechAsyncRequest, SpeechUploadResponse
 from gpuqueue.settings import SpeechSettings
-from gpuqueue.speech.audio import (
-    ASYNC_AUDIO_MAX_BYTES,
-    HEAD_BYTES,
-    SYNC_AUDIO_MAX_BYTES,
-    audio_format,
-    pcm_to_wav,
-)
-from gpuqueue.speech.audio_store import AudioStore, audio_key
+from gpuqueue.speech.audio import HEAD_BYTES, SYNC_AUDIO_MAX_BYTES, audio_format, pcm_to_wav
+from gpuqueue.speech.audio_store import AudioStore
 from gpuqueue.speech.speech_service import AudioClip, SpeechService
-from gpuqueue.store.task_ids import new_task_id
-from gpuqueue.store.task_store import TaskStore
+from gpuqueue.speech.speech_tasks import SpeechTasks
 
 logger = Logger()
 tracer = Tracer()
@@ -74,10 +54,7 @@ PCM_TYPES = ("application/octet-stream", "audio/l16", "audio/pcm")
 @dataclass(frozen=True)
 class Deps:
     speech: SpeechService
-    submissions: SubmissionService
-    tasks: TaskStore
-    audio: AudioStore
-    upload_url_ttl_seconds: int
+    speech_tasks: SpeechTasks
 
 
 @cache
@@ -85,10 +62,6 @@ def deps() -> Deps:
     settings = SpeechSettings()
     dynamodb = aws_clients.dynamodb()
     registry = EndpointRegistry(dynamodb.Table(settings.endpoints_table))
-    tasks = TaskStore(
-        dynamodb.Table(settings.tasks_table),
-        retention=timedelta(days=settings.task_retention_days),
-    )
     return Deps(
         speech=SpeechService(
             registry=registry,
@@ -110,10 +83,11 @@ def deps() -> Deps:
             circuit_failure_threshold=settings.circuit_failure_threshold,
             retry_after_seconds=max(1, int(settings.health_check_period_seconds)),
         ),
-        submissions=SubmissionService.from_settings(settings),
-        tasks=tasks,
-        audio=AudioStore(aws_clients.s3(), settings.images_bucket),
-        upload_url_ttl_seconds=settings.upload_url_ttl_seconds,
+        speech_tasks=SpeechTasks(
+            SubmissionService.from_settings(settings, metrics=IntakeMetrics(metrics)),
+            AudioStore(aws_clients.s3(), settings.images_bucket),
+            upload_url_ttl_seconds=settings.upload_url_ttl_seconds,
+        ),
     )
 
 
@@ -199,76 +173,19 @@ def transcribe_pcm(
 )
 def start_async(request: Annotated[SpeechAsyncRequest, Body()]) -> Response[str]:
     caller = current_caller(app)
-    if request.size_bytes > ASYNC_AUDIO_MAX_BYTES:
-        raise PayloadTooLarge(
-            f"size_bytes: at most {ASYNC_AUDIO_MAX_BYTES} bytes of audio", field="size_bytes"
-        )
-    fmt = audio_format(request.filename, request.content_type, b"")
-    task_id = new_task_id()
-    key = audio_key(task_id)
-    speech = SpeechInput(
-        audio_key=key,
-        filename=request.filename,
-        content_type=fmt.content_type,
-        size_bytes=request.size_bytes,
-        language=request.language,
-    )
-    try:
-        task = deps().submissions.submit_speech_upload(
-            caller.sub,
-            speech,
-            prompt=request.prompt,
-            task_id=task_id,
-            upload_url_ttl_seconds=deps().upload_url_ttl_seconds,
-            queue_ttl_seconds=request.queue_ttl_seconds,
-            priority=request.priority,
-            groups=caller.groups,
-            webhook_url=request.webhook_url,
-            webhook_events=request.webhook_events,
-        )
-    except ActiveTaskLimit:
-        metrics.add_metric(name="ActiveTaskLimitHits", unit=MetricUnit.Count, value=1)
-        raise
-    except RateLimited:
-        metrics.add_metric(name="RateLimitHits", unit=MetricUnit.Count, value=1)
-        raise
-    rate_headers = deps().submissions.rate_headers(caller.sub)
-    correlate_task(logger, task.task_id)
-    ttl = deps().upload_url_ttl_seconds
-    url = deps().audio.presigned_put(
-        key, size_bytes=request.size_bytes, content_type=fmt.content_type, expires_in_seconds=ttl
-    )
-    body = SpeechUploadResponse(
-        task_id=task.task_id,
-        status=task.status,
-        upload_url=url,
-        upload_method="PUT",
-        upload_headers={"Content-Type": fmt.content_type},
-        expires_in=ttl,
-        message="upload the audio to upload_url; the task is queued when it lands",
-    )
+    started = deps().speech_tasks.start_upload(caller.sub, request, groups=caller.groups)
+    correlate_task(logger, started.answer.task_id)
     return Response(
         status_code=HTTPStatus.ACCEPTED.value,
         content_type=content_types.APPLICATION_JSON,
-        body=body.model_dump_json(),
-        headers={"Location": f"/api/v1/tasks/{task.task_id}", **rate_headers},
+        body=started.answer.model_dump_json(),
+        headers={"Location": f"/api/v1/tasks/{started.answer.task_id}", **started.rate_headers},
     )
 
 
 @app.get("/api/v1/speech/transcripts/<task_id>")
 def get_transcript(task_id: TaskId) -> Response[str]:
-    owner = current_caller(app).sub
-    task = deps().tasks.get_for_owner(task_id, owner)  # someone else's: 404
-    if task.kind is not TaskKind.SPEECH:
-        raise InvalidInput(f"task {task_id} is not a speech task", field="task_id")
-    if task.status is not TaskStatus.DONE:
-        raise TaskStateConflict(
-            f"task {task_id} is {task.status.value}; its transcript comes once it is DONE",
-            field="task_id",
-        )
-    transcript = deps().audio.get_transcript(task_id)
-    if transcript is None:
-        raise TaskStateConflict(f"task {task_id}'s transcript has expired", field="task_id")
+    transcript = deps().speech_tasks.transcript(task_id, current_caller(app).sub)
     body = TranscriptResponse(code=0, **transcript.model_dump())
     return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body.model_dump_json())
 

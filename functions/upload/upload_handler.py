@@ -1,7 +1,8 @@
 """S3 "Object Created" (via EventBridge) for audio/<task id>: queue the speech task.
 
 Thin: parse the event, hand the key and size to SubmissionService.queue_uploaded, which
-checks the size against what was announced and moves AWAITING_UPLOAD -> QUEUED + message.
+checks the size against what was announced, moves AWAITING_UPLOAD -> QUEUED + message and
+counts TasksSubmitted.
 A repeated event is harmless (the transition is conditional; a re-send is idempotent).
 """
 
@@ -11,7 +12,6 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import (
     S3EventBridgeNotificationEvent,
     event_source,
@@ -19,6 +19,7 @@ from aws_lambda_powertools.utilities.data_classes import (
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.queue_position import QueuePositions
 from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.log_context import correlate_task
@@ -51,6 +52,7 @@ def submissions() -> SubmissionService:
             if settings.limits_table
             else None
         ),
+        metrics=IntakeMetrics(metrics),
     )
 
 
@@ -69,6 +71,5 @@ def lambda_handler(event: S3EventBridgeNotificationEvent, context: LambdaContext
         task_id, size_bytes=int(event.detail.object.size or 0), max_bytes=ASYNC_AUDIO_MAX_BYTES
     )
     if task is not None:
-        metrics.add_metric(name="TasksSubmitted", unit=MetricUnit.Count, value=1)
         logger.info("uploaded audio queued")
     return {"queued": task is not None}

@@ -1,5 +1,6 @@
-"""The webhook queue's consumer: one signed POST per message; a failure comes back after a
-jittered exponential backoff (the message's visibility), the last one is dead-lettered."""
+"""The webhook queue's consumer: one signed POST per message (WebhookConsumer); a failure
+comes back after a jittered exponential backoff (the message's visibility), the last one is
+dead-lettered."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from gpuqueue import aws_clients
 from gpuqueue.log_context import correlate_task
 from gpuqueue.notify.pinned_poster import PinnedPoster
+from gpuqueue.notify.webhook_consumer import WebhookConsumer
 from gpuqueue.notify.webhook_delivery import DeliveryOutcome, WebhookDeliverer
 from gpuqueue.notify.webhook_messages import DeliveryMessage
 from gpuqueue.notify.webhook_signing import SigningSecrets
@@ -38,21 +39,22 @@ class RetryLater(Exception):
 
 
 @cache
-def settings() -> WebhookSettings:
-    return WebhookSettings()
-
-
-@cache
-def deliverer() -> WebhookDeliverer:
-    config = settings()
-    return WebhookDeliverer(
-        tasks=TaskStore(aws_clients.dynamodb().Table(config.tasks_table)),
-        poster=PinnedPoster(),
-        secrets=SigningSecrets(aws_clients.secretsmanager(), config.webhook_secret_arn),
-        allow_loopback=config.webhook_allow_loopback,
-        max_attempts=config.webhook_max_attempts,
-        retry_base_seconds=config.webhook_retry_base_seconds,
-        retry_cap_seconds=config.webhook_retry_cap_seconds,
+def consumer() -> WebhookConsumer:
+    config = WebhookSettings()
+    return WebhookConsumer(
+        WebhookDeliverer(
+            tasks=TaskStore(aws_clients.dynamodb().Table(config.tasks_table)),
+            poster=PinnedPoster(),
+            secrets=SigningSecrets(aws_clients.secretsmanager(), config.webhook_secret_arn),
+            allow_loopback=config.webhook_allow_loopback,
+            max_attempts=config.webhook_max_attempts,
+            retry_base_seconds=config.webhook_retry_base_seconds,
+            retry_cap_seconds=config.webhook_retry_cap_seconds,
+        ),
+        sqs=aws_clients.sqs(),
+        queue_url=config.webhook_queue_url,
+        dead_letter_queue_url=config.webhook_dead_letter_queue_url,
+        metrics=metrics,
     )
 
 
@@ -65,25 +67,14 @@ def record_handler(record: SQSRecord) -> None:
     correlate_task(logger, message.task_id)
     logger.append_keys(delivery_id=message.delivery_id)
     attempt = int(record.attributes.approximate_receive_count)
-    result = deliverer().deliver(message, attempt=attempt)
+    result = consumer().consume(
+        message, attempt=attempt, body=record.body, receipt_handle=record.receipt_handle
+    )
     logger.info(
         "webhook attempt",
         extra={"outcome": result.outcome.value, "attempt": attempt, "event": message.event.value},
     )
-    if result.outcome is DeliveryOutcome.DELIVERED:
-        metrics.add_metric(name="WebhooksDelivered", unit=MetricUnit.Count, value=1)
-    elif result.outcome is DeliveryOutcome.GAVE_UP:
-        metrics.add_metric(name="WebhooksDeadLettered", unit=MetricUnit.Count, value=1)
-        aws_clients.sqs().send_message(
-            QueueUrl=settings().webhook_dead_letter_queue_url, MessageBody=record.body
-        )
-    elif result.outcome is DeliveryOutcome.RETRY:
-        metrics.add_metric(name="WebhookRetries", unit=MetricUnit.Count, value=1)
-        aws_clients.sqs().change_message_visibility(
-            QueueUrl=settings().webhook_queue_url,
-            ReceiptHandle=record.receipt_handle,
-            VisibilityTimeout=min(result.delay_seconds, 43_200),
-        )
+    if result.outcome is DeliveryOutcome.RETRY:
         raise RetryLater(f"retry in {result.delay_seconds} s")
 
 

@@ -1,10 +1,15 @@
-"""`Prefer: wait=N` parsing and waiting (fake clock), and the ETA arithmetic."""
+"""`Prefer: wait=N` parsing, waiting (fake clock) and answering, and the ETA arithmetic."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpuqueue.api.prefer_wait import requested_wait, wait_budget, wait_until_final
+from gpuqueue.api.prefer_wait import (
+    honour_prefer_wait,
+    requested_wait,
+    wait_budget,
+    wait_until_final,
+)
 from gpuqueue.fleet.endpoint_registry import Fleet
 from gpuqueue.intake.queue_position import estimate
 from gpuqueue.models import Endpoint, Task, TaskKind, TaskStatus
@@ -68,6 +73,54 @@ def test_waiting_gives_up_at_the_deadline_with_the_last_state():
 
     assert task.status is TaskStatus.QUEUED
     assert clock[0] == pytest.approx(2.0)
+
+
+def test_a_request_without_a_wait_preference_is_answered_without_a_read():
+    def read() -> Task:
+        raise AssertionError("nothing is read when no wait is asked")
+
+    assert (
+        honour_prefer_wait("return=minimal", read, remaining_seconds=lambda: 29.0, seats=None)
+        is None
+    )
+
+
+def test_a_final_task_answers_a_wait_at_once_with_preference_applied():
+    reads: list[Task] = []
+
+    def read() -> Task:
+        reads.append(_task(TaskStatus.DONE))
+        return reads[-1]
+
+    answer = honour_prefer_wait("wait=40", read, remaining_seconds=lambda: 29.0, seats=None)
+
+    assert answer is not None
+    assert answer.task.status is TaskStatus.DONE
+    assert answer.headers == {"Preference-Applied": "wait=25"}
+    assert len(reads) == 1
+
+
+def test_a_task_awaiting_its_upload_answers_a_wait_at_once_without_preference_applied():
+    answer = honour_prefer_wait(
+        "wait=5",
+        lambda: _task(TaskStatus.AWAITING_UPLOAD),
+        remaining_seconds=lambda: 29.0,
+        seats=None,
+    )
+
+    assert answer is not None
+    assert answer.task.status is TaskStatus.AWAITING_UPLOAD
+    assert answer.headers == {}
+
+
+def test_a_wait_with_no_time_left_in_the_invocation_answers_the_last_state_at_once():
+    answer = honour_prefer_wait(
+        "wait=5", lambda: _task(TaskStatus.QUEUED), remaining_seconds=lambda: 1.0, seats=None
+    )
+
+    assert answer is not None
+    assert answer.task.status is TaskStatus.QUEUED
+    assert answer.headers == {"Preference-Applied": "wait=5"}
 
 
 def endpoint(name: str, capacity: int) -> Endpoint:

@@ -196,5 +196,33 @@ def wait_if_worthwhile(
             seats.release(seat)
 
 
+PREFERENCE_APPLIED_HEADER = "Preference-Applied"
+
+
+@dataclass(frozen=True)
+class WaitAnswer:
+    task: Task  # the last read
+    headers: dict[str, str]  # Preference-Applied when the wait was honoured, else none
+
+
+def honour_prefer_wait(
+    prefer: str | None,
+    read: Callable[[], Task],
+    *,
+    remaining_seconds: Callable[[], float],
+    seats: WaitSeats | None,
+) -> WaitAnswer | None:
+    """A request's `Prefer` header as every route that honours it answers it: None when it
+    asks no wait (nothing is read); else the task after the wait, with the headers to add."""
+    wait = requested_wait(prefer)
+    if wait is None:
+        return None
+    waited = wait_if_worthwhile(
+        read, requested=wait, remaining_seconds=remaining_seconds(), seats=seats
+    )
+    headers = {PREFERENCE_APPLIED_HEADER: f"wait={wait}"} if waited.applied else {}
+    return WaitAnswer(waited.task, headers)
+
+
 def _seconds(at: float) -> Decimal:
     return Decimal(str(round(at, 3)))

@@ -72,6 +72,12 @@ def probe(
     )
 
 
+@dataclass(frozen=True)
+class CheckReport:
+    results: list[HealthResult]  # the last round's probes
+    fleets: dict[TaskKind, FleetHealth]  # every kind's, counted after the last round
+
+
 class HealthChecker:
     def __init__(
         self,
@@ -113,6 +119,26 @@ class HealthChecker:
                 self._sleep(period_seconds)
             results = self.check_once(list(declared))
         return results
+
+    def check(
+        self,
+        declared: dict[TaskKind, Declaration],
+        *,
+        rounds: int = 1,
+        period_seconds: float = 30.0,
+        remaining_seconds: Callable[[], float] = lambda: float("inf"),
+        clock: Callable[[], float] = time.time,
+    ) -> CheckReport:
+        """A scheduled check: `run`, then every kind's fleet as the healthy-endpoints alarm
+        counts it (admin-added endpoints and kinds declared nowhere included)."""
+        results = self.run(
+            declared,
+            rounds=rounds,
+            period_seconds=period_seconds,
+            remaining_seconds=remaining_seconds,
+        )
+        fleets = {kind: fleet_health(self._registry.endpoints(kind), clock()) for kind in TaskKind}
+        return CheckReport(results, fleets)
 
     def check_once(self, kinds: Sequence[TaskKind]) -> list[HealthResult]:
         """Probe every non-disabled endpoint of these kinds (declared or admin-added)."""

@@ -14,6 +14,7 @@ from gpuqueue import aws_clients
 from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
 from gpuqueue.intake.active_share import KEY_PREFIX as SHARE_KEY_PREFIX
 from gpuqueue.intake.active_share import ActiveTaskShare
+from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.queue_position import LaneFull, QueuePositions
 from gpuqueue.intake.rate_limiter import Probation, RateDecision, RateLimiter
 from gpuqueue.models import (
@@ -60,7 +61,9 @@ class SubmissionService:
         webhook_allow_loopback: bool = False,
         resolve: Resolver = resolve_host,
         positions: QueuePositions | None = None,  # the lanes: positions, and the capacity bound
+        metrics: IntakeMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._positions = positions
         self._webhook_allow_loopback = webhook_allow_loopback
         self._resolve = resolve
@@ -75,7 +78,9 @@ class SubmissionService:
         self._queue_ttl = default_queue_ttl_seconds
 
     @classmethod
-    def from_settings(cls, settings: SubmitLimitsSettings) -> SubmissionService:
+    def from_settings(
+        cls, settings: SubmitLimitsSettings, *, metrics: IntakeMetrics | None = None
+    ) -> SubmissionService:
         """The service as a submit path's Lambda builds it, from its environment."""
         dynamodb = aws_clients.dynamodb()
         tasks = TaskStore(
@@ -111,6 +116,7 @@ class SubmissionService:
             ),
             webhook_allow_loopback=settings.webhook_allow_loopback,
             positions=QueuePositions(limits),
+            metrics=metrics,
         )
 
     @property
@@ -198,7 +204,12 @@ class SubmissionService:
         the task was never written."""
         if self._share is None and self._limiter is None:
             return create()
-        self._admit(owner, task_id)
+        try:
+            self._admit(owner, task_id)
+        except RateLimited as refusal:  # ActiveTaskLimit is one too
+            if self._metrics is not None:
+                self._metrics.refused(refusal)
+            raise
         if self._share is None:
             return create()
         try:
@@ -242,6 +253,7 @@ class SubmissionService:
             ),
         )
         self._enqueue(task)
+        self._count_submitted()
         return task
 
     def _with_ticket(
@@ -310,6 +322,7 @@ class SubmissionService:
             # A repeated event after a send that may have failed: send again; the
             # dispatcher is idempotent, so a duplicate message costs nothing.
             self._enqueue(task)
+            self._count_submitted()
             return task
         if task.status is not TaskStatus.AWAITING_UPLOAD:
             return None
@@ -326,7 +339,12 @@ class SubmissionService:
         if queued is None:
             return None  # canceled meanwhile, or another event got there first
         self._enqueue(queued)
+        self._count_submitted()
         return queued
+
+    def _count_submitted(self) -> None:
+        if self._metrics is not None:
+            self._metrics.submitted()
 
     def _enqueue(self, task: Task) -> None:
         # A lane this stack no longer has: the normal one (no task is ever stranded).
