@@ -6,7 +6,6 @@ import time
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -16,10 +15,11 @@ from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.health_check import HealthChecker, fleet_health
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import TaskKind
+from gpuqueue.observability import Observability
 from gpuqueue.settings import CheckerSettings
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability()
+logger = observed.logger
 
 
 @cache
@@ -46,8 +46,7 @@ def checker() -> HealthChecker:
     )
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     config = settings()
     declared = read_declarations(

@@ -16,7 +16,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
@@ -40,7 +39,6 @@ from gpuqueue.fleet.slot_broker import SlotBroker
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
 from gpuqueue.intake.submission import SubmissionService
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import (
     SpeechAsyncRequest,
     SpeechInput,
@@ -48,6 +46,7 @@ from gpuqueue.models import (
     TaskKind,
     TaskStatus,
 )
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import SpeechSettings
 from gpuqueue.speech.audio import (
     ASYNC_AUDIO_MAX_BYTES,
@@ -61,9 +60,10 @@ from gpuqueue.speech.speech_service import AudioClip, SpeechService
 from gpuqueue.store.task_ids import new_task_id
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, publishes_metrics=True
+)
+logger, metrics = observed.logger, observed.metrics
 app = build_resolver()
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -273,10 +273,6 @@ def get_transcript(task_id: TaskId) -> Response[str]:
     return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body.model_dump_json())
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -10,7 +10,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.logging import correlation_paths
@@ -23,18 +22,19 @@ from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_calle
 from gpuqueue.errors import TaskStateConflict
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.intake.queue_position import QueuePositions, estimate
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import Task, TaskStatus, TaskView, utc_now
 from gpuqueue.notify import webhooks
 from gpuqueue.notify.redelivery import Redeliveries
 from gpuqueue.notify.webhooks import SqsDeliverySender
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import TasksSettings
 from gpuqueue.store.image_store import ImageStore, check_image_kept
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, publishes_metrics=True
+)
+logger, metrics = observed.logger, observed.metrics
 app = build_resolver()
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -242,11 +242,7 @@ def get_image(task_id: TaskId) -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     task_id = (event.get("pathParameters") or {}).get("task_id")
     if isinstance(task_id, str) and task_id:
