@@ -258,8 +258,9 @@ clients: [load.md](load.md) (`make load`).
 ## Cold import per function
 
 `python -X importtime`, cumulative for `<name>_handler`, median of 3 fresh interpreters with
-Lambda's `LAMBDA_TASK_ROOT` (tracing on, as deployed), against `import boto3` alone measured
-the same way in the same rounds: {imports.boto3_ms} ms.
+Lambda's `LAMBDA_TASK_ROOT` (tracing on, as deployed); `import boto3` alone is measured the
+same way right before each (median {imports.boto3_ms} ms) and a function's ratio is the median
+of its ratios to that import, so the machine's load moves both sides:
 
 | function | import ms | x boto3 |
 |---|---|---|

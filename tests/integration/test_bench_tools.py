@@ -58,7 +58,7 @@ def test_request_bench_counts_each_phase_and_scans_only_the_fleet(tmp_path):
     assert "dynamodb:GetItem" not in load["requests_per_task"]["dispatch"]
     assert load["requests_per_task"]["dispatch"]["s3:PutObject"] == 1.0
 
-    imports = ImportTimes(boto3_ms=350.0, functions={"submit": 700.0})
+    imports = ImportTimes(boto3_ms=350.0, functions={"submit": 700.0}, ratios={"submit": 2.0})
     report = benchmarks_markdown(figures, imports, {}, "today")
     assert "billed requests per image task under load" in report
     assert "| submit | 700.0 | 2.00 |" in report
