@@ -12,7 +12,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Any, TypeVar
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.logging import correlation_paths
@@ -28,9 +27,10 @@ from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.fleet_admin import EndpointSpec, EndpointView, FleetAdmin
 from gpuqueue.gpu.credentials import CredentialScope
 from gpuqueue.models import TaskKind
+from gpuqueue.observability import Observability
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+logger = observed.logger
 app = build_resolver()
 
 ADMIN_GROUP = "admin"
@@ -118,9 +118,6 @@ def delete_endpoint(endpoint_id: str) -> Response[str]:
     return _json(json.dumps({"endpoint_id": endpoint_id, "deleted": True}))
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

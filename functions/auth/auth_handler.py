@@ -8,7 +8,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.logging import correlation_paths
@@ -26,10 +25,11 @@ from gpuqueue.models import (
     SignUpPending,
     TokenResponse,
 )
+from gpuqueue.observability import Observability
 from gpuqueue.settings import AuthSettings
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+logger = observed.logger
 app = build_resolver()
 
 
@@ -110,9 +110,6 @@ def login(credentials: Annotated[Credentials, Body()]) -> TokenResponse:
     return accounts().login(credentials, source=caller_address())
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -15,10 +14,11 @@ from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.health_check import HealthChecker
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import TaskKind
+from gpuqueue.observability import Observability
 from gpuqueue.settings import CheckerSettings
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability()
+logger = observed.logger
 
 
 @cache
@@ -45,8 +45,7 @@ def checker() -> HealthChecker:
     )
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     config = settings()
     declared = read_declarations(

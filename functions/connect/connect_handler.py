@@ -9,7 +9,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -17,10 +16,11 @@ from gpuqueue import aws_clients
 from gpuqueue.auth.access_token import AccessTokenVerifier, InvalidToken
 from gpuqueue.notify.push import ConnectEvent, ConnectionStore
 from gpuqueue.notify.push_connections import PushConnections
+from gpuqueue.observability import Observability
 from gpuqueue.settings import ConnectSettings
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+logger = observed.logger
 
 
 @cache
@@ -44,10 +44,7 @@ def connections() -> PushConnections:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
-)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = ConnectEvent.model_validate(event)
     connection_id = request.request_context.connection_id

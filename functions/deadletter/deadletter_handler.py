@@ -9,7 +9,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
@@ -23,14 +22,13 @@ from pydantic import ValidationError
 
 from gpuqueue import aws_clients
 from gpuqueue.lifecycle.dead_letters import DeadLetters, Settled
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import DeadLetterSettings
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
@@ -62,9 +60,7 @@ def record_handler(record: SQSRecord) -> None:
         metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context

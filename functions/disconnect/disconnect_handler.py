@@ -7,16 +7,16 @@ from functools import cache
 from http import HTTPStatus
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.notify.push import ConnectionStore, DisconnectEvent
+from gpuqueue.observability import Observability
 from gpuqueue.settings import DisconnectSettings
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+logger = observed.logger
 
 
 @cache
@@ -24,10 +24,7 @@ def connections() -> ConnectionStore:
     return ConnectionStore(aws_clients.dynamodb().Table(DisconnectSettings().connections_table))
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
-)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = DisconnectEvent.model_validate(event)
     connection = request.request_context

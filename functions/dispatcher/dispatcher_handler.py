@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -29,17 +28,16 @@ from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.image_client import image_generators
 from gpuqueue.gpu.memory_budget import MemoryBudget
 from gpuqueue.gpu.speech_client import OpenAITranscriptionClient
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import QueueMessage, TaskKind
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import DispatcherSettings
 from gpuqueue.speech.audio_store import AudioStore
 from gpuqueue.store.image_store import ImageStore
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 # A batch where every record failed is still a normal, partial response: those records come
 # back after their delay; raising would count as a function error and skew the alarms.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -121,9 +119,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     )
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context

@@ -13,15 +13,15 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue.api.docs_page import swagger_page, swagger_page_headers
 from gpuqueue.api.resolver import build_resolver
+from gpuqueue.observability import Observability
 
-logger = Logger()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, traced=False)
 app = build_resolver()
 
 OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
@@ -58,8 +58,6 @@ def get_docs() -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

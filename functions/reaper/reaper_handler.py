@@ -5,20 +5,19 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
 from gpuqueue.lifecycle.reaper import Reaper, ReaperPolicy
 from gpuqueue.models import Priority
+from gpuqueue.observability import Observability
 from gpuqueue.settings import ReaperSettings
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 
 
 @cache
@@ -39,9 +38,7 @@ def reaper() -> Reaper:
     )
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     report = reaper().run()
     summary = report.summary()

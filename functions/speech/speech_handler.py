@@ -15,7 +15,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
@@ -33,17 +32,18 @@ from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.speech_client import OpenAITranscriptionClient, Transcript, TranscriptResponse
 from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.submission import SubmissionService
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import SpeechAsyncRequest, SpeechUploadResponse
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import SpeechSettings
 from gpuqueue.speech.audio import HEAD_BYTES, SYNC_AUDIO_MAX_BYTES, audio_format, pcm_to_wav
 from gpuqueue.speech.audio_store import AudioStore
 from gpuqueue.speech.speech_service import AudioClip, SpeechService
 from gpuqueue.speech.speech_tasks import SpeechTasks
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, publishes_metrics=True
+)
+logger, metrics = observed.logger, observed.metrics
 app = build_resolver()
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -190,10 +190,6 @@ def get_transcript(task_id: TaskId) -> Response[str]:
     return Response(HTTPStatus.OK.value, content_types.APPLICATION_JSON, body.model_dump_json())
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -17,11 +16,11 @@ from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.system_stats import Lane, queue_stats
 from gpuqueue.lifecycle.outcome_counters import OutcomeCounters
 from gpuqueue.models import Priority, QueueStats
+from gpuqueue.observability import Observability
 from gpuqueue.settings import StatsSettings
 from gpuqueue.store.task_queue import TaskQueue
 
-logger = Logger()
-tracer = Tracer()
+observed = Observability(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
 app = build_resolver()
 
 
@@ -77,9 +76,6 @@ def get_stats() -> QueueStats:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

@@ -7,7 +7,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.logging import correlation_paths
@@ -17,11 +16,13 @@ from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_calle
 from gpuqueue.intake.idempotent_submit import IDEMPOTENCY_KEY_HEADER, IdempotentSubmitter
 from gpuqueue.intake.image_intake import ImageIntake
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
+from gpuqueue.observability import Observability
 from gpuqueue.settings import SubmitSettings
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, publishes_metrics=True
+)
+logger, metrics = observed.logger, observed.metrics
 app = build_resolver()
 
 
@@ -82,11 +83,7 @@ def submit_image(request: Annotated[ImageRequest, Body()]) -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     submitter = idempotent()
     if submitter is not None:

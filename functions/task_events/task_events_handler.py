@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import (
     DynamoDBRecord,
@@ -23,14 +22,13 @@ from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.queue_position import QueuePositions
 from gpuqueue.lifecycle.outcome_counters import OutcomeCounters, OutcomeRecorder
 from gpuqueue.lifecycle.task_events import TaskEndListener, TaskEvents, TaskTransition
-from gpuqueue.log_context import correlate_task
 from gpuqueue.notify.push import ConnectionStore, PushNotifier, management_api
 from gpuqueue.notify.webhook_messages import SqsDeliverySender, WebhookNotifier
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import TaskEventsSettings
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 
 
 @cache
@@ -63,9 +61,7 @@ def transition_of(record: DynamoDBRecord) -> TaskTransition | None:
     return TaskTransition.of(stream.old_image, stream.new_image)
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     event_batch = DynamoDBStreamEvent(event)
     transitions = [t for r in event_batch.records if (t := transition_of(r)) is not None]

@@ -9,7 +9,6 @@ from functools import cache
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.logging import correlation_paths
@@ -22,17 +21,18 @@ from gpuqueue.api.prefer_wait import WaitSeats
 from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.intake.queue_position import QueuePositions
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import TaskView
 from gpuqueue.notify.redelivery import Redeliveries
 from gpuqueue.notify.webhook_messages import SqsDeliverySender
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import TasksSettings
 from gpuqueue.store.image_store import ImageStore
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(
+    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, publishes_metrics=True
+)
+logger, metrics = observed.logger, observed.metrics
 app = build_resolver()
 
 TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -188,11 +188,7 @@ def get_image(task_id: TaskId) -> Response[str]:
     )
 
 
-@logger.inject_lambda_context(
-    correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True
-)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     task_id = (event.get("pathParameters") or {}).get("task_id")
     if isinstance(task_id, str) and task_id:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.utilities.data_classes import (
     S3EventBridgeNotificationEvent,
     event_source,
@@ -22,16 +21,15 @@ from gpuqueue import aws_clients
 from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.queue_position import QueuePositions
 from gpuqueue.intake.submission import SubmissionService
-from gpuqueue.log_context import correlate_task
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import UploadSettings
 from gpuqueue.speech.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.speech.audio_store import task_id_of_audio_key
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 
 
 @cache
@@ -56,9 +54,7 @@ def submissions() -> SubmissionService:
     )
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 @event_source(data_class=S3EventBridgeNotificationEvent)
 def lambda_handler(event: S3EventBridgeNotificationEvent, context: LambdaContext) -> dict[str, Any]:
     key = event.detail.object.key

@@ -7,7 +7,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -19,18 +18,17 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from gpuqueue import aws_clients
-from gpuqueue.log_context import correlate_task
 from gpuqueue.notify.pinned_poster import PinnedPoster
 from gpuqueue.notify.webhook_consumer import WebhookConsumer
 from gpuqueue.notify.webhook_delivery import DeliveryOutcome, WebhookDeliverer
 from gpuqueue.notify.webhook_messages import DeliveryMessage
 from gpuqueue.notify.webhook_signing import SigningSecrets
+from gpuqueue.observability import Observability, correlate_task
 from gpuqueue.settings import WebhookSettings
 from gpuqueue.store.task_store import TaskStore
 
-logger = Logger()
-tracer = Tracer()
-metrics = Metrics()
+observed = Observability(publishes_metrics=True)
+logger, metrics = observed.logger, observed.metrics
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
@@ -78,9 +76,7 @@ def record_handler(record: SQSRecord) -> None:
         raise RetryLater(f"retry in {result.delay_seconds} s")
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler
-@metrics.log_metrics
+@observed.entry
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import cost_model
+from bench_imports import ImportTimes
 from bench_report import benchmarks_markdown
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,8 +58,11 @@ def test_request_bench_counts_each_phase_and_scans_only_the_fleet(tmp_path):
     assert "dynamodb:GetItem" not in load["requests_per_task"]["dispatch"]
     assert load["requests_per_task"]["dispatch"]["s3:PutObject"] == 1.0
 
-    report = benchmarks_markdown(figures, {"submit": 700.0}, {}, "today")
+    imports = ImportTimes(boto3_ms=350.0, functions={"submit": 700.0}, ratios={"submit": 2.0})
+    report = benchmarks_markdown(figures, imports, {}, "today")
     assert "billed requests per image task under load" in report
+    assert "| submit | 700.0 | 2.00 |" in report
+    assert "Worst: 2.00 x `import boto3`; the target is\n1.5 x: this misses it." in report
     # Billed requests of the submit phase, as counted: the rate token and the share (one
     # write), the lane's ticket (which is the capacity bound), the task row, the message.
     assert "| submit | 4 |" in report

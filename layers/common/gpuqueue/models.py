@@ -25,6 +25,13 @@ from gpuqueue.auth.account_policy import (
 )
 
 
+class DeferredModel(BaseModel):
+    """A model whose validator and serializer are built on its first use, not at import: each
+    function uses a few of these models, and building them all was most of its cold import."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
 class TaskStatus(StrEnum):
     # A long-audio task waits for its upload (presigned PUT) before it is queued.
     AWAITING_UPLOAD = "AWAITING_UPLOAD"
@@ -96,14 +103,14 @@ Email = Annotated[
 ]
 
 
-class Credentials(BaseModel):
+class Credentials(DeferredModel):
     model_config = ConfigDict(extra="ignore")
 
     username: Username
     password: Password
 
 
-class Registration(BaseModel):
+class Registration(DeferredModel):
     """POST /register. `email` is needed where the stack verifies sign-ups by e-mail."""
 
     model_config = ConfigDict(extra="ignore")
@@ -116,7 +123,7 @@ class Registration(BaseModel):
         return Credentials(username=self.username, password=self.password)
 
 
-class SignUpConfirmation(BaseModel):
+class SignUpConfirmation(DeferredModel):
     """POST /register/confirm: the code Cognito e-mailed, and the password to sign in with."""
 
     model_config = ConfigDict(extra="ignore")
@@ -129,7 +136,7 @@ class SignUpConfirmation(BaseModel):
         return Credentials(username=self.username, password=self.password)
 
 
-class SignUpPending(BaseModel):
+class SignUpPending(DeferredModel):
     """/register's answer where sign-ups are verified by e-mail: the same whether the name was
     free or taken, so it tells no one which names exist."""
 
@@ -140,7 +147,7 @@ class SignUpPending(BaseModel):
     )
 
 
-class TokenResponse(BaseModel):
+class TokenResponse(DeferredModel):
     token: str
     token_type: str = "Bearer"  # noqa: S105 - the scheme name, not a secret
     expires_in: int
@@ -162,7 +169,7 @@ class WebhookEvent(StrEnum):
 WebhookUrl = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048)]
 
 
-class ImageParams(BaseModel):
+class ImageParams(DeferredModel):
     """Generation knobs; bounds keep one request within what a single GPU call can serve."""
 
     model_config = ConfigDict(extra="forbid")
@@ -188,7 +195,7 @@ class ImageRequest(ImageParams):
         return ImageParams(width=self.width, height=self.height, steps=self.steps, seed=self.seed)
 
 
-class SpeechAsyncRequest(BaseModel):
+class SpeechAsyncRequest(DeferredModel):
     """Long audio: announce the file, get a presigned PUT URL for it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -205,7 +212,7 @@ class SpeechAsyncRequest(BaseModel):
     webhook_events: list[WebhookEvent] | None = Field(default=None, min_length=1, max_length=4)
 
 
-class SpeechUploadResponse(BaseModel):
+class SpeechUploadResponse(DeferredModel):
     task_id: str
     status: TaskStatus
     upload_url: str
@@ -215,13 +222,13 @@ class SpeechUploadResponse(BaseModel):
     message: str
 
 
-class SubmitResponse(BaseModel):
+class SubmitResponse(DeferredModel):
     task_id: str
     status: TaskStatus
     message: str
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(DeferredModel):
     error: str
     code: str
     field: str | None = None
@@ -230,7 +237,7 @@ class ErrorBody(BaseModel):
 # --- The task as stored ---------------------------------------------------------------------
 
 
-class SpeechInput(BaseModel):
+class SpeechInput(DeferredModel):
     """A speech task's audio (uploaded to S3) and how to transcribe it."""
 
     model_config = ConfigDict(extra="ignore")
@@ -247,7 +254,7 @@ class SpeechInput(BaseModel):
         return int(value)
 
 
-class WebhookAttempt(BaseModel):
+class WebhookAttempt(DeferredModel):
     """One try at delivering a webhook, as the delivery log shows it."""
 
     model_config = ConfigDict(extra="ignore")
@@ -268,7 +275,7 @@ class WebhookAttempt(BaseModel):
         return None if value is None else int(value)
 
 
-class Task(BaseModel):
+class Task(DeferredModel):
     """One row of the tasks table."""
 
     model_config = ConfigDict(extra="ignore")
@@ -336,7 +343,7 @@ class Task(BaseModel):
         return value
 
 
-class TaskView(BaseModel):
+class TaskView(DeferredModel):
     """The task as the seed's clients see it."""
 
     task_id: str
@@ -386,7 +393,7 @@ class TaskView(BaseModel):
         )
 
 
-class QueueMessage(BaseModel):
+class QueueMessage(DeferredModel):
     """What travels on SQS: only the id. The task row is the truth."""
 
     model_config = ConfigDict(extra="ignore")
@@ -437,7 +444,7 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-class CredentialRef(BaseModel):
+class CredentialRef(DeferredModel):
     """Where an endpoint's API key or bearer token is kept, never the value itself: a
     Secrets Manager secret (`secret`, its name) or an SSM Parameter Store SecureString
     (`parameter`, its full name), and how to send it (`type`, `header`)."""
@@ -468,7 +475,7 @@ class CredentialRef(BaseModel):
         return f"secret {self.secret}" if self.secret is not None else f"parameter {self.parameter}"
 
 
-class Endpoint(BaseModel):
+class Endpoint(DeferredModel):
     """One GPU endpoint: configuration (declared or admin-managed) plus its health."""
 
     model_config = ConfigDict(extra="ignore")
@@ -529,7 +536,7 @@ class Endpoint(BaseModel):
         return 1 if self.circuit is CircuitState.HALF_OPEN else self.capacity
 
 
-class SlotLease(BaseModel):
+class SlotLease(DeferredModel):
     """One of an endpoint's concurrent-call slots, leased to one GPU call until it expires."""
 
     model_config = ConfigDict(extra="ignore")
@@ -560,7 +567,7 @@ class SlotLease(BaseModel):
         return self.lease_until > now
 
 
-class HealthResult(BaseModel):
+class HealthResult(DeferredModel):
     endpoint_id: str
     healthy: bool
     latency_ms: float
@@ -568,7 +575,7 @@ class HealthResult(BaseModel):
     error: str | None = None
 
 
-class FleetStats(BaseModel):
+class FleetStats(DeferredModel):
     """One kind's endpoints: how many can take work, and the GPU slots they offer."""
 
     healthy: int
@@ -577,7 +584,7 @@ class FleetStats(BaseModel):
     slots_free: int
 
 
-class LaneStats(BaseModel):
+class LaneStats(DeferredModel):
     """One lane's queue (normal, or the high-priority lane) and the workers it has."""
 
     queue_length: int  # waiting for a worker (visible + delayed)
@@ -589,7 +596,7 @@ class LaneStats(BaseModel):
     workers: int
 
 
-class OutcomeStats(BaseModel):
+class OutcomeStats(DeferredModel):
     """How tasks ended over the last hour (rolling counters in 5-minute buckets, so the
     window is the last 60 to 65 minutes)."""
 
@@ -602,7 +609,7 @@ class OutcomeStats(BaseModel):
     avg_processing_seconds: float | None  # DONE tasks: from the start of the run to the end
 
 
-class QueueStats(BaseModel):
+class QueueStats(DeferredModel):
     """The seed's figures (queue_length ... workers: the normal lane) plus every lane's and
     the endpoints'."""
 

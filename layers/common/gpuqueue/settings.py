@@ -21,7 +21,10 @@ from gpuqueue.gpu.credentials import DEFAULT_TTL_SECONDS, CredentialScope
 
 
 class _Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # Built when a function first reads its own settings, not every function's at import.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, defer_build=True
+    )
 
 
 class GpuCredentialSettings(_Settings):

@@ -23,8 +23,8 @@ from gpuqueue.dispatch.dispatcher import (
 from gpuqueue.dispatch.shared_receive import SharedReceive
 from gpuqueue.dispatch.worker_group import WorkerGroup
 from gpuqueue.errors import RetryLater
-from gpuqueue.log_context import correlate_thread
 from gpuqueue.models import QueueMessage
+from gpuqueue.observability import correlate_thread
 from gpuqueue.store.task_queue import DELETE_BATCH, TaskQueue
 
 OUTCOME_METRIC = {

@@ -22,13 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue.errors import CredentialUnavailable, EndpointAuthRefused
 from gpuqueue.models import CredentialRef, CredentialScheme, Endpoint
 
 if TYPE_CHECKING:
+    # Only annotations: the functions that never call a GPU need not import requests.
+    import requests
     from mypy_boto3_secretsmanager import SecretsManagerClient
     from mypy_boto3_ssm import SSMClient
 

@@ -14,8 +14,8 @@ from gpuqueue.api.prefer_wait import WaitSeats, honour_prefer_wait
 from gpuqueue.intake.idempotent_submit import IdempotentSubmitter
 from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.submission import SubmissionService
-from gpuqueue.log_context import correlate_task
 from gpuqueue.models import ImageRequest, SubmitResponse, TaskView
+from gpuqueue.observability import correlate_task
 from gpuqueue.settings import SubmitSettings
 
 
