@@ -27,8 +27,8 @@ from gpuqueue.dispatch.dispatcher import (
     SHARED_RECEIVE_DRY_SECONDS,
     SHARED_RECEIVE_HOLD_SECONDS,
     SHARED_RECEIVE_WINDOW_SECONDS,
+    DispatchOutcome,
     DispatchPolicy,
-    Outcome,
     Pulled,
     TaskDispatcher,
 )
@@ -180,8 +180,8 @@ class QueuePuller:
             pulled.append(Pulled(message=message, receipt=receipt))
         return pulled
 
-    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
-        if isinstance(result, Outcome):
+    def settle(self, pulled: Pulled, result: DispatchOutcome | Exception) -> None:
+        if isinstance(result, DispatchOutcome):
             count(result)
             self._delete_later(pulled.receipt)
         elif isinstance(result, RetryLater):
@@ -227,12 +227,12 @@ def return_later(retry: RetryLater, message: QueueMessage, receipt: str) -> bool
     return False
 
 
-def count(outcome: Outcome) -> None:
-    if outcome is Outcome.DONE:
+def count(outcome: DispatchOutcome) -> None:
+    if outcome is DispatchOutcome.DONE:
         metrics.add_metric(name="TasksSucceeded", unit=MetricUnit.Count, value=1)
-    elif outcome is Outcome.FAILED:
+    elif outcome is DispatchOutcome.FAILED:
         metrics.add_metric(name="TasksFailed", unit=MetricUnit.Count, value=1)
-    elif outcome is Outcome.EXPIRED:
+    elif outcome is DispatchOutcome.EXPIRED:
         metrics.add_metric(name="TasksExpired", unit=MetricUnit.Count, value=1)
 
 

@@ -114,7 +114,8 @@ def call_started(lease: SlotLease, service: float, now: float) -> float:
 
 @dataclass
 class Fleet:
-    """A kind's endpoints and their live slot leases, read in one query."""
+    """A kind's rows, read in one query: its endpoints, their slots' live leases, and the
+    high-priority lane's seat leases and waiters."""
 
     endpoints: list[Endpoint]
     leases: dict[str, list[SlotLease]] = field(default_factory=dict)
