@@ -112,7 +112,7 @@ def deps() -> Deps:
         ),
         submissions=SubmissionService.from_settings(settings),
         tasks=tasks,
-        audio=AudioStore(aws_clients.s3(), settings.images_bucket),
+        audio=AudioStore(aws_clients.s3(), settings.task_files_bucket),
         upload_url_ttl_seconds=settings.upload_url_ttl_seconds,
     )
 

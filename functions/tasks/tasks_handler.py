@@ -59,7 +59,7 @@ def deps() -> Deps:
     settings = TasksSettings()
     return Deps(
         tasks=TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
-        images=ImageStore(aws_clients.s3(), settings.images_bucket),
+        images=ImageStore(aws_clients.s3(), settings.task_files_bucket),
         url_ttl_seconds=settings.image_url_ttl_seconds,
         image_kept=timedelta(days=settings.image_retention_days),
         redeliveries=(
