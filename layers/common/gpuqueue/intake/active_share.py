@@ -44,11 +44,11 @@ from gpuqueue.intake.rate_limiter import (
     to_millis,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "active#"
 
 # Given task ids, the ones that no longer hold a share (ended, or gone).
 InactiveFinder = Callable[[Collection[str]], Set[str]]
@@ -129,7 +129,7 @@ class ActiveTaskShare:
         """The ids the owner's row counts, and when they were first seen."""
         item: dict[str, Any] = (
             self._table.get_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 ConsistentRead=True,
                 ProjectionExpression="active, first_seen",
             ).get("Item")
@@ -148,7 +148,7 @@ class ActiveTaskShare:
         update = ("SET " + share_set + " " if share_set else "") + "ADD #active :ids"
         try:
             self._table.update_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 UpdateExpression=update,
                 ConditionExpression=condition,
                 ExpressionAttributeNames=names,
@@ -171,7 +171,7 @@ class ActiveTaskShare:
         # condition keeps a release for a user with no row from creating an empty one.
         try:
             self._table.update_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 UpdateExpression="DELETE active :ids",
                 ConditionExpression="attribute_exists(pk)",
                 ExpressionAttributeValues={":ids": set(task_ids)},

@@ -112,11 +112,11 @@ from typing import TYPE_CHECKING, Any, cast
 from botocore.exceptions import ClientError
 
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "rate#"
 # Kept after the bucket is full again, before TTL may remove an idle user's row.
 TTL_MARGIN_SECONDS = 60
 # Stored precision: `now` to the millisecond, the emission interval to the microsecond.
@@ -302,12 +302,12 @@ class RateLimiter:
         burst: int,
         clock: Callable[[], float] = time.time,
         key_attribute: str = "pk",
-        key_prefix: str = KEY_PREFIX,
+        rows: LimitsRow = LimitsRow.RATE,
         refundable: bool = False,
     ) -> None:
-        """`key_prefix`: the rows' keys; ActiveTaskShare's when takes carry a share.
+        """`rows`: the buckets' row type; ActiveTaskShare's when takes carry a share.
         `refundable`: `give_back` may lower a tat, so no denial comes from memory alone."""
-        self._prefix = key_prefix
+        self._rows = rows
         self._refundable = refundable
         self._gcra = Gcra.for_rate(rate_per_second, burst)
         self._table = table
@@ -336,7 +336,7 @@ class RateLimiter:
         raise ShareFull (no token spent); a denial takes no share."""
         if not 1 <= cost <= self._gcra.burst:
             raise ValueError(f"cost must be between 1 and the burst ({self._gcra.burst})")
-        key = self._prefix + user_id
+        key = self._rows.key(user_id)
         now = to_millis(self._clock())
         tat = self._hints.get(key)
         # A refund elsewhere may have lowered the stored tat under a remembered one.
@@ -368,7 +368,7 @@ class RateLimiter:
         A row that is gone has nothing to return: the bucket reads as full already."""
         if not self._refundable:
             raise ValueError("give_back needs a limiter built with refundable=True")
-        key = self._prefix + user_id
+        key = self._rows.key(user_id)
         try:
             response = self._table.update_item(
                 Key={self._key: key},
@@ -390,7 +390,7 @@ class RateLimiter:
         """The bucket as this container last saw it (no request): the X-RateLimit-* numbers
         for an answer that took no token (an Idempotency-Key replay)."""
         now = to_millis(self._clock())
-        tat = self._hints.get(self._prefix + user_id)
+        tat = self._hints.get(self._rows.key(user_id))
         return self._gcra.allowed(now if tat is None else tat, now)
 
     def _write(

@@ -12,7 +12,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue import aws_clients
 from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
-from gpuqueue.intake.active_share import KEY_PREFIX as SHARE_KEY_PREFIX
 from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.queue_position import LaneFull, QueuePositions
 from gpuqueue.intake.rate_limiter import Probation, RateDecision, RateLimiter
@@ -27,6 +26,7 @@ from gpuqueue.models import (
 )
 from gpuqueue.notify.webhooks import Resolver, check_webhook_url, resolve_host
 from gpuqueue.settings import SubmitLimitsSettings
+from gpuqueue.store.limits_rows import LimitsRow
 from gpuqueue.store.task_ids import new_task_id
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
@@ -98,7 +98,7 @@ class SubmissionService:
                 limits,
                 rate_per_second=settings.submit_rate_per_second,
                 burst=settings.submit_burst,
-                key_prefix=SHARE_KEY_PREFIX,  # one row per user: the tat beside the shares
+                rows=LimitsRow.ACTIVE_SHARE,  # one row per user: the tat beside the shares
             ),
             share=ActiveTaskShare(
                 limits,

@@ -25,12 +25,11 @@ from gpuqueue.errors import RateLimited, ServiceUnavailable, TaskStateConflict
 from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.models import Task, WebhookEvent, utc_now
 from gpuqueue.notify.webhooks import RETRY_CAP_SECONDS, DeliveryMessage, MessageSender, new_delivery
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-TASK_KEY_PREFIX = "redeliver-task#"
-USER_KEY_PREFIX = "redeliver-user#"
 # Per task: 3 at once, then one a minute. A receiver owner retrying by hand needs no more,
 # and together with coalescing one task can never keep more than a few deliveries going.
 PER_TASK_BURST = 3
@@ -87,13 +86,13 @@ class Redeliveries:
                 limits,
                 rate_per_second=1.0 / PER_TASK_INTERVAL_SECONDS,
                 burst=PER_TASK_BURST,
-                key_prefix=TASK_KEY_PREFIX,
+                rows=LimitsRow.REDELIVER_TASK,
             ),
             per_user=RateLimiter(
                 limits,
                 rate_per_second=per_user_per_hour / 3600.0,
                 burst=per_user_per_hour,
-                key_prefix=USER_KEY_PREFIX,
+                rows=LimitsRow.REDELIVER_USER,
             ),
         )
 
