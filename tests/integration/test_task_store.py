@@ -32,10 +32,10 @@ from gpuqueue.store.task_store import (
     UNWRITTEN_GRACE_SECONDS,
     Claim,
     ClaimRefused,
-    ReapState,
     TaskStore,
     reap_shard,
 )
+from gpuqueue.task_states import ReapState
 
 OWNER = "alice"
 LEASE = 30.0
