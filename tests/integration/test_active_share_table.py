@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from gpuqueue.errors import ActiveTaskLimit
+from gpuqueue.errors import ActiveTaskLimit, StoreError
 from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.rate_limiter import RateLimiter
 from gpuqueue.store.limits_rows import LimitsRow
@@ -227,9 +227,9 @@ class FailingTable:
 def test_errors_other_than_a_full_set_reach_the_caller(table: Any) -> None:
     share = ActiveTaskShare(FailingTable(table), limit=2)
 
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         share.take("alice", "t1")
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         share.release("alice", "t1")
 
 

@@ -21,6 +21,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from gpuqueue.errors import StoreError
 from gpuqueue.intake import rate_limiter
 from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.store.limits_rows import LimitsRow
@@ -321,7 +322,7 @@ def test_other_errors_propagate(make_table: Callable[[], Table]) -> None:
         )
 
     counting.before_write = throttled
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         _limiter(counting, FakeClock()).take("alice")
 
 

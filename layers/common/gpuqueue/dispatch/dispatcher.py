@@ -27,12 +27,11 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
-from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue.dispatch.jobs import InvalidTaskInput, Job
 from gpuqueue.dispatch.metrics import DispatchObserver
 from gpuqueue.dispatch.next_message import NextMessage
-from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
+from gpuqueue.errors import GpuError, GpuTimeout, RetryLater, StoreError
 from gpuqueue.fleet.balancer import Balancer
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import (
@@ -416,7 +415,7 @@ class TaskDispatcher:
             return
         try:
             self._tasks.hand_back(handoff.claimed)
-        except (ClientError, BotoCoreError):
+        except StoreError:
             # Its lease ends it: the message, back in the queue, finds it claimable then.
             logger.warning(
                 "hand-back failed; the task's lease lapses",

@@ -41,6 +41,7 @@ from gpuqueue.models import (
     TaskKind,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -665,6 +666,7 @@ class EndpointRegistry:
             }
         )
 
+    @raises_store_error("endpoints table")
     def cut_lease(self, lease: SlotLease, *, until: float) -> bool:
         """End a lease of ours sooner (never later): at `until`. False if it is not ours."""
         try:
@@ -680,6 +682,7 @@ class EndpointRegistry:
             raise
         return True
 
+    @raises_store_error("endpoints table")
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         """Free the slot now, but only if the lease is still ours; fold a successful call's
         duration into the slot's EWMA (what the balancer reads as the endpoint's speed)."""

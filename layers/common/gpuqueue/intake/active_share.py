@@ -45,6 +45,7 @@ from gpuqueue.intake.rate_limiter import (
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
 from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -74,6 +75,7 @@ class ActiveTaskShare:
         self._probation = probation if probation and probation.seconds > 0 else None
         self._clock = clock
 
+    @raises_store_error("limits table")
     def take(
         self, owner: str, task_id: str, *, rate: RateLimiter | None = None
     ) -> RateDecision | None:
@@ -113,10 +115,12 @@ class ActiveTaskShare:
             limit=self.limit,
         )
 
+    @raises_store_error("limits table")
     def release(self, owner: str, task_id: str) -> None:
         """Stop counting the task. Releasing an id that is not counted does nothing."""
         self._remove(owner, {task_id})
 
+    @raises_store_error("limits table")
     def release_many(self, owner: str, task_ids: Set[str]) -> None:
         """Stop counting several of the owner's tasks: one write."""
         if task_ids:

@@ -38,6 +38,7 @@ from gpuqueue.fleet.endpoint_registry import Fleet
 from gpuqueue.models import Priority, Task, TaskStatus
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
 from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -75,6 +76,7 @@ class QueuePositions:
     def __init__(self, table: Table) -> None:
         self._table = table
 
+    @raises_store_error("limits table")
     def take_ticket(self, lane: Priority, *, capacity: int | None = None) -> int:
         """A ticket in the lane's waiting line; with `capacity`, only while fewer than that
         many tasks wait (LaneFull otherwise). Count and bound are one conditional write, so
@@ -105,6 +107,7 @@ class QueuePositions:
         ).get("Item")
         return _number((item or {}).get("waiting"))
 
+    @raises_store_error("limits table")
     def left(self, lane: Priority, *, at: float | None = None) -> None:
         """One queued task stopped waiting at `at` (epoch seconds; None: a ticket never used,
         which counts without timing anything)."""

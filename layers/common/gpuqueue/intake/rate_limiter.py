@@ -113,6 +113,7 @@ from botocore.exceptions import ClientError
 
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
 from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -328,6 +329,7 @@ class RateLimiter:
     def gcra(self) -> Gcra:
         return self._gcra
 
+    @raises_store_error("limits table")
     def take(
         self, user_id: str, *, cost: int = 1, share: ShareClause | None = None
     ) -> RateDecision:
@@ -363,6 +365,7 @@ class RateLimiter:
         # admit the take, so the Retry-After comes out at its minimum, 1 s.
         return self._gcra.denied(now if tat is None else tat, now, cost)
 
+    @raises_store_error("limits table")
     def give_back(self, user_id: str, *, cost: int = 1) -> None:
         """Return `cost` tokens a take of this limiter spent (only for `refundable=True`).
         A row that is gone has nothing to return: the bucket reads as full already."""

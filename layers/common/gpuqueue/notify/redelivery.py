@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from gpuqueue.errors import RateLimited, ServiceUnavailable, TaskStateConflict
+from gpuqueue.errors import RateLimited, ServiceUnavailable, StoreError, TaskStateConflict
 from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.models import Task, WebhookEvent, utc_now
 from gpuqueue.notify.webhooks import RETRY_CAP_SECONDS, DeliveryMessage, MessageSender, new_delivery
@@ -120,7 +118,7 @@ class Redeliveries:
     def _take(self, limiter: RateLimiter, key: str, scope: str, *, field: str | None) -> None:
         try:
             decision = limiter.take(key)
-        except (ClientError, BotoCoreError) as error:
+        except StoreError as error:
             raise ServiceUnavailable(
                 "the limits store is unavailable; no redelivery was queued",
                 retry_after_seconds=UNAVAILABLE_RETRY_AFTER_SECONDS,

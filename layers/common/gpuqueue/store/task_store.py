@@ -54,6 +54,7 @@ from gpuqueue.models import (
     utc_now,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
+from gpuqueue.store.sdk_errors import raises_store_error
 from gpuqueue.store.task_ids import issued_at, new_task_id
 from gpuqueue.task_states import (
     CANCEL,
@@ -215,6 +216,7 @@ class TaskStore:
             task, reap=ReapState.WAITING, reap_at=now.timestamp() + upload_window_seconds
         )
 
+    @raises_store_error("tasks table")
     def _put_new(self, task: Task, *, reap: ReapState, reap_at: float) -> Task:
         """Write a task that must not exist yet; the reaper looks at it at `reap_at`."""
         item = task.model_dump(mode="json", exclude_none=True)  # pragma: no mutate (all JSON)
@@ -681,6 +683,7 @@ class TaskStore:
             return False
         return True
 
+    @raises_store_error("tasks table")
     def _transition(
         self,
         task_id: str,
