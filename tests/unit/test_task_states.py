@@ -18,6 +18,7 @@ from gpuqueue.models import OPEN_STATUSES, TERMINAL_STATUSES, Task, TaskStatus
 from gpuqueue.store.task_store import Claim, TaskStore
 from gpuqueue.task_states import (
     COMPLETE,
+    INITIAL_STATUSES,
     REAP_STATE,
     REAPER_TRANSITIONS,
     TRANSITIONS,
@@ -40,6 +41,12 @@ NOW = 1_700_000_000.0
 def test_a_final_state_is_never_left() -> None:
     leaving = [t.name for t in TRANSITIONS if t.sources & TERMINAL_STATUSES]
     assert leaving == []
+
+
+def test_a_task_starts_open_and_every_open_state_is_reachable() -> None:
+    assert INITIAL_STATUSES <= OPEN_STATUSES
+    reachable = set(INITIAL_STATUSES) | {t.target for t in TRANSITIONS}
+    assert reachable >= OPEN_STATUSES
 
 
 def test_every_open_state_can_end() -> None:
@@ -199,6 +206,22 @@ def test_each_write_moves_only_from_and_to_its_declared_states(
 
 def test_every_declared_transition_is_written_by_some_store_method() -> None:
     assert {name for _, name, _ in WRITES} == set(BY_NAME)
+
+
+class PuttingTable(RecordingTable):
+    def put_item(self, **kwargs: Any) -> None:
+        self.updates.append(kwargs)
+
+
+def test_a_task_is_never_created_in_a_state_it_cannot_start_in() -> None:
+    table = PuttingTable(_row(TaskStatus.RUNNING))
+    store = TaskStore(table)  # type: ignore[arg-type]
+    running = Task.model_validate(_row(TaskStatus.RUNNING))
+
+    with pytest.raises(ValueError, match="a task does not start RUNNING"):
+        store._put_new(running, reap_at=NOW)
+
+    assert table.updates == []
 
 
 def test_a_field_the_transition_does_not_declare_is_never_written() -> None:

@@ -20,6 +20,9 @@ from enum import StrEnum
 
 from gpuqueue.models import OPEN_STATUSES, TaskStatus
 
+# What a task is created as: an image task queued at once, a long-audio task waiting for
+# its upload.
+INITIAL_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.AWAITING_UPLOAD})
 # The waiting line (queue positions) is the tasks QUEUED and never started.
 WAITING_LINE_STATUS = TaskStatus.QUEUED
 

@@ -68,6 +68,7 @@ from gpuqueue.task_states import (
     FAIL_UNCLAIMED,
     FAIL_UNQUEUED,
     HAND_BACK,
+    INITIAL_STATUSES,
     NEXT_ATTEMPT,
     REAP_STATE,
     REQUEUE_ABANDONED,
@@ -177,7 +178,7 @@ class TaskStore:
             webhook_events=request.webhook_events,
             ticket=ticket,
         )
-        return self._put_new(task, reap=ReapState.QUEUED, reap_at=now.timestamp())
+        return self._put_new(task, reap_at=now.timestamp())
 
     def create_speech_task(
         self,
@@ -212,19 +213,20 @@ class TaskStore:
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return self._put_new(
-            task, reap=ReapState.WAITING, reap_at=now.timestamp() + upload_window_seconds
-        )
+        return self._put_new(task, reap_at=now.timestamp() + upload_window_seconds)
 
     @raises_store_error("tasks table")
-    def _put_new(self, task: Task, *, reap: ReapState, reap_at: float) -> Task:
-        """Write a task that must not exist yet; the reaper looks at it at `reap_at`."""
+    def _put_new(self, task: Task, *, reap_at: float) -> Task:
+        """Write a task that must not exist yet, in a state a task may start in; the reaper
+        looks at it at `reap_at`."""
+        if task.status not in INITIAL_STATUSES:
+            raise ValueError(f"a task does not start {task.status.value}")
         item = task.model_dump(mode="json", exclude_none=True)  # pragma: no mutate (all JSON)
         # JSON numbers come out as floats, which DynamoDB refuses: the deadlines as Decimals.
         for deadline in ("queue_deadline", "upload_deadline"):
             if (at := getattr(task, deadline)) is not None:
                 item[deadline] = _stored_time(at)
-        item.update(_reap_fields(task.task_id, reap, reap_at))
+        item.update(_reap_fields(task.task_id, REAP_STATE[task.status], reap_at))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
