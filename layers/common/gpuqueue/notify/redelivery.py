@@ -7,7 +7,7 @@ Three bounds, checked in this order:
   instead of queueing another: the receiver gets one retrying delivery, not one per call.
 - Per task: a few at once (a receiver fixed after an outage), then one a minute.
 - Per user: `per_user_per_hour` in any hour, across all their tasks.
-Each is a GCRA bucket in the limits table (RateLimiter, its own key prefix). A call refused
+Each is a GCRA bucket in the limits table (RateLimiter, its own row type: LimitsRow). A call refused
 per task spends no token of the user's; the limits table unreachable refuses (503): an
 unbounded redelivery is what this module exists to prevent.
 """
