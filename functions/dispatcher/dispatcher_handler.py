@@ -84,12 +84,12 @@ def deps() -> Deps:
         jobs={
             TaskKind.IMAGE: ImageJob(
                 image_generators(credentials=credentials),
-                ImageStore(s3, settings.images_bucket),
+                ImageStore(s3, settings.task_files_bucket),
                 memory=memory,
             ),
             TaskKind.SPEECH: SpeechJob(
                 OpenAITranscriptionClient(credentials=credentials),
-                AudioStore(s3, settings.images_bucket),
+                AudioStore(s3, settings.task_files_bucket),
                 memory=memory,
             ),
         },

@@ -85,7 +85,7 @@ def deps() -> Deps:
         ),
         speech_tasks=SpeechTasks(
             SubmissionService.from_settings(settings, metrics=IntakeMetrics(metrics)),
-            AudioStore(aws_clients.s3(), settings.images_bucket),
+            AudioStore(aws_clients.s3(), settings.task_files_bucket),
             upload_url_ttl_seconds=settings.upload_url_ttl_seconds,
         ),
     )

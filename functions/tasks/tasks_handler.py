@@ -52,7 +52,7 @@ def deps() -> Deps:
         tasks=OwnerTasks(
             TaskStore(aws_clients.dynamodb().Table(settings.tasks_table)),
             images=ImageLinks(
-                store=ImageStore(aws_clients.s3(), settings.images_bucket),
+                store=ImageStore(aws_clients.s3(), settings.task_files_bucket),
                 url_ttl_seconds=settings.image_url_ttl_seconds,
                 kept=timedelta(days=settings.image_retention_days),
             ),

@@ -16,9 +16,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from fakes import FakeClock
-from gpuqueue.errors import ActiveTaskLimit
-from gpuqueue.intake.active_share import KEY_PREFIX, ActiveTaskShare
+from gpuqueue.errors import ActiveTaskLimit, StoreError
+from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.rate_limiter import RateLimiter
+from gpuqueue.store.limits_rows import LimitsRow
 
 
 @pytest.fixture
@@ -75,7 +76,9 @@ def test_the_share_is_one_row_per_user_holding_the_task_ids(table: Any) -> None:
     share.take("alice", "t2")
     share.take("bob", "t9")
 
-    row = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]
+    row = table.get_item(Key={"pk": LimitsRow.ACTIVE_SHARE.key("alice")}, ConsistentRead=True)[
+        "Item"
+    ]
 
     assert row == {"pk": "active#alice", "active": {"t1", "t2"}}
     assert share.active("bob") == {"t9"}
@@ -154,7 +157,9 @@ def test_a_release_for_a_user_with_no_row_writes_no_row(table: Any) -> None:
     share.release("nobody", "t1")
     share.release_many("nobody", {"t1", "t2"})
 
-    assert "Item" not in table.get_item(Key={"pk": KEY_PREFIX + "nobody"}, ConsistentRead=True)
+    assert "Item" not in table.get_item(
+        Key={"pk": LimitsRow.ACTIVE_SHARE.key("nobody")}, ConsistentRead=True
+    )
 
 
 def test_release_many_is_one_write_and_none_for_no_ids(table: Any) -> None:
@@ -223,9 +228,9 @@ class FailingTable:
 def test_errors_other_than_a_full_set_reach_the_caller(table: Any) -> None:
     share = ActiveTaskShare(FailingTable(table), limit=2)
 
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         share.take("alice", "t1")
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         share.release("alice", "t1")
 
 
@@ -238,7 +243,7 @@ def _limiter(table: Any, *, burst: int = 5, rate: float = 0.5, clock: Any = None
         rate_per_second=rate,
         burst=burst,
         clock=clock or FakeClock(),
-        key_prefix=KEY_PREFIX,
+        rows=LimitsRow.ACTIVE_SHARE,
     )
 
 
@@ -251,7 +256,9 @@ def test_a_submit_takes_its_token_and_its_share_in_one_write_on_one_row(table: A
 
     assert counting.writes == 3
     assert [d.remaining for d in decisions if d is not None] == [4, 3, 2]
-    row = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]
+    row = table.get_item(Key={"pk": LimitsRow.ACTIVE_SHARE.key("alice")}, ConsistentRead=True)[
+        "Item"
+    ]
     assert row["active"] == {"t0", "t1", "t2"}
     assert "tat" in row
     # TTL must never delete a row that still counts tasks.
@@ -262,12 +269,16 @@ def test_a_full_share_refuses_without_spending_a_token(table: Any) -> None:
     limiter = _limiter(table)
     share = ActiveTaskShare(table, limit=1)
     share.take("alice", "t1", rate=limiter)
-    tat = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]["tat"]
+    tat = table.get_item(Key={"pk": LimitsRow.ACTIVE_SHARE.key("alice")}, ConsistentRead=True)[
+        "Item"
+    ]["tat"]
 
     with pytest.raises(ActiveTaskLimit):
         share.take("alice", "t2", rate=limiter)
 
-    row = table.get_item(Key={"pk": KEY_PREFIX + "alice"}, ConsistentRead=True)["Item"]
+    row = table.get_item(Key={"pk": LimitsRow.ACTIVE_SHARE.key("alice")}, ConsistentRead=True)[
+        "Item"
+    ]
     assert row["tat"] == tat
     assert row["active"] == {"t1"}
 

@@ -12,10 +12,11 @@ from decimal import Decimal
 import boto3
 
 from gpuqueue.errors import ActiveTaskLimit
-from gpuqueue.intake.active_share import KEY_PREFIX, ActiveTaskShare
+from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.rate_limiter import Probation
 from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.models import ImageRequest
+from gpuqueue.store.limits_rows import LimitsRow
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
 from gpuqueue_testing import User
@@ -27,7 +28,7 @@ def _first_seen(h, user: User, seconds_ago: float) -> None:
     """The user's first submit was this long ago (as the submit path records it)."""
     limits = boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
     limits.update_item(
-        Key={"pk": KEY_PREFIX + user.sub},
+        Key={"pk": LimitsRow.ACTIVE_SHARE.key(user.sub)},
         UpdateExpression="SET first_seen = :at",
         ExpressionAttributeValues={":at": Decimal(str(round(time.time() - seconds_ago, 3)))},
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gpuqueue.dispatch.dispatcher import DispatchPolicy, Outcome, Pulled, TaskDispatcher
+from gpuqueue.dispatch.dispatcher import DispatchOutcome, DispatchPolicy, Pulled, TaskDispatcher
 from gpuqueue.dispatch.jobs import Completion, InvalidTaskInput
 from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
@@ -193,7 +193,7 @@ def submitted(store: TaskStore, prompt: str = "a fox", **request: Any) -> Task:
     )
 
 
-def dispatch(d: TaskDispatcher, task: Task, *, left: float = PLENTY) -> Outcome:
+def dispatch(d: TaskDispatcher, task: Task, *, left: float = PLENTY) -> DispatchOutcome:
     return d.dispatch(QueueMessage(task_id=task.task_id), remaining_seconds=lambda: left)
 
 
@@ -208,7 +208,7 @@ def test_a_task_runs_in_a_slot_and_ends_done_with_the_slot_free_again(
     job = ScriptedJob(b"png", registry=registry, rows=store)
     task = submitted(store)
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.DONE
 
     assert job.calls == [("gpu-a", 1, TIMEOUT)]
     assert job.in_flight_seen == [1]  # the call held the endpoint's one slot
@@ -289,7 +289,7 @@ def test_a_call_after_a_slow_claim_still_ends_inside_its_slots_lease(
     task = submitted(store)
     d = dispatcher(store, registry, job, clock=store.clock)
 
-    assert dispatch(d, task) is Outcome.DONE
+    assert dispatch(d, task) is DispatchOutcome.DONE
 
     # Leased for 10 + 5 s; 7 s gone claiming; half a second kept back: 7.5 s, not 10 (less
     # the real time the writes took: up to 0.3 s seen on a loaded machine, so 1 s allowed).
@@ -329,7 +329,7 @@ def test_the_observer_hears_each_start_failure_and_done_as_of_the_dispatchers_cl
     clock = SteppingClock()
 
     assert dispatch(dispatcher(store, registry, job, clock=clock, observer=seen), task) is (
-        Outcome.DONE
+        DispatchOutcome.DONE
     )
 
     first, second = (call[0] for call in job.calls)
@@ -353,7 +353,7 @@ def test_a_call_whose_leases_leave_exactly_the_shortest_call_still_runs(
     job = ScriptedJob(b"png")
 
     assert dispatch(dispatcher(store, registry, job, clock=store.clock), submitted(store)) is (
-        Outcome.DONE
+        DispatchOutcome.DONE
     )
     assert job.calls == [("gpu-a", 1, 1.0)]
 
@@ -366,7 +366,7 @@ def test_a_failed_call_is_counted_against_its_endpoint_and_can_open_its_circuit(
     clock = SteppingClock()
     d = dispatcher(store, registry, job, clock=clock, circuit_failure_threshold=1)
 
-    assert dispatch(d, submitted(store)) is Outcome.DONE
+    assert dispatch(d, submitted(store)) is DispatchOutcome.DONE
 
     failed_on, done_on = (call[0] for call in job.calls)
     failed = registry.get(failed_on)
@@ -395,7 +395,7 @@ def test_with_exactly_a_full_call_left_after_a_failure_the_retry_runs_here(
         QueueMessage(task_id=task.task_id), remaining_seconds=remaining
     )
 
-    assert outcome is Outcome.DONE
+    assert outcome is DispatchOutcome.DONE
     assert [call[1] for call in job.calls] == [1, 2]
 
 
@@ -441,7 +441,10 @@ def test_a_high_priority_task_runs_on_a_seat_of_the_lane(
     job.run = run_watching_the_lane  # type: ignore[method-assign]
     vip = submitted(store, priority="high")
 
-    assert dispatch(dispatcher(store, registry, job, priority_lane_slots=1), vip) is Outcome.DONE
+    assert (
+        dispatch(dispatcher(store, registry, job, priority_lane_slots=1), vip)
+        is DispatchOutcome.DONE
+    )
     assert seats_free == [[]]  # the lane's one seat was the call's
     assert registry.fleet(TaskKind.IMAGE).free_priority_seats(time.time(), 1) == [0]
 
@@ -453,7 +456,7 @@ def test_a_retryable_failure_moves_on_to_another_endpoint_in_the_same_invocation
     job = ScriptedJob(RetryableGpuError("HTTP 503"), b"png", rows=store)
     task = submitted(store)
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.DONE
 
     first, second = job.calls
     # The second attempt's row names its endpoint and the first attempt's failure.
@@ -479,7 +482,7 @@ def test_the_last_attempt_failing_ends_the_task_failed_naming_the_attempt(
     job = ScriptedJob(RetryableGpuError("HTTP 503"), RetryableGpuError("HTTP 502"))
     task = submitted(store)
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.FAILED
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.FAILED
 
     assert len(job.calls) == 2
     failed = store.get(task.task_id)
@@ -496,7 +499,9 @@ def test_a_permanent_failure_ends_the_task_at_once(
     job = ScriptedJob(GpuError("HTTP 400: bad prompt"))
     task = submitted(store)
 
-    assert dispatch(dispatcher(store, registry, job, max_attempts=5), task) is Outcome.FAILED
+    assert (
+        dispatch(dispatcher(store, registry, job, max_attempts=5), task) is DispatchOutcome.FAILED
+    )
 
     assert len(job.calls) == 1
     called = job.calls[0][0]
@@ -542,7 +547,9 @@ def test_a_task_whose_attempts_are_used_up_fails_without_a_gpu_call(
     assert claim is not None
     assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
 
-    assert dispatch(dispatcher(store, registry, job, max_attempts=1), task) is Outcome.FAILED
+    assert (
+        dispatch(dispatcher(store, registry, job, max_attempts=1), task) is DispatchOutcome.FAILED
+    )
 
     assert job.calls == []
     failed = store.get(task.task_id)
@@ -559,7 +566,9 @@ def test_a_task_whose_worker_was_lost_on_its_last_attempt_fails_saying_so(
     task = submitted(store)
     assert store.claim(task, lease_seconds=1, now=time.time() - 60) is not None  # lapsed
 
-    assert dispatch(dispatcher(store, registry, job, max_attempts=1), task) is Outcome.FAILED
+    assert (
+        dispatch(dispatcher(store, registry, job, max_attempts=1), task) is DispatchOutcome.FAILED
+    )
 
     failed = store.get(task.task_id)
     assert failed is not None
@@ -600,7 +609,7 @@ def test_a_task_with_attempts_left_after_a_failure_is_claimed_again(
     assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
     job = ScriptedJob(b"png")
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.DONE
 
     assert job.calls == [("gpu-b", 2, TIMEOUT)]  # not back to the endpoint that failed it
 
@@ -635,7 +644,7 @@ def test_an_expired_lease_is_claimed_again_by_a_redelivery(
     assert store.claim(task, lease_seconds=1, now=time.time() - 60) is not None
     job = ScriptedJob(b"png")
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.DONE
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.DONE
     assert job.calls == [("gpu-a", 2, TIMEOUT)]
 
 
@@ -648,9 +657,9 @@ def test_a_finished_or_missing_task_is_skipped(
     store.cancel(canceled.task_id, "alice")
     d = dispatcher(store, registry, job)
 
-    assert dispatch(d, canceled) is Outcome.SKIPPED
+    assert dispatch(d, canceled) is DispatchOutcome.SKIPPED
     missing = QueueMessage(task_id=str(uuid.uuid4()))
-    assert d.dispatch(missing, remaining_seconds=lambda: PLENTY) is Outcome.SKIPPED
+    assert d.dispatch(missing, remaining_seconds=lambda: PLENTY) is DispatchOutcome.SKIPPED
     assert job.calls == []
 
 
@@ -670,7 +679,7 @@ def test_a_task_past_its_queue_deadline_expires_without_a_gpu_call(
         clock=lambda: time.time() + 2,
     )
 
-    assert dispatch(d, task) is Outcome.EXPIRED
+    assert dispatch(d, task) is DispatchOutcome.EXPIRED
 
     assert job.calls == []
     expired = store.get(task.task_id)
@@ -680,7 +689,7 @@ def test_a_task_past_its_queue_deadline_expires_without_a_gpu_call(
     deadline = on_time.queue_deadline
     assert (
         dispatch(dispatcher(store, registry, job.also(b"png"), clock=lambda: deadline), on_time)
-        is Outcome.DONE
+        is DispatchOutcome.DONE
     )
     assert expired is not None
     assert expired.status is TaskStatus.EXPIRED
@@ -694,7 +703,7 @@ def test_unusable_input_fails_the_task_without_a_gpu_call(
     job = ScriptedJob()
     task = submitted(store, prompt="unusable")
 
-    assert dispatch(dispatcher(store, registry, job), task) is Outcome.FAILED
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.FAILED
 
     assert job.calls == []
     assert store.get(task.task_id).error == "the input is gone"  # type: ignore[union-attr]
@@ -753,7 +762,7 @@ class Queue:
         message = self.waiting.pop(0)
         return Pulled(message=message, receipt=f"receipt-{message.task_id}")
 
-    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
+    def settle(self, pulled: Pulled, result: DispatchOutcome | Exception) -> None:
         task = self._store.get(pulled.message.task_id)
         self.settled.append(
             (pulled.message.task_id, result, task.status if task is not None else None)
@@ -772,7 +781,7 @@ class Queue:
         pass  # one message a pull: nothing to batch
 
 
-def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> Outcome:
+def serve(d: TaskDispatcher, first: Task, queue: Queue, *, left: float = PLENTY) -> DispatchOutcome:
     return d.dispatch(
         QueueMessage(task_id=first.task_id), remaining_seconds=lambda: left, next_tasks=queue
     )
@@ -807,7 +816,9 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
     seen = Observed()
     before = time.time()
 
-    assert serve(dispatcher(store, registry, job, observer=seen), first, queue) is Outcome.DONE
+    assert (
+        serve(dispatcher(store, registry, job, observer=seen), first, queue) is DispatchOutcome.DONE
+    )
 
     # Each call had the whole task timeout, pulled ones too, each task RUNNING on gpu-a.
     assert job.calls == [("gpu-a", 1, TIMEOUT)] * 3
@@ -830,8 +841,8 @@ def test_a_kept_slot_runs_the_next_tasks_each_settled_once_done(
     ]
     # Settled only once DONE was written; the queue asked until it was empty.
     assert queue.settled == [
-        (second.task_id, Outcome.DONE, TaskStatus.DONE),
-        (third.task_id, Outcome.DONE, TaskStatus.DONE),
+        (second.task_id, DispatchOutcome.DONE, TaskStatus.DONE),
+        (third.task_id, DispatchOutcome.DONE, TaskStatus.DONE),
     ]
     assert queue.pulls == 3
     assert in_flight(registry, "gpu-a") == 0
@@ -865,7 +876,7 @@ def test_after_a_good_call_a_kept_slot_knows_its_endpoint_healthy_and_writes_tha
     queue = Queue(store, second, third)
     job = ScriptedJob(b"1", b"2", b"3")
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     # The first success resets the count (a write); the slot's copy of the endpoint then
     # says so, and the next successes on it need no write.
@@ -905,8 +916,8 @@ def test_a_pulled_task_that_fails_for_good_is_settled_failed_and_the_slot_goes_o
     serve(dispatcher(store, registry, job), first, queue)
 
     assert queue.settled == [
-        (bad.task_id, Outcome.FAILED, TaskStatus.FAILED),
-        (last.task_id, Outcome.DONE, TaskStatus.DONE),
+        (bad.task_id, DispatchOutcome.FAILED, TaskStatus.FAILED),
+        (last.task_id, DispatchOutcome.DONE, TaskStatus.DONE),
     ]
 
 
@@ -943,7 +954,7 @@ def test_a_pulled_retry_goes_to_another_endpoint_than_the_one_that_failed_it(
     serve(dispatcher(store, registry, job), first, queue)
 
     assert job.calls[1][0] == "gpu-b"
-    assert queue.settled == [(retry.task_id, Outcome.DONE, TaskStatus.DONE)]
+    assert queue.settled == [(retry.task_id, DispatchOutcome.DONE, TaskStatus.DONE)]
 
 
 def test_a_duplicate_of_a_task_this_worker_just_ran_is_skipped_not_sent_back(
@@ -959,7 +970,7 @@ def test_a_duplicate_of_a_task_this_worker_just_ran_is_skipped_not_sent_back(
     serve(dispatcher(store, registry, job), first, queue)
 
     assert len(job.calls) == 1
-    assert [(t, r) for t, r, _ in queue.settled] == [(first.task_id, Outcome.SKIPPED)]
+    assert [(t, r) for t, r, _ in queue.settled] == [(first.task_id, DispatchOutcome.SKIPPED)]
 
 
 # --- a prepared input is always released (a speech task's audio holds memory) -------------
@@ -972,8 +983,8 @@ def test_every_prepared_input_is_released_however_its_task_ends(
     job = ScriptedJob(b"png", GpuError("HTTP 400"), RetryableGpuError("timeout"))
     d = dispatcher(store, registry, job)
 
-    assert dispatch(d, submitted(store)) is Outcome.DONE
-    assert dispatch(d, submitted(store)) is Outcome.FAILED
+    assert dispatch(d, submitted(store)) is DispatchOutcome.DONE
+    assert dispatch(d, submitted(store)) is DispatchOutcome.FAILED
     with pytest.raises(RetryLater):  # no time for a second call: back to the queue
         dispatch(d, submitted(store), left=TIMEOUT + 4)
     registry.take_slot(  # the one slot held by another worker: no call at all
@@ -993,8 +1004,11 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
     first, *rest = (submitted(store, f"p{i}") for i in range(3))
     queue = Queue(store, *rest)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
-    assert [result for _, result, _ in queue.settled] == [Outcome.DONE, Outcome.DONE]
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
+    assert [result for _, result, _ in queue.settled] == [
+        DispatchOutcome.DONE,
+        DispatchOutcome.DONE,
+    ]
     assert job.released_all(3)
 
     # A job that checks its input first is never prepared onto a kept slot: it goes the
@@ -1004,8 +1018,8 @@ def test_a_kept_slot_releases_each_pulled_input_and_prepares_memory_bound_ones_f
     first, second = (submitted(store, f"q{i}") for i in range(2))
     queue = Queue(store, second)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
-    assert [result for _, result, _ in queue.settled] == [Outcome.DONE]
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
+    assert [result for _, result, _ in queue.settled] == [DispatchOutcome.DONE]
     assert job.released_all(2)
     first_lease, second_lease = (entry.split(":")[0] for entry in job.leases)
     assert first_lease != second_lease  # a lease of its own, taken once it was prepared
@@ -1021,7 +1035,10 @@ def test_a_pulled_task_sent_back_is_not_taken_for_a_duplicate_when_its_copy_come
     assert store.claim(elsewhere, lease_seconds=60, now=time.time(), endpoint_id="gpu-b")
     queue = Queue(store, elsewhere)
 
-    assert serve(dispatcher(store, registry, ScriptedJob(b"png")), first, queue) is Outcome.DONE
+    assert (
+        serve(dispatcher(store, registry, ScriptedJob(b"png")), first, queue)
+        is DispatchOutcome.DONE
+    )
 
     [(task_id, result, _)] = queue.settled
     assert task_id == elsewhere.task_id
@@ -1074,15 +1091,15 @@ def test_a_kept_slot_receives_its_next_message_while_its_call_runs(
     queue = Queue(store, second, third)
     job = EarlyReceiveJob(b"1", b"2", b"3", queue=queue, registry=registry)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     # The second and third calls each found their successor's receive done before they
     # ended (the third's found the queue empty): the hand-off did not wait on a receive.
     assert job.received_during == [True, True]
     assert queue.pulls == 3  # no receive twice for one hand-off
     assert [s[:2] for s in queue.settled] == [
-        (second.task_id, Outcome.DONE),
-        (third.task_id, Outcome.DONE),
+        (second.task_id, DispatchOutcome.DONE),
+        (third.task_id, DispatchOutcome.DONE),
     ]
     assert in_flight(registry, "gpu-a") == 0
 
@@ -1105,7 +1122,7 @@ def test_a_kept_slots_next_task_is_claimed_and_its_slot_renewed_while_the_call_b
             at_second_end.append((row.status, lease.kept, covers))  # type: ignore[union-attr]
 
     job.at_call_end = look
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     # The hand-off was made before the call ended: the third task claimed, the slot's lease
     # (kept across calls) covering its call. The next call starts at once, on the same slot.
@@ -1129,7 +1146,7 @@ def test_a_task_claimed_ahead_goes_back_uncalled_when_the_slot_it_was_for_is_giv
     seen: list[TaskStatus] = []
     job.at_call_end = lambda call: seen.append(store.get(third.task_id).status)  # type: ignore[union-attr]
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     assert seen[1] is TaskStatus.RUNNING  # claimed ahead, as the second's first call ended
     failed_on, moved_to = job.calls[1][0], job.calls[2][0]
@@ -1198,7 +1215,7 @@ def test_after_a_lost_lease_the_fresh_slot_is_kept_for_the_next_task_and_inputs_
     job = ScriptedJob(b"1", b"2", b"3", registry=registry)
     _lose_the_lease_during(job, registry, first)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     # The second ran as its next attempt on a slot leased afresh, which the worker kept
     # for the third (no third attempt, no other worker needed).
@@ -1236,7 +1253,7 @@ def test_a_task_claimed_as_its_slots_lease_is_lost_takes_a_slot_afresh(
     job = ScriptedJob(b"1", b"2", registry=registry)
     _lose_the_lease_during(job, registry, first)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     # The renewal failed beside a claim that won: the task ran on a slot leased afresh,
     # as its next attempt, never two calls on the one-slot endpoint.
@@ -1267,7 +1284,7 @@ def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endp
 
     job.run = add_gpu_b_after_the_failure  # type: ignore[method-assign]
 
-    assert serve(d, first, queue) is Outcome.DONE
+    assert serve(d, first, queue) is DispatchOutcome.DONE
 
     # The failed call's task moved on as its next attempt, on the endpoint it had not tried,
     # with the failure recorded as its last error.
@@ -1291,7 +1308,7 @@ def test_an_unusable_task_pulled_onto_a_kept_slot_fails_saying_why_and_the_slot_
     queue = Queue(store, bad, third)
     job = ScriptedJob(b"1", b"3", registry=registry)
 
-    assert serve(dispatcher(store, registry, job), first, queue) is Outcome.DONE
+    assert serve(dispatcher(store, registry, job), first, queue) is DispatchOutcome.DONE
 
     failed = store.get(bad.task_id)
     assert failed is not None
@@ -1321,7 +1338,7 @@ def _counting(store: TaskStore) -> ReadCountingStore:
 
 def first_message(
     d: TaskDispatcher, store: TaskStore, task: Task, priority: Priority | None
-) -> Outcome:
+) -> DispatchOutcome:
     """A worker's first message (as the queue's trigger hands it over), saying `priority`."""
     return d.dispatch(
         QueueMessage(task_id=task.task_id, priority=priority),
@@ -1340,7 +1357,7 @@ def test_a_workers_first_normal_task_is_claimed_on_a_fresh_slot_without_a_read(
 
     outcome = first_message(dispatcher(counting, registry, job), store, task, Priority.NORMAL)
 
-    assert outcome is Outcome.DONE
+    assert outcome is DispatchOutcome.DONE
     assert ReadCountingStore.gets == 0
     assert [c[:2] for c in job.calls] == [("gpu-a", 1)]
     assert store.get(task.task_id).status is TaskStatus.DONE  # type: ignore[union-attr]
@@ -1357,7 +1374,7 @@ def test_a_first_message_for_a_canceled_task_ends_there_and_gives_its_fresh_slot
 
     outcome = first_message(dispatcher(store, registry, job), store, task, Priority.NORMAL)
 
-    assert outcome is Outcome.SKIPPED
+    assert outcome is DispatchOutcome.SKIPPED
     assert job.calls == []
     assert store.get(task.task_id).status is TaskStatus.CANCELED  # type: ignore[union-attr]
     assert in_flight(registry, "gpu-a") == 0
@@ -1374,5 +1391,5 @@ def test_a_message_that_does_not_say_its_priority_is_read_first(
     # Sent before messages carried it.
     outcome = first_message(dispatcher(counting, registry, job), store, task, None)
 
-    assert outcome is Outcome.DONE
+    assert outcome is DispatchOutcome.DONE
     assert ReadCountingStore.gets == 1

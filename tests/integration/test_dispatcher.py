@@ -9,6 +9,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from gpuqueue.dispatch.dispatcher import SAFETY_MARGIN_SECONDS
+from gpuqueue.errors import StoreError
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.models import ImageRequest, TaskKind
 from gpuqueue.store.image_store import ImageStore
@@ -301,8 +302,11 @@ def test_a_failed_slot_release_keeps_the_finished_image(make_stack, alice, monke
     task_id = h.submit(alice).json()["task_id"]
 
     def throttled(self, lease, *, call_seconds=None):
-        raise ClientError(
-            {"Error": {"Code": "ThrottlingException", "Message": "rate exceeded"}}, "UpdateItem"
+        raise StoreError(
+            "endpoints table",
+            ClientError(
+                {"Error": {"Code": "ThrottlingException", "Message": "rate exceeded"}}, "UpdateItem"
+            ),
         )
 
     monkeypatch.setattr(EndpointRegistry, "release_slot", throttled)

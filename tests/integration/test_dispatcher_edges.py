@@ -17,8 +17,8 @@ import pytest
 
 from gpuqueue.dispatch.dispatcher import (
     SAFETY_MARGIN_SECONDS,
+    DispatchOutcome,
     DispatchPolicy,
-    Outcome,
     TaskDispatcher,
 )
 from gpuqueue.dispatch.jobs import ImageJob
@@ -144,7 +144,7 @@ def test_a_task_of_a_kind_no_job_handles_fails_naming_the_kind(make_stack):
         QueueMessage(task_id="t1", kind=TaskKind.SPEECH), remaining_seconds=_plenty
     )
 
-    assert outcome is Outcome.FAILED
+    assert outcome is DispatchOutcome.FAILED
     task = tasks.get("t1")
     assert task is not None
     assert (task.status, task.error, task.attempt) == (
@@ -265,7 +265,7 @@ def test_a_claim_lost_to_another_worker_leaves_the_task_to_it(make_stack, alice)
     )
 
     assert racing.pending == 0
-    assert outcome is Outcome.SKIPPED
+    assert outcome is DispatchOutcome.SKIPPED
     row = h.task_row(task_id)
     assert (row["status"], row["attempt"], row["lease_id"]) == ("RUNNING", 1, other["lease_id"])
     assert h.image_servers[0].stats()["calls"] == 0
@@ -294,7 +294,7 @@ def test_a_lease_taken_over_during_the_call_leaves_done_to_the_new_holder(make_s
     )
 
     assert racing.pending == 0
-    assert outcome is Outcome.SKIPPED
+    assert outcome is DispatchOutcome.SKIPPED
     # Then the task is not marked DONE by the worker that lost it: the holder finishes it,
     # writing the same result key (already there, so nothing is lost meanwhile).
     task = h.get_task(alice, task_id).json()
@@ -328,7 +328,7 @@ def test_a_lease_taken_over_between_two_attempts_makes_no_second_call(make_stack
     )
 
     assert racing.pending == 0
-    assert outcome is Outcome.SKIPPED
+    assert outcome is DispatchOutcome.SKIPPED
     row = h.task_row(task_id)
     assert (row["status"], row["attempt"]) == ("RUNNING", 2)
     assert sorted(s.stats()["calls"] for s in h.image_servers) == [0, 1]

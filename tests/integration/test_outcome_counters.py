@@ -10,8 +10,9 @@ import boto3
 import pytest
 
 from gpuqueue import aws_clients
-from gpuqueue.lifecycle.outcome_counters import KEY_PREFIX, WINDOW_SECONDS, OutcomeCounters
+from gpuqueue.lifecycle.outcome_counters import WINDOW_SECONDS, OutcomeCounters
 from gpuqueue.models import TaskStatus
+from gpuqueue.store.limits_rows import LimitsRow
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_testing import dynamodb_operations
 
@@ -77,7 +78,7 @@ def test_ends_spread_over_the_shards_and_add_up(make_stack, shards):
     rows = [
         item
         for item in table.scan()["Items"]  # the test looks at the rows; the code never scans
-        if str(item["pk"]).startswith(KEY_PREFIX)
+        if str(item["pk"]).startswith(LimitsRow.OUTCOMES)
     ]
     stats = counters.last_hour(now)
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import boto3
 
-from gpuqueue.api.prefer_wait import SEAT_KEY_PREFIX
+from gpuqueue.store.limits_rows import LimitsRow
 
 
 def _status(h, user, task_id, wait: int):
@@ -19,7 +19,9 @@ def _status(h, user, task_id, wait: int):
 
 def _seat(h, index: int = 0) -> dict | None:
     limits = boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
-    return limits.get_item(Key={"pk": f"{SEAT_KEY_PREFIX}{index}"}, ConsistentRead=True).get("Item")
+    return limits.get_item(
+        Key={"pk": LimitsRow.WAIT_SEAT.key(str(index))}, ConsistentRead=True
+    ).get("Item")
 
 
 def _hold_seat(h, *, lease_until: float, index: int = 0) -> None:
@@ -27,7 +29,7 @@ def _hold_seat(h, *, lease_until: float, index: int = 0) -> None:
     limits = boto3.resource("dynamodb").Table(h.stack.ref("LimitsTable"))
     limits.put_item(
         Item={
-            "pk": f"{SEAT_KEY_PREFIX}{index}",
+            "pk": LimitsRow.WAIT_SEAT.key(str(index)),
             "holder": "a-killed-waiter",
             "lease_until": Decimal(str(round(lease_until, 3))),
         }

@@ -22,8 +22,10 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from fakes import FakeClock
+from gpuqueue.errors import StoreError
 from gpuqueue.intake import rate_limiter
-from gpuqueue.intake.rate_limiter import KEY_PREFIX, RateDecision, RateLimiter
+from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -97,7 +99,7 @@ def make_table(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
 
 
 def _tat(table: Table, user: str = "alice") -> Decimal:
-    return Decimal(str(table.get_item(Key={"pk": KEY_PREFIX + user})["Item"]["tat"]))
+    return Decimal(str(table.get_item(Key={"pk": LimitsRow.RATE.key(user)})["Item"]["tat"]))
 
 
 def _limiter(table: Any, clock: FakeClock, *, rate: float = 1, burst: int = 5) -> RateLimiter:
@@ -123,7 +125,7 @@ def test_the_stored_row(make_table: Callable[[], Table]) -> None:
     limiter.take("alice", cost=2)  # idle: tat = now + 2 * 2 s
     item = table.get_item(Key={"pk": "rate#alice"})["Item"]
     assert set(item) == {"pk", "tat", "expires_at"}
-    assert item["pk"] == KEY_PREFIX + "alice"
+    assert item["pk"] == LimitsRow.RATE.key("alice")
     assert item["tat"] == Decimal(str(NOW + 4))
     assert int(str(item["expires_at"])) == int(NOW) + 4 + 60  # full again at tat, + 60
     limiter.take("alice")  # busy: tat += 2 s; expiry bounded by now + tau (10 s)
@@ -310,7 +312,7 @@ def test_other_errors_propagate(make_table: Callable[[], Table]) -> None:
         )
 
     counting.before_write = throttled
-    with pytest.raises(ClientError, match="ProvisionedThroughputExceeded"):
+    with pytest.raises(StoreError, match="ProvisionedThroughputExceeded"):
         _limiter(counting, FakeClock()).take("alice")
 
 
@@ -517,6 +519,6 @@ def test_a_refund_of_a_row_gone_is_a_no_op_and_only_refundable_limiters_refund(
 ) -> None:
     table, clock = make_table(), FakeClock()
     _refundable(table, clock).give_back("nobody")
-    assert "Item" not in table.get_item(Key={"pk": KEY_PREFIX + "nobody"})
+    assert "Item" not in table.get_item(Key={"pk": LimitsRow.RATE.key("nobody")})
     with pytest.raises(ValueError, match="refundable"):
         _limiter(table, clock).give_back("alice")

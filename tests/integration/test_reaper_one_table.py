@@ -23,7 +23,8 @@ from gpuqueue.models import (
     TaskStatus,
 )
 from gpuqueue.store.task_ids import new_task_id
-from gpuqueue.store.task_store import ReapState, TaskStore
+from gpuqueue.store.task_store import TaskStore
+from gpuqueue.task_states import ReapState
 
 GRACE = 60.0
 REQUEUE_AFTER = 900.0

@@ -13,9 +13,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
-from gpuqueue.errors import TaskNotFound, TaskStateConflict
+from gpuqueue.errors import StoreError, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
     ImageRequest,
     Priority,
@@ -32,10 +31,10 @@ from gpuqueue.store.task_store import (
     UNWRITTEN_GRACE_SECONDS,
     Claim,
     ClaimRefused,
-    ReapState,
     TaskStore,
     reap_shard,
 )
+from gpuqueue.task_states import ReapState
 
 OWNER = "alice"
 LEASE = 30.0
@@ -1044,7 +1043,7 @@ def test_a_long_audio_task_is_stored_awaiting_its_upload_with_everything_it_was_
     assert row["reap_shard"] == reap_shard(task_id, ReapState.WAITING)
     assert float(row["reap_at"]) == now.timestamp() + 600
     # Ids are never reused: a second task under the same id is refused.
-    with pytest.raises(ClientError):
+    with pytest.raises(StoreError):
         store.create_speech_task(
             OWNER,
             speech,

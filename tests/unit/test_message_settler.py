@@ -7,7 +7,7 @@ from typing import Any, cast
 import pytest
 from aws_lambda_powertools import Logger
 
-from gpuqueue.dispatch.dispatcher import Outcome
+from gpuqueue.dispatch.dispatcher import DispatchOutcome
 from gpuqueue.dispatch.queue_worker import MessageSettler
 from gpuqueue.errors import RetryLater
 from gpuqueue.models import QueueMessage, TaskKind
@@ -46,14 +46,14 @@ def _settler() -> tuple[MessageSettler, QueueRecorder, MetricsRecorder]:
 @pytest.mark.parametrize(
     ("outcome", "counted"),
     [
-        (Outcome.DONE, ["TasksSucceeded"]),
-        (Outcome.FAILED, ["TasksFailed"]),
-        (Outcome.EXPIRED, ["TasksExpired"]),
-        (Outcome.SKIPPED, []),
-        (Outcome.RETRY, []),
+        (DispatchOutcome.DONE, ["TasksSucceeded"]),
+        (DispatchOutcome.FAILED, ["TasksFailed"]),
+        (DispatchOutcome.EXPIRED, ["TasksExpired"]),
+        (DispatchOutcome.SKIPPED, []),
+        (DispatchOutcome.RETRY, []),
     ],
 )
-def test_each_final_outcome_is_counted_under_its_name(outcome: Outcome, counted: list[str]):
+def test_each_final_outcome_is_counted_under_its_name(outcome: DispatchOutcome, counted: list[str]):
     settler, _, metrics = _settler()
 
     settler.count(outcome)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gpuqueue.lifecycle.reaper import ReaperPolicy
-from gpuqueue.store.task_store import REAP_INDEX, REAP_SHARDS, ReapState, reap_shard
+from gpuqueue.store.task_store import REAP_INDEX, REAP_SHARDS, reap_shard
+from gpuqueue.task_states import ReapState
 from gpuqueue_local.template import load_template
 
 RESOURCES: dict[str, Any] = load_template()["Resources"]

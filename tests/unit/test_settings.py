@@ -22,7 +22,7 @@ def dispatcher_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name, value in {
         "TASKS_TABLE": "tasks",
         "ENDPOINTS_TABLE": "endpoints",
-        "IMAGES_BUCKET": "images",
+        "TASK_FILES_BUCKET": "images",
         "TASK_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/tasks",
     }.items():
         monkeypatch.setenv(name, value)

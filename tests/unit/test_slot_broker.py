@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from gpuqueue.errors import StoreError
 from gpuqueue.fleet.balancer import Balancer, Strategy
 from gpuqueue.fleet.endpoint_registry import Fleet
 from gpuqueue.fleet.slot_broker import (
@@ -511,9 +512,17 @@ class FailingReleaseRegistry:
 
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         if lease.lease_id == "slot-lease":
-            raise ClientError(
-                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}},
-                "UpdateItem",
+            raise StoreError(
+                "endpoints table",
+                ClientError(
+                    {
+                        "Error": {
+                            "Code": "ProvisionedThroughputExceededException",
+                            "Message": "slow",
+                        }
+                    },
+                    "UpdateItem",
+                ),
             )
         self.released.append(lease.lease_id)
 

@@ -682,7 +682,7 @@ def test_every_allowed_hourly_redelivery_limit_is_one_the_tasks_function_accepts
     def accepted(value: int) -> bool:
         try:
             settings.TasksSettings(
-                tasks_table="t", images_bucket="b", redeliveries_per_user_per_hour=value
+                tasks_table="t", task_files_bucket="b", redeliveries_per_user_per_hour=value
             )
         except ValidationError:
             return False

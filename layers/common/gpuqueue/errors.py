@@ -98,6 +98,17 @@ class ServiceUnavailable(GpuqueueError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class StoreError(Exception):
+    """A call to a table, queue or bucket failed: unreachable, throttled, or refused. The
+    data-access layer raises it in place of the SDK's error (its cause), so the logic above
+    never handles botocore; `sdk_error` names the SDK's error, `code` its AWS error code."""
+
+    def __init__(self, store: str, error: Exception) -> None:
+        self.sdk_error = type(error).__name__
+        self.code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+        super().__init__(f"{store}: {self.sdk_error} {self.code}".rstrip())
+
+
 class GpuError(Exception):
     """A GPU endpoint call that did not produce a usable result."""
 

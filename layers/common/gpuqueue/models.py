@@ -56,9 +56,17 @@ class Priority(StrEnum):
     HIGH = "high"
 
 
+# The states, beside their enum; the transitions between them: gpuqueue.task_states.
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.EXPIRED}
 )
+OPEN_STATUSES = frozenset(set(TaskStatus) - TERMINAL_STATUSES)
+# TaskView's fields that only some states show (None in every other state).
+VIEW_FIELDS_BY_STATUS = {
+    "result_url": frozenset({TaskStatus.DONE}),
+    "text": frozenset({TaskStatus.DONE}),
+    "error": frozenset({TaskStatus.FAILED, TaskStatus.EXPIRED}),
+}
 # The longest a task may wait to start: the task queue's retention (4 days).
 MAX_QUEUE_TTL_SECONDS = 345_600
 
@@ -368,11 +376,13 @@ class TaskView(DeferredModel):
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
-        done = task.status is TaskStatus.DONE
+        def shows(field: str) -> bool:
+            return task.status in VIEW_FIELDS_BY_STATUS[field]
+
         if task.kind is TaskKind.SPEECH:
-            result_url = f"/api/v1/speech/transcripts/{task.task_id}" if done else None
+            result_url = f"/api/v1/speech/transcripts/{task.task_id}"
         else:
-            result_url = f"/api/images/{task.task_id}" if done else None
+            result_url = f"/api/images/{task.task_id}"
         return cls(
             task_id=task.task_id,
             user_id=task.user_id,
@@ -386,9 +396,9 @@ class TaskView(DeferredModel):
             started_at=task.started_at,
             attempt=task.attempt,
             params=task.params,
-            result_url=result_url,
-            error=task.error if task.status in (TaskStatus.FAILED, TaskStatus.EXPIRED) else None,
-            text=task.transcript_text if done else None,
+            result_url=result_url if shows("result_url") else None,
+            error=task.error if shows("error") else None,
+            text=task.transcript_text if shows("text") else None,
             webhook_url=task.webhook_url,
         )
 

@@ -165,7 +165,8 @@ class DisconnectSettings(_Settings):
 
 class TasksSettings(_Settings):
     tasks_table: str
-    images_bucket: str
+    # The tasks' files: results/ (images), audio/ (speech uploads), transcripts/.
+    task_files_bucket: str
     webhook_queue_url: str | None = None  # redelivery; None: no webhooks on this stack
     websocket_url: str | None = None  # sent as X-Push-Url
     # Queue positions (the lanes' counters) and ETAs (the fleet's measured call times).
@@ -239,7 +240,7 @@ class ReaperSettings(_Settings):
 class DispatcherSettings(GpuCredentialSettings):
     tasks_table: str
     endpoints_table: str
-    images_bucket: str
+    task_files_bucket: str
     task_queue_url: str
     task_timeout_seconds: int = Field(default=120, ge=1, le=900)
     max_attempts: int = Field(default=3, ge=1, le=10)
@@ -272,7 +273,7 @@ class DispatcherSettings(GpuCredentialSettings):
 
 class SpeechSettings(SubmitLimitsSettings, GpuCredentialSettings):
     endpoints_table: str
-    images_bucket: str  # the results bucket: audio/ uploads and transcripts/ live there too
+    task_files_bucket: str
     speech_timeout_seconds: float = Field(default=20, gt=0, le=25)
     health_check_period_seconds: float = Field(default=30, gt=0)
     dispatch_strategy: Strategy = Strategy.LEAST_LOADED
@@ -288,7 +289,7 @@ class SpeechSettings(SubmitLimitsSettings, GpuCredentialSettings):
 
 class UploadSettings(_Settings):
     tasks_table: str
-    images_bucket: str
+    task_files_bucket: str
     task_queue_url: str
     priority_queue_url: str | None = None
     limits_table: str | None = None  # the lanes' ticket counters (queue positions)

@@ -30,6 +30,7 @@ from botocore.exceptions import ClientError
 
 from gpuqueue.models import Task, TaskStatus
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -39,7 +40,6 @@ MAX_WAIT_SECONDS = 25
 RESERVE_SECONDS = 2.0
 FIRST_POLL_SECONDS = 0.1
 MAX_POLL_SECONDS = 0.5
-SEAT_KEY_PREFIX = "wait-seat#"
 # Seats tried per wait (from a random one on): all of a small pool; a few of a large one.
 SEAT_PROBES = 4
 # A seat's lease outlasts its wait by this much (the answer, clock skew between Lambdas).
@@ -129,7 +129,7 @@ class WaitSeats:
         holder = uuid.uuid4().hex
         now = self._clock()
         for offset in range(min(SEAT_PROBES, self.seats)):
-            key = f"{SEAT_KEY_PREFIX}{(first + offset) % self.seats}"
+            key = LimitsRow.WAIT_SEAT.key(str((first + offset) % self.seats))
             try:
                 self._table.update_item(
                     Key={"pk": key},

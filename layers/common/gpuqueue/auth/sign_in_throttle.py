@@ -35,15 +35,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from gpuqueue.errors import Forbidden, InvalidCredentials, RateLimited
 from gpuqueue.intake.rate_limiter import RateLimiter
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 T = TypeVar("T")
 
-LOGIN_USERNAME_PREFIX = "login-user#"
-LOGIN_SOURCE_PREFIX = "login-source#"
-REGISTER_SOURCE_PREFIX = "register-source#"
 # Set by CloudFront: the shared secret (origin custom header) and the viewer's address (a
 # viewer-request function overwrites whatever the client sent under that name).
 ORIGIN_VERIFY_HEADER = "x-origin-verify"
@@ -104,19 +102,19 @@ class SignInThrottle:
         register_per_source: BucketSpec,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        def bucket(spec: BucketSpec, prefix: str) -> RateLimiter:
+        def bucket(spec: BucketSpec, rows: LimitsRow) -> RateLimiter:
             return RateLimiter(
                 table,
                 rate_per_second=1 / spec.refill_seconds,
                 burst=spec.burst,
                 clock=clock,
-                key_prefix=prefix,
+                rows=rows,
                 refundable=True,
             )
 
-        self._by_username = bucket(login_per_username, LOGIN_USERNAME_PREFIX)
-        self._login_by_source = bucket(login_per_source, LOGIN_SOURCE_PREFIX)
-        self._register_by_source = bucket(register_per_source, REGISTER_SOURCE_PREFIX)
+        self._by_username = bucket(login_per_username, LimitsRow.LOGIN_USERNAME)
+        self._login_by_source = bucket(login_per_source, LimitsRow.LOGIN_SOURCE)
+        self._register_by_source = bucket(register_per_source, LimitsRow.REGISTER_SOURCE)
 
     def login(self, username: str, source: str, attempt: Callable[[], T]) -> T:
         """`attempt()` if both buckets hold a token; its bad-credentials failure spends them."""

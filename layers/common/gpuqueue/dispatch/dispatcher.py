@@ -27,12 +27,11 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
-from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue.dispatch.jobs import InvalidTaskInput, Job
 from gpuqueue.dispatch.metrics import DispatchObserver
 from gpuqueue.dispatch.next_message import NextMessage
-from gpuqueue.errors import GpuError, GpuTimeout, RetryLater
+from gpuqueue.errors import GpuError, GpuTimeout, RetryLater, StoreError
 from gpuqueue.fleet.balancer import Balancer
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import (
@@ -98,7 +97,7 @@ class NextTasks(Protocol):
         """The next message waiting, if any (not waiting for one)."""
         ...
 
-    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
+    def settle(self, pulled: Pulled, result: DispatchOutcome | Exception) -> None:
         """Done with `pulled`: delete it, send it back later (RetryLater), or leave it to
         come back (another exception)."""
         ...
@@ -122,12 +121,12 @@ class NextTasks(Protocol):
 
 # pragma: no mutate start (the hand-off, not the claim: docs/mutation.md)
 def _submit(
-    finisher: ThreadPoolExecutor, outcome: Outcome | Callable[[], Outcome]
-) -> Future[Outcome]:
+    finisher: ThreadPoolExecutor, outcome: DispatchOutcome | Callable[[], DispatchOutcome]
+) -> Future[DispatchOutcome]:
     """An outcome as a future: known already, or the finishing work run in the background."""
     if callable(outcome):
         return finisher.submit(outcome)
-    done: Future[Outcome] = Future()
+    done: Future[DispatchOutcome] = Future()
     done.set_result(outcome)
     return done
 
@@ -135,7 +134,7 @@ def _submit(
 # pragma: no mutate end
 
 
-class Outcome(StrEnum):
+class DispatchOutcome(StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
     RETRY = "RETRY"
@@ -221,7 +220,7 @@ class TaskDispatcher:
     ) -> None:
         """A message a worker took itself (a worker group's): driven, then settled."""
         try:
-            result: Outcome | Exception = self.dispatch(
+            result: DispatchOutcome | Exception = self.dispatch(
                 pulled.message, remaining_seconds=remaining_seconds, next_tasks=next_tasks
             )
         except Exception as error:
@@ -237,7 +236,7 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         next_tasks: NextTasks | None = None,
         lane: Priority = Priority.NORMAL,
-    ) -> Outcome:
+    ) -> DispatchOutcome:
         """Drive one task; raises RetryLater when the message should come back later.
 
         With `next_tasks`, a worker whose call ended with its slot still held takes its next
@@ -249,7 +248,7 @@ class TaskDispatcher:
         if next_tasks is None:
             return self._serve(message, remaining_seconds, None, lane)
         if not next_tasks.take(message.task_id):
-            return Outcome.SKIPPED
+            return DispatchOutcome.SKIPPED
         try:
             return self._serve(message, remaining_seconds, next_tasks, lane)
         except BaseException:
@@ -263,10 +262,10 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         next_tasks: NextTasks | None,
         lane: Priority,
-    ) -> Outcome:
+    ) -> DispatchOutcome:
         if next_tasks is None:
             outcome, _ = self._dispatch_one(message, remaining_seconds, offered=None, keep=None)
-            return outcome if isinstance(outcome, Outcome) else outcome()
+            return outcome if isinstance(outcome, DispatchOutcome) else outcome()
 
         def wanted(slot: HeldSlot) -> bool:
             # Asked just before a call should end: another call fits, and the slot is worth
@@ -299,7 +298,7 @@ class TaskDispatcher:
             prepare=prepare,
             announce=lambda at: next_tasks.expect(worker, at),
         )
-        pending: list[tuple[Pulled, Future[Outcome]]] = []
+        pending: list[tuple[Pulled, Future[DispatchOutcome]]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
             try:
                 outcome, held = self._dispatch_one(
@@ -340,7 +339,7 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         lane: Priority,
         finisher: ThreadPoolExecutor,
-        pending: list[tuple[Pulled, Future[Outcome]]],
+        pending: list[tuple[Pulled, Future[DispatchOutcome]]],
     ) -> None:
         slot = held
         try:
@@ -375,7 +374,7 @@ class TaskDispatcher:
                 handoff = ready.pop(pulled.receipt, None)
                 if not next_tasks.take(pulled.message.task_id):
                     self._hand_back(handoff)
-                    pending.append((pulled, _submit(finisher, Outcome.SKIPPED)))
+                    pending.append((pulled, _submit(finisher, DispatchOutcome.SKIPPED)))
                     continue
                 try:
                     outcome, slot = self._dispatch_one(
@@ -416,7 +415,7 @@ class TaskDispatcher:
             return
         try:
             self._tasks.hand_back(handoff.claimed)
-        except (ClientError, BotoCoreError):
+        except StoreError:
             # Its lease ends it: the message, back in the queue, finds it claimable then.
             logger.warning(
                 "hand-back failed; the task's lease lapses",
@@ -432,7 +431,7 @@ class TaskDispatcher:
         offered: HeldSlot | None,
         keep: NextMessage[HeldSlot] | None,
         handoff: _Handoff | None = None,
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None]:
         """One task: its outcome (or the work that finishes it), and the slot if `keep` (the
         worker's next message, received early while it keeps its slot) and its call ended
         with the GPU free. An offered slot is used or released, never leaked; `handoff`, the
@@ -460,7 +459,7 @@ class TaskDispatcher:
         offered: HeldSlot | None,
         keep: NextMessage[HeldSlot] | None,
         handoff: _Handoff | None = None,
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None]:
         if offered is not None:
             if keep is not None and offered.endpoint.kind is message.kind:
                 ran = self._run_unread(message, offered, remaining_seconds, keep, handoff)
@@ -473,14 +472,14 @@ class TaskDispatcher:
             logger.warning(
                 "message for a task that does not exist", extra={"task_id": message.task_id}
             )
-            return Outcome.SKIPPED, None
+            return DispatchOutcome.SKIPPED, None
         ended = self._end_if_unrunnable(task, self._clock())
         if ended is not None:
             return ended, None
         work = self._work_for(task)
         if isinstance(work, str):
             self._tasks.fail_unclaimed(task, work)
-            return Outcome.FAILED, None
+            return DispatchOutcome.FAILED, None
         tried = {task.endpoint_id} if task.endpoint_id and task.error else set()
         try:
             return self._run(task, work, tried, remaining_seconds, keep=keep)
@@ -494,7 +493,7 @@ class TaskDispatcher:
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot],
         handoff: _Handoff | None = None,
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None] | None:
         """A pulled task on the slot this worker holds: the lease renewed for it and the task
         claimed without a read first (`handoff`, when made ahead). None: not on this slot
         after all (too little time, or a retry of a call this endpoint failed)."""
@@ -519,7 +518,7 @@ class TaskDispatcher:
         work = self._work_for(claimed.task)
         if isinstance(work, str):
             self._tasks.fail(claimed, error=work)
-            return Outcome.FAILED, held
+            return DispatchOutcome.FAILED, held
         try:
             return self._call_unread(
                 claimed,
@@ -538,7 +537,7 @@ class TaskDispatcher:
         message: QueueMessage,
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot],
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None] | None:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None] | None:
         """A worker's first task, when nothing about the task but its kind picks the slot
         (least-loaded, a normal-priority task whose input needs no check first): a
         slot taken, then the task claimed without a read (the claim returns it), as a kept
@@ -613,14 +612,16 @@ class TaskDispatcher:
             renewed = renewal.result()
         return _Handoff(slot=held, claimed=claimed, renewed=renewed, budget=budget, now=now)
 
-    def _refused(self, refused: ClaimRefused, message: QueueMessage, now: float) -> Outcome | None:
+    def _refused(
+        self, refused: ClaimRefused, message: QueueMessage, now: float
+    ) -> DispatchOutcome | None:
         """How a task this worker could not claim ends here; None: claimable, but not on
         this slot (it last failed on this endpoint)."""
         if refused.task is None:
             logger.warning(
                 "message for a task that does not exist", extra={"task_id": message.task_id}
             )
-            return Outcome.SKIPPED
+            return DispatchOutcome.SKIPPED
         return self._end_if_unrunnable(refused.task, now)
 
     def _run_claimed_elsewhere(
@@ -628,13 +629,13 @@ class TaskDispatcher:
         claimed: Claim,
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot],
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None]:
         """A task claimed for a slot whose lease was lost: it takes a slot afresh, as a retry
         in the same invocation would (its next attempt)."""
         work = self._work_for(claimed.task)
         if isinstance(work, str):
             self._tasks.fail(claimed, error=work)
-            return Outcome.FAILED, None
+            return DispatchOutcome.FAILED, None
         try:
             return self._run(claimed.task, work, set(), remaining_seconds, keep=keep, claim=claimed)
         finally:
@@ -650,7 +651,7 @@ class TaskDispatcher:
         now: float,
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot],
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None]:
         if self._observer is not None:
             self._observer.task_started(claimed.task, at=now)
         tried: set[str] = set()
@@ -667,7 +668,7 @@ class TaskDispatcher:
         except BaseException:
             held.release()
             raise
-        if outcome is not Outcome.RETRY:
+        if outcome is not DispatchOutcome.RETRY:
             return outcome, held if held.held else None
         held.release()  # on to another endpoint, as a first delivery would
         return self._run(
@@ -680,11 +681,11 @@ class TaskDispatcher:
             last_error=last_error,
         )
 
-    def _end_if_unrunnable(self, task: Task, now: float) -> Outcome | None:
+    def _end_if_unrunnable(self, task: Task, now: float) -> DispatchOutcome | None:
         """End (or send back) a task that cannot run now; None if it can."""
         if task.status.is_terminal:
             # Canceled before dispatch, or a duplicate delivery of finished work.
-            return Outcome.SKIPPED
+            return DispatchOutcome.SKIPPED
         if (
             task.status is TaskStatus.QUEUED
             and task.attempt == 0
@@ -696,7 +697,7 @@ class TaskDispatcher:
                 task, f"not started within its queue deadline ({task.queue_ttl_seconds} s)"
             )
             logger.info("task expired in the queue", extra={"task_id": task.task_id})
-            return Outcome.EXPIRED
+            return DispatchOutcome.EXPIRED
         if (
             task.lease_until is not None
             and task.status is TaskStatus.RUNNING
@@ -713,9 +714,9 @@ class TaskDispatcher:
             self._tasks.fail_unclaimed(
                 task, f"gave up after {task.attempt} attempts; last error: {last_error}"
             )
-            return Outcome.FAILED
+            return DispatchOutcome.FAILED
         if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-            return Outcome.SKIPPED  # not queued yet (its upload has not landed)
+            return DispatchOutcome.SKIPPED  # not queued yet (its upload has not landed)
         return None
 
     def _work_for(self, task: Task) -> _Work | str:
@@ -742,7 +743,7 @@ class TaskDispatcher:
         keep: NextMessage[HeldSlot] | None = None,
         claim: Claim | None = None,
         last_error: str | None = None,  # the failed attempt this invocation moves on from
-    ) -> tuple[Outcome | Callable[[], Outcome], HeldSlot | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], HeldSlot | None]:
         while True:
             budget = self._budget(remaining_seconds)
             if budget < MIN_CALL_SECONDS:
@@ -769,7 +770,7 @@ class TaskDispatcher:
                 if claim is None:
                     # Another delivery won the race; it owns the task. The slot is still ours.
                     kept = keep is not None
-                    return Outcome.SKIPPED, slot if kept else None
+                    return DispatchOutcome.SKIPPED, slot if kept else None
                 if self._observer is not None:
                     self._observer.task_started(claim.task, at=now)
                 outcome, last_error = self._call(
@@ -781,7 +782,7 @@ class TaskDispatcher:
                     remaining_seconds=remaining_seconds,
                     keep=keep,
                 )
-                if outcome is not Outcome.RETRY:
+                if outcome is not DispatchOutcome.RETRY:
                     kept = keep is not None and slot.held
                     return outcome, slot if kept else None
             finally:
@@ -847,7 +848,7 @@ class TaskDispatcher:
         tried: set[str],
         remaining_seconds: Callable[[], float],
         keep: NextMessage[HeldSlot] | None = None,
-    ) -> tuple[Outcome | Callable[[], Outcome], str | None]:
+    ) -> tuple[DispatchOutcome | Callable[[], DispatchOutcome], str | None]:
         """One GPU call; RETRY comes with the error the next attempt records. A good call
         gives the work that stores its output and marks the task DONE (run beside the next
         call when the slot is kept)."""
@@ -896,12 +897,12 @@ class TaskDispatcher:
                 # (The row names this endpoint already: the claim for this call wrote it.)
                 self._tasks.fail(claim, error=reason)
                 logger.warning("task failed", extra={**log, "error": reason})
-                return Outcome.FAILED, reason
+                return DispatchOutcome.FAILED, reason
             # Another full call must fit in what is left of this invocation.
             if remaining_seconds() - SAFETY_MARGIN_SECONDS >= self._policy.task_timeout_seconds:
                 # Straight to another endpoint, in this invocation.
                 logger.warning("retrying on another endpoint", extra={**log, "error": reason})
-                return Outcome.RETRY, reason
+                return DispatchOutcome.RETRY, reason
             self._tasks.release_for_retry(claim, error=reason, endpoint_id=None)
             logger.warning("task will be retried", extra={**log, "error": reason})
             raise RetryLater(
@@ -921,7 +922,7 @@ class TaskDispatcher:
         else:
             slot.release(call_seconds=call_seconds)
 
-        def finish() -> Outcome:
+        def finish() -> DispatchOutcome:
             completion = work.job.store(task, output)
             self._registry.record_dispatch_success(endpoint)
             if not self._tasks.complete(
@@ -933,10 +934,10 @@ class TaskDispatcher:
                 # Our lease was taken over; the holder's result stands (results are written
                 # once per task), so nothing is lost.
                 logger.warning("lease lost before completion", extra=log)
-                return Outcome.SKIPPED
+                return DispatchOutcome.SKIPPED
             logger.info("task done", extra=log)
             if self._observer is not None:
                 self._observer.task_done(task, call_seconds=call_seconds, at=self._clock())
-            return Outcome.DONE
+            return DispatchOutcome.DONE
 
         return finish, None

@@ -16,7 +16,7 @@ from gpuqueue.dispatch.dispatcher import (
     SHARED_RECEIVE_DRY_SECONDS,
     SHARED_RECEIVE_HOLD_SECONDS,
     SHARED_RECEIVE_WINDOW_SECONDS,
-    Outcome,
+    DispatchOutcome,
     Pulled,
     TaskDispatcher,
 )
@@ -28,9 +28,9 @@ from gpuqueue.observability import correlate_thread
 from gpuqueue.store.task_queue import DELETE_BATCH, TaskQueue
 
 OUTCOME_METRIC = {
-    Outcome.DONE: "TasksSucceeded",
-    Outcome.FAILED: "TasksFailed",
-    Outcome.EXPIRED: "TasksExpired",
+    DispatchOutcome.DONE: "TasksSucceeded",
+    DispatchOutcome.FAILED: "TasksFailed",
+    DispatchOutcome.EXPIRED: "TasksExpired",
 }
 
 
@@ -43,7 +43,7 @@ class MessageSettler:
         self._metrics = metrics
         self._logger = logger
 
-    def count(self, outcome: Outcome) -> None:
+    def count(self, outcome: DispatchOutcome) -> None:
         name = OUTCOME_METRIC.get(outcome)
         if name is not None:
             self._metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
@@ -129,8 +129,8 @@ class QueuePuller:
             pulled.append(Pulled(message=message, receipt=receipt))
         return pulled
 
-    def settle(self, pulled: Pulled, result: Outcome | Exception) -> None:
-        if isinstance(result, Outcome):
+    def settle(self, pulled: Pulled, result: DispatchOutcome | Exception) -> None:
+        if isinstance(result, DispatchOutcome):
             self._settler.count(result)
             self._delete_later(pulled.receipt)
         elif isinstance(result, RetryLater):

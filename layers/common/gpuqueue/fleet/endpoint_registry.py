@@ -41,6 +41,7 @@ from gpuqueue.models import (
     TaskKind,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -114,7 +115,8 @@ def call_started(lease: SlotLease, service: float, now: float) -> float:
 
 @dataclass
 class Fleet:
-    """A kind's endpoints and their live slot leases, read in one query."""
+    """A kind's rows, read in one query: its endpoints, their slots' live leases, and the
+    high-priority lane's seat leases and waiters."""
 
     endpoints: list[Endpoint]
     leases: dict[str, list[SlotLease]] = field(default_factory=dict)
@@ -664,6 +666,7 @@ class EndpointRegistry:
             }
         )
 
+    @raises_store_error("endpoints table")
     def cut_lease(self, lease: SlotLease, *, until: float) -> bool:
         """End a lease of ours sooner (never later): at `until`. False if it is not ours."""
         try:
@@ -679,6 +682,7 @@ class EndpointRegistry:
             raise
         return True
 
+    @raises_store_error("endpoints table")
     def release_slot(self, lease: SlotLease, *, call_seconds: float | None = None) -> None:
         """Free the slot now, but only if the lease is still ours; fold a successful call's
         duration into the slot's EWMA (what the balancer reads as the endpoint's speed)."""

@@ -24,8 +24,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
-from botocore.exceptions import BotoCoreError, ClientError
 
+from gpuqueue.errors import StoreError
 from gpuqueue.fleet.balancer import Balancer, Candidate, Strategy, worth_taking
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry, Fleet
 from gpuqueue.models import Endpoint, Priority, SlotLease, TaskKind
@@ -210,7 +210,7 @@ class HeldSlot:
         if now is not None and self.lease.kept:
             try:
                 self._registry.cut_lease(self.lease, until=now + margin)
-            except (ClientError, BotoCoreError):
+            except StoreError:
                 logger.warning("lease cut failed; it lapses at its end", exc_info=True)
 
     def release(self, *, call_seconds: float | None = None) -> None:
@@ -225,7 +225,7 @@ class HeldSlot:
                     continue
                 try:
                     self._registry.release_slot(lease, call_seconds=seconds)
-                except (ClientError, BotoCoreError):
+                except StoreError:
                     logger.warning(
                         "slot release failed; the lease lapses at its end",
                         extra={"endpoint_id": lease.endpoint_id, "slot": lease.slot},

@@ -44,11 +44,12 @@ from gpuqueue.intake.rate_limiter import (
     to_millis,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
+from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "active#"
 
 # Given task ids, the ones that no longer hold a share (ended, or gone).
 InactiveFinder = Callable[[Collection[str]], Set[str]]
@@ -74,6 +75,7 @@ class ActiveTaskShare:
         self._probation = probation if probation and probation.seconds > 0 else None
         self._clock = clock
 
+    @raises_store_error("limits table")
     def take(
         self, owner: str, task_id: str, *, rate: RateLimiter | None = None
     ) -> RateDecision | None:
@@ -113,10 +115,12 @@ class ActiveTaskShare:
             limit=self.limit,
         )
 
+    @raises_store_error("limits table")
     def release(self, owner: str, task_id: str) -> None:
         """Stop counting the task. Releasing an id that is not counted does nothing."""
         self._remove(owner, {task_id})
 
+    @raises_store_error("limits table")
     def release_many(self, owner: str, task_ids: Set[str]) -> None:
         """Stop counting several of the owner's tasks: one write."""
         if task_ids:
@@ -129,7 +133,7 @@ class ActiveTaskShare:
         """The ids the owner's row counts, and when they were first seen."""
         item: dict[str, Any] = (
             self._table.get_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 ConsistentRead=True,
                 ProjectionExpression="active, first_seen",
             ).get("Item")
@@ -148,7 +152,7 @@ class ActiveTaskShare:
         update = ("SET " + share_set + " " if share_set else "") + "ADD #active :ids"
         try:
             self._table.update_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 UpdateExpression=update,
                 ConditionExpression=condition,
                 ExpressionAttributeNames=names,
@@ -171,7 +175,7 @@ class ActiveTaskShare:
         # condition keeps a release for a user with no row from creating an empty one.
         try:
             self._table.update_item(
-                Key={"pk": KEY_PREFIX + owner},
+                Key={"pk": LimitsRow.ACTIVE_SHARE.key(owner)},
                 UpdateExpression="DELETE active :ids",
                 ConditionExpression="attribute_exists(pk)",
                 ExpressionAttributeValues={":ids": set(task_ids)},

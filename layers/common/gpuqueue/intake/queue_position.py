@@ -37,11 +37,12 @@ from botocore.exceptions import ClientError
 from gpuqueue.fleet.endpoint_registry import Fleet
 from gpuqueue.models import Priority, Task, TaskStatus
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
+from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "lane#"
 GAP_WINDOW = 32  # gaps the lane's gap is the mean of: several bunches of a large fleet
 MAX_GAP_SECONDS = 120.0  # a longer gap between departures: the line was empty
 GAP_ROUNDS = 3  # optimistic-concurrency tries for the gap; then only the count is kept
@@ -75,12 +76,13 @@ class QueuePositions:
     def __init__(self, table: Table) -> None:
         self._table = table
 
+    @raises_store_error("limits table")
     def take_ticket(self, lane: Priority, *, capacity: int | None = None) -> int:
         """A ticket in the lane's waiting line; with `capacity`, only while fewer than that
         many tasks wait (LaneFull otherwise). Count and bound are one conditional write, so
         concurrent submits can never overshoot it (a depth read, then a send, could)."""
         request: dict[str, Any] = {
-            "Key": {"pk": KEY_PREFIX + lane.value},
+            "Key": {"pk": LimitsRow.LANE.key(lane.value)},
             "UpdateExpression": "ADD issued :one, waiting :one",
             "ExpressionAttributeValues": {":one": 1},
             "ReturnValues": "UPDATED_NEW",
@@ -100,11 +102,12 @@ class QueuePositions:
 
     def waiting(self, lane: Priority) -> int:
         """How many tasks wait in the lane's line (queued, never started)."""
-        item = self._table.get_item(Key={"pk": KEY_PREFIX + lane.value}, ConsistentRead=True).get(
-            "Item"
-        )
+        item = self._table.get_item(
+            Key={"pk": LimitsRow.LANE.key(lane.value)}, ConsistentRead=True
+        ).get("Item")
         return _number((item or {}).get("waiting"))
 
+    @raises_store_error("limits table")
     def left(self, lane: Priority, *, at: float | None = None) -> None:
         """One queued task stopped waiting at `at` (epoch seconds; None: a ticket never used,
         which counts without timing anything)."""
@@ -115,7 +118,7 @@ class QueuePositions:
         write for all of them, their gaps added to the window in time order."""
         if not times:
             return
-        key = {"pk": KEY_PREFIX + lane.value}
+        key = {"pk": LimitsRow.LANE.key(lane.value)}
         timed = sorted(at for at in times if at is not None)
         if timed:
             for _ in range(GAP_ROUNDS):
@@ -188,7 +191,7 @@ class QueuePositions:
 
     def lane(self, lane: Priority) -> LaneState:
         item: dict[str, Any] = (
-            self._table.get_item(Key={"pk": KEY_PREFIX + lane.value}).get("Item") or {}
+            self._table.get_item(Key={"pk": LimitsRow.LANE.key(lane.value)}).get("Item") or {}
         )
         gap = item.get("gap_seconds")
         return LaneState(

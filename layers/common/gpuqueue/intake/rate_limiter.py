@@ -112,11 +112,12 @@ from typing import TYPE_CHECKING, Any, cast
 from botocore.exceptions import ClientError
 
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure
+from gpuqueue.store.limits_rows import LimitsRow
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "rate#"
 # Kept after the bucket is full again, before TTL may remove an idle user's row.
 TTL_MARGIN_SECONDS = 60
 # Stored precision: `now` to the millisecond, the emission interval to the microsecond.
@@ -302,12 +303,12 @@ class RateLimiter:
         burst: int,
         clock: Callable[[], float] = time.time,
         key_attribute: str = "pk",
-        key_prefix: str = KEY_PREFIX,
+        rows: LimitsRow = LimitsRow.RATE,
         refundable: bool = False,
     ) -> None:
-        """`key_prefix`: the rows' keys; ActiveTaskShare's when takes carry a share.
+        """`rows`: the buckets' row type; ActiveTaskShare's when takes carry a share.
         `refundable`: `give_back` may lower a tat, so no denial comes from memory alone."""
-        self._prefix = key_prefix
+        self._rows = rows
         self._refundable = refundable
         self._gcra = Gcra.for_rate(rate_per_second, burst)
         self._table = table
@@ -328,6 +329,7 @@ class RateLimiter:
     def gcra(self) -> Gcra:
         return self._gcra
 
+    @raises_store_error("limits table")
     def take(
         self, user_id: str, *, cost: int = 1, share: ShareClause | None = None
     ) -> RateDecision:
@@ -336,7 +338,7 @@ class RateLimiter:
         raise ShareFull (no token spent); a denial takes no share."""
         if not 1 <= cost <= self._gcra.burst:
             raise ValueError(f"cost must be between 1 and the burst ({self._gcra.burst})")
-        key = self._prefix + user_id
+        key = self._rows.key(user_id)
         now = to_millis(self._clock())
         tat = self._hints.get(key)
         # A refund elsewhere may have lowered the stored tat under a remembered one.
@@ -363,12 +365,13 @@ class RateLimiter:
         # admit the take, so the Retry-After comes out at its minimum, 1 s.
         return self._gcra.denied(now if tat is None else tat, now, cost)
 
+    @raises_store_error("limits table")
     def give_back(self, user_id: str, *, cost: int = 1) -> None:
         """Return `cost` tokens a take of this limiter spent (only for `refundable=True`).
         A row that is gone has nothing to return: the bucket reads as full already."""
         if not self._refundable:
             raise ValueError("give_back needs a limiter built with refundable=True")
-        key = self._prefix + user_id
+        key = self._rows.key(user_id)
         try:
             response = self._table.update_item(
                 Key={self._key: key},
@@ -390,7 +393,7 @@ class RateLimiter:
         """The bucket as this container last saw it (no request): the X-RateLimit-* numbers
         for an answer that took no token (an Idempotency-Key replay)."""
         now = to_millis(self._clock())
-        tat = self._hints.get(self._prefix + user_id)
+        tat = self._hints.get(self._rows.key(user_id))
         return self._gcra.allowed(now if tat is None else tat, now)
 
     def _write(

@@ -8,11 +8,16 @@ from datetime import timedelta
 from typing import TypeVar
 
 from aws_lambda_powertools import Logger
-from botocore.exceptions import BotoCoreError, ClientError
 
 from gpuqueue import aws_clients
-from gpuqueue.errors import Forbidden, InvalidInput, QueueFull, RateLimited, ServiceUnavailable
-from gpuqueue.intake.active_share import KEY_PREFIX as SHARE_KEY_PREFIX
+from gpuqueue.errors import (
+    Forbidden,
+    InvalidInput,
+    QueueFull,
+    RateLimited,
+    ServiceUnavailable,
+    StoreError,
+)
 from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.queue_position import LaneFull, QueuePositions
@@ -28,6 +33,7 @@ from gpuqueue.models import (
 )
 from gpuqueue.notify.webhook_target import Resolver, check_webhook_url, resolve_host
 from gpuqueue.settings import SubmitLimitsSettings
+from gpuqueue.store.limits_rows import LimitsRow
 from gpuqueue.store.task_ids import new_task_id
 from gpuqueue.store.task_queue import TaskQueue
 from gpuqueue.store.task_store import TaskStore
@@ -103,7 +109,7 @@ class SubmissionService:
                 limits,
                 rate_per_second=settings.submit_rate_per_second,
                 burst=settings.submit_burst,
-                key_prefix=SHARE_KEY_PREFIX,  # one row per user: the tat beside the shares
+                rows=LimitsRow.ACTIVE_SHARE,  # one row per user: the tat beside the shares
             ),
             share=ActiveTaskShare(
                 limits,
@@ -154,7 +160,7 @@ class SubmissionService:
             else:
                 assert self._limiter is not None
                 decision = self._limiter.take(owner)
-        except (ClientError, BotoCoreError) as error:
+        except StoreError as error:
             logger.exception("limits table unavailable", extra={"task_id": task_id})
             raise ServiceUnavailable(
                 "the limits store is unavailable; the task was not accepted",
@@ -214,7 +220,7 @@ class SubmissionService:
             return create()
         try:
             return create()
-        except (ClientError, BotoCoreError) as error:
+        except StoreError as error:
             self._share.release(owner, task_id)
             logger.exception("task write failed", extra={"task_id": task_id})
             raise ServiceUnavailable(
@@ -351,10 +357,10 @@ class SubmissionService:
         lane = self._lanes.get(task.priority, self._lanes[Priority.NORMAL])
         try:
             lane.send(QueueMessage(task_id=task.task_id, kind=task.kind, priority=task.priority))
-        except (ClientError, BotoCoreError) as error:
+        except StoreError as error:
             # No orphan: a task the queue never got must not sit QUEUED forever.
             logger.exception("queue send failed", extra={"task_id": task.task_id})
-            self._tasks.fail_unqueued(task.task_id, f"queue unavailable: {type(error).__name__}")
+            self._tasks.fail_unqueued(task.task_id, f"queue unavailable: {error.sdk_error}")
             if self._share is not None:
                 self._share.release(task.user_id, task.task_id)
             raise ServiceUnavailable(

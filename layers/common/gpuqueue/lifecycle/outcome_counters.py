@@ -26,11 +26,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from gpuqueue.models import OutcomeStats, Task, TaskStatus
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-KEY_PREFIX = "outcomes#"
 BUCKET_SECONDS = 300
 WINDOW_SECONDS = 3600
 MAX_SHARDS = 7  # (WINDOW / BUCKET + 1) x shards keys must fit one BatchGetItem (100)
@@ -113,7 +113,7 @@ class OutcomeCounters:
         self.shards = shards
 
     def key(self, bucket: int, shard: int) -> str:
-        return f"{KEY_PREFIX}{bucket}#{shard}"
+        return LimitsRow.OUTCOMES.key(f"{bucket}#{shard}")
 
     def record(
         self,

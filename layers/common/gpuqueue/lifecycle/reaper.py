@@ -14,6 +14,8 @@ sparse `by-reap` index (task_store.py):
   SQS would bring the message back only after its visibility timeout (18 min); the reaper
   puts the task back in the queue now, or ends it FAILED once its attempts are used up.
 - AWAITING_UPLOAD past its upload window: the audio never came; EXPIRED.
+
+What it may do per state is gpuqueue.task_states' REAPER_TRANSITIONS.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from aws_lambda_powertools import Logger
 
 from gpuqueue.models import Priority, QueueMessage, Task, TaskStatus
 from gpuqueue.store.task_queue import TaskQueue
-from gpuqueue.store.task_store import ReapState, TaskStore
+from gpuqueue.store.task_store import TaskStore
+from gpuqueue.task_states import REAP_STATE, REAPER_TRANSITIONS
 
 logger = Logger(child=True)
 
@@ -39,6 +42,14 @@ class ReaperPolicy:
     lease_grace_seconds: float = 60.0
     upload_grace_seconds: float = 300.0  # as submission.UPLOAD_GRACE_SECONDS
     max_tasks_per_state: int = 200  # per run; the next run takes the rest
+
+    def overdue_after(self, status: TaskStatus) -> float:
+        """How long after its reap time a task in the open state `status` is overdue."""
+        return {
+            TaskStatus.RUNNING: self.lease_grace_seconds,
+            TaskStatus.QUEUED: self.requeue_after_seconds,
+            TaskStatus.AWAITING_UPLOAD: self.upload_grace_seconds,
+        }[status]
 
     def wait_after_resend(self, resends: int) -> float:
         """How long after its `resends`-th re-send a still-QUEUED task is re-sent again:
@@ -85,12 +96,11 @@ class Reaper:
         report = ReapReport()
         now = self._clock()
         policy = self._policy
-        for state, before in (
-            (ReapState.RUNNING, now - policy.lease_grace_seconds),
-            (ReapState.QUEUED, now - policy.requeue_after_seconds),
-            (ReapState.WAITING, now - policy.upload_grace_seconds),
-        ):
-            for task_id in self._tasks.due(state, before=before, limit=policy.max_tasks_per_state):
+        for status in REAPER_TRANSITIONS:  # every open state
+            before = now - policy.overdue_after(status)
+            for task_id in self._tasks.due(
+                REAP_STATE[status], before=before, limit=policy.max_tasks_per_state
+            ):
                 task = self._tasks.get(task_id)
                 if task is None:
                     continue
@@ -104,7 +114,7 @@ class Reaper:
             self._reap_queued(task, now, report)
         elif task.status is TaskStatus.AWAITING_UPLOAD and self._tasks.expire_upload(task.task_id):
             report.expired.append(task.task_id)
-        # Anything else is final: the index was read before the task ended; nothing to do.
+        # A final state: the index was read before the task ended; nothing to do.
 
     def _reap_running(self, task: Task, now: float, report: ReapReport) -> None:
         if task.lease_until is None or task.lease_until >= now - self._policy.lease_grace_seconds:

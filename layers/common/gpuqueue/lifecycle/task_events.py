@@ -18,8 +18,33 @@ from aws_lambda_powertools import Logger
 from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.queue_position import QueuePositions, departure_time
 from gpuqueue.models import Priority, Task, TaskStatus
+from gpuqueue.task_states import WAITING_LINE_STATUS
 
 logger = Logger(child=True)
+
+
+def stream_filters() -> list[dict[str, Any]]:
+    """The stream records this consumer acts on, as Lambda event filter patterns (what the
+    function's FilterCriteria in template.yaml must say): a write that ends a task, and one
+    that takes a never-started task out of the waiting line."""
+    final = [status.value for status in TaskStatus if status.is_terminal]
+    waiting = WAITING_LINE_STATUS.value
+    return [
+        {
+            "eventName": ["MODIFY"],
+            "dynamodb": {
+                "NewImage": {"status": {"S": final}},
+                "OldImage": {"status": {"S": [{"anything-but": final}]}},
+            },
+        },
+        {
+            "eventName": ["MODIFY"],
+            "dynamodb": {
+                "OldImage": {"status": {"S": [waiting]}, "attempt": {"N": ["0"]}},
+                "NewImage": {"status": {"S": [{"anything-but": [waiting]}]}},
+            },
+        },
+    ]
 
 
 def _status(image: Mapping[str, Any] | None) -> TaskStatus | None:
@@ -96,9 +121,9 @@ class TaskTransition:
     def left_waiting_line(self) -> bool:
         """A task queued and never started stopped waiting (it started, or ended first)."""
         return (
-            self.before is TaskStatus.QUEUED
+            self.before is WAITING_LINE_STATUS
             and self.before_attempt == 0
-            and self.after is not TaskStatus.QUEUED
+            and self.after is not WAITING_LINE_STATUS
         )
 
     @property

@@ -7,7 +7,7 @@ Three bounds, checked in this order:
   instead of queueing another: the receiver gets one retrying delivery, not one per call.
 - Per task: a few at once (a receiver fixed after an outage), then one a minute.
 - Per user: `per_user_per_hour` in any hour, across all their tasks.
-Each is a GCRA bucket in the limits table (RateLimiter, its own key prefix). A call refused
+Each is a GCRA bucket in the limits table (RateLimiter, its own row type: LimitsRow). A call refused
 per task spends no token of the user's; the limits table unreachable refuses (503): an
 unbounded redelivery is what this module exists to prevent.
 """
@@ -19,19 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from gpuqueue.errors import RateLimited, ServiceUnavailable, TaskStateConflict
+from gpuqueue.errors import RateLimited, ServiceUnavailable, StoreError, TaskStateConflict
 from gpuqueue.intake.rate_limiter import RateDecision, RateLimiter
 from gpuqueue.models import Task, WebhookEvent, utc_now
 from gpuqueue.notify.webhook_messages import DeliveryMessage, MessageSender, new_delivery
 from gpuqueue.notify.webhook_retry_schedule import RETRY_CAP_SECONDS
+from gpuqueue.store.limits_rows import LimitsRow
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-TASK_KEY_PREFIX = "redeliver-task#"
-USER_KEY_PREFIX = "redeliver-user#"
 # Per task: 3 at once, then one a minute. A receiver owner retrying by hand needs no more,
 # and together with coalescing one task can never keep more than a few deliveries going.
 PER_TASK_BURST = 3
@@ -88,13 +85,13 @@ class Redeliveries:
                 limits,
                 rate_per_second=1.0 / PER_TASK_INTERVAL_SECONDS,
                 burst=PER_TASK_BURST,
-                key_prefix=TASK_KEY_PREFIX,
+                rows=LimitsRow.REDELIVER_TASK,
             ),
             per_user=RateLimiter(
                 limits,
                 rate_per_second=per_user_per_hour / 3600.0,
                 burst=per_user_per_hour,
-                key_prefix=USER_KEY_PREFIX,
+                rows=LimitsRow.REDELIVER_USER,
             ),
         )
 
@@ -122,7 +119,7 @@ class Redeliveries:
     def _take(self, limiter: RateLimiter, key: str, scope: str, *, field: str | None) -> None:
         try:
             decision = limiter.take(key)
-        except (ClientError, BotoCoreError) as error:
+        except StoreError as error:
             raise ServiceUnavailable(
                 "the limits store is unavailable; no redelivery was queued",
                 retry_after_seconds=UNAVAILABLE_RETRY_AFTER_SECONDS,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from aws_lambda_powertools import Logger
 
 from gpuqueue.models import QueueMessage
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -47,6 +48,7 @@ class TaskQueue:
         self._sqs = sqs
         self._url = queue_url
 
+    @raises_store_error("task queue")
     def send(self, message: QueueMessage, *, delay_seconds: int = 0) -> str:
         response = self._sqs.send_message(
             QueueUrl=self._url,

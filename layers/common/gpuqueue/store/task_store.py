@@ -1,6 +1,6 @@
-"""TaskStore: the tasks table. Every state change is a conditional write.
-
-State machine (see README):
+"""TaskStore: the tasks table. Every state change is a conditional write, from the states
+gpuqueue.task_states declares for it (the table below tells the story; that module is the
+rule):
   QUEUED  -> RUNNING   claim (dispatcher), attempt + 1, lease
   QUEUED  -> CANCELED  cancel (owner)
   QUEUED  -> EXPIRED   not started (attempt 0) before its queue deadline; no GPU call
@@ -36,7 +36,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -55,7 +54,30 @@ from gpuqueue.models import (
     utc_now,
 )
 from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_item
+from gpuqueue.store.sdk_errors import raises_store_error
 from gpuqueue.store.task_ids import issued_at, new_task_id
+from gpuqueue.task_states import (
+    CANCEL,
+    CLAIM,
+    COMPLETE,
+    EXPIRE,
+    EXPIRE_UPLOAD,
+    FAIL,
+    FAIL_ABANDONED,
+    FAIL_DEAD_LETTERED,
+    FAIL_UNCLAIMED,
+    FAIL_UNQUEUED,
+    HAND_BACK,
+    INITIAL_STATUSES,
+    NEXT_ATTEMPT,
+    REAP_STATE,
+    REQUEUE_ABANDONED,
+    RESEND,
+    RETRY,
+    UPLOADED,
+    ReapState,
+    Transition,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -75,14 +97,6 @@ BATCH_GET_ROUNDS = 4  # tries for unprocessed keys (throttling) before giving up
 class TaskPage:
     tasks: list[Task]
     next_cursor: str | None
-
-
-class ReapState(StrEnum):
-    """Which open state a task is in, for the reaper's index."""
-
-    QUEUED = "queued"  # reap_at: when it was (re)queued
-    RUNNING = "running"  # reap_at: when its lease ends
-    WAITING = "waiting"  # reap_at: when its upload window closes
 
 
 def _never_written(task_id: str, now: float) -> bool:
@@ -164,7 +178,7 @@ class TaskStore:
             webhook_events=request.webhook_events,
             ticket=ticket,
         )
-        return self._put_new(task, reap=ReapState.QUEUED, reap_at=now.timestamp())
+        return self._put_new(task, reap_at=now.timestamp())
 
     def create_speech_task(
         self,
@@ -199,18 +213,20 @@ class TaskStore:
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return self._put_new(
-            task, reap=ReapState.WAITING, reap_at=now.timestamp() + upload_window_seconds
-        )
+        return self._put_new(task, reap_at=now.timestamp() + upload_window_seconds)
 
-    def _put_new(self, task: Task, *, reap: ReapState, reap_at: float) -> Task:
-        """Write a task that must not exist yet; the reaper looks at it at `reap_at`."""
+    @raises_store_error("tasks table")
+    def _put_new(self, task: Task, *, reap_at: float) -> Task:
+        """Write a task that must not exist yet, in a state a task may start in; the reaper
+        looks at it at `reap_at`."""
+        if task.status not in INITIAL_STATUSES:
+            raise ValueError(f"a task does not start {task.status.value}")
         item = task.model_dump(mode="json", exclude_none=True)  # pragma: no mutate (all JSON)
         # JSON numbers come out as floats, which DynamoDB refuses: the deadlines as Decimals.
         for deadline in ("queue_deadline", "upload_deadline"):
             if (at := getattr(task, deadline)) is not None:
                 item[deadline] = _stored_time(at)
-        item.update(_reap_fields(task.task_id, reap, reap_at))
+        item.update(_reap_fields(task.task_id, REAP_STATE[task.status], reap_at))
         self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(task_id)")
         return task
 
@@ -220,29 +236,19 @@ class TaskStore:
         """AWAITING_UPLOAD -> QUEUED once the audio is in S3; its queue deadline starts now.
         None if the task was not waiting (canceled, or a repeated upload event)."""
         now = time.time() if now is None else now
-        updates: dict[str, Any] = {"status": TaskStatus.QUEUED.value}
+        updates: dict[str, Any] = {}
         if ticket is not None:
             updates["ticket"] = ticket
         if task.queue_ttl_seconds:
             updates["queue_deadline"] = _stored_time(now + task.queue_ttl_seconds)
         try:
-            return self._transition(
-                task.task_id,
-                condition="#s = :waiting",
-                updates=updates,
-                values={":waiting": TaskStatus.AWAITING_UPLOAD.value},
-            )
+            return self._transition(task.task_id, UPLOADED, updates=updates)
         except _ConditionFailed:
             return None
 
     def fail_unqueued(self, task_id: str, error: str) -> None:
         """The message never reached the queue: end the task instead of leaving an orphan."""
-        self._transition(
-            task_id,
-            condition="#s = :queued",
-            updates={"status": TaskStatus.FAILED.value, "error": error},
-            values={":queued": TaskStatus.QUEUED.value},
-        )
+        self._transition(task_id, FAIL_UNQUEUED, updates={"error": error})
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -313,13 +319,7 @@ class TaskStore:
         """AWAITING_UPLOAD -> EXPIRED: the upload window closed without the audio."""
         try:
             self._transition(
-                task_id,
-                condition="#s = :waiting",
-                updates={
-                    "status": TaskStatus.EXPIRED.value,
-                    "error": "the audio upload never arrived",
-                },
-                values={":waiting": TaskStatus.AWAITING_UPLOAD.value},
+                task_id, EXPIRE_UPLOAD, updates={"error": "the audio upload never arrived"}
             )
         except _ConditionFailed:
             return False
@@ -362,14 +362,7 @@ class TaskStore:
         task = self.get_for_owner(task_id, owner)
         try:
             return self._transition(
-                task_id,
-                condition="#s IN (:queued, :waiting) AND user_id = :owner",
-                updates={"status": TaskStatus.CANCELED.value},
-                values={
-                    ":queued": TaskStatus.QUEUED.value,
-                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
-                    ":owner": owner,
-                },
+                task_id, CANCEL, guard="user_id = :owner", updates={}, values={":owner": owner}
             )
         except _ConditionFailed:
             current = self.get(task_id) or task
@@ -387,7 +380,6 @@ class TaskStore:
         """QUEUED (or RUNNING with an expired lease) -> RUNNING; None if someone else has it."""
         lease_id = str(uuid.uuid4())
         updates: dict[str, Any] = {
-            "status": TaskStatus.RUNNING.value,
             "started_at": iso(utc_now()),
             "lease_id": lease_id,
             "lease_until": _stored_time(now + lease_seconds),
@@ -398,13 +390,11 @@ class TaskStore:
         try:
             claimed = self._transition(
                 task.task_id,
-                condition=(
-                    "attempt = :seen AND (#s = :queued OR (#s = :running AND lease_until < :now))"
-                ),
+                CLAIM,
+                guard="attempt = :seen AND (#s <> :running OR lease_until < :now)",
                 updates=updates,
                 values={
                     ":seen": task.attempt,
-                    ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
                     ":now": _stored_time(now),
                 },
@@ -430,7 +420,6 @@ class TaskStore:
         for the caller to decide (None: no such task)."""
         lease_id = str(uuid.uuid4())
         updates: dict[str, Any] = {
-            "status": TaskStatus.RUNNING.value,
             "started_at": iso(utc_now()),
             "lease_id": lease_id,
             "lease_until": _stored_time(now + lease_seconds),
@@ -439,8 +428,9 @@ class TaskStore:
         try:
             claimed = self._transition(
                 task_id,
-                condition=(
-                    "attempt < :max AND (#s = :queued OR (#s = :running AND lease_until < :now))"
+                CLAIM,
+                guard=(
+                    "attempt < :max AND (#s <> :running OR lease_until < :now)"
                     " AND (attempt > :never OR attribute_not_exists(queue_deadline)"
                     " OR queue_deadline >= :now)"
                     " AND NOT (endpoint_id = :here AND attribute_exists(#error))"
@@ -449,7 +439,6 @@ class TaskStore:
                 adds={"attempt": 1},
                 values={
                     ":max": max_attempts,
-                    ":queued": TaskStatus.QUEUED.value,
                     ":running": TaskStatus.RUNNING.value,
                     ":now": _stored_time(now),
                     ":never": 0,
@@ -487,9 +476,10 @@ class TaskStore:
         try:
             task = self._transition(
                 claim.task.task_id,
-                condition="#s = :running AND lease_id = :lease",
+                NEXT_ATTEMPT,
+                guard="lease_id = :lease",
                 updates=updates,
-                values={":running": TaskStatus.RUNNING.value, ":lease": claim.lease_id},
+                values={":lease": claim.lease_id},
             )
         except _ConditionFailed:
             return None
@@ -505,43 +495,38 @@ class TaskStore:
     ) -> bool:
         return self._while_holding(
             claim,
-            updates={
-                **(fields or {}),
-                "status": TaskStatus.DONE.value,
-                "result_key": result_key,
-                "endpoint_id": endpoint_id,
-            },
+            COMPLETE,
+            updates={**(fields or {}), "result_key": result_key, "endpoint_id": endpoint_id},
             removes=("lease_until", "error"),
         )
 
     def release_for_retry(self, claim: Claim, *, error: str, endpoint_id: str | None) -> bool:
-        updates: dict[str, Any] = {"status": TaskStatus.QUEUED.value, "error": error}
+        updates: dict[str, Any] = {"error": error}
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
-        return self._while_holding(claim, updates=updates, removes=("lease_until",))
+        return self._while_holding(claim, RETRY, updates=updates, removes=("lease_until",))
 
     def hand_back(self, claim: Claim) -> bool:
         """A task claimed ahead of its call (a kept slot's next task), given back uncalled
         because the slot went away: QUEUED again, for any worker. The attempt stays counted
         (its number may not go back: the stream tells a first departure by attempt 0)."""
-        return self._while_holding(
-            claim, updates={"status": TaskStatus.QUEUED.value}, removes=("lease_until",)
-        )
+        return self._while_holding(claim, HAND_BACK, updates={}, removes=("lease_until",))
 
     def fail(self, claim: Claim, *, error: str, endpoint_id: str | None = None) -> bool:
-        updates: dict[str, Any] = {"status": TaskStatus.FAILED.value, "error": error}
+        updates: dict[str, Any] = {"error": error}
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
-        return self._while_holding(claim, updates=updates, removes=("lease_until",))
+        return self._while_holding(claim, FAIL, updates=updates, removes=("lease_until",))
 
     def expire(self, task: Task, error: str) -> bool:
         """QUEUED -> EXPIRED: never started (attempt 0) before its queue deadline."""
         try:
             self._transition(
                 task.task_id,
-                condition="#s = :queued AND attempt = :never",
-                updates={"status": TaskStatus.EXPIRED.value, "error": error},
-                values={":queued": TaskStatus.QUEUED.value, ":never": 0},
+                EXPIRE,
+                guard="attempt = :never",
+                updates={"error": error},
+                values={":never": 0},
             )
         except _ConditionFailed:
             return False
@@ -552,14 +537,10 @@ class TaskStore:
         try:
             self._transition(
                 task.task_id,
-                condition="attempt = :seen AND #s IN (:queued, :running, :waiting)",
-                updates={"status": TaskStatus.FAILED.value, "error": error},
-                values={
-                    ":seen": task.attempt,
-                    ":queued": TaskStatus.QUEUED.value,
-                    ":running": TaskStatus.RUNNING.value,
-                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
-                },
+                FAIL_UNCLAIMED,
+                guard="attempt = :seen",
+                updates={"error": error},
+                values={":seen": task.attempt},
                 removes=("lease_until",),
             )
         except _ConditionFailed:
@@ -574,17 +555,10 @@ class TaskStore:
         try:
             self._transition(
                 task_id,
-                condition=(
-                    "#s IN (:queued, :waiting) OR (#s = :running AND "
-                    "(attribute_not_exists(lease_until) OR lease_until < :now))"
-                ),
-                updates={"status": TaskStatus.FAILED.value, "error": error},
-                values={
-                    ":queued": TaskStatus.QUEUED.value,
-                    ":waiting": TaskStatus.AWAITING_UPLOAD.value,
-                    ":running": TaskStatus.RUNNING.value,
-                    ":now": _stored_time(now),
-                },
+                FAIL_DEAD_LETTERED,
+                guard=("#s <> :running OR attribute_not_exists(lease_until) OR lease_until < :now"),
+                updates={"error": error},
+                values={":running": TaskStatus.RUNNING.value, ":now": _stored_time(now)},
                 removes=("lease_until",),
             )
         except _ConditionFailed:
@@ -617,26 +591,23 @@ class TaskStore:
     def requeue_abandoned(self, task: Task, *, now: float, error: str) -> Task | None:
         """RUNNING with an expired lease -> QUEUED: its worker died and nobody re-claimed it.
         None if it moved on meanwhile (re-claimed, finished)."""
-        return self._end_abandoned_run(task, TaskStatus.QUEUED, now=now, error=error)
+        return self._end_abandoned_run(task, REQUEUE_ABANDONED, now=now, error=error)
 
     def fail_abandoned(self, task: Task, *, now: float, error: str) -> bool:
         """RUNNING with an expired lease and no attempt left -> FAILED."""
-        return self._end_abandoned_run(task, TaskStatus.FAILED, now=now, error=error) is not None
+        return self._end_abandoned_run(task, FAIL_ABANDONED, now=now, error=error) is not None
 
     def _end_abandoned_run(
-        self, task: Task, status: TaskStatus, *, now: float, error: str
+        self, task: Task, transition: Transition, *, now: float, error: str
     ) -> Task | None:
         """Move a run whose lease (the one `task` was read with) expired; None if it moved on."""
         try:
             return self._transition(
                 task.task_id,
-                condition="#s = :running AND lease_id = :lease AND lease_until < :now",
-                updates={"status": status.value, "error": error},
-                values={
-                    ":running": TaskStatus.RUNNING.value,
-                    ":lease": task.lease_id or "",
-                    ":now": _stored_time(now),
-                },
+                transition,
+                guard="lease_id = :lease AND lease_until < :now",
+                updates={"error": error},
+                values={":lease": task.lease_id or "", ":now": _stored_time(now)},
                 removes=("lease_until",),
             )
         except _ConditionFailed:
@@ -645,17 +616,19 @@ class TaskStore:
     def defer_resend(self, task_id: str, *, seen_reap_at: float, until: float) -> bool:
         """Take the right to re-send a QUEUED task's message: moves its reap time to `until`
         if nobody (another reaper run, a claim) changed the task since it was read."""
+        # Not _transition: the task's state and updated_at stay as they are.
+        from_states, from_values = _from_states(RESEND)
         try:
             self._table.update_item(
                 Key={"task_id": task_id},
                 UpdateExpression="SET reap_at = :until ADD resends :one",
-                ConditionExpression="#s = :queued AND reap_at = :seen",
+                ConditionExpression=f"{from_states} AND reap_at = :seen",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={
                     ":until": _stored_time(until),
                     ":seen": _stored_time(seen_reap_at),
-                    ":queued": TaskStatus.QUEUED.value,
                     ":one": 1,
+                    **from_values,
                 },
             )
         except ClientError as error:
@@ -691,46 +664,64 @@ class TaskStore:
     # --- internals --------------------------------------------------------------------------
 
     def _while_holding(
-        self, claim: Claim, *, updates: dict[str, Any], removes: tuple[str, ...] = ()
+        self,
+        claim: Claim,
+        transition: Transition,
+        *,
+        updates: dict[str, Any],
+        removes: tuple[str, ...] = (),
     ) -> bool:
         """Write only while our lease is the current one: a stale worker never overwrites."""
         try:
             self._transition(
                 claim.task.task_id,
-                condition="#s = :running AND lease_id = :lease",
+                transition,
+                guard="lease_id = :lease",
                 updates=updates,
-                values={":running": TaskStatus.RUNNING.value, ":lease": claim.lease_id},
+                values={":lease": claim.lease_id},
                 removes=removes,
             )
         except _ConditionFailed:
             return False
         return True
 
+    @raises_store_error("tasks table")
     def _transition(
         self,
         task_id: str,
+        transition: Transition,
         *,
-        condition: str,
         updates: dict[str, Any],
-        values: dict[str, Any],
+        guard: str | None = None,
+        values: Mapping[str, Any] | None = None,
         removes: tuple[str, ...] = (),
         adds: Mapping[str, int] | None = None,
         names: Mapping[str, str] | None = None,
     ) -> Task:
-        """One conditional UpdateItem; `adds` are counters raised in the same write. A failed
-        condition raises _ConditionFailed with the item as it stood (None: no such item)."""
+        """One conditional UpdateItem moving the task along `transition`: only from its
+        declared states, and only if `guard` holds too; `adds` are counters raised in the
+        same write. A failed condition raises _ConditionFailed with the item as it stood
+        (None: no such item). Writing a field the transition does not declare is a bug:
+        ValueError, before anything is sent."""
+        undeclared = sorted(
+            ({*updates, *(adds or {})} - transition.sets) | (set(removes) - transition.clears)
+        )
+        if undeclared:
+            raise ValueError(f"{transition.name} does not write {', '.join(undeclared)}")
         now = utc_now()
-        updates = {**updates, "updated_at": iso(now)}
-        status = updates.get("status")
-        if status is not None and TaskStatus(status).is_terminal:
+        status = transition.target
+        updates = {**updates, "status": status.value, "updated_at": iso(now)}
+        if status.is_terminal:
             removes = (*removes, *_REAP_ATTRIBUTES)  # leaves the reaper's index
-        elif status == TaskStatus.QUEUED.value:
-            updates.update(_reap_fields(task_id, ReapState.QUEUED, now.timestamp()))
+        elif status is TaskStatus.QUEUED:
+            updates.update(_reap_fields(task_id, REAP_STATE[status], now.timestamp()))
         elif "lease_until" in updates:
-            updates.update(_reap_fields(task_id, ReapState.RUNNING, float(updates["lease_until"])))
+            updates.update(_reap_fields(task_id, REAP_STATE[status], float(updates["lease_until"])))
         names = {"#s": "status", **(names or {})}
+        from_states, from_values = _from_states(transition)
+        condition = from_states if guard is None else f"{from_states} AND ({guard})"
         sets = []
-        expr_values = dict(values)
+        expr_values = {**from_values, **(values or {})}
         for i, (attr, value) in enumerate(updates.items()):
             names[f"#u{i}"] = attr
             expr_values[f":u{i}"] = value
@@ -762,6 +753,12 @@ class TaskStore:
                 raise _ConditionFailed(refused_item(error)) from error
             raise
         return Task.model_validate(result["Attributes"])
+
+
+def _from_states(transition: Transition) -> tuple[str, dict[str, str]]:
+    """The condition that the task is in one of the transition's declared "from" states."""
+    values = {f":from{i}": s.value for i, s in enumerate(sorted(transition.sources))}
+    return f"#s IN ({', '.join(values)})", values
 
 
 class _ConditionFailed(Exception):
