@@ -2,7 +2,7 @@
 
 Every subpackage of `layers/common/gpuqueue/` with what it is for, and every module with the
 first sentence of its docstring. The README holds this between two markers;
-tests/unit/test_layer_layout.py fails when the two differ (a module added, moved or
+tests/unit/template/test_layer_layout.py fails when the two differ (a module added, moved or
 re-described), so the README's map cannot go stale.
 
 Usage::

@@ -18,7 +18,7 @@ for its OpenAPI schema (`app.get_openapi_schema`) and merges them into one docum
 Output is deterministic (sorted keys, indent 2, trailing newline). It is committed at the
 repository root (openapi.json) and written, byte for byte, into DocsFunction's folder
 (functions/docs/openapi.json), which ships it; both are generated, never edited, and
-tests/unit/test_openapi_document.py fails when either drifts from the handlers.
+tests/unit/api/test_openapi_document.py fails when either drifts from the handlers.
 
 Usage::
 

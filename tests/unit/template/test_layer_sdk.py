@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name
 import build_artifacts  # tools/ is on the test path (tests/conftest.py)
 from build_artifacts import Shipped
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LAYER_REQUIREMENTS = ROOT / "layers" / "common" / "requirements.txt"
 # What pip --platform manylinux2014_aarch64 --python-version 3.12 resolves markers against.
 LAMBDA_MARKERS = {

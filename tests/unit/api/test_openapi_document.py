@@ -14,7 +14,7 @@ from openapi_spec_validator import validate  # comes with moto[server]
 import openapi_document as generator  # tools/ is on the test path (tests/conftest.py)
 from gpuqueue_local.template import load_template, resources_of_type
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMMITTED = ROOT / "openapi.json"
 SHIPPED = ROOT / "functions" / "docs" / "openapi.json"
 DOCS_ROUTES = {("GET", "/openapi.json"), ("GET", "/docs")}

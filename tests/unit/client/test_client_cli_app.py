@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[3] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
     sys.path.insert(0, str(CLIENT_DIR))
 

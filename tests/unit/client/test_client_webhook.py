@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[3] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
     sys.path.insert(0, str(CLIENT_DIR))
 
@@ -405,7 +405,7 @@ def test_other_frames_are_ignored(frame: str | bytes) -> None:
 
 def readme_verify() -> Callable[..., bool]:
     """The standard-library `verify` the README gives receivers to copy."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
     snippet = next(block for block in blocks if "def verify(secrets" in block)
     namespace: dict[str, Any] = {}

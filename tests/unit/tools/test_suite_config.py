@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _run_with_the_suites_config(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:

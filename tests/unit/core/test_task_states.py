@@ -26,7 +26,7 @@ from gpuqueue.task_states import (
 )
 from gpuqueue_local.template import load_template
 
-CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[3] / "client"
 if importlib.util.find_spec("gpuqueue_client") is None:  # no `pip install -e .` in this venv
     sys.path.insert(0, str(CLIENT_DIR))
 

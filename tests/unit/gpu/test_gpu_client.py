@@ -115,7 +115,7 @@ def test_busy_or_broken_endpoint_answers_are_worth_retrying(status: int) -> None
 
 
 # 401/403 never get here: the adapters treat them as a refusal of the credentials
-# (tests/unit/test_gpu_credentials.py).
+# (tests/unit/gpu/test_gpu_credentials.py).
 @pytest.mark.parametrize("status", [400, 404, 422])
 def test_rejections_of_the_request_are_permanent(status: int) -> None:
     with pytest.raises(PermanentGpuError, match=str(status)):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SAMCONFIG = ROOT / "samconfig.toml"
 BUILT_TEMPLATE = ".aws-sam/build/template.yaml"
 

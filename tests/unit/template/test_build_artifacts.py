@@ -12,7 +12,7 @@ import pytest
 
 import build_artifacts  # tools/ is on the test path (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = ROOT / "template.yaml"
 
 

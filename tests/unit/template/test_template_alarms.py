@@ -13,7 +13,7 @@ import pytest
 
 from gpuqueue_local.template import load_template
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = load_template()
 RESOURCES: dict[str, dict[str, Any]] = TEMPLATE["Resources"]
 CUSTOM_NAMESPACE = "gpuqueue/${AWS::StackName}"

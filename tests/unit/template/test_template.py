@@ -37,7 +37,7 @@ from template_functions import (
     settings_model,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EVENTS_DIR = ROOT / "events"
 # Not an event: the env vars `sam local invoke` gets (tests/integration/test_sam_local_env.py).
 SAM_ENV_FILE = "env.local.json"
@@ -148,7 +148,7 @@ def policy_statements() -> Iterator[tuple[str, dict[str, Any]]]:
 # --- the queue and the worker pool ----------------------------------------------------------
 # AWS's numeric limits (MaximumConcurrency, reserved concurrency, visibility timeouts) are
 # checked on the transformed template for every allowed parameter value:
-# tests/unit/test_template_limits.py.
+# tests/unit/template/test_template_limits.py.
 
 
 def test_dispatcher_timeout_outlasts_the_longest_allowed_gpu_call() -> None:
