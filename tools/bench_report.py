@@ -188,6 +188,10 @@ def benchmarks_markdown(
         for name, ms in sorted(imports.functions.items())
     )
     imports_verdict = "meets" if imports.worst_ratio <= bench_imports.TARGET_RATIO else "misses"
+    floor_rows = "".join(
+        f"\n| *the libraries alone, {name}* | | {ratio:.2f} |"
+        for name, ratio in sorted(imports.floors.items())
+    )
     fleet_rows = "\n".join(
         f"| {r['label']} | {r['done']}/{r['tasks']} | {r['failed']} | {r['makespan_s']:.1f} | "
         f"{r.get('optimal_makespan_s') or ''} | {_ratio(r.get('makespan_ratio'))} | "
@@ -264,10 +268,14 @@ of its ratios to that import, so the machine's load moves both sides:
 
 | function | import ms | x boto3 |
 |---|---|---|
-{imports_rows}
+{imports_rows}{floor_rows}
 
 **Worst: {imports.worst_ratio:.2f} x `import boto3`; the target is
-{bench_imports.TARGET_RATIO} x: this {imports_verdict} it.**
+{bench_imports.TARGET_RATIO} x: this {imports_verdict} it.** The last rows are the libraries
+every function stands on, imported on their own with none of our code (boto3,
+pydantic-settings, Powertools' logger, metrics and tracer, and its event handler with OpenAPI
+validation for the HTTP functions or its batch processor for the event-driven ones,
+`bench_imports.FLOORS`): no function built on them can import in less.
 
 ## Fleet efficiency per dispatch strategy
 

@@ -22,6 +22,7 @@ def test_each_function_is_reported_against_boto3_and_the_worst_decides():
         "functions": {"docs": {"ms": 150.0, "ratio": 1.25}, "submit": {"ms": 200.0, "ratio": 1.67}},
         "worst_ratio": 1.67,
         "target_ratio": 1.5,
+        "library_floors": {},
     }
 
 
@@ -32,11 +33,23 @@ def test_a_function_is_compared_with_the_boto3_import_next_to_it(monkeypatch, tm
         (tmp_path / "functions" / name).mkdir(parents=True)
         (tmp_path / "functions" / name / f"{name}_handler.py").write_text("")
     monkeypatch.setattr(bench_imports, "REPO", tmp_path)
-    speed = iter([1, 1, 3, 3, 1, 1] * 2)
-    microseconds = {"boto3": 100_000, "docs_handler": 120_000, "submit_handler": 200_000}
+    # Each round: docs, submit, then the two library floors, each after its own boto3 import.
+    speed = iter([1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1])
+    microseconds = {
+        "boto3": 100_000,
+        "docs_handler": 120_000,
+        "submit_handler": 200_000,
+        "floor_events": 150_000,
+        "floor_http": 180_000,
+    }
 
     def fake_import(module: str, path: list[Path], lambda_env: dict[str, str]) -> int:
-        assert lambda_env["LAMBDA_TASK_ROOT"].startswith(str(tmp_path / "functions"))
+        if module.startswith("floor_"):
+            # The floors are the libraries alone: no layer, no function folder on the path.
+            assert path == [Path(lambda_env["LAMBDA_TASK_ROOT"])]
+            assert (path[0] / f"{module}.py").read_text() == bench_imports.FLOORS[module[6:]]
+        elif module.endswith("_handler"):
+            assert lambda_env["LAMBDA_TASK_ROOT"].startswith(str(tmp_path / "functions"))
         return microseconds[module] * next(speed)
 
     monkeypatch.setattr(bench_imports, "import_microseconds", fake_import)
@@ -45,5 +58,6 @@ def test_a_function_is_compared_with_the_boto3_import_next_to_it(monkeypatch, tm
     assert times.functions == {"docs": 120.0, "submit": 200.0}
     assert times.boto3_ms == 100.0
     assert times.worst_ratio == 2.0
+    assert times.floors == {"http": 1.8, "events": 1.5}
     with pytest.raises(KeyError):
         times.ratio("checker")
