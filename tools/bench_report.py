@@ -262,7 +262,9 @@ clients: [load.md](load.md) (`make load`).
 ## Cold import per function
 
 `python -X importtime`, cumulative for `<name>_handler`, median of 3 fresh interpreters with
-Lambda's `LAMBDA_TASK_ROOT` (tracing on, as deployed); `import boto3` alone is measured the
+Lambda's `LAMBDA_TASK_ROOT` (tracing on, as deployed), the layer and the function compiled to
+bytecode as `make build` ships them (Lambda's code is read-only: without it every cold start
+compiles them again); `import boto3` alone is measured the
 same way right before each (median {imports.boto3_ms} ms) and a function's ratio is the median
 of its ratios to that import, so the machine's load moves both sides:
 

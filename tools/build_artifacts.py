@@ -10,6 +10,14 @@ those directories. The template is written as JSON (valid YAML), which keeps eve
 function in its long form (``{"Ref": ...}``, ``{"Fn::Sub": ...}``). ``sam deploy`` reads it
 by default.
 
+Bytecode: Lambda's code is read-only, so a module shipped without its ``.pyc`` is compiled
+again on every cold start (measured here: the tasks function's imports take 2.4x the CPU from
+source than from bytecode, boto3 alone 2.6x). The build compiles every artifact with the
+runtime's own Python (``python3.12`` for python3.12: bytecode is per version), hash-based and
+unchecked (``--invalidation-mode unchecked-hash``: no timestamps, so the same sources give the
+same bytes and a rebuild changes nothing). Without that interpreter on the machine it says so
+and ships sources only, as before.
+
 Usage::
 
     python tools/build_artifacts.py [--template template.yaml] [--build-dir .aws-sam/build]
@@ -22,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +55,8 @@ PLATFORMS = {
 DEFAULT_ARCHITECTURE = "x86_64"  # Lambda's and SAM's default when none is given
 REQUIREMENTS = "requirements.txt"
 LAYER_BUILD_KEYS = ("BuildMethod", "BuildArchitecture")
-# Never shipped: bytecode of the build machine's Python, caches, tests.
+# Never shipped: bytecode of the build machine's Python (the runtime's is compiled after the copy:
+# compile_bytecode), caches, tests.
 IGNORED_NAMES = (
     "__pycache__",
     "*.pyc",
@@ -59,6 +69,8 @@ IGNORED_NAMES = (
     ".DS_Store",
 )
 LAMBDA_UNZIPPED_LIMIT_MB = 250.0
+FUNCTION_ROOT = "/var/task"  # where Lambda unpacks a function's code
+LAYER_ROOT = "/opt/python"  # where a python layer's `python/` lands
 
 
 class BuildError(Exception):
@@ -100,6 +112,8 @@ class BuildContext:
     base: Path  # the source template's directory: CodeUri/ContentUri are relative to it
     build_dir: Path
     skip_deps: bool
+    # The interpreter per runtime version ("3.12") that compiles the bytecode; None: none found.
+    compilers: dict[str, Path | None]
 
 
 @dataclass(frozen=True)
@@ -283,6 +297,69 @@ def reset_build_dir(build_dir: Path, template_dir: Path) -> None:
     resolved.mkdir(parents=True)
 
 
+# ---------------------------------------------------------------- bytecode
+
+
+def interpreter_version(python: Path) -> str | None:
+    """`major.minor` of an interpreter, or None if it does not run (a pyenv shim of a
+    version that is installed but not selected fails)."""
+    try:
+        done = subprocess.run(
+            [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def runtime_python(version: str) -> Path | None:
+    """An interpreter of exactly the runtime's version: on PATH, else under pyenv."""
+    candidates: list[Path] = []
+    on_path = shutil.which(f"python{version}")
+    if on_path:
+        candidates.append(Path(on_path))
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    installed = pyenv_root.glob(f"versions/{version}.*/bin/python{version}")
+    patch = re.compile(rf"{re.escape(version)}\.(\d+)")
+
+    def newest_first(path: Path) -> int:
+        found = patch.search(path.parent.parent.name)
+        return -int(found.group(1)) if found else 0
+
+    candidates += sorted(installed, key=newest_first)
+    return next((c for c in candidates if interpreter_version(c) == version), None)
+
+
+def compile_bytecode(path: Path, python: Path, label: str, *, deployed_at: str) -> None:
+    """Every module under `path` compiled by `python`, hash-based and unchecked, naming its
+    file where Lambda puts it (`deployed_at`: tracebacks show Lambda's paths, and the bytes
+    do not depend on where the build ran)."""
+    command = [str(python), "-m", "compileall", "-q", "-j", "0", "-s", str(path), "-p"]
+    command += [deployed_at, "--invalidation-mode", "unchecked-hash", str(path)]
+    # A fixed hash seed: a set literal's constant is stored in iteration order.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise BuildError(f"{label}: compiling its bytecode failed:\n{done.stdout}{done.stderr}")
+
+
+def compiler_for(target: Target, ctx: BuildContext) -> Path | None:
+    version = target.python_version
+    if version not in ctx.compilers:
+        ctx.compilers[version] = runtime_python(version)
+        if ctx.compilers[version] is None:
+            print(
+                f"warning: no Python {version} here: the artifacts ship without bytecode, and "
+                "Lambda compiles every module again on each cold start",
+                file=sys.stderr,
+            )
+    return ctx.compilers[version]
+
+
 # ---------------------------------------------------------------- build steps
 
 
@@ -313,6 +390,9 @@ def build_function(logical_id: str, resource: dict[str, Any], ctx: BuildContext)
     if requirements.is_file() and not ctx.skip_deps:
         pip_install(requirements, destination, target, logical_id)
         check_sdk_pair(destination, logical_id)
+    compiler = compiler_for(target, ctx)
+    if compiler is not None:
+        compile_bytecode(destination, compiler, logical_id, deployed_at=FUNCTION_ROOT)
 
     props["CodeUri"] = logical_id
     layers = props.get("Layers", ctx.globals_function.get("Layers")) or []
@@ -346,6 +426,9 @@ def build_layer(logical_id: str, resource: dict[str, Any], ctx: BuildContext) ->
     if requirements.is_file() and not ctx.skip_deps:
         pip_install(requirements, site, target, logical_id)
         check_sdk_pair(site, logical_id)
+    compiler = compiler_for(target, ctx)
+    if compiler is not None:
+        compile_bytecode(site, compiler, logical_id, deployed_at=LAYER_ROOT)
 
     props["ContentUri"] = logical_id
     for key in LAYER_BUILD_KEYS:
@@ -365,7 +448,7 @@ def build(
     globals_function: dict[str, Any] = (template.get("Globals") or {}).get("Function") or {}
 
     reset_build_dir(build_dir, base)
-    ctx = BuildContext(globals_function, base, build_dir, skip_deps)
+    ctx = BuildContext(globals_function, base, build_dir, skip_deps, compilers={})
     artifacts: list[Artifact] = []
     for logical_id, resource in template["Resources"].items():
         if not isinstance(resource, dict):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import marshal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,60 @@ def test_every_function_has_its_dir_with_its_handler_module(
         assert (build_dir / logical_id / f"{module}.py").is_file(), logical_id
 
 
-def test_build_leaves_out_bytecode_and_caches(built: tuple[Path, dict[str, Any], str]) -> None:
+def test_build_leaves_out_this_machines_bytecode_and_caches(
+    built: tuple[Path, dict[str, Any], str],
+) -> None:
     build_dir, _output, _printed = built
-    assert not list(build_dir.rglob("__pycache__"))
-    assert not list(build_dir.rglob("*.pyc"))
+    # Only the runtime's own bytecode (python3.12), where that interpreter is here to make it.
+    assert all(p.name.endswith(".cpython-312.pyc") for p in build_dir.rglob("*.pyc"))
+    assert not list(build_dir.rglob(".pytest_cache"))
     assert not (build_dir / "stale").exists()
+
+
+def test_every_module_ships_compiled_for_where_lambda_puts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This interpreter stands in for the runtime's: what is checked is what gets compiled, how,
+    # and under which path (Lambda's code is read-only: a module without its .pyc is compiled
+    # again on every cold start).
+    monkeypatch.setattr(build_artifacts, "runtime_python", lambda version: Path(sys.executable))
+    build_artifacts.build(TEMPLATE, tmp_path / "build", skip_deps=True)
+    tag = sys.implementation.cache_tag
+    for root, prefix in (
+        (tmp_path / "build" / "TasksFunction", "/var/task/"),
+        (tmp_path / "build" / "CommonLayer" / "python", "/opt/python/"),
+    ):
+        sources = list(root.rglob("*.py"))
+        assert sources
+        for source in sources:
+            compiled = source.parent / "__pycache__" / f"{source.stem}.{tag}.pyc"
+            data = compiled.read_bytes()
+            # PEP 552: flags 0b01 = hash-based, not checked against the source (no timestamp).
+            assert int.from_bytes(data[4:8], "little") == 1, compiled
+            code = marshal.loads(data[16:])  # noqa: S302 (our own build output)
+            assert code.co_filename == prefix + str(source.relative_to(root)), compiled
+
+
+def _interpreter(path: Path, prints: str, exit_code: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho {prints}\nexit {exit_code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_runtimes_python_is_found_past_a_shim_that_does_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shim = _interpreter(tmp_path / "shims" / "python3.12", "not-selected", exit_code=127)
+    older = _interpreter(tmp_path / "pyenv" / "versions" / "3.12.1" / "bin" / "python3.12", "3.12")
+    newer = _interpreter(tmp_path / "pyenv" / "versions" / "3.12.10" / "bin" / "python3.12", "3.12")
+    _interpreter(tmp_path / "pyenv" / "versions" / "3.11.7" / "bin" / "python3.11", "3.11")
+    monkeypatch.setenv("PATH", str(shim.parent))
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert build_artifacts.runtime_python("3.12") == newer
+    newer.unlink()
+    assert build_artifacts.runtime_python("3.12") == older
+    assert build_artifacts.runtime_python("3.13") is None
 
 
 def test_layer_holds_the_package_under_python(

@@ -32,6 +32,8 @@ def test_a_function_is_compared_with_the_boto3_import_next_to_it(monkeypatch, tm
     for name in ("docs", "submit"):
         (tmp_path / "functions" / name).mkdir(parents=True)
         (tmp_path / "functions" / name / f"{name}_handler.py").write_text("")
+    (tmp_path / "layers" / "common" / "gpuqueue").mkdir(parents=True)
+    (tmp_path / "layers" / "common" / "gpuqueue" / "models.py").write_text("X = 1\n")
     monkeypatch.setattr(bench_imports, "REPO", tmp_path)
     # Each round: docs, submit, then the two library floors, each after its own boto3 import.
     speed = iter([1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1])
@@ -44,12 +46,19 @@ def test_a_function_is_compared_with_the_boto3_import_next_to_it(monkeypatch, tm
     }
 
     def fake_import(module: str, path: list[Path], lambda_env: dict[str, str]) -> int:
-        if module.startswith("floor_"):
-            # The floors are the libraries alone: no layer, no function folder on the path.
-            assert path == [Path(lambda_env["LAMBDA_TASK_ROOT"])]
-            assert (path[0] / f"{module}.py").read_text() == bench_imports.FLOORS[module[6:]]
-        elif module.endswith("_handler"):
-            assert lambda_env["LAMBDA_TASK_ROOT"].startswith(str(tmp_path / "functions"))
+        if path == [Path(lambda_env["LAMBDA_TASK_ROOT"])]:
+            # The floors (and their boto3): the libraries alone, no layer, no function folder.
+            if module != "boto3":
+                assert (path[0] / f"{module}.py").read_text() == bench_imports.FLOORS[module[6:]]
+        else:
+            # The function and the layer as the build ships them: copies, compiled.
+            function_dir, layer = (path if module.endswith("_handler") else [None, *path])[-2:]
+            assert layer.name == "layer"
+            assert list((layer / "gpuqueue" / "__pycache__").glob("models.*.pyc"))
+            if function_dir is not None:
+                assert function_dir != tmp_path / "functions" / function_dir.name
+                assert list((function_dir / "__pycache__").glob(f"{module}.*.pyc"))
+                assert lambda_env["LAMBDA_TASK_ROOT"] == str(function_dir)
         return microseconds[module] * next(speed)
 
     monkeypatch.setattr(bench_imports, "import_microseconds", fake_import)
