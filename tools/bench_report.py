@@ -277,7 +277,9 @@ of its ratios to that import, so the machine's load moves both sides:
 every function stands on, imported on their own with none of our code (boto3,
 pydantic-settings, Powertools' logger, metrics and tracer, and its event handler with OpenAPI
 validation for the HTTP functions or its batch processor for the event-driven ones,
-`bench_imports.FLOORS`): no function built on them can import in less.
+`bench_imports.FLOORS`): what every function imports before a line of ours. Medians of three
+are noisy here (a function a little under its floor is that noise); the CPU-time check in
+issue 18's note agrees: the libraries alone take 2.2-2.5 x boto3.
 
 ## Fleet efficiency per dispatch strategy
 
