@@ -185,3 +185,27 @@ def serve(handle: Callable[[Request], Reply]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+class MetricsRecorder:
+    """Powertools Metrics' add_metric, recording the names added."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
+        self.added.append(name)
+
+
+class RowTable:
+    """put_item and get_item on rows kept by task id: what TaskStore's create and get do."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def put_item(self, *, Item: dict[str, Any], **_: Any) -> None:
+        self.rows[Item["task_id"]] = Item
+
+    def get_item(self, *, Key: dict[str, str], **_: Any) -> dict[str, Any]:
+        row = self.rows.get(Key["task_id"])
+        return {"Item": row} if row is not None else {}

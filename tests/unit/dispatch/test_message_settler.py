@@ -7,6 +7,7 @@ from typing import Any, cast
 import pytest
 from aws_lambda_powertools import Logger
 
+from fakes import MetricsRecorder
 from gpuqueue.dispatch.dispatcher import DispatchOutcome
 from gpuqueue.dispatch.queue_worker import MessageSettler
 from gpuqueue.errors import RetryLater
@@ -22,14 +23,6 @@ class QueueRecorder:
 
     def retry_after(self, receipt: str, delay_seconds: int) -> None:
         self.calls.append(("retry_after", receipt, delay_seconds))
-
-
-class MetricsRecorder:
-    def __init__(self) -> None:
-        self.added: list[str] = []
-
-    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
-        self.added.append(name)
 
 
 MESSAGE = QueueMessage(task_id="t1", kind=TaskKind.IMAGE)

@@ -7,25 +7,12 @@ from typing import Any, cast
 
 from aws_lambda_powertools import Logger
 
+from fakes import MetricsRecorder, RowTable
 from gpuqueue.intake.image_intake import ImageIntake
 from gpuqueue.intake.intake_metrics import IntakeMetrics
 from gpuqueue.intake.submission import SubmissionService
 from gpuqueue.models import ImageRequest, QueueMessage, TaskStatus
 from gpuqueue.store.task_store import TaskStore
-
-
-class RowTable:
-    """put_item and get_item on rows kept by task id: what TaskStore's create and get do."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[str, Any]] = {}
-
-    def put_item(self, *, Item: dict[str, Any], **_: Any) -> None:
-        self.rows[Item["task_id"]] = Item
-
-    def get_item(self, *, Key: dict[str, str], **_: Any) -> dict[str, Any]:
-        row = self.rows.get(Key["task_id"])
-        return {"Item": row} if row is not None else {}
 
 
 class InstantQueue:
@@ -40,14 +27,6 @@ class InstantQueue:
         self.sent.append(message)
         if self._finishes:
             self._table.rows[message.task_id]["status"] = TaskStatus.DONE.value
-
-
-class MetricsRecorder:
-    def __init__(self) -> None:
-        self.added: list[str] = []
-
-    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
-        self.added.append(name)
 
 
 def _intake(*, finishes: bool) -> tuple[ImageIntake, InstantQueue, MetricsRecorder]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from fakes import MetricsRecorder
 from gpuqueue.models import WebhookEvent
 from gpuqueue.notify.webhook_consumer import WebhookConsumer
 from gpuqueue.notify.webhook_delivery import DeliveryOutcome, DeliveryResult
@@ -27,14 +28,6 @@ class SqsRecorder:
 
     def change_message_visibility(self, **request: Any) -> None:
         self.calls.append(("change_message_visibility", request))
-
-
-class MetricsRecorder:
-    def __init__(self) -> None:
-        self.added: list[str] = []
-
-    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
-        self.added.append(name)
 
 
 MESSAGE = DeliveryMessage(task_id="t1", delivery_id="d1", event=WebhookEvent.DONE)

@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import pytest
 
+from fakes import MetricsRecorder, RowTable
 from gpuqueue.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -22,20 +23,6 @@ from gpuqueue.speech.audio import ASYNC_AUDIO_MAX_BYTES
 from gpuqueue.speech.audio_store import AudioStore
 from gpuqueue.speech.speech_tasks import SpeechTasks
 from gpuqueue.store.task_store import TaskStore
-
-
-class RowTable:
-    """put_item and get_item on rows kept by task id: what TaskStore's create and get do."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[str, Any]] = {}
-
-    def put_item(self, *, Item: dict[str, Any], **_: Any) -> None:
-        self.rows[Item["task_id"]] = Item
-
-    def get_item(self, *, Key: dict[str, str], **_: Any) -> dict[str, Any]:
-        row = self.rows.get(Key["task_id"])
-        return {"Item": row} if row is not None else {}
 
 
 class SigningS3:
@@ -132,14 +119,6 @@ class SpentBucket:
         return RateDecision(
             allowed=False, limit=5, remaining=0, retry_after_seconds=2, reset_seconds=10
         )
-
-
-class MetricsRecorder:
-    def __init__(self) -> None:
-        self.added: list[str] = []
-
-    def add_metric(self, *, name: str, unit: Any, value: float) -> None:
-        self.added.append(name)
 
 
 def test_an_announcement_over_the_rate_is_refused_and_counted_like_a_submit():
