@@ -108,7 +108,9 @@ class ScriptedJob:
         """`count` inputs prepared, and each of them (not another) released exactly once."""
         return len(self.prepared) == count and sorted(self.released) == sorted(self.prepared)
 
-    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+    def run(
+        self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float, **_: Any
+    ) -> Any:
         self.calls.append((endpoint.endpoint_id, task.attempt, timeout_seconds))
         self.inputs_run.append(job_input)
         if self._registry is not None:
@@ -797,7 +799,9 @@ class LeaseWatchingJob(ScriptedJob):
         self.leases: list[str] = []
         self._leases_of = registry
 
-    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+    def run(
+        self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float, **_: Any
+    ) -> Any:
         fleet = self._leases_of.fleet(TaskKind.IMAGE)
         self.leases += [
             f"{lease.lease_id}:{lease.task_id}"
@@ -1069,7 +1073,9 @@ class EarlyReceiveJob(ScriptedJob):
         self.received_during: list[bool] = []
         self.at_call_end: Callable[[int], None] = lambda call: None
 
-    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+    def run(
+        self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float, **_: Any
+    ) -> Any:
         started = time.monotonic()
         before = self.queue.pulls
         call = len(self.calls)
@@ -1196,7 +1202,9 @@ def _lose_the_lease_during(job: ScriptedJob, registry: EndpointRegistry, task: T
     own when the call ends."""
     run_first = job.run
 
-    def run(endpoint: Endpoint, ran: Task, job_input: Any, *, timeout_seconds: float) -> Any:
+    def run(
+        endpoint: Endpoint, ran: Task, job_input: Any, *, timeout_seconds: float, **_: Any
+    ) -> Any:
         output = run_first(endpoint, ran, job_input, timeout_seconds=timeout_seconds)
         if ran.task_id == task.task_id:
             [lease] = registry.fleet(TaskKind.IMAGE).live_leases("gpu-a", time.time())
@@ -1274,7 +1282,7 @@ def test_a_pulled_task_whose_call_fails_on_the_kept_slot_retries_on_another_endp
     job_run = job.run
 
     def add_gpu_b_after_the_failure(
-        endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float
+        endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float, **_: Any
     ) -> Any:
         try:
             return job_run(endpoint, task, job_input, timeout_seconds=timeout_seconds)

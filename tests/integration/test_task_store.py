@@ -16,12 +16,15 @@ import pytest
 
 from gpuqueue.errors import StoreError, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
+    EndpointProtocol,
     ImageRequest,
     Priority,
     SpeechInput,
     Task,
     TaskKind,
+    TaskProgress,
     TaskStatus,
+    TaskView,
     WebhookEvent,
 )
 from gpuqueue.store.task_ids import issued_at, new_task_id
@@ -31,6 +34,7 @@ from gpuqueue.store.task_store import (
     UNWRITTEN_GRACE_SECONDS,
     Claim,
     ClaimRefused,
+    ProgressAck,
     TaskStore,
     reap_shard,
 )
@@ -501,10 +505,53 @@ def test_cancel_of_a_running_task_is_a_conflict_naming_its_state(
     with pytest.raises(TaskStateConflict) as raised:
         store.cancel(task.task_id, OWNER)
     assert raised.value.message == (
-        f"task {task.task_id} is RUNNING; only QUEUED or AWAITING_UPLOAD tasks can be canceled"
+        f"task {task.task_id} is RUNNING on an endpoint whose protocol (unknown) cannot stop "
+        "a job it has started; it will finish"
     )
     assert raised.value.field == "task_id"
     assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_running_cancel_is_requested_seen_by_the_progress_write_and_ends_canceled(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    task = queued()
+    claim = store.claim(
+        task,
+        lease_seconds=LEASE,
+        now=time.time(),
+        endpoint_id="gpu-a",
+        endpoint_protocol=EndpointProtocol.A1111,
+    )
+    assert claim is not None
+    assert store.report_progress(claim, TaskProgress.of(3, 30)) is ProgressAck.WRITTEN
+    assert TaskView.of(store.get(task.task_id)).progress == TaskProgress.of(3, 30)  # type: ignore[arg-type]
+
+    requested = store.cancel(task.task_id, OWNER)
+    again = store.cancel(task.task_id, OWNER)  # asking twice changes nothing
+
+    assert requested.status is TaskStatus.RUNNING
+    assert TaskView.of(requested).cancel_requested
+    assert again.cancel_requested_at == requested.cancel_requested_at
+    assert store.report_progress(claim, TaskProgress.of(4, 30)) is ProgressAck.CANCEL_REQUESTED
+    assert store.stop_asked(claim) is ProgressAck.CANCEL_REQUESTED
+    assert store.cancel_running(claim)
+    ended = store.get(task.task_id)
+    assert ended is not None
+    assert ended.status is TaskStatus.CANCELED
+    assert ended.progress is None
+    assert ended.result_key is None
+
+
+def test_progress_from_a_lost_lease_is_refused_and_says_so(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    claim = _claimed(store, queued())
+    other = _taken_over(store, claim)
+
+    assert store.report_progress(claim, TaskProgress.of(1, 2)) is ProgressAck.LEASE_LOST
+    assert store.stop_asked(claim) is ProgressAck.LEASE_LOST
+    assert store.stop_asked(other) is ProgressAck.WRITTEN
 
 
 class RivalBeforeWrite:
@@ -533,7 +580,7 @@ def test_a_cancel_that_loses_to_a_claim_names_the_state_it_lost_to(
     with pytest.raises(TaskStateConflict) as raised:
         racing.cancel(task.task_id, OWNER)
 
-    assert raised.value.message.startswith(f"task {task.task_id} is RUNNING;")
+    assert raised.value.message.startswith(f"task {task.task_id} is RUNNING ")
 
 
 # --- uploads ----------------------------------------------------------------------------

@@ -125,6 +125,11 @@ class PermanentGpuError(GpuError):
     """4xx from the endpoint or an unusable answer: retrying will not help."""
 
 
+class GpuCanceled(GpuError):
+    """The call stopped because the task's owner canceled it: the server was told to stop
+    (interrupt, cancel) and whatever it produced is dropped. Not the endpoint's fault."""
+
+
 class EndpointAuthRefused(RetryableGpuError):
     """The endpoint answered 401 or 403: it refused our credentials (or wants some).
 

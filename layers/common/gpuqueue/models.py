@@ -66,6 +66,9 @@ VIEW_FIELDS_BY_STATUS = {
     "result_url": frozenset({TaskStatus.DONE}),
     "text": frozenset({TaskStatus.DONE}),
     "error": frozenset({TaskStatus.FAILED, TaskStatus.EXPIRED}),
+    # How far its GPU has got, as the server last reported it (the dispatcher writes it at
+    # a bounded rate; protocols that report no steps leave it empty).
+    "progress": frozenset({TaskStatus.RUNNING}),
 }
 # The longest a task may wait to start: the task queue's retention (4 days).
 MAX_QUEUE_TTL_SECONDS = 345_600
@@ -283,6 +286,35 @@ class WebhookAttempt(DeferredModel):
         return None if value is None else int(value)
 
 
+class TaskProgress(DeferredModel):
+    """How far a running task's GPU has got: step `step` of `steps`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int = Field(ge=0)
+    steps: int = Field(ge=1)
+    fraction: float = Field(ge=0.0, le=1.0)
+    # Seconds until the GPU should be done, from its pace so far (None: too early to say).
+    eta_seconds: float | None = Field(default=None, ge=0.0)
+
+    @field_validator("step", "steps", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+    @field_validator("fraction", "eta_seconds", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    @classmethod
+    def of(cls, step: int, steps: int, *, eta_seconds: float | None = None) -> TaskProgress:
+        steps = max(1, steps)
+        step = min(max(0, step), steps)
+        eta = None if eta_seconds is None else round(max(0.0, eta_seconds), 1)
+        return cls(step=step, steps=steps, fraction=round(step / steps, 4), eta_seconds=eta)
+
+
 class Task(DeferredModel):
     """One row of the tasks table."""
 
@@ -318,6 +350,12 @@ class Task(DeferredModel):
     deliveries: list[WebhookAttempt] = Field(default_factory=list)  # webhook attempts, oldest first
     reap_at: float | None = None  # open tasks: when the reaper looks at it (task_store.py)
     resends: int = 0  # messages the reaper re-sent for it
+    # RUNNING: the protocol of the endpoint its current attempt runs on (the claim writes it),
+    # which tells whether a cancel can stop the GPU.
+    endpoint_protocol: EndpointProtocol | None = None
+    progress: TaskProgress | None = None  # RUNNING: the GPU's latest step count
+    # Its owner asked to cancel it while it ran: the GPU is told to stop (ISO time).
+    cancel_requested_at: str | None = None
 
     def is_expired(self, now: float) -> bool:
         """Past its retention (`expires_at`, the table's TTL attribute)."""
@@ -373,6 +411,8 @@ class TaskView(DeferredModel):
     # QUEUED only, estimates: tasks ahead in its lane, and seconds until it should be done.
     queue_position: int | None = None
     eta_seconds: float | None = None
+    progress: TaskProgress | None = None  # RUNNING: step n of N on the GPU, when it says
+    cancel_requested: bool = False  # RUNNING: its owner asked to cancel; the GPU is stopping
 
     @classmethod
     def of(cls, task: Task) -> TaskView:
@@ -400,6 +440,9 @@ class TaskView(DeferredModel):
             error=task.error if shows("error") else None,
             text=task.transcript_text if shows("text") else None,
             webhook_url=task.webhook_url,
+            progress=task.progress if shows("progress") else None,
+            cancel_requested=task.status is TaskStatus.RUNNING
+            and task.cancel_requested_at is not None,
         )
 
 
@@ -421,6 +464,14 @@ class QueueMessage(DeferredModel):
 class EndpointProtocol(StrEnum):
     OPENAI = "openai"  # POST /v1/images/generations, b64_json
     A1111 = "a1111"  # POST /sdapi/v1/txt2img (AUTOMATIC1111 / Forge / SD.Next)
+    COMFYUI = "comfyui"  # POST /prompt with a workflow graph, then /history and /view
+    COG = "cog"  # POST /predictions (a Cog container, as Replicate packages models)
+
+    @property
+    def can_stop_a_running_job(self) -> bool:
+        """Whether its servers can stop a job they started (A1111's interrupt, ComfyUI's
+        interrupt, Cog's cancel); the OpenAI images API has no such call."""
+        return self is not EndpointProtocol.OPENAI
 
 
 class EndpointState(StrEnum):

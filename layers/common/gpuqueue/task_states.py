@@ -66,11 +66,21 @@ def _transition(
 
 
 _S = TaskStatus
-_CLAIM_FIELDS = {"started_at", "lease_id", "lease_until", "attempt", "endpoint_id"}
+_CLAIM_FIELDS = {
+    "started_at",
+    "lease_id",
+    "lease_until",
+    "attempt",
+    "endpoint_id",
+    "endpoint_protocol",
+}
 
 # The audio landed: queued, with its ticket; its queue deadline starts now.
 UPLOADED = _transition("uploaded", {_S.AWAITING_UPLOAD}, _S.QUEUED, {"ticket", "queue_deadline"})
 CANCEL = _transition("cancel", {_S.QUEUED, _S.AWAITING_UPLOAD}, _S.CANCELED)  # by its owner
+# Its owner asks to cancel it while it runs: whoever drives its GPU call stops the server
+# (interrupt, cancel) and ends it CANCELED (CANCEL_RUNNING).
+REQUEST_CANCEL = _transition("request cancel", {_S.RUNNING}, _S.RUNNING, {"cancel_requested_at"})
 # A worker takes it: queued, or running under a lease that ended (its worker died).
 CLAIM = _transition("claim", {_S.QUEUED, _S.RUNNING}, _S.RUNNING, _CLAIM_FIELDS)
 # The same invocation tries again elsewhere, under a fresh lease.
@@ -78,44 +88,63 @@ NEXT_ATTEMPT = _transition(
     "next attempt",
     {_S.RUNNING},
     _S.RUNNING,
-    {"lease_id", "lease_until", "attempt", "endpoint_id", "error"},
+    {"lease_id", "lease_until", "attempt", "endpoint_id", "endpoint_protocol", "error"},
+    {"progress"},
 )
+# The GPU's step count, as its server reports it (at a bounded rate: dispatch/call_watch.py).
+PROGRESS = _transition("progress", {_S.RUNNING}, _S.RUNNING, {"progress"})
 COMPLETE = _transition(
     "complete",
     {_S.RUNNING},
     _S.DONE,
     {"result_key", "endpoint_id", "transcript_text"},
-    {"lease_until", "error"},
+    {"lease_until", "error", "progress"},
 )
-RETRY = _transition("retry", {_S.RUNNING}, _S.QUEUED, {"error", "endpoint_id"}, {"lease_until"})
+# The GPU stopped on its owner's request (or the request found it between attempts): no
+# output is stored.
+CANCEL_RUNNING = _transition(
+    "cancel running", {_S.RUNNING, _S.QUEUED}, _S.CANCELED, {"error"}, {"lease_until", "progress"}
+)
+RETRY = _transition(
+    "retry", {_S.RUNNING}, _S.QUEUED, {"error", "endpoint_id"}, {"lease_until", "progress"}
+)
 # Claimed ahead of its call, given back uncalled (the attempt stays counted).
-HAND_BACK = _transition("hand back", {_S.RUNNING}, _S.QUEUED, clears={"lease_until"})
-FAIL = _transition("fail", {_S.RUNNING}, _S.FAILED, {"error", "endpoint_id"}, {"lease_until"})
+HAND_BACK = _transition("hand back", {_S.RUNNING}, _S.QUEUED, clears={"lease_until", "progress"})
+FAIL = _transition(
+    "fail", {_S.RUNNING}, _S.FAILED, {"error", "endpoint_id"}, {"lease_until", "progress"}
+)
 # Never started (attempt 0) before its queue deadline.
 EXPIRE = _transition("expire", {_S.QUEUED}, _S.EXPIRED, {"error"})
 EXPIRE_UPLOAD = _transition("expire upload", {_S.AWAITING_UPLOAD}, _S.EXPIRED, {"error"})
 # The queue never took its message.
 FAIL_UNQUEUED = _transition("fail unqueued", {_S.QUEUED}, _S.FAILED, {"error"})
 # Ended by someone who does not hold it: attempts used up, or its input unusable.
-FAIL_UNCLAIMED = _transition("fail unclaimed", OPEN_STATUSES, _S.FAILED, {"error"}, {"lease_until"})
+FAIL_UNCLAIMED = _transition(
+    "fail unclaimed", OPEN_STATUSES, _S.FAILED, {"error"}, {"lease_until", "progress"}
+)
 # Its message was dead-lettered (not while a live lease holds it).
 FAIL_DEAD_LETTERED = _transition(
-    "fail dead-lettered", OPEN_STATUSES, _S.FAILED, {"error"}, {"lease_until"}
+    "fail dead-lettered", OPEN_STATUSES, _S.FAILED, {"error"}, {"lease_until", "progress"}
 )
 # The reaper: a run whose lease ended long ago (its worker died), put back or ended.
 REQUEUE_ABANDONED = _transition(
-    "requeue abandoned", {_S.RUNNING}, _S.QUEUED, {"error"}, {"lease_until"}
+    "requeue abandoned", {_S.RUNNING}, _S.QUEUED, {"error"}, {"lease_until", "progress"}
 )
-FAIL_ABANDONED = _transition("fail abandoned", {_S.RUNNING}, _S.FAILED, {"error"}, {"lease_until"})
+FAIL_ABANDONED = _transition(
+    "fail abandoned", {_S.RUNNING}, _S.FAILED, {"error"}, {"lease_until", "progress"}
+)
 # The reaper re-sends a queued task's message (its state stays).
 RESEND = _transition("resend", {_S.QUEUED}, _S.QUEUED, {"reap_at", "resends"})
 
 TRANSITIONS = (
     UPLOADED,
     CANCEL,
+    REQUEST_CANCEL,
     CLAIM,
     NEXT_ATTEMPT,
+    PROGRESS,
     COMPLETE,
+    CANCEL_RUNNING,
     RETRY,
     HAND_BACK,
     FAIL,

@@ -14,13 +14,16 @@ import pytest
 
 from gpuqueue.lifecycle.reaper import ReaperPolicy
 from gpuqueue.lifecycle.task_events import stream_filters
-from gpuqueue.models import OPEN_STATUSES, TERMINAL_STATUSES, Task, TaskStatus
+from gpuqueue.models import OPEN_STATUSES, TERMINAL_STATUSES, Task, TaskProgress, TaskStatus
 from gpuqueue.store.task_store import Claim, TaskStore
 from gpuqueue.task_states import (
+    CANCEL,
+    CANCEL_RUNNING,
     COMPLETE,
     INITIAL_STATUSES,
     REAP_STATE,
     REAPER_TRANSITIONS,
+    REQUEST_CANCEL,
     TRANSITIONS,
     allowed,
 )
@@ -62,10 +65,16 @@ def test_every_open_state_has_its_reap_partition_and_reaper_rule() -> None:
         assert ReaperPolicy(max_attempts=3).overdue_after(status) >= 0
 
 
-def test_a_queued_task_can_be_canceled_and_a_running_one_cannot() -> None:
+def test_a_queued_task_is_canceled_at_once_and_a_running_one_on_request() -> None:
     assert allowed(TaskStatus.QUEUED, TaskStatus.CANCELED)
     assert allowed(TaskStatus.AWAITING_UPLOAD, TaskStatus.CANCELED)
-    assert not allowed(TaskStatus.RUNNING, TaskStatus.CANCELED)
+    assert CANCEL.sources == {TaskStatus.QUEUED, TaskStatus.AWAITING_UPLOAD}
+    # A running one: its owner's request is recorded, then whoever drives its call ends it.
+    assert REQUEST_CANCEL.sources == {TaskStatus.RUNNING}
+    assert REQUEST_CANCEL.target is TaskStatus.RUNNING
+    assert TaskStatus.RUNNING in CANCEL_RUNNING.sources
+    assert CANCEL_RUNNING.target is TaskStatus.CANCELED
+    assert "progress" in CANCEL_RUNNING.clears
 
 
 # --- the template and the client ------------------------------------------------------------
@@ -126,6 +135,14 @@ WRITES: list[tuple[str, str, Callable[[TaskStore, Task], object]]] = [
     ("fail_unqueued", "fail unqueued", lambda s, t: s.fail_unqueued(t.task_id, "no queue")),
     ("expire_upload", "expire upload", lambda s, t: s.expire_upload(t.task_id)),
     ("cancel", "cancel", lambda s, t: s.cancel(t.task_id, "alice")),
+    ("request_cancel", "request cancel", lambda s, t: s.request_cancel(t, "alice")),
+    (
+        "report_progress",
+        "progress",
+        lambda s, t: s.report_progress(_claim(t), TaskProgress.of(3, 30)),
+    ),
+    ("cancel_running", "cancel running", lambda s, t: s.cancel_running(_claim(t))),
+    ("end_canceled", "cancel running", lambda s, t: s.end_canceled(t)),
     ("claim", "claim", lambda s, t: s.claim(t, lease_seconds=30, now=NOW)),
     (
         "claim_unread",

@@ -134,8 +134,8 @@ def test_a_speech_entry_with_an_api_key_header_from_ssm() -> None:
             id="url",
         ),
         pytest.param(
-            {"id": "b", "url": "http://b", "protocol": "comfyui"},
-            "ImageEndpoints[1] (b).protocol: Input should be 'openai' or 'a1111'",
+            {"id": "b", "url": "http://b", "protocol": "triton"},
+            "ImageEndpoints[1] (b).protocol: Input should be 'openai', 'a1111', 'comfyui' or 'cog'",
             id="protocol",
         ),
         pytest.param(

@@ -31,7 +31,8 @@ from aws_lambda_powertools import Logger
 from gpuqueue.dispatch.jobs import InvalidTaskInput, Job
 from gpuqueue.dispatch.metrics import DispatchObserver
 from gpuqueue.dispatch.next_message import NextMessage
-from gpuqueue.errors import GpuError, GpuTimeout, RetryLater, StoreError
+from gpuqueue.dispatch.task_watch import PROGRESS_WRITE_SECONDS, TaskWatch
+from gpuqueue.errors import GpuCanceled, GpuError, GpuTimeout, RetryLater, StoreError
 from gpuqueue.fleet.balancer import Balancer
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import (
@@ -136,6 +137,7 @@ def _submit(
 
 class DispatchOutcome(StrEnum):
     DONE = "DONE"
+    CANCELED = "CANCELED"  # its owner canceled it while it ran; the GPU stopped
     FAILED = "FAILED"
     RETRY = "RETRY"
     SKIPPED = "SKIPPED"
@@ -159,6 +161,9 @@ class DispatchPolicy:
     # How old a read of the fleet a worker keeping its slot may go by at a hand-off (its
     # workers read it often under load); 0: read at every hand-off.
     fleet_view_max_age_seconds: float = 0.0
+    # A running call's progress is written (and its owner's cancel looked for) at most this
+    # often per task.
+    progress_write_seconds: float = PROGRESS_WRITE_SECONDS
 
     def backoff_seconds(self, attempt: int, rng: random.Random) -> int:
         """Capped exponential backoff with jitter in [ceiling/2, ceiling], whole seconds up."""
@@ -583,6 +588,7 @@ class TaskDispatcher:
             now=now,
             endpoint_id=held.endpoint.endpoint_id,
             max_attempts=self._policy.max_attempts,
+            endpoint_protocol=held.endpoint.protocol,
         )
 
     def _hand_over(
@@ -686,6 +692,15 @@ class TaskDispatcher:
         if task.status.is_terminal:
             # Canceled before dispatch, or a duplicate delivery of finished work.
             return DispatchOutcome.SKIPPED
+        if task.cancel_requested_at is not None and not (
+            task.status is TaskStatus.RUNNING
+            and task.lease_until is not None
+            and task.lease_until >= now
+        ):
+            # Its owner canceled it while it ran and it came back (a retry): end it here.
+            self._tasks.end_canceled(task)
+            logger.info("task canceled between attempts", extra={"task_id": task.task_id})
+            return DispatchOutcome.CANCELED
         if (
             task.status is TaskStatus.QUEUED
             and task.attempt == 0
@@ -801,9 +816,14 @@ class TaskDispatcher:
     ) -> Claim | None:
         """The task's lease for a call on `slot`: its claim, or its next attempt."""
         endpoint_id = slot.endpoint.endpoint_id
+        protocol = slot.endpoint.protocol
         if claim is None:
             return self._tasks.claim(
-                task, lease_seconds=lease_seconds, now=now, endpoint_id=endpoint_id
+                task,
+                lease_seconds=lease_seconds,
+                now=now,
+                endpoint_id=endpoint_id,
+                endpoint_protocol=protocol,
             )
         return self._tasks.next_attempt(
             claim,
@@ -811,6 +831,7 @@ class TaskDispatcher:
             now=now,
             endpoint_id=endpoint_id,
             error=last_error,
+            endpoint_protocol=protocol,
         )
 
     def _acquire_slot(self, task: Task, tried: set[str], lease_seconds: float) -> HeldSlot:
@@ -837,6 +858,69 @@ class TaskDispatcher:
             raise RetryLater(
                 str(error), delay_seconds=self._policy.no_slot_delay_seconds, requeue=True
             ) from error
+
+    def _canceled(
+        self, claim: Claim, slot: HeldSlot, *, kept: bool, log: Mapping[str, object]
+    ) -> DispatchOutcome:
+        """The server stopped the job on its owner's request: its slot is free now (the next
+        task's, when kept), nothing is stored, and the endpoint did nothing wrong."""
+        if not kept:
+            slot.release(call_seconds=None)
+        if self._tasks.cancel_running(claim):
+            logger.info("task canceled while running", extra=dict(log))
+            return DispatchOutcome.CANCELED
+        logger.warning("lease lost before the cancel was recorded", extra=dict(log))
+        return DispatchOutcome.SKIPPED
+
+    def _failed(
+        self,
+        claim: Claim,
+        slot: HeldSlot,
+        error: GpuError,
+        *,
+        tried: set[str],
+        remaining_seconds: Callable[[], float],
+        log: dict[str, Any],
+    ) -> tuple[DispatchOutcome, str]:
+        """A call that failed: counted against its endpoint; the task fails, moves on to
+        another endpoint here (RETRY, with the error its next attempt records), or goes
+        back to the queue (RetryLater)."""
+        task = claim.task
+        endpoint = slot.endpoint
+        attempt = task.attempt
+        reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
+        tried.add(endpoint.endpoint_id)
+        if isinstance(error, GpuTimeout):
+            # The GPU may still be generating: its slot stays taken until the lease ends
+            # (the margin past the timeout), so the endpoint never gets more than its
+            # capacity of calls.
+            slot.keep_until_lease_ends(now=self._clock(), margin=SAFETY_MARGIN_SECONDS)
+        if self._observer is not None:
+            self._observer.gpu_call_failed(
+                task, endpoint_id=endpoint.endpoint_id, retryable=error.retryable
+            )
+        opened = self._registry.record_dispatch_failure(
+            endpoint.endpoint_id,
+            threshold=self._policy.circuit_failure_threshold,
+            now=self._clock(),
+        )
+        if opened:
+            logger.warning("circuit opened", extra=log)
+        if not error.retryable or attempt >= self._policy.max_attempts:
+            # (The row names this endpoint already: the claim for this call wrote it.)
+            self._tasks.fail(claim, error=reason)
+            logger.warning("task failed", extra={**log, "error": reason})
+            return DispatchOutcome.FAILED, reason
+        # Another full call must fit in what is left of this invocation.
+        if remaining_seconds() - SAFETY_MARGIN_SECONDS >= self._policy.task_timeout_seconds:
+            # Straight to another endpoint, in this invocation.
+            logger.warning("retrying on another endpoint", extra={**log, "error": reason})
+            return DispatchOutcome.RETRY, reason
+        self._tasks.release_for_retry(claim, error=reason, endpoint_id=None)
+        logger.warning("task will be retried", extra={**log, "error": reason})
+        raise RetryLater(
+            reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)
+        ) from error
 
     def _call(
         self,
@@ -868,47 +952,28 @@ class TaskDispatcher:
                 claim, error="the call could not start within its slot's lease", endpoint_id=None
             )
             raise RetryLater("the slot's lease ran short before the call", delay_seconds=0)
+        if task.cancel_requested_at is not None:  # asked for between its attempts
+            self._tasks.cancel_running(claim)
+            logger.info("task canceled before its call", extra=log)
+            return DispatchOutcome.CANCELED, None
         logger.info("dispatching", extra=log)
         slot.note_start(started)
         if keep is not None:
             keep.arm(slot, slot.expected_call_seconds)
+        watch = TaskWatch(self._tasks, claim, interval=self._policy.progress_write_seconds)
         try:
-            output = work.job.run(endpoint, task, work.job_input, timeout_seconds=budget)
-        except GpuError as error:
-            reason = f"attempt {attempt} on {endpoint.endpoint_id}: {error}"
-            tried.add(endpoint.endpoint_id)
-            if isinstance(error, GpuTimeout):
-                # The GPU may still be generating: its slot stays taken until the lease ends
-                # (the margin past the timeout), so the endpoint never gets more than its
-                # capacity of calls.
-                slot.keep_until_lease_ends(now=self._clock(), margin=SAFETY_MARGIN_SECONDS)
-            if self._observer is not None:
-                self._observer.gpu_call_failed(
-                    task, endpoint_id=endpoint.endpoint_id, retryable=error.retryable
-                )
-            opened = self._registry.record_dispatch_failure(
-                endpoint.endpoint_id,
-                threshold=self._policy.circuit_failure_threshold,
-                now=self._clock(),
+            output = work.job.run(
+                endpoint, task, work.job_input, timeout_seconds=budget, watch=watch
             )
-            if opened:
-                logger.warning("circuit opened", extra=log)
-            if not error.retryable or attempt >= self._policy.max_attempts:
-                # (The row names this endpoint already: the claim for this call wrote it.)
-                self._tasks.fail(claim, error=reason)
-                logger.warning("task failed", extra={**log, "error": reason})
-                return DispatchOutcome.FAILED, reason
-            # Another full call must fit in what is left of this invocation.
-            if remaining_seconds() - SAFETY_MARGIN_SECONDS >= self._policy.task_timeout_seconds:
-                # Straight to another endpoint, in this invocation.
-                logger.warning("retrying on another endpoint", extra={**log, "error": reason})
-                return DispatchOutcome.RETRY, reason
-            self._tasks.release_for_retry(claim, error=reason, endpoint_id=None)
-            logger.warning("task will be retried", extra={**log, "error": reason})
-            raise RetryLater(
-                reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)
-            ) from error
-
+        except GpuCanceled:
+            watch.close()
+            return self._canceled(claim, slot, kept=keep is not None, log=log), None
+        except GpuError as error:
+            return self._failed(
+                claim, slot, error, tried=tried, remaining_seconds=remaining_seconds, log=log
+            )
+        finally:
+            watch.close()
         # The GPU is free once it has answered: the slot goes to the next task (ours, when
         # kept; else whoever takes it) before the output is stored.
         call_seconds = self._clock() - started

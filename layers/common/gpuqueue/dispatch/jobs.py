@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gpuqueue.errors import PermanentGpuError
+from gpuqueue.gpu.call_watch import NO_WATCH, CallWatch
 from gpuqueue.gpu.image_client import ImageGenerator
 from gpuqueue.gpu.memory_budget import MemoryBudget, MemoryHold
 from gpuqueue.gpu.speech_client import SpeechTranscriber, Transcript
@@ -47,8 +48,17 @@ class Job(Protocol):
         """The input is no longer needed (the call ended, or never happened)."""
         ...
 
-    def run(self, endpoint: Endpoint, task: Task, job_input: Any, *, timeout_seconds: float) -> Any:
-        """One GPU call; raises GpuError."""
+    def run(
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        job_input: Any,
+        *,
+        timeout_seconds: float,
+        watch: CallWatch = NO_WATCH,
+    ) -> Any:
+        """One GPU call, reporting to `watch`; raises GpuError (GpuCanceled: its owner
+        canceled it and the server stopped)."""
         ...
 
     def store(self, task: Task, output: Any) -> Completion: ...
@@ -86,12 +96,18 @@ class ImageJob:
         return None
 
     def run(
-        self, endpoint: Endpoint, task: Task, job_input: None, *, timeout_seconds: float
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        job_input: None,
+        *,
+        timeout_seconds: float,
+        watch: CallWatch = NO_WATCH,
     ) -> HeldPng:
         hold = self._memory.hold()
         try:
             png = self._generators[endpoint.protocol].generate(
-                endpoint, task, timeout_seconds=timeout_seconds, hold=hold
+                endpoint, task, timeout_seconds=timeout_seconds, hold=hold, watch=watch
             )
         except BaseException:
             hold.release()
@@ -132,7 +148,13 @@ class SpeechJob:
         return None
 
     def run(
-        self, endpoint: Endpoint, task: Task, job_input: None, *, timeout_seconds: float
+        self,
+        endpoint: Endpoint,
+        task: Task,
+        job_input: None,
+        *,
+        timeout_seconds: float,
+        watch: CallWatch = NO_WATCH,
     ) -> Transcript:
         assert task.speech is not None  # prepare() checked
         audio = self._audio.stream(task.speech.audio_key)

@@ -1,4 +1,4 @@
-"""Probe GPU endpoints' `/health` concurrently and record the results.
+"""Probe GPU endpoints' health routes (per protocol) concurrently and record the results.
 
 Probes carry the endpoint's credentials like any call: a 401/403 (a wrong or missing key)
 or a credential that cannot be read makes the endpoint unhealthy, with the reason in
@@ -18,9 +18,29 @@ from gpuqueue.errors import GpuError
 from gpuqueue.fleet.endpoint_declarations import Declaration
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.gpu.credentials import GpuCredentials
-from gpuqueue.models import Endpoint, EndpointState, HealthResult, TaskKind
+from gpuqueue.models import Endpoint, EndpointProtocol, EndpointState, HealthResult, TaskKind
 
 MAX_PROBE_THREADS = 16
+
+
+@dataclass(frozen=True)
+class HealthProbe:
+    """How one protocol's server says it can take work: the route to GET, and what its
+    answer means (`judge`: None when healthy, else why not)."""
+
+    path: str
+    judge: Callable[[requests.Response], str | None]
+
+
+def status_200(response: requests.Response) -> str | None:
+    if response.status_code == 200:
+        return None
+    return f"health check answered HTTP {response.status_code}"
+
+
+# Per protocol; a protocol not listed is probed at /health, healthy on HTTP 200.
+HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {}
+DEFAULT_PROBE = HealthProbe("/health", status_200)
 
 
 @dataclass(frozen=True)
@@ -48,15 +68,15 @@ def probe(
 ) -> HealthResult:
     started = time.monotonic()
     error: str | None = None
-    url = f"{endpoint.url.rstrip('/')}/health"
+    check = HEALTH_PROBES.get(endpoint.protocol, DEFAULT_PROBE)
+    url = f"{endpoint.url.rstrip('/')}{check.path}"
     timeout = (min(1.0, timeout_seconds), timeout_seconds)
     try:
         response = (credentials or GpuCredentials()).send(
             endpoint, lambda headers: session.get(url, headers=dict(headers), timeout=timeout)
         )
-        healthy = response.status_code == 200
-        if not healthy:
-            error = f"health check answered HTTP {response.status_code}"
+        error = check.judge(response)
+        healthy = error is None
     except GpuError as exc:  # refused (401/403), or its credential could not be read
         healthy = False
         error = f"health check failed: {exc}"

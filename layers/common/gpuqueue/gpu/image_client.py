@@ -14,6 +14,7 @@ import requests
 from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
+from gpuqueue.gpu.call_watch import NO_WATCH, CallWatch
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.http_deadline import AnswerOverLimit, post_within
 from gpuqueue.gpu.memory_budget import MIB, AnswerTooLarge, MemoryHold
@@ -48,10 +49,13 @@ class ImageGenerator(Protocol):
         *,
         timeout_seconds: float,
         hold: MemoryHold | None = None,
+        watch: CallWatch = NO_WATCH,
     ) -> bytes:
         """Return PNG bytes, or raise RetryableGpuError / PermanentGpuError. With `hold`,
         the answer's memory is reserved from it as the answer arrives, and the PNG's
-        bytes stay held when it returns (the caller releases them once stored)."""
+        bytes stay held when it returns (the caller releases them once stored). A
+        protocol that reports steps passes them to `watch`; one that can stop a job stops
+        it when `watch` says the task was canceled, and raises GpuCanceled."""
         ...
 
 
@@ -127,6 +131,7 @@ class OpenAIImageClient:
         *,
         timeout_seconds: float,
         hold: MemoryHold | None = None,
+        watch: CallWatch = NO_WATCH,
     ) -> bytes:
         params = task.params
         body: dict[str, object] = {
@@ -178,6 +183,7 @@ class A1111ImageClient:
         *,
         timeout_seconds: float,
         hold: MemoryHold | None = None,
+        watch: CallWatch = NO_WATCH,
     ) -> bytes:
         params = task.params
         body: dict[str, object] = {

@@ -36,17 +36,20 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
+    EndpointProtocol,
     ImageRequest,
     Priority,
     SpeechInput,
     Task,
     TaskKind,
+    TaskProgress,
     TaskStatus,
     WebhookAttempt,
     WebhookEvent,
@@ -58,6 +61,7 @@ from gpuqueue.store.sdk_errors import raises_store_error
 from gpuqueue.store.task_ids import issued_at, new_task_id
 from gpuqueue.task_states import (
     CANCEL,
+    CANCEL_RUNNING,
     CLAIM,
     COMPLETE,
     EXPIRE,
@@ -70,7 +74,9 @@ from gpuqueue.task_states import (
     HAND_BACK,
     INITIAL_STATUSES,
     NEXT_ATTEMPT,
+    PROGRESS,
     REAP_STATE,
+    REQUEST_CANCEL,
     REQUEUE_ABANDONED,
     RESEND,
     RETRY,
@@ -124,6 +130,14 @@ def _reap_fields(task_id: str, state: ReapState, at: float) -> dict[str, Any]:
 
 
 _REAP_ATTRIBUTES = ("reap_shard", "reap_at")
+
+
+class ProgressAck(StrEnum):
+    """What a progress write found: written, or why the call's driver should stop."""
+
+    WRITTEN = "written"
+    CANCEL_REQUESTED = "cancel requested"  # its owner asked: stop the GPU
+    LEASE_LOST = "lease lost"  # no longer ours: stop writing, leave the GPU alone
 
 
 @dataclass(frozen=True)
@@ -359,23 +373,111 @@ class TaskStore:
     # --- owner actions ----------------------------------------------------------------------
 
     def cancel(self, task_id: str, owner: str) -> Task:
+        """QUEUED or AWAITING_UPLOAD: CANCELED at once. RUNNING on a protocol that can stop
+        a job it started: the cancel is requested (the task as it now stands; asking again
+        changes nothing) and whoever drives the call stops the GPU and ends it CANCELED."""
         task = self.get_for_owner(task_id, owner)
         try:
             return self._transition(
                 task_id, CANCEL, guard="user_id = :owner", updates={}, values={":owner": owner}
             )
+        except _ConditionFailed as refused:
+            current = task if refused.item is None else Task.model_validate(refused.item)
+        if current.status is TaskStatus.RUNNING:
+            if current.cancel_requested_at is not None:
+                return current
+            protocol = current.endpoint_protocol
+            if protocol is None or not protocol.can_stop_a_running_job:
+                raise TaskStateConflict(
+                    f"task {task_id} is RUNNING on an endpoint whose protocol "
+                    f"({protocol.value if protocol else 'unknown'}) cannot stop a job it has "
+                    "started; it will finish",
+                    field="task_id",
+                )
+            try:
+                return self.request_cancel(current, owner)
+            except _ConditionFailed as moved:  # it ended meanwhile
+                current = current if moved.item is None else Task.model_validate(moved.item)
+        raise TaskStateConflict(
+            f"task {task_id} is {current.status.value}; only QUEUED, AWAITING_UPLOAD or "
+            "RUNNING tasks can be canceled",
+            field="task_id",
+        )
+
+    def request_cancel(self, task: Task, owner: str) -> Task:
+        """RUNNING: its owner's cancel recorded, for whoever drives its call (raises
+        _ConditionFailed when it is no longer running)."""
+        return self._transition(
+            task.task_id,
+            REQUEST_CANCEL,
+            guard="user_id = :owner",
+            updates={"cancel_requested_at": iso(utc_now())},
+            values={":owner": owner},
+        )
+
+    def report_progress(self, claim: Claim, progress: TaskProgress) -> ProgressAck:
+        """The GPU's step count, written while the claim's lease holds and no cancel was
+        asked for: one write that also tells the call's driver whether to stop."""
+        try:
+            self._transition(
+                claim.task.task_id,
+                PROGRESS,
+                guard="lease_id = :lease AND attribute_not_exists(cancel_requested_at)",
+                updates={"progress": _progress_item(progress)},
+                values={":lease": claim.lease_id},
+            )
+        except _ConditionFailed as refused:
+            return _why_stop(claim, refused.item)
+        return ProgressAck.WRITTEN
+
+    def stop_asked(self, claim: Claim) -> ProgressAck:
+        """With no progress to write: one eventually consistent read of the same answer."""
+        item = self._table.get_item(
+            Key={"task_id": claim.task.task_id},
+            ProjectionExpression="lease_id, cancel_requested_at, #s",
+            ExpressionAttributeNames={"#s": "status"},
+        ).get("Item")
+        if (
+            item is not None
+            and item.get("status") == TaskStatus.RUNNING.value
+            and item.get("lease_id") == claim.lease_id
+            and "cancel_requested_at" not in item
+        ):
+            return ProgressAck.WRITTEN
+        return _why_stop(claim, item)
+
+    def cancel_running(self, claim: Claim) -> bool:
+        """The GPU stopped on its owner's request: CANCELED, nothing stored."""
+        return self._while_holding(
+            claim, CANCEL_RUNNING, updates={}, removes=("lease_until", "progress")
+        )
+
+    def end_canceled(self, task: Task) -> bool:
+        """A task whose cancel was asked for while it ran, found again before its next call
+        (it went back to the queue meanwhile): CANCELED without a call."""
+        try:
+            self._transition(
+                task.task_id,
+                CANCEL_RUNNING,
+                guard="attribute_exists(cancel_requested_at) AND attempt = :seen",
+                updates={},
+                values={":seen": task.attempt},
+                removes=("lease_until", "progress"),
+            )
         except _ConditionFailed:
-            current = self.get(task_id) or task
-            raise TaskStateConflict(
-                f"task {task_id} is {current.status.value}; only QUEUED or AWAITING_UPLOAD "
-                "tasks can be canceled",
-                field="task_id",
-            ) from None
+            return False
+        return True
 
     # --- dispatcher side --------------------------------------------------------------------
 
     def claim(
-        self, task: Task, *, lease_seconds: float, now: float, endpoint_id: str | None = None
+        self,
+        task: Task,
+        *,
+        lease_seconds: float,
+        now: float,
+        endpoint_id: str | None = None,
+        endpoint_protocol: EndpointProtocol | None = None,
     ) -> Claim | None:
         """QUEUED (or RUNNING with an expired lease) -> RUNNING; None if someone else has it."""
         lease_id = str(uuid.uuid4())
@@ -387,6 +489,8 @@ class TaskStore:
         }
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
+        if endpoint_protocol:
+            updates["endpoint_protocol"] = endpoint_protocol.value
         try:
             claimed = self._transition(
                 task.task_id,
@@ -411,6 +515,7 @@ class TaskStore:
         now: float,
         endpoint_id: str,
         max_attempts: int,
+        endpoint_protocol: EndpointProtocol | None = None,
     ) -> Claim | ClaimRefused:
         """Claim a task without reading it first: one conditional UpdateItem that returns it.
 
@@ -425,6 +530,8 @@ class TaskStore:
             "lease_until": _stored_time(now + lease_seconds),
             "endpoint_id": endpoint_id,
         }
+        if endpoint_protocol:
+            updates["endpoint_protocol"] = endpoint_protocol.value
         try:
             claimed = self._transition(
                 task_id,
@@ -459,6 +566,7 @@ class TaskStore:
         now: float,
         endpoint_id: str,
         error: str | None = None,
+        endpoint_protocol: EndpointProtocol | None = None,
     ) -> Claim | None:
         """Another attempt in the same invocation, on another endpoint, under a fresh lease.
 
@@ -473,6 +581,8 @@ class TaskStore:
         }
         if error:
             updates["error"] = error
+        if endpoint_protocol:
+            updates["endpoint_protocol"] = endpoint_protocol.value
         try:
             task = self._transition(
                 claim.task.task_id,
@@ -480,6 +590,7 @@ class TaskStore:
                 guard="lease_id = :lease",
                 updates=updates,
                 values={":lease": claim.lease_id},
+                removes=("progress",),
             )
         except _ConditionFailed:
             return None
@@ -497,26 +608,32 @@ class TaskStore:
             claim,
             COMPLETE,
             updates={**(fields or {}), "result_key": result_key, "endpoint_id": endpoint_id},
-            removes=("lease_until", "error"),
+            removes=("lease_until", "error", "progress"),
         )
 
     def release_for_retry(self, claim: Claim, *, error: str, endpoint_id: str | None) -> bool:
         updates: dict[str, Any] = {"error": error}
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
-        return self._while_holding(claim, RETRY, updates=updates, removes=("lease_until",))
+        return self._while_holding(
+            claim, RETRY, updates=updates, removes=("lease_until", "progress")
+        )
 
     def hand_back(self, claim: Claim) -> bool:
         """A task claimed ahead of its call (a kept slot's next task), given back uncalled
         because the slot went away: QUEUED again, for any worker. The attempt stays counted
         (its number may not go back: the stream tells a first departure by attempt 0)."""
-        return self._while_holding(claim, HAND_BACK, updates={}, removes=("lease_until",))
+        return self._while_holding(
+            claim, HAND_BACK, updates={}, removes=("lease_until", "progress")
+        )
 
     def fail(self, claim: Claim, *, error: str, endpoint_id: str | None = None) -> bool:
         updates: dict[str, Any] = {"error": error}
         if endpoint_id:
             updates["endpoint_id"] = endpoint_id
-        return self._while_holding(claim, FAIL, updates=updates, removes=("lease_until",))
+        return self._while_holding(
+            claim, FAIL, updates=updates, removes=("lease_until", "progress")
+        )
 
     def expire(self, task: Task, error: str) -> bool:
         """QUEUED -> EXPIRED: never started (attempt 0) before its queue deadline."""
@@ -541,7 +658,7 @@ class TaskStore:
                 guard="attempt = :seen",
                 updates={"error": error},
                 values={":seen": task.attempt},
-                removes=("lease_until",),
+                removes=("lease_until", "progress"),
             )
         except _ConditionFailed:
             return False
@@ -559,7 +676,7 @@ class TaskStore:
                 guard=("#s <> :running OR attribute_not_exists(lease_until) OR lease_until < :now"),
                 updates={"error": error},
                 values={":running": TaskStatus.RUNNING.value, ":now": _stored_time(now)},
-                removes=("lease_until",),
+                removes=("lease_until", "progress"),
             )
         except _ConditionFailed:
             return False
@@ -608,7 +725,7 @@ class TaskStore:
                 guard="lease_id = :lease AND lease_until < :now",
                 updates={"error": error},
                 values={":lease": task.lease_id or "", ":now": _stored_time(now)},
-                removes=("lease_until",),
+                removes=("lease_until", "progress"),
             )
         except _ConditionFailed:
             return None
@@ -753,6 +870,28 @@ class TaskStore:
                 raise _ConditionFailed(refused_item(error)) from error
             raise
         return Task.model_validate(result["Attributes"])
+
+
+def _progress_item(progress: TaskProgress) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "step": progress.step,
+        "steps": progress.steps,
+        "fraction": Decimal(str(progress.fraction)),
+    }
+    if progress.eta_seconds is not None:
+        item["eta_seconds"] = Decimal(str(progress.eta_seconds))
+    return item
+
+
+def _why_stop(claim: Claim, item: Mapping[str, Any] | None) -> ProgressAck:
+    if (
+        item is not None
+        and item.get("status") == TaskStatus.RUNNING.value
+        and item.get("lease_id") == claim.lease_id
+        and "cancel_requested_at" in item
+    ):
+        return ProgressAck.CANCEL_REQUESTED
+    return ProgressAck.LEASE_LOST
 
 
 def _from_states(transition: Transition) -> tuple[str, dict[str, str]]:
