@@ -21,7 +21,7 @@ from gpuqueue.api.prefer_wait import WaitSeats
 from gpuqueue.api.resolver import PUSH_URL_HEADER, build_resolver, current_caller, documented
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.intake.queue_position import QueuePositions
-from gpuqueue.models import TaskView
+from gpuqueue.models import TaskStatus, TaskView
 from gpuqueue.notify.redelivery import Redeliveries
 from gpuqueue.notify.webhook_messages import SqsDeliverySender
 from gpuqueue.observability import Observability, correlate_task
@@ -160,10 +160,22 @@ def redeliver(task_id: TaskId) -> Response[str]:
 
 @app.delete(
     "/api/v1/tasks/<task_id>",
-    responses=documented(HTTPStatus.OK, "Canceled: the task as it now stands.", TaskView),
+    responses=documented(HTTPStatus.OK, "Canceled: the task as it now stands.", TaskView)
+    | documented(
+        HTTPStatus.ACCEPTED,
+        "Running: the cancel is requested (`cancel_requested`); its GPU is told to stop and the "
+        "task ends CANCELED within seconds, with no result. A task running on an endpoint whose "
+        "protocol cannot stop a started job (openai) is a 409 instead.",
+        TaskView,
+    ),
 )
 def cancel_task(task_id: TaskId) -> Response[str]:
     view = deps().tasks.cancel(task_id, current_caller(app).sub)
+    if view.status is TaskStatus.RUNNING:
+        logger.info("cancel requested", extra={"task_id": task_id})
+        return Response(
+            HTTPStatus.ACCEPTED.value, content_types.APPLICATION_JSON, view.model_dump_json()
+        )
     metrics.add_metric(name="TasksCanceled", unit=MetricUnit.Count, value=1)
     logger.info("task canceled", extra={"task_id": task_id})
     return _json(view.model_dump_json())

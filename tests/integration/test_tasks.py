@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import boto3
 import pytest
 
-from gpuqueue.models import ImageRequest, iso, utc_now
-from gpuqueue.store.task_store import TaskStore
+from gpuqueue.models import EndpointProtocol, ImageRequest, TaskProgress, iso, utc_now
+from gpuqueue.store.task_store import ProgressAck, TaskStore
 from gpuqueue_local.standins.image_server import ImageServerKnobs
 from gpuqueue_local.standins.webhook_receiver import WebhookReceiver
 
@@ -129,6 +130,57 @@ def test_cancel_of_a_finished_task_is_409(make_stack, alice):
     assert response.status == 409
     assert "DONE" in response.json()["error"]
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
+
+
+def _running_on(h, alice, protocol: EndpointProtocol):
+    """A task of alice's claimed by a worker on an endpoint speaking `protocol`."""
+    store = TaskStore(boto3.resource("dynamodb").Table(h.stack.ref("TasksTable")))
+    task_id = h.submit(alice).json()["task_id"]
+    claim = store.claim(
+        store.get(task_id),  # type: ignore[arg-type]
+        lease_seconds=60,
+        now=time.time(),
+        endpoint_id="gpu-a",
+        endpoint_protocol=protocol,
+    )
+    assert claim is not None
+    return store, claim
+
+
+def test_cancel_of_a_running_task_is_accepted_and_its_view_says_so(make_stack, alice, bob):
+    h = make_stack()
+    store, claim = _running_on(h, alice, EndpointProtocol.A1111)
+    task_id = claim.task.task_id
+
+    assert _cancel(h, bob, task_id).status == 404  # not yours: as if it did not exist
+    first = _cancel(h, alice, task_id)
+    again = _cancel(h, alice, task_id)
+
+    assert first.status == again.status == 202
+    assert first.json()["status"] == "RUNNING"
+    assert first.json()["cancel_requested"] is True
+    assert _get(h, alice, task_id).json()["cancel_requested"] is True
+    # Its worker learns it from its next progress write, and ends it.
+    assert store.report_progress(claim, TaskProgress.of(2, 20)) is ProgressAck.CANCEL_REQUESTED
+    assert store.cancel_running(claim)
+    view = _get(h, alice, task_id).json()
+    assert (view["status"], view["cancel_requested"], view["result_url"]) == (
+        "CANCELED",
+        False,
+        None,
+    )
+
+
+def test_cancel_of_a_task_running_where_no_job_can_be_stopped_is_409_saying_so(make_stack, alice):
+    h = make_stack()
+    _, claim = _running_on(h, alice, EndpointProtocol.OPENAI)
+
+    response = _cancel(h, alice, claim.task.task_id)
+
+    assert response.status == 409
+    assert "(openai) cannot stop a job it has started" in response.json()["error"]
+    assert response.json()["field"] == "task_id"
+    assert _get(h, alice, claim.task.task_id).json()["status"] == "RUNNING"
 
 
 def test_image_of_an_unfinished_task_is_409(make_stack, alice):

@@ -111,7 +111,8 @@ class OwnerTasks:
         return ViewPage([TaskView.of(t) for t in page.tasks], page.next_cursor)
 
     def cancel(self, task_id: str, owner: str) -> TaskView:
-        """Canceled: the task as it now stands."""
+        """The task as it now stands: CANCELED, or still RUNNING with its cancel requested
+        (its GPU is told to stop; TaskStore.cancel)."""
         return TaskView.of(self._tasks.cancel(task_id, owner))
 
     def deliveries(self, task_id: str, owner: str) -> dict[str, Any]:
