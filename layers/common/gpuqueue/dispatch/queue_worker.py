@@ -31,6 +31,8 @@ OUTCOME_METRIC = {
     DispatchOutcome.DONE: "TasksSucceeded",
     DispatchOutcome.FAILED: "TasksFailed",
     DispatchOutcome.EXPIRED: "TasksExpired",
+    # Canceled while it ran (a cancel before it ran is counted by the tasks function).
+    DispatchOutcome.CANCELED: "TasksCanceled",
 }
 
 
