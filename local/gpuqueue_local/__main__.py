@@ -13,6 +13,7 @@ from types import FrameType
 from gpuqueue_local.stack import (
     DOCKER_MOTO_PORT,
     IMAGE_PORT_BASE_FOR_DOCKER,
+    IMAGE_STANDIN_PROTOCOLS,
     SPEECH_PORT_BASE_FOR_DOCKER,
     StackOptions,
     banner,
@@ -50,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         default=0,
         help="concurrent calls each image stand-in takes (more get 429) and the slots the "
         "registry gives it (0 = unlimited stand-ins, 1 registered slot)",
+    )
+    parser.add_argument(
+        "--image-protocol",
+        choices=IMAGE_STANDIN_PROTOCOLS,
+        default="openai",
+        help="the protocol the image stand-ins are registered with (a1111: txt2img, with "
+        "progress and running cancel)",
     )
     parser.add_argument(
         "--speech-servers", type=int, default=1, help="stand-in speech endpoints (PocketSphinx)"
@@ -103,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         image_servers=args.image_servers,
         image_latency_s=args.image_latency,
         image_capacity=args.image_capacity,
+        image_protocol=args.image_protocol,
         image_port_base=IMAGE_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
         speech_servers=args.speech_servers,
         speech_port_base=SPEECH_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,

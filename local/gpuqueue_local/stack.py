@@ -61,6 +61,9 @@ IMAGE_PORT_BASE_FOR_DOCKER = 8001
 SPEECH_PORT_BASE_FOR_DOCKER = 8101
 # The template parameters the stand-ins' URLs go into (comma-separated).
 IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
+# Where stand-ins registered with another protocol than openai go (a JSON list).
+IMAGE_ENDPOINTS_PARAMETER = "ImageEndpoints"
+IMAGE_STANDIN_PROTOCOLS = ("openai", "a1111")
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
 # Every client of the local stack comes from 127.0.0.1: per-source limits sized for one
 # address on the internet would make the e2e suite, `make load` and the bench one client.
@@ -93,6 +96,9 @@ class StackOptions:
     image_latency_s: float = 1.0
     image_capacity: int = 0
     image_port_base: int = 0  # 0 = free ports
+    # The wire protocol the image stand-ins are registered with: they speak the OpenAI
+    # images API and A1111's (txt2img, progress, interrupt) alike.
+    image_protocol: str = "openai"
     speech_servers: int = 1
     speech_port_base: int = 0  # 0 = free ports
     s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
@@ -436,6 +442,7 @@ class RunningStack:
             "websocket_management_url": self.websocket.management_url if self.websocket else None,
             "resources": dict(self.stack.resolver.refs),
             "image_servers": [s.url for s in self.image_servers],
+            "image_protocol": self.options.image_protocol,
             "speech_servers": [s.url for s in self.speech_servers],
             "demo_user": {
                 "username": DEMO_USER,
@@ -525,14 +532,22 @@ def _start_speech_servers(options: StackOptions) -> list[SpeechServer]:
 
 
 def _endpoint_parameters(
-    template: dict[str, Any], image_servers: list[ImageServer], speech_servers: list[SpeechServer]
+    template: dict[str, Any],
+    image_servers: list[ImageServer],
+    speech_servers: list[SpeechServer],
+    image_protocol: str = "openai",
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
     SpeechEndpointUrls only when the template declares it: an older template has no speech
     fleet, and its stand-ins then run unregistered.
     """
-    parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
+    if image_protocol == "openai":
+        parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
+    else:
+        # The URL list is protocol openai only; the JSON list names each one's protocol.
+        declared = [{"url": s.url, "protocol": image_protocol} for s in image_servers]
+        parameters = {IMAGE_URLS_PARAMETER: "", IMAGE_ENDPOINTS_PARAMETER: json.dumps(declared)}
     if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
         parameters[SPEECH_URLS_PARAMETER] = ",".join(s.url for s in speech_servers)
     return parameters
@@ -619,7 +634,9 @@ def start_stack(options: StackOptions) -> RunningStack:
     _use_moto(moto, options.region)
 
     template = load_template()
-    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
+    endpoint_parameters = _endpoint_parameters(
+        template, image_servers, speech_servers, options.image_protocol
+    )
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
     if speech_servers and not speech_registered:

@@ -28,6 +28,8 @@ from gpuqueue_local.standins.image_server import (
 OPENAI = "/v1/images/generations"
 A1111 = "/sdapi/v1/txt2img"
 TIMEOUT = 10.0
+# The A1111 half's server-wide job state, idle and never interrupted.
+NO_A1111_JOBS = {"interrupts": 0, "interrupted": 0, "current_task": None, "queued_tasks": 0}
 LOCAL_DIR = Path(__file__).resolve().parents[2] / "local"
 
 
@@ -348,6 +350,7 @@ def test_stats_and_reset(server: ImageServer) -> None:
         "max_in_flight": 1,
         "prompts": ["one", "two"],
         "refused": 0,
+        "a1111": NO_A1111_JOBS,
     }
     # Each admitted call in, then out (the bad request never held a slot), in time order.
     assert [n for _, n in changes] == [1, 0, 1, 0]
@@ -367,6 +370,7 @@ def test_stats_and_reset(server: ImageServer) -> None:
         "prompts": [],
         "refused": 0,
         "in_flight_changes": [],
+        "a1111": NO_A1111_JOBS,
     }
     assert resp.json() == empty
     assert server.stats() == empty

@@ -3,7 +3,9 @@
 It speaks two protocols real GPU endpoints use:
 
 * ``POST /v1/images/generations`` (OpenAI-compatible, ``b64_json`` only)
-* ``POST /sdapi/v1/txt2img`` (AUTOMATIC1111-style)
+* ``POST /sdapi/v1/txt2img`` (AUTOMATIC1111-style), with A1111's ``GET /sdapi/v1/progress``,
+  ``POST /sdapi/v1/interrupt`` and ``POST /internal/progress`` (see a1111_state: one job at
+  a time behind a queue lock, ``latency_s`` spread over the request's ``steps``)
 
 and renders a small deterministic PNG instead of running a model.  Behaviour that a
 real GPU box exhibits under stress (latency, failures, hangs, saturation, bad health)
@@ -43,6 +45,7 @@ from typing import Any, Final
 
 from PIL import Image, ImageDraw, ImageFont
 
+from gpuqueue_local.standins.a1111_state import A1111State, create_task_id
 from gpuqueue_local.standins.fault_knobs import (
     CONTROL_PATHS,
     HANG_BOUND_S,
@@ -74,12 +77,21 @@ _MAX_BODY_BYTES: Final = 1 << 20
 _SIZE_RE: Final = re.compile(r"(\d{1,5})x(\d{1,5})")
 _OPENAI_PATH: Final = "/v1/images/generations"
 _A1111_PATH: Final = "/sdapi/v1/txt2img"
+_A1111_PROGRESS: Final = "/sdapi/v1/progress"
+_A1111_INTERRUPT: Final = "/sdapi/v1/interrupt"
+_A1111_TASK_PROGRESS: Final = "/internal/progress"
+_PREVIEW_SIDE: Final = 64
 _MAX_N: Final = 4
 _MAX_STEPS: Final = 500
 
 
+@dataclass
 class ImageServerKnobs(FaultKnobs):
     """Fault-injection knobs of this stand-in (see fault_knobs.FaultKnobs)."""
+
+    # A1111 serves `POST /internal/progress` (per-task progress) only with its web UI; an
+    # API-only server (`--nowebui`) answers 404 there: False plays that one.
+    task_progress_route: bool = True
 
 
 # --------------------------------------------------------------------------- rendering
@@ -162,6 +174,7 @@ class _GenRequest:
     seed: int  # effective seed used for rendering
     n: int
     raw_seed: int | None  # seed as sent (None when absent)
+    task_id: str | None = None  # A1111's force_task_id
 
 
 def _opt_int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
@@ -219,6 +232,9 @@ def _parse_a1111(body: Mapping[str, Any]) -> _GenRequest:
     height = _opt_int(body, "height", MIN_SIDE, MAX_SIDE)
     # A1111 treats seed -1 as "random"; we derive one from the prompt to stay deterministic.
     effective = _derived_seed(prompt) if seed is None or seed == -1 else seed
+    task_id = body.get("force_task_id")
+    if task_id is not None and not isinstance(task_id, str):
+        raise _BadRequest("force_task_id must be a string")
     return _GenRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -228,6 +244,7 @@ def _parse_a1111(body: Mapping[str, Any]) -> _GenRequest:
         seed=effective,
         n=1,
         raw_seed=seed,
+        task_id=task_id or None,
     )
 
 
@@ -299,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, self.owner.stats())
         elif path == "/knobs":
             self._send_json(200, public_knobs(self.owner.knobs))
+        elif path == _A1111_PROGRESS:
+            self._a1111_progress()
         else:
             self._send_json(404, _error(f"no route for GET {path}", "not_found"))
 
@@ -308,6 +327,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path in (_OPENAI_PATH, _A1111_PATH):
             self._generate(path)
+        elif path == _A1111_INTERRUPT:
+            discard_body(self.rfile, self.headers)
+            self.owner.a1111.interrupt()
+            self._send_json(200, {})
+        elif path == _A1111_TASK_PROGRESS and self.owner.knobs.task_progress_route:
+            self._a1111_task_progress()
         elif path == "/reset-stats":
             self.owner.reset_stats()
             self._send_json(200, self.owner.stats())
@@ -338,6 +363,28 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _a1111_progress(self) -> None:
+        # A1111 has no health route: its progress route is what a prober reads, so the
+        # `healthy` knob makes it fail like /health does.
+        if not self.owner.knobs.healthy:
+            self._send_json(503, {"status": "down"})
+            return
+        query = self.path.partition("?")[2]
+        skip = "skip_current_image=true" in query.lower().split("&")
+        self._send_json(200, self.owner.a1111.progress(skip_current_image=skip))
+
+    def _a1111_task_progress(self) -> None:
+        try:
+            body = self._read_json_object()
+        except _BadRequest as exc:
+            self._send_json(422, {"detail": str(exc)})
+            return
+        id_task = body.get("id_task")
+        if id_task is not None and not isinstance(id_task, str):
+            self._send_json(422, {"detail": "id_task must be a string"})
+            return
+        self._send_json(200, self.owner.a1111.task_progress(id_task))
+
     def _post_knobs(self) -> None:
         try:
             body = self._read_json_object()
@@ -362,7 +409,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(429, {"error": {"message": "busy"}})
             return
         try:
-            if not self._wait_before_answer():
+            images, stopped = True, False
+            if path == _A1111_PATH:
+                end = owner.a1111.run_job(
+                    req.task_id or create_task_id("txt2img"),
+                    req.steps,
+                    latency_s=owner.knobs.latency_s,
+                    stop=owner._stop_event,
+                    preview=functools.partial(
+                        _b64_png, req.prompt, req.seed, _PREVIEW_SIDE, _PREVIEW_SIDE
+                    ),
+                )
+                # Interrupted before its first step: A1111 answers with no image at all.
+                images = end is not None and (end.steps_run > 0 or not end.interrupted)
+                stopped = end is None
+            if stopped or not self._wait_before_answer(latency=path != _A1111_PATH):
                 # Stopped, client gone, or hang bound hit: drop the connection like a dead GPU.
                 self.close_connection = True
                 return
@@ -374,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == _OPENAI_PATH:
                 payload = _openai_response(req)
             else:
-                payload = _a1111_response(req)
+                payload = _a1111_response(req, images=images)
             last_piece = None
             if owner.knobs.drip_s > 0:
                 last_piece = drip_all_but_last(
@@ -395,12 +456,13 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(status, payload)
 
-    def _wait_before_answer(self) -> bool:
-        """Apply latency/hang knobs. False means: do not answer at all."""
+    def _wait_before_answer(self, *, latency: bool = True) -> bool:
+        """Apply latency/hang knobs (the latency unless the call already spent it). False
+        means: do not answer at all."""
         owner = self.owner
-        latency = owner.knobs.latency_s
+        latency_s = owner.knobs.latency_s if latency else 0.0
         # Event.wait instead of time.sleep so stop() interrupts the delay at once.
-        if latency > 0 and owner._stop_event.wait(latency):
+        if latency_s > 0 and owner._stop_event.wait(latency_s):
             return False
         if not owner.knobs.hang:
             return True
@@ -471,7 +533,7 @@ def _openai_response(req: _GenRequest) -> dict[str, Any]:
     return {"created": int(time.time()), "data": data}
 
 
-def _a1111_response(req: _GenRequest) -> dict[str, Any]:
+def _a1111_response(req: _GenRequest, *, images: bool = True) -> dict[str, Any]:
     parameters = {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
@@ -491,7 +553,7 @@ def _a1111_response(req: _GenRequest) -> dict[str, Any]:
         "sd_model_name": "standin",
     }
     return {
-        "images": [_b64_png(req.prompt, req.seed, req.width, req.height)],
+        "images": [_b64_png(req.prompt, req.seed, req.width, req.height)] if images else [],
         "parameters": parameters,
         "info": json.dumps(info),
     }
@@ -526,6 +588,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
         # (wall-clock time, calls in flight from then): where a run's GPU time went.
         self._in_flight_changes: list[tuple[float, int]] = []
         self._prompts: list[str] = []
+        self.a1111 = A1111State()
         self._httpd = _HTTPServer((host, port), self)
 
     def stats(self) -> dict[str, Any]:
@@ -538,6 +601,7 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
                 "prompts": list(self._prompts),
                 "refused": self._refused,
                 "in_flight_changes": [[at, n] for at, n in self._in_flight_changes],
+                "a1111": self.a1111.stats(),
             }
 
     def reset_stats(self) -> None:
@@ -550,6 +614,22 @@ class ImageServer(BackgroundServer[ImageServerKnobs]):
             self._busy_time()
             self._busy_slot_seconds = 0.0
             self._in_flight_changes.clear()
+        self.a1111.reset_stats()
+
+    def set_knobs(self, changes: Mapping[str, object]) -> ImageServerKnobs:
+        """As every stand-in's, plus this one's own knob (validated here, all-or-nothing)."""
+        changes = dict(changes)
+        own = {}
+        if "task_progress_route" in changes:
+            value = changes.pop("task_progress_route")
+            if not isinstance(value, bool):
+                raise ValueError("task_progress_route must be a boolean")
+            own["task_progress_route"] = value
+        knobs = super().set_knobs(changes)
+        with self._lock:
+            for name, value in own.items():
+                setattr(knobs, name, value)
+        return knobs
 
     # -- internal bookkeeping used by the handler
 

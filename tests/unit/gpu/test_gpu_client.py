@@ -246,6 +246,8 @@ def test_a1111_asks_for_one_image_with_the_task_parameters() -> None:
         "seed": 42,
         "batch_size": 1,
         "n_iter": 1,
+        # Our id for its job, to ask A1111 for its progress (one per attempt).
+        "force_task_id": "task(gpuqueue-task-1-0)",
     }
 
 

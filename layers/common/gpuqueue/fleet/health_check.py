@@ -39,7 +39,11 @@ def status_200(response: requests.Response) -> str | None:
 
 
 # Per protocol; a protocol not listed is probed at /health, healthy on HTTP 200.
-HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {}
+HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {
+    # A1111 has no health route; its progress route is cheap and always there (without
+    # the live preview's base64). Busy is healthy: its queue is ours to size.
+    EndpointProtocol.A1111: HealthProbe("/sdapi/v1/progress?skip_current_image=true", status_200),
+}
 DEFAULT_PROBE = HealthProbe("/health", status_200)
 
 

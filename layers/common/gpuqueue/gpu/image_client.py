@@ -14,7 +14,8 @@ import requests
 from pydantic import BaseModel, ValidationError
 
 from gpuqueue.errors import GpuTimeout, PermanentGpuError, RetryableGpuError
-from gpuqueue.gpu.call_watch import NO_WATCH, CallWatch
+from gpuqueue.gpu.a1111_progress import A1111Follower, a1111_task_id
+from gpuqueue.gpu.call_watch import NO_WATCH, CallWatch, watched
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.http_deadline import AnswerOverLimit, post_within
 from gpuqueue.gpu.memory_budget import MIB, AnswerTooLarge, MemoryHold
@@ -166,7 +167,11 @@ class _A1111Response(BaseModel):
 
 
 class A1111ImageClient:
-    """AUTOMATIC1111-style `POST /sdapi/v1/txt2img` (also Forge, SD.Next)."""
+    """AUTOMATIC1111-style `POST /sdapi/v1/txt2img` (also Forge, SD.Next).
+
+    While txt2img blocks, its progress is polled and a cancel interrupts it, when the
+    server's job can be known to be ours (gpu/a1111_progress.py). An interrupted txt2img
+    answers 200 with a partial image: it is never returned (GpuCanceled instead)."""
 
     def __init__(
         self,
@@ -195,17 +200,41 @@ class A1111ImageClient:
             "seed": -1 if params.seed is None else params.seed,  # -1: A1111's "random"
             "batch_size": 1,
             "n_iter": 1,
+            # Our own id for the job, so its progress can be asked for (servers before 1.6
+            # ignore the field).
+            "force_task_id": a1111_task_id(task.task_id, task.attempt),
         }
-        response = _post(
+        follower = A1111Follower(
             self._session,
+            self._credentials,
             endpoint,
-            "/sdapi/v1/txt2img",
-            body,
-            timeout=timeout_seconds,
-            credentials=self._credentials,
-            params=params,
-            hold=hold,
+            id_task=str(body["force_task_id"]),
+            steps=params.steps,
+            watch=watch,
         )
+        watch.job_started(follower.id_task)
+
+        def txt2img() -> requests.Response:
+            try:
+                return _post(
+                    self._session,
+                    endpoint,
+                    "/sdapi/v1/txt2img",
+                    body,
+                    timeout=timeout_seconds,
+                    credentials=self._credentials,
+                    params=params,
+                    hold=hold,
+                )
+            finally:
+                follower.ended.set()
+
+        if watch is NO_WATCH:  # nobody follows it: no polls
+            response = txt2img()
+        else:
+            response = watched(
+                txt2img, watch=watch, poll=follower.poll, interrupt=follower.interrupt
+            )
         _raise_for_status(endpoint, response)
         try:
             parsed = _A1111Response.model_validate_json(response.content)
