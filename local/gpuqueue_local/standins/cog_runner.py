@@ -35,7 +35,14 @@ from typing import Any, Final, Self
 
 import requests
 
-__all__ = ["COG_VENV", "MODEL_DIR", "CogServer", "CogServerError", "main"]
+__all__ = [
+    "COG_VENV",
+    "MODEL_DIR",
+    "CogServer",
+    "CogServerError",
+    "main",
+    "readable_log_line",
+]
 
 HOST: Final = "127.0.0.1"
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
@@ -239,6 +246,18 @@ class CogServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def readable_log_line(line: str) -> str:
+    """One of coglet's JSON log lines as `LEVEL message prediction_id=...` (else as is)."""
+    try:
+        record = json.loads(line)
+        fields = record["fields"]
+        message = str(fields["message"])
+    except (ValueError, KeyError, TypeError):
+        return line
+    extra = " ".join(f"{k}={fields[k]}" for k in ("prediction_id", "error") if k in fields)
+    return f"{record.get('level', 'INFO'):<7} {message} {extra}".rstrip()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
