@@ -4,9 +4,11 @@ diffusion model of local/gpuqueue_local/cog_model: one server for the module."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -157,6 +159,47 @@ def test_a_call_past_its_deadline_times_out_and_cog_frees_the_slot(
 
     # Hanging up cancels a sync prediction: the server is free again at once.
     assert cog.wait_status({"READY"}, timeout=3) == "READY"
+
+
+class DrippingCog(BaseHTTPRequestHandler):
+    """Answers a prediction PUT a few bytes at a time, each piece well within any read
+    timeout: only a deadline on the whole call ends it (http_deadline.py)."""
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"id": "x", "status": "succeeded", "output": "data:image/png;base64,"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for start in range(0, len(body), 8):
+            self.wfile.write(body[start : start + 8].encode())
+            self.wfile.flush()
+            time.sleep(0.4)  # the drip itself: what the server under test does
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def test_a_dripping_answer_is_a_timeout_at_the_calls_budget() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DrippingCog)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = Endpoint(
+        endpoint_id="drip",
+        url=f"http://127.0.0.1:{server.server_address[1]}",
+        kind=TaskKind.IMAGE,
+        protocol=EndpointProtocol.COG,
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(GpuTimeout, match="timed out"):
+            CogImageClient().generate(endpoint, task(), timeout_seconds=1.5)
+        assert time.monotonic() - started < 3
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_idle_server_is_healthy(endpoint: Endpoint) -> None:
