@@ -17,6 +17,7 @@ import requests
 from gpuqueue.errors import GpuError
 from gpuqueue.fleet.endpoint_declarations import Declaration
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu import cog_client
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import Endpoint, EndpointProtocol, EndpointState, HealthResult, TaskKind
 
@@ -43,6 +44,7 @@ HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {
     # A1111 has no health route; its progress route is cheap and always there (without
     # the live preview's base64). Busy is healthy: its queue is ours to size.
     EndpointProtocol.A1111: HealthProbe("/sdapi/v1/progress?skip_current_image=true", status_200),
+    EndpointProtocol.COG: HealthProbe("/health-check", cog_client.health_problem),
 }
 DEFAULT_PROBE = HealthProbe("/health", status_200)
 
