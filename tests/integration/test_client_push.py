@@ -401,7 +401,8 @@ def test_a_protocol_that_reports_no_steps_gets_no_bar(stack: Stack, tmp_path: Pa
 
     assert result.exit_code == 0, result.output
     assert "RUNNING" in result.stderr
-    assert BAR not in result.stderr and "step" not in result.stderr
+    assert BAR not in result.stderr
+    assert "step" not in result.stderr
 
 
 def test_off_a_terminal_each_step_is_one_line_on_stderr(stack: Stack, tmp_path: Path) -> None:

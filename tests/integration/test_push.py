@@ -369,12 +369,11 @@ def test_new_leases_and_next_attempts_reach_no_function_and_push_nothing(push: P
 
         # Another attempt elsewhere under a fresh lease; then that lease runs out and a
         # worker claims the run again: none of these writes reaches TaskEventsFunction.
-        moved = tasks.next_attempt(
-            claim, lease_seconds=0.001, now=time.time(), endpoint_id="gpu-2"
-        )
+        moved = tasks.next_attempt(claim, lease_seconds=0.001, now=time.time(), endpoint_id="gpu-2")
         assert moved is not None
         task = tasks.get(claim.task.task_id)
-        assert task is not None and task.progress is None  # its GPU starts over
+        assert task is not None
+        assert task.progress is None
         reclaimed = tasks.claim(task, lease_seconds=60, now=time.time() + 1)
         assert reclaimed is not None
 

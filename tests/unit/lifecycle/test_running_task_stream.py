@@ -168,12 +168,14 @@ def test_a_running_write_that_keeps_the_progress_passes_but_is_not_told() -> Non
 
     assert passes(WITH_PROGRESS, new)
     assert transition is not None
-    assert not transition.progressed and not transition.cancel_asked
+    assert not transition.progressed
+    assert not transition.cancel_asked
 
 
 def test_the_writes_that_end_a_task_clear_its_progress_so_none_outlives_its_run() -> None:
     # What makes "the new image has progress" mean "progress was written".
-    assert "progress" in CLAIM.clears and "progress" in NEXT_ATTEMPT.clears
+    assert "progress" in CLAIM.clears
+    assert "progress" in NEXT_ATTEMPT.clears
     assert PROGRESS.sources == {PROGRESS.target} == REQUEST_CANCEL.sources
 
 
@@ -206,7 +208,8 @@ def test_progress_goes_to_the_running_listeners_only_never_to_the_end_listeners(
 
     assert webhooks.ended == []
     [[told]] = push.changed
-    assert told.progress is not None and (told.progress.step, told.progress.steps) == (16, 30)
+    assert told.progress is not None
+    assert (told.progress.step, told.progress.steps) == (16, 30)
 
 
 def test_a_batch_tells_each_task_once_as_it_last_stood() -> None:

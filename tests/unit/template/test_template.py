@@ -280,9 +280,7 @@ def test_the_task_events_function_sees_the_ends_and_the_departures_from_the_queu
     assert progress["dynamodb"]["NewImage"]["progress"] == {
         "M": {"step": {"N": [{"exists": True}]}}
     }
-    assert cancel_asked["dynamodb"]["OldImage"]["cancel_requested_at"] == {
-        "S": [{"exists": False}]
-    }
+    assert cancel_asked["dynamodb"]["OldImage"]["cancel_requested_at"] == {"S": [{"exists": False}]}
     pattern = ending
     final = sorted(s.value for s in TERMINAL_STATUSES)
     # The other filter: a queued task that never ran stops waiting (queue positions).

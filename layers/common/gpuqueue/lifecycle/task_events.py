@@ -81,7 +81,6 @@ def stream_filters() -> list[dict[str, Any]]:
     ]
 
 
-
 def _status(image: Mapping[str, Any] | None) -> TaskStatus | None:
     if not image or "status" not in image:
         return None
@@ -189,8 +188,7 @@ class TaskTransition:
             and task is not None
             and task.progress is not None
             and (
-                self.before_progress is None
-                or task.progress != _progress_of(self.before_progress)
+                self.before_progress is None or task.progress != _progress_of(self.before_progress)
             )
         )
 
@@ -233,6 +231,13 @@ class TaskEvents:
     def handle(self, transition: TaskTransition) -> None:
         self.handle_batch([transition])
 
+    def _tell_running(self, changed: Mapping[str, Task], ended: Mapping[str, Any]) -> None:
+        # A task that ended in the same batch: its end says more than its last step.
+        running = [task for task_id, task in changed.items() if task_id not in ended]
+        if running:
+            for listener in self._running_listeners:
+                listener.tasks_changed(running)
+
     def handle_batch(self, transitions: Sequence[TaskTransition]) -> None:
         """A stream batch's transitions, their effects aggregated: one share release per
         owner, one listener call, one departure write per lane, whatever the batch's size
@@ -256,11 +261,7 @@ class TaskEvents:
                 )
             if transition.ended:
                 ended[transition.task_id] = transition
-        # A task that ended in the same batch: its end says more than its last step.
-        running = [task for task_id, task in changed.items() if task_id not in ended]
-        if running:
-            for watcher in self._running_listeners:
-                watcher.tasks_changed(running)
+        self._tell_running(changed, ended)
         if self._share is not None:
             by_owner: dict[str, set[str]] = defaultdict(set)
             for transition in ended.values():
