@@ -50,6 +50,11 @@ XRAY_SAMPLED = 0.05  # X-Ray's default rule past the first request each second
 POLLS_SEED_CLIENT = 15  # the seed's client: one status call a second for a 15 s task
 ESM_SQS_REQUESTS = 2  # the event source mapping's receive and delete, billed to us
 STREAM_INVOCATIONS = 2  # two stream records pass the filter per task (left the line, ended)
+# Progress (issue 19): the dispatcher writes the GPU's step at most every 2 s
+# (dispatch/task_watch.py), so a generation of GENERATION_SECONDS makes this many writes;
+# each passes the stream filter and is pushed (tests/integration/test_push.py counts 8
+# records for a task with 6 progress writes, 2 without).
+PROGRESS_WRITE_INTERVAL_SECONDS = 2.0
 
 
 def dispatcher_memory_gb() -> float:
@@ -203,6 +208,63 @@ def per_million(
     }
 
 
+def progress_cost(bench: dict[str, Any] | None = None) -> dict[str, float]:
+    """What a task's progress costs per million tasks: its writes, the stream records that
+    pass the filter (an invocation each when quiet; under load the batches aggregate them
+    as they do the other records), and a push each to one open connection (a query of the
+    owner's connections either way)."""
+    writes = GENERATION_SECONDS / PROGRESS_WRITE_INTERVAL_SECONDS
+    m = 1e6
+    one_invocation = (
+        PRICE["lambda_per_request"]
+        + MEMORY_GB * HANDLER_SECONDS["task_events"] * PRICE["lambda_per_gb_second_arm64"]
+    )
+    load = (bench or {}).get("under_load")
+    per_record = (
+        load["stream_invocations_per_task"] / STREAM_INVOCATIONS if load else 1.0
+    )  # invocations per passing record under load
+    return {
+        "writes": writes,
+        "dynamodb": writes * TASK_WRITE_WRU * PRICE["dynamodb_per_wru"] * m,
+        "stream_quiet": writes * one_invocation * m,
+        "stream_busy": writes * per_record * one_invocation * m,
+        "busy_invocations": writes * per_record,
+        "query": writes * PRICE["dynamodb_per_rru"] * m,
+        "push": writes * (PRICE["apigw_ws_per_message"] + PRICE["dynamodb_per_rru"]) * m,
+    }
+
+
+def progress_markdown(bench: dict[str, Any] | None = None) -> str:
+    cost = progress_cost(bench)
+    writes = f"{cost['writes']:.0f}"
+    quiet = cost["dynamodb"] + cost["stream_quiet"] + cost["push"]
+    stream = (
+        f"| the stream records: an invocation each when quiet / batched under load "
+        f"({cost['busy_invocations']:.2f} invocations) "
+        f"| ${cost['stream_quiet']:,.2f} / ${cost['stream_busy']:,.2f} |"
+    )
+    pushes = (
+        f"| the pushes to one open connection (a message and a query each; with none, "
+        f"the query: ${cost['query']:,.2f}) | ${cost['push']:,.2f} |"
+    )
+    return f"""**Progress while it runs** (per 1 M tasks): a {GENERATION_SECONDS:.0f} s generation
+reports its GPU's step at most every {PROGRESS_WRITE_INTERVAL_SECONDS:.0f} s: {writes} writes,
+{writes} more stream records through the filter (a task had 2) and a push each.
+
+| what | extra cost |
+|---|---|
+| the writes ({writes} x {TASK_WRITE_WRU} WRU) | ${cost["dynamodb"]:,.2f} |
+{stream}
+{pushes}
+| **quiet, one client watching** | **${quiet:,.2f}** |
+
+The writes cost most: the {PROGRESS_WRITE_INTERVAL_SECONDS:.0f} s bound keeps them at {writes}. \
+Only progress writes and
+a cancel asked pass the filter among a running task's writes (a claim and a next attempt
+clear progress), so new leases and other attempts add nothing. Protocols that report no
+steps (OpenAI-compatible) cost none of this; it is not in the total above."""
+
+
 # The totals before, for the figures above to be read against (the same model).
 PREVIOUS_COST = """Before: $114.51 when issue 16 was filed (the waiting dispatch path, the
 dispatcher at 512 MB); $43.76 on 2026-12-07 03:57 (one-step hand-off, 384 MB, images kept
@@ -269,6 +331,8 @@ of a callback route. {memory_text}
 | a webhook per task | ${cost["webhook"]:,.2f}: queue send, delivery Lambda, log write |
 | push over WebSocket | ${cost["push"]:,.2f}: a message, a query; + connection minutes |
 | `Prefer: wait=15` on submit | ~${prefer_wait:,.2f}: the submit Lambda stays up 15 s |
+
+{progress_markdown(bench)}
 
 Assumptions (not measurable on moto): {MEMORY_GB} GB functions on arm64; handler times
 {HANDLER_SECONDS}; {TASK_WRITE_WRU} WRU per tasks-table write (the table and its two

@@ -298,7 +298,8 @@ class GpuqueueClient:
         With `push` and a `push_url` known (from the submit answer or the first status
         answer) the task's final event is awaited on the API's WebSocket; if that cannot
         connect, or drops, the task is polled every `poll_interval` s for the time left.
-        `on_update` gets each task state read (and the pushed final one).
+        `on_update` gets each task state read, and each pushed one (its progress while it
+        runs, its end).
         """
         deadline = time.monotonic() + timeout
         interval = max(poll_interval, 0.0)
@@ -375,11 +376,13 @@ class GpuqueueClient:
             except (OSError, WebSocketException) as exc:  # closed by the API or the network
                 _log.info("push connection lost, polling instead: %s", type(exc).__name__)
                 return None
-            final = pushed_task(frame, task_id)
-            if final is not None and final.get("status") in TERMINAL_STATUSES:
-                if on_update is not None:
-                    on_update(final)
-                return final
+            pushed = pushed_task(frame, task_id)
+            if pushed is None:
+                continue
+            if on_update is not None:  # its end, or (running) its progress or cancel asked
+                on_update(pushed)
+            if pushed.get("status") in TERMINAL_STATUSES:
+                return pushed
 
     # -- speech ---------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ The API names its push endpoint in an `X-Push-Url` header (on the submit answer 
 status answers; absent when the stack has no push). A client connects to
 `<X-Push-Url>?token=<access token>` and receives JSON text frames
 `{"type": "task.done" | "task.failed" | "task.canceled" | "task.expired", "task": {...}}`,
-the task shaped like `GET /api/v1/tasks/{id}`'s answer, for the user's own tasks.
+the task shaped like `GET /api/v1/tasks/{id}`'s answer, for the user's own tasks; while a
+task runs, `task.progress` (its `progress`: step, steps, fraction, eta_seconds) and
+`task.cancel_requested` (`cancel_requested`: its GPU is being stopped) carry it RUNNING.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 PUSH_URL_HEADER = "X-Push-Url"
-PUSH_EVENT_TYPES = frozenset({"task.done", "task.failed", "task.canceled", "task.expired"})
+FINAL_EVENT_TYPES = frozenset({"task.done", "task.failed", "task.canceled", "task.expired"})
+RUNNING_EVENT_TYPES = frozenset({"task.progress", "task.cancel_requested"})
+PUSH_EVENT_TYPES = FINAL_EVENT_TYPES | RUNNING_EVENT_TYPES
 
 
 def push_connect_url(push_url: str, token: str, *, api_url: str) -> str | None:

@@ -1,6 +1,7 @@
 """The tasks table's stream: what follows each task's transition into a final state (its
 owner's active-task share is released; its webhook delivery is queued; it is counted in
-the last hour's outcomes), aggregated per batch. A batch whose effects fail is retried
+the last hour's outcomes), aggregated per batch; and a running task's progress or cancel
+asked, pushed to its owner's WebSocket connections. A batch whose effects fail is retried
 whole; the mapping bisects it, so a record that keeps failing is isolated and goes to the
 stream's dead-letter queue.
 """
@@ -21,7 +22,12 @@ from gpuqueue import aws_clients
 from gpuqueue.intake.active_share import ActiveTaskShare
 from gpuqueue.intake.queue_position import QueuePositions
 from gpuqueue.lifecycle.outcome_counters import OutcomeCounters, OutcomeRecorder
-from gpuqueue.lifecycle.task_events import TaskEndListener, TaskEvents, TaskTransition
+from gpuqueue.lifecycle.task_events import (
+    RunningTaskListener,
+    TaskEndListener,
+    TaskEvents,
+    TaskTransition,
+)
 from gpuqueue.notify.push import ConnectionStore, PushNotifier, management_api
 from gpuqueue.notify.webhook_messages import SqsDeliverySender, WebhookNotifier
 from gpuqueue.observability import Observability, correlate_task
@@ -37,21 +43,28 @@ def task_events() -> TaskEvents:
     limits = aws_clients.dynamodb().Table(settings.limits_table)
     share = ActiveTaskShare(limits, limit=settings.max_active_tasks_per_user)
     listeners: list[TaskEndListener] = []
+    running_listeners: list[RunningTaskListener] = []
     if settings.webhook_queue_url:
         listeners.append(
             WebhookNotifier(SqsDeliverySender(aws_clients.sqs(), settings.webhook_queue_url))
         )
     if settings.connections_table and settings.websocket_management_url:
         connections = ConnectionStore(aws_clients.dynamodb().Table(settings.connections_table))
-        listeners.append(
-            PushNotifier(connections, management_api(settings.websocket_management_url))
-        )
+        pusher = PushNotifier(connections, management_api(settings.websocket_management_url))
+        listeners.append(pusher)
+        # Progress and a cancel asked: pushed only, never webhooks nor counted.
+        running_listeners.append(pusher)
     # Last: a listener that fails has the record retried, and counting twice is the worse
     # repeat (webhook deliveries and pushes are deduplicated downstream).
     listeners.append(
         OutcomeRecorder(OutcomeCounters(limits, shards=settings.outcome_counter_shards))
     )
-    return TaskEvents(share=share, listeners=listeners, positions=QueuePositions(limits))
+    return TaskEvents(
+        share=share,
+        listeners=listeners,
+        positions=QueuePositions(limits),
+        running_listeners=running_listeners,
+    )
 
 
 def transition_of(record: DynamoDBRecord) -> TaskTransition | None:

@@ -88,7 +88,9 @@ def matches_validated(pattern: Mapping[str, Any], event: Any) -> bool:
     for name, expected in pattern.items():
         value = event.get(name, _MISSING) if isinstance(event, Mapping) else _MISSING
         if isinstance(expected, Mapping):
-            if not isinstance(value, Mapping) or not matches_validated(expected, value):
+            # EventBridge matches flattened paths: where the event has no object here, every
+            # path below is absent, which only `{"exists": false}` leaves match.
+            if not matches_validated(expected, value if isinstance(value, Mapping) else {}):
                 return False
         elif not _leaf_matches(expected, value):
             return False

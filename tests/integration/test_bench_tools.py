@@ -75,3 +75,14 @@ def test_request_bench_counts_each_phase_and_scans_only_the_fleet(tmp_path):
     assert cost["total"] > 0
     assert 0 < cost["share_of_gpu"] < 1
     assert cost["seed_polling"] > cost["webhook"] > cost["push"]
+
+
+def test_progress_costs_its_writes_records_and_pushes_and_batching_shrinks_the_records() -> None:
+    quiet = cost_model.progress_cost()
+    busy = cost_model.progress_cost({"under_load": {"stream_invocations_per_task": 0.02}})
+
+    # A 12 s generation, one write per 2 s: six writes, six records, six pushes.
+    assert quiet["writes"] == 6
+    assert quiet["stream_quiet"] == busy["stream_quiet"] > busy["stream_busy"] * 50
+    assert quiet["dynamodb"] > quiet["push"] > quiet["query"]
+    assert "| **quiet, one client watching** |" in cost_model.progress_markdown()

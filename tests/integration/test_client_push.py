@@ -59,6 +59,8 @@ class FakeApi:
     push_on_status: bool = True
     # True: each status GET moves the task one step (polling ends it); False: only `finish`.
     advance_on_get: bool = True
+    # What a RUNNING task's view says of its GPU's steps (None: a protocol with none).
+    progress: dict[str, Any] | None = None
     url: str = ""
     tasks: dict[str, str] = field(default_factory=dict)  # task id -> status
     status_gets: list[str] = field(default_factory=list)
@@ -97,6 +99,12 @@ class FakeApi:
             if self.advance_on_get and self.tasks[task_id] != "DONE":
                 self.tasks[task_id] = STEPS[STEPS.index(self.tasks[task_id]) + 1]
             return 200, self._push_header(self.push_on_status), json.dumps(view).encode()
+        if (method, path) == ("DELETE", f"/api/v1/tasks/{task_id}"):
+            if self.tasks[task_id] == "QUEUED":
+                self.tasks[task_id] = "CANCELED"
+            view = self.view(task_id)
+            view["cancel_requested"] = view["status"] == "RUNNING"
+            return 200, {}, json.dumps(view).encode()
         if (method, path) == ("GET", f"/api/images/{task_id}") and self.tasks[task_id] == "DONE":
             return 200, {"Content-Type": "image/png"}, PNG
         return 409, {}, json.dumps({"error": "not DONE", "code": "CONFLICT"}).encode()
@@ -106,7 +114,18 @@ class FakeApi:
 
     def view(self, task_id: str) -> dict[str, Any]:
         status = self.tasks[task_id]
-        return {"task_id": task_id, "kind": "image", "status": status, "attempt": 1}
+        view = {"task_id": task_id, "kind": "image", "status": status, "attempt": 1}
+        if status == "RUNNING" and self.progress is not None:
+            view["progress"] = self.progress
+        return view
+
+    def running(self, task_id: str, step: int, steps: int, eta: float | None) -> dict[str, Any]:
+        """The task RUNNING at step `step` of `steps`, as a `task.progress` push carries it."""
+        with self.changed:
+            self.tasks[task_id] = "RUNNING"
+            fraction = round(step / steps, 4)
+            self.progress = {"step": step, "steps": steps, "fraction": fraction, "eta_seconds": eta}
+            return self.view(task_id)
 
     def finish(self, task_id: str) -> dict[str, Any]:
         with self.changed:
@@ -142,8 +161,9 @@ def serve_http(api: FakeApi) -> AbstractContextManager[str]:
 
 @dataclass
 class FakePush:
-    """The WebSocket side. mode: deliver (send the end), refuse (HTTP 403 at the handshake),
-    drop (close without a word), silent (send nothing, ever)."""
+    """The WebSocket side. mode: deliver (send the end), progress (send the GPU's steps,
+    then the end), refuse (HTTP 403 at the handshake), drop (close without a word), silent
+    (send nothing, ever)."""
 
     api: FakeApi
     mode: str = "deliver"
@@ -173,6 +193,14 @@ class FakePush:
         if self.mode == "drop":
             connection.close()
             return
+        if self.mode == "progress":
+            task_id = self.api.status_gets[-1]
+            for step, eta in ((6, 8.0), (18, 3.4)):
+                event = {"type": "task.progress", "task": self.api.running(task_id, step, 30, eta)}
+                self.sent.append(event)
+                connection.send(json.dumps(event))
+            self.sent.append({"type": "task.done", "task": self.api.finish(task_id)})
+            connection.send(json.dumps(self.sent[-1]))
         if self.mode == "deliver":
             time.sleep(0.1)
             task_id = self.api.status_gets[-1]
@@ -235,23 +263,25 @@ def stack() -> Iterator[Stack]:
         assert not api.crashes, api.crashes
 
 
-def gpuqueue(api: FakeApi, *args: str, tmp_path: Path) -> Result:
+def gpuqueue(api: FakeApi, *args: str, tmp_path: Path, terminal: bool = False) -> Result:
     env = {
         "GPUQUEUE_API_URL": api.url,
         "GPUQUEUE_TOKEN": TOKEN,
         "GPUQUEUE_CONFIG_DIR": str(tmp_path / "config"),
         "COLUMNS": "160",
         "NO_COLOR": "1",
+        # A terminal (the live line and its bar) or a pipe (a line per change).
+        "TTY_COMPATIBLE": "1" if terminal else "0",
     }
     return CliRunner().invoke(app, list(args), env=env)
 
 
-def generate_wait(api: FakeApi, tmp_path: Path, *extra: str) -> Result:
+def generate_wait(api: FakeApi, tmp_path: Path, *extra: str, terminal: bool = False) -> Result:
     out = tmp_path / "out.png"
     args = ["generate", "a red fox", "--wait", "-o", str(out), "--poll-interval", "0.01"]
     if "--timeout" not in extra:
         args += ["--timeout", str(WAIT_LIMIT * 2)]
-    return gpuqueue(api, *args, *extra, tmp_path=tmp_path)
+    return gpuqueue(api, *args, *extra, tmp_path=tmp_path, terminal=terminal)
 
 
 # -- the CLI --------------------------------------------------------------------------------------
@@ -324,6 +354,92 @@ def test_generate_wait_on_push_still_times_out(stack: Stack, tmp_path: Path) -> 
     assert push.tokens == [TOKEN]
     assert len(api.status_gets) == 2
     assert 2 <= time.monotonic() - started < WAIT_LIMIT
+
+
+# -- progress while it runs ---------------------------------------------------------------------
+
+BAR = "\u2501"  # rich's bar is drawn with heavy horizontals
+
+
+def test_generate_wait_on_a_terminal_shows_the_gpus_steps_as_a_bar_from_push(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # Given a push server that sends the task's steps (6/30, then 18/30) before its end
+    api, push = stack("progress", advance_on_get=False)
+
+    result = generate_wait(api, tmp_path, terminal=True)
+
+    # Then the live line drew a bar with step n/N and the ETA, on stderr only
+    assert result.exit_code == 0, result.output
+    assert [event["type"] for event in push.sent] == ["task.progress"] * 2 + ["task.done"]
+    assert "step 6/30, ETA 8 s" in result.stderr
+    assert "step 18/30, ETA 3 s" in result.stderr
+    assert BAR in result.stderr
+    task_id = api.status_gets[0]
+    # stdout is what scripts read: the task id, then the file, nothing else
+    assert result.stdout.splitlines() == [task_id, str(tmp_path / "out.png")]
+
+
+def test_generate_wait_shows_the_steps_a_polled_status_reports(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # Given no push, and a status answer that shows the task RUNNING at step 12 of 30
+    progress = {"step": 12, "steps": 30, "fraction": 0.4, "eta_seconds": 6.0}
+    api, _ = stack("deliver", progress=progress)
+
+    result = generate_wait(api, tmp_path, "--no-push", terminal=True)
+
+    assert result.exit_code == 0, result.output
+    assert "step 12/30, ETA 6 s" in result.stderr
+    assert BAR in result.stderr
+
+
+def test_a_protocol_that_reports_no_steps_gets_no_bar(stack: Stack, tmp_path: Path) -> None:
+    api, _ = stack("deliver")  # RUNNING views without progress (the OpenAI images API)
+
+    result = generate_wait(api, tmp_path, "--no-push", terminal=True)
+
+    assert result.exit_code == 0, result.output
+    assert "RUNNING" in result.stderr
+    assert BAR not in result.stderr
+    assert "step" not in result.stderr
+
+
+def test_off_a_terminal_each_step_is_one_line_on_stderr(stack: Stack, tmp_path: Path) -> None:
+    api, _ = stack("progress", advance_on_get=False)
+
+    result = generate_wait(api, tmp_path)
+
+    assert result.exit_code == 0, result.output
+    lines = [line.rsplit(" (", 1)[0] for line in result.stderr.splitlines()]
+    task_id = api.status_gets[0]
+    assert lines[:4] == [
+        f"task {task_id}: QUEUED",
+        f"task {task_id}: RUNNING, step 6/30, ETA 8 s",
+        f"task {task_id}: RUNNING, step 18/30, ETA 3 s",
+        f"task {task_id}: DONE",
+    ]
+    assert BAR not in result.stderr
+    assert result.stdout.splitlines() == [task_id, str(tmp_path / "out.png")]
+
+
+def test_cancel_tells_a_running_tasks_requested_cancel_from_a_done_one(
+    stack: Stack, tmp_path: Path
+) -> None:
+    api, _ = stack("silent", advance_on_get=False)
+    client = GpuqueueClient(api.url, TOKEN)
+    queued = str(client.submit_image("a red fox")["task_id"])
+    running = str(client.submit_image("a blue fox")["task_id"])
+    api.running(running, 3, 30, None)
+
+    done = gpuqueue(api, "cancel", queued, tmp_path=tmp_path)
+    asked = gpuqueue(api, "cancel", running, tmp_path=tmp_path)
+
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == f"task {queued}: CANCELED"
+    assert asked.exit_code == 0, asked.output
+    assert asked.stdout.strip() == f"task {running}: RUNNING, cancel requested"
+    assert "being stopped" in asked.stderr
 
 
 # -- the client ---------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from fakes import FakeSpec
+from gpuqueue.models import EndpointProtocol, TaskProgress
 from gpuqueue.notify.push import ConnectionStore
+from gpuqueue.store.task_store import Claim, ProgressAck, TaskStore
 from gpuqueue_local.gateway import jwks_url
 from gpuqueue_local.lambda_runtime import InvocationResult
 from gpuqueue_local.template import load_template
@@ -273,6 +275,132 @@ def test_expired_rows_ttl_has_not_deleted_yet_are_not_pushed_to(push: PushStack)
         }
     )
     assert ConnectionStore(table).by_user(alice.sub) == []
+
+
+# --- a running task: progress and a cancel asked ----------------------------------------------
+
+
+def tasks_of(push: PushStack) -> TaskStore:
+    return TaskStore(boto3.resource("dynamodb").Table(push.harness.stack.ref("TasksTable")))
+
+
+def running(push: PushStack, user: User) -> Claim:
+    """The user's new task, claimed as a dispatcher claims it (on an A1111 endpoint)."""
+    task_id = str(push.harness.submit(user).json()["task_id"])
+    tasks = tasks_of(push)
+    task = tasks.get(task_id)
+    assert task is not None
+    claim = tasks.claim(
+        task,
+        lease_seconds=60,
+        now=time.time(),
+        endpoint_id="gpu-1",
+        endpoint_protocol=EndpointProtocol.A1111,
+    )
+    assert claim is not None
+    return claim
+
+
+def no_message(client: ClientConnection) -> bool:
+    """Nothing is waiting on the socket (pushes are posted before the pump returns)."""
+    try:
+        client.recv(timeout=0.2)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_progress_reaches_the_owners_connections_and_no_one_elses(push: PushStack) -> None:
+    alice, bob = push.user("alice"), push.user("bob")
+
+    with push.connect(alice) as alices, push.connect(bob) as bobs:
+        claim = running(push, alice)
+        push.harness.pump_task_events()  # it left the waiting line: nothing pushed for that
+        steps = []
+        for step in (6, 12, 18):
+            ack = tasks_of(push).report_progress(claim, TaskProgress.of(step, 30, eta_seconds=4))
+            assert ack is ProgressAck.WRITTEN
+            push.harness.pump_task_events()
+            message = next_message(alices)
+            assert message["type"] == "task.progress"
+            steps.append(message["task"]["progress"]["step"])
+
+        shown = push.harness.get_task(alice, claim.task.task_id).json()
+        assert message == {"type": "task.progress", "task": shown}
+        assert steps == [6, 12, 18]
+        assert shown["progress"] == {"step": 18, "steps": 30, "fraction": 0.6, "eta_seconds": 4.0}
+        assert no_message(bobs)
+
+
+def test_a_cancel_asked_while_it_runs_is_pushed_then_its_end(push: PushStack) -> None:
+    alice = push.user("alice")
+
+    with push.connect(alice) as client:
+        claim = running(push, alice)
+        tasks_of(push).report_progress(claim, TaskProgress.of(3, 30))
+        push.harness.pump_task_events()
+        assert next_message(client)["type"] == "task.progress"
+
+        assert push.harness.cancel(alice, claim.task.task_id).status == 200
+        push.harness.pump_task_events()
+        asked = next_message(client)
+        assert tasks_of(push).cancel_running(claim)
+        push.harness.pump_task_events()
+        ended = next_message(client)
+
+    assert (asked["type"], asked["task"]["status"], asked["task"]["cancel_requested"]) == (
+        "task.cancel_requested",
+        "RUNNING",
+        True,
+    )
+    assert (ended["type"], ended["task"]["status"]) == ("task.canceled", "CANCELED")
+
+
+def test_new_leases_and_next_attempts_reach_no_function_and_push_nothing(push: PushStack) -> None:
+    alice = push.user("alice")
+    tasks = tasks_of(push)
+
+    with push.connect(alice) as client:
+        claim = running(push, alice)
+        push.harness.pump_task_events()
+        tasks.report_progress(claim, TaskProgress.of(10, 30))
+        assert push.harness.pump_task_events() == 1
+        assert next_message(client)["type"] == "task.progress"
+
+        # Another attempt elsewhere under a fresh lease; then that lease runs out and a
+        # worker claims the run again: none of these writes reaches TaskEventsFunction.
+        moved = tasks.next_attempt(claim, lease_seconds=0.001, now=time.time(), endpoint_id="gpu-2")
+        assert moved is not None
+        task = tasks.get(claim.task.task_id)
+        assert task is not None
+        assert task.progress is None
+        reclaimed = tasks.claim(task, lease_seconds=60, now=time.time() + 1)
+        assert reclaimed is not None
+
+        assert push.harness.pump_task_events() == 0
+        assert no_message(client)
+
+
+def test_what_progress_costs_a_task_in_stream_records_and_pushes(push: PushStack) -> None:
+    # A 12 s generation reporting at the dispatcher's bound (one write per 2 s): six
+    # progress writes, each in a batch of its own, as at a quiet time.
+    alice = push.user("alice")
+    tasks = tasks_of(push)
+
+    with push.connect(alice) as client:
+        claim = running(push, alice)
+        records = push.harness.pump_task_events()  # left the waiting line
+        for step in range(5, 31, 5):
+            tasks.report_progress(claim, TaskProgress.of(step, 30))
+            records += push.harness.pump_task_events()
+        assert tasks.complete(claim, result_key="results/x.png", endpoint_id="gpu-1")
+        records += push.harness.pump_task_events()
+        types = [next_message(client)["type"] for _ in range(7)]
+
+    # Two records before progress (it left the line, it ended); six more with it; each
+    # progress record one push (a message, a connections query).
+    assert records == 8
+    assert types == ["task.progress"] * 6 + ["task.done"]
 
 
 # --- the sample events (what `sam local invoke` sends) -----------------------------------------

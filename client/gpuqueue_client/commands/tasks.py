@@ -141,12 +141,22 @@ def task(ctx: typer.Context, task_id: Annotated[str, typer.Argument(metavar="ID"
 
 
 def cancel(ctx: typer.Context, task_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Cancel a QUEUED task."""
+    """Cancel a task: a QUEUED one at once; a RUNNING one is asked to stop (its GPU server
+    is interrupted; OpenAI-compatible endpoints cannot stop a job, it finishes)."""
     state = state_of(ctx)
     client = state.client()
     with friendly_errors(state):
         body = client.cancel(task_id)
-    state.out.print(f"task {task_id}: {body.get('status', 'CANCELED')}", soft_wrap=True)
+    status = str(body.get("status", "CANCELED"))
+    if status == "RUNNING" and body.get("cancel_requested") is True:
+        # Not over yet: the GPU is being stopped; the task ends CANCELED within seconds.
+        state.out.print(f"task {task_id}: RUNNING, cancel requested", soft_wrap=True)
+        state.err.print(
+            f"its GPU is being stopped; `gpuqueue task {task_id}` shows it CANCELED once it is",
+            soft_wrap=True,
+        )
+        return
+    state.out.print(f"task {task_id}: {status}", soft_wrap=True)
 
 
 def stats(ctx: typer.Context) -> None:

@@ -81,8 +81,10 @@ CANCEL = _transition("cancel", {_S.QUEUED, _S.AWAITING_UPLOAD}, _S.CANCELED)  # 
 # Its owner asks to cancel it while it runs: whoever drives its GPU call stops the server
 # (interrupt, cancel) and ends it CANCELED (CANCEL_RUNNING).
 REQUEST_CANCEL = _transition("request cancel", {_S.RUNNING}, _S.RUNNING, {"cancel_requested_at"})
-# A worker takes it: queued, or running under a lease that ended (its worker died).
-CLAIM = _transition("claim", {_S.QUEUED, _S.RUNNING}, _S.RUNNING, _CLAIM_FIELDS)
+# A worker takes it: queued, or running under a lease that ended (its worker died). Its
+# GPU starts over: a dead worker's progress goes (and the stream's progress filter sees a
+# claim as no progress: lifecycle/task_events.py).
+CLAIM = _transition("claim", {_S.QUEUED, _S.RUNNING}, _S.RUNNING, _CLAIM_FIELDS, {"progress"})
 # The same invocation tries again elsewhere, under a fresh lease.
 NEXT_ATTEMPT = _transition(
     "next attempt",

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from gpuqueue.models import Task, TaskStatus, TaskView
+from gpuqueue.models import Task, TaskProgress, TaskStatus, TaskView
 from gpuqueue.notify.push import PushNotifier, push_message
 
 ALICE = "alice-sub"
@@ -76,6 +76,53 @@ def test_the_message_names_the_final_state_and_carries_the_task_as_the_api_shows
     assert message["type"] == f"task.{status.lower()}"
     assert message["task"] == TaskView.of(finished).model_dump(mode="json")
     json.dumps(message)  # a JSON text frame
+
+
+def test_a_running_tasks_progress_is_its_own_event_with_the_task_as_the_api_shows_it() -> None:
+    running = task(TaskStatus.RUNNING).model_copy(
+        update={"progress": TaskProgress.of(12, 30, eta_seconds=7.25), "result_key": None}
+    )
+
+    message = push_message(running)
+
+    assert message["type"] == "task.progress"
+    assert message["task"] == TaskView.of(running).model_dump(mode="json")
+    assert message["task"]["status"] == "RUNNING"
+    assert message["task"]["progress"] == {
+        "step": 12,
+        "steps": 30,
+        "fraction": 0.4,
+        "eta_seconds": 7.2,
+    }
+    assert message["task"]["cancel_requested"] is False
+
+
+def test_a_cancel_asked_while_it_runs_is_told_apart_from_progress_and_from_the_end() -> None:
+    stopping = task(TaskStatus.RUNNING).model_copy(
+        update={
+            "progress": TaskProgress.of(12, 30),
+            "cancel_requested_at": "2026-01-27T10:00:09.000000Z",
+            "result_key": None,
+        }
+    )
+    canceled = stopping.model_copy(update={"status": TaskStatus.CANCELED, "progress": None})
+
+    assert push_message(stopping)["type"] == "task.cancel_requested"
+    assert push_message(stopping)["task"]["cancel_requested"] is True
+    assert push_message(canceled)["type"] == "task.canceled"
+
+
+def test_running_changes_go_to_the_owners_connections_as_ends_do() -> None:
+    connections = FakeConnections({ALICE: ["c-1", "c-2"], "bob-sub": ["c-bob"]})
+    api = FakeManagementApi()
+    running = task(TaskStatus.RUNNING).model_copy(update={"progress": TaskProgress.of(3, 30)})
+
+    PushNotifier(connections, api).tasks_changed([running])
+
+    assert [(c, m["type"]) for c, m in api.posts] == [
+        ("c-1", "task.progress"),
+        ("c-2", "task.progress"),
+    ]
 
 
 def test_every_open_connection_of_the_owner_gets_the_task() -> None:

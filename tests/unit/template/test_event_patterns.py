@@ -138,6 +138,20 @@ def test_suffix_equals_ignore_case_anything_but_and_exists() -> None:
     assert matches({"key": [{"exists": True}]}, {"key": "a"})
 
 
+def test_a_leaf_under_an_object_the_event_lacks_is_absent() -> None:
+    # Paths are matched flattened: a DynamoDB attribute not in the image ({"a": {"S": ..}}
+    # missing whole) does not exist, and nothing else under it matches.
+    absent = {"OldImage": {"status": {"S": "RUNNING"}}}
+    assert matches({"OldImage": {"cancel_requested_at": {"S": [{"exists": False}]}}}, absent)
+    assert not matches({"OldImage": {"cancel_requested_at": {"S": [{"exists": True}]}}}, absent)
+    assert not matches({"OldImage": {"cancel_requested_at": {"S": ["x"]}}}, absent)
+    assert not matches(
+        {"OldImage": {"cancel_requested_at": {"S": [{"anything-but": ["x"]}]}}}, absent
+    )
+    present = {"OldImage": {"cancel_requested_at": {"S": "2026-01-01T00:00:00Z"}}}
+    assert not matches({"OldImage": {"cancel_requested_at": {"S": [{"exists": False}]}}}, present)
+
+
 @pytest.mark.parametrize(
     "pattern",
     [

@@ -270,9 +270,17 @@ def test_the_groups_allowed_the_priority_lane_exist_in_the_user_pool() -> None:
 
 def test_the_task_events_function_sees_the_ends_and_the_departures_from_the_queue() -> None:
     (event,) = props("TaskEventsFunction")["Events"].values()
-    ending, leaving = (
+    ending, leaving, progress, cancel_asked = (
         json.loads(f["Pattern"]) for f in event["Properties"]["FilterCriteria"]["Filters"]
     )
+    # A running task's progress and cancel asked (pushed): RUNNING stays RUNNING.
+    for running in (progress, cancel_asked):
+        assert running["dynamodb"]["OldImage"]["status"] == {"S": ["RUNNING"]}
+        assert running["dynamodb"]["NewImage"]["status"] == {"S": ["RUNNING"]}
+    assert progress["dynamodb"]["NewImage"]["progress"] == {
+        "M": {"step": {"N": [{"exists": True}]}}
+    }
+    assert cancel_asked["dynamodb"]["OldImage"]["cancel_requested_at"] == {"S": [{"exists": False}]}
     pattern = ending
     final = sorted(s.value for s in TERMINAL_STATUSES)
     # The other filter: a queued task that never ran stops waiting (queue positions).

@@ -1,10 +1,13 @@
-"""Push over WebSocket: a finished task is sent to its owner's open connections.
+"""Push over WebSocket: a finished task, and a running task's progress, is sent to its
+owner's open connections.
 
 Path: a client connects to the stack's WebSocket API (`$connect` checks its access token and
 records the connection here, `$disconnect` forgets it) -> a task reaches a final state -> the
 tasks table's stream -> TaskEventsFunction (`PushNotifier`, a task-end listener) posts
 `{"type": "task.done", "task": {...}}` to each of the owner's connections through the
-stage's management API (`POST /@connections/{id}`).
+stage's management API (`POST /@connections/{id}`). A running task's progress (step n of N)
+and its cancel asked go the same way as `task.progress` / `task.cancel_requested` (a
+`RunningTaskListener`), at most one per task per 2 s (the dispatcher's write rate).
 
 A push is best effort: a connection that is gone (410) is forgotten, any other failure is
 logged and never fails the stream record (webhooks are the channel that retries). Delivery
@@ -132,12 +135,25 @@ def management_api(endpoint_url: str) -> ManagementApi:
     return client
 
 
+# A running task's pushed changes (never webhooks: those are for its end).
+PROGRESS_EVENT = "task.progress"  # its GPU reported a step: `task.progress` is step n of N
+CANCEL_REQUESTED_EVENT = "task.cancel_requested"  # its owner asked; the GPU is stopping
+
+
 def push_message(task: Task) -> dict[str, Any]:
-    """What a connection receives: the event type and the task as the status API shows it."""
-    return {
-        "type": f"task.{task.status.value.lower()}",
-        "task": TaskView.of(task).model_dump(mode="json"),
-    }
+    """What a connection receives: the event type and the task as the status API shows it.
+
+    A final task's type names its state (`task.done`, ...); a running one's names what
+    changed (`task.cancel_requested` once its cancel is asked, else `task.progress`), the
+    task carrying it (`progress`, `cancel_requested`) as the status API shows it."""
+    view = TaskView.of(task)
+    if task.status.is_terminal:
+        kind = f"task.{task.status.value.lower()}"
+    elif view.cancel_requested:
+        kind = CANCEL_REQUESTED_EVENT
+    else:
+        kind = PROGRESS_EVENT
+    return {"type": kind, "task": view.model_dump(mode="json")}
 
 
 def _error_code(error: ClientError) -> str:
@@ -145,7 +161,8 @@ def _error_code(error: ClientError) -> str:
 
 
 class PushNotifier:
-    """A task-end listener: the finished task goes to every open connection of its owner."""
+    """A task-end and running-task listener: the finished task, or the running task's
+    progress or cancel asked, goes to every open connection of its owner."""
 
     def __init__(self, connections: ConnectionStore, api: ManagementApi) -> None:
         self._connections = connections
@@ -162,6 +179,11 @@ class PushNotifier:
     def task_ended(self, task: Task) -> None:
         self._push(task.user_id, [task])
 
+    def tasks_changed(self, tasks: Sequence[Task]) -> None:
+        """Running tasks' progress or cancel asked: pushed as their ends are (a lost one is
+        superseded by the next, and by the end)."""
+        self.tasks_ended(tasks)
+
     def _push(self, owner: str, tasks: Sequence[Task]) -> None:
         try:
             connection_ids = self._connections.by_user(owner)
@@ -171,7 +193,8 @@ class PushNotifier:
         if not connection_ids:
             return
         for task in tasks:
-            data = json.dumps(push_message(task), separators=(",", ":")).encode()
+            message = push_message(task)
+            data = json.dumps(message, separators=(",", ":")).encode()
             sent = 0
             for connection_id in connection_ids:
                 if self._post(connection_id, data):
@@ -181,6 +204,7 @@ class PushNotifier:
                 extra={
                     "task_id": task.task_id,
                     "status": task.status.value,
+                    "type": message["type"],
                     "connections": len(connection_ids),
                     "sent": sent,
                 },

@@ -502,6 +502,7 @@ class TaskStore:
                     ":running": TaskStatus.RUNNING.value,
                     ":now": _stored_time(now),
                 },
+                removes=("progress",),
             )
         except _ConditionFailed:
             return None
@@ -552,6 +553,7 @@ class TaskStore:
                     ":here": endpoint_id,
                 },
                 names={"#error": "error"},
+                removes=("progress",),
             )
         except _ConditionFailed as refused:
             found = None if refused.item is None else Task.model_validate(refused.item)
