@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
@@ -50,9 +50,35 @@ def post_within(
     body is read, with its Content-Length (None when it has none usable: a compressed or
     chunked answer); it may wait (for memory) within `seconds_left`, and returns the most
     the body may be (None: `max_bytes`)."""
+    return request_within(
+        session,
+        "POST",
+        url,
+        seconds=seconds,
+        connect_seconds=connect_seconds,
+        max_bytes=max_bytes,
+        on_answer=on_answer,
+        **kwargs,
+    )
+
+
+def request_within(
+    session: requests.Session,
+    method: Literal["GET", "POST"],
+    url: str,
+    *,
+    seconds: float,
+    connect_seconds: float,
+    max_bytes: int | None = None,
+    on_answer: Callable[[int | None, float], int | None] | None = None,
+    **kwargs: Any,
+) -> requests.Response:
+    """`post_within` for any method (ComfyUI's image comes from a GET /view)."""
     deadline = time.monotonic() + seconds
     connect = min(connect_seconds, seconds)
-    response = session.post(url, timeout=(connect, seconds), stream=True, **kwargs)
+    # session.post / session.get rather than session.request: what test doubles implement.
+    send = session.post if method == "POST" else session.get
+    response = send(url, timeout=(connect, seconds), stream=True, **kwargs)
     try:
         size = _announced_size(response, max_bytes)
         if on_answer is not None:

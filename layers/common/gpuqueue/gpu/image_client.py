@@ -224,11 +224,15 @@ def image_generators(
     credentials: GpuCredentials | None = None,
 ) -> dict[EndpointProtocol, ImageGenerator]:
     """One adapter per wire protocol, sharing a connection pool and the credentials."""
+    # Imported here: the adapter module imports this one's shared pieces.
+    from gpuqueue.gpu.comfyui_client import ComfyUIImageClient  # noqa: PLC0415
+
     session = session or requests.Session()
     credentials = credentials or GpuCredentials()
     return {
         EndpointProtocol.OPENAI: OpenAIImageClient(session, credentials),
         EndpointProtocol.A1111: A1111ImageClient(session, credentials),
+        EndpointProtocol.COMFYUI: ComfyUIImageClient(session, credentials),
     }
 
 
