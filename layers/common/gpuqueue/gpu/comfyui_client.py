@@ -52,6 +52,8 @@ CONTROL_ANSWER_BYTES = 16 * MIB
 # With a socket, /history is still read now and then: a server that stopped sending events
 # (or never sends `execution_success`) is noticed.
 HISTORY_CHECK_SECONDS = 10.0
+# How long an ended prompt's history may lag its last event.
+HISTORY_SETTLE_SECONDS = 5.0
 # After asking ComfyUI to stop our prompt, how long to wait for it to say it stopped
 # before the slot is handed back anyway.
 CANCEL_CONFIRM_SECONDS = 5.0
@@ -401,7 +403,7 @@ class _Call:
                 f"endpoint {self.endpoint.endpoint_id} interrupted prompt {self.prompt_id} "
                 "(not a cancel of ours)"
             )
-        entry = self._history()
+        entry = self._settled_history()
         if not entry:
             raise RetryableGpuError(
                 f"endpoint {self.endpoint.endpoint_id} has no history for prompt {self.prompt_id}"
@@ -422,6 +424,17 @@ class _Call:
             )
         reference: dict[str, Any] = images[0]
         return reference
+
+    def _settled_history(self) -> dict[str, Any] | None:
+        """The history entry of a prompt that just ended. ComfyUI sends `execution_success`
+        from its executor and writes the history after (main.py's prompt_worker): a read
+        right on the event may find nothing yet."""
+        until = time.monotonic() + HISTORY_SETTLE_SECONDS
+        while True:
+            entry = self._history()
+            if entry is not None or time.monotonic() >= until:
+                return entry
+            time.sleep(0.05)
 
     def _history(self) -> dict[str, Any] | None:
         response = self._request("GET", f"/history/{self.prompt_id}")
