@@ -155,7 +155,8 @@ def _execution_error_text(data: Mapping[str, Any]) -> str:
     node_type = data.get("node_type")
     where = f" in node {node} ({node_type})" if node is not None else ""
     exception = data.get("exception_type") or "error"
-    return f"{exception}{where}: {str(data.get('exception_message', '')).strip()[:500]}"
+    message = " ".join(str(data.get("exception_message", "")).split())  # one log line
+    return f"{exception}{where}: {message[:500]}"
 
 
 def history_outcome(entry: Mapping[str, Any]) -> Happening | None:
@@ -287,6 +288,8 @@ class _Call:
         self.client_id = uuid.uuid4().hex
         self.prompt_id = ""
         self.events: ClientConnection | None = None
+        # websockets 17 wants its connection entered as a context manager.
+        self._exits = contextlib.ExitStack()
         self._base = endpoint.url.rstrip("/")
 
     # --- events --------------------------------------------------------------------------
@@ -300,22 +303,23 @@ class _Call:
         url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={self.client_id}"
         try:
             headers = self._client._credentials.headers(self.endpoint)
-            self.events = connect(
-                url,
-                additional_headers=headers,
-                open_timeout=min(CONNECT_TIMEOUT_SECONDS, self._left()),
-                max_size=WS_MAX_MESSAGE_BYTES,
-                compression=None,
-                proxy=None,
+            self.events = self._exits.enter_context(
+                connect(
+                    url,
+                    additional_headers=headers,
+                    open_timeout=min(CONNECT_TIMEOUT_SECONDS, self._left()),
+                    max_size=WS_MAX_MESSAGE_BYTES,
+                    compression=None,
+                    proxy=None,
+                )
             )
         except Exception:  # any failure to connect: follow by /history instead
             self.events = None
 
     def close_events(self) -> None:
-        if self.events is not None:
-            with contextlib.suppress(Exception):  # a socket we are done with
-                self.events.close()
-            self.events = None
+        self.events = None
+        with contextlib.suppress(Exception):  # a socket we are done with
+            self._exits.close()
 
     def _next_event(self, seconds: float) -> Happening | None:
         """Wait up to `seconds` for our next event; drops to polling if the socket goes."""
