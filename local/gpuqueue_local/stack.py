@@ -38,6 +38,7 @@ from gpuqueue_local.s3_events import (
     template_rules,
 )
 from gpuqueue_local.scheduler import Schedule, rate_seconds
+from gpuqueue_local.standins.comfyui_server import DEFAULT_CHECKPOINT, ComfyUIKnobs, ComfyUIServer
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer
 from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
@@ -61,6 +62,7 @@ IMAGE_PORT_BASE_FOR_DOCKER = 8001
 SPEECH_PORT_BASE_FOR_DOCKER = 8101
 # The template parameters the stand-ins' URLs go into (comma-separated).
 IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
+IMAGE_ENDPOINTS_PARAMETER = "ImageEndpoints"
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
 # Every client of the local stack comes from 127.0.0.1: per-source limits sized for one
 # address on the internet would make the e2e suite, `make load` and the bench one client.
@@ -93,6 +95,9 @@ class StackOptions:
     image_latency_s: float = 1.0
     image_capacity: int = 0
     image_port_base: int = 0  # 0 = free ports
+    # Stand-in ComfyUI servers, registered as comfyui image endpoints running ComfyUI's
+    # default txt2img graph; a prompt samples for image_latency_s.
+    comfyui_servers: int = 0
     speech_servers: int = 1
     speech_port_base: int = 0  # 0 = free ports
     s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
@@ -413,6 +418,7 @@ class RunningStack:
     schedules: list[Schedule]
     api_url: str
     speech_servers: list[SpeechServer] = field(default_factory=list)
+    comfyui_servers: list[ComfyUIServer] = field(default_factory=list)
     s3_events: S3EventBridge | None = None
     stream_sources: list[DynamoDbStreamSource] = field(default_factory=list)
     websocket: WebSocketGateway | None = None
@@ -437,6 +443,7 @@ class RunningStack:
             "resources": dict(self.stack.resolver.refs),
             "image_servers": [s.url for s in self.image_servers],
             "speech_servers": [s.url for s in self.speech_servers],
+            "comfyui_servers": [s.url for s in self.comfyui_servers],
             "demo_user": {
                 "username": DEMO_USER,
                 "password": DEMO_PASSWORD,
@@ -491,10 +498,13 @@ class RunningStack:
             self.websocket.stop()
         for runtime in self.functions.values():
             runtime.stop()
-        for image_server in self.image_servers:
-            image_server.stop()
-        for speech_server in self.speech_servers:
-            speech_server.stop()
+        stand_ins: list[ImageServer | SpeechServer | ComfyUIServer] = [
+            *self.image_servers,
+            *self.speech_servers,
+            *self.comfyui_servers,
+        ]
+        for stand_in in stand_ins:
+            stand_in.stop()
         self.moto.stop()
 
 
@@ -507,6 +517,15 @@ def _start_image_servers(options: StackOptions) -> list[ImageServer]:
                 latency_s=options.image_latency_s, capacity=options.image_capacity
             ),
         )
+        server.start()
+        servers.append(server)
+    return servers
+
+
+def _start_comfyui_servers(options: StackOptions) -> list[ComfyUIServer]:
+    servers = []
+    for _ in range(options.comfyui_servers):
+        server = ComfyUIServer(knobs=ComfyUIKnobs(latency_s=options.image_latency_s))
         server.start()
         servers.append(server)
     return servers
@@ -525,7 +544,10 @@ def _start_speech_servers(options: StackOptions) -> list[SpeechServer]:
 
 
 def _endpoint_parameters(
-    template: dict[str, Any], image_servers: list[ImageServer], speech_servers: list[SpeechServer]
+    template: dict[str, Any],
+    image_servers: list[ImageServer],
+    speech_servers: list[SpeechServer],
+    comfyui_servers: list[ComfyUIServer] | None = None,
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
@@ -533,6 +555,19 @@ def _endpoint_parameters(
     fleet, and its stand-ins then run unregistered.
     """
     parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
+    if comfyui_servers:
+        # One prompt at a time on a ComfyUI: capacity 1 keeps the queue ours (gpu-servers.md).
+        parameters[IMAGE_ENDPOINTS_PARAMETER] = json.dumps(
+            [
+                {
+                    "id": f"comfyui-{index}",
+                    "url": server.url,
+                    "protocol": "comfyui",
+                    "workflow": {"checkpoint": DEFAULT_CHECKPOINT},
+                }
+                for index, server in enumerate(comfyui_servers)
+            ]
+        )
     if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
         parameters[SPEECH_URLS_PARAMETER] = ",".join(s.url for s in speech_servers)
     return parameters
@@ -615,11 +650,14 @@ def start_stack(options: StackOptions) -> RunningStack:
     moto = MotoServer(options.moto_port, iam=options.iam)
     image_servers = _start_image_servers(options)
     speech_servers = _start_speech_servers(options)
+    comfyui_servers = _start_comfyui_servers(options)
     moto.wait_ready()
     _use_moto(moto, options.region)
 
     template = load_template()
-    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
+    endpoint_parameters = _endpoint_parameters(
+        template, image_servers, speech_servers, comfyui_servers
+    )
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
     if speech_servers and not speech_registered:
@@ -643,6 +681,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         schedules=scheduled_rules(stack, functions, log, options.schedule_speedup),
         api_url=f"http://{HOST}:{http_server.server_address[1]}",
         speech_servers=speech_servers,
+        comfyui_servers=comfyui_servers,
         s3_events=(
             s3_event_bridge(
                 stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
@@ -773,7 +812,7 @@ def _register_stand_ins(running: RunningStack, *, speech_registered: bool) -> No
     """Wait (a while) for the first health check to find the stand-ins routable, then give the
     image ones their capacity."""
     expected = {
-        "image": len(running.image_servers),
+        "image": len(running.image_servers) + len(running.comfyui_servers),
         "speech": len(running.speech_servers) * speech_registered,
     }
     if not _wait_for_endpoints(running.stack, expected):
