@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
     parser.add_argument("--image-servers", type=int, default=2, help="stand-in image endpoints")
     parser.add_argument("--image-latency", type=float, default=1.0, help="seconds per image")
     parser.add_argument(
+        "--comfyui-servers",
+        type=int,
+        default=0,
+        help="stand-in ComfyUI servers, registered as comfyui image endpoints",
+    )
+    parser.add_argument(
         "--image-capacity",
         type=int,
         default=0,
@@ -118,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         ws_port=args.ws_port,
         image_servers=args.image_servers,
         image_latency_s=args.image_latency,
+        comfyui_servers=args.comfyui_servers,
         image_capacity=args.image_capacity,
         image_protocol=args.image_protocol,
         image_port_base=IMAGE_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,

@@ -40,6 +40,7 @@ from gpuqueue_local.s3_events import (
 )
 from gpuqueue_local.scheduler import Schedule, rate_seconds
 from gpuqueue_local.standins.cog_runner import CogServer, readable_log_line
+from gpuqueue_local.standins.comfyui_server import DEFAULT_CHECKPOINT, ComfyUIKnobs, ComfyUIServer
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer
 from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
@@ -103,6 +104,9 @@ class StackOptions:
     # The wire protocol the image stand-ins are registered with: they speak the OpenAI
     # images API and A1111's (txt2img, progress, interrupt) alike.
     image_protocol: str = "openai"
+    # Stand-in ComfyUI servers, registered as comfyui image endpoints running ComfyUI's
+    # default txt2img graph; a prompt samples for image_latency_s.
+    comfyui_servers: int = 0
     speech_servers: int = 1
     speech_port_base: int = 0  # 0 = free ports
     # The real Cog server (.venv-cog) as a `cog` image endpoint of capacity 1; its model's
@@ -428,6 +432,7 @@ class RunningStack:
     api_url: str
     speech_servers: list[SpeechServer] = field(default_factory=list)
     cog_server: CogServer | None = None
+    comfyui_servers: list[ComfyUIServer] = field(default_factory=list)
     s3_events: S3EventBridge | None = None
     stream_sources: list[DynamoDbStreamSource] = field(default_factory=list)
     websocket: WebSocketGateway | None = None
@@ -454,6 +459,7 @@ class RunningStack:
             "image_protocol": self.options.image_protocol,
             "speech_servers": [s.url for s in self.speech_servers],
             "cog_server": self.cog_server.url if self.cog_server else None,
+            "comfyui_servers": [s.url for s in self.comfyui_servers],
             "demo_user": {
                 "username": DEMO_USER,
                 "password": DEMO_PASSWORD,
@@ -516,6 +522,8 @@ class RunningStack:
             image_server.stop()
         for speech_server in self.speech_servers:
             speech_server.stop()
+        for comfyui_server in self.comfyui_servers:
+            comfyui_server.stop()
         if self.cog_server is not None:
             self.cog_server.stop()
 
@@ -529,6 +537,15 @@ def _start_image_servers(options: StackOptions) -> list[ImageServer]:
                 latency_s=options.image_latency_s, capacity=options.image_capacity
             ),
         )
+        server.start()
+        servers.append(server)
+    return servers
+
+
+def _start_comfyui_servers(options: StackOptions) -> list[ComfyUIServer]:
+    servers = []
+    for _ in range(options.comfyui_servers):
+        server = ComfyUIServer(knobs=ComfyUIKnobs(latency_s=options.image_latency_s))
         server.start()
         servers.append(server)
     return servers
@@ -563,8 +580,10 @@ def _endpoint_parameters(
     template: dict[str, Any],
     image_servers: list[ImageServer],
     speech_servers: list[SpeechServer],
+    *,
     image_protocol: str = "openai",
     cog_server: CogServer | None = None,
+    comfyui_servers: list[ComfyUIServer] | None = None,
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
@@ -583,6 +602,16 @@ def _endpoint_parameters(
         declared.append(
             {"id": COG_ENDPOINT_ID, "url": cog_server.url, "protocol": "cog", "capacity": 1}
         )
+    # One prompt at a time on a ComfyUI: capacity 1 keeps the queue ours (gpu-servers.md).
+    declared += [
+        {
+            "id": f"comfyui-{index}",
+            "url": server.url,
+            "protocol": "comfyui",
+            "workflow": {"checkpoint": DEFAULT_CHECKPOINT},
+        }
+        for index, server in enumerate(comfyui_servers or [])
+    ]
     if declared:
         parameters[IMAGE_ENDPOINTS_PARAMETER] = json.dumps(declared)
     if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
@@ -668,12 +697,18 @@ def start_stack(options: StackOptions) -> RunningStack:
     image_servers = _start_image_servers(options)
     speech_servers = _start_speech_servers(options)
     cog_server = _start_cog_server(options, log)
+    comfyui_servers = _start_comfyui_servers(options)
     moto.wait_ready()
     _use_moto(moto, options.region)
 
     template = load_template()
     endpoint_parameters = _endpoint_parameters(
-        template, image_servers, speech_servers, options.image_protocol, cog_server
+        template,
+        image_servers,
+        speech_servers,
+        image_protocol=options.image_protocol,
+        cog_server=cog_server,
+        comfyui_servers=comfyui_servers,
     )
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
@@ -699,6 +734,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         api_url=f"http://{HOST}:{http_server.server_address[1]}",
         speech_servers=speech_servers,
         cog_server=cog_server,
+        comfyui_servers=comfyui_servers,
         s3_events=(
             s3_event_bridge(
                 stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
@@ -829,7 +865,9 @@ def _register_stand_ins(running: RunningStack, *, speech_registered: bool) -> No
     """Wait (a while) for the first health check to find the stand-ins routable, then give the
     image ones their capacity."""
     expected = {
-        "image": len(running.image_servers) + (running.cog_server is not None),
+        "image": len(running.image_servers)
+        + len(running.comfyui_servers)
+        + (running.cog_server is not None),
         "speech": len(running.speech_servers) * speech_registered,
     }
     if not _wait_for_endpoints(running.stack, expected):

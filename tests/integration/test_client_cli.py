@@ -1071,3 +1071,39 @@ def test_client_endpoint_calls(api: FakeApi, ops_token: str) -> None:
     with pytest.raises(ApiError) as refused:
         client.put_endpoint("gpu-2", url="http://h", kind="image", capacity=65)
     assert (refused.value.status, refused.value.field) == (400, "capacity")
+
+
+def test_endpoints_put_sends_a_comfyui_workflow_from_a_file_or_a_checkpoint(
+    cli: Invoke, api: FakeApi, ops_token: str, tmp_path: Path
+) -> None:
+    workflow = {
+        "graph": {"6": {"class_type": "CLIPTextEncode", "inputs": {"text": ""}}},
+        "prompt_node": "6",
+        "output_node": "9",
+    }
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    new = ["--url", "http://10.0.0.9:8188", "--kind", "image", "--protocol", "comfyui"]
+
+    added = cli("endpoints", "put", "comfy-1", *new, "--workflow", str(path), token=ops_token)
+    assert added.exit_code == 0, added.output
+    assert api.endpoint_puts[-1]["workflow"] == workflow
+
+    resized = cli("endpoints", "put", "comfy-1", "--capacity", "2", token=ops_token)
+    assert resized.exit_code == 0, resized.output
+    assert api.endpoint_puts[-1]["workflow"] == workflow  # kept across changes
+
+    swapped = cli(
+        "endpoints", "put", "comfy-1", "--checkpoint", "sdxl.safetensors", token=ops_token
+    )
+    assert swapped.exit_code == 0, swapped.output
+    assert api.endpoint_puts[-1]["workflow"] == {"checkpoint": "sdxl.safetensors"}
+
+    moved = cli("endpoints", "put", "comfy-1", "--protocol", "a1111", token=ops_token)
+    assert moved.exit_code == 0, moved.output
+    assert "workflow" not in api.endpoint_puts[-1]  # only comfyui endpoints take one
+
+    path.write_text("[1, 2]")
+    bad = cli("endpoints", "put", "comfy-1", "--workflow", str(path), token=ops_token)
+    assert bad.exit_code == 1
+    assert "a JSON object of graph and node ids" in bad.stderr

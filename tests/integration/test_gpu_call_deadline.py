@@ -21,6 +21,8 @@ from gpuqueue_local.standins.speech_server import SpeechServer, SpeechServerKnob
 
 BUDGET_SECONDS = 1.5
 DRIP_SECONDS = 0.4  # each piece 0.4 s apart: every read well within the budget, the whole not
+# The protocols the dripping stand-in speaks (ComfyUI's deadline: test_comfyui_adapter.py).
+DRIPPING_PROTOCOLS = [EndpointProtocol.OPENAI, EndpointProtocol.A1111]
 
 
 @pytest.fixture
@@ -47,12 +49,7 @@ def _task() -> Task:
     )
 
 
-# The protocols the image stand-in speaks; Cog's (a PUT) is dripped the same way in
-# tests/integration/test_cog_server.py.
-STAND_IN_PROTOCOLS = [p for p in EndpointProtocol if p is not EndpointProtocol.COG]
-
-
-@pytest.mark.parametrize("protocol", STAND_IN_PROTOCOLS)
+@pytest.mark.parametrize("protocol", DRIPPING_PROTOCOLS)
 def test_a_dripping_answer_is_a_timeout_at_the_calls_budget(
     dripping: ImageServer, protocol: EndpointProtocol
 ) -> None:
@@ -63,7 +60,7 @@ def test_a_dripping_answer_is_a_timeout_at_the_calls_budget(
         image_generators()[protocol].generate(endpoint, _task(), timeout_seconds=BUDGET_SECONDS)
 
 
-@pytest.mark.parametrize("protocol", STAND_IN_PROTOCOLS)
+@pytest.mark.parametrize("protocol", DRIPPING_PROTOCOLS)
 def test_an_answer_within_the_budget_is_read_whole(
     dripping: ImageServer, protocol: EndpointProtocol
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,7 +22,16 @@ endpoints_app = typer.Typer(
 ENDPOINT_STATE_STYLES = {"ACTIVE": "green", "DRAINING": "yellow", "DISABLED": "dim"}
 CIRCUIT_STYLES = {"CLOSED": "", "HALF_OPEN": "yellow", "OPEN": "red"}
 # What `endpoints put` carries over from the current row when an option is not given.
-ENDPOINT_SPEC_FIELDS = ("url", "kind", "protocol", "capacity", "weight", "state", "credentials")
+ENDPOINT_SPEC_FIELDS = (
+    "url",
+    "kind",
+    "protocol",
+    "capacity",
+    "weight",
+    "state",
+    "credentials",
+    "workflow",
+)
 
 
 class Kind(StrEnum):
@@ -31,6 +42,7 @@ class Kind(StrEnum):
 class Protocol(StrEnum):
     openai = "openai"
     a1111 = "a1111"
+    comfyui = "comfyui"
 
 
 class EndpointState(StrEnum):
@@ -145,6 +157,26 @@ def _credentials(
     return {"type": "header", "header": chosen, **store} if chosen else {"type": "bearer", **store}
 
 
+def _workflow(
+    state: State, current: object, *, path: Path | None, checkpoint: str | None, protocol: object
+) -> object:
+    """The comfyui workflow to send: the file's, the checkpoint's default graph, else the
+    current one (none once the endpoint speaks another protocol)."""
+    if path is not None and checkpoint is not None:
+        state.fail("error: give --workflow or --checkpoint, not both")
+    if checkpoint is not None:
+        return {"checkpoint": checkpoint}
+    if path is not None:
+        try:
+            loaded: object = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            state.fail(f"error: --workflow {path}: {error}")
+        if not isinstance(loaded, dict):
+            state.fail(f"error: --workflow {path}: a JSON object of graph and node ids")
+        return loaded
+    return current if protocol == Protocol.comfyui.value else None
+
+
 @endpoints_app.command("put")
 def endpoints_put(
     ctx: typer.Context,
@@ -181,6 +213,18 @@ def endpoints_put(
     no_credentials: Annotated[
         bool, typer.Option("--no-credentials", help="Call it without a key.")
     ] = False,
+    workflow: Annotated[
+        Path | None,
+        typer.Option(
+            help="comfyui: a JSON file with the API-format graph ('graph', as ComfyUI's "
+            "'Save (API)' exports it) and the node ids: prompt_node, negative_node, seed_node, "
+            "seed_input, size_node, steps_node, output_node.",
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(help="comfyui: run ComfyUI's default txt2img graph with this checkpoint."),
+    ] = None,
 ) -> None:
     """Add an endpoint (--url and --kind needed), or change the options given.
 
@@ -214,6 +258,13 @@ def endpoints_put(
             parameter=credentials_parameter,
             header=credentials_header,
             remove=no_credentials,
+        )
+        spec["workflow"] = _workflow(
+            state,
+            spec["workflow"],
+            path=workflow,
+            checkpoint=checkpoint,
+            protocol=spec["protocol"],
         )
         row = client.put_endpoint(endpoint_id, **spec)
     verb = "added" if current is None else "changed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -536,6 +537,26 @@ class CredentialRef(DeferredModel):
         return f"secret {self.secret}" if self.secret is not None else f"parameter {self.parameter}"
 
 
+class ComfyWorkflow(DeferredModel):
+    """A ComfyUI endpoint's workflow: an API-format graph (as ComfyUI's "Save (API)" exports
+    it: node id -> {"class_type", "inputs"}) and the node ids where a task's fields go. Each
+    task patches a copy: `prompt_node`/`negative_node` at `inputs.text`, `seed_node` at
+    `inputs.<seed_input>`, `size_node` at `inputs.width`/`height`, `steps_node` at
+    `inputs.steps` (its progress events are the task's steps); the image is read from
+    `output_node` (a SaveImage). What a valid one is: fleet/endpoint_specs.py."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    graph: dict[str, dict[str, Any]]
+    prompt_node: str
+    negative_node: str | None = None
+    seed_node: str | None = None
+    seed_input: str = "seed"  # KSampler's; SamplerCustom/RandomNoise call it "noise_seed"
+    size_node: str | None = None
+    steps_node: str | None = None
+    output_node: str
+
+
 class Endpoint(DeferredModel):
     """One GPU endpoint: configuration (declared or admin-managed) plus its health."""
 
@@ -562,6 +583,14 @@ class Endpoint(DeferredModel):
     circuit: CircuitState = CircuitState.CLOSED
     opened_at: float | None = None
     last_error: str | None = None
+    # protocol comfyui: the workflow each task patches (stored in the row as JSON text:
+    # DynamoDB numbers would refuse the graph's floats).
+    workflow: ComfyWorkflow | None = None
+
+    @field_validator("workflow", mode="before")
+    @classmethod
+    def _workflow_from_text(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("capacity", "weight", "consecutive_failures", mode="before")
     @classmethod

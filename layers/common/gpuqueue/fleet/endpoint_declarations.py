@@ -6,8 +6,9 @@ Per kind, two parameters, which may be used together:
   protocol `openai`, capacity 1 (until an operator sets it), no credentials, and has the id
   `<kind>-<hash of the URL>`.
 - `ImageEndpoints` / `SpeechEndpoints`: a JSON list of objects
-  `{"id"?, "url", "protocol"?, "capacity"?, "weight"?, "credentials"?}`, where
-  `credentials` names a secret or SSM parameter holding the key (`models.CredentialRef`).
+  `{"id"?, "url", "protocol"?, "capacity"?, "weight"?, "credentials"?, "workflow"?}`, where
+  `credentials` names a secret or SSM parameter holding the key (`models.CredentialRef`)
+  and `workflow` is a comfyui endpoint's graph and node ids (`endpoint_specs.ComfyWorkflowSpec`).
 
 Every entry is validated on its own (pydantic, the same rules as the admin API): a bad one
 is reported with its parameter, position (from 0), id, field and reason, and skipped; the
@@ -27,14 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from gpuqueue.fleet.endpoint_specs import (
     MAX_CAPACITY,
     MAX_WEIGHT,
+    ComfyWorkflowSpec,
     CredentialSpec,
     EndpointId,
     EndpointUrl,
     endpoint_id_for,
+    plain_workflow,
     protocol_problem,
+    workflow_problem,
 )
 from gpuqueue.gpu.credentials import CredentialScope
-from gpuqueue.models import CredentialRef, EndpointProtocol, TaskKind
+from gpuqueue.models import ComfyWorkflow, CredentialRef, EndpointProtocol, TaskKind
 
 # The stack parameters, per kind: (the URL list, the JSON list).
 PARAMETERS: Mapping[TaskKind, tuple[str, str]] = {
@@ -55,6 +59,7 @@ class EndpointEntry(BaseModel):
     capacity: int | None = Field(default=None, ge=1, le=MAX_CAPACITY)
     weight: int | None = Field(default=None, ge=1, le=MAX_WEIGHT)
     credentials: CredentialSpec | None = None
+    workflow: ComfyWorkflowSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class DeclaredEndpoint:
     capacity: int | None = None
     weight: int | None = None
     credentials: CredentialRef | None = None
+    workflow: ComfyWorkflow | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,10 @@ class _Reader:
         if wrong_protocol:
             refuse(wrong_protocol, "protocol")
             return None
+        wrong_workflow = workflow_problem(entry.protocol, entry.workflow)
+        if wrong_workflow:
+            refuse(wrong_workflow, "workflow")
+            return None
         credentials = None
         if entry.credentials is not None:
             outside = self._scope.problem(entry.credentials)
@@ -201,6 +211,7 @@ class _Reader:
             capacity=entry.capacity,
             weight=entry.weight,
             credentials=credentials,
+            workflow=plain_workflow(entry.workflow),
         )
 
     def _add(

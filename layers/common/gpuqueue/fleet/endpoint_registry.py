@@ -342,6 +342,10 @@ class EndpointRegistry:
             removes.append("credentials")
         else:
             always["credentials"] = _credentials_item(declared.credentials)
+        if declared.workflow is None:
+            removes.append("workflow")
+        else:
+            always["workflow"] = declared.workflow.model_dump_json()
         # Every attribute through a placeholder: several (url, capacity) are reserved.
         names = {f"#{k}": k for k in [*always, *keep_if_set, *removes]}
         values: dict[str, Any] = {f":{k}": v for k, v in {**always, **keep_if_set}.items()}
@@ -374,6 +378,11 @@ class EndpointRegistry:
             removes.append("credentials")
         else:
             config["credentials"] = _credentials_item(endpoint.credentials)
+        if endpoint.workflow is None:
+            removes.append("workflow")
+        else:
+            # As JSON text: DynamoDB numbers refuse the graph's floats (cfg 8.0, denoise 1.0).
+            config["workflow"] = endpoint.workflow.model_dump_json()
         defaults = {
             "healthy": False,
             "consecutive_failures": 0,

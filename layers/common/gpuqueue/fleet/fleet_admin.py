@@ -25,9 +25,12 @@ from gpuqueue.fleet.endpoint_specs import (
     ENDPOINT_ID_PATTERN,
     MAX_CAPACITY,
     MAX_WEIGHT,
+    ComfyWorkflowSpec,
     CredentialSpec,
     EndpointUrl,
+    plain_workflow,
     protocol_problem,
+    workflow_problem,
 )
 from gpuqueue.gpu.credentials import CredentialScope
 from gpuqueue.models import (
@@ -39,7 +42,7 @@ from gpuqueue.models import (
 )
 
 # What a declared row keeps from the stack parameter; the rest is the operator's to change.
-DECLARED_FIELDS = ("url", "kind", "protocol", "credentials")
+DECLARED_FIELDS = ("url", "kind", "protocol", "credentials", "workflow")
 DECLARING_PARAMETERS = "ImageEndpointUrls/ImageEndpoints (SpeechEndpointUrls/SpeechEndpoints)"
 
 
@@ -66,12 +69,25 @@ class EndpointSpec(BaseModel):
     # Where its API key or token is kept (a secret or SSM parameter under the stack's
     # prefix), never the value; None: calls carry no credentials.
     credentials: CredentialSpec | None = None
+    # protocol comfyui: the workflow its tasks run (required there, refused elsewhere).
+    workflow: ComfyWorkflowSpec | None = Field(default=None, validate_default=True)
 
     @field_validator("protocol")
     @classmethod
     def _protocol_of_kind(cls, value: EndpointProtocol, info: ValidationInfo) -> EndpointProtocol:
         kind = info.data.get("kind")
         problem = protocol_problem(kind, value) if isinstance(kind, TaskKind) else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("workflow")
+    @classmethod
+    def _workflow_of_protocol(
+        cls, value: ComfyWorkflowSpec | None, info: ValidationInfo
+    ) -> ComfyWorkflowSpec | None:
+        protocol = info.data.get("protocol")
+        problem = workflow_problem(protocol, value) if protocol is not None else None
         if problem:
             raise ValueError(problem)
         return value
@@ -159,6 +175,7 @@ class FleetAdmin:
                 state=spec.state,
                 source=source,
                 credentials=_plain(spec.credentials),
+                workflow=plain_workflow(spec.workflow),
             )
         )
         return self._view(saved)

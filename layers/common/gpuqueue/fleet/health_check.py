@@ -39,12 +39,27 @@ def status_200(response: requests.Response) -> str | None:
     return f"health check answered HTTP {response.status_code}"
 
 
+def comfyui_system_stats(response: requests.Response) -> str | None:
+    """ComfyUI answers /system_stats 200 whenever its process is up (it has no busy or
+    loading state); a 200 without its `system` object is some other server on that port."""
+    if response.status_code != 200:
+        return f"/system_stats answered HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        return "/system_stats answered no JSON: not a ComfyUI server"
+    if not isinstance(body, dict) or not isinstance(body.get("system"), dict):
+        return "/system_stats answered without 'system': not a ComfyUI server"
+    return None
+
+
 # Per protocol; a protocol not listed is probed at /health, healthy on HTTP 200.
 HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {
     # A1111 has no health route; its progress route is cheap and always there (without
     # the live preview's base64). Busy is healthy: its queue is ours to size.
     EndpointProtocol.A1111: HealthProbe("/sdapi/v1/progress?skip_current_image=true", status_200),
     EndpointProtocol.COG: HealthProbe("/health-check", cog_client.health_problem),
+    EndpointProtocol.COMFYUI: HealthProbe("/system_stats", comfyui_system_stats),
 }
 DEFAULT_PROBE = HealthProbe("/health", status_200)
 

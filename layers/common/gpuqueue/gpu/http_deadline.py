@@ -52,8 +52,34 @@ def post_within(
     body is read, with its Content-Length (None when it has none usable: a compressed or
     chunked answer); it may wait (for memory) within `seconds_left`, and returns the most
     the body may be (None: `max_bytes`)."""
+    return request_within(
+        session,
+        method,
+        url,
+        seconds=seconds,
+        connect_seconds=connect_seconds,
+        max_bytes=max_bytes,
+        on_answer=on_answer,
+        **kwargs,
+    )
+
+
+def request_within(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    seconds: float,
+    connect_seconds: float,
+    max_bytes: int | None = None,
+    on_answer: Callable[[int | None, float], int | None] | None = None,
+    **kwargs: Any,
+) -> requests.Response:
+    """`post_within` for any method (ComfyUI's image comes from a GET /view, Cog's
+    prediction is created by a PUT)."""
     deadline = time.monotonic() + seconds
     connect = min(connect_seconds, seconds)
+    # session.post / session.get rather than session.request: what test doubles implement.
     send = session.post if method == "POST" else getattr(session, method.lower())
     response = send(url, timeout=(connect, seconds), stream=True, **kwargs)
     try:

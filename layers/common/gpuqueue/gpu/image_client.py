@@ -258,12 +258,16 @@ def image_generators(
     # Imported here: the protocol modules build on this one's shared pieces (_post, ...).
     from gpuqueue.gpu.cog_client import CogImageClient  # noqa: PLC0415
 
+    # Imported here: the adapter module imports this one's shared pieces.
+    from gpuqueue.gpu.comfyui_client import ComfyUIImageClient  # noqa: PLC0415
+
     session = session or requests.Session()
     credentials = credentials or GpuCredentials()
     return {
         EndpointProtocol.OPENAI: OpenAIImageClient(session, credentials),
         EndpointProtocol.A1111: A1111ImageClient(session, credentials),
         EndpointProtocol.COG: CogImageClient(session, credentials),
+        EndpointProtocol.COMFYUI: ComfyUIImageClient(session, credentials),
     }
 
 
