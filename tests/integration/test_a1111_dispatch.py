@@ -107,7 +107,7 @@ def test_a_cancel_of_the_running_task_stops_the_gpu_and_frees_its_slot(
 
     asked = time.monotonic()
     answer = h.cancel(alice, task_id)
-    assert answer.status == 200, answer.body
+    assert answer.status == 202, answer.body
     assert answer.json()["status"] == "RUNNING"
     assert answer.json()["cancel_requested"] is True
     wait_for(lambda: _view(h, alice, task_id)["status"] == "CANCELED", timeout=5, what="CANCELED")

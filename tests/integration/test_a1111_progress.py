@@ -124,7 +124,7 @@ def test_rising_progress_of_our_task_is_reported_and_the_png_returned(
     # The ETA is A1111's own (from its start time), shrinking as the job goes.
     etas = [eta for _, _, eta in watch.reports if eta is not None]
     assert etas
-    assert etas[-1] < etas[0] < 4.0
+    assert etas[-1] <= etas[0] < 4.0
     assert watch.job_ids == [a1111_task_id(task().task_id, 0)]
     assert a1111_stats(server)["interrupted"] == 0
 

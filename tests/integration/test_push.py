@@ -341,7 +341,7 @@ def test_a_cancel_asked_while_it_runs_is_pushed_then_its_end(push: PushStack) ->
         push.harness.pump_task_events()
         assert next_message(client)["type"] == "task.progress"
 
-        assert push.harness.cancel(alice, claim.task.task_id).status == 200
+        assert push.harness.cancel(alice, claim.task.task_id).status == 202
         push.harness.pump_task_events()
         asked = next_message(client)
         assert tasks_of(push).cancel_running(claim)
