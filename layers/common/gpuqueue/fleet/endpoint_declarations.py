@@ -30,6 +30,7 @@ from gpuqueue.fleet.endpoint_specs import (
     CredentialSpec,
     EndpointId,
     EndpointUrl,
+    callback_problem,
     endpoint_id_for,
     protocol_problem,
 )
@@ -55,6 +56,7 @@ class EndpointEntry(BaseModel):
     capacity: int | None = Field(default=None, ge=1, le=MAX_CAPACITY)
     weight: int | None = Field(default=None, ge=1, le=MAX_WEIGHT)
     credentials: CredentialSpec | None = None
+    callback: bool = False  # cog only: predictions reported by webhook
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class DeclaredEndpoint:
     capacity: int | None = None
     weight: int | None = None
     credentials: CredentialRef | None = None
+    callback: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,10 @@ class _Reader:
         if wrong_protocol:
             refuse(wrong_protocol, "protocol")
             return None
+        wrong_callback = callback_problem(entry.protocol, entry.callback)
+        if wrong_callback:
+            refuse(wrong_callback, "callback")
+            return None
         credentials = None
         if entry.credentials is not None:
             outside = self._scope.problem(entry.credentials)
@@ -201,6 +208,7 @@ class _Reader:
             capacity=entry.capacity,
             weight=entry.weight,
             credentials=credentials,
+            callback=entry.callback,
         )
 
     def _add(

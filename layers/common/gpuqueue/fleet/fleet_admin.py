@@ -27,6 +27,7 @@ from gpuqueue.fleet.endpoint_specs import (
     MAX_WEIGHT,
     CredentialSpec,
     EndpointUrl,
+    callback_problem,
     protocol_problem,
 )
 from gpuqueue.gpu.credentials import CredentialScope
@@ -39,7 +40,7 @@ from gpuqueue.models import (
 )
 
 # What a declared row keeps from the stack parameter; the rest is the operator's to change.
-DECLARED_FIELDS = ("url", "kind", "protocol", "credentials")
+DECLARED_FIELDS = ("url", "kind", "protocol", "credentials", "callback")
 DECLARING_PARAMETERS = "ImageEndpointUrls/ImageEndpoints (SpeechEndpointUrls/SpeechEndpoints)"
 
 
@@ -66,12 +67,23 @@ class EndpointSpec(BaseModel):
     # Where its API key or token is kept (a secret or SSM parameter under the stack's
     # prefix), never the value; None: calls carry no credentials.
     credentials: CredentialSpec | None = None
+    # Cog only: start predictions with a webhook, no Lambda waiting on them.
+    callback: bool = False
 
     @field_validator("protocol")
     @classmethod
     def _protocol_of_kind(cls, value: EndpointProtocol, info: ValidationInfo) -> EndpointProtocol:
         kind = info.data.get("kind")
         problem = protocol_problem(kind, value) if isinstance(kind, TaskKind) else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("callback")
+    @classmethod
+    def _callback_on_cog(cls, value: bool, info: ValidationInfo) -> bool:
+        protocol = info.data.get("protocol")
+        problem = callback_problem(protocol, value) if protocol is not None else None
         if problem:
             raise ValueError(problem)
         return value
@@ -159,6 +171,7 @@ class FleetAdmin:
                 state=spec.state,
                 source=source,
                 credentials=_plain(spec.credentials),
+                callback=spec.callback,
             )
         )
         return self._view(saved)
