@@ -246,12 +246,17 @@ def _with_local_urls(env: dict[str, str], local_urls: dict[str, str] | None) -> 
 
 
 def local_aws_urls(
-    stack: LocalStack, moto_url: str, websocket: WebSocketGateway | None
+    stack: LocalStack,
+    moto_url: str,
+    websocket: WebSocketGateway | None,
+    api_url: str | None = None,
 ) -> dict[str, str]:
     """The one place AWS URLs in function env vars become local ones: the user pool's JWKS
-    (served by moto) and the WebSocket API's URL and management endpoint (the local
-    gateway's)."""
+    (served by moto), the WebSocket API's URL and management endpoint (the local
+    gateway's), and the HTTP API's URL GPU servers call back (the local gateway's)."""
     urls = {}
+    if api_url is not None:
+        urls["GPU_CALLBACK_BASE_URL"] = api_url
     if "UserPool" in stack.resolver.refs:
         urls["JWKS_URL"] = jwks_url(moto_url, stack.ref("UserPool"))
     if websocket is not None:
@@ -626,11 +631,14 @@ def start_stack(options: StackOptions) -> RunningStack:
         log.system(f"the template has no {SPEECH_URLS_PARAMETER}: speech stand-ins unregistered")
 
     websocket = _start_websocket_gateway(stack, options, log)
-    functions = _function_runtimes(options, stack, moto, websocket, log)
+    # Known before the functions start: GPU servers in callback mode are told to call it.
+    api_port = options.port or free_port()
+    api_url = f"http://{HOST}:{api_port}"
+    functions = _function_runtimes(options, stack, moto, websocket, log, api_url=api_url)
     sources = sqs_event_sources(stack, functions, log, options.region)
     warmers = _start_warming(options, stack, functions, sources)
     gateway = ApiGateway(routes=http_routes(stack, moto.url), functions=functions)
-    http_server = gateway.serve(HOST, options.port)
+    http_server = gateway.serve(HOST, api_port)
     running = RunningStack(
         options=options,
         log=log,
@@ -641,7 +649,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         gateway=gateway,
         sources=sources,
         schedules=scheduled_rules(stack, functions, log, options.schedule_speedup),
-        api_url=f"http://{HOST}:{http_server.server_address[1]}",
+        api_url=api_url,
         speech_servers=speech_servers,
         s3_events=(
             s3_event_bridge(
@@ -715,6 +723,8 @@ def _function_runtimes(
     moto: MotoServer,
     websocket: WebSocketGateway | None,
     log: LogPrinter,
+    *,
+    api_url: str | None = None,
 ) -> dict[str, FunctionRuntime]:
     """A runtime per function of the template, its environment as Lambda's plus moto's URL."""
     base_env = {
@@ -731,7 +741,7 @@ def _function_runtimes(
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
     extra_env = local_function_env(options, stack)
-    specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket))
+    specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket, api_url))
     return {
         name: FunctionRuntime(
             spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
