@@ -5,6 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 SAM_VENV := .venv-sam
+# The real Cog server (cog + coglet from PyPI) that the e2e tests and `make up UP_ARGS=--cog-server` run.
+COG_VENV := .venv-cog
 PY := $(VENV)/bin/python
 SAM := $(SAM_VENV)/bin/sam
 REGION ?= us-east-1
@@ -49,7 +51,15 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 	$(SAM_VENV)/bin/python -m pip install -qq -r requirements-sam.txt
 	touch $@
 
-venv: $(VENV)/.installed $(SAM_VENV)/.installed ## create both virtualenvs (dev tools, aws-sam-cli)
+# Cog's server pins its own dependencies and spawns its worker as `python3` from PATH, so it
+# gets a venv of its own (the runner puts its bin first on PATH).
+$(COG_VENV)/.installed: requirements-cog.txt
+	$(PYTHON) -m venv $(COG_VENV)
+	$(COG_VENV)/bin/python -m pip install -qq --upgrade pip
+	$(COG_VENV)/bin/python -m pip install -qq -r requirements-cog.txt
+	touch $@
+
+venv: $(VENV)/.installed $(SAM_VENV)/.installed $(COG_VENV)/.installed ## create the virtualenvs (dev tools, aws-sam-cli, the Cog server)
 
 system-packages: ## Debian packages the tests need (espeak-ng makes test speech); a no-op once there
 	bash tools/install_system_packages.sh
@@ -72,7 +82,7 @@ fmt: venv ## format and autofix
 # here; docs/permissions.md is rebuilt from the records (grants nothing used, calls refused).
 IAM_AUDIT_DIR := .aws-sam/iam-audit
 
-test: lint system-packages ## everything CI runs: lint, then the whole pytest suite (IAM enforced per function, branch coverage with a floor), then docs/permissions.md
+test: lint system-packages $(COG_VENV)/.installed ## everything CI runs: lint, then the whole pytest suite (IAM enforced per function, branch coverage with a floor), then docs/permissions.md
 	rm -rf $(IAM_AUDIT_DIR) && mkdir -p $(IAM_AUDIT_DIR)
 	GPUQUEUE_IAM_AUDIT_DIR=$(CURDIR)/$(IAM_AUDIT_DIR) $(PY) -m pytest $(PYTEST_ARGS) $(COVERAGE_ARGS)
 	$(PY) tools/permissions_report.py --audit-dir $(IAM_AUDIT_DIR) --out docs/permissions.md
@@ -142,8 +152,8 @@ invoke-%: venv ## sam local invoke <Name>Function with events/<name>_*.json agai
 	echo "sam local invoke $$logical --event $$event --env-vars events/env.local.json"; \
 	$(SAM) local invoke "$$logical" --event "$$event" --env-vars events/env.local.json
 
-up: $(VENV)/.installed ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
+up: $(VENV)/.installed $(COG_VENV)/.installed ## the whole system locally (PORT=3000, or $$GPUQUEUE_PORT; UP_ARGS="--image-latency 3")
 	PYTHONPATH=local $(PY) -m gpuqueue_local --port $(PORT) $(UP_ARGS)
 
 clean: ## remove venvs and build output
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(COG_VENV) .aws-sam .mypy_cache .ruff_cache

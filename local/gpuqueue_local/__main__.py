@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         "--speech-servers", type=int, default=1, help="stand-in speech endpoints (PocketSphinx)"
     )
     parser.add_argument(
+        "--cog-server",
+        action="store_true",
+        help="also run the real Cog server (.venv-cog; `make venv` builds it) as a cog endpoint",
+    )
+    parser.add_argument(
+        "--cog-step-delay", type=float, default=None, help="seconds per step of the Cog model"
+    )
+    parser.add_argument(
         "--docker-ports",
         action="store_true",
         help="moto on 5000 and image stand-ins on 8001+, as events/env.local.json expects; "
@@ -106,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         image_port_base=IMAGE_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
         speech_servers=args.speech_servers,
         speech_port_base=SPEECH_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
+        cog_server=args.cog_server,
+        cog_step_delay_s=args.cog_step_delay,
         s3_events=not args.no_s3_events,
         s3_poll_interval_s=args.s3_poll_interval,
         schedule_speedup=args.schedule_speedup,

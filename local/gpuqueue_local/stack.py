@@ -3,7 +3,8 @@
 moto server (the AWS APIs) -> provisioning from the template -> a worker pool per function
 -> the HTTP API gateway with the JWT authorizer, the SQS event source mappings, the
 schedules and the S3 -> EventBridge rules the template declares -> stand-in GPU endpoints
-(images) and speech endpoints (PocketSphinx).
+(images) and speech endpoints (PocketSphinx), and, as an option, the real Cog server
+(`--cog-server`: a `cog` image endpoint of capacity 1).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gpuqueue_local.s3_events import (
     template_rules,
 )
 from gpuqueue_local.scheduler import Schedule, rate_seconds
+from gpuqueue_local.standins.cog_runner import CogServer, readable_log_line
 from gpuqueue_local.standins.image_server import ImageServer, ImageServerKnobs
 from gpuqueue_local.standins.speech_server import SpeechServer
 from gpuqueue_local.template import REPO_ROOT, function_property, load_template, resources_of_type
@@ -61,6 +63,9 @@ IMAGE_PORT_BASE_FOR_DOCKER = 8001
 SPEECH_PORT_BASE_FOR_DOCKER = 8101
 # The template parameters the stand-ins' URLs go into (comma-separated).
 IMAGE_URLS_PARAMETER = "ImageEndpointUrls"
+# The JSON list the Cog server is declared in (it needs a protocol, which the URL list lacks).
+IMAGE_ENDPOINTS_PARAMETER = "ImageEndpoints"
+COG_ENDPOINT_ID = "image-cog-local"
 SPEECH_URLS_PARAMETER = "SpeechEndpointUrls"
 # Every client of the local stack comes from 127.0.0.1: per-source limits sized for one
 # address on the internet would make the e2e suite, `make load` and the bench one client.
@@ -95,6 +100,10 @@ class StackOptions:
     image_port_base: int = 0  # 0 = free ports
     speech_servers: int = 1
     speech_port_base: int = 0  # 0 = free ports
+    # The real Cog server (.venv-cog) as a `cog` image endpoint of capacity 1; its model's
+    # seconds per step (None: the model's default, 0.1 s).
+    cog_server: bool = False
+    cog_step_delay_s: float | None = None
     s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
     s3_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     schedule_speedup: float = 1.0
@@ -418,6 +427,7 @@ class RunningStack:
     schedules: list[Schedule]
     api_url: str
     speech_servers: list[SpeechServer] = field(default_factory=list)
+    cog_server: CogServer | None = None
     s3_events: S3EventBridge | None = None
     stream_sources: list[DynamoDbStreamSource] = field(default_factory=list)
     websocket: WebSocketGateway | None = None
@@ -442,6 +452,7 @@ class RunningStack:
             "resources": dict(self.stack.resolver.refs),
             "image_servers": [s.url for s in self.image_servers],
             "speech_servers": [s.url for s in self.speech_servers],
+            "cog_server": self.cog_server.url if self.cog_server else None,
             "demo_user": {
                 "username": DEMO_USER,
                 "password": DEMO_PASSWORD,
@@ -496,11 +507,16 @@ class RunningStack:
             self.websocket.stop()
         for runtime in self.functions.values():
             runtime.stop()
+        self._stop_gpu_servers()
+        self.moto.stop()
+
+    def _stop_gpu_servers(self) -> None:
         for image_server in self.image_servers:
             image_server.stop()
         for speech_server in self.speech_servers:
             speech_server.stop()
-        self.moto.stop()
+        if self.cog_server is not None:
+            self.cog_server.stop()
 
 
 def _start_image_servers(options: StackOptions) -> list[ImageServer]:
@@ -529,15 +545,35 @@ def _start_speech_servers(options: StackOptions) -> list[SpeechServer]:
     return servers
 
 
+def _start_cog_server(options: StackOptions, log: LogPrinter) -> CogServer | None:
+    """The real Cog server, READY (a second or so), or None when not asked for."""
+    if not options.cog_server:
+        return None
+    server = CogServer(
+        step_delay_s=options.cog_step_delay_s,
+        log=lambda line: log.function("cog", readable_log_line(line)),
+    )
+    server.start()
+    log.system(f"Cog server (coglet) ready on {server.url}")
+    return server
+
+
 def _endpoint_parameters(
-    template: dict[str, Any], image_servers: list[ImageServer], speech_servers: list[SpeechServer]
+    template: dict[str, Any],
+    image_servers: list[ImageServer],
+    speech_servers: list[SpeechServer],
+    cog_server: CogServer | None = None,
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
     SpeechEndpointUrls only when the template declares it: an older template has no speech
-    fleet, and its stand-ins then run unregistered.
+    fleet, and its stand-ins then run unregistered. The Cog server goes in ImageEndpoints,
+    with its protocol and its one slot.
     """
     parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
+    if cog_server is not None:
+        cog_entry = {"id": COG_ENDPOINT_ID, "url": cog_server.url, "protocol": "cog", "capacity": 1}
+        parameters[IMAGE_ENDPOINTS_PARAMETER] = json.dumps([cog_entry])
     if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
         parameters[SPEECH_URLS_PARAMETER] = ",".join(s.url for s in speech_servers)
     return parameters
@@ -620,11 +656,12 @@ def start_stack(options: StackOptions) -> RunningStack:
     moto = MotoServer(options.moto_port, iam=options.iam)
     image_servers = _start_image_servers(options)
     speech_servers = _start_speech_servers(options)
+    cog_server = _start_cog_server(options, log)
     moto.wait_ready()
     _use_moto(moto, options.region)
 
     template = load_template()
-    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers)
+    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers, cog_server)
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
     if speech_servers and not speech_registered:
@@ -651,6 +688,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         schedules=scheduled_rules(stack, functions, log, options.schedule_speedup),
         api_url=api_url,
         speech_servers=speech_servers,
+        cog_server=cog_server,
         s3_events=(
             s3_event_bridge(
                 stack, functions, log, interval_s=options.s3_poll_interval_s, endpoint_url=moto.url
@@ -783,7 +821,7 @@ def _register_stand_ins(running: RunningStack, *, speech_registered: bool) -> No
     """Wait (a while) for the first health check to find the stand-ins routable, then give the
     image ones their capacity."""
     expected = {
-        "image": len(running.image_servers),
+        "image": len(running.image_servers) + (running.cog_server is not None),
         "speech": len(running.speech_servers) * speech_registered,
     }
     if not _wait_for_endpoints(running.stack, expected):
@@ -818,7 +856,11 @@ def _register_capacity(stack: LocalStack, kind: str, capacity: int) -> None:
     operator sets the real figure, as `gpuqueue endpoints put --capacity` does)."""
     table = boto3.resource("dynamodb").Table(stack.ref("EndpointsTable"))
     for row in table.scan().get("Items", []):  # a handful of rows; local only
-        if row.get("row_type", "endpoint") == "endpoint" and row.get("kind") == kind:
+        if (
+            row.get("row_type", "endpoint") == "endpoint"
+            and row.get("kind") == kind
+            and row.get("protocol") != "cog"  # Cog's one slot is what it declared
+        ):
             table.update_item(
                 Key={"endpoint_id": row["endpoint_id"]},
                 UpdateExpression="SET #c = :c",
@@ -881,6 +923,7 @@ def banner(running: RunningStack) -> str:
             f"  admin user     {ADMIN_USER} / {ADMIN_PASSWORD} (group admin: /api/v1/admin)",
             f"  GPU stand-ins  {', '.join(s.url for s in running.image_servers) or 'none'}",
             f"  speech         {', '.join(s.url for s in running.speech_servers) or 'none'}",
+            *([f"  Cog server     {running.cog_server.url}"] if running.cog_server else []),
             f"  AWS (moto)     {running.moto.url}",
             *push,
             "",

@@ -13,6 +13,7 @@ from PIL import Image
 from urllib3 import HTTPResponse
 
 from gpuqueue.errors import PermanentGpuError, RetryableGpuError
+from gpuqueue.gpu.cog_client import CogImageClient
 from gpuqueue.gpu.image_client import (
     A1111ImageClient,
     OpenAIImageClient,
@@ -357,7 +358,11 @@ def test_image_generators_has_one_adapter_per_protocol() -> None:
 
 @pytest.mark.parametrize(
     ("protocol", "adapter"),
-    [(EndpointProtocol.OPENAI, OpenAIImageClient), (EndpointProtocol.A1111, A1111ImageClient)],
+    [
+        (EndpointProtocol.OPENAI, OpenAIImageClient),
+        (EndpointProtocol.A1111, A1111ImageClient),
+        (EndpointProtocol.COG, CogImageClient),
+    ],
 )
 def test_image_generators_maps_each_protocol_to_its_adapter(
     protocol: EndpointProtocol, adapter: type

@@ -17,6 +17,7 @@ import requests
 from gpuqueue.errors import GpuError
 from gpuqueue.fleet.endpoint_declarations import Declaration
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu import cog_client
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.models import Endpoint, EndpointProtocol, EndpointState, HealthResult, TaskKind
 
@@ -39,7 +40,9 @@ def status_200(response: requests.Response) -> str | None:
 
 
 # Per protocol; a protocol not listed is probed at /health, healthy on HTTP 200.
-HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {}
+HEALTH_PROBES: dict[EndpointProtocol, HealthProbe] = {
+    EndpointProtocol.COG: HealthProbe("/health-check", cog_client.health_problem),
+}
 DEFAULT_PROBE = HealthProbe("/health", status_200)
 
 

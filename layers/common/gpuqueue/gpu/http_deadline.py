@@ -1,4 +1,4 @@
-"""An HTTP POST bounded by a deadline for the whole call, not for each read.
+"""An HTTP POST (or PUT) bounded by a deadline for the whole call, not for each read.
 
 `requests`' read timeout bounds each socket read. A GPU server that sends its answer a few
 bytes at a time, each piece within the timeout, keeps a call going long past it: past the
@@ -42,9 +42,11 @@ def post_within(
     connect_seconds: float,
     max_bytes: int | None = None,
     on_answer: Callable[[int | None, float], int | None] | None = None,
+    method: str = "POST",
     **kwargs: Any,
 ) -> requests.Response:
-    """POST and read the whole answer within `seconds` of the start (connect included).
+    """POST (or `method`: Cog creates a prediction with a PUT) and read the whole answer
+    within `seconds` of the start (connect included).
 
     `on_answer(size, seconds_left)` is called once the answer's headers are in, before its
     body is read, with its Content-Length (None when it has none usable: a compressed or
@@ -52,7 +54,8 @@ def post_within(
     the body may be (None: `max_bytes`)."""
     deadline = time.monotonic() + seconds
     connect = min(connect_seconds, seconds)
-    response = session.post(url, timeout=(connect, seconds), stream=True, **kwargs)
+    send = session.post if method == "POST" else getattr(session, method.lower())
+    response = send(url, timeout=(connect, seconds), stream=True, **kwargs)
     try:
         size = _announced_size(response, max_bytes)
         if on_answer is not None:

@@ -77,6 +77,7 @@ def _post(
     credentials: GpuCredentials,
     params: ImageParams,
     hold: MemoryHold | None,
+    method: str = "POST",
 ) -> requests.Response:
     url = f"{endpoint.url.rstrip('/')}{path}"
     limit = image_answer_limit(params)
@@ -91,6 +92,7 @@ def _post(
                 connect_seconds=CONNECT_TIMEOUT_SECONDS,
                 max_bytes=limit,
                 on_answer=reserve,
+                method=method,
                 json=body,
                 headers=dict(headers) | IDENTITY,
             ),
@@ -224,11 +226,15 @@ def image_generators(
     credentials: GpuCredentials | None = None,
 ) -> dict[EndpointProtocol, ImageGenerator]:
     """One adapter per wire protocol, sharing a connection pool and the credentials."""
+    # Imported here: the protocol modules build on this one's shared pieces (_post, ...).
+    from gpuqueue.gpu.cog_client import CogImageClient  # noqa: PLC0415
+
     session = session or requests.Session()
     credentials = credentials or GpuCredentials()
     return {
         EndpointProtocol.OPENAI: OpenAIImageClient(session, credentials),
         EndpointProtocol.A1111: A1111ImageClient(session, credentials),
+        EndpointProtocol.COG: CogImageClient(session, credentials),
     }
 
 
