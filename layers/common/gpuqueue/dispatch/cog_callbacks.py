@@ -46,15 +46,14 @@ from aws_lambda_powertools import Logger
 from gpuqueue.errors import GpuError, InvalidInput, StoreError, TaskNotFound
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import HeldSlot
+from gpuqueue.gpu.cog_client import parse_progress, prediction_id
 from gpuqueue.gpu.cog_webhooks import (
     CogPredictions,
     CogStatus,
     CogWebhook,
     fits_callback,
     png_of,
-    progress_of_logs,
 )
-from gpuqueue.gpu.image_client import image_answer_limit
 from gpuqueue.models import (
     CallbackLease,
     CallbackWait,
@@ -93,11 +92,6 @@ def token_matches(token: str | None, stored_hash: str) -> bool:
 def callback_url(base_url: str, task_id: str, token: str) -> str:
     path = CALLBACK_ROUTE.format(task_id=quote(task_id, safe=""))
     return f"{base_url.rstrip('/')}{path}?token={quote(token, safe='')}"
-
-
-def prediction_id_for(task: Task) -> str:
-    """One prediction per attempt: a repeated PUT of the same attempt is the same one."""
-    return f"{task.task_id}-{task.attempt}"
 
 
 class CallbackStartRefused(Exception):
@@ -148,7 +142,7 @@ class CallbackStarter:
         until = now + lease_seconds
         leases = [lease for lease in (slot.lease, slot.seat) if lease is not None]
         wait = CallbackWait(
-            prediction_id=prediction_id_for(task),
+            prediction_id=prediction_id(task),  # one per attempt
             token_hash=token_hash(token),
             lease_id=claim.lease_id,
             endpoint_id=endpoint.endpoint_id,
@@ -254,7 +248,7 @@ class CogCallbacks:
     def _running(self, task: Task, wait: CallbackWait, webhook: CogWebhook) -> CallbackAnswer:
         if task.cancel_requested_at is not None:
             return self._cancel(wait)
-        counted = progress_of_logs(webhook.logs)
+        counted = parse_progress(webhook.logs or "")
         if counted is None:
             return CallbackAnswer.NOTHING_NEW
         step, steps = counted
@@ -304,8 +298,8 @@ class CogCallbacks:
             self._free_slots(wait, call_seconds=None)
             return self._canceled(claim)
         try:
-            png = png_of(webhook.output, max_bytes=image_answer_limit(task.params))
-        except ValueError as error:
+            png = png_of(self._endpoint_of(wait), webhook.output, params=task.params)
+        except GpuError as error:
             return self._failed(claim, wait, webhook, error=str(error))
         key = self._images.put_png(task.task_id, png)  # StoreError: 5xx, Cog sends it again
         self._free_slots(wait, call_seconds=call_seconds)
@@ -335,6 +329,13 @@ class CogCallbacks:
         if not self._tasks.fail(claim, error=reason):
             return CallbackAnswer.STALE
         return CallbackAnswer.FAILED
+
+    def _endpoint_of(self, wait: CallbackWait) -> Endpoint:
+        """The endpoint row (its id alone, for messages, if it was deleted meanwhile)."""
+        found = self._registry.get(wait.endpoint_id)
+        if found is not None:
+            return found
+        return Endpoint(endpoint_id=wait.endpoint_id, url="http://gone", kind=TaskKind.IMAGE)
 
     def _free_slots(self, wait: CallbackWait, *, call_seconds: float | None) -> None:
         for held in wait.leases:
