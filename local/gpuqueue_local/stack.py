@@ -28,7 +28,7 @@ from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource
 from gpuqueue_local.emulator_iam import EmulatorIam
 from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
-from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
+from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec, InvocationLog
 from gpuqueue_local.moto_iam import AUDIT_FILE_ENV
 from gpuqueue_local.moto_server import AUDIT_DIR_ENV, IAM_SWITCH_ENV
 from gpuqueue_local.provision import LocalStack, provision
@@ -104,6 +104,9 @@ class StackOptions:
     # seconds per step (None: the model's default, 0.1 s).
     cog_server: bool = False
     cog_step_delay_s: float | None = None
+    cog_callback: bool = False  # the Cog endpoint in callback mode (`callback: true`)
+    # Each invocation's function, start and end (epoch seconds), one JSON line each.
+    invocation_log: Path | None = None
     s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
     s3_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     schedule_speedup: float = 1.0
@@ -563,6 +566,8 @@ def _endpoint_parameters(
     image_servers: list[ImageServer],
     speech_servers: list[SpeechServer],
     cog_server: CogServer | None = None,
+    *,
+    cog_callback: bool = False,
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
@@ -572,7 +577,14 @@ def _endpoint_parameters(
     """
     parameters = {IMAGE_URLS_PARAMETER: ",".join(s.url for s in image_servers)}
     if cog_server is not None:
-        cog_entry = {"id": COG_ENDPOINT_ID, "url": cog_server.url, "protocol": "cog", "capacity": 1}
+        cog_entry: dict[str, Any] = {
+            "id": COG_ENDPOINT_ID,
+            "url": cog_server.url,
+            "protocol": "cog",
+            "capacity": 1,
+        }
+        if cog_callback:
+            cog_entry["callback"] = True
         parameters[IMAGE_ENDPOINTS_PARAMETER] = json.dumps([cog_entry])
     if speech_servers and SPEECH_URLS_PARAMETER in template.get("Parameters", {}):
         parameters[SPEECH_URLS_PARAMETER] = ",".join(s.url for s in speech_servers)
@@ -661,7 +673,9 @@ def start_stack(options: StackOptions) -> RunningStack:
     _use_moto(moto, options.region)
 
     template = load_template()
-    endpoint_parameters = _endpoint_parameters(template, image_servers, speech_servers, cog_server)
+    endpoint_parameters = _endpoint_parameters(
+        template, image_servers, speech_servers, cog_server, cog_callback=options.cog_callback
+    )
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
     if speech_servers and not speech_registered:
@@ -780,9 +794,14 @@ def _function_runtimes(
     }
     extra_env = local_function_env(options, stack)
     specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket, api_url))
+    record = InvocationLog(options.invocation_log) if options.invocation_log else None
     return {
         name: FunctionRuntime(
-            spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
+            spec,
+            base_env,
+            log=log.function,
+            max_concurrency=LOCAL_MAX_CONCURRENCY,
+            on_invocation=record,
         )
         for name, spec in specs.items()
     }

@@ -223,7 +223,8 @@ def test_the_dispatcher_starts_the_prediction_and_returns_with_the_slot_leased(w
     assert webhook.path == f"/api/v1/callbacks/cog/{task.task_id}"
     running = world.task(task.task_id)
     assert running.status is TaskStatus.RUNNING
-    assert running.lease_until is not None and running.lease_until >= before + TIMEOUT
+    assert running.lease_until is not None
+    assert running.lease_until >= before + TIMEOUT
     assert running.callback is not None
     assert token_of(start) not in json.dumps(running.model_dump(mode="json"))  # a hash only
     (slot,) = world.slot_rows()
@@ -235,7 +236,7 @@ def test_a_second_task_waits_for_the_slot_the_first_still_holds(world, cog):
     started(world, cog)
     other = world.submit()
 
-    with pytest.raises(Exception, match="slot|busy|free"):
+    with pytest.raises(Exception, match=r"slot|busy|free"):
         world.dispatcher.dispatch(
             QueueMessage(task_id=other.task_id), remaining_seconds=lambda: PLENTY
         )
@@ -251,13 +252,16 @@ def test_progress_is_written_at_most_once_per_two_seconds(world, cog):
 
     assert (first, soon) == (CallbackAnswer.PROGRESS, CallbackAnswer.NOTHING_NEW)
     progress = world.task(task.task_id).progress
-    assert progress is not None and (progress.step, progress.steps) == (2, 20)
+    assert progress is not None
+    assert (progress.step, progress.steps) == (2, 20)
     # Two seconds on (the route's clock), the next count is written.
     world.callbacks._clock = lambda: time.time() + 2.5
     later = receive(task.task_id, token, hook(prediction, "processing", logs="step 9/20\n"))
     assert later is CallbackAnswer.PROGRESS
     progress = world.task(task.task_id).progress
-    assert progress is not None and progress.step == 9 and progress.fraction == 0.45
+    assert progress is not None
+    assert progress.step == 9
+    assert progress.fraction == 0.45
 
 
 def test_succeeded_stores_the_png_marks_done_and_frees_the_slot(world, cog):
@@ -305,7 +309,8 @@ def test_failed_ends_the_task_failed_with_cogs_error_and_frees_the_slot(world, c
     assert answer is CallbackAnswer.FAILED
     failed = world.task(task.task_id)
     assert failed.status is TaskStatus.FAILED
-    assert failed.error is not None and "boom at step 2" in failed.error
+    assert failed.error is not None
+    assert "boom at step 2" in failed.error
     assert world.slot_rows() == []
 
 
@@ -336,7 +341,8 @@ def test_a_cancel_seen_only_at_completion_stores_no_image(world, cog):
 
     assert answer is CallbackAnswer.CANCELED
     canceled = world.task(task.task_id)
-    assert canceled.status is TaskStatus.CANCELED and canceled.result_key is None
+    assert canceled.status is TaskStatus.CANCELED
+    assert canceled.result_key is None
     assert world.s3.list_objects_v2(Bucket=world.bucket).get("KeyCount") == 0
     assert world.slot_rows() == []
 
@@ -389,5 +395,6 @@ def test_a_busy_server_fails_the_start_as_a_call_that_failed(world, cog):
     assert outcome is DispatchOutcome.FAILED
     assert len(cog.started()) == 3
     failed = world.task(task.task_id)
-    assert failed.status is TaskStatus.FAILED and "409" in (failed.error or "")
+    assert failed.status is TaskStatus.FAILED
+    assert "409" in (failed.error or "")
     assert world.slot_rows() == []
