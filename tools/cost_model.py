@@ -56,10 +56,11 @@ STREAM_INVOCATIONS = 2  # two stream records pass the filter per task (left the 
 # tests/e2e/test_cog_callback_e2e.py: a 12 s generation (120 steps) sent 26 webhooks: its
 # start, a `logs` one about every 0.5 s (Cog's own throttle, not configurable), completed.
 CALLBACK_WEBHOOKS_PER_TASK = 26
-CALLBACK_HANDLER_SECONDS = 0.1  # a warm callback: a read, a conditional write (assumed)
+# A callback: a read, a conditional write (52-89 ms a warm one on the local stack).
+CALLBACK_HANDLER_SECONDS = 0.1
 CALLBACK_LOG_KB = 1.0  # one or two log lines a webhook
-# The detached dispatcher: its usual overhead and Cog's 202 (~1 s measured on the loaded
-# 2-core local stack, cold paths included; 0.35 s assumed on Lambda).
+# The detached dispatcher: its usual overhead and Cog's 202 (0.28-1.0 s measured on the
+# loaded 2-core local stack).
 DETACHED_DISPATCH_SECONDS = HANDLER_SECONDS["dispatch_overhead"] + 0.05
 
 

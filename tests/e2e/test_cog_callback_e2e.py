@@ -158,3 +158,25 @@ def test_canceling_a_running_callback_task_ends_it_within_5_s_with_cog_idle(cog_
     assert final.get("result_url") is None
     wait_for(lambda: cog_status(cog_stack) == "READY", timeout=5, what="the Cog server idle")
     wait_for(lambda: cog_in_flight(cog_stack) == 0, timeout=5, what="the Cog slot free")
+
+
+def test_the_callback_route_needs_no_sign_in_but_answers_404_without_the_token(cog_stack, user):
+    task_id = user.submit("a quick one", width=64, height=64, steps=2)
+    user.wait(task_id, timeout=60)
+    hook = {"id": f"{task_id}-a1", "status": "succeeded", "logs": ""}
+    url = f"{cog_stack.api}/api/v1/callbacks/cog/{task_id}"
+
+    wrong = requests.post(url, params={"token": "guess"}, json=hook, timeout=10)
+    missing = requests.post(url, json=hook, timeout=10)
+    unknown = requests.post(
+        f"{cog_stack.api}/api/v1/callbacks/cog/no-such-task",
+        params={"token": "x"},
+        json=hook,
+        timeout=10,
+    )
+    malformed = requests.post(url, params={"token": "guess"}, json={"status": 3}, timeout=10)
+
+    assert (wrong.status_code, missing.status_code, unknown.status_code) == (404, 404, 404)
+    assert wrong.json()["code"] == missing.json()["code"] == unknown.json()["code"] == "NOT_FOUND"
+    assert malformed.status_code == 400
+    assert user.get(f"/api/v1/tasks?task_id={task_id}").json()["status"] == "DONE"

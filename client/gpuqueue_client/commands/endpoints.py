@@ -20,7 +20,16 @@ endpoints_app = typer.Typer(
 ENDPOINT_STATE_STYLES = {"ACTIVE": "green", "DRAINING": "yellow", "DISABLED": "dim"}
 CIRCUIT_STYLES = {"CLOSED": "", "HALF_OPEN": "yellow", "OPEN": "red"}
 # What `endpoints put` carries over from the current row when an option is not given.
-ENDPOINT_SPEC_FIELDS = ("url", "kind", "protocol", "capacity", "weight", "state", "credentials")
+ENDPOINT_SPEC_FIELDS = (
+    "url",
+    "kind",
+    "protocol",
+    "capacity",
+    "weight",
+    "state",
+    "credentials",
+    "callback",
+)
 
 
 class Kind(StrEnum):
@@ -31,6 +40,7 @@ class Kind(StrEnum):
 class Protocol(StrEnum):
     openai = "openai"
     a1111 = "a1111"
+    cog = "cog"
 
 
 class EndpointState(StrEnum):
@@ -181,6 +191,13 @@ def endpoints_put(
     no_credentials: Annotated[
         bool, typer.Option("--no-credentials", help="Call it without a key.")
     ] = False,
+    callback: Annotated[
+        bool | None,
+        typer.Option(
+            "--callback/--no-callback",
+            help="Cog only: start predictions with a webhook; no Lambda waits on the GPU.",
+        ),
+    ] = None,
 ) -> None:
     """Add an endpoint (--url and --kind needed), or change the options given.
 
@@ -196,6 +213,7 @@ def endpoints_put(
         "capacity": capacity,
         "weight": weight,
         "state": endpoint_state.value if endpoint_state else None,
+        "callback": callback,
     }
     with friendly_errors(state):
         current = next(
