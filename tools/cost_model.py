@@ -57,6 +57,106 @@ STREAM_INVOCATIONS = 2  # two stream records pass the filter per task (left the 
 PROGRESS_WRITE_INTERVAL_SECONDS = 2.0
 
 
+# Cog callback mode (issue 19), measured against the real Cog server (coglet 0.23.1) by
+# tests/e2e/test_cog_callback_e2e.py: a 12 s generation (120 steps) sent 26 webhooks: its
+# start, a `logs` one about every 0.5 s (Cog's own throttle, not configurable), completed.
+CALLBACK_WEBHOOKS_PER_TASK = 26
+# A callback: a read, a conditional write (52-89 ms a warm one on the local stack).
+CALLBACK_HANDLER_SECONDS = 0.1
+CALLBACK_LOG_KB = 1.0  # one or two log lines a webhook
+# The detached dispatcher: its usual overhead and Cog's 202 (0.28-1.0 s measured on the
+# loaded 2-core local stack).
+DETACHED_DISPATCH_SECONDS = HANDLER_SECONDS["dispatch_overhead"] + 0.05
+
+
+def callback_costs(*, sync_dispatcher_dollars: float) -> dict[str, float]:
+    """Per 1 M tasks: the dispatcher's wait in sync mode against callback mode's short
+    dispatcher invocation and its webhooks (each: an API request, an invocation, a task
+    read, a progress write refused by its 2 s bound (1 WRU) or made (3), a log line)."""
+    m = 1e6
+    webhook = (
+        PRICE["apigw_http_per_request"]
+        + PRICE["lambda_per_request"]
+        + MEMORY_GB * CALLBACK_HANDLER_SECONDS * PRICE["lambda_per_gb_second_arm64"]
+        + PRICE["dynamodb_per_rru"]
+        + PRICE["dynamodb_per_wru"]
+        + CALLBACK_LOG_KB / 1024 / 1024 * PRICE["logs_per_gb_ingested"]
+    )
+    progress_writes = GENERATION_SECONDS / 2.0  # at most one per 2 s, 2 WRU more each
+    detached = (
+        dispatcher_memory_gb() * DETACHED_DISPATCH_SECONDS * PRICE["lambda_per_gb_second_arm64"]
+    )
+    with_progress = (
+        detached
+        + CALLBACK_WEBHOOKS_PER_TASK * webhook
+        + progress_writes * (TASK_WRITE_WRU - 1) * PRICE["dynamodb_per_wru"]
+    )
+    return {
+        "sync": sync_dispatcher_dollars,
+        "webhook": webhook * m,
+        "detached": detached * m,
+        "with_progress": with_progress * m,
+        "completed_only": (detached + webhook) * m,
+        "sync_one_call": dispatcher_memory_gb()
+        * (GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"])
+        * PRICE["lambda_per_gb_second_arm64"]
+        * m,
+    }
+
+
+def callback_markdown(*, sync_dispatcher_dollars: float) -> str:
+    c = callback_costs(sync_dispatcher_dollars=sync_dispatcher_dollars)
+    gpu = PRICE["gpu_per_hour"] * GENERATION_SECONDS / 3600 * 1e6
+    sync_seconds = GENERATION_SECONDS + HANDLER_SECONDS["dispatch_overhead"]
+    rows = [
+        ("sync, as measured", "the dispatcher waits (the table above)", c["sync"]),
+        (
+            "sync, one call per invocation",
+            f"{dispatcher_memory_gb() * 1024:.0f} MB for {sync_seconds:.1f} s",
+            c["sync_one_call"],
+        ),
+        (
+            "callback, with progress",
+            f"a {DETACHED_DISPATCH_SECONDS:.2f} s dispatcher (${c['detached']:,.2f}) + "
+            f"{CALLBACK_WEBHOOKS_PER_TASK} webhooks (${c['webhook']:,.2f} per million) + "
+            "a progress write every 2 s",
+            c["with_progress"],
+        ),
+        ("callback, `completed` only", "the same dispatcher + 1 webhook", c["completed_only"]),
+    ]
+    table = "\n".join(f"| {mode} | {what} | ${dollars:,.2f} |" for mode, what, dollars in rows)
+    share = c["with_progress"] / gpu
+    return f"""
+## Cog callback mode against sync mode
+
+A Cog endpoint with `callback: true` (issue 19) is started with a webhook and the
+dispatcher returns at once: no Lambda waits on the GPU. Its cost moves from the dispatcher's
+wait to the webhooks Cog sends, one request through API Gateway and one callback
+invocation each. Per 1 M tasks, for the {GENERATION_SECONDS:.0f} s generation above:
+
+| mode | what is billed | per 1 M tasks |
+|---|---|---|
+{table}
+
+Measured: {CALLBACK_WEBHOOKS_PER_TASK} webhooks for a 12 s, 120-step generation against the
+real Cog server (`start`, a `logs` webhook about every 0.5 s while the model's tqdm bar
+moves, `completed`; tests/e2e/test_cog_callback_e2e.py prints it). The count grows with the
+generation's length (about 2 a second), not with its steps. A webhook: an HTTP API request,
+an invocation ({MEMORY_GB} GB, {CALLBACK_HANDLER_SECONDS} s assumed warm), a strongly
+consistent task read (1 RRU), a progress write (refused by its 2 s bound: 1 WRU; written:
+{TASK_WRITE_WRU}), {CALLBACK_LOG_KB:.0f} KB of logs. The `completed` webhook also stores the
+PNG (the same S3 PUT as sync mode: not counted twice).
+
+So callback mode **with progress costs more** than a shared sync dispatcher: Cog's `logs`
+events are throttled to 0.5 s by Cog and cannot be slowed, and each is a paid request and
+invocation. Without progress (`completed` only) it costs less than the dispatcher's wait,
+and with progress it is {share:.1%} of the GPU's ${gpu:,.0f}. What it buys is not money:
+no dispatcher concurrency is held for GPU time (`WorkerPoolSize` bounds the calls starting,
+not the calls running). A per-endpoint choice of the webhook events (no `logs`: no
+progress, one webhook) is not built.
+"""
+
+
 def dispatcher_memory_gb() -> float:
     """The dispatcher's MemorySize in template.yaml (the source of truth), in GB."""
     template = load_template()
@@ -272,6 +372,11 @@ dispatcher at 512 MB); $43.76 on 2026-12-07 03:57 (one-step hand-off, 384 MB, im
 the dispatcher still at 384 MB: $17.70 of it waiting on the GPU)."""
 
 
+def _dispatcher_wait(cost: dict[str, Any]) -> float:
+    """The table's line for the dispatcher's GB-seconds (its wait on the GPU)."""
+    return float(next(line.dollars_per_million for line in cost["lines"] if "GB-s" in line.what))
+
+
 def markdown(
     bench: dict[str, Any],
     *,
@@ -342,4 +447,4 @@ per task; X-Ray's default sampling; stream and dispatcher invocations per task a
 under load (the stream's batches aggregate their writes). Fixed monthly costs (custom
 metrics $0.30 each, alarms $0.10 each, the dashboard $3, Secrets Manager $0.40) are not per
 task and are left out.
-"""
+{callback_markdown(sync_dispatcher_dollars=_dispatcher_wait(cost))}"""

@@ -599,8 +599,9 @@ class GpuqueueClient:
 
     def put_endpoint(self, endpoint_id: str, **spec: Any) -> dict[str, Any]:
         """Add or replace an endpoint: `url`, `kind`, `protocol`, `capacity`, `weight`, `state`,
-        `credentials` (where its key is kept: {"type": "bearer", "secret": name}, or
-        {"type": "header", "header": "X-Api-Key", "parameter": name}; never the key).
+        `callback` (cog only: predictions reported by webhook), `credentials` (where its key
+        is kept: {"type": "bearer", "secret": name}, or {"type": "header", "header":
+        "X-Api-Key", "parameter": name}; never the key).
 
         Options left None are not sent, so the API's defaults apply to them (a PUT replaces
         the configuration: credentials left out are removed).

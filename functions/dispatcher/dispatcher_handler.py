@@ -18,12 +18,14 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from gpuqueue import aws_clients
+from gpuqueue.dispatch.cog_callbacks import CallbackStarter
 from gpuqueue.dispatch.dispatcher import DispatchPolicy, TaskDispatcher
 from gpuqueue.dispatch.jobs import ImageJob, SpeechJob
 from gpuqueue.dispatch.metrics import DispatchMetrics
 from gpuqueue.dispatch.queue_worker import QueueWorker
 from gpuqueue.fleet.balancer import Balancer
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
+from gpuqueue.gpu.cog_webhooks import CogPredictions
 from gpuqueue.gpu.credentials import GpuCredentials
 from gpuqueue.gpu.image_client import image_generators
 from gpuqueue.gpu.memory_budget import MemoryBudget
@@ -78,9 +80,11 @@ def deps() -> Deps:
     memory_mb = settings.aws_lambda_function_memory_size
     memory = MemoryBudget.of_function(memory_mb) if memory_mb else MemoryBudget(None)
     logger.info("memory for GPU answers", extra={"memory_budget_bytes": memory.total})
+    tasks = TaskStore(dynamodb.Table(settings.tasks_table))
+    registry = EndpointRegistry(dynamodb.Table(settings.endpoints_table))
     dispatcher = TaskDispatcher(
-        tasks=TaskStore(dynamodb.Table(settings.tasks_table)),
-        registry=EndpointRegistry(dynamodb.Table(settings.endpoints_table)),
+        tasks=tasks,
+        registry=registry,
         jobs={
             TaskKind.IMAGE: ImageJob(
                 image_generators(credentials=credentials),
@@ -97,6 +101,12 @@ def deps() -> Deps:
         balancer=Balancer(settings.dispatch_strategy),
         backlog=lambda: queue.depth().queued,
         observer=DispatchMetrics(metrics),
+        callbacks=CallbackStarter(
+            CogPredictions(credentials=credentials),
+            tasks,
+            registry,
+            base_url=settings.gpu_callback_base_url,
+        ),
     )
     return Deps(
         worker=QueueWorker(

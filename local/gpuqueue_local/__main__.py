@@ -77,6 +77,17 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         "--cog-step-delay", type=float, default=None, help="seconds per step of the Cog model"
     )
     parser.add_argument(
+        "--cog-callback",
+        action="store_true",
+        help="the Cog endpoint in callback mode (webhooks to this gateway; no Lambda waits)",
+    )
+    parser.add_argument(
+        "--invocation-log",
+        type=Path,
+        default=None,
+        help="append each Lambda invocation (function, start, end: epoch seconds) as a JSON line",
+    )
+    parser.add_argument(
         "--docker-ports",
         action="store_true",
         help="moto on 5000 and image stand-ins on 8001+, as events/env.local.json expects; "
@@ -132,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> StackOptions:
         speech_port_base=SPEECH_PORT_BASE_FOR_DOCKER if args.docker_ports else 0,
         cog_server=args.cog_server,
         cog_step_delay_s=args.cog_step_delay,
+        cog_callback=args.cog_callback,
+        invocation_log=args.invocation_log,
         s3_events=not args.no_s3_events,
         s3_poll_interval_s=args.s3_poll_interval,
         schedule_speedup=args.schedule_speedup,

@@ -54,6 +54,24 @@ class InvocationResult:
     max_memory_mb: int | None = None  # the worker process's peak resident memory so far
 
 
+InvocationListener = Callable[[str, float, float, bool], None]
+
+
+class InvocationLog:
+    """Appends each invocation (function, start, end: epoch seconds; ok) to a JSON-lines
+    file: what tests read to tell which invocations were alive when (say, that no
+    dispatcher ran while a callback-mode generation did)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def __call__(self, function: str, started: float, ended: float, ok: bool) -> None:
+        line = json.dumps({"function": function, "start": started, "end": ended, "ok": ok})
+        with self._lock, self._path.open("a") as out:
+            out.write(line + "\n")
+
+
 class WorkerCrashed(RuntimeError):
     pass
 
@@ -221,6 +239,7 @@ class FunctionRuntime:
     # Every invocation's duration summed: what Lambda bills (times MemorySize).
     billed_seconds: float = 0.0
     in_flight: int = 0  # invocations running now
+    on_invocation: InvocationListener | None = None  # told of each one as it ends
     _idle: list[_Worker] = field(default_factory=list)
     _all: list[_Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -256,6 +275,7 @@ class FunctionRuntime:
                     worker = None
             if worker is None:
                 worker = self._spawn()
+            began = time.time()
             try:
                 result = worker.invoke(event, timeout)
             except WorkerCrashed as error:
@@ -275,6 +295,8 @@ class FunctionRuntime:
                     self._idle.append(worker)
                 else:
                     self._all = [w for w in self._all if w is not worker]
+            if self.on_invocation is not None:
+                self.on_invocation(self.spec.logical_id, began, time.time(), result.ok)
             return result
 
     def crash_workers(self) -> int:

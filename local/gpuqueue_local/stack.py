@@ -28,7 +28,7 @@ from gpuqueue_local.dynamodb_streams import DynamoDbStreamSource
 from gpuqueue_local.emulator_iam import EmulatorIam
 from gpuqueue_local.event_source_mapping import SqsEventSource
 from gpuqueue_local.gateway import ApiGateway, JwtAuthorizer, Route, fetch_ok, jwks_url
-from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec
+from gpuqueue_local.lambda_runtime import FunctionRuntime, FunctionSpec, InvocationLog
 from gpuqueue_local.moto_iam import AUDIT_FILE_ENV
 from gpuqueue_local.moto_server import AUDIT_DIR_ENV, IAM_SWITCH_ENV
 from gpuqueue_local.provision import LocalStack, provision
@@ -113,6 +113,9 @@ class StackOptions:
     # seconds per step (None: the model's default, 0.1 s).
     cog_server: bool = False
     cog_step_delay_s: float | None = None
+    cog_callback: bool = False  # the Cog endpoint in callback mode (`callback: true`)
+    # Each invocation's function, start and end (epoch seconds), one JSON line each.
+    invocation_log: Path | None = None
     s3_events: bool = True  # emulate the template's S3 -> EventBridge rules
     s3_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     schedule_speedup: float = 1.0
@@ -264,12 +267,17 @@ def _with_local_urls(env: dict[str, str], local_urls: dict[str, str] | None) -> 
 
 
 def local_aws_urls(
-    stack: LocalStack, moto_url: str, websocket: WebSocketGateway | None
+    stack: LocalStack,
+    moto_url: str,
+    websocket: WebSocketGateway | None,
+    api_url: str | None = None,
 ) -> dict[str, str]:
     """The one place AWS URLs in function env vars become local ones: the user pool's JWKS
-    (served by moto) and the WebSocket API's URL and management endpoint (the local
-    gateway's)."""
+    (served by moto), the WebSocket API's URL and management endpoint (the local
+    gateway's), and the HTTP API's URL GPU servers call back (the local gateway's)."""
     urls = {}
+    if api_url is not None:
+        urls["GPU_CALLBACK_BASE_URL"] = api_url
     if "UserPool" in stack.resolver.refs:
         urls["JWKS_URL"] = jwks_url(moto_url, stack.ref("UserPool"))
     if websocket is not None:
@@ -584,6 +592,7 @@ def _endpoint_parameters(
     image_protocol: str = "openai",
     cog_server: CogServer | None = None,
     comfyui_servers: list[ComfyUIServer] | None = None,
+    cog_callback: bool = False,
 ) -> dict[str, str]:
     """The stand-ins' URLs as the template parameters the checker registers them from.
 
@@ -599,9 +608,15 @@ def _endpoint_parameters(
         declared = [{"url": s.url, "protocol": image_protocol} for s in image_servers]
         parameters = {IMAGE_URLS_PARAMETER: ""}
     if cog_server is not None:
-        declared.append(
-            {"id": COG_ENDPOINT_ID, "url": cog_server.url, "protocol": "cog", "capacity": 1}
-        )
+        cog_entry: dict[str, Any] = {
+            "id": COG_ENDPOINT_ID,
+            "url": cog_server.url,
+            "protocol": "cog",
+            "capacity": 1,
+        }
+        if cog_callback:
+            cog_entry["callback"] = True
+        declared.append(cog_entry)
     # One prompt at a time on a ComfyUI: capacity 1 keeps the queue ours (gpu-servers.md).
     declared += [
         {
@@ -709,6 +724,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         image_protocol=options.image_protocol,
         cog_server=cog_server,
         comfyui_servers=comfyui_servers,
+        cog_callback=options.cog_callback,
     )
     speech_registered = SPEECH_URLS_PARAMETER in endpoint_parameters
     stack = _provision_into_moto(options, template, endpoint_parameters, moto, log)
@@ -716,11 +732,14 @@ def start_stack(options: StackOptions) -> RunningStack:
         log.system(f"the template has no {SPEECH_URLS_PARAMETER}: speech stand-ins unregistered")
 
     websocket = _start_websocket_gateway(stack, options, log)
-    functions = _function_runtimes(options, stack, moto, websocket, log)
+    # Known before the functions start: GPU servers in callback mode are told to call it.
+    api_port = options.port or free_port()
+    api_url = f"http://{HOST}:{api_port}"
+    functions = _function_runtimes(options, stack, moto, websocket, log, api_url=api_url)
     sources = sqs_event_sources(stack, functions, log, options.region)
     warmers = _start_warming(options, stack, functions, sources)
     gateway = ApiGateway(routes=http_routes(stack, moto.url), functions=functions)
-    http_server = gateway.serve(HOST, options.port)
+    http_server = gateway.serve(HOST, api_port)
     running = RunningStack(
         options=options,
         log=log,
@@ -731,7 +750,7 @@ def start_stack(options: StackOptions) -> RunningStack:
         gateway=gateway,
         sources=sources,
         schedules=scheduled_rules(stack, functions, log, options.schedule_speedup),
-        api_url=f"http://{HOST}:{http_server.server_address[1]}",
+        api_url=api_url,
         speech_servers=speech_servers,
         cog_server=cog_server,
         comfyui_servers=comfyui_servers,
@@ -807,6 +826,8 @@ def _function_runtimes(
     moto: MotoServer,
     websocket: WebSocketGateway | None,
     log: LogPrinter,
+    *,
+    api_url: str | None = None,
 ) -> dict[str, FunctionRuntime]:
     """A runtime per function of the template, its environment as Lambda's plus moto's URL."""
     base_env = {
@@ -823,10 +844,15 @@ def _function_runtimes(
         "POWERTOOLS_TRACE_DISABLED": "true",  # no X-Ray daemon locally
     }
     extra_env = local_function_env(options, stack)
-    specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket))
+    specs = function_specs(stack, extra_env, local_aws_urls(stack, moto.url, websocket, api_url))
+    record = InvocationLog(options.invocation_log) if options.invocation_log else None
     return {
         name: FunctionRuntime(
-            spec, base_env, log=log.function, max_concurrency=LOCAL_MAX_CONCURRENCY
+            spec,
+            base_env,
+            log=log.function,
+            max_concurrency=LOCAL_MAX_CONCURRENCY,
+            on_invocation=record,
         )
         for name, spec in specs.items()
     }

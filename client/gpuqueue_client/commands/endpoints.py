@@ -31,6 +31,7 @@ ENDPOINT_SPEC_FIELDS = (
     "state",
     "credentials",
     "workflow",
+    "callback",
 )
 
 
@@ -43,6 +44,7 @@ class Protocol(StrEnum):
     openai = "openai"
     a1111 = "a1111"
     comfyui = "comfyui"
+    cog = "cog"
 
 
 class EndpointState(StrEnum):
@@ -225,6 +227,13 @@ def endpoints_put(
         str | None,
         typer.Option(help="comfyui: run ComfyUI's default txt2img graph with this checkpoint."),
     ] = None,
+    callback: Annotated[
+        bool | None,
+        typer.Option(
+            "--callback/--no-callback",
+            help="Cog only: start predictions with a webhook; no Lambda waits on the GPU.",
+        ),
+    ] = None,
 ) -> None:
     """Add an endpoint (--url and --kind needed), or change the options given.
 
@@ -240,6 +249,7 @@ def endpoints_put(
         "capacity": capacity,
         "weight": weight,
         "state": endpoint_state.value if endpoint_state else None,
+        "callback": callback,
     }
     with friendly_errors(state):
         current = next(

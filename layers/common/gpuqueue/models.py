@@ -316,6 +316,48 @@ class TaskProgress(DeferredModel):
         return cls(step=step, steps=steps, fraction=round(step / steps, 4), eta_seconds=eta)
 
 
+class CallbackLease(DeferredModel):
+    """A slot (or a lane seat) a callback-mode task holds while its GPU works: what frees
+    it (endpoint_registry.release_slot) and what its EWMA was when it was leased."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    endpoint_id: str  # the endpoint's id, or the priority lane's for a seat
+    slot: int
+    lease_id: str
+    call_seconds_ewma: float | None = None
+
+    @field_validator("slot", mode="before")
+    @classmethod
+    def _int_from_decimal(cls, value: Any) -> int:
+        return int(value)
+
+    @field_validator("call_seconds_ewma", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float | None:
+        return None if value is None else float(value)
+
+
+class CallbackWait(DeferredModel):
+    """A RUNNING task whose GPU server (Cog, `callback: true`) reports by webhook: no Lambda
+    waits on the call. What the callback route needs to finish it (dispatch/cog_callbacks)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prediction_id: str
+    # SHA-256 of the attempt's callback token (the token itself is only in the webhook URL).
+    token_hash: str
+    lease_id: str  # the task lease of the attempt that started it: the callback writes with it
+    endpoint_id: str
+    leases: list[CallbackLease]
+    started_at: float  # epoch seconds, when the server accepted the prediction
+
+    @field_validator("started_at", mode="before")
+    @classmethod
+    def _float_from_decimal(cls, value: Any) -> float:
+        return float(value)
+
+
 class Task(DeferredModel):
     """One row of the tasks table."""
 
@@ -357,6 +399,8 @@ class Task(DeferredModel):
     progress: TaskProgress | None = None  # RUNNING: the GPU's latest step count
     # Its owner asked to cancel it while it ran: the GPU is told to stop (ISO time).
     cancel_requested_at: str | None = None
+    # RUNNING in callback mode: its server finishes it by webhook (the latest attempt's).
+    callback: CallbackWait | None = None
 
     def is_expired(self, now: float) -> bool:
         """Past its retention (`expires_at`, the table's TTL attribute)."""
@@ -571,6 +615,9 @@ class Endpoint(DeferredModel):
     state: EndpointState = EndpointState.ACTIVE
     source: str = "parameter"
     credentials: CredentialRef | None = None  # sent on every call and probe
+    # Cog only: predictions are started with a webhook and the dispatcher returns at once
+    # (callback mode: the callback route stores the result and frees the slot).
+    callback: bool = False
     # What the stack parameter last declared (declared rows): a change there is applied,
     # an operator's change through the admin API holds until then.
     declared_capacity: int | None = None

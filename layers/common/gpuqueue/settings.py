@@ -264,11 +264,24 @@ class DispatcherSettings(GpuCredentialSettings):
     # Set by Lambda (the function's MemorySize): what bounds the GPU answers held at once
     # (memory_budget.py). Unset (in-process tests): no bound.
     aws_lambda_function_memory_size: int | None = Field(default=None, ge=128, le=10240)
+    # The HTTP API's base URL, where Cog endpoints in callback mode send their webhooks
+    # (`/api/v1/callbacks/cog/...`); None: every Cog call is a synchronous one.
+    gpu_callback_base_url: str | None = None
 
     @property
     def health_max_age_seconds(self) -> float:
         """A row not checked for 3 periods counts as unhealthy."""
         return 3.0 * self.health_check_period_seconds
+
+
+class GpuCallbackSettings(GpuCredentialSettings):
+    """The Cog callback route: finishes callback-mode tasks (and cancels their predictions
+    through the endpoint's credentials)."""
+
+    tasks_table: str
+    endpoints_table: str
+    task_files_bucket: str
+    circuit_failure_threshold: int = Field(default=3, ge=1)
 
 
 class SpeechSettings(SubmitLimitsSettings, GpuCredentialSettings):
@@ -308,6 +321,7 @@ SETTINGS_BY_HANDLER: dict[str, type[BaseSettings] | None] = {
     "disconnect_handler": DisconnectSettings,
     "dispatcher_handler": DispatcherSettings,
     "docs_handler": None,
+    "gpu_callback_handler": GpuCallbackSettings,
     "reaper_handler": ReaperSettings,
     "speech_handler": SpeechSettings,
     "stats_handler": StatsSettings,

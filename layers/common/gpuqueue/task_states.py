@@ -95,6 +95,12 @@ NEXT_ATTEMPT = _transition(
 )
 # The GPU's step count, as its server reports it (at a bounded rate: dispatch/call_watch.py).
 PROGRESS = _transition("progress", {_S.RUNNING}, _S.RUNNING, {"progress"})
+# Callback mode: its server accepted the job and will report by webhook; the dispatcher
+# records what the callback route needs and a lease long enough for the whole generation,
+# and returns (dispatch/cog_callbacks.py).
+AWAIT_CALLBACK = _transition(
+    "await callback", {_S.RUNNING}, _S.RUNNING, {"lease_until", "callback"}
+)
 COMPLETE = _transition(
     "complete",
     {_S.RUNNING},
@@ -145,6 +151,7 @@ TRANSITIONS = (
     CLAIM,
     NEXT_ATTEMPT,
     PROGRESS,
+    AWAIT_CALLBACK,
     COMPLETE,
     CANCEL_RUNNING,
     RETRY,

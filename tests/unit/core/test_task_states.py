@@ -14,7 +14,15 @@ import pytest
 
 from gpuqueue.lifecycle.reaper import ReaperPolicy
 from gpuqueue.lifecycle.task_events import stream_filters
-from gpuqueue.models import OPEN_STATUSES, TERMINAL_STATUSES, Task, TaskProgress, TaskStatus
+from gpuqueue.models import (
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    CallbackLease,
+    CallbackWait,
+    Task,
+    TaskProgress,
+    TaskStatus,
+)
 from gpuqueue.store.task_store import Claim, TaskStore
 from gpuqueue.task_states import (
     CANCEL,
@@ -140,6 +148,27 @@ WRITES: list[tuple[str, str, Callable[[TaskStore, Task], object]]] = [
         "report_progress",
         "progress",
         lambda s, t: s.report_progress(_claim(t), TaskProgress.of(3, 30)),
+    ),
+    (
+        "report_progress (rate-bound)",
+        "progress",
+        lambda s, t: s.report_progress(_claim(t), TaskProgress.of(3, 30), not_within=2, now=NOW),
+    ),
+    (
+        "await_callback",
+        "await callback",
+        lambda s, t: s.await_callback(
+            _claim(t),
+            CallbackWait(
+                prediction_id="task-1-a1",
+                token_hash="0" * 64,
+                lease_id="lease-1",
+                endpoint_id="cog-1",
+                leases=[CallbackLease(endpoint_id="cog-1", slot=0, lease_id="slot-lease")],
+                started_at=NOW,
+            ),
+            lease_until=NOW + 125,
+        ),
     ),
     ("cancel_running", "cancel running", lambda s, t: s.cancel_running(_claim(t))),
     ("end_canceled", "cancel running", lambda s, t: s.end_canceled(t)),

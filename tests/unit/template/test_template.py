@@ -64,6 +64,9 @@ PUBLIC_ROUTES = {
     ("POST", "/login"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
+    # Cog's webhooks: the GPU server cannot sign in; the per-attempt token in the URL is
+    # checked by the function (gpuqueue.dispatch.cog_callbacks).
+    ("POST", "/api/v1/callbacks/cog/{task_id}"),
 }
 SEED_ROUTES = {
     ("POST", "/register"),

@@ -27,6 +27,7 @@ GPU_CALLERS = {
     "PriorityDispatcherFunction",
     "SpeechFunction",
     "CheckerFunction",
+    "GpuCallbackFunction",  # cancels a callback-mode prediction on its server
 }
 STACK = "prod-gpuq"
 ACCOUNT = "123456789012"

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
 
+from gpuqueue.dispatch.cog_callbacks import CallbackStarter, CallbackStartRefused
 from gpuqueue.dispatch.jobs import InvalidTaskInput, Job
 from gpuqueue.dispatch.metrics import DispatchObserver
 from gpuqueue.dispatch.next_message import NextMessage
@@ -138,6 +139,8 @@ def _submit(
 class DispatchOutcome(StrEnum):
     DONE = "DONE"
     CANCELED = "CANCELED"  # its owner canceled it while it ran; the GPU stopped
+    # Started in callback mode: the server reports by webhook, the callback route ends it.
+    DETACHED = "DETACHED"
     FAILED = "FAILED"
     RETRY = "RETRY"
     SKIPPED = "SKIPPED"
@@ -188,8 +191,10 @@ class TaskDispatcher:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         observer: DispatchObserver | None = None,
+        callbacks: CallbackStarter | None = None,
     ) -> None:
         self._observer = observer
+        self._callbacks = callbacks
         self._tasks = tasks
         self._registry = registry
         self._jobs = jobs
@@ -922,6 +927,37 @@ class TaskDispatcher:
             reason, delay_seconds=self._policy.backoff_seconds(attempt, self._rng)
         ) from error
 
+    def _detach(
+        self,
+        claim: Claim,
+        slot: HeldSlot,
+        *,
+        tried: set[str],
+        remaining_seconds: Callable[[], float],
+        log: dict[str, Any],
+    ) -> tuple[DispatchOutcome, str | None]:
+        """Callback mode: the prediction started, its slot held until the callback (or the
+        lease's end) frees it, and this invocation moves on at once: no Lambda waits on
+        the GPU. A whole generation's lease, whatever is left of this invocation."""
+        assert self._callbacks is not None
+        logger.info("starting in callback mode", extra=log)
+        try:
+            started = self._callbacks.start(
+                claim,
+                slot,
+                lease_seconds=self._policy.task_timeout_seconds + SAFETY_MARGIN_SECONDS,
+            )
+        except CallbackStartRefused as refused:
+            raise RetryLater(str(refused), delay_seconds=0) from None
+        except GpuError as error:
+            return self._failed(
+                claim, slot, error, tried=tried, remaining_seconds=remaining_seconds, log=log
+            )
+        if not started:
+            logger.warning("lease lost before the prediction started", extra=log)
+            return DispatchOutcome.SKIPPED, None
+        return DispatchOutcome.DETACHED, None
+
     def _call(
         self,
         claim: Claim,
@@ -956,6 +992,10 @@ class TaskDispatcher:
             self._tasks.cancel_running(claim)
             logger.info("task canceled before its call", extra=log)
             return DispatchOutcome.CANCELED, None
+        if self._callbacks is not None and self._callbacks.takes(endpoint, task):
+            return self._detach(
+                claim, slot, tried=tried, remaining_seconds=remaining_seconds, log=log
+            )
         logger.info("dispatching", extra=log)
         slot.note_start(started)
         if keep is not None:

@@ -32,6 +32,7 @@ from gpuqueue.fleet.endpoint_specs import (
     CredentialSpec,
     EndpointId,
     EndpointUrl,
+    callback_problem,
     endpoint_id_for,
     plain_workflow,
     protocol_problem,
@@ -60,6 +61,7 @@ class EndpointEntry(BaseModel):
     weight: int | None = Field(default=None, ge=1, le=MAX_WEIGHT)
     credentials: CredentialSpec | None = None
     workflow: ComfyWorkflowSpec | None = None
+    callback: bool = False  # cog only: predictions reported by webhook
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class DeclaredEndpoint:
     weight: int | None = None
     credentials: CredentialRef | None = None
     workflow: ComfyWorkflow | None = None
+    callback: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,10 @@ class _Reader:
         if wrong_workflow:
             refuse(wrong_workflow, "workflow")
             return None
+        wrong_callback = callback_problem(entry.protocol, entry.callback)
+        if wrong_callback:
+            refuse(wrong_callback, "callback")
+            return None
         credentials = None
         if entry.credentials is not None:
             outside = self._scope.problem(entry.credentials)
@@ -212,6 +219,7 @@ class _Reader:
             weight=entry.weight,
             credentials=credentials,
             workflow=plain_workflow(entry.workflow),
+            callback=entry.callback,
         )
 
     def _add(

@@ -318,6 +318,7 @@ class EndpointRegistry:
             "url": declared.url,
             "kind": kind.value,
             "protocol": declared.protocol.value,
+            "callback": declared.callback,
             "source": PARAMETER_SOURCE,
             "row_type": ENDPOINT_ROW,
         }
@@ -367,6 +368,7 @@ class EndpointRegistry:
             "url": endpoint.url,
             "kind": endpoint.kind.value,
             "protocol": endpoint.protocol.value,
+            "callback": endpoint.callback,
             "capacity": endpoint.capacity,
             "weight": endpoint.weight,
             "state": endpoint.state.value,
@@ -674,6 +676,27 @@ class EndpointRegistry:
                 "kept": True,
             }
         )
+
+    @raises_store_error("endpoints table")
+    def extend_lease(self, lease: SlotLease, *, until: float, now: float) -> bool:
+        """Hold a live lease of ours until `until` (a callback-mode call: the slot stays
+        taken while the GPU works and nobody waits on it). False if it is not ours."""
+        try:
+            self._table.update_item(
+                Key={"endpoint_id": _slot_key(lease.endpoint_id, lease.slot)},
+                UpdateExpression="SET lease_until = :until",
+                ConditionExpression="lease_id = :mine AND lease_until > :now",
+                ExpressionAttributeValues={
+                    ":mine": lease.lease_id,
+                    ":until": _num(until),
+                    ":now": _num(now),
+                },
+            )
+        except ClientError as error:
+            if is_conditional_failure(error):
+                return False
+            raise
+        return True
 
     @raises_store_error("endpoints table")
     def cut_lease(self, lease: SlotLease, *, until: float) -> bool:

@@ -72,6 +72,13 @@ def protocol_problem(kind: TaskKind, protocol: EndpointProtocol) -> str | None:
     return None
 
 
+def callback_problem(protocol: EndpointProtocol, callback: bool) -> str | None:
+    # Only Cog starts a job and reports its end by webhook (`Prefer: respond-async`).
+    if callback and protocol is not EndpointProtocol.COG:
+        return "callback mode is for cog endpoints only (Cog's webhooks)"
+    return None
+
+
 class CredentialSpec(CredentialRef):
     """A credential reference as an operator writes it: unknown keys are refused (a typo
     such as "secert" must not silently send no credentials)."""

@@ -28,6 +28,7 @@ from gpuqueue.fleet.endpoint_specs import (
     ComfyWorkflowSpec,
     CredentialSpec,
     EndpointUrl,
+    callback_problem,
     plain_workflow,
     protocol_problem,
     workflow_problem,
@@ -42,7 +43,7 @@ from gpuqueue.models import (
 )
 
 # What a declared row keeps from the stack parameter; the rest is the operator's to change.
-DECLARED_FIELDS = ("url", "kind", "protocol", "credentials", "workflow")
+DECLARED_FIELDS = ("url", "kind", "protocol", "credentials", "workflow", "callback")
 DECLARING_PARAMETERS = "ImageEndpointUrls/ImageEndpoints (SpeechEndpointUrls/SpeechEndpoints)"
 
 
@@ -71,6 +72,8 @@ class EndpointSpec(BaseModel):
     credentials: CredentialSpec | None = None
     # protocol comfyui: the workflow its tasks run (required there, refused elsewhere).
     workflow: ComfyWorkflowSpec | None = Field(default=None, validate_default=True)
+    # Cog only: start predictions with a webhook, no Lambda waiting on them.
+    callback: bool = False
 
     @field_validator("protocol")
     @classmethod
@@ -88,6 +91,15 @@ class EndpointSpec(BaseModel):
     ) -> ComfyWorkflowSpec | None:
         protocol = info.data.get("protocol")
         problem = workflow_problem(protocol, value) if protocol is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("callback")
+    @classmethod
+    def _callback_on_cog(cls, value: bool, info: ValidationInfo) -> bool:
+        protocol = info.data.get("protocol")
+        problem = callback_problem(protocol, value) if protocol is not None else None
         if problem:
             raise ValueError(problem)
         return value
@@ -176,6 +188,7 @@ class FleetAdmin:
                 source=source,
                 credentials=_plain(spec.credentials),
                 workflow=plain_workflow(spec.workflow),
+                callback=spec.callback,
             )
         )
         return self._view(saved)

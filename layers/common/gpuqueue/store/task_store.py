@@ -43,6 +43,7 @@ from botocore.exceptions import ClientError
 
 from gpuqueue.errors import InvalidInput, TaskNotFound, TaskStateConflict
 from gpuqueue.models import (
+    CallbackWait,
     EndpointProtocol,
     ImageRequest,
     Priority,
@@ -60,6 +61,7 @@ from gpuqueue.store.dynamodb_conditions import is_conditional_failure, refused_i
 from gpuqueue.store.sdk_errors import raises_store_error
 from gpuqueue.store.task_ids import issued_at, new_task_id
 from gpuqueue.task_states import (
+    AWAIT_CALLBACK,
     CANCEL,
     CANCEL_RUNNING,
     CLAIM,
@@ -130,6 +132,9 @@ def _reap_fields(task_id: str, state: ReapState, at: float) -> dict[str, Any]:
 
 
 _REAP_ATTRIBUTES = ("reap_shard", "reap_at")
+# Inside a stored progress: when it was written (epoch seconds), for the rate bound of
+# writers that remember nothing between reports (TaskProgress ignores it on reads).
+PROGRESS_WRITTEN_AT = "written_at"
 
 
 class ProgressAck(StrEnum):
@@ -138,6 +143,7 @@ class ProgressAck(StrEnum):
     WRITTEN = "written"
     CANCEL_REQUESTED = "cancel requested"  # its owner asked: stop the GPU
     LEASE_LOST = "lease lost"  # no longer ours: stop writing, leave the GPU alone
+    TOO_SOON = "too soon"  # written less than the rate bound ago (`not_within`): not again
 
 
 @dataclass(frozen=True)
@@ -415,20 +421,60 @@ class TaskStore:
             values={":owner": owner},
         )
 
-    def report_progress(self, claim: Claim, progress: TaskProgress) -> ProgressAck:
+    def report_progress(
+        self,
+        claim: Claim,
+        progress: TaskProgress,
+        *,
+        not_within: float | None = None,
+        now: float | None = None,
+    ) -> ProgressAck:
         """The GPU's step count, written while the claim's lease holds and no cancel was
-        asked for: one write that also tells the call's driver whether to stop."""
+        asked for: one write that also tells the call's driver whether to stop.
+
+        `not_within` (seconds): the write also keeps its time in the progress and is made
+        only if the last one carrying a time is at least that old (TOO_SOON otherwise), for
+        writers with no memory between reports (the callback route: one invocation per
+        webhook, many containers)."""
+        guard = "lease_id = :lease AND attribute_not_exists(cancel_requested_at)"
+        item = _progress_item(progress)
+        values: dict[str, Any] = {":lease": claim.lease_id}
+        names: dict[str, str] = {}
+        if not_within is not None:
+            now = time.time() if now is None else now
+            item[PROGRESS_WRITTEN_AT] = _stored_time(now)
+            guard += " AND (attribute_not_exists(#p.#at) OR #p.#at <= :cutoff)"
+            values[":cutoff"] = _stored_time(now - not_within)
+            names = {"#p": "progress", "#at": PROGRESS_WRITTEN_AT}
         try:
             self._transition(
                 claim.task.task_id,
                 PROGRESS,
-                guard="lease_id = :lease AND attribute_not_exists(cancel_requested_at)",
-                updates={"progress": _progress_item(progress)},
-                values={":lease": claim.lease_id},
+                guard=guard,
+                updates={"progress": item},
+                values=values,
+                names=names,
             )
         except _ConditionFailed as refused:
-            return _why_stop(claim, refused.item)
+            why = _why_stop(claim, refused.item)
+            if why is ProgressAck.LEASE_LOST and _still_held(claim, refused.item):
+                return ProgressAck.TOO_SOON
+            return why
         return ProgressAck.WRITTEN
+
+    def await_callback(self, claim: Claim, callback: CallbackWait, *, lease_until: float) -> bool:
+        """Callback mode: its server accepted the job; the lease runs to `lease_until` (the
+        whole generation) and the callback route finishes it. False: the lease was lost."""
+        item = callback.model_dump(mode="json", exclude_none=True)
+        item["started_at"] = _stored_time(callback.started_at)
+        for lease in item["leases"]:
+            if "call_seconds_ewma" in lease:
+                lease["call_seconds_ewma"] = Decimal(str(lease["call_seconds_ewma"]))
+        return self._while_holding(
+            claim,
+            AWAIT_CALLBACK,
+            updates={"callback": item, "lease_until": _stored_time(lease_until)},
+        )
 
     def stop_asked(self, claim: Claim) -> ProgressAck:
         """With no progress to write: one eventually consistent read of the same answer."""
@@ -883,6 +929,14 @@ def _progress_item(progress: TaskProgress) -> dict[str, Any]:
     if progress.eta_seconds is not None:
         item["eta_seconds"] = Decimal(str(progress.eta_seconds))
     return item
+
+
+def _still_held(claim: Claim, item: Mapping[str, Any] | None) -> bool:
+    return (
+        item is not None
+        and item.get("status") == TaskStatus.RUNNING.value
+        and item.get("lease_id") == claim.lease_id
+    )
 
 
 def _why_stop(claim: Claim, item: Mapping[str, Any] | None) -> ProgressAck:
