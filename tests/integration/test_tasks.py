@@ -233,15 +233,17 @@ def test_another_users_task_is_404_everywhere(make_stack, alice, bob):
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
 
 
-def _task_id_routes(h) -> list[tuple[str, str, str]]:
-    """Every HTTP route of the template that names a task: (handler module, method, path)."""
+def _task_id_routes(h, *, signed_in: bool = True) -> list[tuple[str, str, str]]:
+    """Every HTTP route of the template that names a task: (handler module, method, path);
+    those behind the sign-in authorizer, or (`signed_in=False`) those outside it."""
     routes = []
     for logical_id in h.stack.functions():
         properties = h.stack.template["Resources"][logical_id]["Properties"]
         module = properties["Handler"].split(".")[0]
         for event in (properties.get("Events") or {}).values():
             path = event["Properties"].get("Path", "")
-            if event["Type"] == "HttpApi" and "{task_id}" in path:
+            public = event["Properties"].get("Auth", {}).get("Authorizer") == "NONE"
+            if event["Type"] == "HttpApi" and "{task_id}" in path and public is not signed_in:
                 routes.append((module, event["Properties"]["Method"], path))
     return routes
 
@@ -285,6 +287,23 @@ def _bob_is_404_on_every_route(h, alice, bob, hook: str) -> None:
         assert answer.status == 404, (method, route, answer.status)
         assert answer.json()["code"] == "NOT_FOUND", (method, route)
         assert hook not in json.dumps(answer.json())
+    # The routes a GPU server calls back on (no sign-in: a per-attempt token) are 404 to
+    # anyone without that token, whatever the task.
+    unsigned = _task_id_routes(h, signed_in=False)
+    assert ("gpu_callback_handler", "POST", "/api/v1/callbacks/cog/{task_id}") in unsigned
+    for module, method, route in unsigned:
+        for token in (None, "guessed"):
+            answer = h.call(
+                module,
+                method,
+                route.replace("{task_id}", task_id),
+                route=route,
+                path_params={"task_id": task_id},
+                query=None if token is None else {"token": token},
+                body={"id": f"{task_id}-a1", "status": "succeeded", "output": "data:,"},
+            )
+            assert answer.status == 404, (method, route, token, answer.status)
+            assert hook not in json.dumps(answer.json())
     assert h.get_task(alice, task_id).json()["status"] == "DONE"
 
 

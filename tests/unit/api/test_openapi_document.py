@@ -183,8 +183,22 @@ def test_register_and_login_are_the_only_public_operations(committed: dict[str, 
         for method, operation in item.items()
         if "security" not in operation
     }
+    # Besides them, only the route GPU servers call back on, which its per-attempt token in
+    # the query authorises (a GPU server cannot sign in).
+    callback = ("POST", "/api/v1/callbacks/cog/{task_id}")
+    token = [
+        parameter
+        for parameter in _operation(committed, *callback)["parameters"]
+        if parameter["in"] == "query"
+    ]
 
-    assert public == {("POST", "/register"), ("POST", "/register/confirm"), ("POST", "/login")}
+    assert public == {
+        ("POST", "/register"),
+        ("POST", "/register/confirm"),
+        ("POST", "/login"),
+        callback,
+    }
+    assert [parameter["name"] for parameter in token] == ["token"]
 
 
 def test_errors_are_documented_as_the_error_body_the_api_answers(
@@ -265,7 +279,7 @@ def test_every_operation_is_tagged_with_its_function(committed: dict[str, Any]) 
 
     assert _operation(committed, "GET", "/api/v1/tasks")["tags"] == ["Tasks"]
     assert _operation(committed, "POST", "/login")["tags"] == ["Auth"]
-    assert tags == {"Admin", "Auth", "Speech", "Stats", "Submit", "Tasks"}
+    assert tags == {"Admin", "Auth", "GpuCallback", "Speech", "Stats", "Submit", "Tasks"}
 
 
 # --- merging --------------------------------------------------------------------------------
