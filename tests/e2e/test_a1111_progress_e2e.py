@@ -93,7 +93,7 @@ def test_cancel_of_a_running_task_interrupts_the_gpu_and_frees_the_slot(
 
     asked = time.monotonic()
     answer = user.delete(f"/api/v1/tasks/{task_id}")
-    assert answer.status_code == 200, answer.text
+    assert answer.status_code == 202, answer.text
     assert answer.json()["cancel_requested"] is True
     _wait("CANCELED", lambda: _task(user, task_id)["status"] == "CANCELED", timeout=5)
     assert time.monotonic() - asked < 5.0
