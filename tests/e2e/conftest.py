@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from typing import Any
 import boto3
 import pytest
 import requests
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_SECONDS = 90.0
@@ -196,3 +199,55 @@ def register_user(stack: LocalStackProcess, prefix: str = "u") -> ApiUser:
 @pytest.fixture
 def new_user(local_stack: LocalStackProcess) -> ApiUser:
     return register_user(local_stack)
+
+
+FINAL_PUSHES = frozenset({"task.done", "task.failed", "task.canceled", "task.expired"})
+
+
+class PushedProgress:
+    """A user's WebSocket, open while a task runs: every push it hears, read in the
+    background, to tell which progress steps reached the owner and when the end came."""
+
+    def __init__(self, stack: LocalStackProcess, user: ApiUser) -> None:
+        url = stack.state.get("websocket_url")
+        assert url, "the local stack serves no WebSocket API"
+        self._url = f"{url}?token={user.token}"
+        self._messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._client: ClientConnection | None = None
+        self._reader = threading.Thread(target=self._read, name="pushes", daemon=True)
+        self._reader.start()
+        assert self._connected.wait(10), "the WebSocket did not connect within 10 s"
+
+    def _read(self) -> None:
+        with connect(self._url) as client:
+            self._client = client
+            self._connected.set()
+            with contextlib.suppress(ConnectionClosed):
+                for raw in client:
+                    with self._lock:
+                        self._messages.append(json.loads(raw))
+
+    def about(self, task_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m for m in self._messages if m.get("task", {}).get("task_id") == task_id]
+
+    def steps(self, task_id: str) -> list[int]:
+        """The steps of the task's progress pushes, in the order they came."""
+        return [
+            int(m["task"]["progress"]["step"])
+            for m in self.about(task_id)
+            if m.get("type") == "task.progress" and m["task"].get("progress")
+        ]
+
+    def ended(self, task_id: str) -> bool:
+        return any(m.get("type") in FINAL_PUSHES for m in self.about(task_id))
+
+    def __enter__(self) -> PushedProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._reader.join(timeout=5)

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from .conftest import ApiUser, LocalStackProcess, register_user, running_stack
+from .conftest import ApiUser, LocalStackProcess, PushedProgress, register_user, running_stack
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 30
@@ -57,6 +57,27 @@ def test_generate_reports_rising_progress_then_a_real_png(
     a1111_stack: LocalStackProcess, user: ApiUser
 ) -> None:
     a1111_stack.knobs(0, latency_s=7.0)
+    with PushedProgress(a1111_stack, user) as pushed:
+        task_id, steps_seen, done = _run_watching(user, pushed)
+    pushed_steps = pushed.steps(task_id)
+
+    assert steps_seen == sorted(steps_seen)
+    assert 0 < steps_seen[-1] < STEPS
+    # The owner's WebSocket heard it rise too (a write at most every 2 s of a 7 s run).
+    assert len(pushed_steps) >= 2, pushed.about(task_id)
+    assert pushed_steps == sorted(pushed_steps)
+    assert pushed_steps[0] < pushed_steps[-1]
+    assert done["status"] == "DONE", done
+    # result_url is relative to the API: a redirect to the stored object.
+    image = user.get(done["result_url"], allow_redirects=False)
+    assert image.status_code == 302
+    png = requests.get(image.headers["location"], timeout=30).content
+    assert png.startswith(PNG_MAGIC)
+    assert Image.open(io.BytesIO(png)).size == (192, 128)
+
+
+def _run_watching(user: ApiUser, pushed: PushedProgress) -> tuple[str, list[int], dict[str, Any]]:
+    """Submit, follow the progress on the task view, wait for the end and its push."""
     task_id = user.submit("a fox in the snow, slowly", width=192, height=128, steps=STEPS)
     steps_seen: list[int] = []
 
@@ -71,16 +92,8 @@ def test_generate_reports_rising_progress_then_a_real_png(
 
     _wait("progress to rise", rising, timeout=15)
     done = user.wait(task_id, timeout=20)
-
-    assert steps_seen == sorted(steps_seen)
-    assert 0 < steps_seen[-1] < STEPS
-    assert done["status"] == "DONE", done
-    # result_url is relative to the API: a redirect to the stored object.
-    image = user.get(done["result_url"], allow_redirects=False)
-    assert image.status_code == 302
-    png = requests.get(image.headers["location"], timeout=30).content
-    assert png.startswith(PNG_MAGIC)
-    assert Image.open(io.BytesIO(png)).size == (192, 128)
+    _wait("the end pushed", lambda: pushed.ended(task_id), timeout=10)
+    return task_id, steps_seen, done
 
 
 def test_cancel_of_a_running_task_interrupts_the_gpu_and_frees_the_slot(

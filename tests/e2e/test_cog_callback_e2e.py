@@ -20,7 +20,7 @@ from PIL import Image
 
 from gpuqueue_testing import wait_for
 
-from .conftest import ApiUser, LocalStackProcess, running_stack
+from .conftest import ApiUser, LocalStackProcess, PushedProgress, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
@@ -93,6 +93,27 @@ def test_a_callback_task_completes_with_no_dispatcher_alive_during_the_generatio
 ):
     steps = 120  # a 12 s generation
     began = time.time()
+    with PushedProgress(cog_stack, user) as pushed:
+        task_id, view, seen_steps = _follow(user, steps)
+        ended = time.time()
+        wait_for(lambda: pushed.ended(task_id), timeout=10, what="the end pushed")
+    pushed_steps = pushed.steps(task_id)
+
+    assert view["status"] == "DONE", view
+    redirect = user.get(view["result_url"], allow_redirects=False)
+    image = Image.open(io.BytesIO(requests.get(redirect.headers["location"], timeout=30).content))
+    assert (image.format, image.size) == ("PNG", (192, 128))
+    # Progress seen rising on the task view (written at most every 2 s), and pushed.
+    assert len(seen_steps) >= 3, seen_steps
+    assert seen_steps == sorted(seen_steps), seen_steps
+    assert len(pushed_steps) >= 3, pushed.about(task_id)
+    assert pushed_steps == sorted(pushed_steps)
+    assert pushed_steps[0] < pushed_steps[-1]
+    _assert_no_dispatcher_alive_during_the_generation(invocation_log, began, ended, steps)
+
+
+def _follow(user: ApiUser, steps: int) -> tuple[str, dict[str, Any], list[int]]:
+    """Submit a generation of `steps` and follow its view to its end."""
     task_id = user.submit("a lighthouse at dusk", width=192, height=128, steps=steps, seed=9)
     seen_steps: list[int] = []
     deadline = time.monotonic() + 60
@@ -106,15 +127,12 @@ def test_a_callback_task_completes_with_no_dispatcher_alive_during_the_generatio
             break
         assert time.monotonic() < deadline, view
         time.sleep(0.25)
-    ended = time.time()
+    return task_id, view, seen_steps
 
-    assert view["status"] == "DONE", view
-    redirect = user.get(view["result_url"], allow_redirects=False)
-    image = Image.open(io.BytesIO(requests.get(redirect.headers["location"], timeout=30).content))
-    assert (image.format, image.size) == ("PNG", (192, 128))
-    # Progress seen rising on the task view (written at most every 2 s).
-    assert len(seen_steps) >= 3, seen_steps
-    assert seen_steps == sorted(seen_steps), seen_steps
+
+def _assert_no_dispatcher_alive_during_the_generation(
+    invocation_log: Path, began: float, ended: float, steps: int
+) -> None:
     # The generation: from Cog's first webhook to its last (`completed`).
     calls = invocations(invocation_log, began)
     callbacks = sorted(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from gpuqueue_testing import wait_for
 
-from .conftest import ApiUser, LocalStackProcess, register_user, running_stack
+from .conftest import ApiUser, LocalStackProcess, PushedProgress, register_user, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local_stack")]
 
@@ -70,7 +70,30 @@ def slots_in_use(stack: LocalStackProcess) -> int:
 def test_a_task_runs_on_comfyui_to_a_png_with_its_progress_rising(
     comfy_stack: LocalStackProcess, user: ApiUser
 ) -> None:
-    task_id = user.submit("a lighthouse at dusk", width=320, height=256, steps=30)
+    with PushedProgress(comfy_stack, user) as pushed:
+        task_id = user.submit("a lighthouse at dusk", width=320, height=256, steps=30)
+        seen, totals, done = _follow(user, task_id)
+        wait_for(lambda: pushed.ended(task_id), timeout=10, what="the end pushed")
+    pushed_steps = pushed.steps(task_id)
+
+    assert len(seen) >= 2, seen
+    assert seen == sorted(seen), seen
+    assert seen[0] < seen[-1], seen
+    assert totals == {30}
+    # The owner's WebSocket heard it rise too.
+    assert len(pushed_steps) >= 2, pushed.about(task_id)
+    assert pushed_steps == sorted(pushed_steps)
+    assert pushed_steps[0] < pushed_steps[-1]
+    assert done["status"] == "DONE", done
+    image = user.get(done["result_url"], allow_redirects=False)
+    png = requests.get(image.headers["location"], timeout=30)
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"
+    assert Image.open(io.BytesIO(png.content)).size == (320, 256)
+    assert "a lighthouse at dusk" in comfy(comfy_stack, "/stats")["prompts"]
+
+
+def _follow(user: ApiUser, task_id: str) -> tuple[list[int], set[int], dict[str, Any]]:
+    """The steps the task view showed while it ran, their totals, and its end."""
     seen: list[int] = []
     totals: set[int] = set()
 
@@ -84,18 +107,7 @@ def test_a_task_runs_on_comfyui_to_a_png_with_its_progress_rising(
         return len(seen) >= 2 or view["status"] in ("DONE", "FAILED")
 
     wait_for(progressed_twice, timeout=20, interval=0.2, what="progress to move")
-    done = user.wait(task_id, timeout=30)
-
-    assert len(seen) >= 2, seen
-    assert seen == sorted(seen), seen
-    assert seen[0] < seen[-1], seen
-    assert totals == {30}
-    assert done["status"] == "DONE", done
-    image = user.get(done["result_url"], allow_redirects=False)
-    png = requests.get(image.headers["location"], timeout=30)
-    assert Image.open(io.BytesIO(png.content)).format == "PNG"
-    assert Image.open(io.BytesIO(png.content)).size == (320, 256)
-    assert "a lighthouse at dusk" in comfy(comfy_stack, "/stats")["prompts"]
+    return seen, totals, user.wait(task_id, timeout=30)
 
 
 def test_deleting_a_running_task_interrupts_comfyui_and_frees_the_slot(
