@@ -18,12 +18,13 @@ import pytest
 
 from gpuqueue.dispatch.dispatcher import DispatchOutcome, DispatchPolicy, Pulled, TaskDispatcher
 from gpuqueue.dispatch.jobs import Completion, InvalidTaskInput
-from gpuqueue.errors import GpuError, RetryableGpuError, RetryLater
+from gpuqueue.errors import GpuCanceled, GpuError, RetryableGpuError, RetryLater
 from gpuqueue.fleet.endpoint_registry import EndpointRegistry
 from gpuqueue.fleet.slot_broker import LEASE_TAIL_SECONDS
 from gpuqueue.models import (
     CircuitState,
     Endpoint,
+    EndpointProtocol,
     HealthResult,
     ImageRequest,
     Priority,
@@ -53,10 +54,19 @@ def registry(tables: tuple[Any, Any]) -> EndpointRegistry:
     return EndpointRegistry(tables[1])
 
 
-def healthy(registry: EndpointRegistry, *endpoint_ids: str) -> None:
+def healthy(
+    registry: EndpointRegistry,
+    *endpoint_ids: str,
+    protocol: EndpointProtocol = EndpointProtocol.OPENAI,
+) -> None:
     for endpoint_id in endpoint_ids:
         added = registry.put(
-            Endpoint(endpoint_id=endpoint_id, url=f"http://{endpoint_id}", kind=TaskKind.IMAGE)
+            Endpoint(
+                endpoint_id=endpoint_id,
+                url=f"http://{endpoint_id}",
+                kind=TaskKind.IMAGE,
+                protocol=protocol,
+            )
         )
         registry.record_health(
             HealthResult(
@@ -1401,3 +1411,90 @@ def test_a_message_that_does_not_say_its_priority_is_read_first(
 
     assert outcome is DispatchOutcome.DONE
     assert ReadCountingStore.gets == 1
+
+
+# --- a cancel its owner asked for ------------------------------------------------------
+
+
+class CancelingJob(ScriptedJob):
+    """Its owner cancels the task during the call; the server stops and the adapter raises
+    GpuCanceled, as `gpu.call_watch.watched` makes it."""
+
+    def __init__(self, store: TaskStore, *, lose_the_lease: bool = False) -> None:
+        super().__init__(GpuCanceled("canceled by its owner while it ran"))
+        self._store = store
+        self._lose_the_lease = lose_the_lease
+
+    def run(self, endpoint: Any, task: Task, job_input: Any, **kwargs: Any) -> Any:
+        asked = self._store.cancel(task.task_id, task.user_id)
+        assert asked.status is TaskStatus.RUNNING
+        assert asked.cancel_requested_at is not None
+        if self._lose_the_lease:  # the reaper took it over meanwhile (a stalled worker)
+            running = self._store.get(task.task_id)
+            assert running is not None
+            assert running.lease_until is not None
+            assert self._store.claim(running, lease_seconds=60, now=running.lease_until + 1)
+        return super().run(endpoint, task, job_input, **kwargs)
+
+
+def _slots_free(registry: EndpointRegistry) -> bool:
+    return in_flight(registry, "gpu-a") == 0
+
+
+def test_a_task_canceled_while_its_gpu_ran_ends_canceled_with_nothing_stored(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", protocol=EndpointProtocol.A1111)
+    job = CancelingJob(store)
+    task = submitted(store)
+
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.CANCELED
+
+    ended = store.get(task.task_id)
+    assert ended is not None
+    assert (ended.status, ended.result_key, ended.progress) == (TaskStatus.CANCELED, None, None)
+    assert job.stored == []
+    assert _slots_free(registry)
+    # The endpoint did nothing wrong: no failure counted against its circuit.
+    endpoint = registry.get("gpu-a")
+    assert endpoint is not None
+    assert endpoint.consecutive_failures == 0
+
+
+def test_a_cancel_recorded_after_the_lease_was_taken_over_is_left_to_the_new_holder(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", protocol=EndpointProtocol.A1111)
+    task = submitted(store)
+
+    outcome = dispatch(dispatcher(store, registry, CancelingJob(store, lose_the_lease=True)), task)
+
+    assert outcome is DispatchOutcome.SKIPPED
+    assert store.get(task.task_id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    assert _slots_free(registry)
+
+
+def test_a_task_whose_cancel_came_between_its_attempts_ends_canceled_without_a_call(
+    store: TaskStore, registry: EndpointRegistry
+) -> None:
+    healthy(registry, "gpu-a", protocol=EndpointProtocol.A1111)
+    task = submitted(store)
+    # Its first attempt: the cancel is asked while it runs, then the call fails and the
+    # task goes back to the queue with the request on it.
+    claim = store.claim(
+        task,
+        lease_seconds=60,
+        now=time.time(),
+        endpoint_id="gpu-a",
+        endpoint_protocol=EndpointProtocol.A1111,
+    )
+    assert claim is not None
+    store.cancel(task.task_id, task.user_id)
+    assert store.release_for_retry(claim, error="HTTP 503", endpoint_id="gpu-a")
+    job = ScriptedJob(RetryableGpuError("never called"))
+
+    assert dispatch(dispatcher(store, registry, job), task) is DispatchOutcome.CANCELED
+
+    assert job.calls == []
+    assert store.get(task.task_id).status is TaskStatus.CANCELED  # type: ignore[union-attr]
+    assert _slots_free(registry)
