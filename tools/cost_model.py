@@ -152,8 +152,10 @@ events are throttled to 0.5 s by Cog and cannot be slowed, and each is a paid re
 invocation. Without progress (`completed` only) it costs less than the dispatcher's wait,
 and with progress it is {share:.1%} of the GPU's ${gpu:,.0f}. What it buys is not money:
 no dispatcher concurrency is held for GPU time (`WorkerPoolSize` bounds the calls starting,
-not the calls running). A per-endpoint choice of the webhook events (no `logs`: no
-progress, one webhook) is not built.
+not the calls running). The cheap row is an endpoint option: `"callback_progress": false`
+(`gpuqueue endpoints put --no-callback-progress`) asks Cog for its `completed` webhook
+only: no progress, and a cancel takes effect only when the prediction ends (the GPU runs
+to the end; no image is stored).
 """
 
 

@@ -32,6 +32,7 @@ ENDPOINT_SPEC_FIELDS = (
     "credentials",
     "workflow",
     "callback",
+    "callback_progress",
 )
 
 
@@ -234,6 +235,14 @@ def endpoints_put(
             help="Cog only: start predictions with a webhook; no Lambda waits on the GPU.",
         ),
     ] = None,
+    callback_progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--callback-progress/--no-callback-progress",
+            help="Callback mode: also take Cog's logs webhooks (progress, a cancel within "
+            "seconds); --no-callback-progress: the completed webhook only, the cheapest.",
+        ),
+    ] = None,
 ) -> None:
     """Add an endpoint (--url and --kind needed), or change the options given.
 
@@ -250,6 +259,7 @@ def endpoints_put(
         "weight": weight,
         "state": endpoint_state.value if endpoint_state else None,
         "callback": callback,
+        "callback_progress": callback_progress,
     }
     with friendly_errors(state):
         current = next(

@@ -618,6 +618,10 @@ class Endpoint(DeferredModel):
     # Cog only: predictions are started with a webhook and the dispatcher returns at once
     # (callback mode: the callback route stores the result and frees the slot).
     callback: bool = False
+    # Callback mode: whether Cog also sends its `logs` webhooks (about 2 a second) for the
+    # progress and to pass on a cancel; False: `completed` only, the cheapest, with no
+    # progress and a cancel that takes effect only at the end (docs/cost.md).
+    callback_progress: bool = True
     # What the stack parameter last declared (declared rows): a change there is applied,
     # an operator's change through the admin API holds until then.
     declared_capacity: int | None = None

@@ -62,6 +62,7 @@ class EndpointEntry(BaseModel):
     credentials: CredentialSpec | None = None
     workflow: ComfyWorkflowSpec | None = None
     callback: bool = False  # cog only: predictions reported by webhook
+    callback_progress: bool = True  # callback mode: Cog's `logs` webhooks too
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class DeclaredEndpoint:
     credentials: CredentialRef | None = None
     workflow: ComfyWorkflow | None = None
     callback: bool = False
+    callback_progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,9 @@ class _Reader:
         if wrong_workflow:
             refuse(wrong_workflow, "workflow")
             return None
-        wrong_callback = callback_problem(entry.protocol, entry.callback)
+        wrong_callback = callback_problem(
+            entry.protocol, entry.callback, progress=entry.callback_progress
+        )
         if wrong_callback:
             refuse(wrong_callback, "callback")
             return None
@@ -220,6 +224,7 @@ class _Reader:
             credentials=credentials,
             workflow=plain_workflow(entry.workflow),
             callback=entry.callback,
+            callback_progress=entry.callback_progress,
         )
 
     def _add(

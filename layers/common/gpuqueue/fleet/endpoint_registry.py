@@ -319,6 +319,7 @@ class EndpointRegistry:
             "kind": kind.value,
             "protocol": declared.protocol.value,
             "callback": declared.callback,
+            "callback_progress": declared.callback_progress,
             "source": PARAMETER_SOURCE,
             "row_type": ENDPOINT_ROW,
         }
@@ -369,6 +370,7 @@ class EndpointRegistry:
             "kind": endpoint.kind.value,
             "protocol": endpoint.protocol.value,
             "callback": endpoint.callback,
+            "callback_progress": endpoint.callback_progress,
             "capacity": endpoint.capacity,
             "weight": endpoint.weight,
             "state": endpoint.state.value,

@@ -72,9 +72,11 @@ def protocol_problem(kind: TaskKind, protocol: EndpointProtocol) -> str | None:
     return None
 
 
-def callback_problem(protocol: EndpointProtocol, callback: bool) -> str | None:
+def callback_problem(
+    protocol: EndpointProtocol, callback: bool, *, progress: bool = True
+) -> str | None:
     # Only Cog starts a job and reports its end by webhook (`Prefer: respond-async`).
-    if callback and protocol is not EndpointProtocol.COG:
+    if (callback or not progress) and protocol is not EndpointProtocol.COG:
         return "callback mode is for cog endpoints only (Cog's webhooks)"
     return None
 

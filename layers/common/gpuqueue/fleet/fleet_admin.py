@@ -43,7 +43,15 @@ from gpuqueue.models import (
 )
 
 # What a declared row keeps from the stack parameter; the rest is the operator's to change.
-DECLARED_FIELDS = ("url", "kind", "protocol", "credentials", "workflow", "callback")
+DECLARED_FIELDS = (
+    "url",
+    "kind",
+    "protocol",
+    "credentials",
+    "workflow",
+    "callback",
+    "callback_progress",
+)
 DECLARING_PARAMETERS = "ImageEndpointUrls/ImageEndpoints (SpeechEndpointUrls/SpeechEndpoints)"
 
 
@@ -74,6 +82,8 @@ class EndpointSpec(BaseModel):
     workflow: ComfyWorkflowSpec | None = Field(default=None, validate_default=True)
     # Cog only: start predictions with a webhook, no Lambda waiting on them.
     callback: bool = False
+    # Callback mode: Cog's `logs` webhooks too (progress, a prompt cancel); False: cheapest.
+    callback_progress: bool = True
 
     @field_validator("protocol")
     @classmethod
@@ -95,11 +105,18 @@ class EndpointSpec(BaseModel):
             raise ValueError(problem)
         return value
 
-    @field_validator("callback")
+    @field_validator("callback", "callback_progress")
     @classmethod
     def _callback_on_cog(cls, value: bool, info: ValidationInfo) -> bool:
         protocol = info.data.get("protocol")
-        problem = callback_problem(protocol, value) if protocol is not None else None
+        callback, progress = (
+            (value, True) if info.field_name == "callback" else (info.data.get("callback"), value)
+        )
+        problem = (
+            callback_problem(protocol, bool(callback), progress=progress)
+            if protocol is not None
+            else None
+        )
         if problem:
             raise ValueError(problem)
         return value
@@ -189,6 +206,7 @@ class FleetAdmin:
                 credentials=_plain(spec.credentials),
                 workflow=plain_workflow(spec.workflow),
                 callback=spec.callback,
+                callback_progress=spec.callback_progress,
             )
         )
         return self._view(saved)

@@ -31,6 +31,8 @@ from gpuqueue.models import Endpoint, ImageParams, Task
 # What Cog is asked to send: its start, its logs (progress, ~ every 0.5 s while they
 # grow) and its end. Not `output`: it repeats the whole image as a list before `completed`.
 WEBHOOK_EVENTS = ("start", "logs", "completed")
+# `callback_progress: false`: one webhook a prediction (no progress; a cancel is seen at the end).
+COMPLETED_ONLY = ("completed",)
 # A Lambda behind API Gateway takes at most 6 MB of request (Lambda's synchronous payload
 # limit, the event's envelope included): a `completed` webhook carries the PNG as base64.
 CALLBACK_PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024
@@ -105,7 +107,9 @@ class CogPredictions:
         body = {
             "input": cog_input(task, self._names),
             "webhook": webhook,
-            "webhook_events_filter": list(WEBHOOK_EVENTS),
+            "webhook_events_filter": list(
+                WEBHOOK_EVENTS if endpoint.callback_progress else COMPLETED_ONLY
+            ),
         }
         url = f"{endpoint.url.rstrip('/')}/predictions/{prediction_id}"
         try:
