@@ -276,6 +276,7 @@ class EndpointRegistry:
         now = time.time() if now is None else now
         return self.fleet(kind).routable(now, max_age_seconds)
 
+    @raises_store_error("endpoints table")
     def get(self, endpoint_id: str) -> Endpoint | None:
         item = self._table.get_item(Key={"endpoint_id": endpoint_id}, ConsistentRead=True).get(
             "Item"
@@ -480,6 +481,7 @@ class EndpointRegistry:
 
     # --- dispatch outcomes ------------------------------------------------------------------
 
+    @raises_store_error("endpoints table")
     def record_dispatch_failure(self, endpoint_id: str, *, threshold: int, now: float) -> bool:
         """Count a failed GPU call at once; open the circuit at `threshold`. True if opened."""
         try:
@@ -513,6 +515,7 @@ class EndpointRegistry:
             raise
         return True
 
+    @raises_store_error("endpoints table")
     def record_dispatch_success(self, endpoint: Endpoint) -> None:
         """A call succeeded: reset the failure count and close a half-open circuit."""
         if endpoint.consecutive_failures == 0 and endpoint.circuit is CircuitState.CLOSED:

@@ -9,6 +9,7 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from gpuqueue.errors import ResultExpired
+from gpuqueue.store.sdk_errors import raises_store_error
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,6 +41,7 @@ class ImageStore:
         self._s3 = s3
         self._bucket = bucket
 
+    @raises_store_error("bucket")
     def put_png(self, task_id: str, png: bytes) -> str:
         """Store the task's image unless one is stored already: the first image of a task is
         its image. A stale worker (its lease taken over) finishing after another worker must

@@ -272,6 +272,7 @@ class TaskStore:
 
     # --- reads ------------------------------------------------------------------------------
 
+    @raises_store_error("tasks table")
     def get(self, task_id: str) -> Task | None:
         """The task; None when missing or past its retention (DynamoDB's TTL deletes rows up
         to days late: an expired row must never be served)."""
