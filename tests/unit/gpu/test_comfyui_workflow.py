@@ -83,6 +83,25 @@ def test_a_seed_under_another_input_name_is_set_there() -> None:
     assert patched_graph(workflow, task(seed=7))["2"]["inputs"] == {"noise_seed": 7}
 
 
+def test_a_workflow_without_seed_or_batch_inputs_gets_none_added() -> None:
+    """A graph whose sampler draws its own seed, and a size node without `batch_size`
+    (a custom latent node): nothing is set that ComfyUI would refuse as an unknown input."""
+    graph = {
+        "1": {"class_type": "CLIPTextEncode", "inputs": {"text": ""}},
+        "2": {"class_type": "SDXLEmptyLatent", "inputs": {"width": 64, "height": 64}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": 11, "steps": 4}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}},
+    }
+    workflow = ComfyWorkflow(
+        graph=graph, prompt_node="1", size_node="2", steps_node="3", output_node="4"
+    )
+
+    patched = patched_graph(workflow, task(seed=7))
+
+    assert patched["2"]["inputs"] == {"width": 640, "height": 448}
+    assert patched["3"]["inputs"] == {"seed": 11, "steps": 12}
+
+
 # --- ws events ------------------------------------------------------------------------------
 
 
@@ -167,6 +186,18 @@ def test_history_tells_interrupted_from_failed_though_both_read_error() -> None:
     assert outcome is not None
     assert outcome.kind == "failed"
     assert "boom" in outcome.message
+
+
+def test_history_without_a_final_status_is_not_an_end_yet() -> None:
+    assert history_outcome(history("running")) is None
+
+
+def test_an_error_history_without_a_readable_message_is_still_a_failure() -> None:
+    odd = history("error", ["execution_start"], ["execution_error", "boom"], [1, 2, 3])
+
+    assert history_outcome(odd) == Happening(
+        "failed", message="ComfyUI reported an error without its message"
+    )
 
 
 def test_a_very_old_history_without_status_succeeded_when_it_has_outputs() -> None:

@@ -376,11 +376,14 @@ class _Call:
             if self.watch.wait_cancel(waiting):
                 self._stop()
                 raise GpuCanceled(f"prompt {self.prompt_id} canceled by its owner")
+            listening = self.events is not None
             happening = (
-                self._next_event(min(WS_RECEIVE_TICK_SECONDS, self._left()))
-                if self.events is not None
-                else None
+                self._next_event(min(WS_RECEIVE_TICK_SECONDS, self._left())) if listening else None
             )
+            if listening and self.events is None:
+                # The socket dropped: poll /history from now on, not at the next
+                # with-a-socket check (up to HISTORY_CHECK_SECONDS away).
+                next_history = time.monotonic()
             if happening is None and time.monotonic() >= next_history:
                 next_history = time.monotonic() + (
                     HISTORY_CHECK_SECONDS if self.events else self._client._poll
