@@ -543,6 +543,26 @@ def test_a_running_cancel_is_requested_seen_by_the_progress_write_and_ends_cance
     assert ended.result_key is None
 
 
+def test_progress_never_goes_back_on_the_same_count_but_a_new_count_starts_afresh(
+    store: TaskStore, queued: Callable[..., Task]
+) -> None:
+    claim = _claimed(store, queued())
+
+    def shown() -> tuple[int, int]:
+        progress = store.get(claim.task.task_id).progress  # type: ignore[union-attr]
+        assert progress is not None
+        return progress.step, progress.steps
+
+    assert store.report_progress(claim, TaskProgress.of(85, 120)) is ProgressAck.WRITTEN
+    # An older report handled late (webhooks side by side): refused, nothing to do.
+    assert store.report_progress(claim, TaskProgress.of(75, 120)) is ProgressAck.TOO_SOON
+    assert store.report_progress(claim, TaskProgress.of(85, 120)) is ProgressAck.TOO_SOON
+    assert shown() == (85, 120)
+    # A second bar (a refiner's) counts its own steps.
+    assert store.report_progress(claim, TaskProgress.of(3, 20)) is ProgressAck.WRITTEN
+    assert shown() == (3, 20)
+
+
 def test_progress_from_a_lost_lease_is_refused_and_says_so(
     store: TaskStore, queued: Callable[..., Task]
 ) -> None:

@@ -436,17 +436,28 @@ class TaskStore:
         `not_within` (seconds): the write also keeps its time in the progress and is made
         only if the last one carrying a time is at least that old (TOO_SOON otherwise), for
         writers with no memory between reports (the callback route: one invocation per
-        webhook, many containers)."""
-        guard = "lease_id = :lease AND attribute_not_exists(cancel_requested_at)"
+        webhook, many containers). A step at or behind the stored one of the same count is
+        not written either (TOO_SOON: nothing for the caller to do)."""
+        # Never backwards on the same count: reports may arrive out of order (webhooks
+        # handled side by side), and a user's bar must only move on (a new count, such as a
+        # refiner's second bar, starts afresh).
+        guard = (
+            "lease_id = :lease AND attribute_not_exists(cancel_requested_at)"
+            " AND (attribute_not_exists(#p) OR #p.#steps <> :steps OR #p.#step < :step)"
+        )
         item = _progress_item(progress)
-        values: dict[str, Any] = {":lease": claim.lease_id}
-        names: dict[str, str] = {}
+        values: dict[str, Any] = {
+            ":lease": claim.lease_id,
+            ":steps": progress.steps,
+            ":step": progress.step,
+        }
+        names: dict[str, str] = {"#p": "progress", "#steps": "steps", "#step": "step"}
         if not_within is not None:
             now = time.time() if now is None else now
             item[PROGRESS_WRITTEN_AT] = _stored_time(now)
             guard += " AND (attribute_not_exists(#p.#at) OR #p.#at <= :cutoff)"
             values[":cutoff"] = _stored_time(now - not_within)
-            names = {"#p": "progress", "#at": PROGRESS_WRITTEN_AT}
+            names["#at"] = PROGRESS_WRITTEN_AT
         try:
             self._transition(
                 claim.task.task_id,
